@@ -1,0 +1,167 @@
+"""Non-exportable keys in a TPM 2.0, kept as `TSS2 PRIVATE KEY` blobs (tpm2-pytss).
+
+The blob's private part is wrapped by the TPM's storage root key: copied to another machine it is
+useless. Signing happens inside the TPM; `ssl` uses the key through the tpm2-openssl provider, which
+needs `OPENSSL_CONF` and `TPM2OPENSSL_TCTI` in the environment before `ssl` is first imported
+(see DESIGN.md "Keys"). Every TPM call goes through a resource manager (`/dev/tpmrm0` or tpm2-abrmd):
+straight to the TPM its three transient slots fill up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hal import storage
+from hal.errors import KeyStoreError
+from hal.keys import DEFAULT_ALGORITHM, TlsKey, check_label
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificateIssuerPrivateKeyTypes,
+        PublicKeyTypes,
+    )
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+TPM_ALGORITHMS = ("ec-p256", "rsa-2048")
+
+# `default_properties` makes OpenSSL prefer the provider that holds the key for every operation
+# on it; `tpm2.digest!=yes` keeps hashing in the default provider. Without that line the TLS
+# handshake fails with "EVP lib" (tried on OpenSSL 3.0 + tpm2-openssl 1.1).
+OPENSSL_CONF_TEXT = """\
+# Written by Tether: lets OpenSSL (and so Python's ssl) use TSS2 PRIVATE KEY files.
+openssl_conf = openssl_init
+
+[openssl_init]
+providers = provider_sect
+alg_section = evp_properties
+
+[provider_sect]
+default = default_sect
+tpm2 = tpm2_sect
+
+[default_sect]
+activate = 1
+
+[tpm2_sect]
+activate = 1
+
+[evp_properties]
+default_properties = ?provider=tpm2,tpm2.digest!=yes
+"""
+
+
+class TpmKeyStore:
+    """Keys in `<directory>/<label>.tss2.pem`, usable only with the TPM that created them."""
+
+    backend = "tpm"
+
+    def __init__(self, directory: Path, tcti: str | None = None, **_: Any) -> None:
+        self.directory = Path(directory)
+        self.tcti = tcti or os.environ.get("TPM2OPENSSL_TCTI") or DEFAULT_TCTI
+
+    def path(self, label: str) -> Path:
+        return self.directory / f"{check_label(label)}.tss2.pem"
+
+    @contextmanager
+    def _esapi(self) -> Iterator[Any]:
+        try:
+            from tpm2_pytss import ESAPI
+        except ImportError as exc:
+            raise KeyStoreError(f"TPM key backend needs tpm2-pytss: {exc} (pip install 'tether[tpm]')") \
+                from exc
+        try:
+            ectx = ESAPI(self.tcti)
+        except Exception as exc:  # tpm2-pytss raises TSS2_Exception or plain Exception from the TCTI loader
+            raise KeyStoreError(f"TPM at TCTI {self.tcti!r} is unreachable: {exc}; check [keys] tcti and "
+                                "that a resource manager (/dev/tpmrm0 or tpm2-abrmd) is running") from exc
+        try:
+            yield ectx
+        finally:
+            ectx.close()
+
+    def exists(self, label: str) -> bool:
+        return self.path(label).is_file()
+
+    def create(self, label: str, algorithm: str = DEFAULT_ALGORITHM) -> None:
+        from tpm2_pytss.tsskey import TSSPrivKey
+
+        path = self.path(label)
+        if path.exists():
+            raise KeyStoreError(f"{path}: a key with label {label!r} already exists; delete it first")
+        if algorithm not in TPM_ALGORITHMS:
+            raise KeyStoreError(f"key algorithm {algorithm!r} is unsupported by the TPM backend: expected "
+                                f"one of {', '.join(TPM_ALGORITHMS)}")
+        with self._esapi() as ectx:
+            key = TSSPrivKey.create_ecc(ectx) if algorithm == "ec-p256" else TSSPrivKey.create_rsa(ectx, 2048)
+        storage.ensure_dir(self.directory)
+        storage.atomic_write(path, key.to_pem(), storage.SECRET_MODE)
+
+    def delete(self, label: str) -> None:
+        storage.remove(self.path(label))
+
+    def rename(self, label: str, new_label: str) -> None:
+        src, dst = self.path(label), self.path(new_label)
+        if not src.exists():
+            raise KeyStoreError(f"{src}: no key with label {label!r} to promote")
+        os.replace(src, dst)
+        storage.fsync_dir(self.directory)
+
+    def _blob(self, label: str) -> Any:
+        from tpm2_pytss.tsskey import TSSPrivKey
+
+        path = self.path(label)
+        data = storage.read_bytes(path)
+        if data is None:
+            raise KeyStoreError(f"{path}: no key with label {label!r}; run `tether keygen --backend tpm`")
+        try:
+            return TSSPrivKey.from_pem(data)
+        except Exception as exc:  # pyasn1 / ValueError variety from the blob parser
+            raise KeyStoreError(f"{path}: not a TSS2 PRIVATE KEY blob: {exc}") from exc
+
+    def public_key(self, label: str) -> PublicKeyTypes:
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        return load_pem_public_key(self._blob(label).public.to_pem())
+
+    @contextmanager
+    def signer(self, label: str) -> Iterator[CertificateIssuerPrivateKeyTypes]:
+        from tpm2_pytss.cryptography import tpm_ecc_private_key, tpm_rsa_private_key
+
+        blob = self._blob(label)
+        with self._esapi() as ectx:
+            try:
+                handle = blob.load(ectx)
+            except Exception as exc:  # TSS2_Exception: wrong TPM, cleared TPM, bad parent
+                raise KeyStoreError(f"{self.path(label)}: the TPM refused to load this key ({exc}); was it "
+                                    "made by another TPM, or was the TPM cleared?") from exc
+            try:
+                from cryptography.hazmat.primitives.asymmetric import ec
+
+                if isinstance(self.public_key(label), ec.EllipticCurvePublicKey):
+                    yield tpm_ecc_private_key(ectx, handle)
+                else:
+                    yield tpm_rsa_private_key(ectx, handle)
+            finally:
+                ectx.flush_context(handle)
+
+    def openssl_conf(self) -> Path:
+        """Write (once) and return the OpenSSL configuration that activates the tpm2 provider."""
+        path = self.directory / "openssl-tpm2.cnf"
+        if storage.read_bytes(path) != OPENSSL_CONF_TEXT.encode():
+            storage.atomic_write(path, OPENSSL_CONF_TEXT.encode(), storage.PUBLIC_MODE)
+        return path
+
+    def tls_key(self, label: str) -> TlsKey:
+        path = self.path(label)
+        if not path.is_file():
+            raise KeyStoreError(f"{path}: no key with label {label!r}; run `tether keygen --backend tpm`")
+        return TlsKey(keyfile=str(path),
+                      env={"OPENSSL_CONF": str(self.openssl_conf()), "TPM2OPENSSL_TCTI": self.tcti})
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "directory": str(self.directory), "tcti": self.tcti,
+                "non_exportable": True}

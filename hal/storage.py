@@ -1,0 +1,93 @@
+"""Atomic state on disk: temp file in the same directory, fsync, rename, fsync of the directory.
+
+A power cut at any point leaves either the old file or the new one, never a mix. Permissions are
+set on the temp file before any byte is written, so a secret never exists world-readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from hal.errors import StorageError
+
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+
+def ensure_dir(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
+    """Create `path` (and parents) if missing; return it as a Path."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as exc:
+        raise StorageError(f"{p}: cannot create directory: {exc.strerror}") from exc
+    return p
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_MODE) -> None:
+    """Replace `path` with `data` atomically and durably.
+
+    Raises StorageError naming the file and the reason (disk full, permission) and leaves the
+    previous content of `path` untouched in that case.
+    """
+    target = Path(path)
+    directory = target.parent
+    ensure_dir(directory)
+    tmp = directory / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            os.fchmod(fd, mode)  # O_CREAT honours the umask; the mode must be exact before data lands
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        fsync_dir(directory)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as cleanup:
+            raise StorageError(f"{target}: write failed ({exc.strerror}) and the temp file "
+                               f"{tmp} could not be removed ({cleanup.strerror})") from exc
+        hint = " (disk full: free space in the state directory)" if exc.errno == errno.ENOSPC else ""
+        raise StorageError(f"{target}: cannot write: {exc.strerror}{hint}; the previous content is "
+                           "unchanged") from exc
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes | None:
+    """Return the file's content, or None when it does not exist."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a file if present, durably."""
+    p = Path(path)
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(f"{p}: cannot remove: {exc.strerror}") from exc
+    fsync_dir(p.parent)

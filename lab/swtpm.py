@@ -1,0 +1,78 @@
+"""A software TPM test bed: swtpm behind tpm2-abrmd on a private D-Bus session bus.
+
+The resource manager is required (DESIGN.md "Keys"): straight to swtpm the TPM's three transient
+slots fill up and TLS fails with "out of memory for object contexts". Each bed gets its own bus,
+so parallel tests do not share a TPM.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from lab.procs import LabError, Proc, free_port_pair, wait_until
+
+
+class SoftTpm:
+    """swtpm + dbus-daemon + tpm2-abrmd; `tcti` is what the key store and tpm2-openssl use."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.procs: list[Proc] = []
+        self.env: dict[str, str] = {}
+        self.tcti = "tabrmd:bus_type=session"
+        self.port = 0
+
+    def start(self, timeout: float = 15.0) -> SoftTpm:
+        state = self.directory / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        logs = self.directory / "logs"
+        self.port = free_port_pair()
+        swtpm = Proc("swtpm", ["swtpm", "socket", "--tpmstate", f"dir={state}", "--tpm2",
+                               "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                               "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                               "--flags", "not-need-init,startup-clear"], logs / "swtpm.log")
+        self.procs.append(swtpm)
+        swtpm.wait_port("127.0.0.1", self.port, timeout)
+        out = subprocess.run(["dbus-daemon", "--session", "--fork", "--print-address=1", "--print-pid=1"],
+                             capture_output=True, text=True, check=False, timeout=timeout)
+        if out.returncode != 0:
+            raise LabError(f"dbus-daemon failed to start: {out.stderr.strip()}")
+        address, pid = out.stdout.split()[:2]
+        self.dbus_pid = int(pid)
+        self.env = {"DBUS_SESSION_BUS_ADDRESS": address, "TPM2OPENSSL_TCTI": self.tcti,
+                    "TPM2TOOLS_TCTI": self.tcti}
+        abrmd = Proc("tpm2-abrmd", ["tpm2-abrmd", "--session", "--allow-root",
+                                    f"--tcti=swtpm:host=127.0.0.1,port={self.port}"], logs / "abrmd.log",
+                     env=self.env)
+        self.procs.append(abrmd)
+        wait_until(lambda: self._abrmd_ready(abrmd, timeout), timeout, "tpm2-abrmd on the session bus")
+        return self
+
+    def _abrmd_ready(self, abrmd: Proc, timeout: float) -> bool:
+        abrmd.check_alive()
+        probe = subprocess.run(["tpm2_getrandom", "--hex", "4"], capture_output=True, check=False,
+                               env={**os.environ, **self.env}, timeout=timeout)
+        return probe.returncode == 0
+
+    def apply_env(self) -> None:
+        """Put the bus address and TCTI into this process's environment (tpm2-pytss reads them)."""
+        os.environ.update(self.env)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+        if getattr(self, "dbus_pid", 0):
+            try:
+                os.kill(self.dbus_pid, 15)
+            except ProcessLookupError:
+                pass
+            self.dbus_pid = 0
+
+    def __enter__(self) -> SoftTpm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
