@@ -1,0 +1,100 @@
+"""JWT claim decoding for the device's access token (RFC 7519), without signature checks.
+
+The device holds no key to verify the token with (the platform signs it and checks it on every
+HTTP call), so this only reads the claims it needs to schedule a refresh, and rejects what would
+make that schedule nonsense. Decoding is strict so CPython and MicroPython agree byte for byte:
+the base64url alphabet is checked here because CPython's ``a2b_base64`` silently skips bad
+characters and MicroPython's only accepts bytes.
+"""
+
+import binascii
+import json
+
+from agent.core.errors import TokenError, describe
+
+MAX_TOKEN_CHARS = 8192
+MIN_LIFETIME_S = 1
+MAX_LIFETIME_S = 365 * 24 * 3600
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def b64url_decode(text, field):
+    """Decode unpadded base64url ``text`` (str) to bytes; TokenError naming ``field`` if malformed."""
+    for ch in text:
+        if ch not in _B64URL:
+            raise TokenError(field, "character %s is not base64url" % describe(ch))
+    if len(text) % 4 == 1:
+        raise TokenError(field, "base64url length %d is impossible" % len(text))
+    padded = text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4)
+    try:
+        return binascii.a2b_base64(padded.encode())
+    except (ValueError, binascii.Error) as exc:  # MicroPython raises ValueError
+        raise TokenError(field, "not base64url (%s)" % exc) from None
+
+
+def _json_object(raw, field):
+    try:
+        value = json.loads(raw.decode())
+    except (ValueError, UnicodeError):  # JSONDecodeError is a ValueError on CPython
+        raise TokenError(field, "not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise TokenError(field, "expected a JSON object, got %s" % describe(value))
+    return value
+
+
+def _finite_number(claims, name, required):
+    field = "claims." + name
+    if name not in claims:
+        if required:
+            raise TokenError(field, "missing")
+        return None
+    value = claims[name]
+    # bool is an int on CPython but not on MicroPython; reject it on both.
+    if value is True or value is False or not isinstance(value, (int, float)):
+        raise TokenError(field, "expected a number, got %s" % describe(value))
+    if value - value != 0:  # inf and nan; json.loads accepts 1e400 on both runtimes
+        raise TokenError(field, "expected a finite number, got %s" % describe(value))
+    return value
+
+
+def decode_claims(token, max_chars=MAX_TOKEN_CHARS):
+    """Return the claims of compact JWS ``token`` (str) as a dict, without verifying the signature.
+
+    Guarantees on return: ``claims["exp"]`` is a finite number; ``claims.get("iat")`` is absent
+    or a finite number below ``exp``, with ``exp - iat`` between 1 s and 365 days.
+    Raises TokenError naming the segment or claim and the reason for anything else.
+    """
+    if not isinstance(token, str):
+        raise TokenError("token", "expected text, got %s" % type(token).__name__)
+    if len(token) > max_chars:
+        raise TokenError("token", "%d characters is over the %d limit" % (len(token), max_chars))
+    if not token:
+        raise TokenError("token", "empty")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenError("token", "expected 3 dot-separated segments, got %d" % len(parts))
+    if not parts[0]:
+        raise TokenError("token.header", "empty")
+    if not parts[1]:
+        raise TokenError("token.payload", "empty")
+    _json_object(b64url_decode(parts[0], "token.header"), "token.header")
+    b64url_decode(parts[2], "token.signature")
+    claims = _json_object(b64url_decode(parts[1], "token.payload"), "token.payload")
+    exp = _finite_number(claims, "exp", True)
+    iat = _finite_number(claims, "iat", False)
+    if iat is not None:
+        lifetime = exp - iat
+        if lifetime <= 0:
+            raise TokenError("claims.exp", "%s is not after iat %s" % (describe(exp), describe(iat)))
+        check_lifetime(lifetime, "claims.exp")
+    return claims
+
+
+def check_lifetime(lifetime, field):
+    """Raise TokenError naming ``field`` unless ``lifetime`` seconds is within 1 s .. 365 days."""
+    if lifetime < MIN_LIFETIME_S or lifetime > MAX_LIFETIME_S:
+        raise TokenError(
+            field,
+            "lifetime %s s is outside %d s .. %d s" % (describe(lifetime), MIN_LIFETIME_S, MAX_LIFETIME_S),
+        )
