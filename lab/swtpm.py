@@ -7,6 +7,7 @@ so parallel tests do not share a TPM.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -65,10 +66,8 @@ class SoftTpm:
             proc.stop()
         self.procs.clear()
         if getattr(self, "dbus_pid", 0):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.dbus_pid, 15)
-            except ProcessLookupError:
-                pass
             self.dbus_pid = 0
 
     def __enter__(self) -> SoftTpm:

@@ -77,6 +77,10 @@ class KeyStore(Protocol):
         """The key file, password and environment `ssl` needs to use this key for mutual TLS."""
         ...
 
+    def tls_env(self) -> dict[str, str]:
+        """Environment `ssl` needs before its first import to use keys of this store ({} for files)."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """Facts for `tether status`: backend, location, algorithm support."""
         ...

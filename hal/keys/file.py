@@ -108,6 +108,9 @@ class FileKeyStore:
             raise KeyStoreError(f"{path}: no key with label {label!r}; run `tether keygen`")
         return TlsKey(keyfile=str(path), password=self.passphrase)
 
+    def tls_env(self) -> dict[str, str]:
+        return {}
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "directory": str(self.directory),
                 "encrypted": self.passphrase is not None}

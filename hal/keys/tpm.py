@@ -159,8 +159,10 @@ class TpmKeyStore:
         path = self.path(label)
         if not path.is_file():
             raise KeyStoreError(f"{path}: no key with label {label!r}; run `tether keygen --backend tpm`")
-        return TlsKey(keyfile=str(path),
-                      env={"OPENSSL_CONF": str(self.openssl_conf()), "TPM2OPENSSL_TCTI": self.tcti})
+        return TlsKey(keyfile=str(path), env=self.tls_env())
+
+    def tls_env(self) -> dict[str, str]:
+        return {"OPENSSL_CONF": str(self.openssl_conf()), "TPM2OPENSSL_TCTI": self.tcti}
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "directory": str(self.directory), "tcti": self.tcti,

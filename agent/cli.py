@@ -1,0 +1,206 @@
+"""`tether`: the device agent's command line. Thin: parse, call the module that owns the concern, print.
+
+Exit status: 0 success, 1 a Tether error (message on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import config as configmod
+from agent.errors import AgentError, ConfigError
+from hal.errors import TetherError
+
+Handler = Callable[[argparse.Namespace, configmod.Config], int]
+COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
+    """Re-execute with the TPM's OpenSSL provider configuration if `ssl` will need a TPM key.
+
+    OpenSSL reads OPENSSL_CONF once, when `ssl` is first imported, so it cannot be set later in the
+    same process (DESIGN.md "Keys"). systemd sets it through `Environment=`; by hand we re-exec once.
+    """
+    if config.keys.backend != "tpm":
+        return
+    from agent.identity import DeviceIdentity
+
+    env = DeviceIdentity(config).keystore.tls_env()
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    if "ssl" in sys.modules:
+        raise AgentError("internal: ssl was imported before the TPM provider environment was set")
+    os.execve(sys.executable, [sys.executable, "-m", "agent.cli", *argv], {**os.environ, **env})  # noqa: S606
+
+
+# -- identity ------------------------------------------------------------------------------------------
+@command("keygen")
+def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
+    from agent.identity import DeviceIdentity
+
+    if args.backend and args.backend != config.keys.backend:
+        configmod.set_value(Path(config.sources[0]), "keys.backend", args.backend)
+        config = configmod.load(config.sources[0])
+    identity = DeviceIdentity(config)
+    if identity.has_key():
+        if not args.force:
+            raise AgentError(f"a device key already exists in {config.keys_dir} ({config.keys.backend}); "
+                             "pass --force to replace it (the current certificate becomes unusable)")
+        identity.keystore.delete("device")
+    identity.ensure_key()
+    print(f"created {config.keys.algorithm} key 'device' in the {config.keys.backend} key store "
+          f"({config.keys_dir})")
+    return 0
+
+
+@command("csr")
+def cmd_csr(args: argparse.Namespace, config: configmod.Config) -> int:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from agent.identity import DeviceIdentity
+    from hal import storage
+
+    identity = DeviceIdentity(config)
+    if not identity.has_key():
+        raise AgentError("no device key yet: run `tether keygen` first")
+    pem = identity.csr().public_bytes(Encoding.PEM)
+    if args.out:
+        storage.atomic_write(args.out, pem, storage.PUBLIC_MODE)
+        print(f"wrote CSR for {config.device.id} to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(pem.decode())
+    return 0
+
+
+@command("chain install")
+def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int:
+    from agent.identity import DeviceIdentity
+    from provisioning.certs import load_certificates
+
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise AgentError(f"{args.file}: cannot read: {exc.strerror}") from None
+    chain = load_certificates(data, args.file)
+    identity = DeviceIdentity(config)
+    identity.install_chain(chain)
+    facts = identity.status()["chain"]
+    print(f"installed chain for {facts['subject']} (serial {facts['serial']}), valid until "
+          f"{facts['not_after_iso']}")
+    return 0
+
+
+@command("status")
+def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
+    from agent.identity import DeviceIdentity
+    from agent.status import read_runtime_status
+
+    status = DeviceIdentity(config).status()
+    status.update(read_runtime_status(config))
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(f"device      {status['device_id']}")
+    key = status["key"]
+    print(f"key         {key['backend']} ({'present' if key['present'] else 'missing: run tether keygen'})")
+    chain = status["chain"]
+    if chain is None:
+        print("chain       none (run `tether enroll` or `tether chain install FILE`)")
+    else:
+        print(f"chain       {chain['subject']}  serial {chain['serial']}")
+        print(f"issuer      {chain['issuer']}")
+        print(f"not after   {chain['not_after_iso']}  ({chain['days_left']} days left)")
+    for key_name, label in (("session", "session"), ("endpoint", "endpoint"), ("last_error", "last error"),
+                            ("token", "token")):
+        if status.get(key_name):
+            value = status[key_name]
+            print(f"{label:<11} {json.dumps(value) if isinstance(value, dict) else value}")
+    return 0
+
+
+# -- configuration -------------------------------------------------------------------------------------
+@command("config show")
+def cmd_config_show(args: argparse.Namespace, config: configmod.Config) -> int:
+    sys.stdout.write(configmod.render(config))
+    return 0
+
+
+@command("config get")
+def cmd_config_get(args: argparse.Namespace, config: configmod.Config) -> int:
+    print(configmod.format_value(configmod.get_value(config, args.key)))
+    return 0
+
+
+@command("config set")
+def cmd_config_set(args: argparse.Namespace, config: configmod.Config) -> int:
+    target = configmod.set_value(Path(config.sources[0]), args.key, args.value)
+    print(f"{args.key} set in {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether", description="Tether device agent: identity and "
+                                     "connectivity for embedded Linux devices.")
+    parser.add_argument("--config", "-c", help=f"TOML config file (default: $TETHER_CONFIG or "
+                        f"{configmod.DEFAULT_CONFIG})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="create the device key in the file or TPM key store")
+    p.add_argument("--backend", choices=("file", "tpm"), help="key store (saved to the config)")
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p = sub.add_parser("csr", help="print (or write) a CSR for the device key")
+    p.add_argument("--out", help="write the PEM CSR here instead of stdout")
+    chain = sub.add_parser("chain", help="certificate chain").add_subparsers(dest="sub", required=True)
+    p = chain.add_parser("install", help="check a chain (leaf, intermediates, root) and store it")
+    p.add_argument("file")
+    p = sub.add_parser("status", help="device id, key, chain, session and token state")
+    p.add_argument("--json", action="store_true")
+    cfg = sub.add_parser("config", help="show, get or set configuration").add_subparsers(dest="sub", required=True)
+    cfg.add_parser("show", help="print the effective configuration")
+    cfg.add_parser("get").add_argument("key", help="section.key, e.g. keys.backend")
+    p = cfg.add_parser("set", help="set a value (written to config.d/99-set-by-tether.toml)")
+    p.add_argument("key")
+    p.add_argument("value")
+    for extend in EXTENSIONS:
+        extend(sub)
+    return parser
+
+
+# Later features (enroll, run, check, token, ota) add their sub-commands here.
+EXTENSIONS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    name = args.command + (f" {args.sub}" if getattr(args, "sub", None) else "")
+    try:
+        config = configmod.load(args.config)
+        if getattr(args, "needs_tls", False):
+            ensure_tls_env(config, argv)
+        return COMMANDS[name](args, config)
+    except ConfigError as exc:
+        print(f"tether: configuration error: {exc}", file=sys.stderr)
+        return 1
+    except TetherError as exc:
+        print(f"tether: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Typed configuration, parsed once from TOML (a base file plus sorted `config.d/*.toml` drop-ins).
+
+Every section is a frozen dataclass; its defaults are the only defaults. Every error names the file,
+the `[section] key` and what was expected. Relative paths are resolved against the file that set them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/tether/tether.toml"
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    id: str = ""
+    state_dir: str = "/var/lib/tether"
+    trust_domain: str = "tether.local"
+
+
+@dataclass(frozen=True)
+class KeysSection:
+    backend: str = "file"          # file | tpm
+    algorithm: str = "ec-p256"     # ec-p256 | rsa-2048 | rsa-3072 (tpm: ec-p256 | rsa-2048)
+    tcti: str = "device:/dev/tpmrm0"
+    passphrase_file: str = ""      # file keys: encrypt the PKCS#8 PEM with this passphrase
+
+
+@dataclass(frozen=True)
+class IdentitySection:
+    ca_file: str = ""              # trust anchors: a stored chain's root must be one of these
+    dns: list[str] = field(default_factory=list)
+    ips: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EstSection:
+    url: str = ""                  # https://station:8443 (the /.well-known/est prefix is added)
+    ca_file: str = ""              # CA that signed the EST server's certificate
+    username: str = ""             # HTTP Basic user for first enrollment; default: the device id
+    otp_file: str = ""             # one-time password from `tether-station otp`, removed after use
+    bootstrap_cert: str = ""       # or a factory bootstrap certificate + key for first enrollment
+    bootstrap_key: str = ""
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class EndpointsSection:
+    urls: list[str] = field(default_factory=list)  # mqtts://host:port, tried in order
+    ca_file: str = ""              # CA for the brokers in `urls`
+    allow_unlikely: bool = False   # keep loopback/link-local/bridge addresses in their listed place
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    url: str = ""                  # https://host:8443 (Greengrass discovery API)
+    thing: str = ""                # thing name; default: the device id
+    ca_file: str = ""
+    timeout: float = 10.0
+    max_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    client_id_prefix: str = ""     # Cumulocity: "d:"
+    topic_prefix: str = "{id}"     # "{id}" puts topics under the device id; "" for Cumulocity
+    keepalive: int = 60
+    protocol: str = "3.1.1"        # 3.1.1 | 5
+    connect_timeout: float = 10.0
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+
+
+@dataclass(frozen=True)
+class TokenSection:
+    enabled: bool = True
+    request_topic: str = "s/uat"
+    response_topic: str = "s/dat"
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RenewalSection:
+    threshold: str = "67%"         # share of the lifetime ("67%") or time before expiry ("30d", "12h")
+    new_key: bool = False
+    auth: str = "mtls"             # mtls | bearer (Cumulocity's CA takes the JWT)
+    retry: float = 300.0
+
+
+SECTIONS: dict[str, type] = {
+    "device": DeviceSection,
+    "keys": KeysSection,
+    "identity": IdentitySection,
+    "est": EstSection,
+    "endpoints": EndpointsSection,
+    "discovery": DiscoverySection,
+    "mqtt": MqttSection,
+    "token": TokenSection,
+    "renewal": RenewalSection,
+}
+
+# keys holding file paths: resolved relative to the file that set them
+PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", "ca_file"), ("est", "ca_file"),
+             ("est", "otp_file"), ("est", "bootstrap_cert"), ("est", "bootstrap_key"), ("endpoints", "ca_file"),
+             ("discovery", "ca_file")}
+
+CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
+           ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer")}
+
+
+@dataclass(frozen=True)
+class Config:
+    device: DeviceSection = field(default_factory=DeviceSection)
+    keys: KeysSection = field(default_factory=KeysSection)
+    identity: IdentitySection = field(default_factory=IdentitySection)
+    est: EstSection = field(default_factory=EstSection)
+    endpoints: EndpointsSection = field(default_factory=EndpointsSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    token: TokenSection = field(default_factory=TokenSection)
+    renewal: RenewalSection = field(default_factory=RenewalSection)
+    sources: tuple[str, ...] = ()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.device.state_dir)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.state_dir / "certs"
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id_prefix + self.device.id
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.mqtt.topic_prefix.replace("{id}", self.device.id)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got boolean {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path) -> None:
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table, got {type(body).__name__}")
+        hints = typing.get_type_hints(SECTIONS[section])
+        for key, value in body.items():
+            where = f"{path}: [{section}] {key}"
+            if key not in hints:
+                raise ConfigError(f"{where}: unknown key; [{section}] takes {', '.join(hints)}")
+            value = _coerce(value, hints[key], where)
+            choices = CHOICES.get((section, key))
+            if choices and value not in choices:
+                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+            if (section, key) in PATH_KEYS and value:
+                value = str((path.parent / value).resolve()) if not os.path.isabs(value) else value
+            merged.setdefault(section, {})[key] = value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found (pass --config or set TETHER_CONFIG)") \
+            from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Parse the config file and its `config.d/*.toml` drop-ins (sorted) into a `Config`.
+
+    Raises ConfigError naming the file, section and key of the first problem.
+    """
+    base = Path(path or os.environ.get("TETHER_CONFIG") or DEFAULT_CONFIG)
+    files = [base]
+    dropins = base.parent / "config.d"
+    if dropins.is_dir():
+        files += sorted(dropins.glob("*.toml"))
+    merged: dict[str, dict[str, Any]] = {}
+    for f in files:
+        _merge(merged, _read_toml(f), f)
+    sections = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
+    config = Config(**sections, sources=tuple(str(f) for f in files))
+    validate(config, base)
+    return config
+
+
+def validate(config: Config, path: Path) -> None:
+    """Cross-field checks that single values cannot express."""
+    from provisioning.errors import ProvisioningError
+    from provisioning.identity import check_device_id
+
+    if not config.device.id:
+        raise ConfigError(f"{path}: [device] id is required (the device id: CN and MQTT client id)")
+    try:
+        check_device_id(config.device.id, f"{path}: [device] id")
+    except ProvisioningError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.mqtt.keepalive < 5 or config.mqtt.keepalive > 65535:
+        raise ConfigError(f"{path}: [mqtt] keepalive: {config.mqtt.keepalive} is outside 5..65535 seconds")
+    if config.mqtt.backoff_base <= 0 or config.mqtt.backoff_cap < config.mqtt.backoff_base:
+        raise ConfigError(f"{path}: [mqtt] backoff_base must be > 0 and backoff_cap >= backoff_base")
+
+
+def read_secret_file(path: str, what: str) -> bytes:
+    """The first line of a secret file (passphrase, one-time password), without the newline."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{path}: the {what} file is empty")
+    return lines[0].strip()
+
+
+def format_value(value: Any) -> str:
+    """TOML rendering of one value, for `tether config show|get`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render(config: Config) -> str:
+    lines: list[str] = [f"# effective configuration from: {', '.join(config.sources)}"]
+    for section, values in config.as_dict().items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {format_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+SET_FILE = "99-set-by-tether.toml"
+
+
+def _split_key(dotted: str) -> tuple[str, str]:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or key not in typing.get_type_hints(SECTIONS[section]):
+        raise ConfigError(f"{dotted!r} is not a configuration key (use section.key, e.g. keys.backend; "
+                          "`tether config show` lists them)")
+    return section, key
+
+
+def get_value(config: Config, dotted: str) -> Any:
+    section, key = _split_key(dotted)
+    return getattr(getattr(config, section), key)
+
+
+def set_value(base: Path, dotted: str, text: str) -> Path:
+    """Record `section.key = text` in the base file's `config.d/99-set-by-tether.toml` drop-in.
+
+    A drop-in keeps the base file (often part of the device image) and its comments untouched.
+    The value is parsed as TOML when it is a TOML literal, as a string otherwise, and the result is
+    validated by loading the whole configuration before the drop-in is replaced.
+    """
+    from hal import storage
+
+    section, key = _split_key(dotted)
+    try:
+        value: Any = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    hint = typing.get_type_hints(SECTIONS[section])[key]
+    if hint is str and not isinstance(value, str):
+        value = text
+    target = base.parent / "config.d" / SET_FILE
+    current = _read_toml(target) if target.exists() else {}
+    current.setdefault(section, {})[key] = value
+    body = "# written by `tether config set`; later files in config.d/ override it\n"
+    for name, values in current.items():
+        body += f"\n[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in values.items())
+    storage.ensure_dir(target.parent, 0o755)
+    old = storage.read_bytes(target)
+    storage.atomic_write(target, body.encode(), 0o644)
+    try:
+        load(base)
+    except ConfigError:
+        if old is None:
+            storage.remove(target)
+        else:
+            storage.atomic_write(target, old, 0o644)
+        raise
+    return target

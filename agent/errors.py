@@ -1,0 +1,13 @@
+"""Errors of the device agent."""
+
+from __future__ import annotations
+
+from hal.errors import TetherError
+
+
+class AgentError(TetherError):
+    """The agent cannot do what was asked; the message says why and what to do."""
+
+
+class ConfigError(AgentError):
+    """A configuration file is wrong: the message names the file, the key and the reason."""

@@ -1,0 +1,114 @@
+"""The device's identity: its key (in a key store) and its chain (in the cert store), composed.
+
+This is the one place that knows which key label and which directories the device uses; the CLI,
+the boot sequence and renewal all go through it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from agent.config import Config, read_secret_file
+from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from hal.keys import KeyStore
+    from provisioning.certstore import CertStore
+    from provisioning.policy import ChainPolicy
+
+KEY_LABEL = "device"
+NEXT_KEY_LABEL = "device.next"
+
+
+class DeviceIdentity:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.device_id = config.device.id
+
+    @cached_property
+    def keystore(self) -> KeyStore:
+        from hal.keys import open_keystore
+
+        keys = self.config.keys
+        options: dict[str, Any] = {}
+        if keys.backend == "tpm":
+            options["tcti"] = keys.tcti
+        elif keys.passphrase_file:
+            options["passphrase"] = read_secret_file(keys.passphrase_file, "key passphrase")
+        return open_keystore(keys.backend, self.config.keys_dir, **options)
+
+    @cached_property
+    def policy(self) -> ChainPolicy:
+        from provisioning.certs import load_certificates
+        from provisioning.policy import ChainPolicy
+
+        anchors: tuple[x509.Certificate, ...] = ()
+        if self.config.identity.ca_file:
+            try:
+                with open(self.config.identity.ca_file, "rb") as fh:
+                    anchors = tuple(load_certificates(fh.read(), self.config.identity.ca_file))
+            except OSError as exc:
+                raise AgentError(f"{self.config.identity.ca_file}: cannot read [identity] ca_file: "
+                                 f"{exc.strerror}") from None
+        return ChainPolicy(trust_domain=self.config.device.trust_domain, anchors=anchors)
+
+    @cached_property
+    def certstore(self) -> CertStore:
+        from provisioning.certstore import CertStore
+
+        return CertStore(self.config.certs_dir, self.policy)
+
+    def has_key(self, label: str = KEY_LABEL) -> bool:
+        return self.keystore.exists(label)
+
+    def ensure_key(self, label: str = KEY_LABEL) -> bool:
+        """Create the device key if there is none; True when one was created."""
+        if self.keystore.exists(label):
+            return False
+        self.keystore.create(label, self.config.keys.algorithm)
+        return True
+
+    def csr(self, label: str = KEY_LABEL) -> x509.CertificateSigningRequest:
+        from provisioning.csr import build_csr
+
+        with self.keystore.signer(label) as signer:
+            return build_csr(signer, self.device_id, self.config.device.trust_domain,
+                             dns=self.config.identity.dns, ips=self.config.identity.ips)
+
+    def install_chain(self, chain: list[x509.Certificate], label: str = KEY_LABEL) -> None:
+        """Check the chain against the policy and this device's key, then store it atomically."""
+        self.certstore.save(chain, self.device_id, self.keystore.public_key(label))
+
+    def chain_problems(self, now: dt.datetime | None = None) -> list[str]:
+        """Why the stored chain cannot be used (empty list when it can); no chain is a problem too."""
+        from provisioning.errors import ProvisioningError
+
+        try:
+            chain = self.certstore.load()
+        except ProvisioningError as exc:
+            return [str(exc)]
+        if chain is None:
+            return ["no certificate chain stored"]
+        violations = self.policy.chain_violations(chain, device_id=self.device_id,
+                                                  device_key=self.keystore.public_key(KEY_LABEL), now=now)
+        return [str(v) for v in violations]
+
+    def status(self) -> dict[str, Any]:
+        """Identity facts for `tether status` (reads chain.json, so no X.509 parsing is needed)."""
+        from provisioning.certstore import read_facts
+
+        facts = read_facts(self.config.certs_dir)
+        out: dict[str, Any] = {"device_id": self.device_id, "key": {"backend": self.config.keys.backend,
+                                                                    "present": self.has_key()}}
+        if facts is None:
+            out["chain"] = None
+            return out
+        not_after = int(facts["not_after"])  # type: ignore[call-overload]
+        out["chain"] = {**facts, "days_left": round((not_after - time.time()) / 86400, 1),
+                        "not_after_iso": dt.datetime.fromtimestamp(not_after, dt.UTC).isoformat()}
+        return out

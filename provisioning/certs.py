@@ -1,0 +1,120 @@
+"""Reading and describing certificates and CSRs: PEM bundles, DER, PKCS#7, with errors that say where."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from provisioning.errors import PemError
+
+MAX_INPUT = 1 << 20  # a chain or CSR larger than 1 MiB is not a chain or a CSR
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
+
+
+def subject_of(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "(empty subject)"
+
+
+def serial_of(cert: x509.Certificate) -> str:
+    return f"0x{cert.serial_number:x}"
+
+
+def common_name(name: x509.Name) -> str | None:
+    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not attrs:
+        return None
+    value = attrs[0].value
+    return value if isinstance(value, str) else value.decode(errors="replace")
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _check_size(data: bytes, where: str) -> None:
+    if not isinstance(data, bytes | bytearray):
+        raise PemError(f"{where}: expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_INPUT:
+        raise PemError(f"{where}: {len(data)} bytes is larger than the {MAX_INPUT}-byte limit")
+    if not data.strip():
+        raise PemError(f"{where}: empty")
+
+
+def load_certificates(data: bytes, where: str = "input") -> list[x509.Certificate]:
+    """Certificates from a PEM bundle, one DER certificate, or a PKCS#7 certs-only (PEM or DER).
+
+    Order is kept. Raises PemError naming the block (1-based) and what was wrong with it.
+    """
+    _check_size(data, where)
+    data = bytes(data)
+    if b"-----BEGIN" not in data:
+        try:
+            return [x509.load_der_x509_certificate(data)]
+        except ValueError:
+            pass
+        try:
+            return list(pkcs7.load_der_pkcs7_certificates(data))
+        except ValueError as exc:
+            raise PemError(f"{where}: neither PEM, DER certificate nor PKCS#7 ({exc})") from None
+    blocks = _PEM_BLOCK.findall(data)
+    if not blocks:
+        raise PemError(f"{where}: a '-----BEGIN' line has no matching '-----END' line (truncated PEM?)")
+    certs: list[x509.Certificate] = []
+    for index, (label, body) in enumerate(blocks, 1):
+        kind = label.decode()
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise PemError(f"{where}: PEM block {index} ({kind}): invalid base64 ({exc})") from None
+        if kind == "CERTIFICATE":
+            try:
+                certs.append(x509.load_der_x509_certificate(der))
+            except ValueError as exc:
+                raise PemError(f"{where}: PEM block {index}: not a valid X.509 certificate ({exc})") from None
+        elif kind == "PKCS7":
+            try:
+                certs.extend(pkcs7.load_der_pkcs7_certificates(der))
+            except ValueError as exc:
+                raise PemError(f"{where}: PEM block {index}: not a valid PKCS#7 ({exc})") from None
+        else:
+            raise PemError(f"{where}: PEM block {index} is a {kind}, expected CERTIFICATE")
+    return certs
+
+
+def load_csr(data: bytes, where: str = "CSR") -> x509.CertificateSigningRequest:
+    """A CSR from PEM, DER, or the base64 DER body EST uses (RFC 7030 section 4.2.1)."""
+    _check_size(data, where)
+    data = bytes(data)
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_csr(data)
+        if data[:1] == b"\x30":
+            return x509.load_der_x509_csr(data)
+        der = base64.b64decode(b"".join(data.split()), validate=True)
+        return x509.load_der_x509_csr(der)
+    except (binascii.Error, ValueError) as exc:
+        raise PemError(f"{where}: not a PKCS#10 certificate request ({exc})") from None
+
+
+def to_pem(certs: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def pkcs7_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
+    """Base64 DER PKCS#7 certs-only, the body of an EST certificate response (RFC 7030 4.1.3, 4.2.3)."""
+    der = pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER)
+    return base64.encodebytes(der)
+
+
+def same_public_key(a: object, b: object) -> bool:
+    """True when two `cryptography` public keys are the same key."""
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(a.public_bytes(serialization.Encoding.DER, fmt)  # type: ignore[attr-defined]
+                == b.public_bytes(serialization.Encoding.DER, fmt))  # type: ignore[attr-defined]

@@ -1,0 +1,46 @@
+"""Errors of the X.509 layer: each names the certificate (subject, serial) or the field, and the rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hal.errors import TetherError
+
+
+class ProvisioningError(TetherError):
+    """An identity operation failed: parsing, policy, enrollment, station."""
+
+
+class PemError(ProvisioningError):
+    """Certificate, CSR or key data that does not parse."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: which certificate (subject, serial), which rule, and what was found."""
+
+    subject: str
+    serial: str
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"certificate {self.subject} (serial {self.serial}): [{self.rule}] {self.detail}"
+
+
+class PolicyError(ProvisioningError):
+    """A chain, certificate or CSR broke one or more identity rules; `violations` lists every one."""
+
+    def __init__(self, violations: list[Violation], what: str = "chain") -> None:
+        self.violations = list(violations)
+        lines = "\n  ".join(str(v) for v in self.violations)
+        super().__init__(f"{what} rejected, {len(self.violations)} rule(s) broken:\n  {lines}")
+
+
+class EnrollmentError(ProvisioningError):
+    """The EST exchange failed. `retryable` tells the caller whether trying again can help."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status

@@ -1,0 +1,52 @@
+"""Device identifiers and the names derived from them (CN, SPIFFE ID, MQTT client id)."""
+
+from __future__ import annotations
+
+from provisioning.errors import ProvisioningError
+
+MAX_DEVICE_ID = 64
+_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_device_id(device_id: object, where: str = "device id") -> str:
+    """Return `device_id` if it can be a CN, an MQTT client id and a topic level; else raise.
+
+    Cumulocity forbids ':' in the CN (it is the client id separator); '/', '+' and '#' would break
+    the per-device topic prefix the broker's ACL relies on.
+    """
+    if not isinstance(device_id, str) or not device_id:
+        raise ProvisioningError(f"{where}: must be a non-empty string, got {device_id!r}")
+    if len(device_id) > MAX_DEVICE_ID:
+        raise ProvisioningError(f"{where}: {len(device_id)} characters, at most {MAX_DEVICE_ID} allowed")
+    if ":" in device_id:
+        raise ProvisioningError(f"{where}: {device_id!r} contains ':', which Cumulocity forbids in a "
+                                "certificate CN (it is the MQTT client id separator)")
+    bad = sorted(set(device_id) - _ALLOWED)
+    if bad:
+        raise ProvisioningError(f"{where}: {device_id!r} contains {''.join(bad)!r}; use letters, digits, "
+                                "'.', '_' and '-'")
+    return device_id
+
+
+def check_trust_domain(name: object, where: str = "trust domain") -> str:
+    if not isinstance(name, str) or not name or any(c in name for c in "/:@ ") or name != name.lower():
+        raise ProvisioningError(f"{where}: {name!r} is not a SPIFFE trust domain (lowercase host-like "
+                                "name such as 'factory.example')")
+    return name
+
+
+def spiffe_id(trust_domain: str, device_id: str) -> str:
+    """`spiffe://<trust-domain>/device/<device-id>`: the first SAN URI of a device certificate."""
+    return f"spiffe://{trust_domain}/device/{device_id}"
+
+
+def parse_spiffe_id(uri: str) -> tuple[str, str] | None:
+    """(trust domain, device id) of a device SPIFFE ID, or None if `uri` is not one."""
+    prefix = "spiffe://"
+    if not uri.startswith(prefix):
+        return None
+    domain, _, path = uri[len(prefix):].partition("/")
+    kind, _, device = path.partition("/")
+    if kind != "device" or not device or "/" in device:
+        return None
+    return domain, device
