@@ -149,6 +149,11 @@ class TokenRefresher:
         self.backoff.reset()
         return schedule
 
+    def rejected(self, error, now, rand):
+        """Count an unusable answer (e.g. a ``71`` line without a token) as a failed request:
+        schedule a retry with backoff and keep the previous token."""
+        self._fail(now, rand, error)
+
     def _fail(self, now, rand, error):
         self.last_error = error
         self._pending_since = None

@@ -1,0 +1,27 @@
+# MicroPython freeze manifest (docs.micropython.org "MicroPython manifest files"): build a board
+# image with `make BOARD=... FROZEN_MANIFEST=/path/to/tether/firmware/manifest.py`.
+# Frozen bytecode runs from flash, which is what keeps the session inside its RAM budget.
+# SHIPPED is also read by build.py, so the frozen set and the measured .mpy set are one list.
+
+SHIPPED = (
+    "agent/__init__.py",
+    "agent/core/__init__.py",
+    "agent/core/errors.py",
+    "agent/core/jwt.py",
+    "agent/core/token_schedule.py",
+    "agent/core/backoff.py",
+    "agent/core/endpoints.py",
+    "agent/core/smartrest.py",
+    "agent/core/topics.py",
+    "firmware/mqtt_codec.py",
+    "firmware/session.py",
+    "firmware/net.py",
+    "firmware/main.py",
+)
+# agent/core/discovery.py stays out: boards take endpoints from tether.json (no HTTPS client
+# for the discovery API fits), and the Linux agent uses it.
+
+if "freeze" in globals():  # defined only when MicroPython's makemanifest runs this file
+    _repo = __file__.rsplit("/", 2)[0] if "/" in __file__ else ".."  # noqa: F821
+    freeze(_repo, [p for p in SHIPPED if p.startswith("agent/")])  # noqa: F821
+    freeze(_repo + "/firmware", [p.split("/", 1)[1] for p in SHIPPED if p.startswith("firmware/")])  # noqa: F821
