@@ -1,0 +1,68 @@
+"""Run Python in the real MicroPython WebAssembly port (npm) under node, from pytest.
+
+``run(script, files)`` places ``agent/core`` and the firmware modules under ``/lib`` (on
+MicroPython's default ``sys.path``), plus any extra files, runs ``script`` and returns the JSON
+object the script printed on its ``RESULT_MARK`` line. The port's CLI exits 0 even when a script
+fails, so success is read from that line; no line, or a Python traceback, fails the test with the
+script's output. Missing node or the npm package fails loudly (no skips): run ``npm ci`` in firmware/.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.join(REPO, "tests", "firmware")
+PACKAGE = os.path.join(REPO, "firmware", "node_modules", "@micropython", "micropython-webassembly-pyscript")
+RUNNER = os.path.join(HERE, "run_micropython.mjs")
+RESULT_MARK = "@@RESULT "
+FIRMWARE_MODULES = ("mqtt_codec.py", "session.py", "main.py")
+
+
+class MicroPythonUnavailable(AssertionError):
+    """The test runtime is not installed; the message says how to install it."""
+
+
+def check_runtime():
+    """Raise MicroPythonUnavailable unless node and the npm package are present."""
+    if shutil.which("node") is None:
+        raise MicroPythonUnavailable("node is not on PATH; firmware tests need node >= 20")
+    if not os.path.exists(os.path.join(PACKAGE, "micropython.mjs")):
+        raise MicroPythonUnavailable(
+            "MicroPython WebAssembly package missing at %s; run `npm ci` in firmware/" % PACKAGE)
+
+
+def shipped_files():
+    """``{MicroPython path: host path}`` for agent/core and the firmware modules the tests use."""
+    files = {"/lib/agent/__init__.py": os.path.join(REPO, "agent", "__init__.py")}
+    core = os.path.join(REPO, "agent", "core")
+    for name in sorted(os.listdir(core)):
+        if name.endswith(".py"):
+            files["/lib/agent/core/" + name] = os.path.join(core, name)
+    for name in FIRMWARE_MODULES:
+        files["/lib/" + name] = os.path.join(REPO, "firmware", name)
+    return files
+
+
+def run(script, files=None, heapsize=1024 * 1024, timeout=120):
+    """Run ``script`` (source text) in MicroPython; return the dict from its RESULT_MARK line."""
+    check_runtime()
+    plan_files = shipped_files()
+    plan_files.update(files or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        script_path = os.path.join(tmp, "script.py")
+        with open(script_path, "w") as f:
+            f.write(script)
+        plan_path = os.path.join(tmp, "plan.json")
+        with open(plan_path, "w") as f:
+            json.dump({"files": plan_files, "script": script_path, "heapsize": heapsize}, f)
+        proc = subprocess.run(["node", RUNNER, PACKAGE, plan_path], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    results = [line[len(RESULT_MARK):] for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or len(results) != 1:
+        raise AssertionError(
+            "MicroPython run failed (exit %d, %d result lines)\n--- stdout\n%s\n--- stderr\n%s"
+            % (proc.returncode, len(results), proc.stdout[-4000:], proc.stderr[-4000:]))
+    return json.loads(results[0])
