@@ -95,6 +95,20 @@ class RenewalSection:
     retry: float = 300.0
 
 
+@dataclass(frozen=True)
+class OtaSection:
+    slots: str = "directory"       # directory (symlink switch, app bundles) | uboot (fw_setenv, A/B rootfs)
+    slots_dir: str = ""            # slot-a/, slot-b/, `current` or slot images; default: <state_dir>/slots
+    uboot_env_config: str = ""     # fw_env.config for fw_printenv/fw_setenv; default: /etc/fw_env.config
+    trust_anchor: str = ""         # CA file release signers must chain to; default: [identity] ca_file
+    ca_file: str = ""              # CA of the artifact server's TLS certificate; default: system store
+    commit_deadline: float = 300.0  # seconds for a new version to reach a live session before rollback
+    restart_command: str = ""      # run after switching slots (e.g. "systemctl restart tether", "reboot")
+    base_version: str = "0.0.0"    # version of the factory image, until an update is committed
+    download_timeout: float = 30.0  # seconds without a byte before a download attempt counts as stalled
+    download_attempts: int = 5      # attempts per download (each resumes with Range) before giving up
+
+
 SECTIONS: dict[str, type] = {
     "device": DeviceSection,
     "keys": KeysSection,
@@ -105,15 +119,18 @@ SECTIONS: dict[str, type] = {
     "mqtt": MqttSection,
     "token": TokenSection,
     "renewal": RenewalSection,
+    "ota": OtaSection,
 }
 
 # keys holding file paths: resolved relative to the file that set them
 PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", "ca_file"), ("est", "ca_file"),
              ("est", "otp_file"), ("est", "bootstrap_cert"), ("est", "bootstrap_key"), ("endpoints", "ca_file"),
-             ("discovery", "ca_file")}
+             ("discovery", "ca_file"), ("ota", "slots_dir"),
+             ("ota", "uboot_env_config"), ("ota", "trust_anchor"), ("ota", "ca_file")}
 
 CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
-           ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer")}
+           ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
+           ("ota", "slots"): ("directory", "uboot")}
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,7 @@ class Config:
     mqtt: MqttSection = field(default_factory=MqttSection)
     token: TokenSection = field(default_factory=TokenSection)
     renewal: RenewalSection = field(default_factory=RenewalSection)
+    ota: OtaSection = field(default_factory=OtaSection)
     sources: tuple[str, ...] = ()
 
     @property
