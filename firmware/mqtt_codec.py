@@ -231,11 +231,12 @@ class Decoder:
     def __init__(self, max_packet=DEFAULT_MAX_PACKET):
         self.max_packet = max_packet
         self._buf = bytearray()
+        self._pos = 0  # start of the unparsed bytes in _buf
         self._error = None
 
     def buffered(self):
         """Bytes held waiting for the rest of a packet."""
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def feed(self, data):
         """Append ``data`` and return a list of complete Packets (possibly empty)."""
@@ -247,22 +248,31 @@ class Decoder:
             while True:
                 p = self._next()
                 if p is None:
-                    return packets
+                    break
                 packets.append(p)
         except PacketError as exc:
             self._error = exc
             self._buf = bytearray()
+            self._pos = 0
             raise
+        # MicroPython's bytearray has no slice deletion, so consumed bytes are dropped by copying
+        # the remainder once per feed rather than once per packet.
+        if self._pos:
+            self._buf = self._buf[self._pos:]
+            self._pos = 0
+        return packets
 
     def _next(self):
         buf = self._buf
-        if len(buf) < 2:
+        start = self._pos
+        end = len(buf)
+        if end - start < 2:
             return None
         length = 0
         shift = 0
-        i = 1
+        i = start + 1
         while True:
-            if i >= len(buf):
+            if i >= end:
                 return None
             byte = buf[i]
             length |= (byte & 0x7F) << shift
@@ -270,14 +280,14 @@ class Decoder:
             if not byte & 0x80:
                 break
             shift += 7
-            if i > 4:
+            if i - start > 4:
                 raise PacketError("remaining length", "more than 4 bytes (spec 2.2.3)")
-        total = i + length
+        total = i - start + length
         if total > self.max_packet:
             raise PacketError("packet", "%d bytes is over the %d-byte limit" % (total, self.max_packet))
-        if len(buf) < total:
+        if end - start < total:
             return None
-        first = buf[0]
-        body = bytes(buf[i:total])
-        del buf[:total]
+        first = buf[start]
+        body = bytes(buf[i:start + total])
+        self._pos = start + total
         return decode_packet(first >> 4, first & 0x0F, body)
