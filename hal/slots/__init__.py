@@ -1,0 +1,99 @@
+"""Boot slots for OTA: two places (A and B) for the software, one active, one to install into.
+
+The OTA updater talks to one small `SlotBackend`; which one is configuration (`[ota] slots`). A backend
+is a module plus one line in `BACKENDS`, imported only when chosen. Slot names are always "a" and "b".
+
+Contract shared by every backend (the updater relies on it for power-loss safety):
+- `active()` is the slot the running software came from; the updater never writes to it.
+- `stage(slot)` is a regular file inside the inactive slot where a payload is streamed; its size is
+  how many bytes arrived, so a download resumes from there (HTTP Range).
+- `install()` and `switch()` are idempotent and each leaves the device bootable if cut at any point:
+  until `switch()` returns, the active slot is unchanged; `switch()` flips one atomic thing (a symlink,
+  one U-Boot environment write).
+- After `switch()`, the new slot is on trial until `commit()`; `rollback()` makes the other slot active again.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Protocol
+
+from hal.errors import HalError
+
+SLOTS = ("a", "b")
+
+# name -> "module:Class"; imported only when that backend is chosen.
+BACKENDS = {
+    "directory": "hal.slots.directory:DirectorySlots",
+    "uboot": "hal.slots.uboot:UBootSlots",
+}
+
+
+class SlotError(HalError):
+    """A slot could not be prepared, written, switched or read; the message names the slot and path."""
+
+
+def other(slot: str) -> str:
+    """The slot that is not `slot` ("a" <-> "b"); SlotError for anything else."""
+    if slot not in SLOTS:
+        raise SlotError(f"slot {slot!r} is not one of {', '.join(SLOTS)}")
+    return "b" if slot == "a" else "a"
+
+
+class SlotBackend(Protocol):
+    """Two boot slots and the switch between them."""
+
+    backend: str
+
+    def active(self) -> str:
+        """The slot the device runs from now ("a" or "b")."""
+        ...
+
+    def stage(self, slot: str) -> Path:
+        """The regular file inside `slot` where a payload is streamed (may not exist yet)."""
+        ...
+
+    def prepare(self, slot: str) -> None:
+        """Empty `slot` for a new payload; SlotError if `slot` is the active one."""
+        ...
+
+    def install(self, slot: str, name: str, version: str) -> None:
+        """Turn the verified staged payload into the slot's content, recording `name` and `version`."""
+        ...
+
+    def switch(self, slot: str) -> None:
+        """Make `slot` the one the next start boots, on trial until `commit`."""
+        ...
+
+    def commit(self) -> None:
+        """Accept the active slot for good (clear the trial: no fallback on the next boot)."""
+        ...
+
+    def rollback(self, slot: str) -> None:
+        """Make `slot` (the previous, known-good one) active again and clear the trial."""
+        ...
+
+    def version(self, slot: str) -> str | None:
+        """The version installed in `slot`, or None when unknown or empty."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for `tether ota status`: backend, active slot, trial flag, per-slot versions."""
+        ...
+
+
+def open_slots(backend: str, directory: str | Path, **options: Any) -> SlotBackend:
+    """Instantiate the slot backend named `backend` keeping its files in `directory`.
+
+    `options` are backend specific (`env_config` for uboot). Raises SlotError for an unknown backend.
+    """
+    try:
+        target = BACKENDS[backend]
+    except KeyError:
+        raise SlotError(f"slot backend {backend!r} is unknown: expected one of "
+                        f"{', '.join(sorted(BACKENDS))}") from None
+    module_name, cls_name = target.split(":")
+    module = importlib.import_module(module_name)
+    slots: SlotBackend = getattr(module, cls_name)(Path(directory), **options)
+    return slots
