@@ -46,8 +46,12 @@ def shipped_files():
     return files
 
 
-def run(script, files=None, heapsize=1024 * 1024, timeout=120):
-    """Run ``script`` (source text) in MicroPython; return the dict from its RESULT_MARK line."""
+def run(script, files=None, heapsize=1024 * 1024, timeout=120, loop=None, finish=None, max_loop=100000):
+    """Run ``script`` (source text) in MicroPython; return the dict from its RESULT_MARK line.
+
+    With ``loop``, those statements then run as separate top-level calls until they set the
+    global ``done`` to True, then ``finish`` runs once (see run_micropython.mjs for why).
+    """
     check_runtime()
     plan_files = shipped_files()
     plan_files.update(files or {})
@@ -57,7 +61,8 @@ def run(script, files=None, heapsize=1024 * 1024, timeout=120):
             f.write(script)
         plan_path = os.path.join(tmp, "plan.json")
         with open(plan_path, "w") as f:
-            json.dump({"files": plan_files, "script": script_path, "heapsize": heapsize}, f)
+            json.dump({"files": plan_files, "script": script_path, "heapsize": heapsize, "loop": loop,
+                       "finish": finish, "max_loop": max_loop}, f)
         proc = subprocess.run(["node", RUNNER, PACKAGE, plan_path], capture_output=True, text=True,
                               timeout=timeout, check=False)
     results = [line[len(RESULT_MARK):] for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
