@@ -1,0 +1,310 @@
+"""The station directory: its CA (made at init or imported), its settings and its own TLS certificate.
+
+Layout of DIR (every key file 0600, written atomically):
+  station.toml    settings: trust domain, ledger location, lifetimes, bootstrap CA
+  ca.pem          the root certificate: the trust anchor devices and EST clients are given
+  root.key        the root's key (absent when the CA was imported without it)
+  issuing.pem     the issuing CA that signs device and server certificates
+  issuing.key     its key (passphrase-encrypted when init was given one)
+  ca-chain.pem    issuing CA .. root: what follows a leaf in every chain the station hands out
+  server.pem      the EST server's certificate + issuing CA, server.key its key
+  ledger.sqlite   the issuance ledger (unless station.toml names a PostgreSQL URL)
+  release/        OTA release signing material
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from hal import storage
+from hal.errors import KeyStoreError
+from hal.keys.file import generate, load_pem, to_pem
+from provisioning import authority
+from provisioning.authority import Issuer
+from provisioning.certs import load_certificates, same_public_key, serial_of, subject_of
+from provisioning.certs import to_pem as certs_pem
+from provisioning.errors import PemError, ProvisioningError
+from provisioning.identity import check_trust_domain
+from provisioning.policy import ChainPolicy
+from provisioning.station.errors import StationError
+from provisioning.station.ledger import Ledger
+
+SETTINGS, ROOT, ROOT_KEY, ISSUING, ISSUING_KEY, CHAIN = (
+    "station.toml", "ca.pem", "root.key", "issuing.pem", "issuing.key", "ca-chain.pem")
+SERVER, SERVER_KEY, LEDGER, RELEASE = "server.pem", "server.key", "ledger.sqlite", "release"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """station.toml. `ledger` is a path relative to DIR or a postgresql:// URL."""
+
+    trust_domain: str = "tether.local"
+    ledger: str = LEDGER
+    device_days: int = 365
+    server_days: int = 825
+    otp_ttl: int = 24 * 3600
+    crl_days: int = 7
+    bootstrap_ca: str = ""        # PEM file of CAs whose client certificates may enroll (factory bootstrap)
+    encrypted_keys: bool = False
+    imported: bool = False
+
+    def render(self) -> bytes:
+        lines = ["# tether-station settings; edit with care, restart `serve` to apply\n"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            text = ("true" if value else "false") if isinstance(value, bool) else (
+                str(value) if isinstance(value, int) else '"' + str(value).replace('"', '\\"') + '"')
+            lines.append(f"{f.name} = {text}\n")
+        return "".join(lines).encode()
+
+    @classmethod
+    def read(cls, path: Path) -> Settings:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise StationError(f"{path.parent}: not a station directory (no {SETTINGS}); run "
+                               "`tether-station init --dir DIR` first or set TETHER_STATION_DIR") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise StationError(f"{path}: cannot read the station settings: {exc}") from None
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key not in known:
+                raise StationError(f"{path}: unknown setting {key!r}; known: {', '.join(known)}")
+            expected = {"str": str, "int": int, "bool": bool}[str(known[key])]
+            if type(value) is not expected:
+                raise StationError(f"{path}: {key} must be a {expected.__name__}, got {value!r}")
+        settings = cls(**data)
+        try:
+            check_trust_domain(settings.trust_domain, f"{path}: trust_domain")
+        except ProvisioningError as exc:
+            raise StationError(str(exc)) from None
+        return settings
+
+
+def _read(path: Path, what: str) -> bytes:
+    data = storage.read_bytes(path)
+    if data is None:
+        raise StationError(f"{path}: missing {what}; the station directory is incomplete")
+    return data
+
+
+def _load_key(path: Path, passphrase: bytes | None, encrypted: bool) -> Any:
+    if encrypted and not passphrase:
+        raise StationError(f"{path} is passphrase-encrypted: pass --passphrase-file "
+                           "(or set TETHER_STATION_PASSPHRASE_FILE)")
+    try:
+        return load_pem(_read(path, "CA key"), passphrase if encrypted else None, str(path))
+    except KeyStoreError as exc:
+        raise StationError(str(exc)) from None
+
+
+class Station:
+    """A station directory opened for use. CA keys load once, on first use."""
+
+    def __init__(self, directory: str | Path, passphrase: bytes | None = None) -> None:
+        self.directory = Path(directory)
+        self.passphrase = passphrase
+        self.settings = Settings.read(self.directory / SETTINGS)
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @cached_property
+    def root(self) -> x509.Certificate:
+        return load_certificates(_read(self.path(ROOT), "root certificate"), str(self.path(ROOT)))[0]
+
+    @cached_property
+    def ca_chain(self) -> list[x509.Certificate]:
+        """Issuing CA .. root, the certificates that follow a leaf."""
+        return load_certificates(_read(self.path(CHAIN), "CA chain"), str(self.path(CHAIN)))
+
+    @cached_property
+    def issuer(self) -> Issuer:
+        cert = self.ca_chain[0]
+        key = _load_key(self.path(ISSUING_KEY), self.passphrase, self.settings.encrypted_keys)
+        if not same_public_key(cert.public_key(), key.public_key()):
+            raise StationError(f"{self.path(ISSUING_KEY)} is not the key of {subject_of(cert)} "
+                               f"(serial {serial_of(cert)}) in {self.path(CHAIN)}")
+        return Issuer(cert, key)
+
+    @cached_property
+    def policy(self) -> ChainPolicy:
+        return ChainPolicy(trust_domain=self.settings.trust_domain, anchors=(self.root,))
+
+    @cached_property
+    def bootstrap_cas(self) -> list[x509.Certificate]:
+        if not self.settings.bootstrap_ca:
+            return []
+        path = self.directory / self.settings.bootstrap_ca
+        return load_certificates(_read(path, "bootstrap CA file"), str(path))
+
+    def open_ledger(self, location: str | None = None) -> Ledger:
+        """The ledger named by `location` (a --db option) or by the settings."""
+        where = location or self.settings.ledger
+        if "://" not in where:
+            where = str(self.directory / where)
+        return Ledger(where)
+
+    # -- issuing -------------------------------------------------------------------------------------
+    def device_cert(self, public_key: Any, device_id: str, sans: Sequence[x509.GeneralName] = (),
+                    days: int | None = None) -> x509.Certificate:
+        return authority.device_cert(self.issuer, public_key, device_id, self.settings.trust_domain,
+                                     lifetime=dt.timedelta(days=days or self.settings.device_days), extra_sans=sans)
+
+    def server_cert(self, public_key: Any, cn: str, dns: Sequence[str], ips: Sequence[str],
+                    days: int | None = None) -> x509.Certificate:
+        try:
+            return authority.server_cert(self.issuer, public_key, cn, dns, ips,
+                                         lifetime=dt.timedelta(days=days or self.settings.server_days))
+        except ValueError as exc:
+            raise StationError(f"server certificate for {cn!r}: {exc}") from None
+
+    def ensure_server_cert(self, host: str, ledger: Ledger) -> tuple[Path, Path]:
+        """(chain file, key file) of the EST server, issued anew when missing, expiring within a
+        day, or not naming `host` (the listen address) among its SANs; recorded in the ledger."""
+        dns, ips = default_server_names()
+        existing = storage.read_bytes(self.path(SERVER))
+        if existing is not None and self.path(SERVER_KEY).exists():
+            cert = load_certificates(existing, str(self.path(SERVER)))[0]
+            fresh = cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+            if fresh and (host in ("0.0.0.0", "::", "") or _names(cert) >= {host}):  # noqa: S104
+                return self.path(SERVER), self.path(SERVER_KEY)
+        if host not in ("0.0.0.0", "::", ""):  # noqa: S104
+            try:
+                ipaddress.ip_address(host)
+                ips = sorted({*ips, host})
+            except ValueError:
+                dns = sorted({*dns, host})
+        key = generate("ec-p256")
+        now = int(dt.datetime.now(dt.UTC).timestamp())
+        row, _ = ledger.issue(f"est-server-{socket.gethostname()}", "-", now,
+                              lambda: self.server_cert(key.public_key(), "tether-station", dns, ips),
+                              kind="server", reuse=False)
+        storage.atomic_write(self.path(SERVER_KEY), to_pem(key, None), storage.SECRET_MODE)
+        storage.atomic_write(self.path(SERVER), certs_pem([row.certificate, self.issuer.cert]), storage.PUBLIC_MODE)
+        return self.path(SERVER), self.path(SERVER_KEY)
+
+    def crl(self, revoked: Sequence[tuple[str, int]], days: int | None = None) -> x509.CertificateRevocationList:
+        """A CRL signed by the issuing CA listing (serial hex, revoked at) pairs (RFC 5280 section 5)."""
+        from cryptography.hazmat.primitives import hashes
+
+        now = dt.datetime.now(dt.UTC)
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(self.issuer.cert.subject)
+                   .last_update(now)
+                   .next_update(now + dt.timedelta(days=days or self.settings.crl_days))
+                   # the CRL number must grow with every CRL; seconds since the epoch do
+                   .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       self.issuer.key.public_key()), critical=False))
+        for serial, when in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
+                .revocation_date(dt.datetime.fromtimestamp(when, dt.UTC)).build())
+        return builder.sign(self.issuer.key, hashes.SHA256())
+
+
+def _names(cert: x509.Certificate) -> set[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return set(san.get_values_for_type(x509.DNSName)) | {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+
+
+def default_server_names() -> tuple[list[str], list[str]]:
+    """SANs every station server certificate carries: this host's name and loopback (thin-edge seed)."""
+    return sorted({"localhost", socket.gethostname()}), ["127.0.0.1", "::1"]
+
+
+# -- init --------------------------------------------------------------------------------------------------
+def _write_key(path: Path, key: Any, passphrase: bytes | None) -> None:
+    storage.atomic_write(path, to_pem(key, passphrase), storage.SECRET_MODE)
+
+
+def _check_imported(cert: x509.Certificate, key: Any, chain: list[x509.Certificate], where: str) -> list[x509.Certificate]:
+    """issuing .. root from an imported CA certificate, its key and the chain to its root."""
+    if not same_public_key(cert.public_key(), key.public_key()):
+        raise StationError(f"{where}: the key does not belong to {subject_of(cert)} (serial {serial_of(cert)})")
+    full = [cert] + [c for c in chain if c != cert]
+    for c in full:
+        try:
+            bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            bc = None
+        if bc is None or not bc.ca:
+            raise StationError(f"{where}: {subject_of(c)} (serial {serial_of(c)}) is not a CA (BasicConstraints "
+                               "CA:true missing)")
+    for child, parent in zip(full, full[1:], strict=False):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature):
+            raise StationError(f"{where}: {subject_of(child)} is not issued by the next certificate "
+                               f"{subject_of(parent)}; give the chain in order up to the root") from None
+    if full[-1].issuer != full[-1].subject:
+        raise StationError(f"{where}: the chain ends with {subject_of(full[-1])}, which is not a self-signed "
+                           "root; append the root certificate to the chain file")
+    return full
+
+
+def init_station(directory: str | Path, trust_domain: str = "tether.local", passphrase: bytes | None = None, *,
+                 ca_import: tuple[Path, Path, Path] | None = None, ledger: str | None = None) -> Station:
+    """Create a station in `directory`: a new root (pathlen 1) and issuing CA (pathlen 0), EC P-256,
+    or an imported (certificate, key, chain-to-root) triple; then the ledger and the EST server
+    certificate. Raises StationError if `directory` already holds a station or an input is wrong.
+    """
+    target = Path(directory)
+    try:
+        check_trust_domain(trust_domain, "--trust-domain")
+    except ProvisioningError as exc:
+        raise StationError(str(exc)) from None
+    if (target / SETTINGS).exists():
+        raise StationError(f"{target} already holds a station ({SETTINGS} exists); use another directory")
+    storage.ensure_dir(target, 0o700)
+    if ca_import is None:
+        root_key = generate("ec-p256")
+        root = authority.root_ca(root_key, cn=f"Tether Root CA ({trust_domain})")
+        issuing_key = generate("ec-p256")
+        issuing = authority.intermediate_ca(Issuer(root, root_key), issuing_key.public_key(),
+                                            cn=f"Tether Issuing CA ({trust_domain})")
+        chain = [issuing, root]
+        _write_key(target / ROOT_KEY, root_key, passphrase)
+    else:
+        cert_file, key_file, chain_file = ca_import
+        try:
+            cert = load_certificates(Path(cert_file).read_bytes(), str(cert_file))[0]
+            extra = load_certificates(Path(chain_file).read_bytes(), str(chain_file))
+            issuing_key = load_pem(Path(key_file).read_bytes(), passphrase, str(key_file))
+        except OSError as exc:
+            raise StationError(f"{exc.filename}: cannot read: {exc.strerror}") from None
+        except (PemError, KeyStoreError) as exc:
+            raise StationError(str(exc)) from None
+        chain = _check_imported(cert, issuing_key, extra, f"--import {cert_file}")
+        root = chain[-1]
+    _write_key(target / ISSUING_KEY, issuing_key, passphrase)
+    storage.atomic_write(target / ROOT, certs_pem([root]), storage.PUBLIC_MODE)
+    storage.atomic_write(target / CHAIN, certs_pem(chain), storage.PUBLIC_MODE)
+    storage.ensure_dir(target / RELEASE, 0o700)
+    settings = Settings(trust_domain=trust_domain, ledger=ledger or LEDGER, encrypted_keys=bool(passphrase),
+                        imported=ca_import is not None)
+    # station.toml last: its presence is what marks the directory as a complete station
+    storage.atomic_write(target / SETTINGS, settings.render(), 0o600)
+    station = Station(target, passphrase)
+    led = station.open_ledger()
+    try:
+        station.ensure_server_cert("localhost", led)
+    finally:
+        led.close()
+    return station

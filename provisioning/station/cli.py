@@ -1,0 +1,367 @@
+"""`tether-station`: the factory station's command line. Thin: parse, call the module that owns it, print.
+
+Every command takes `--dir DIR` (default $TETHER_STATION_DIR) and, when the CA keys are encrypted,
+`--passphrase-file F` (default $TETHER_STATION_PASSPHRASE_FILE). Exit status: 0 success, 1 a
+Tether error (message on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from hal import storage
+from hal.errors import TetherError
+from provisioning.station.errors import StationError
+
+Handler = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    path = args.passphrase_file or os.environ.get("TETHER_STATION_PASSPHRASE_FILE")
+    if not path:
+        return None
+    data = storage.read_bytes(path)
+    if data is None or not data.strip():
+        raise StationError(f"{path}: passphrase file missing or empty")
+    return data.splitlines()[0].strip()
+
+
+def _dir(args: argparse.Namespace) -> Path:
+    directory = args.dir or os.environ.get("TETHER_STATION_DIR")
+    if not directory:
+        raise StationError("no station directory: pass --dir DIR or set TETHER_STATION_DIR")
+    return Path(directory)
+
+
+def _station(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from provisioning.station.ca import Station
+
+    return Station(_dir(args), _passphrase(args))
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _iso(ts: int | None) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _out(path: str | None, data: bytes, mode: int = storage.PUBLIC_MODE) -> None:
+    if path and path != "-":
+        storage.atomic_write(path, data, mode)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+# -- CA -------------------------------------------------------------------------------------------------
+@command("init")
+def cmd_init(args: argparse.Namespace) -> int:
+    from provisioning.station.ca import init_station
+
+    ca_import = tuple(Path(p) for p in args.import_) if args.import_ else None
+    station = init_station(_dir(args), args.trust_domain, _passphrase(args), ca_import=ca_import,  # type: ignore[arg-type]
+                           ledger=args.db)
+    issuing = station.ca_chain[0]
+    print(f"station initialised in {station.directory} (trust domain {station.settings.trust_domain})")
+    print(f"root        {station.root.subject.rfc4514_string()}  ->  {station.path('ca.pem')}")
+    print(f"issuing CA  {issuing.subject.rfc4514_string()}  ->  {station.path('ca-chain.pem')}")
+    return 0
+
+
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from provisioning.station.server import serve
+
+    host, _, port = args.listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise StationError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8443")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+    def ready(bound: int) -> None:
+        print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
+              f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
+
+    return serve(_station(args), host, int(port), workers=args.workers, ledger=args.db, ready=ready)
+
+
+@command("otp")
+def cmd_otp(args: argparse.Namespace) -> int:
+    from provisioning.identity import check_device_id
+    from provisioning.station.otp import new_otp, otp_hash
+
+    station = _station(args)
+    device_id = check_device_id(args.device_id, "DEVICE_ID")
+    ttl = args.ttl if args.ttl is not None else station.settings.otp_ttl
+    if ttl <= 0:
+        raise StationError(f"--ttl {ttl}: must be a positive number of seconds")
+    otp = new_otp()
+    ledger = station.open_ledger(args.db)
+    try:
+        now = _now()
+        ledger.add_otp(device_id, otp_hash(device_id, otp), now, now + ttl)
+    finally:
+        ledger.close()
+    print(otp)  # stdout carries only the password: factory scripts capture it
+    print(f"one-time password for {device_id}, valid until {_iso(now + ttl)}", file=sys.stderr)
+    return 0
+
+
+# -- ledger ---------------------------------------------------------------------------------------------
+@command("ledger list")
+def cmd_ledger_list(args: argparse.Namespace) -> int:
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        rows = ledger.rows(args.kind)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=1))
+        return 0
+    print(f"{'serial':<42} {'device':<24} {'kind':<6} {'not after':<20} {'issued at':<20} revoked at")
+    for r in rows:
+        print(f"{r.serial:<42} {r.device_id:<24} {r.kind:<6} {_iso(r.not_after):<20} {_iso(r.issued_at):<20} "
+              f"{_iso(r.revoked_at)}")
+    return 0
+
+
+@command("revoke")
+def cmd_revoke(args: argparse.Namespace) -> int:
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        row = ledger.revoke(args.serial, _now())
+    finally:
+        ledger.close()
+    print(f"revoked serial {row.serial} ({row.subject}); publish a new CRL: tether-station crl --out FILE")
+    return 0
+
+
+@command("crl")
+def cmd_crl(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        revoked = [(r.serial, r.revoked_at) for r in ledger.rows() if r.revoked_at is not None]
+    finally:
+        ledger.close()
+    crl = station.crl(revoked, args.days)  # type: ignore[arg-type]
+    _out(args.out, crl.public_bytes(Encoding.DER if args.format == "der" else Encoding.PEM))
+    print(f"CRL with {len(revoked)} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+          file=sys.stderr)
+    return 0
+
+
+@command("export c8y-bulk")
+def cmd_export_c8y(args: argparse.Namespace) -> int:
+    from provisioning.station.export import c8y_bulk_csv
+
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        text = c8y_bulk_csv(ledger.rows("device"), args.type, args.id_type)
+    finally:
+        ledger.close()
+    _out(args.out, text.encode())
+    return 0
+
+
+# -- offline issuing -------------------------------------------------------------------------------------
+@command("sign")
+def cmd_sign(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from provisioning.certs import common_name, load_csr, to_pem
+    from provisioning.errors import PolicyError
+
+    station = _station(args)
+    data = storage.read_bytes(args.csr_file)
+    if data is None:
+        raise StationError(f"{args.csr_file}: no such CSR file")
+    csr = load_csr(data, args.csr_file)
+    device_id = common_name(csr.subject) or ""
+    try:
+        station.policy.check_csr(csr, device_id)
+    except PolicyError as exc:
+        raise StationError(f"{args.csr_file}: {exc}") from None
+    fingerprint = hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest()
+    ledger = station.open_ledger(args.db)
+    try:
+        row, reused = ledger.issue(device_id, fingerprint, _now(),
+                                   lambda: station.device_cert(csr.public_key(), device_id, days=args.days))
+    finally:
+        ledger.close()
+    _out(args.out, to_pem([row.certificate, *station.ca_chain]))
+    print(f"{'already issued' if reused else 'issued'} serial {row.serial} to {device_id}", file=sys.stderr)
+    return 0
+
+
+@command("issue")
+def cmd_issue(args: argparse.Namespace) -> int:
+    from hal.keys.file import generate
+    from provisioning.identity import check_device_id
+    from provisioning.station.export import write_device_bundle
+
+    station = _station(args)
+    device_id = check_device_id(args.device_id, "DEVICE_ID")
+    key = generate("ec-p256")
+    ledger = station.open_ledger(args.db)
+    try:
+        row, _ = ledger.issue(device_id, "station-generated-key", _now(),
+                              lambda: station.device_cert(key.public_key(), device_id, days=args.days), reuse=False)
+    finally:
+        ledger.close()
+    files = write_device_bundle(Path(args.out), args.format, key, [row.certificate, *station.ca_chain])
+    print(f"issued serial {row.serial} to {device_id}: {', '.join(str(f) for f in files)}")
+    return 0
+
+
+@command("server-cert")
+def cmd_server_cert(args: argparse.Namespace) -> int:
+    from hal.keys.file import generate
+    from provisioning.station.ca import default_server_names
+    from provisioning.station.export import write_server_bundle
+
+    station = _station(args)
+    dns, ips = (args.dns or [], args.ip or [])
+    if not dns and not ips:
+        dns, ips = default_server_names()
+    cn = args.cn or (dns[0] if dns else ips[0])
+    key = generate("ec-p256")
+    ledger = station.open_ledger(args.db)
+    try:
+        row, _ = ledger.issue(cn, "station-generated-key", _now(),
+                              lambda: station.server_cert(key.public_key(), cn, dns, ips, args.days),
+                              kind="server", reuse=False)
+    finally:
+        ledger.close()
+    files = write_server_bundle(Path(args.out), key, row.certificate, station.ca_chain)
+    print(f"issued server certificate {row.subject} (serial {row.serial}, SANs {', '.join([*dns, *ips])}): "
+          f"{', '.join(str(f) for f in files)}")
+    return 0
+
+
+# -- OTA release signing (provisioning.release) --------------------------------------------------------
+@command("release keygen")
+def cmd_release_keygen(args: argparse.Namespace) -> int:
+    from provisioning import release  # type: ignore[attr-defined]
+
+    station = _station(args)
+    result = release.create_release_signer(station.issuer, station.path("release"))
+    print(json.dumps(result, indent=1, default=str) if isinstance(result, dict) else result)
+    return 0
+
+
+@command("release sign")
+def cmd_release_sign(args: argparse.Namespace) -> int:
+    from provisioning import release  # type: ignore[attr-defined]
+
+    station = _station(args)
+    manifest = release.sign_release(station.path("release"), args.name, args.version, Path(args.payload),
+                                    Path(args.out), min_version=args.min_version)
+    print(json.dumps(manifest, indent=1, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", help="station directory (default: $TETHER_STATION_DIR)")
+    common.add_argument("--passphrase-file", help="file whose first line decrypts (or, at init, encrypts) "
+                        "the CA keys (default: $TETHER_STATION_PASSPHRASE_FILE)")
+    common.add_argument("--db", help="ledger: postgresql://... URL or SQLite path (default: station.toml)")
+    parser = argparse.ArgumentParser(prog="tether-station", description="Tether factory provisioning station: "
+                                     "CA, EST enrollment server, issuance ledger, one-time passwords.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create the root and issuing CA (or import a CA)")
+    p.add_argument("--trust-domain", default="tether.local", help="SPIFFE trust domain of device certificates")
+    p.add_argument("--import", dest="import_", nargs=3, metavar=("CERT", "KEY", "CHAIN"),
+                   help="bring your own issuing CA: its certificate, key and chain up to the root")
+    p = sub.add_parser("serve", parents=[common], help="EST enrollment server over HTTPS")
+    p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p = sub.add_parser("otp", parents=[common], help="print a one-time password for a device's first enrollment")
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--ttl", type=int, help="seconds until it expires (default: station.toml otp_ttl, 1 day)")
+    ledger = sub.add_parser("ledger", help="issued certificates").add_subparsers(dest="sub", required=True)
+    p = ledger.add_parser("list", parents=[common], help="list issued certificates")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--kind", choices=("device", "server"))
+    p = sub.add_parser("revoke", parents=[common], help="revoke a certificate by serial (hex)")
+    p.add_argument("serial", metavar="SERIAL")
+    p = sub.add_parser("crl", parents=[common], help="write a CRL signed by the issuing CA")
+    p.add_argument("--out", help="file (default: stdout)")
+    p.add_argument("--format", choices=("pem", "der"), default="pem")
+    p.add_argument("--days", type=int, help="validity (default: station.toml crl_days)")
+    export = sub.add_parser("export", help="exports").add_subparsers(dest="sub", required=True)
+    p = export.add_parser("c8y-bulk", parents=[common], help="Cumulocity bulk registration CSV (certificates)")
+    p.add_argument("--out", help="file (default: stdout)")
+    p.add_argument("--type", default="c8y_Device", help="TYPE column")
+    p.add_argument("--id-type", default="c8y_Serial", help="IDTYPE column")
+    p = sub.add_parser("sign", parents=[common], help="sign a device CSR offline (chain PEM out)")
+    p.add_argument("csr_file", metavar="CSR_FILE")
+    p.add_argument("--out", help="chain file (default: stdout)")
+    p.add_argument("--days", type=int)
+    p = sub.add_parser("issue", parents=[common], help="make key + certificate for a board that cannot")
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--format", choices=("pem", "der"), default="pem")
+    p.add_argument("--out", required=True, help="directory for the files")
+    p.add_argument("--days", type=int)
+    p = sub.add_parser("server-cert", parents=[common], help="certificate for a broker or core")
+    p.add_argument("--dns", action="append", help="DNS SAN (repeat)")
+    p.add_argument("--ip", action="append", help="IP SAN (repeat)")
+    p.add_argument("--cn", help="common name (default: first SAN)")
+    p.add_argument("--out", required=True, help="directory: server.pem, server.key, ca.pem")
+    p.add_argument("--days", type=int)
+    rel = sub.add_parser("release", help="OTA release signing").add_subparsers(dest="sub", required=True)
+    rel.add_parser("keygen", parents=[common], help="create the release signing key in DIR/release")
+    p = rel.add_parser("sign", parents=[common], help="sign a release payload")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("payload")
+    p.add_argument("--out", required=True)
+    p.add_argument("--min-version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.command + (f" {args.sub}" if getattr(args, "sub", None) else "")
+    try:
+        return COMMANDS[name](args)
+    except TetherError as exc:
+        print(f"tether-station: error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:  # `release` before provisioning/release.py exists, or a missing extra
+        print(f"tether-station: error: {name} is unavailable: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""EST over HTTPS (RFC 7030): the standard library's threading HTTP server behind `ssl`, pre-forked.
+
+Only the HTTP and TLS plumbing lives here; every decision is `enrollment.Enrollment.handle`. The TLS
+handshake runs in the connection's own thread (not in the accept loop), so a slow or broken client
+never stalls the others, and any bad request ends in a status line, never in a dead server.
+
+`workers` > 1 forks processes that share the listening socket and the ledger (SQLite WAL serialises
+writers across processes; PostgreSQL does it by itself): Python's GIL caps one process at about one
+core of signing and handshakes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from provisioning.certs import to_pem
+from provisioning.station.ca import Station
+from provisioning.station.enrollment import ENROLL, REENROLL, Enrollment, Request
+from provisioning.station.errors import Refusal, StationError
+
+log = logging.getLogger("tether.station")
+
+PREFIX = "/.well-known/est/"
+PKCS7_TYPE = "application/pkcs7-mime; smime-type=certs-only"
+MAX_BODY = 64 * 1024   # a P-256 or RSA-4096 CSR is under 4 KiB; anything near this is not a CSR
+IO_TIMEOUT = 10.0      # per socket operation: handshake, headers, body
+
+
+class EstHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "tether-station"
+    sys_version = ""  # no Python version in the Server header
+    server: EstServer
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.split("?")[0] == PREFIX + "cacerts":
+            self._send(200, self.server.enrollment.cacerts_body, PKCS7_TYPE, base64_body=True)
+        else:
+            self._send_text(404, f"no such EST resource {self.path!r}; try {PREFIX}cacerts")
+
+    def do_POST(self) -> None:  # noqa: N802
+        operation = self.path.split("?")[0].removeprefix(PREFIX)
+        if not self.path.startswith(PREFIX) or operation not in (ENROLL, REENROLL):
+            self.close_connection = True  # the body was not read
+            self._send_text(404, f"no such EST operation {self.path!r}; use {PREFIX}{ENROLL} or {PREFIX}{REENROLL}")
+            return
+        body = self._read_body()
+        if body is None:
+            return
+        try:
+            answer = self.server.enrollment.handle(Request(
+                operation=operation,
+                content_type=(self.headers.get("Content-Type") or "").split(";")[0].strip().lower(),
+                body=body, basic=self._basic(), peer_der=self.connection.getpeercert(binary_form=True)))
+        except Refusal as refusal:
+            log.info("%s %s refused %d: %s", self.client_address[0], operation, refusal.status,
+                     refusal.reason.splitlines()[0])
+            self._send_text(refusal.status, refusal.reason, refusal.headers)
+            return
+        except Exception:  # a bug or a ledger outage must cost one request, never the server
+            log.exception("%s %s failed", self.client_address[0], operation)
+            self._send_text(500, "internal error in the station; the operator's log has the details")
+            return
+        log.info("%s %s issued serial %s to %s%s", self.client_address[0], operation, answer.row.serial,
+                 answer.row.device_id, " (retry, same certificate)" if answer.reused else "")
+        self._send(200, answer.body, PKCS7_TYPE, base64_body=True)
+
+    def _read_body(self) -> bytes | None:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._send_text(411, "chunked bodies are not accepted: send Content-Length")
+            return None
+        raw = self.headers.get("Content-Length")
+        try:
+            length = int(raw) if raw is not None else -1
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._send_text(411, f"Content-Length missing or invalid ({raw!r})")
+            return None
+        if length > MAX_BODY:
+            self.close_connection = True  # not read: the rest of the stream is garbage
+            self._send_text(413, f"body of {length} bytes exceeds the {MAX_BODY}-byte limit for a CSR")
+            return None
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            return None
+        return body
+
+    def _basic(self) -> tuple[str, str] | None:
+        value = self.headers.get("Authorization") or ""
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return ("", "")  # malformed credentials are refused as bad credentials
+        return (user, password) if sep else ("", "")
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None,
+              base64_body: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if base64_body:
+            self.send_header("Content-Transfer-Encoding", "base64")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_text(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        self._send(status, (text.rstrip() + "\n").encode(), "text/plain; charset=utf-8", headers)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        log.debug("%s " + format, self.client_address[0], *args)
+
+
+class EstServer(ThreadingHTTPServer):
+    """A threading HTTP server on an already bound socket, doing TLS per connection thread."""
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, enrollment: Enrollment, context: ssl.SSLContext) -> None:
+        super().__init__(sock.getsockname()[:2], EstHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.enrollment = enrollment
+        self.context = context
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(IO_TIMEOUT)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("%s TLS handshake failed: %s", client_address[0], exc)
+            return
+        try:
+            self.RequestHandlerClass(tls, client_address, self)
+        except (ssl.SSLError, OSError) as exc:  # client vanished mid-request
+            log.info("%s connection error: %s", client_address[0], exc)
+        finally:
+            with contextlib.suppress(OSError):
+                tls.close()
+
+
+def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext:
+    """Server TLS: the station's certificate; client certificates optional, verified against the
+    station's root (re-enrollment) and the bootstrap CAs (first enrollment without an OTP)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    ctx.load_verify_locations(cadata=to_pem([station.root, *station.bootstrap_cas]).decode())
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.num_tickets = 0  # every device connects once or twice a year: resumption tickets are wasted work
+    return ctx
+
+
+def serve(station: Station, host: str, port: int, *, workers: int = 1, ledger: str | None = None,
+          ready: Any = None) -> int:
+    """Serve EST on host:port until SIGTERM/SIGINT; returns the exit status.
+
+    `ready(port)` is called once the socket listens (the CLI prints the URL). Raises StationError
+    when the address cannot be bound or the CA material is unusable.
+    """
+    led = station.open_ledger(ledger)
+    try:
+        certfile, keyfile = station.ensure_server_cert(host, led)
+    finally:
+        led.close()
+    Enrollment(station, led)  # loads and checks the CA key once, before forking, so errors show here
+    context = tls_context(station, str(certfile), str(keyfile))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise StationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if ready is not None:
+        ready(sock.getsockname()[1])
+    if workers <= 1:
+        return _worker(station, sock, context, ledger)
+    children: set[int] = set()
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _worker(station, sock, context, ledger)
+            finally:
+                os._exit(code)
+        children.add(pid)
+    sock.close()
+    return _supervise(children)
+
+
+def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledger: str | None) -> int:
+    led = station.open_ledger(ledger)
+    server = EstServer(sock, Enrollment(station, led), context)
+
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        led.close()
+    return 0
+
+
+def _supervise(children: set[int]) -> int:
+    """Wait for the workers; on SIGTERM/SIGINT, or when one dies, stop them all."""
+    def forward(signum: int, frame: Any) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        if os.waitstatus_to_exitcode(code) != 0:
+            print(f"tether-station: worker {pid} exited with {os.waitstatus_to_exitcode(code)}; stopping",
+                  file=sys.stderr)
+            status = 1
+            forward(signal.SIGTERM, None)
+    return status
