@@ -1,0 +1,206 @@
+"""HTTPS downloads for OTA: small release files, and the payload streamed to disk with Range resume.
+
+`requests` is imported inside the functions: the agent's start-up path never pays for it. The payload
+is hashed while it streams (SHA-256 in fixed-size chunks), so memory stays flat whatever its size, and
+a resumed download first re-hashes the bytes already on disk (RFC 9110 section 14 for Range/206/416).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.core.backoff import Backoff
+from agent.ota.errors import DownloadError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+SMALL_LIMIT = 256 * 1024
+USER_AGENT = "tether-ota/1"
+
+
+@dataclass
+class Fetched:
+    """Result of a payload download: bytes on disk, their SHA-256, and how they arrived."""
+
+    size: int
+    sha256: str
+    requests: int = 0
+    ranges: list[str] = field(default_factory=list)
+    transferred: int = 0
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """What every OTA request shares: trust, bearer token source and time limits."""
+
+    ca_file: str = ""
+    token: Callable[[], str | None] = lambda: None
+    timeout: float = 30.0
+    attempts: int = 5
+    backoff_base: float = 0.5
+    backoff_cap: float = 10.0
+
+    def headers(self, url: str) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        token = self.token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    @property
+    def verify(self) -> str | bool:
+        return self.ca_file or True
+
+
+def _status_error(url: str, status: int) -> DownloadError:
+    hints = {401: "the artifact server refused the device token", 403: "the device token is not allowed here",
+             404: "not found", 416: "the server has fewer bytes than the release promises (truncated payload)"}
+    return DownloadError(f"GET {url}: HTTP {status} ({hints.get(status, 'server error')})",
+                         retryable=status >= 500 or status == 429)
+
+
+def _describe(exc: Exception, timeout: float) -> str:
+    import requests
+
+    text = str(exc)
+    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+        return f"stalled: no data for {timeout:g} s"
+    return f"connection lost ({type(exc).__name__}: {text[:200]})"
+
+
+def fetch_small(url: str, http: HttpSettings, limit: int = SMALL_LIMIT) -> bytes:
+    """GET a small file (manifest, signature, signer chain) whole; DownloadError if over `limit` bytes."""
+    import requests
+
+    try:
+        with requests.get(url, headers=http.headers(url), stream=True, timeout=http.timeout,
+                          verify=http.verify) as resp:
+            if resp.status_code != 200:
+                raise _status_error(url, resp.status_code)
+            data = bytearray()
+            for chunk in resp.iter_content(16384):
+                data += chunk
+                if len(data) > limit:
+                    raise DownloadError(f"GET {url}: more than {limit} bytes, not a release file")
+            return bytes(data)
+    except requests.RequestException as exc:
+        raise DownloadError(f"GET {url}: {_describe(exc, http.timeout)}", retryable=True) from exc
+
+
+def hash_existing(path: Path, expected: int) -> tuple[int, Any]:
+    """(size, sha256 object) of the bytes already in `path`; a file longer than `expected` is emptied."""
+    digest = hashlib.sha256()
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0, digest
+    if size > expected:  # not ours, or from a different release: start over
+        os.truncate(path, 0)
+        return 0, digest
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return size, digest
+
+
+def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
+                  progress: Callable[[int, int], None] = lambda done, total: None,
+                  cancel: threading.Event | None = None) -> Fetched:
+    """Stream `url` into `dest` until it holds `expected` bytes, resuming from what `dest` already has.
+
+    A dropped connection or a stall is retried with `Range: bytes=<have>-` (backoff with jitter between
+    tries); `http.attempts` tries in a row without progress give up. Returns the size and SHA-256 of
+    `dest`. Raises DownloadError for HTTP errors (404, 401, 416), a body longer than `expected`, or
+    when retries run out; the message says which and is fit for the 502 reason.
+    """
+    import requests
+
+    cancel = cancel or threading.Event()
+    have, digest = hash_existing(dest, expected)
+    result = Fetched(size=have, sha256="")
+    backoff = Backoff(http.backoff_base, http.backoff_cap)
+    failures = 0
+    last = ""
+    session = requests.Session()
+    try:
+        while have < expected:
+            if failures >= http.attempts:
+                raise DownloadError(f"GET {url}: {last}; gave up after {failures} attempt(s) without progress "
+                                    f"at {have} of {expected} bytes", retryable=True)
+            if cancel.is_set():
+                raise DownloadError(f"GET {url}: cancelled at {have} of {expected} bytes", retryable=True)
+            headers = http.headers(url)
+            last = ""
+            if have:
+                headers["Range"] = f"bytes={have}-"
+                result.ranges.append(headers["Range"])
+            start = have
+            try:
+                result.requests += 1
+                with session.get(url, headers=headers, stream=True, timeout=http.timeout,
+                                 verify=http.verify) as resp:
+                    if resp.status_code == 200 and have:
+                        # The server ignored Range: what it sends starts at byte 0.
+                        log.warning("%s ignored Range; downloading from the start", url)
+                        os.truncate(dest, 0)
+                        have, digest = 0, hashlib.sha256()
+                    elif resp.status_code == 206:
+                        first = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+                        if first != str(have):
+                            raise DownloadError(f"GET {url}: asked for bytes from {have}, got Content-Range "
+                                                f"{resp.headers.get('Content-Range')!r}")
+                    elif resp.status_code != 200:
+                        raise _status_error(url, resp.status_code)
+                    have = _stream(resp, dest, have, expected, digest, progress, cancel, url)
+            except requests.RequestException as exc:
+                last = _describe(exc, http.timeout)
+                # Every chunk is written and hashed together, so the file size is what the digest covers.
+                have = dest.stat().st_size if dest.exists() else 0
+            result.transferred += max(have - start, 0)
+            if have >= expected:
+                break
+            if have > start:
+                failures = 0
+                backoff.reset()
+            failures += 1
+            last = last or f"connection closed at {have} of {expected} bytes"
+            log.info("download of %s interrupted at %d/%d bytes (%s); resuming", url, have, expected, last)
+            cancel.wait(backoff.next_delay(random.random()))  # noqa: S311 - jitter, not security
+    finally:
+        session.close()
+    result.size = have
+    result.sha256 = digest.hexdigest()
+    return result
+
+
+def _stream(resp: Any, dest: Path, have: int, expected: int, digest: Any,
+            progress: Callable[[int, int], None], cancel: threading.Event, url: str) -> int:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.lseek(fd, have, os.SEEK_SET)
+        for chunk in resp.iter_content(CHUNK):
+            if have + len(chunk) > expected:
+                raise DownloadError(f"GET {url}: the payload is longer than the {expected} bytes the "
+                                    "manifest promises")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+            digest.update(chunk)
+            have += len(chunk)
+            progress(have, expected)
+            if cancel.is_set():
+                break
+    finally:
+        # Durable before anyone acts on it: resume after a power cut starts from what is really there.
+        os.fsync(fd)
+        os.close(fd)
+    return have

@@ -1,0 +1,47 @@
+"""What `tether ota status` shows, readable without a running agent (the state files are the truth)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.ota.machine import Installed, OtaState, StateStore
+from hal.errors import TetherError
+from hal.slots import SlotBackend, open_slots
+
+
+def describe(state: OtaState, installed: Installed, slots: SlotBackend | None, running: bool | None = None
+             ) -> dict[str, Any]:
+    """A JSON-ready summary: state, operation, progress, installed version and floor, slots."""
+    op = state.operation
+    out: dict[str, Any] = {
+        "state": state.state,
+        "operation": {"name": op.name, "version": op.version, "url": op.url} if op else None,
+        "installed": {"name": installed.name, "version": installed.version, "floor": installed.floor},
+        "reason": state.reason,
+        "reported": state.reported,
+        "progress": {"bytes": state.bytes, "size": state.size,
+                     "percent": (state.bytes * 100 // state.size) if state.size else None},
+        "target_slot": state.target or None,
+        "deadline": state.deadline or None,
+        "updated": state.updated or None,
+    }
+    if running is not None:
+        out["worker_running"] = running
+    if slots is not None:
+        try:
+            out["slots"] = slots.describe()
+        except TetherError as exc:
+            out["slots"] = {"error": str(exc)}
+    return out
+
+
+def read_status(config: Any) -> dict[str, Any]:
+    """The status from the files in the state directory, as the running agent would report it."""
+    store = StateStore(config.state_dir / "ota")
+    ota = config.ota
+    try:
+        slots: SlotBackend | None = open_slots(ota.slots, ota.slots_dir or config.state_dir / "slots",
+                                               env_config=ota.uboot_env_config)
+    except TetherError:
+        slots = None
+    return describe(store.load(), store.installed(ota.base_version), slots)
