@@ -79,8 +79,8 @@ def decode_claims(token, max_chars=MAX_TOKEN_CHARS):
     if not parts[1]:
         raise TokenError("token.payload", "empty")
     _json_object(b64url_decode(parts[0], "token.header"), "token.header")
-    b64url_decode(parts[2], "token.signature")
     claims = _json_object(b64url_decode(parts[1], "token.payload"), "token.payload")
+    b64url_decode(parts[2], "token.signature")
     exp = _finite_number(claims, "exp", True)
     iat = _finite_number(claims, "iat", False)
     if iat is not None:

@@ -31,7 +31,7 @@ def check_runtime():
         raise MicroPythonUnavailable("node is not on PATH; firmware tests need node >= 20")
     if not os.path.exists(os.path.join(PACKAGE, "micropython.mjs")):
         raise MicroPythonUnavailable(
-            "MicroPython WebAssembly package missing at %s; run `npm ci` in firmware/" % PACKAGE)
+            f"MicroPython WebAssembly package missing at {PACKAGE}; run `npm ci` in firmware/")
 
 
 def shipped_files():
@@ -68,6 +68,6 @@ def run(script, files=None, heapsize=1024 * 1024, timeout=120, loop=None, finish
     results = [line[len(RESULT_MARK):] for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or len(results) != 1:
         raise AssertionError(
-            "MicroPython run failed (exit %d, %d result lines)\n--- stdout\n%s\n--- stderr\n%s"
-            % (proc.returncode, len(results), proc.stdout[-4000:], proc.stderr[-4000:]))
+            f"MicroPython run failed (exit {proc.returncode}, {len(results)} result lines)\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return json.loads(results[0])

@@ -10,12 +10,12 @@ after imports, before the session exists).
 import gc
 
 from fake_broker import FakeBroker, FakeClock
+from session import READY, Session
 
 from agent.core.backoff import Backoff
 from agent.core.endpoints import Rotation, parse_endpoint
 from agent.core.token_schedule import TokenRefresher
 from agent.core.topics import Topics
-from session import READY, Session
 
 PUBLISH_COUNT = 100
 LIFETIME = 3600
@@ -57,10 +57,10 @@ class Cycle:
         s.step()
         self.steps += 1
         if s.state == READY and self.sent < PUBLISH_COUNT and s.token() is not None:
-            s.publish("dev1/s/us", "200,c8y_Temperature,T,%d" % self.sent)
+            s.publish("dev1/s/us", "200,c8y_Temperature,T," + str(self.sent))
             self.sent += 1
         if self.steps > 20000 or self.clock() > self.start + LIFETIME:
-            raise AssertionError("session made no progress: %r" % (self.events,))
+            raise AssertionError(f"session made no progress: {self.events!r}")
         gc.collect()
         return self.acked >= PUBLISH_COUNT + 1 and len(self.broker.token_requests) >= 2
 

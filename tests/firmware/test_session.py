@@ -36,7 +36,7 @@ def test_session_cycle_connects_fetches_token_publishes_and_refreshes_in_micropy
     r = run_cycle_in_micropython()
     assert r["impl"] == "micropython"
     _check_cycle(r)
-    print("peak heap over baseline: %d bytes" % r["heap_peak_over_base"])
+    print(f"peak heap over baseline: {r['heap_peak_over_base']} bytes")
     assert 0 < r["heap_peak_over_base"] < HEAP_BUDGET
 
 

@@ -31,8 +31,8 @@ def test_vectors_give_the_same_answers_in_micropython(file):
         "import json, sys\n"
         "sys.path.append('/vectors')\n"
         "import vector_runner\n"
-        "results = vector_runner.run_file('/vectors/%s')\n"
-        "print('@@RESULT ' + json.dumps({'impl': sys.implementation.name, 'results': results}))\n" % file
+        f"results = vector_runner.run_file('/vectors/{file}')\n"
+        "print('@@RESULT ' + json.dumps({'impl': sys.implementation.name, 'results': results}))\n"
     )
     out = micropython.run(script, {
         "/vectors/vector_runner.py": os.path.join(micropython.HERE, "vector_runner.py"),

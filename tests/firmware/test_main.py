@@ -1,0 +1,64 @@
+"""firmware/main.py in real MicroPython: bad or missing files give one clear line, no crash."""
+
+import json
+
+from tests.firmware import micropython
+
+CONFIG = json.dumps({"device_id": "dev1", "endpoints": ["mqtts://core1:8883"]})
+
+
+def _run_main(files_py):
+    # files_py: Python statements that write the flash files before main() runs.
+    script = (
+        "import json, sys, io\n"
+        + files_py
+        + "buf = []\n"
+        "import builtins\n"
+        "_print = builtins.print\n"
+        "def capture(*a):\n"
+        "    buf.append(' '.join(str(x) for x in a))\n"
+        "builtins.print = capture\n"
+        "import main\n"
+        "rv = main.main()\n"
+        "builtins.print = _print\n"
+        "print('@@RESULT ' + json.dumps({'returned': rv is None, 'out': buf}))\n"
+    )
+    return micropython.run(script)
+
+
+def _write(name, data):
+    return f"with open({name!r}, 'wb') as f:\n    f.write({data!r})\n"
+
+
+def test_missing_credentials_print_which_file_and_return():
+    r = _run_main(_write("tether.json", CONFIG.encode()))
+    assert r["returned"]
+    assert r["out"] == ["tether: cannot start: ./device.crt.der: missing; copy it from "
+                        "`tether-station issue --format der`"]
+
+
+def test_pem_instead_of_der_is_reported_as_not_der():
+    files = _write("tether.json", CONFIG.encode()) + _write("device.crt.der", b"-----BEGIN CERTIFICATE-----\n")
+    r = _run_main(files)
+    assert "./device.crt.der: not DER" in r["out"][0]
+
+
+def test_truncated_der_is_reported_as_corrupt():
+    files = (_write("tether.json", CONFIG.encode()) + _write("device.crt.der", b"\x30\x82\x01\x00" + b"\x00" * 10))
+    r = _run_main(files)
+    assert "./device.crt.der: corrupt or truncated: DER says 260 bytes, file has 14" in r["out"][0]
+
+
+def test_corrupt_config_names_the_file():
+    r = _run_main(_write("tether.json", b"{not json"))
+    assert r["out"] == ["tether: cannot start: tether.json: not valid JSON"]
+
+
+def test_config_without_device_id_says_it_is_required():
+    r = _run_main(_write("tether.json", b'{"endpoints": ["mqtts://a"]}'))
+    assert r["out"] == ["tether: cannot start: tether.json: device_id: required (the certificate CN)"]
+
+
+def test_unknown_config_key_is_named():
+    r = _run_main(_write("tether.json", b'{"device_id": "d", "endpoints": ["mqtts://a"], "keepalve": 5}'))
+    assert "tether.json: keepalve: unknown key" in r["out"][0]

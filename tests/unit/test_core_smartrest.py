@@ -1,0 +1,66 @@
+"""agent/core SmartREST 2.0 lines, backoff and topics."""
+
+import pytest
+
+from agent.core import smartrest
+from agent.core.backoff import Backoff
+from agent.core.errors import ConfigError, SmartRestError
+from agent.core.topics import Topics, client_id
+
+
+def test_token_line_yields_the_token():
+    assert smartrest.parse_token("71,abc.def.ghi") == "abc.def.ghi"
+
+
+def test_token_line_without_token_names_the_template_and_field():
+    with pytest.raises(SmartRestError) as info:
+        smartrest.parse_token("71,")
+    assert info.value.field == "71.token"
+
+
+def test_quoted_fields_round_trip():
+    line = smartrest.format_line("502", "c8y_Firmware", 'bad "hash", retry')
+    assert smartrest.parse_line(line) == ["502", "c8y_Firmware", 'bad "hash", retry']
+
+
+def test_firmware_failure_reason_is_always_quoted():
+    assert smartrest.firmware_failed("timeout") == '502,c8y_Firmware,"timeout"'
+
+
+def test_firmware_operation_parses_into_a_value():
+    op = smartrest.parse_firmware_operation("515,dev1,tether,1.2.0,https://h/fw")
+    assert (op.serial, op.name, op.version, op.url) == ("dev1", "tether", "1.2.0", "https://h/fw")
+
+
+def test_unterminated_quote_names_the_template_and_field():
+    with pytest.raises(SmartRestError, match='515 field 2: unterminated quoted field'):
+        smartrest.parse_line('515,dev1,"tether')
+
+
+def test_backoff_grows_to_the_cap_with_full_jitter():
+    b = Backoff(1, 10)
+    assert [b.next_delay(0.999999) for _ in range(6)] == pytest.approx([1, 2, 4, 8, 10, 10], rel=1e-5)
+    assert b.attempts == 6
+    assert b.next_delay(0.0) == 0
+    b.reset()
+    assert b.attempts == 0 and b.ceiling() == 1
+
+
+def test_backoff_survives_a_week_of_attempts_without_overflow():
+    b = Backoff(0.5, 300)
+    for _ in range(100_000):
+        d = b.next_delay(0.5)
+    assert d == 150
+
+
+def test_topics_sit_under_the_prefix():
+    t = Topics("dev1")
+    assert (t.token_request, t.token_response, t.downstream, t.upstream) == (
+        "dev1/s/uat", "dev1/s/dat", "dev1/s/ds", "dev1/s/us")
+    assert Topics().token_request == "s/uat"
+
+
+def test_client_id_gets_prefix_and_refuses_colons():
+    assert client_id("dev1") == "d:dev1"
+    with pytest.raises(ConfigError):
+        client_id("a:b")
