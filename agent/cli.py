@@ -131,6 +131,40 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
     return 0
 
 
+# -- runtime -------------------------------------------------------------------------------------------
+def setup_logging(verbose: bool) -> None:
+    import logging
+
+    # journald adds its own timestamps; elsewhere the log carries them
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+
+
+@command("run")
+def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
+    from agent.runtime import Runtime
+
+    setup_logging(args.verbose)
+    runtime = Runtime(config)
+    for attach in COMPONENTS:
+        attach(runtime)
+    return runtime.run()
+
+
+@command("check")
+def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
+    from agent.check import check
+
+    if args.verbose:
+        setup_logging(True)
+    return check(config)
+
+
+# Optional runtime components (OTA, renewal, outbox) register a function that attaches them.
+COMPONENTS: list[Callable[[Any], None]] = []
+
+
 # -- configuration -------------------------------------------------------------------------------------
 @command("config show")
 def cmd_config_show(args: argparse.Namespace, config: configmod.Config) -> int:
@@ -168,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p = sub.add_parser("status", help="device id, key, chain, session and token state")
     p.add_argument("--json", action="store_true")
+    for name, text in (("run", "the boot-time service: enroll if needed, connect, stay connected"),
+                       ("check", "enroll if needed, connect once, fetch a token; print each step")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--verbose", "-v", action="store_true")
+        p.set_defaults(needs_tls=True)
     cfg = sub.add_parser("config", help="show, get or set configuration").add_subparsers(dest="sub", required=True)
     cfg.add_parser("show", help="print the effective configuration")
     cfg.add_parser("get").add_argument("key", help="section.key, e.g. keys.backend")

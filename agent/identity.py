@@ -100,7 +100,7 @@ class DeviceIdentity:
 
     def status(self) -> dict[str, Any]:
         """Identity facts for `tether status` (reads chain.json, so no X.509 parsing is needed)."""
-        from provisioning.certstore import read_facts
+        from provisioning.chainfacts import read_facts
 
         facts = read_facts(self.config.certs_dir)
         out: dict[str, Any] = {"device_id": self.device_id, "key": {"backend": self.config.keys.backend,

@@ -12,7 +12,19 @@ from pathlib import Path
 
 from lab.procs import Proc, free_port
 
-ACL_OWN_PREFIX = "# each device reads and writes only under its own id (CN)\npattern readwrite %u/#\n"
+SERVICES = ("tether-token-service", "tether-ota-service")
+
+
+def acl_text(services: tuple[str, ...] = SERVICES) -> str:
+    """Every device reads and writes only under its own id (its certificate CN, the MQTT user);
+    the lab's own services (token, OTA) may address any device."""
+    lines = ["# written by tether lab", "pattern readwrite %u/#"]
+    for service in services:
+        lines += [f"user {service}", "topic readwrite #"]
+    return "\n".join(lines) + "\n"
+
+
+ACL_OWN_PREFIX = acl_text()
 
 
 @dataclass
@@ -40,8 +52,8 @@ class Mosquitto:
 
     def config_text(self) -> str:
         lines = [f"# written by tether lab for {self.name}", "user root", "persistence false",
-                 "log_dest stdout", "log_type error", "log_type warning", "log_type notice",
-                 "log_type subscribe", "connection_messages true", "per_listener_settings false",
+                 f"log_dest file {self.directory / (self.name + '.log')}", "log_type error", "log_type warning", "log_type notice",
+                 "log_type information", "log_type subscribe", "connection_messages true", "per_listener_settings false",
                  f"listener {self.port} {self.host}"]
         if self.files is None:
             lines.append("allow_anonymous true")
@@ -63,6 +75,7 @@ class Mosquitto:
         self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / f"{self.name}.conf"
         conf.write_text(self.config_text())
+        # mosquitto buffers stdout when it is a file; its own log file is flushed per line
         self.proc = Proc(self.name, ["mosquitto", "-c", str(conf)], self.directory / f"{self.name}.log")
         self.proc.wait_port(self.host, self.port, timeout)
         return self

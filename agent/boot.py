@@ -1,0 +1,114 @@
+"""The first part of every boot, as a persisted state machine: key, then a valid chain (enroll).
+
+Each step is a row of `STEPS`: a check that says whether it is already done (read from disk, so a
+kill -9 at any point resumes from what is really there) and an action. The step about to act is
+recorded in `<state>/boot.json` before it acts, so `tether status` and support staff can see where
+a device stopped. Enrollment itself persists its CSR before sending (agent.enroll), so a retry after
+a crash sends the same CSR and the station answers with the same certificate: no second key, no
+second ledger row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config
+from agent.errors import AgentError
+from agent.identity import DeviceIdentity
+from hal import storage
+
+log = logging.getLogger(__name__)
+BOOT_FILE = "boot.json"
+
+
+def chain_state(identity: DeviceIdentity, now: float | None = None) -> tuple[bool, str]:
+    """(usable, why) for the stored chain, from chain.json: no X.509 parsing on a normal boot."""
+    from provisioning.chainfacts import read_facts
+
+    now = time.time() if now is None else now
+    chain_file = identity.config.certs_dir / "chain.pem"
+    facts = read_facts(identity.config.certs_dir)
+    if facts is None and chain_file.exists():
+        facts = identity.certstore.refresh_facts()  # crash between chain.pem and chain.json, or upgrade
+    if facts is None:
+        return False, "no certificate chain stored yet (first boot)"
+    not_after = float(facts["not_after"])  # type: ignore[arg-type]
+    if not_after <= now:
+        return False, (f"the device certificate (serial {facts['serial']}) expired at "
+                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(not_after))}: recovering through the "
+                       "bootstrap path (one-time password or bootstrap certificate)")
+    return True, "chain valid"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    done: Callable[[DeviceIdentity], bool]
+    run: Callable[[DeviceIdentity], Any]
+    describe: str
+
+
+def _enroll(identity: DeviceIdentity) -> Any:
+    config = identity.config
+    if not config.est.url:
+        _, why = chain_state(identity)
+        raise AgentError(f"{why}; and no [est] url is configured: install a chain with `tether chain install "
+                         "FILE` or set [est] url to the provisioning station")
+    from agent.enroll import enroll
+
+    return enroll(config, identity)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("key", lambda i: i.has_key(), lambda i: i.ensure_key(), "create the device key"),
+    Step("enroll", lambda i: chain_state(i)[0], _enroll, "enroll over EST and store the chain"),
+)
+
+
+class BootSequence:
+    """Runs the steps that are not done yet, recording each before it acts."""
+
+    def __init__(self, config: Config, identity: DeviceIdentity | None = None,
+                 report: Callable[[str, float, str], None] | None = None) -> None:
+        self.config = config
+        self.identity = identity or DeviceIdentity(config)
+        self.path = Path(config.state_dir) / BOOT_FILE
+        self.report = report or (lambda step, seconds, what: None)
+
+    def record(self, **fields: Any) -> None:
+        state = self.read()
+        state.update(fields, updated_at=int(time.time()))
+        storage.atomic_write(self.path, json.dumps(state, sort_keys=True).encode(), storage.PUBLIC_MODE)
+
+    def read(self) -> dict[str, Any]:
+        data = storage.read_bytes(self.path)
+        try:
+            state = json.loads(data) if data else {}
+        except ValueError:
+            state = {}
+        return state if isinstance(state, dict) else {}
+
+    def run(self) -> None:
+        """Bring the device to "key and valid chain"; raise AgentError (or a TetherError) if it cannot."""
+        storage.ensure_dir(self.config.state_dir)
+        for step in STEPS:
+            if step.done(self.identity):
+                continue
+            attempts = int(self.read().get("attempts", {}).get(step.name, 0)) + 1
+            self.record(step=step.name, state="running", attempts={**self.read().get("attempts", {}),
+                                                                    step.name: attempts})
+            log.info("boot: %s (attempt %d)", step.describe, attempts)
+            started = time.monotonic()
+            try:
+                step.run(self.identity)
+            except Exception as exc:
+                self.record(state="failed", error=f"{step.name}: {exc}")
+                raise
+            self.report(step.name, time.monotonic() - started, step.describe)
+        self.record(step="ready", state="done", error=None)

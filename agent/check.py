@@ -1,0 +1,90 @@
+"""`tether check`: the same code path as `tether run`, once, printing each step with its timing.
+
+Installers, support staff, the factory's end-of-line test and the benchmarks use it: exit 0 when the
+device enrolled (if needed), connected to an endpoint and (if enabled) received a token.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from agent.config import Config
+from agent.runtime import Runtime
+from agent.session import ConnectError
+from hal.errors import TetherError
+
+
+class Timeline:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.start = time.monotonic()
+        self.ok = True
+
+    def step(self, name: str, ok: bool, detail: str, seconds: float | None = None) -> None:
+        self.ok = self.ok and ok
+        took = f"{seconds * 1000:7.0f} ms" if seconds is not None else " " * 10
+        at = (time.monotonic() - self.start) * 1000
+        print(f"{at:7.0f} ms  {'ok ' if ok else 'FAIL'}  {name:<10} {took}  {detail}", file=self.out, flush=True)
+
+
+def check(config: Config, out: TextIO = sys.stdout, token_timeout: float | None = None) -> int:
+    """Boot, connect to the first reachable endpoint, fetch a token; print a timeline; 0 or 1."""
+    line = Timeline(out)
+    runtime = Runtime(config)
+    try:
+        runtime.boot(once=True, report=lambda step, s, what: line.step(step, True, what, s))
+    except TetherError as exc:
+        line.step("boot", False, str(exc))
+        return 1
+    line.step("identity", True, f"key ({config.keys.backend}) and chain in place for {config.device.id}")
+    found = None
+    if runtime.discovery.enabled:
+        t = time.monotonic()
+        found = runtime.rediscover("tether check")
+        line.step("discovery", found is not None, f"{len(found)} endpoint(s)" if found is not None
+                  else "failed; using cached and manual endpoints (see log)", time.monotonic() - t)
+    try:
+        endpoints = runtime.endpoint_list(found)
+    except TetherError as exc:
+        line.step("endpoints", False, str(exc))
+        return 1
+    if not endpoints:
+        line.step("endpoints", False, "no endpoint: set [endpoints] urls or [discovery] url")
+        return 1
+    session = None
+    for endpoint in endpoints:
+        t = time.monotonic()
+        try:
+            session = runtime.connect(endpoint)
+        except (ConnectError, TetherError) as exc:
+            line.step("connect", False, str(exc), time.monotonic() - t)
+            continue
+        line.step("connect", True, f"{endpoint.url()} as {config.client_id} (mTLS, MQTT {config.mqtt.protocol})",
+                  time.monotonic() - t)
+        line.ok = True  # an earlier endpoint failing is fine once one works
+        break
+    if session is None:
+        return 1
+    try:
+        if runtime.token:
+            t = time.monotonic()
+            runtime.token.on_session_up(session.subscribe, session.publish)
+            deadline = time.monotonic() + (token_timeout or config.token.timeout)
+            while runtime.token.current() is None and time.monotonic() < deadline:
+                runtime.token.tick()
+                event = runtime._wait(None)
+                if event is not None and event.kind == "message":
+                    runtime.dispatch(event)
+                elif event is not None and event.kind == "disconnected":
+                    break
+            token = runtime.token.status()
+            line.step("token", token.get("present", False),
+                      f"expires at {time.strftime('%H:%M:%S', time.localtime(token['expires_at']))}"
+                      if token.get("present") else f"no token: {token.get('last_error') or 'timed out'}",
+                      time.monotonic() - t)
+    finally:
+        session.close()
+    print(f"{'PASS' if line.ok else 'FAIL'}: {config.device.id}", file=out)
+    return 0 if line.ok else 1

@@ -1,0 +1,117 @@
+"""Cloud discovery in the AWS IoT Greengrass shape, over mutual TLS, with an offline cache.
+
+`GET https://<host>:8443/greengrass/discover/thing/<thing>` answers a JSON document listing the
+cores' connectivity and the CAs that sign their broker certificates (seed 000; DESIGN.md
+"Endpoints"). Parsing and validation are pure (`agent.core.discovery`); this module does the I/O
+with the standard library's `http.client`, so discovery adds no import to the device's runtime.
+The last good document is kept in the state directory so an offline boot can still try known cores.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import ssl
+import urllib.parse
+from pathlib import Path
+
+from agent.config import Config
+from agent.core.discovery import parse_discovery
+from agent.core.endpoints import Endpoint
+from agent.core.errors import CoreError
+from agent.errors import AgentError
+from hal import storage
+
+log = logging.getLogger(__name__)
+CACHE_FILE = "discovery.json"
+
+
+class DiscoveryError(AgentError):
+    """Discovery failed; the message names the server and the reason."""
+
+
+def fetch(config: Config, context: ssl.SSLContext) -> bytes:
+    """The raw discovery document for this device, read with a size cap; DiscoveryError otherwise."""
+    url = urllib.parse.urlsplit(config.discovery.url)
+    if url.scheme != "https" or not url.hostname:
+        raise DiscoveryError(f"[discovery] url {config.discovery.url!r}: expected https://host[:port]")
+    thing = urllib.parse.quote(config.discovery.thing or config.device.id, safe="")
+    path = f"{url.path.rstrip('/')}/greengrass/discover/thing/{thing}"
+    where = f"discovery {url.hostname}:{url.port or 8443}{path}"
+    conn = http.client.HTTPSConnection(url.hostname, url.port or 8443, context=context,
+                                       timeout=config.discovery.timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        response = conn.getresponse()
+        body = response.read(config.discovery.max_bytes + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise DiscoveryError(f"{where}: {exc}") from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise DiscoveryError(f"{where}: HTTP {response.status} {response.reason}: "
+                             f"{body[:200].decode(errors='replace')}")
+    if len(body) > config.discovery.max_bytes:
+        raise DiscoveryError(f"{where}: body over the {config.discovery.max_bytes}-byte limit")
+    return body
+
+
+def parse(body: bytes | str, where: str, max_bytes: int) -> list[Endpoint]:
+    try:
+        endpoints, _cas = parse_discovery(body, max_bytes)
+    except CoreError as exc:
+        raise DiscoveryError(f"{where}: {exc}") from None
+    return endpoints
+
+
+class Discovery:
+    """Discovers endpoints and keeps the last good document for offline boots."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.cache = Path(config.state_dir) / CACHE_FILE
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config.discovery.url)
+
+    def cached(self) -> list[Endpoint]:
+        """Endpoints of the cached document (empty when there is none or it is unusable)."""
+        data = storage.read_bytes(self.cache)
+        if data is None:
+            return []
+        try:
+            return parse(data, str(self.cache), self.config.discovery.max_bytes)
+        except DiscoveryError as exc:
+            log.warning("ignoring cached discovery document: %s", exc)
+            return []
+
+    def discover(self, context: ssl.SSLContext) -> list[Endpoint]:
+        """Ask the discovery server; on success cache the document and return its endpoints.
+
+        Raises DiscoveryError (the caller falls back to the cache and the manual list).
+        """
+        body = fetch(self.config, context)
+        endpoints = parse(body, f"discovery {self.config.discovery.url}", self.config.discovery.max_bytes)
+        storage.atomic_write(self.cache, body, storage.PUBLIC_MODE)
+        log.info("discovery: %d endpoint(s): %s", len(endpoints), ", ".join(e.url() for e in endpoints))
+        return endpoints
+
+
+def save_last_good(config: Config, endpoint: Endpoint) -> None:
+    data = {"host": endpoint.host, "port": endpoint.port, "ca": endpoint.ca, "source": endpoint.source}
+    storage.atomic_write(Path(config.state_dir) / "last-good.json", json.dumps(data).encode(), storage.PUBLIC_MODE)
+
+
+def load_last_good(config: Config) -> Endpoint | None:
+    data = storage.read_bytes(Path(config.state_dir) / "last-good.json")
+    if data is None:
+        return None
+    try:
+        d = json.loads(data)
+        return Endpoint(d["host"], d["port"], d.get("ca"), "manual" if d.get("source") == "last-good"
+                        else d.get("source", "manual"))
+    except (ValueError, KeyError, TypeError, CoreError) as exc:
+        log.warning("ignoring unreadable last-good endpoint: %s", exc)
+        return None

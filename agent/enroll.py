@@ -1,0 +1,105 @@
+"""First enrollment over EST: key, CSR, one-time password (or bootstrap certificate), chain stored.
+
+Each step is persisted before the next acts (DESIGN.md "Data flow of one boot"): the CSR is written
+to `certs/pending.csr` before it is sent and reused on a retry while it still matches the device key,
+so a device killed after sending asks again with the same CSR and the station answers with the same
+certificate instead of refusing the spent one-time password. The pending CSR and the password file
+are removed only after the chain is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from agent.config import Config, read_secret_file
+from agent.errors import AgentError
+from agent.identity import KEY_LABEL, DeviceIdentity
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from provisioning.est.client import Auth
+
+log = logging.getLogger("tether.enroll")
+
+PENDING_CSR = "pending.csr"
+
+
+def pending_csr(identity: DeviceIdentity) -> tuple[x509.CertificateSigningRequest, bool]:
+    """The CSR to send and whether it was reused from an earlier attempt.
+
+    A stored CSR is reused only when it is for this device id and this device key (a key replaced
+    by `tether keygen --force` makes a new CSR); otherwise a new one is written atomically first.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from hal import storage
+    from provisioning.certs import common_name, same_public_key
+
+    path = identity.certstore.path(PENDING_CSR)
+    data = storage.read_bytes(path)
+    if data is not None:
+        try:
+            csr = x509.load_pem_x509_csr(data)
+            if (common_name(csr.subject) == identity.device_id
+                    and same_public_key(csr.public_key(), identity.keystore.public_key(KEY_LABEL))):
+                return csr, True
+            log.info("%s is for another key or device id; making a new CSR", path)
+        except ValueError:
+            log.warning("%s is not a readable CSR; making a new one", path)
+    csr = identity.csr()
+    storage.ensure_dir(path.parent)
+    storage.atomic_write(path, csr.public_bytes(Encoding.PEM), storage.PUBLIC_MODE)
+    return csr, False
+
+
+def _credentials(config: Config, otp: str | None, otp_file: str | None) -> tuple[Auth, str, str | None]:
+    """(auth, kind, file to delete after success) from the argument, the OTP file or the bootstrap cert."""
+    import os
+
+    from provisioning.est.client import BasicAuth, ClientCertAuth
+
+    user = config.est.username or config.device.id
+    if otp:
+        return BasicAuth(user, otp.strip()), "otp", None
+    path = otp_file or config.est.otp_file
+    if path and os.path.exists(path):
+        return BasicAuth(user, read_secret_file(path, "one-time password").decode()), "otp", path
+    if config.est.bootstrap_cert and config.est.bootstrap_key:
+        return ClientCertAuth(config.est.bootstrap_cert, config.est.bootstrap_key), "bootstrap", None
+    where = f" ({path} does not exist: already used?)" if path else ""
+    raise AgentError(f"no enrollment credentials{where}: pass --otp-file with a one-time password from "
+                     "`tether-station otp`, set [est] otp_file, or set [est] bootstrap_cert and bootstrap_key")
+
+
+def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str | None = None,
+           otp_file: str | None = None) -> dict[str, Any]:
+    """Enroll this device with the EST server in `[est]` and store the chain.
+
+    Credentials, in order: `otp`, the file `otp_file` (or `[est] otp_file`), the bootstrap
+    certificate. Returns the stored chain's facts plus `csr_reused` and `auth`. Raises AgentError
+    for missing configuration or credentials, EnrollmentError (with `retryable`) when the exchange
+    fails, PolicyError when the answer is not an acceptable chain for this device; nothing is
+    removed in those cases, so the same call can be repeated.
+    """
+    from hal import storage
+    from provisioning.certstore import chain_facts
+    from provisioning.est.client import EstClient
+
+    if not config.est.url:
+        raise AgentError(f"{config.sources[0] if config.sources else 'config'}: [est] url is not set "
+                         "(https://station:8443)")
+    identity = identity or DeviceIdentity(config)
+    auth, kind, used_file = _credentials(config, otp, otp_file)
+    if identity.ensure_key():
+        log.info("created device key in the %s key store", config.keys.backend)
+    csr, reused = pending_csr(identity)
+    with EstClient(config.est.url, config.est.ca_file, config.est.timeout, auth=auth) as client:
+        chain = client.simpleenroll(csr)
+    identity.install_chain(chain)
+    storage.remove(identity.certstore.path(PENDING_CSR))
+    if used_file:
+        storage.remove(used_file)  # single use: keep no copy of a spent password
+    return {**chain_facts(chain), "csr_reused": reused, "auth": kind}

@@ -1,0 +1,157 @@
+"""One MQTT session to one endpoint over mutual TLS: a thin wrapper around paho-mqtt.
+
+paho is wrapped, never subclassed (STYLE.md): its callbacks only put events on a queue that the
+runtime's single control loop reads. The network loop is our own thread calling `client.loop()`
+so that paho never reconnects by itself: which endpoint to try next is the runtime's decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.core.endpoints import Endpoint
+from agent.errors import AgentError
+from agent.tls import describe_tls_failure
+
+log = logging.getLogger(__name__)
+
+
+class ConnectError(AgentError):
+    """Connecting to an endpoint failed. `tls_verify` is True when the broker's certificate did not
+    verify (unknown CA, hostname, validity): a reason to re-discover, as its CA may have rotated."""
+
+    def __init__(self, endpoint: Endpoint, reason: str, *, tls_verify: bool = False) -> None:
+        super().__init__(f"{endpoint.url()}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+        self.tls_verify = tls_verify
+
+
+@dataclass(frozen=True)
+class Event:
+    """What the network thread reports: `message` (topic, payload), `published` (mid), `disconnected`."""
+
+    kind: str
+    topic: str = ""
+    payload: bytes = b""
+    mid: int = 0
+    reason: str = ""
+
+
+class Session:
+    def __init__(self, client_id: str, context: ssl.SSLContext, events: queue.Queue[Event], *,
+                 keepalive: int = 60, protocol: str = "3.1.1") -> None:
+        self.events = events
+        self.protocol = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=self.protocol,
+                                  clean_session=True if self.protocol == mqtt.MQTTv311 else None)
+        self.client.tls_set_context(context)
+        if log.isEnabledFor(logging.DEBUG):
+            self.client.enable_logger(log)
+        self.keepalive = keepalive
+        self.endpoint: Endpoint | None = None
+        self._connack = threading.Event()
+        self._connack_rc: Any = None
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, properties: Any = None) -> None:
+        self._connack_rc = rc
+        self._connack.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, properties: Any = None) -> None:
+        if not self._closing.is_set():
+            self.events.put(Event("disconnected", reason=str(rc)))
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self.events.put(Event("message", topic=msg.topic, payload=bytes(msg.payload)))
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any = None, properties: Any = None) -> None:
+        self.events.put(Event("published", mid=mid))
+
+    # -- control (runtime thread) ----------------------------------------------------------------
+    def connect(self, endpoint: Endpoint, timeout: float) -> float:
+        """Open TCP + TLS and wait for CONNACK; return the seconds it took. Raises ConnectError."""
+        start = time.monotonic()
+        self.endpoint = endpoint
+        self.client.connect_timeout = timeout
+        try:
+            self.client.connect(endpoint.host, endpoint.port, keepalive=self.keepalive)
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(endpoint, describe_tls_failure(exc), tls_verify=True) from None
+        except ssl.SSLError as exc:
+            raise ConnectError(endpoint, describe_tls_failure(exc)) from None
+        except OSError as exc:  # includes timeouts and refused connections
+            raise ConnectError(endpoint, f"cannot reach: {exc.strerror or exc}") from None
+        self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{endpoint.host}:{endpoint.port}",
+                                        daemon=True)
+        self._thread.start()
+        remaining = max(0.0, timeout - (time.monotonic() - start))
+        if not self._connack.wait(remaining):
+            self.close()
+            raise ConnectError(endpoint, f"no CONNACK within {timeout:.0f} s (is our certificate refused?)")
+        rc = self._connack_rc
+        if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
+            self.close()
+            raise ConnectError(endpoint, f"broker refused the connection: {rc}")
+        return time.monotonic() - start
+
+    def _network_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                rc = self.client.loop(timeout=0.2)
+            except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
+                rc = mqtt.MQTT_ERR_CONN_LOST
+                reason = describe_tls_failure(exc)
+            else:
+                reason = ("connection lost (the broker closed it or the network dropped)"
+                          if rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN) else mqtt.error_string(rc))
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                if not self._closing.is_set():
+                    if not self._connack.is_set():
+                        # refused during or right after the handshake (TLS 1.3 checks our certificate late)
+                        self._connack_rc = f"connection closed before CONNACK: {reason}"
+                        self._connack.set()
+                    else:
+                        self.events.put(Event("disconnected", reason=reason))
+                return
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.client.subscribe(topic, qos)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0) -> int:
+        """Queue a message; return its message id (QoS 1 completion arrives as a `published` event)."""
+        info = self.client.publish(topic, payload, qos=qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise AgentError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        return int(info.mid)
+
+    def close(self) -> None:
+        """Send DISCONNECT if connected and stop the network thread."""
+        self._closing.set()
+        try:
+            if self._connack.is_set():
+                self.client.disconnect()
+                self.client.loop(timeout=0.1)  # flush DISCONNECT
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.debug("disconnect: %s", exc)
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(2)
+        sock = self.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()

@@ -1,0 +1,137 @@
+"""The lab's token service: answers `<id>/s/uat` with `71,<jwt>` on `<id>/s/dat`, like Cumulocity.
+
+It is an MQTT client of the lab broker with its own certificate; the broker's ACL lets it read and
+write every device's topics while each device stays inside its own prefix. JWTs are ES256, signed
+with the service's key; the public key is written beside it so the artifact server (and tests) can
+verify them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+from lab.procs import LabError, wait_until
+
+log = logging.getLogger(__name__)
+SERVICE_ID = "tether-token-service"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class JwtSigner:
+    """ES256 JWTs (RFC 7519 / RFC 7518 3.4: the signature is r || s, 32 bytes each)."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, issuer: str = "tether-lab") -> None:
+        self.key = key
+        self.issuer = issuer
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> JwtSigner:
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), None)
+            assert isinstance(key, ec.EllipticCurvePrivateKey)
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+            path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+            path.chmod(0o600)
+        path.with_suffix(".pub.pem").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        return cls(key)
+
+    def sign(self, subject: str, lifetime: float, now: float | None = None, **extra: Any) -> str:
+        now = time.time() if now is None else now
+        header = b64url(json.dumps({"alg": "ES256", "typ": "JWT"}, separators=(",", ":")).encode())
+        claims = {"sub": subject, "iss": self.issuer, "iat": int(now), "exp": int(now + lifetime), **extra}
+        payload = b64url(json.dumps(claims, separators=(",", ":")).encode())
+        der = self.key.sign(f"{header}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        return f"{header}.{payload}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def verify_jwt(token: str, public_key: ec.EllipticCurvePublicKey, now: float | None = None) -> dict[str, Any]:
+    """Claims of a valid, unexpired ES256 token; ValueError saying why otherwise."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        header, payload, sig = token.split(".")
+        raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+        if len(raw) != 64:
+            raise ValueError("signature is not 64 bytes")
+        der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+        public_key.verify(der, f"{header}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except InvalidSignature:
+        raise ValueError("bad signature") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"malformed token: {exc}") from None
+    if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int | float):
+        raise ValueError("claims have no numeric exp")
+    if claims["exp"] <= (time.time() if now is None else now):
+        raise ValueError("token expired")
+    return claims
+
+
+class TokenService:
+    """Subscribes `+/s/uat`; answers each request on the requester's own `s/dat`."""
+
+    def __init__(self, host: str, port: int, context: Any, signer: JwtSigner, lifetime: float,
+                 request: str = "s/uat", response: str = "s/dat",
+                 mangle: Callable[[str, str], str | None] | None = None) -> None:
+        self.host, self.port = host, port
+        self.signer = signer
+        self.lifetime = lifetime
+        self.request, self.response = request, response
+        self.mangle = mangle  # tests: replace the answer for a device (bad tokens, silence)
+        self.issued: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=SERVICE_ID)
+        self.client.tls_set_context(context)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"+/{request}", 1)
+        self.connected = threading.Event()
+        self.client.on_subscribe = lambda *a: self.connected.set()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        device = msg.topic.split("/", 1)[0]
+        answer: str | None = "71," + self.signer.sign(device, self.lifetime)
+        if self.mangle is not None:
+            answer = self.mangle(device, answer)
+        with self._lock:
+            self.issued.append((device, time.time()))
+        if answer is not None:
+            client.publish(f"{device}/{self.response}", answer, qos=1)
+
+    def start(self, timeout: float = 10.0) -> TokenService:
+        self.client.connect(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            raise LabError(f"token service could not subscribe on {self.host}:{self.port}")
+        return self
+
+    def requests_from(self, device: str) -> list[float]:
+        with self._lock:
+            return [t for d, t in self.issued if d == device]
+
+    def wait_requests(self, device: str, count: int, timeout: float) -> list[float]:
+        wait_until(lambda: len(self.requests_from(device)) >= count, timeout,
+                   f"{count} token request(s) from {device}")
+        return self.requests_from(device)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

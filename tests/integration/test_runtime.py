@@ -1,0 +1,178 @@
+"""`tether run` / `tether check` against real mosquitto brokers and a Greengrass-shaped discovery
+server: connect, fail over, re-discover after a CA rotation, report handshake refusals, stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lab.discovery import DiscoveryServer, greengrass_document
+from lab.mosquitto import BrokerFiles, Mosquitto
+from lab.procs import wait_until
+from tests.agent_bed import Agent, provisioned_device
+from tests.conftest import run_tether
+from tests.pki import Pki
+
+
+@pytest.fixture
+def agents() -> list[Agent]:
+    started: list[Agent] = []
+    yield started
+    for a in started:
+        a.stop()
+
+
+def start_agent(agents: list[Agent], config: Path) -> Agent:
+    agent = Agent(config)
+    agents.append(agent)
+    return agent
+
+
+NO_TOKEN = {"enabled": False}
+
+
+def test_run_connects_reports_online_and_stops_cleanly(tmp_path: Path, pki: Pki, broker: Mosquitto,
+                                                       agents: list[Agent]) -> None:
+    config = provisioned_device(tmp_path, pki, endpoints={"urls": [f"mqtts://localhost:{broker.port}"]},
+                                token=NO_TOKEN)
+    agent = start_agent(agents, config)
+    status = agent.wait_status(session="online")
+    assert status["endpoint"] == f"mqtts://localhost:{broker.port}"
+    assert agent.terminate() == 0
+    assert agent.status()["session"] == "stopped"
+    # a clean DISCONNECT, not a dropped socket
+    wait_until(lambda: "Client dev-001 disconnected." in broker.log(), 5, "the DISCONNECT in the broker log")
+
+
+def test_fails_over_when_the_active_broker_dies(tmp_path: Path, pki: Pki,
+                                               broker_factory: Callable[..., Mosquitto], agents: list[Agent]) -> None:
+    a, b = broker_factory("core-a"), broker_factory("core-b")
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+                                endpoints={"urls": [f"mqtts://localhost:{a.port}", f"mqtts://localhost:{b.port}"]})
+    agent = start_agent(agents, config)
+    agent.wait_status(session="online", endpoint=f"mqtts://localhost:{a.port}")
+    killed = time.monotonic()
+    a.kill()
+    agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}", timeout=10)
+    assert time.monotonic() - killed < 10
+    assert "session: lost" in agent.log()
+
+
+def test_last_good_endpoint_is_tried_first_on_next_boot(tmp_path: Path, pki: Pki,
+                                                        broker_factory: Callable[..., Mosquitto],
+                                                        agents: list[Agent]) -> None:
+    a, b = broker_factory("core-a"), broker_factory("core-b")
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+                                endpoints={"urls": [f"mqtts://localhost:{a.port}", f"mqtts://localhost:{b.port}"]})
+    agent = start_agent(agents, config)
+    agent.wait_status(session="online", endpoint=f"mqtts://localhost:{a.port}")
+    a.kill()
+    agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
+    agent.terminate()
+    a.start()  # core A is back, but B worked last
+    second = start_agent(agents, config)
+    second.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
+
+
+def test_handshake_refusal_reason_is_logged_and_in_status(tmp_path: Path, pki: Pki, agents: list[Agent]) -> None:
+    other = Pki.create(tmp_path / "other-pki", "Other")
+    certfile, keyfile = other.server_files("stranger")
+    stranger = Mosquitto(tmp_path / "stranger", BrokerFiles(other.ca_chain_file, certfile, keyfile)).start()
+    wrong_name_cert, wrong_name_key = pki.server_files("misnamed", dns=("other.example",), ips=())
+    misnamed = Mosquitto(tmp_path / "misnamed", BrokerFiles(pki.ca_chain_file, wrong_name_cert, wrong_name_key)).start()
+    try:
+        config = provisioned_device(tmp_path, pki, token=NO_TOKEN, endpoints={"urls": [
+            f"mqtts://localhost:{stranger.port}", f"mqtts://localhost:{misnamed.port}"]})
+        agent = start_agent(agents, config)
+
+        def both_reported() -> dict[str, str] | None:
+            errors = agent.status().get("endpoint_errors", {})
+            return errors if len(errors) == 2 else None
+        errors = wait_until(both_reported, 20, "both endpoint errors in status.json")
+        assert "unknown CA" in errors[f"mqtts://localhost:{stranger.port}"]  # type: ignore[index]
+        assert "hostname mismatch" in errors[f"mqtts://localhost:{misnamed.port}"]  # type: ignore[index]
+        assert "unknown CA" in agent.log() and "hostname mismatch" in agent.log()
+        out = run_tether("status", config=config)
+        assert "last error" in out.stdout
+    finally:
+        stranger.stop()
+        misnamed.stop()
+
+
+def discovery_bed(tmp_path: Path, pki: Pki, document: object) -> DiscoveryServer:
+    certfile, keyfile = pki.server_files("discovery")
+    return DiscoveryServer(certfile, keyfile, pki.ca_chain_file, document).start()  # type: ignore[arg-type]
+
+
+def test_discovered_core_is_used_with_the_returned_ca(tmp_path: Path, pki: Pki, broker: Mosquitto,
+                                                      agents: list[Agent]) -> None:
+    doc = greengrass_document([("127.0.0.1", 1), ("localhost", broker.port)], [pki.root_file.read_text()])
+    server = discovery_bed(tmp_path, pki, doc)
+    try:
+        config = provisioned_device(tmp_path, pki, token=NO_TOKEN, discovery={"url": server.url})
+        out = run_tether("check", config=config)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "discovery" in out.stdout and f"mqtts://localhost:{broker.port}" in out.stdout
+        assert server.requests == ["dev-001"]
+        cached = json.loads((tmp_path / "dev-001" / "state" / "discovery.json").read_text())
+        assert cached["GGGroups"][0]["Cores"][1]["Connectivity"][0]["PortNumber"] == broker.port
+    finally:
+        server.stop()
+
+
+def test_rediscovers_when_the_broker_ca_rotates(tmp_path: Path, pki: Pki, agents: list[Agent]) -> None:
+    old = Pki.create(tmp_path / "core-ca-1", "Core CA 1")
+    new = Pki.create(tmp_path / "core-ca-2", "Core CA 2")
+    cert, key = old.server_files("core")
+    broker = Mosquitto(tmp_path / "core", BrokerFiles(pki.ca_chain_file, cert, key)).start()
+    server = discovery_bed(tmp_path, pki, greengrass_document([("localhost", broker.port)],
+                                                              [old.root_file.read_text()]))
+    try:
+        config = provisioned_device(tmp_path, pki, token=NO_TOKEN, discovery={"url": server.url})
+        agent = start_agent(agents, config)
+        agent.wait_status(session="online")
+        # Greengrass rotates the core's CA: new broker certificate, discovery returns the new CA
+        broker.stop()
+        cert, key = new.server_files("core")
+        broker = Mosquitto(tmp_path / "core", BrokerFiles(pki.ca_chain_file, cert, key), port=broker.port).start()
+        server.document = greengrass_document([("localhost", broker.port)], [new.root_file.read_text()])
+        agent.wait_status(session="online", timeout=20)
+        assert "no longer verifies" in agent.log()
+        assert len(server.requests) >= 2
+    finally:
+        server.stop()
+        broker.stop()
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b'{"GGGroups": "x"}', b'{"GGGroups": []}',
+    json.dumps({"GGGroups": [{"GGGroupId": "g", "CAs": ["nope"], "Cores": []}]}).encode(),
+    b"[" * 100 + b"]" * 100, b" " * (2 << 20),
+], ids=["not-json", "groups-not-list", "no-groups", "bad-ca-pem-no-cores", "nested-lists", "huge-body"])
+def test_bad_discovery_document_falls_back_to_manual_endpoints(tmp_path: Path, pki: Pki, broker: Mosquitto,
+                                                               body: bytes) -> None:
+    server = discovery_bed(tmp_path, pki, body)
+    try:
+        config = provisioned_device(tmp_path, pki, token=NO_TOKEN, discovery={"url": server.url},
+                                    endpoints={"urls": [f"mqtts://localhost:{broker.port}"]})
+        out = run_tether("check", config=config)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "FAIL  discovery" in out.stdout
+        assert "discovery failed" in out.stderr and "using the cached and manual endpoints" in out.stderr
+        assert not (tmp_path / "dev-001" / "state" / "discovery.json").exists()
+    finally:
+        server.stop()
+
+
+def test_check_fails_with_a_reason_when_nothing_is_reachable(tmp_path: Path, pki: Pki) -> None:
+    from lab.procs import free_port
+
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+                                endpoints={"urls": [f"mqtts://localhost:{free_port()}"]})
+    out = run_tether("check", config=config)
+    assert out.returncode == 1
+    assert "cannot reach" in out.stdout and "FAIL" in out.stdout
