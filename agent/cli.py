@@ -103,6 +103,19 @@ def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int
     return 0
 
 
+@command("enroll")
+def cmd_enroll(args: argparse.Namespace, config: configmod.Config) -> int:
+    from agent.enroll import enroll
+
+    facts = enroll(config, otp_file=args.otp_file)
+    import time
+
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(facts["not_after"]))
+    print(f"enrolled {facts['subject']} (serial {facts['serial']}) via {facts['auth']}, valid until "
+          f"{until}; chain stored in {config.certs_dir}")
+    return 0
+
+
 @command("status")
 def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
     from agent.identity import DeviceIdentity
@@ -200,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     chain = sub.add_parser("chain", help="certificate chain").add_subparsers(dest="sub", required=True)
     p = chain.add_parser("install", help="check a chain (leaf, intermediates, root) and store it")
     p.add_argument("file")
+    p = sub.add_parser("enroll", help="enroll over EST (one-time password or bootstrap certificate), store the chain")
+    p.add_argument("--otp-file", help="file holding the one-time password (default: [est] otp_file); removed after use")
+    p.set_defaults(needs_tls=True)
     p = sub.add_parser("status", help="device id, key, chain, session and token state")
     p.add_argument("--json", action="store_true")
     for name, text in (("run", "the boot-time service: enroll if needed, connect, stay connected"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import itertools
 import socket
 import tomllib
 from collections.abc import Sequence
@@ -234,7 +235,8 @@ def _write_key(path: Path, key: Any, passphrase: bytes | None) -> None:
     storage.atomic_write(path, to_pem(key, passphrase), storage.SECRET_MODE)
 
 
-def _check_imported(cert: x509.Certificate, key: Any, chain: list[x509.Certificate], where: str) -> list[x509.Certificate]:
+def _check_imported(cert: x509.Certificate, key: Any, chain: list[x509.Certificate],
+                    where: str) -> list[x509.Certificate]:
     """issuing .. root from an imported CA certificate, its key and the chain to its root."""
     if not same_public_key(cert.public_key(), key.public_key()):
         raise StationError(f"{where}: the key does not belong to {subject_of(cert)} (serial {serial_of(cert)})")
@@ -247,7 +249,7 @@ def _check_imported(cert: x509.Certificate, key: Any, chain: list[x509.Certifica
         if bc is None or not bc.ca:
             raise StationError(f"{where}: {subject_of(c)} (serial {serial_of(c)}) is not a CA (BasicConstraints "
                                "CA:true missing)")
-    for child, parent in zip(full, full[1:], strict=False):
+    for child, parent in itertools.pairwise(full):
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, InvalidSignature):

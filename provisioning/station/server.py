@@ -43,13 +43,13 @@ class EstHandler(BaseHTTPRequestHandler):
     sys_version = ""  # no Python version in the Server header
     server: EstServer
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if self.path.split("?")[0] == PREFIX + "cacerts":
             self._send(200, self.server.enrollment.cacerts_body, PKCS7_TYPE, base64_body=True)
         else:
             self._send_text(404, f"no such EST resource {self.path!r}; try {PREFIX}cacerts")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         operation = self.path.split("?")[0].removeprefix(PREFIX)
         if not self.path.startswith(PREFIX) or operation not in (ENROLL, REENROLL):
             self.close_connection = True  # the body was not read
@@ -128,7 +128,7 @@ class EstHandler(BaseHTTPRequestHandler):
     def _send_text(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
         self._send(status, (text.rstrip() + "\n").encode(), "text/plain; charset=utf-8", headers)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.client_address[0], *args)
 
 
