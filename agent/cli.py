@@ -105,11 +105,11 @@ def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int
 
 @command("enroll")
 def cmd_enroll(args: argparse.Namespace, config: configmod.Config) -> int:
+    import time
+
     from agent.enroll import enroll
 
     facts = enroll(config, otp_file=args.otp_file)
-    import time
-
     until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(facts["not_after"]))
     print(f"enrolled {facts['subject']} (serial {facts['serial']}) via {facts['auth']}, valid until "
           f"{until}; chain stored in {config.certs_dir}")
