@@ -22,6 +22,6 @@ SHIPPED = (
 # for the discovery API fits), and the Linux agent uses it.
 
 if "freeze" in globals():  # defined only when MicroPython's makemanifest runs this file
-    _repo = __file__.rsplit("/", 2)[0] if "/" in __file__ else ".."  # noqa: F821
-    freeze(_repo, [p for p in SHIPPED if p.startswith("agent/")])  # noqa: F821
-    freeze(_repo + "/firmware", [p.split("/", 1)[1] for p in SHIPPED if p.startswith("firmware/")])  # noqa: F821
+    # Paths in a manifest are relative to the manifest's own directory (firmware/).
+    freeze("..", [p for p in SHIPPED if p.startswith("agent/")])  # noqa: F821
+    freeze(".", [p.split("/", 1)[1] for p in SHIPPED if p.startswith("firmware/")])  # noqa: F821

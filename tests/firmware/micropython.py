@@ -46,14 +46,16 @@ def shipped_files():
     return files
 
 
-def run(script, files=None, heapsize=1024 * 1024, timeout=120, loop=None, finish=None, max_loop=100000):
+def run(script, files=None, heapsize=1024 * 1024, timeout=120, loop=None, finish=None, max_loop=100000,
+        sources=True):
     """Run ``script`` (source text) in MicroPython; return the dict from its RESULT_MARK line.
 
     With ``loop``, those statements then run as separate top-level calls until they set the
     global ``done`` to True, then ``finish`` runs once (see run_micropython.mjs for why).
+    ``sources=False`` leaves out the .py modules, to run compiled .mpy files alone.
     """
     check_runtime()
-    plan_files = shipped_files()
+    plan_files = shipped_files() if sources else {}
     plan_files.update(files or {})
     with tempfile.TemporaryDirectory() as tmp:
         script_path = os.path.join(tmp, "script.py")
