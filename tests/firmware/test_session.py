@@ -44,3 +44,49 @@ def test_session_cycle_behaves_the_same_in_cpython():
     from tests.firmware import session_cycle
 
     _check_cycle(session_cycle.run_cycle())
+
+
+def _session(broker, clock, events):
+    from session import Session
+
+    from agent.core.backoff import Backoff
+    from agent.core.endpoints import Rotation, parse_endpoint
+    from agent.core.token_schedule import TokenRefresher
+    from agent.core.topics import Topics
+
+    return Session("d:dev1", Topics("dev1"), Rotation([parse_endpoint("mqtts://core-b")]), Backoff(1, 60),
+                   TokenRefresher(Backoff(2, 60), 30), broker.connect, clock, clock.wait, lambda: 0.5,
+                   lambda name, detail: events.append((name, detail)))
+
+
+def test_bad_token_line_is_reported_and_requested_again_with_backoff():
+    from fake_broker import FakeBroker, FakeClock
+
+    clock = FakeClock()
+    broker = FakeBroker(clock)
+    broker.token_payload = "71,not-a-jwt"
+    events = []
+    s = _session(broker, clock, events)
+    while len(broker.token_requests) < 2:
+        s.step()
+    errors = [str(d) for n, d in events if n == "token_error"]
+    assert errors[0] == "token: expected 3 dot-separated segments, got 1"
+    # Retry after 0.5 * 2 s of backoff, not at once and not never.
+    assert broker.token_requests[1] - broker.token_requests[0] == 1
+    assert s.token() is None
+
+
+def test_malformed_packet_from_broker_drops_the_connection_and_reconnects():
+    from fake_broker import FakeBroker, FakeClock
+
+    clock = FakeClock()
+    broker = FakeBroker(clock)
+    events = []
+    s = _session(broker, clock, events)
+    while s.state != "ready":
+        s.step()
+    s._transport.outgoing.extend(b"\x30\xff\xff\xff\xff\x01")  # 5-byte remaining length
+    while len(broker.connects) < 2:
+        s.step()
+    reasons = [d for n, d in events if n == "disconnected"]
+    assert reasons == ["bad data from the broker: remaining length: more than 4 bytes (spec 2.2.3)"]
