@@ -178,6 +178,34 @@ def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
 COMPONENTS: list[Callable[[Any], None]] = []
 
 
+@command("token")
+def cmd_token(args: argparse.Namespace, config: configmod.Config) -> int:
+    import time
+
+    from agent.core.errors import CoreError
+    from agent.core.jwt import decode_claims
+    from agent.token import TOKEN_FILE
+    from hal import storage
+
+    data = storage.read_bytes(config.state_dir / TOKEN_FILE)
+    if data is None:
+        raise AgentError(f"no token yet in {config.state_dir / TOKEN_FILE}: is `tether run` connected?")
+    token = data.decode().strip()
+    try:
+        claims = decode_claims(token)
+    except CoreError as exc:
+        raise AgentError(f"{config.state_dir / TOKEN_FILE}: {exc}") from None
+    left = claims["exp"] - time.time()
+    if args.json:
+        print(json.dumps({"token": token, "expires_at": claims["exp"], "issued_at": claims.get("iat"),
+                          "seconds_left": round(left, 1), "expired": left <= 0}, indent=2))
+    else:
+        print(token)
+        print(f"expires {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(claims['exp']))} "
+              f"({'expired' if left <= 0 else f'{left:.0f} s left'})", file=sys.stderr)
+    return 0 if left > 0 else 1
+
+
 # -- configuration -------------------------------------------------------------------------------------
 @command("config show")
 def cmd_config_show(args: argparse.Namespace, config: configmod.Config) -> int:
@@ -223,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--verbose", "-v", action="store_true")
         p.set_defaults(needs_tls=True)
+    p = sub.add_parser("token", help="print the current access token (JWT) and its expiry")
+    p.add_argument("--json", action="store_true")
     cfg = sub.add_parser("config", help="show, get or set configuration").add_subparsers(dest="sub", required=True)
     cfg.add_parser("show", help="print the effective configuration")
     cfg.add_parser("get").add_argument("key", help="section.key, e.g. keys.backend")

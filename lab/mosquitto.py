@@ -52,9 +52,9 @@ class Mosquitto:
 
     def config_text(self) -> str:
         lines = [f"# written by tether lab for {self.name}", "user root", "persistence false",
-                 f"log_dest file {self.directory / (self.name + '.log')}", "log_type error", "log_type warning", "log_type notice",
-                 "log_type information", "log_type subscribe", "connection_messages true", "per_listener_settings false",
-                 f"listener {self.port} {self.host}"]
+                 f"log_dest file {self.directory / (self.name + '.log')}",
+                 *(f"log_type {t}" for t in ("error", "warning", "notice", "information", "subscribe")),
+                 "connection_messages true", "per_listener_settings false", f"listener {self.port} {self.host}"]
         if self.files is None:
             lines.append("allow_anonymous true")
         else:

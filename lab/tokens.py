@@ -56,7 +56,9 @@ class JwtSigner:
     def sign(self, subject: str, lifetime: float, now: float | None = None, **extra: Any) -> str:
         now = time.time() if now is None else now
         header = b64url(json.dumps({"alg": "ES256", "typ": "JWT"}, separators=(",", ":")).encode())
-        claims = {"sub": subject, "iss": self.issuer, "iat": int(now), "exp": int(now + lifetime), **extra}
+        # NumericDate may be fractional (RFC 7519 2); milliseconds let tests measure refresh timing
+        # to a fraction of a short lifetime
+        claims = {"sub": subject, "iss": self.issuer, "iat": round(now, 3), "exp": round(now + lifetime, 3), **extra}
         payload = b64url(json.dumps(claims, separators=(",", ":")).encode())
         der = self.key.sign(f"{header}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
@@ -108,11 +110,12 @@ class TokenService:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         device = msg.topic.split("/", 1)[0]
-        answer: str | None = "71," + self.signer.sign(device, self.lifetime)
+        now = time.time()
+        answer: str | None = "71," + self.signer.sign(device, self.lifetime, now)
         if self.mangle is not None:
             answer = self.mangle(device, answer)
         with self._lock:
-            self.issued.append((device, time.time()))
+            self.issued.append((device, now))
         if answer is not None:
             client.publish(f"{device}/{self.response}", answer, qos=1)
 
