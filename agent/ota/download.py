@@ -184,6 +184,10 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
 
 def _stream(resp: Any, dest: Path, have: int, expected: int, digest: Any,
             progress: Callable[[int, int], None], cancel: threading.Event, url: str) -> int:
+    # We count bytes against the manifest ourselves. With urllib3 enforcing Content-Length, a connection
+    # closed early raises IncompleteRead and drops the bytes of the last partial read; without it,
+    # they arrive and the next attempt resumes exactly where they end.
+    resp.raw.enforce_content_length = False
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         os.lseek(fd, have, os.SEEK_SET)
