@@ -103,10 +103,14 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
-        sent = self._body(file, start, end, srv, path)
+        sent, stalled = self._body(file, start, end, srv, path)
         srv.record(Served(path, rng, status, sent, True))
+        if stalled:
+            srv.release.wait()  # hold the connection open, sending nothing, until released or stopped
+        self.close_connection = self.close_connection or stalled
 
-    def _body(self, file: Path, start: int, end: int, srv: ArtifactServer, path: str) -> int:
+    def _body(self, file: Path, start: int, end: int, srv: ArtifactServer, path: str) -> tuple[int, bool]:
+        """Send bytes start..end; return (bytes sent, whether a stall fault stopped it)."""
         drop = srv.faults.take("drop", path)
         stall = srv.faults.take("stall", path)
         rate = srv.faults.rate if path.endswith(srv.faults.only) else None
@@ -121,22 +125,21 @@ class _Handler(BaseHTTPRequestHandler):
                     if cut is not None:
                         limit = min(limit, max(cut - sent, 0))
                 if limit == 0:
-                    if stall is not None and sent >= stall:
-                        srv.release.wait()  # hold the connection open, sending nothing
                     self.close_connection = True
-                    return sent
+                    return sent, stall is not None and sent >= stall
                 chunk = fh.read(limit)
                 try:
                     self.wfile.write(chunk)
+                    self.wfile.flush()
                 except OSError:
-                    return sent
+                    return sent, False
                 sent += len(chunk)
                 remaining -= len(chunk)
                 if rate:
                     ahead = sent / rate - (time.monotonic() - began)
                     if ahead > 0 and srv.release.wait(ahead):
-                        return sent
-        return sent
+                        return sent, False
+        return sent, False
 
     def _simple(self, status: int, body: bytes, rng: str | None, authorized: bool) -> None:
         self.send_response(status)

@@ -70,9 +70,10 @@ def _status_error(url: str, status: int) -> DownloadError:
 
 def _describe(exc: Exception, timeout: float) -> str:
     import requests
+    import urllib3
 
     text = str(exc)
-    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError) or "timed out" in text.lower():
         return f"stalled: no data for {timeout:g} s"
     return f"connection lost ({type(exc).__name__}: {text[:200]})"
 
@@ -123,6 +124,7 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
     when retries run out; the message says which and is fit for the 502 reason.
     """
     import requests
+    import urllib3
 
     cancel = cancel or threading.Event()
     have, digest = hash_existing(dest, expected)
@@ -161,7 +163,7 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
                     elif resp.status_code != 200:
                         raise _status_error(url, resp.status_code)
                     have = _stream(resp, dest, have, expected, digest, progress, cancel, url)
-            except requests.RequestException as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
                 last = _describe(exc, http.timeout)
                 # Every chunk is written and hashed together, so the file size is what the digest covers.
                 have = dest.stat().st_size if dest.exists() else 0
@@ -191,7 +193,11 @@ def _stream(resp: Any, dest: Path, have: int, expected: int, digest: Any,
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         os.lseek(fd, have, os.SEEK_SET)
-        for chunk in resp.iter_content(CHUNK):
+        while True:
+            # read1: whatever has arrived (up to CHUNK), so a stall or a cut loses nothing already received.
+            chunk = resp.raw.read1(CHUNK)
+            if not chunk:
+                break
             if have + len(chunk) > expected:
                 raise DownloadError(f"GET {url}: the payload is longer than the {expected} bytes the "
                                     "manifest promises")
