@@ -52,6 +52,7 @@ class Step:
     done: Callable[[DeviceIdentity], bool]
     run: Callable[[DeviceIdentity], Any]
     describe: str
+    why: Callable[[DeviceIdentity], str] = lambda identity: ""
 
 
 def _enroll(identity: DeviceIdentity) -> Any:
@@ -67,7 +68,8 @@ def _enroll(identity: DeviceIdentity) -> Any:
 
 STEPS: tuple[Step, ...] = (
     Step("key", lambda i: i.has_key(), lambda i: i.ensure_key(), "create the device key"),
-    Step("enroll", lambda i: chain_state(i)[0], _enroll, "enroll over EST and store the chain"),
+    Step("enroll", lambda i: chain_state(i)[0], _enroll, "enroll over EST and store the chain",
+         lambda i: chain_state(i)[1]),
 )
 
 
@@ -103,7 +105,8 @@ class BootSequence:
             attempts = int(self.read().get("attempts", {}).get(step.name, 0)) + 1
             self.record(step=step.name, state="running", attempts={**self.read().get("attempts", {}),
                                                                     step.name: attempts})
-            log.info("boot: %s (attempt %d)", step.describe, attempts)
+            why = step.why(self.identity)
+            log.info("boot: %s (attempt %d)%s", step.describe, attempts, f": {why}" if why else "")
             started = time.monotonic()
             try:
                 step.run(self.identity)

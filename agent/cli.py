@@ -160,6 +160,13 @@ def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
 
     setup_logging(args.verbose)
     runtime = Runtime(config)
+    if config.est.url:
+        from agent.renewal import Renewal
+        from agent.session import Event
+
+        runtime.renewal = Renewal(config, runtime.identity,
+                                  runtime.token.current if runtime.token else lambda: None,
+                                  wake=lambda: runtime.events.put(Event("renewed")))
     for attach in COMPONENTS:
         attach(runtime)
     return runtime.run()

@@ -56,7 +56,8 @@ class Runtime:
         self.session: Session | None = None
         self.endpoint_errors: dict[str, str] = {}
         self.ready_sent = False
-        self.components: list[Any] = []  # OTA, renewal, outbox: objects with optional hooks
+        self.components: list[Any] = []  # OTA, outbox: objects with optional hooks
+        self.renewal: Any = None  # agent.renewal.Renewal when [est] url is set
         self._contexts: dict[tuple[str | None, str], ssl.SSLContext] = {}
         self._rediscovered = False
 
@@ -147,13 +148,16 @@ class Runtime:
         self._install_signals()
         if not self.boot():
             return 0
-        for c in self.components:
-            if hasattr(c, "on_boot"):
+        for c in [self.renewal, *self.components]:
+            if c is not None and hasattr(c, "on_boot"):
                 log.info("%s", c.on_boot())
         rotation = self._rotation(self.endpoint_list())
         systemd.notify("STATUS=connecting")
         while not self.stopping.is_set():
             endpoint = rotation.next()
+            candidate = self.renewal.candidate() if self.renewal else None
+            if candidate is not None and self._prove(endpoint, *candidate):
+                continue
             try:
                 self.session = self.connect(endpoint)
             except ConnectError as exc:
@@ -170,6 +174,29 @@ class Runtime:
         self.status(session="stopped", endpoint=None)
         log.info("stopped")
         return 0
+
+    def _prove(self, endpoint: Endpoint, chain: str, key_label: str) -> bool:
+        """Try a renewed pair on `endpoint`: promote it if a session comes up, else drop it.
+
+        Returns True when the caller should pick the next endpoint without connecting (the
+        endpoint itself is unreachable, so it says nothing about the new pair)."""
+        try:
+            session = self.connect(endpoint, chain, key_label)
+        except ConnectError as exc:
+            if "cannot reach" in exc.reason:
+                return True
+            self.renewal.disproven(exc.reason)
+            self._contexts.clear()
+            return False
+        except TetherError as exc:
+            self.renewal.disproven(str(exc))
+            self._contexts.clear()
+            return False
+        session.close()
+        self.renewal.proven()
+        self._contexts.clear()  # chain.pem (and maybe the key) changed under the cached contexts
+        self.status(renewal=self.renewal.status())
+        return False
 
     def _rotation(self, endpoints: list[Endpoint]) -> Rotation:
         if not endpoints:
@@ -226,14 +253,18 @@ class Runtime:
                 if self.token.status() != token_status:
                     token_status = self.token.status()
                     self.status(token=token_status)
-            for c in self.components:
-                if hasattr(c, "tick"):
+            for c in [self.renewal, *self.components]:
+                if c is not None and hasattr(c, "tick"):
                     c.tick()
             event = self._wait(watchdog)
             if event is None or event.kind == "wake":
                 continue
             if event.kind == "stop":
                 break
+            if event.kind == "renewed":
+                log.info("session: reconnecting to prove the renewed certificate")
+                self.status(renewal=self.renewal.status())
+                return
             if event.kind == "disconnected":
                 log.warning("session: lost %s: %s", endpoint.url(), event.reason)
                 self.status(session="reconnecting", last_error=f"{endpoint.url()}: {event.reason}")

@@ -144,7 +144,7 @@ class Session:
         """Send DISCONNECT if connected and stop the network thread."""
         self._closing.set()
         try:
-            if self._connack.is_set():
+            if self._connack.is_set() and self.client.is_connected():
                 self.client.disconnect()
                 self.client.loop(timeout=0.1)  # flush DISCONNECT
         except (OSError, ValueError, ssl.SSLError) as exc:

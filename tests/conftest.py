@@ -101,3 +101,7 @@ def run_tether(*args: str, config: Path | None = None, env: dict[str, str] | Non
         argv += ["--config", str(config)]
     return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout, check=False,
                           cwd=REPO, env={**os.environ, **(env or {})})
+
+
+# The station's fixtures (a real `tether-station serve`, PostgreSQL) serve the agent and lab tests too.
+from tests.station.conftest import postgres, station, station_dir  # noqa: E402, F401
