@@ -170,6 +170,8 @@ class Runtime:
             self.serve(self.session, endpoint)
             self.session.close()
             self.session = None
+            if self.stopping.is_set():
+                self._session_down()
         systemd.notify("STOPPING=1")
         self.status(session="stopped", endpoint=None)
         log.info("stopped")
@@ -264,12 +266,12 @@ class Runtime:
             if event.kind == "renewed":
                 log.info("session: reconnecting to prove the renewed certificate")
                 self.status(renewal=self.renewal.status())
+                self._session_down()
                 return
             if event.kind == "disconnected":
                 log.warning("session: lost %s: %s", endpoint.url(), event.reason)
                 self.status(session="reconnecting", last_error=f"{endpoint.url()}: {event.reason}")
-                if self.token:
-                    self.token.on_session_down()
+                self._session_down()
                 return
             if event.kind == "message":
                 self.dispatch(event)
@@ -277,6 +279,13 @@ class Runtime:
                 for c in self.components:
                     if hasattr(c, "on_published"):
                         c.on_published(event.mid)
+
+    def _session_down(self) -> None:
+        if self.token:
+            self.token.on_session_down()
+        for c in self.components:
+            if hasattr(c, "on_session_down"):
+                c.on_session_down()
 
     def dispatch(self, event: Event) -> None:
         if self.token and self.token.on_message(event.topic, event.payload):
