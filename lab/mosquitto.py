@@ -60,7 +60,10 @@ class Mosquitto:
         else:
             lines += [f"cafile {self.files.cafile}", f"certfile {self.files.certfile}",
                       f"keyfile {self.files.keyfile}", "require_certificate true",
-                      "use_identity_as_username true", "tls_version tlsv1.2", "allow_anonymous false"]
+                      "use_identity_as_username true",
+                      # the certificate's CN becomes the client id too: a device cannot take over
+                      # (disconnect) another device's session by connecting with its client id
+                      "use_username_as_clientid true", "tls_version tlsv1.2", "allow_anonymous false"]
             if self.files.crlfile:
                 lines.append(f"crlfile {self.files.crlfile}")
         if self.acl is not None:

@@ -20,10 +20,11 @@ from cryptography import x509
 
 from hal import storage
 from provisioning.certs import common_name, load_certificates, serial_of, subject_of, to_pem
+from provisioning.chainfacts import FACTS
 from provisioning.errors import ProvisioningError
 from provisioning.policy import ChainPolicy
 
-CURRENT, PREVIOUS, STAGED, FACTS = "chain.pem", "chain.prev.pem", "chain.next.pem", "chain.json"
+CURRENT, PREVIOUS, STAGED = "chain.pem", "chain.prev.pem", "chain.next.pem"
 
 
 def chain_facts(chain: list[x509.Certificate]) -> dict[str, object]:
@@ -39,18 +40,6 @@ def chain_facts(chain: list[x509.Certificate]) -> dict[str, object]:
         "root": subject_of(chain[-1]),
         "length": len(chain),
     }
-
-
-def read_facts(directory: str | Path) -> dict[str, object] | None:
-    """The facts of the current chain without parsing X.509 (None when there is no chain)."""
-    data = storage.read_bytes(Path(directory) / FACTS)
-    if data is None:
-        return None
-    try:
-        facts = json.loads(data)
-    except ValueError:
-        return None  # rewritten from chain.pem by CertStore.refresh_facts()
-    return facts if isinstance(facts, dict) else None
 
 
 class CertStore:
