@@ -109,6 +109,16 @@ class OtaSection:
     download_attempts: int = 5      # attempts per download (each resumes with Range) before giving up
 
 
+@dataclass(frozen=True)
+class OutboxSection:
+    enabled: bool = True           # store and forward for applications' QoS 1 messages (agent.outbox)
+    max_messages: int = 10000      # queued messages kept at most; `policy` says what gives when full
+    max_bytes: int = 16 << 20      # topic + payload bytes kept at most
+    policy: str = "drop-oldest"    # drop-oldest (log how many) | refuse-new (the publisher gets an error)
+    socket: str = ""               # local publish socket (mode 0600); default: <state_dir>/publish.sock
+    max_inflight: int = 20         # messages sent and not yet acknowledged by the broker
+
+
 SECTIONS: dict[str, type] = {
     "device": DeviceSection,
     "keys": KeysSection,
@@ -120,17 +130,19 @@ SECTIONS: dict[str, type] = {
     "token": TokenSection,
     "renewal": RenewalSection,
     "ota": OtaSection,
+    "outbox": OutboxSection,
 }
 
 # keys holding file paths: resolved relative to the file that set them
 PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", "ca_file"), ("est", "ca_file"),
              ("est", "otp_file"), ("est", "bootstrap_cert"), ("est", "bootstrap_key"), ("endpoints", "ca_file"),
              ("discovery", "ca_file"), ("ota", "slots_dir"),
-             ("ota", "uboot_env_config"), ("ota", "trust_anchor"), ("ota", "ca_file")}
+             ("ota", "uboot_env_config"), ("ota", "trust_anchor"), ("ota", "ca_file"),
+             ("outbox", "socket")}
 
 CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
            ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
-           ("ota", "slots"): ("directory", "uboot")}
+           ("ota", "slots"): ("directory", "uboot"), ("outbox", "policy"): ("drop-oldest", "refuse-new")}
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,7 @@ class Config:
     token: TokenSection = field(default_factory=TokenSection)
     renewal: RenewalSection = field(default_factory=RenewalSection)
     ota: OtaSection = field(default_factory=OtaSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
     sources: tuple[str, ...] = ()
 
     @property
@@ -261,6 +274,10 @@ def validate(config: Config, path: Path) -> None:
         raise ConfigError(f"{path}: [mqtt] keepalive: {config.mqtt.keepalive} is outside 5..65535 seconds")
     if config.mqtt.backoff_base <= 0 or config.mqtt.backoff_cap < config.mqtt.backoff_base:
         raise ConfigError(f"{path}: [mqtt] backoff_base must be > 0 and backoff_cap >= backoff_base")
+    box = config.outbox
+    if box.max_messages < 1 or box.max_bytes < 1024 or not 1 <= box.max_inflight <= 65535:
+        raise ConfigError(f"{path}: [outbox] needs max_messages >= 1, max_bytes >= 1024 and max_inflight in "
+                          f"1..65535 (got {box.max_messages}, {box.max_bytes}, {box.max_inflight})")
 
 
 def read_secret_file(path: str, what: str) -> bytes:
