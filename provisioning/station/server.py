@@ -136,6 +136,7 @@ class EstServer(ThreadingHTTPServer):
     """A threading HTTP server on an already bound socket, doing TLS per connection thread."""
 
     daemon_threads = True
+    block_on_close = False  # an idle keep-alive connection must not hold up shutdown
 
     def __init__(self, sock: socket.socket, enrollment: Enrollment, context: ssl.SSLContext) -> None:
         super().__init__(sock.getsockname()[:2], EstHandler, bind_and_activate=False)
@@ -219,7 +220,7 @@ def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledg
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=0.1)
     finally:
         server.server_close()
         led.close()

@@ -146,14 +146,15 @@ def _enrolled(station: RunningStation, tmp_path: Path, device_id: str) -> tuple[
 
 def test_reenroll_over_mtls_issues_a_new_certificate_for_the_same_subject(tmp_path: Path,
                                                                          station: RunningStation) -> None:
-    cert_file, key_file, key = _enrolled(station, tmp_path, "renew-dev")
+    cert_file, key_file, _ = _enrolled(station, tmp_path, "renew-dev")
     new_key = generate("ec-p256")
     with EstClient(station.url, str(station.ca_file), auth=ClientCertAuth(str(cert_file), str(key_file))) as c:
         renewed = c.simplereenroll(build_csr(new_key, "renew-dev", TRUST_DOMAIN))
         with pytest.raises(EnrollmentError) as other:
             c.simplereenroll(build_csr(new_key, "someone-else", TRUST_DOMAIN))
     assert same_public_key(renewed[0].public_key(), new_key.public_key())
-    assert other.value.status == 403 and "CN 'someone-else' does not match the device id 'renew-dev'" in str(other.value)
+    assert other.value.status == 403
+    assert "CN 'someone-else' does not match the device id 'renew-dev'" in str(other.value)
     assert len(station.rows("renew-dev")) == 2
     assert station.rows("someone-else") == []
 
