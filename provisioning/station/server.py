@@ -34,6 +34,7 @@ log = logging.getLogger("tether.station")
 PREFIX = "/.well-known/est/"
 PKCS7_TYPE = "application/pkcs7-mime; smime-type=certs-only"
 MAX_BODY = 64 * 1024   # a P-256 or RSA-4096 CSR is under 4 KiB; anything near this is not a CSR
+DRAIN_LIMIT = 1 << 20  # refused bodies up to this size are read and dropped so the refusal arrives
 IO_TIMEOUT = 10.0      # per socket operation: handshake, headers, body
 
 
@@ -52,7 +53,7 @@ class EstHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         operation = self.path.split("?")[0].removeprefix(PREFIX)
         if not self.path.startswith(PREFIX) or operation not in (ENROLL, REENROLL):
-            self.close_connection = True  # the body was not read
+            self._discard_body()
             self._send_text(404, f"no such EST operation {self.path!r}; use {PREFIX}{ENROLL} or {PREFIX}{REENROLL}")
             return
         body = self._read_body()
@@ -91,7 +92,7 @@ class EstHandler(BaseHTTPRequestHandler):
             self._send_text(411, f"Content-Length missing or invalid ({raw!r})")
             return None
         if length > MAX_BODY:
-            self.close_connection = True  # not read: the rest of the stream is garbage
+            self._discard_body()
             self._send_text(413, f"body of {length} bytes exceeds the {MAX_BODY}-byte limit for a CSR")
             return None
         body = self.rfile.read(length)
@@ -99,6 +100,22 @@ class EstHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         return body
+
+    def _discard_body(self) -> None:
+        """Read and drop a body we refuse, then close: closing with unread data makes the kernel send
+        a reset, which can destroy our answer before the client reads it. Past DRAIN_LIMIT we just close."""
+        self.close_connection = True
+        try:
+            remaining = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if remaining > DRAIN_LIMIT:
+            return
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 16384))
+            if not chunk:
+                return
+            remaining -= len(chunk)
 
     def _basic(self) -> tuple[str, str] | None:
         value = self.headers.get("Authorization") or ""
