@@ -185,6 +185,23 @@ def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
 COMPONENTS: list[Callable[[Any], None]] = []
 
 
+def attach_outbox(runtime: Any) -> None:
+    if runtime.config.outbox.enabled:
+        from agent.publish_api import attach  # sqlite3 loads only when the outbox is enabled
+
+        attach(runtime)
+
+
+COMPONENTS.append(attach_outbox)
+
+
+@command("publish")
+def cmd_publish(args: argparse.Namespace, config: configmod.Config) -> int:
+    from agent.publish_api import publish_command
+
+    return publish_command(args, config)
+
+
 @command("token")
 def cmd_token(args: argparse.Namespace, config: configmod.Config) -> int:
     import time
@@ -258,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--verbose", "-v", action="store_true")
         p.set_defaults(needs_tls=True)
+    p = sub.add_parser("publish", help="queue a message in the agent's outbox (delivered at least once)")
+    p.add_argument("topic", help='relative to the device prefix, or absolute under it with a leading "/"')
+    p.add_argument("payload", nargs="?", help="the message (omit with --lines)")
+    p.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    p.add_argument("--lines", action="store_true", help="publish each line of stdin as one message (bulk)")
     p = sub.add_parser("token", help="print the current access token (JWT) and its expiry")
     p.add_argument("--json", action="store_true")
     cfg = sub.add_parser("config", help="show, get or set configuration").add_subparsers(dest="sub", required=True)
