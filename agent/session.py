@@ -13,8 +13,7 @@ import queue
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 
@@ -36,8 +35,7 @@ class ConnectError(AgentError):
         self.tls_verify = tls_verify
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     """What the network thread reports: `message` (topic, payload), `published` (mid), `disconnected`."""
 
     kind: str
@@ -105,6 +103,9 @@ class Session:
             self.close()
             raise ConnectError(endpoint, f"no CONNACK within {timeout:.0f} s (is our certificate refused?)")
         rc = self._connack_rc
+        if isinstance(rc, str):  # the network loop saw the connection close before any CONNACK
+            self.close()
+            raise ConnectError(endpoint, rc)
         if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
             self.close()
             raise ConnectError(endpoint, f"broker refused the connection: {rc}")
