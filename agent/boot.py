@@ -14,9 +14,8 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.config import Config
 from agent.errors import AgentError
@@ -46,8 +45,7 @@ def chain_state(identity: DeviceIdentity, now: float | None = None) -> tuple[boo
     return True, "chain valid"
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     name: str
     done: Callable[[DeviceIdentity], bool]
     run: Callable[[DeviceIdentity], Any]
@@ -99,6 +97,7 @@ class BootSequence:
     def run(self) -> None:
         """Bring the device to "key and valid chain"; raise AgentError (or a TetherError) if it cannot."""
         storage.ensure_dir(self.config.state_dir)
+        acted = False
         for step in STEPS:
             if step.done(self.identity):
                 continue
@@ -114,4 +113,6 @@ class BootSequence:
                 self.record(state="failed", error=f"{step.name}: {exc}")
                 raise
             self.report(step.name, time.monotonic() - started, step.describe)
-        self.record(step="ready", state="done", error=None)
+            acted = True
+        if acted or self.read().get("step") != "ready":
+            self.record(step="ready", state="done", error=None)

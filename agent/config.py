@@ -1,48 +1,42 @@
 """Typed configuration, parsed once from TOML (a base file plus sorted `config.d/*.toml` drop-ins).
 
-Every section is a frozen dataclass; its defaults are the only defaults. Every error names the file,
+Every section is an immutable NamedTuple; its defaults are the only defaults. Every error names the file,
 the `[section] key` and what was expected. Relative paths are resolved against the file that set them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tomllib
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
 
 
-@dataclass(frozen=True)
-class DeviceSection:
+class DeviceSection(NamedTuple):
     id: str = ""
     state_dir: str = "/var/lib/tether"
     trust_domain: str = "tether.local"
 
 
-@dataclass(frozen=True)
-class KeysSection:
+class KeysSection(NamedTuple):
     backend: str = "file"          # file | tpm
     algorithm: str = "ec-p256"     # ec-p256 | rsa-2048 | rsa-3072 (tpm: ec-p256 | rsa-2048)
     tcti: str = "device:/dev/tpmrm0"
     passphrase_file: str = ""      # file keys: encrypt the PKCS#8 PEM with this passphrase
 
 
-@dataclass(frozen=True)
-class IdentitySection:
+class IdentitySection(NamedTuple):
     ca_file: str = ""              # trust anchors: a stored chain's root must be one of these
-    dns: list[str] = field(default_factory=list)
-    ips: list[str] = field(default_factory=list)
+    dns: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class EstSection:
+class EstSection(NamedTuple):
     url: str = ""                  # https://station:8443 (the /.well-known/est prefix is added)
     ca_file: str = ""              # CA that signed the EST server's certificate
     username: str = ""             # HTTP Basic user for first enrollment; default: the device id
@@ -52,15 +46,13 @@ class EstSection:
     timeout: float = 10.0
 
 
-@dataclass(frozen=True)
-class EndpointsSection:
-    urls: list[str] = field(default_factory=list)  # mqtts://host:port, tried in order
+class EndpointsSection(NamedTuple):
+    urls: tuple[str, ...] = ()  # mqtts://host:port, tried in order
     ca_file: str = ""              # CA for the brokers in `urls`
     allow_unlikely: bool = False   # keep loopback/link-local/bridge addresses in their listed place
 
 
-@dataclass(frozen=True)
-class DiscoverySection:
+class DiscoverySection(NamedTuple):
     url: str = ""                  # https://host:8443 (Greengrass discovery API)
     thing: str = ""                # thing name; default: the device id
     ca_file: str = ""
@@ -68,8 +60,7 @@ class DiscoverySection:
     max_bytes: int = 1 << 20
 
 
-@dataclass(frozen=True)
-class MqttSection:
+class MqttSection(NamedTuple):
     client_id_prefix: str = ""     # Cumulocity: "d:"
     topic_prefix: str = "{id}"     # "{id}" puts topics under the device id; "" for Cumulocity
     keepalive: int = 60
@@ -79,24 +70,21 @@ class MqttSection:
     backoff_cap: float = 60.0
 
 
-@dataclass(frozen=True)
-class TokenSection:
+class TokenSection(NamedTuple):
     enabled: bool = True
     request_topic: str = "s/uat"
     response_topic: str = "s/dat"
     timeout: float = 10.0
 
 
-@dataclass(frozen=True)
-class RenewalSection:
+class RenewalSection(NamedTuple):
     threshold: str = "67%"         # share of the lifetime ("67%") or time before expiry ("30d", "12h")
     new_key: bool = False
     auth: str = "mtls"             # mtls | bearer (Cumulocity's CA takes the JWT)
     retry: float = 300.0
 
 
-@dataclass(frozen=True)
-class OtaSection:
+class OtaSection(NamedTuple):
     slots: str = "directory"       # directory (symlink switch, app bundles) | uboot (fw_setenv, A/B rootfs)
     slots_dir: str = ""            # slot-a/, slot-b/, `current` or slot images; default: <state_dir>/slots
     uboot_env_config: str = ""     # fw_env.config for fw_printenv/fw_setenv; default: /etc/fw_env.config
@@ -109,8 +97,7 @@ class OtaSection:
     download_attempts: int = 5      # attempts per download (each resumes with Range) before giving up
 
 
-@dataclass(frozen=True)
-class OutboxSection:
+class OutboxSection(NamedTuple):
     enabled: bool = True           # store and forward for applications' QoS 1 messages (agent.outbox)
     max_messages: int = 10000      # queued messages kept at most; `policy` says what gives when full
     max_bytes: int = 16 << 20      # topic + payload bytes kept at most
@@ -145,19 +132,18 @@ CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p25
            ("ota", "slots"): ("directory", "uboot"), ("outbox", "policy"): ("drop-oldest", "refuse-new")}
 
 
-@dataclass(frozen=True)
-class Config:
-    device: DeviceSection = field(default_factory=DeviceSection)
-    keys: KeysSection = field(default_factory=KeysSection)
-    identity: IdentitySection = field(default_factory=IdentitySection)
-    est: EstSection = field(default_factory=EstSection)
-    endpoints: EndpointsSection = field(default_factory=EndpointsSection)
-    discovery: DiscoverySection = field(default_factory=DiscoverySection)
-    mqtt: MqttSection = field(default_factory=MqttSection)
-    token: TokenSection = field(default_factory=TokenSection)
-    renewal: RenewalSection = field(default_factory=RenewalSection)
-    ota: OtaSection = field(default_factory=OtaSection)
-    outbox: OutboxSection = field(default_factory=OutboxSection)
+class Config(NamedTuple):
+    device: DeviceSection = DeviceSection()
+    keys: KeysSection = KeysSection()
+    identity: IdentitySection = IdentitySection()
+    est: EstSection = EstSection()
+    endpoints: EndpointsSection = EndpointsSection()
+    discovery: DiscoverySection = DiscoverySection()
+    mqtt: MqttSection = MqttSection()
+    token: TokenSection = TokenSection()
+    renewal: RenewalSection = RenewalSection()
+    ota: OtaSection = OtaSection()
+    outbox: OutboxSection = OutboxSection()
     sources: tuple[str, ...] = ()
 
     @property
@@ -181,23 +167,21 @@ class Config:
         return self.mqtt.topic_prefix.replace("{id}", self.device.id)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: getattr(self, name)._asdict() for name in SECTIONS}
 
 
 def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is list:
+    if typing.get_origin(tp) is tuple:
         return f"list of {typing.get_args(tp)[0].__name__}"
     return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
+    if typing.get_origin(tp) is tuple:  # a TOML array, kept immutable like the rest of the config
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
@@ -298,7 +282,7 @@ def format_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
     return repr(value)
 

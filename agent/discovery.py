@@ -9,7 +9,6 @@ The last good document is kept in the state directory so an offline boot can sti
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import ssl
@@ -33,6 +32,8 @@ class DiscoveryError(AgentError):
 
 def fetch(config: Config, context: ssl.SSLContext) -> bytes:
     """The raw discovery document for this device, read with a size cap; DiscoveryError otherwise."""
+    import http.client  # only when discovery runs: keeps the start-up path light
+
     url = urllib.parse.urlsplit(config.discovery.url)
     if url.scheme != "https" or not url.hostname:
         raise DiscoveryError(f"[discovery] url {config.discovery.url!r}: expected https://host[:port]")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import random
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from agent.ota.errors import DownloadError
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+QUEUE_BLOCKS = 8
 SMALL_LIMIT = 256 * 1024
 USER_AGENT = "tether-ota/1"
 
@@ -184,6 +186,50 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
     return result
 
 
+class _Writer:
+    """Hashes and writes blocks on its own thread while the caller reads the next ones from the socket.
+
+    `ssl` reads, `hashlib` updates of large blocks and `os.write` all release the GIL, so the download
+    runs at about the slower of network and disk+hash instead of their sum. The queue is bounded
+    (QUEUE_BLOCKS x CHUNK), so memory stays flat whatever the payload size.
+    """
+
+    def __init__(self, fd: int, have: int, expected: int, digest: Any,
+                 progress: Callable[[int, int], None]) -> None:
+        self.fd, self.have, self.expected, self.digest, self.progress = fd, have, expected, digest, progress
+        self.error: BaseException | None = None
+        self.queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_BLOCKS)
+        self.thread = threading.Thread(target=self._run, name="tether-ota-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (block := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain, so the reader never blocks on a dead writer
+            try:
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(self.fd, view):]
+                self.digest.update(block)
+                self.have += len(block)
+                self.progress(self.have, self.expected)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, which raises it
+                self.error = exc
+
+    def put(self, block: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(block)
+
+    def close(self) -> int:
+        """Write what is queued, stop the thread; return the byte count on disk (raise a write error)."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.have
+
+
 def _stream(resp: Any, dest: Path, have: int, expected: int, digest: Any,
             progress: Callable[[int, int], None], cancel: threading.Event, url: str) -> int:
     # We count bytes against the manifest ourselves. With urllib3 enforcing Content-Length, a connection
@@ -191,24 +237,32 @@ def _stream(resp: Any, dest: Path, have: int, expected: int, digest: Any,
     # they arrive and the next attempt resumes exactly where they end.
     resp.raw.enforce_content_length = False
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
+    writer: _Writer | None = None
     try:
         os.lseek(fd, have, os.SEEK_SET)
-        while True:
-            # read1: whatever has arrived (up to CHUNK), so a stall or a cut loses nothing already received.
-            chunk = resp.raw.read1(CHUNK)
-            if not chunk:
-                break
-            if have + len(chunk) > expected:
-                raise DownloadError(f"GET {url}: the payload is longer than the {expected} bytes the "
-                                    "manifest promises")
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-            digest.update(chunk)
-            have += len(chunk)
-            progress(have, expected)
-            if cancel.is_set():
-                break
+        writer = _Writer(fd, have, expected, digest, progress)
+        received = have
+        block = bytearray()
+        try:
+            while True:
+                # read1: whatever has arrived, so a stall or a cut loses nothing already received.
+                chunk = resp.raw.read1(CHUNK)
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > expected:
+                    raise DownloadError(f"GET {url}: the payload is longer than the {expected} bytes the "
+                                        "manifest promises")
+                block += chunk
+                if len(block) >= CHUNK:
+                    writer.put(bytes(block))
+                    block.clear()
+                if cancel.is_set():
+                    break
+        finally:
+            if block:  # also after a network error: keep every byte that arrived
+                writer.put(bytes(block))
+            have = writer.close()
     finally:
         # Durable before anyone acts on it: resume after a power cut starts from what is really there.
         os.fsync(fd)

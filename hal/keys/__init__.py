@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import importlib
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from hal.errors import KeyStoreError
 
@@ -31,8 +30,7 @@ BACKENDS = {
 }
 
 
-@dataclass(frozen=True)
-class TlsKey:
+class TlsKey(NamedTuple):
     """What `ssl.SSLContext.load_cert_chain` needs for a key.
 
     `env` holds variables that must be in the process environment before `ssl` is first imported
@@ -41,7 +39,7 @@ class TlsKey:
 
     keyfile: str
     password: bytes | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = {}  # never mutated: shared default of an immutable tuple
 
 
 class KeyStore(Protocol):

@@ -68,4 +68,4 @@ def test_config_set_validates_and_keeps_the_old_value_on_error(tmp_path: Path) -
     with pytest.raises(ConfigError, match="is not a configuration key"):
         set_value(base, "mqtt.nope", "1")
     set_value(base, "endpoints.urls", '["mqtts://a:8883"]')
-    assert load(base).endpoints.urls == ["mqtts://a:8883"]
+    assert load(base).endpoints.urls == ("mqtts://a:8883",)
