@@ -181,8 +181,20 @@ def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
     return check(config)
 
 
-# Optional runtime components (OTA, renewal, outbox) register a function that attaches them.
-COMPONENTS: list[Callable[[Any], None]] = []
+def attach_ota(runtime: Any) -> None:
+    """Firmware operations (515) on the session, reported in SmartREST on the upstream topic."""
+    from agent.ota.agent import OtaAgent
+
+    def publish(line: str) -> None:
+        if runtime.publish(runtime.topics.upstream, line, 1) is None:
+            raise AgentError("offline")  # OtaAgent keeps the report and sends it at the next session
+
+    token = runtime.token.current if runtime.token else (lambda: None)
+    runtime.components.append(OtaAgent(runtime.config, publish, token, runtime.request_restart))
+
+
+# Optional runtime components (OTA, outbox) register a function that attaches them.
+COMPONENTS: list[Callable[[Any], None]] = [attach_ota]
 
 
 def attach_outbox(runtime: Any) -> None:

@@ -36,6 +36,7 @@ from agent.token import TokenService
 from hal.errors import TetherError
 
 log = logging.getLogger("tether")
+RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched slots
 
 
 class Runtime:
@@ -60,6 +61,7 @@ class Runtime:
         self.renewal: Any = None  # agent.renewal.Renewal when [est] url is set
         self._contexts: dict[tuple[str | None, str], ssl.SSLContext] = {}
         self._rediscovered = False
+        self.exit_code = 0
 
     # -- endpoints ---------------------------------------------------------------------------------
     def manual_endpoints(self) -> list[Endpoint]:
@@ -175,7 +177,7 @@ class Runtime:
         systemd.notify("STOPPING=1")
         self.status(session="stopped", endpoint=None)
         log.info("stopped")
-        return 0
+        return self.exit_code
 
     def _prove(self, endpoint: Endpoint, chain: str, key_label: str) -> bool:
         """Try a renewed pair on `endpoint`: promote it if a session comes up, else drop it.
@@ -318,6 +320,13 @@ class Runtime:
     def stop(self) -> None:
         self.stopping.set()
         self.events.put(Event("stop"))
+
+    def request_restart(self) -> None:
+        """Stop cleanly and exit with RESTART_EXIT so the service manager starts the new version
+        (systemd `Restart=on-failure`; the demo's supervisor does the same)."""
+        log.info("restart requested (an update switched slots): stopping with exit code %d", RESTART_EXIT)
+        self.exit_code = RESTART_EXIT
+        self.stop()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():

@@ -108,6 +108,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return end_of_line_check(load(args.config))
 
 
+def cmd_ota(args: argparse.Namespace) -> int:
+    from lab.ota import host_release, send_update
+
+    lab = Lab.attach(lab_dir(args.dir))
+    release = host_release(lab, Path(args.release_dir))
+    print(send_update(lab, args.device, release))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether-lab", description="Tether's local core for development, "
                                      "demos, end-to-end tests and end-of-line checks.")
@@ -125,13 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpm-tcti", help="use a TPM key through this TCTI")
     p = sub.add_parser("check", help="end-of-line check of a provisioned device")
     p.add_argument("config")
-    for extend in EXTENSIONS:
-        extend(sub)
+    p = sub.add_parser("ota", help="host a signed release and send the 515 firmware operation to a device")
+    p.add_argument("--dir")
+    p.add_argument("release_dir", help="output of `tether-station release sign --out DIR`")
+    p.add_argument("--device", default="lab-device-1", help="device id (default: lab-device-1)")
     return parser
 
 
-EXTENSIONS: list = []  # type: ignore[type-arg]  (OTA adds `ota`)
-HANDLERS = {"serve": cmd_serve, "up": cmd_up, "down": cmd_down, "device": cmd_device, "check": cmd_check}
+HANDLERS = {"serve": cmd_serve, "up": cmd_up, "down": cmd_down, "device": cmd_device, "check": cmd_check,
+            "ota": cmd_ota}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,41 @@ from lab.procs import LabError, Proc
 TOKEN_LIFETIME = 4.0
 
 
+class Supervisor:
+    """Runs `tether run` the way systemd's `Restart=on-failure` would: started again when it exits
+    asking for a restart (after an update switched slots), a failure otherwise."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        self.argv, self.log, self.env = argv, log, env
+        self.restarts = 0
+        self.proc = self._start()
+
+    def _start(self) -> Proc:
+        return Proc("tether-run", self.argv, self.log, env=self.env, cwd=REPO)
+
+    def poll(self) -> None:
+        from agent.runtime import RESTART_EXIT
+
+        code = self.proc.popen.poll()
+        if code == RESTART_EXIT:
+            self.restarts += 1
+            self.proc = self._start()
+        elif code is not None:
+            raise LabError(f"tether run exited with {code}:\n{self.proc.tail(20)}")
+
+    def tail(self, lines: int) -> str:
+        return self.proc.tail(lines)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
 class Timeline:
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.last = self.start
         self.steps: list[tuple[str, bool]] = []
+        self.supervisor: Supervisor | None = None
 
     def step(self, name: str, detail: str, ok: bool = True) -> None:
         now = time.monotonic()
@@ -43,6 +73,8 @@ class Timeline:
     def wait(self, name: str, predicate: Callable[[], Any], timeout: float, detail: Callable[[Any], str]) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.supervisor is not None:
+                self.supervisor.poll()
             value = predicate()
             if value:
                 self.step(name, detail(value))
@@ -80,8 +112,9 @@ def run_demo(workdir: Path, use_tpm: bool) -> int:
         config = lab.device("demo-device-1", tpm_tcti=tcti)
         state = config.parent / "state"
         line.step("otp", f"one-time password issued for demo-device-1 ({config.parent / 'otp'})")
-        agent = Proc("tether-run", [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
-                     workdir / "agent.log", env=env, cwd=REPO)
+        agent = Supervisor([sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
+                           workdir / "agent.log", env)
+        line.supervisor = agent
         line.wait("key", lambda: any((state / "keys").glob("device.*")) if (state / "keys").exists() else None,
                   20, lambda _: f"{'TPM (non-exportable)' if use_tpm else 'file (0600)'} EC P-256 key created")
         facts = line.wait("enrolled", lambda: read_json(state / "certs" / "chain.json"), 20,
@@ -121,7 +154,8 @@ def ota_demo(lab: Lab, line: Timeline, state: Path) -> None:
     line.step("release", f"signed by the station's release key: {release['name']} {release['version']}")
     send_update(lab, "demo-device-1", release)
     line.wait("ota", lambda: (s := read_json(state / "ota" / "state.json")) and s.get("state") == "committed" and s,
-              60, lambda s: f"515 -> downloaded, verified, installed, restarted, committed {release['version']}")
+              60, lambda s: f"515 -> downloaded, verified, installed to the other slot, restarted, committed "
+                            f"{release['version']}")
 
 
 def main(argv: list[str] | None = None) -> int:
