@@ -22,7 +22,7 @@ from typing import Any
 from agent.core import smartrest
 from agent.core.errors import SmartRestError
 from agent.ota import release
-from agent.ota.download import Fetched, HttpSettings, fetch_payload, fetch_small, hash_existing
+from agent.ota.download import Fetched, HttpSettings, fetch_payload, fetch_small, hash_existing, open_session
 from agent.ota.errors import VerificationError
 from agent.ota.machine import Installed, Operation, OtaState, StateStore
 from hal.errors import TetherError
@@ -210,7 +210,13 @@ class OtaAgent:
         release.check_not_older(op.version, installed)  # a replay costs no download
         http = self._http()
         base = release.release_base(op.url)
-        files = [fetch_small(base + name, http) for name in ("manifest.json", "manifest.sig", "signer.pem")]
+        with open_session() as session:
+            return self._download_with(state, op, installed, http, base, session)
+
+    def _download_with(self, state: OtaState, op: Operation, installed: Installed, http: HttpSettings, base: str,
+                       session: Any) -> OtaState:
+        files = [fetch_small(base + name, http, session=session)
+                 for name in ("manifest.json", "manifest.sig", "signer.pem")]
         anchors = release.load_anchors(self.config.ota.trust_anchor or self.config.identity.ca_file)
         manifest = release.check_release(*files, anchors, op, installed)
         if not state.target or state.manifest != manifest:  # a fresh start, not a resume: empty the slot
@@ -221,7 +227,7 @@ class OtaAgent:
                                        previous_version=installed.version, size=manifest["size"], bytes=0))
         self._percent = (-1, -1)
         self._fetched = fetch_payload(base + "payload", self.slots.stage(state.target), manifest["size"], http,
-                                      progress=self._progress, cancel=self._cancel)
+                                      progress=self._progress, cancel=self._cancel, session=session)
         return self._save(state.advance("downloaded", bytes=self._fetched.size))
 
     def _verify(self, state: OtaState) -> OtaState:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import random
 import threading
 from collections.abc import Callable
@@ -23,8 +22,8 @@ from agent.ota.errors import DownloadError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024
-QUEUE_BLOCKS = 8
+CHUNK = 256 * 1024      # bytes handed to the writer at once
+READ_SIZE = 64 * 1024   # one read1(); more only makes the buffer allocation an mmap per call
 SMALL_LIMIT = 256 * 1024
 USER_AGENT = "tether-ota/1"
 
@@ -80,13 +79,21 @@ def _describe(exc: Exception, timeout: float) -> str:
     return f"connection lost ({type(exc).__name__}: {text[:200]})"
 
 
-def fetch_small(url: str, http: HttpSettings, limit: int = SMALL_LIMIT) -> bytes:
+def open_session() -> Any:
+    """A `requests.Session`, so the release files and the payload share one TLS connection."""
+    import requests
+
+    return requests.Session()
+
+
+def fetch_small(url: str, http: HttpSettings, limit: int = SMALL_LIMIT, session: Any = None) -> bytes:
     """GET a small file (manifest, signature, signer chain) whole; DownloadError if over `limit` bytes."""
     import requests
 
+    getter = session.get if session is not None else requests.get
     try:
-        with requests.get(url, headers=http.headers(url), stream=True, timeout=http.timeout,
-                          verify=http.verify) as resp:
+        with getter(url, headers=http.headers(url), stream=True, timeout=http.timeout,
+                    verify=http.verify) as resp:
             if resp.status_code != 200:
                 raise _status_error(url, resp.status_code)
             data = bytearray()
@@ -117,7 +124,7 @@ def hash_existing(path: Path, expected: int) -> tuple[int, Any]:
 
 def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
                   progress: Callable[[int, int], None] = lambda done, total: None,
-                  cancel: threading.Event | None = None) -> Fetched:
+                  cancel: threading.Event | None = None, session: Any = None) -> Fetched:
     """Stream `url` into `dest` until it holds `expected` bytes, resuming from what `dest` already has.
 
     A dropped connection or a stall is retried with `Range: bytes=<have>-` (backoff with jitter between
@@ -134,7 +141,8 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
     backoff = Backoff(http.backoff_base, http.backoff_cap)
     failures = 0
     last = ""
-    session = requests.Session()
+    own_session = session is None
+    session = session if session is not None else requests.Session()
     try:
         while have < expected:
             if failures >= http.attempts:
@@ -180,89 +188,62 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
             log.info("download of %s interrupted at %d/%d bytes (%s); resuming", url, have, expected, last)
             cancel.wait(backoff.next_delay(random.random()))  # noqa: S311 - jitter, not security
     finally:
-        session.close()
+        if own_session:
+            session.close()
     result.size = have
     result.sha256 = digest.hexdigest()
     return result
 
 
-class _Writer:
-    """Hashes and writes blocks on its own thread while the caller reads the next ones from the socket.
-
-    `ssl` reads, `hashlib` updates of large blocks and `os.write` all release the GIL, so the download
-    runs at about the slower of network and disk+hash instead of their sum. The queue is bounded
-    (QUEUE_BLOCKS x CHUNK), so memory stays flat whatever the payload size.
-    """
-
-    def __init__(self, fd: int, have: int, expected: int, digest: Any,
-                 progress: Callable[[int, int], None]) -> None:
-        self.fd, self.have, self.expected, self.digest, self.progress = fd, have, expected, digest, progress
-        self.error: BaseException | None = None
-        self.queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_BLOCKS)
-        self.thread = threading.Thread(target=self._run, name="tether-ota-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (block := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain, so the reader never blocks on a dead writer
-            try:
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(self.fd, view):]
-                self.digest.update(block)
-                self.have += len(block)
-                self.progress(self.have, self.expected)
-            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, which raises it
-                self.error = exc
-
-    def put(self, block: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(block)
-
-    def close(self) -> int:
-        """Write what is queued, stop the thread; return the byte count on disk (raise a write error)."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.have
-
-
 def _stream(resp: Any, dest: Path, have: int, expected: int, digest: Any,
             progress: Callable[[int, int], None], cancel: threading.Event, url: str) -> int:
+    """Append the response body to `dest` from offset `have`, hashing as it goes; return the new size.
+
+    Reads are batched (CHUNK bytes per writev and progress call) without copying. A single thread is
+    on purpose: a reader/writer pair measured slower and larger on a two-core device, where the GIL
+    and the server share the CPUs (benchmarks/ota_download.py).
+    """
     # We count bytes against the manifest ourselves. With urllib3 enforcing Content-Length, a connection
     # closed early raises IncompleteRead and drops the bytes of the last partial read; without it,
     # they arrive and the next attempt resumes exactly where they end.
     resp.raw.enforce_content_length = False
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
-    writer: _Writer | None = None
+    block: list[bytes] = []
+    pending = 0
+
+    def flush() -> None:
+        nonlocal have, block, pending
+        written = os.writev(fd, block)
+        if written != pending:  # short write (rare): finish it plainly
+            rest = memoryview(b"".join(block))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+        for b in block:
+            digest.update(b)
+        have += pending
+        block, pending = [], 0
+        progress(have, expected)
+
     try:
         os.lseek(fd, have, os.SEEK_SET)
-        writer = _Writer(fd, have, expected, digest, progress)
-        received = have
-        block = bytearray()
         try:
             while True:
                 # read1: whatever has arrived, so a stall or a cut loses nothing already received.
-                chunk = resp.raw.read1(CHUNK)
+                chunk = resp.raw.read1(READ_SIZE)
                 if not chunk:
                     break
-                received += len(chunk)
-                if received > expected:
+                if have + pending + len(chunk) > expected:
                     raise DownloadError(f"GET {url}: the payload is longer than the {expected} bytes the "
                                         "manifest promises")
-                block += chunk
-                if len(block) >= CHUNK:
-                    writer.put(bytes(block))
-                    block.clear()
+                block.append(chunk)
+                pending += len(chunk)
+                if pending >= CHUNK:
+                    flush()
                 if cancel.is_set():
                     break
         finally:
             if block:  # also after a network error: keep every byte that arrived
-                writer.put(bytes(block))
-            have = writer.close()
+                flush()
     finally:
         # Durable before anyone acts on it: resume after a power cut starts from what is really there.
         os.fsync(fd)
