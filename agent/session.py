@@ -60,11 +60,16 @@ class Session:
         self._connack = threading.Event()
         self._connack_rc: Any = None
         self._closing = threading.Event()
+        self._down_reported = False
         self._thread: threading.Thread | None = None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        # With no callback here paho writes a publish to the TLS socket from the caller's thread while
+        # our network thread may be reading it: one SSL object used by two threads corrupts the stream
+        # ("bad record mac") under load. Registered, paho only queues; the network thread writes.
+        self.client.on_socket_register_write = lambda *_: None
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, properties: Any = None) -> None:
@@ -72,8 +77,14 @@ class Session:
         self._connack.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, properties: Any = None) -> None:
-        if not self._closing.is_set():
-            self.events.put(Event("disconnected", reason=str(rc)))
+        self._report_down(str(rc))
+
+    def _report_down(self, reason: str) -> None:
+        # paho's callback and our network loop both see a lost connection: report it once, or the
+        # second event would cut the next session as soon as it is up
+        if not self._closing.is_set() and not self._down_reported:
+            self._down_reported = True
+            self.events.put(Event("disconnected", reason=reason))
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.events.put(Event("message", topic=msg.topic, payload=bytes(msg.payload)))
@@ -128,7 +139,7 @@ class Session:
                         self._connack_rc = f"connection closed before CONNACK: {reason}"
                         self._connack.set()
                     else:
-                        self.events.put(Event("disconnected", reason=reason))
+                        self._report_down(reason)
                 return
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
