@@ -299,6 +299,9 @@ class Outbox:
 
     def on_session_down(self) -> None:
         self._online = False
+        if self._inflight:
+            log.info("outbox: %d message(s) in flight without an acknowledgement; they go again on the next "
+                     "session (the broker may see them twice)", len(self._inflight))
         self._inflight.clear()  # unacknowledged messages go again, from the oldest, on the next session
         self._last_sent = 0
         self._flush()

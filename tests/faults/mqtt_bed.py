@@ -20,6 +20,7 @@ from lab.procs import wait_until
 from tests.pki import Pki
 
 SUBSCRIBER = "fault-subscriber"
+BROKER_INFLIGHT = 20  # messages mosquitto sends the subscriber before it waits for PUBACKs (its default)
 
 
 def keeping_broker(broker_factory: Callable[..., Mosquitto], directory: Path, name: str = "broker") -> Mosquitto:
@@ -28,12 +29,14 @@ def keeping_broker(broker_factory: Callable[..., Mosquitto], directory: Path, na
     A restart then keeps the subscriber's persistent session (clean_session False) and the messages
     queued for it, so every message the broker acknowledged to the device still reaches the
     subscriber. Without `max_queued_messages 0` mosquitto drops messages beyond 1000 queued for a
-    subscriber that is reconnecting.
+    subscriber that is reconnecting. A restart can repeat up to BROKER_INFLIGHT messages to the
+    subscriber (the broker's own at-least-once leg), on top of what the device re-sends.
     """
     store = directory / f"{name}-db"
     store.mkdir(parents=True, exist_ok=True)
     return broker_factory(name, acl=acl_text((*SERVICES, SUBSCRIBER)),
-                          extra=f"persistence true\npersistence_location {store}/\nmax_queued_messages 0")
+                          extra=f"persistence true\npersistence_location {store}/\nmax_queued_messages 0\n"
+                                f"max_inflight_messages {BROKER_INFLIGHT}")
 
 
 def restart(broker: Mosquitto) -> None:
