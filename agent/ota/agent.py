@@ -79,7 +79,7 @@ class OtaAgent:
                     "send it again when that one has finished"))
                 return True
             self._save(state.advance("start", operation=Operation(*op.fields()), manifest=None, target="",
-                                     previous="", previous_version="", reason="", reported=False, bytes=0,
+                                     previous="", previous_version="", reason="", reported=False, downloaded=0,
                                      size=0, boots=0, deadline=0.0))
             self._publish(smartrest.firmware_executing())
             self._start_worker()
@@ -218,17 +218,17 @@ class OtaAgent:
         files = [fetch_small(base + name, http, session=session)
                  for name in ("manifest.json", "manifest.sig", "signer.pem")]
         anchors = release.load_anchors(self.config.ota.trust_anchor or self.config.identity.ca_file)
-        manifest = release.check_release(*files, anchors, op, installed)
+        manifest = release.check_release(files[0], files[1], files[2], anchors, op, installed)
         if not state.target or state.manifest != manifest:  # a fresh start, not a resume: empty the slot
             previous = self.slots.active()
             target = other(previous)
             self.slots.prepare(target)
             state = self._save(replace(state, manifest=manifest, target=target, previous=previous,
-                                       previous_version=installed.version, size=manifest["size"], bytes=0))
+                                       previous_version=installed.version, size=manifest["size"], downloaded=0))
         self._percent = (-1, -1)
         self._fetched = fetch_payload(base + "payload", self.slots.stage(state.target), manifest["size"], http,
                                       progress=self._progress, cancel=self._cancel, session=session)
-        return self._save(state.advance("downloaded", bytes=self._fetched.size))
+        return self._save(state.advance("downloaded", downloaded=self._fetched.size))
 
     def _verify(self, state: OtaState) -> OtaState:
         manifest = state.manifest or {}
@@ -248,7 +248,7 @@ class OtaAgent:
         percent = done * 100 // total if total else 100
         published, persisted = self._percent
         if percent >= persisted + PERSIST_STEP or percent == 100:
-            self._save(replace(self.store.load(), bytes=done))
+            self._save(replace(self.store.load(), downloaded=done))
             persisted = percent
         if percent >= published + PUBLISH_STEP or (percent == 100 and published != 100):
             op = self.store.load().operation

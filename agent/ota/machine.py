@@ -61,7 +61,7 @@ class OtaState:
     previous_version: str = ""
     reason: str = ""                 # why it failed or rolled back (the 502 text)
     reported: bool = True            # the final outcome reached the platform
-    bytes: int = 0
+    downloaded: int = 0              # payload bytes on disk (for progress)
     size: int = 0
     boots: int = 0                   # starts of the new version while confirming
     deadline: float = 0.0            # wall-clock time by which the new version must be online
