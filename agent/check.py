@@ -38,7 +38,11 @@ def check(config: Config, out: TextIO = sys.stdout, token_timeout: float | None 
     except TetherError as exc:
         line.step("boot", False, str(exc))
         return 1
-    line.step("identity", True, f"key ({config.keys.backend}) and chain in place for {config.device.id}")
+    problems = runtime.identity.chain_problems()  # check may parse X.509; the run path does not
+    line.step("identity", not problems, "; ".join(problems) or
+              f"key ({config.keys.backend}) and chain in place for {config.device.id}, policy passed")
+    if problems:
+        return 1
     found = None
     if runtime.discovery.enabled:
         t = time.monotonic()

@@ -339,12 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int)
     rel = sub.add_parser("release", help="OTA release signing").add_subparsers(dest="sub", required=True)
     rel.add_parser("keygen", parents=[common], help="create the release signing key in DIR/release")
-    p = rel.add_parser("sign", parents=[common], help="sign a release payload")
-    p.add_argument("name")
-    p.add_argument("version")
+    p = rel.add_parser("sign", parents=[common], help="sign a release payload into a release directory")
+    p.add_argument("--name", required=True, help="release name (what the device installs)")
+    p.add_argument("--version", required=True, help="dotted version; devices refuse lower ones")
+    p.add_argument("--out", required=True, help="release directory: manifest.json, manifest.sig, signer.pem, "
+                   "payload")
+    p.add_argument("--min-version", help="lowest installed version this release may update")
     p.add_argument("payload")
-    p.add_argument("--out", required=True)
-    p.add_argument("--min-version")
     return parser
 
 

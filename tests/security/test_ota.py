@@ -17,7 +17,8 @@ from tests.station.conftest import station_cli
 
 
 def signed_release(station: Path, out: Path, payload: Path, version: str = "1.1.0") -> Path:
-    station_cli("release", "sign", "app", version, str(payload), "--out", str(out), "--dir", str(station))
+    station_cli("release", "sign", "--name", "app", "--version", version, str(payload), "--out", str(out),
+                "--dir", str(station))
     return out
 
 
