@@ -56,6 +56,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_M
         finally:
             os.close(fd)
         os.replace(tmp, target)
+        _sweep_stale_temps(directory, target.name)
         fsync_dir(directory)
     except OSError as exc:
         try:
@@ -68,6 +69,21 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_M
         hint = " (disk full: free space in the state directory)" if exc.errno == errno.ENOSPC else ""
         raise StorageError(f"{target}: cannot write: {exc.strerror}{hint}; the previous content is "
                            "unchanged") from exc
+
+
+def _sweep_stale_temps(directory: Path, name: str) -> None:
+    """Remove temp files of `name` left by writers that died before their rename (kill -9, power
+    cut): for a key they hold a whole private key nobody uses. Files of live writers are kept."""
+    for stale in directory.glob(f".{name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except PermissionError:  # alive, owned by another user
+            continue
 
 
 def read_bytes(path: str | os.PathLike[str]) -> bytes | None:
