@@ -105,6 +105,11 @@ class ReleaseSigner:
     cert_file: Path
     certificate: x509.Certificate
 
+    def __str__(self) -> str:  # what `tether-station release keygen` prints
+        return (f"release-signing key {self.key_file} (0600), certificate {self.cert_file}: "
+                f"{subject_of(self.certificate)} serial {serial_of(self.certificate)}, EKU codeSigning, "
+                f"valid until {self.certificate.not_valid_after_utc:%Y-%m-%d}")
+
 
 def create_release_signer(issuer: authority.Issuer, directory: Path, *, chain: Sequence[x509.Certificate] = (),
                           overwrite: bool = False) -> ReleaseSigner:
