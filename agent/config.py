@@ -206,6 +206,8 @@ def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path) 
             choices = CHOICES.get((section, key))
             if choices and value not in choices:
                 raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+            if (section, key) in PATH_KEYS and value and "\0" in value:  # os calls raise ValueError on it
+                raise ConfigError(f"{where}: a path cannot contain a NUL character")
             if (section, key) in PATH_KEYS and value:
                 value = str((path.parent / value).resolve()) if not os.path.isabs(value) else value
             merged.setdefault(section, {})[key] = value
@@ -220,6 +222,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the whole file as UTF-8 first
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 

@@ -8,12 +8,17 @@ import re
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from provisioning.errors import PemError
 
 MAX_INPUT = 1 << 20  # a chain or CSR larger than 1 MiB is not a chain or a CSR
+
+# what `cryptography` raises for bytes that are not a certificate, PKCS#7 or CSR (neither InvalidVersion
+# nor UnsupportedAlgorithm, for a PKCS#7 that is not signed-data, is a ValueError)
+_MALFORMED = (ValueError, x509.InvalidVersion, UnsupportedAlgorithm)
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
 
@@ -47,21 +52,39 @@ def _check_size(data: bytes, where: str) -> None:
         raise PemError(f"{where}: empty")
 
 
+def _names_readable(item: x509.Certificate | x509.CertificateSigningRequest, where: str) -> None:
+    """Decode the subject (and issuer) now: `cryptography` decodes names lazily and raises KeyError for
+    an unknown ASN.1 string type, which would otherwise surface far from the parser."""
+    try:
+        item.subject.rfc4514_string()
+        if isinstance(item, x509.Certificate):
+            item.issuer.rfc4514_string()
+    except (ValueError, KeyError) as exc:
+        raise PemError(f"{where}: unreadable subject or issuer name ({type(exc).__name__}: {exc})") from None
+
+
 def load_certificates(data: bytes, where: str = "input") -> list[x509.Certificate]:
     """Certificates from a PEM bundle, one DER certificate, or a PKCS#7 certs-only (PEM or DER).
 
     Order is kept. Raises PemError naming the block (1-based) and what was wrong with it.
     """
+    certs = _load_certificates(data, where)
+    for index, cert in enumerate(certs, 1):
+        _names_readable(cert, f"{where}: certificate {index}")
+    return certs
+
+
+def _load_certificates(data: bytes, where: str) -> list[x509.Certificate]:
     _check_size(data, where)
     data = bytes(data)
     if b"-----BEGIN" not in data:
         try:
             return [x509.load_der_x509_certificate(data)]
-        except ValueError:
+        except _MALFORMED:
             pass
         try:
             return list(pkcs7.load_der_pkcs7_certificates(data))
-        except ValueError as exc:
+        except _MALFORMED as exc:
             raise PemError(f"{where}: neither PEM, DER certificate nor PKCS#7 ({exc})") from None
     blocks = _PEM_BLOCK.findall(data)
     if not blocks:
@@ -76,12 +99,12 @@ def load_certificates(data: bytes, where: str = "input") -> list[x509.Certificat
         if kind == "CERTIFICATE":
             try:
                 certs.append(x509.load_der_x509_certificate(der))
-            except ValueError as exc:
+            except _MALFORMED as exc:
                 raise PemError(f"{where}: PEM block {index}: not a valid X.509 certificate ({exc})") from None
         elif kind == "PKCS7":
             try:
                 certs.extend(pkcs7.load_der_pkcs7_certificates(der))
-            except ValueError as exc:
+            except _MALFORMED as exc:
                 raise PemError(f"{where}: PEM block {index}: not a valid PKCS#7 ({exc})") from None
         else:
             raise PemError(f"{where}: PEM block {index} is a {kind}, expected CERTIFICATE")
@@ -94,13 +117,16 @@ def load_csr(data: bytes, where: str = "CSR") -> x509.CertificateSigningRequest:
     data = bytes(data)
     try:
         if b"-----BEGIN" in data:
-            return x509.load_pem_x509_csr(data)
-        if data[:1] == b"\x30":
-            return x509.load_der_x509_csr(data)
-        der = base64.b64decode(b"".join(data.split()), validate=True)
-        return x509.load_der_x509_csr(der)
-    except (binascii.Error, ValueError) as exc:
+            csr = x509.load_pem_x509_csr(data)
+        elif data[:1] == b"\x30":
+            csr = x509.load_der_x509_csr(data)
+        else:
+            der = base64.b64decode(b"".join(data.split()), validate=True)
+            csr = x509.load_der_x509_csr(der)
+    except (binascii.Error, *_MALFORMED) as exc:
         raise PemError(f"{where}: not a PKCS#10 certificate request ({exc})") from None
+    _names_readable(csr, where)
+    return csr
 
 
 def to_pem(certs: Sequence[x509.Certificate]) -> bytes:

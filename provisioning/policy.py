@@ -15,13 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from provisioning.certs import common_name, same_public_key, serial_of, subject_of
 from provisioning.errors import PolicyError, Violation
 from provisioning.identity import parse_spiffe_id, spiffe_id
+
+# what `cryptography` raises for a key it cannot read: off-curve point, unknown algorithm OID
+_UNREADABLE_KEY = (ValueError, TypeError, UnsupportedAlgorithm)
 
 
 def _now() -> dt.datetime:
@@ -79,7 +82,7 @@ class ChainPolicy:
             out.append(Violation(s, n, "expired", f"expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"))
         try:
             key = cert.public_key()
-        except (ValueError, TypeError) as exc:
+        except _UNREADABLE_KEY as exc:
             return [*out, Violation(s, n, "key-type", f"unreadable public key: {exc}")]
         return out + self.key_violations(key, s, n)
 
@@ -151,7 +154,11 @@ class ChainPolicy:
         leaf = chain[0]
         out += self._common(leaf, now)
         out += self.leaf_violations(leaf, device_id)
-        if device_key is not None and not same_public_key(leaf.public_key(), device_key):
+        try:
+            leaf_key = leaf.public_key()
+        except _UNREADABLE_KEY:  # reported as key-type by _common above
+            leaf_key = None
+        if device_key is not None and leaf_key is not None and not same_public_key(leaf_key, device_key):
             out.append(Violation(subject_of(leaf), serial_of(leaf), "key-mismatch",
                                  "the certificate's public key is not the device's key (issued for "
                                  "another key, or the key was replaced)"))
@@ -177,7 +184,7 @@ class ChainPolicy:
     def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
         try:
             child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return False
         return True
 
@@ -204,12 +211,16 @@ class ChainPolicy:
         cn = common_name(csr.subject) or "(no CN)"
         s, n = csr.subject.rfc4514_string() or "(empty subject)", "CSR"
         out: list[Violation] = []
-        if not csr.is_signature_valid:
+        try:
+            signed = csr.is_signature_valid
+        except _UNREADABLE_KEY:  # the key it carries cannot verify anything: reported as key-type below
+            signed = False
+        if not signed:
             out.append(Violation(s, n, "proof-of-possession", "the CSR's signature does not verify with the "
                                  "key it carries (signed by another key, or altered)"))
         try:
             out += self.key_violations(csr.public_key(), s, n)
-        except (ValueError, TypeError) as exc:
+        except _UNREADABLE_KEY as exc:
             out.append(Violation(s, n, "key-type", f"unreadable public key: {exc}"))
         out += self.name_violations(csr.subject, _ext(csr, x509.SubjectAlternativeName), device_id, s, n)
         if out:

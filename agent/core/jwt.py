@@ -15,6 +15,7 @@ from agent.core.errors import TokenError, describe
 MAX_TOKEN_CHARS = 8192
 MIN_LIFETIME_S = 1
 MAX_LIFETIME_S = 365 * 24 * 3600
+MAX_TIME_S = 1e12  # NumericDate bound (year ~33658): beyond it a claim is nonsense, not a time
 
 _B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
@@ -55,6 +56,8 @@ def _finite_number(claims, name, required):
         raise TokenError(field, "expected a number, got %s" % describe(value))
     if value - value != 0:  # inf and nan; json.loads accepts 1e400 on both runtimes
         raise TokenError(field, "expected a finite number, got %s" % describe(value))
+    if not -MAX_TIME_S < value < MAX_TIME_S:  # a huge int minus a float overflows (OverflowError)
+        raise TokenError(field, "%s is not a time in seconds" % describe(value))
     return value
 
 
