@@ -305,8 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Later features (enroll, run, check, token, ota) add their sub-commands here.
-EXTENSIONS: list[Callable[[Any], None]] = []
+def _ota_commands(sub: Any) -> None:
+    from agent.ota.cli import add_ota_commands
+
+    add_ota_commands(sub)
+
+
+# Features with their own command modules add their sub-commands here.
+EXTENSIONS: list[Callable[[Any], None]] = [_ota_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,10 +120,9 @@ def test_power_loss_before_commit_rolls_back_on_the_next_boot(device: Device, re
     assert status["installed"]["version"] == "1.0.0"
 
 
+@pytest.mark.parametrize("device_factory", ["uboot"], indirect=True)  # only U-Boot falls back by itself
 def test_bootloader_fallback_before_the_agent_starts_is_reported(device_factory, releases: Releases) -> None:
     device = device_factory()
-    if device.backend != "uboot":
-        pytest.skip("only U-Boot falls back by itself")
     url = releases.publish("1.1.0")
     agent = device.agent()
     agent.on_operation(op_line(url, "1.1.0"))
