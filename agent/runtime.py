@@ -168,7 +168,10 @@ class Runtime:
             rotation.succeeded(endpoint)
             self.backoff.reset()
             self._rediscovered = False
-            save_last_good(self.config, endpoint)
+            try:
+                save_last_good(self.config, endpoint)
+            except TetherError as exc:  # a full disk must not take the agent down: the session works
+                log.warning("cannot remember the last good endpoint: %s", exc)
             self.serve(self.session, endpoint)
             self.session.close()
             self.session = None
