@@ -91,7 +91,7 @@ class Message:
 def _describe(exc: sqlite3.Error | OSError, path: Path) -> str:
     full = (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)) or \
         (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
-    hint = " (disk full, ENOSPC: free space in the state directory; nothing was queued)" if full else ""
+    hint = " (disk full, ENOSPC: free space in the state directory)" if full else ""
     return f"{path}: {exc}{hint}"
 
 
@@ -158,7 +158,8 @@ class OutboxStore:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
-                raise OutboxError(f"cannot queue {len(items)} message(s): {_describe(exc, self.path)}") from exc
+                raise OutboxError(f"cannot queue {len(items)} message(s): {_describe(exc, self.path)}; nothing of "
+                                  "this batch was queued") from exc
             self.count, self.bytes = count, size
             self.dropped += len(dropped)
         if dropped:

@@ -25,6 +25,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,34 @@ def _addressable(path: Path) -> Iterator[str]:
 class PublishServer:
     """Accepts connections on the socket and hands each batch of lines to `outbox.publish_many`."""
 
+    RETRY_EVERY = 5.0  # seconds between attempts to bind after a failure (full disk, stale file)
+
     def __init__(self, path: Path, outbox: Any) -> None:
         self.path = path
         self.outbox = outbox
         self.sock: socket.socket | None = None
+        self.error = ""
+        self._next_try = 0.0
+
+    def tick(self) -> None:
+        """Runtime hook: bind again if the socket could not be served at start (full disk)."""
+        if self.sock is None and time.monotonic() >= self._next_try:
+            self.try_start()
+
+    def try_start(self) -> bool:
+        """`start()` that logs a failure (once per reason) and schedules a retry instead of raising."""
+        try:
+            self.start()
+        except AgentError as exc:
+            self._next_try = time.monotonic() + self.RETRY_EVERY
+            if str(exc) != self.error:
+                log.error("publish API: %s; applications cannot queue messages until this is fixed", exc)
+            self.error = str(exc)
+            return False
+        if self.error:
+            log.info("publish API: serving %s again", self.path)
+            self.error = ""
+        return True
 
     def start(self) -> PublishServer:
         """Bind (replacing a stale socket left by a killed agent) and serve in daemon threads.
@@ -188,11 +213,9 @@ def attach(runtime: Any) -> None:
 
     outbox = Outbox(runtime.config, runtime.publish, post_fence=lambda: runtime.events.put(Event("published")),
                     wake=lambda: runtime.events.put(Event("wake")), status=runtime.status)
-    runtime.components.append(outbox)
-    try:
-        PublishServer(socket_path(runtime.config), outbox).start()
-    except AgentError as exc:  # the session and identity matter more than this API: keep running
-        log.error("publish API: %s; applications cannot queue messages until this is fixed", exc)
+    server = PublishServer(socket_path(runtime.config), outbox)
+    runtime.components += [outbox, server]
+    server.try_start()  # a failure must not stop the agent: the session and identity matter more
 
 
 # -- client (device applications, `tether publish`) -------------------------------------------------------
