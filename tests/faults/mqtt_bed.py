@@ -8,6 +8,7 @@ the subscriber can tell a lost message from a duplicate without any help from th
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from lab.mosquitto import SERVICES, Mosquitto, acl_text
-from lab.procs import wait_until
+from lab.procs import LabError, port_open, wait_until
 from tests.pki import Pki
 
 SUBSCRIBER = "fault-subscriber"
@@ -39,10 +40,22 @@ def keeping_broker(broker_factory: Callable[..., Mosquitto], directory: Path, na
                                 f"max_inflight_messages {BROKER_INFLIGHT}")
 
 
-def restart(broker: Mosquitto) -> None:
-    """Stop the broker with SIGTERM (it saves its sessions) and start it again on the same port."""
+def restart(broker: Mosquitto, timeout: float = 15.0) -> None:
+    """Stop the broker with SIGTERM (it saves its sessions) and start it again on the same port.
+
+    The port is briefly free in between: a client reconnecting right then can be handed that very
+    port as its ephemeral source port (or another test can bind it), so a failed start is retried
+    until the deadline."""
     broker.stop()
-    broker.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            broker.start()
+            return
+        except LabError:
+            if time.monotonic() > deadline:
+                raise
+            wait_until(lambda: not port_open(broker.host, broker.port), 5, f"port {broker.port} to be free")
 
 
 class Subscriber:
