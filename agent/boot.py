@@ -10,7 +10,6 @@ second ledger row.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -82,17 +81,10 @@ class BootSequence:
         self.report = report or (lambda step, seconds, what: None)
 
     def record(self, **fields: Any) -> None:
-        state = self.read()
-        state.update(fields, updated_at=int(time.time()))
-        storage.atomic_write(self.path, json.dumps(state, sort_keys=True).encode(), storage.PUBLIC_MODE)
+        storage.write_json(self.path, {**self.read(), **fields, "updated_at": int(time.time())})
 
     def read(self) -> dict[str, Any]:
-        data = storage.read_bytes(self.path)
-        try:
-            state = json.loads(data) if data else {}
-        except ValueError:
-            state = {}
-        return state if isinstance(state, dict) else {}
+        return storage.read_json(self.path)
 
     def run(self) -> None:
         """Bring the device to "key and valid chain"; raise AgentError (or a TetherError) if it cannot."""

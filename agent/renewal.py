@@ -12,7 +12,6 @@ States (persisted in `<state>/renewal.json`): idle -> staged -> promoting -> idl
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -85,16 +84,10 @@ class Renewal:
 
     # -- persisted state ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        data = storage.read_bytes(self.path)
-        try:
-            state = json.loads(data) if data else {}
-        except ValueError:
-            state = {}
-        return state if isinstance(state, dict) else {}
+        return storage.read_json(self.path)
 
     def _save(self, **fields: Any) -> None:
-        state = {**self.state(), **fields, "updated_at": int(self.clock())}
-        storage.atomic_write(self.path, json.dumps(state, sort_keys=True).encode(), storage.PUBLIC_MODE)
+        storage.write_json(self.path, {**self.state(), **fields, "updated_at": int(self.clock())})
 
     # -- schedule -----------------------------------------------------------------------------------
     def due_at(self) -> float | None:

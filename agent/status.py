@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -17,14 +16,7 @@ STATUS_FILE = "status.json"
 
 
 def read_runtime_status(config: Config) -> dict[str, Any]:
-    data = storage.read_bytes(config.state_dir / STATUS_FILE)
-    if data is None:
-        return {}
-    try:
-        status = json.loads(data)
-    except ValueError:
-        return {"last_error": f"{config.state_dir / STATUS_FILE} is not valid JSON"}
-    return status if isinstance(status, dict) else {}
+    return storage.read_json(config.state_dir / STATUS_FILE)
 
 
 def write_runtime_status(config: Config, **fields: Any) -> dict[str, Any]:
@@ -32,6 +24,5 @@ def write_runtime_status(config: Config, **fields: Any) -> dict[str, Any]:
     status = read_runtime_status(config)
     status.update(fields)
     status["updated_at"] = int(time.time())
-    storage.atomic_write(config.state_dir / STATUS_FILE, json.dumps(status, indent=1, sort_keys=True).encode(),
-                         storage.PUBLIC_MODE)
+    storage.write_json(config.state_dir / STATUS_FILE, status)
     return status

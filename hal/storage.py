@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 from hal.errors import StorageError
 
@@ -107,3 +108,26 @@ def remove(path: str | os.PathLike[str]) -> None:
     except OSError as exc:
         raise StorageError(f"{p}: cannot remove: {exc.strerror}") from exc
     fsync_dir(p.parent)
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A small JSON state file as a dict; {} when it is absent, unreadable JSON or not an object.
+
+    State files are rewritten atomically, so a corrupt one means someone edited it by hand: starting
+    from empty is the safe reading, and the next write repairs it.
+    """
+    import json
+
+    data = read_bytes(path)
+    try:
+        value = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_json(path: str | os.PathLike[str], value: dict[str, Any], mode: int = PUBLIC_MODE) -> None:
+    """Write a small JSON state file atomically (sorted keys, so diffs and reviews stay readable)."""
+    import json
+
+    atomic_write(path, json.dumps(value, indent=1, sort_keys=True).encode(), mode)

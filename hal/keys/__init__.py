@@ -6,12 +6,12 @@ private key bytes of a hardware key. A backend is a module plus one line in `BAC
 
 from __future__ import annotations
 
-import importlib
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from hal.errors import KeyStoreError
+from hal.registry import load_backend
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import (
@@ -97,17 +97,6 @@ def open_keystore(backend: str, directory: str | Path, **options: Any) -> KeySto
     `options` are backend specific (`passphrase` for file keys; `tcti` for the TPM). Raises
     KeyStoreError for an unknown backend or one whose library is missing.
     """
-    try:
-        target = BACKENDS[backend]
-    except KeyError:
-        raise KeyStoreError(f"key backend {backend!r} is unknown: expected one of "
-                            f"{', '.join(sorted(BACKENDS))}") from None
-    module_name, cls_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise KeyStoreError(f"key backend {backend!r} cannot load: {exc} (for 'tpm', install "
-                            "tether[tpm] and libtss2)") from exc
-    cls = getattr(module, cls_name)
+    cls = load_backend(BACKENDS, backend, "key", KeyStoreError, " (for 'tpm', install tether[tpm] and libtss2)")
     store: KeyStore = cls(Path(directory), **options)
     return store

@@ -15,11 +15,11 @@ Contract shared by every backend (the updater relies on it for power-loss safety
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Protocol
 
 from hal.errors import HalError
+from hal.registry import load_backend
 
 SLOTS = ("a", "b")
 
@@ -88,12 +88,6 @@ def open_slots(backend: str, directory: str | Path, **options: Any) -> SlotBacke
 
     `options` are backend specific (`env_config` for uboot). Raises SlotError for an unknown backend.
     """
-    try:
-        target = BACKENDS[backend]
-    except KeyError:
-        raise SlotError(f"slot backend {backend!r} is unknown: expected one of "
-                        f"{', '.join(sorted(BACKENDS))}") from None
-    module_name, cls_name = target.split(":")
-    module = importlib.import_module(module_name)
-    slots: SlotBackend = getattr(module, cls_name)(Path(directory), **options)
+    cls = load_backend(BACKENDS, backend, "slot", SlotError)
+    slots: SlotBackend = cls(Path(directory), **options)
     return slots

@@ -1,4 +1,4 @@
-"""`tether ota status` through the real argument parser, once the lead hooks `add_ota_commands` in."""
+"""`tether ota status` through the real `tether` argument parser."""
 
 from __future__ import annotations
 
@@ -12,21 +12,14 @@ from tests.ota.conftest import Device, Releases, op_line
 def test_ota_status_json_reports_installed_version_and_slots(device: Device, releases: Releases,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     from agent import cli
-    from agent.ota.cli import add_ota_commands
 
     agent = device.agent()
     agent.on_operation(op_line(releases.publish("1.1.0"), "1.1.0"))
     device.wait_state("restarting")
-    extensions = list(cli.EXTENSIONS)
-    if add_ota_commands not in cli.EXTENSIONS:
-        cli.EXTENSIONS.append(add_ota_commands)
-    try:
-        assert cli.main(["--config", str(device.config_path), "ota", "status", "--json"]) == 0
-        status = json.loads(capsys.readouterr().out)
-        assert cli.main(["--config", str(device.config_path), "ota", "status"]) == 0
-        text = capsys.readouterr().out
-    finally:
-        cli.EXTENSIONS[:] = extensions
+    assert cli.main(["--config", str(device.config_path), "ota", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert cli.main(["--config", str(device.config_path), "ota", "status"]) == 0
+    text = capsys.readouterr().out
     assert status["state"] == "restarting" and status["installed"]["version"] == "1.0.0"
     assert status["operation"]["version"] == "1.1.0" and status["slots"]["active"] == "b"
     assert "state:      restarting" in text and "versions a=-, b=1.1.0" in text
