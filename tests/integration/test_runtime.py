@@ -176,3 +176,43 @@ def test_check_fails_with_a_reason_when_nothing_is_reachable(tmp_path: Path, pki
     out = run_tether("check", config=config)
     assert out.returncode == 1
     assert "cannot reach" in out.stdout and "FAIL" in out.stdout
+
+
+def test_mqtt5_session_on_request(tmp_path: Path, pki: Pki, broker: Mosquitto) -> None:
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN, mqtt={"protocol": "5"},
+                                endpoints={"urls": [f"mqtts://localhost:{broker.port}"]})
+    out = run_tether("check", config=config)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "MQTT 5" in out.stdout
+    wait_until(lambda: "(p5, c1" in broker.log(), 5, "an MQTT 5 CONNECT in the broker log")
+
+
+def test_unreachable_discovery_server_falls_back_to_the_cached_document(tmp_path: Path, pki: Pki,
+                                                                        broker: Mosquitto) -> None:
+    doc = greengrass_document([("localhost", broker.port)], [pki.root_file.read_text()])
+    server = discovery_bed(tmp_path, pki, doc)
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN, discovery={"url": server.url, "timeout": 2.0})
+    try:
+        assert run_tether("check", config=config).returncode == 0  # caches the document
+    finally:
+        server.stop()
+    offline = run_tether("check", config=config)  # the discovery server is gone: an offline boot
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert "FAIL  discovery" in offline.stdout and f"mqtts://localhost:{broker.port}" in offline.stdout
+
+
+def test_stalled_discovery_server_times_out_and_falls_back(tmp_path: Path, pki: Pki, broker: Mosquitto) -> None:
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts TCP, never answers TLS: a misbehaving server
+    try:
+        config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+                                    discovery={"url": f"https://localhost:{silent.getsockname()[1]}", "timeout": 1.0},
+                                    endpoints={"urls": [f"mqtts://localhost:{broker.port}"]})
+        out = run_tether("check", config=config)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "timed out" in out.stderr
+    finally:
+        silent.close()

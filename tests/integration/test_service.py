@@ -3,6 +3,7 @@ stop on SIGTERM, and a start-up path that imports neither cryptography, requests
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import sys
@@ -25,10 +26,8 @@ def test_notify_ready_when_online_then_watchdog_then_stopping(tmp_path: Path, pk
     messages: list[str] = []
 
     def received(text: str) -> bool:
-        try:
+        with contextlib.suppress(TimeoutError):
             messages.append(sock.recv(4096).decode())
-        except TimeoutError:
-            pass
         return any(text in m for m in messages)
 
     proc = Proc("tether-run", [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],

@@ -160,3 +160,51 @@ def test_a_device_cannot_request_or_receive_another_devices_token(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_bearer_auth_refreshes_once_on_401_and_retries() -> None:
+    import http.server
+
+    import requests
+
+    from agent.bearer import bearer_auth
+
+    seen: list[str] = []
+
+    class OnlyFresh(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            auth = self.headers.get("Authorization", "")
+            seen.append(auth)
+            self.send_response(200 if auth == "Bearer fresh" else 401)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OnlyFresh)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    tokens = {"current": "stale"}
+    refreshes: list[int] = []
+
+    def refresh() -> str:
+        refreshes.append(1)
+        tokens["current"] = "fresh"
+        return tokens["current"]
+
+    try:
+        session = requests.Session()
+        session.auth = bearer_auth(lambda: tokens["current"], refresh)
+        url = f"http://127.0.0.1:{server.server_address[1]}/artifact"
+        response = session.get(url, timeout=5)
+        assert response.status_code == 200 and response.history[0].status_code == 401
+        assert seen == ["Bearer stale", "Bearer fresh"] and len(refreshes) == 1
+        tokens["current"] = "revoked"
+        refresh_fails = bearer_auth(lambda: tokens["current"], lambda: "still-bad")
+        assert requests.get(url, auth=refresh_fails, timeout=5).status_code == 401  # retried once only
+        assert seen[-2:] == ["Bearer revoked", "Bearer still-bad"]
+    finally:
+        server.shutdown()
+        server.server_close()
