@@ -298,6 +298,7 @@ def init_station(directory: str | Path, trust_domain: str = "tether.local", pass
     _write_key(target / ISSUING_KEY, issuing_key, passphrase)
     storage.atomic_write(target / ROOT, certs_pem([root]), storage.PUBLIC_MODE)
     storage.atomic_write(target / CHAIN, certs_pem(chain), storage.PUBLIC_MODE)
+    storage.atomic_write(target / ISSUING, certs_pem(chain[:1]), storage.PUBLIC_MODE)
     storage.ensure_dir(target / RELEASE, 0o700)
     settings = Settings(trust_domain=trust_domain, ledger=ledger or LEDGER, encrypted_keys=bool(passphrase),
                         imported=ca_import is not None)

@@ -1,0 +1,192 @@
+"""Enrollments per second against `tether-station serve`, side by side with `openssl x509 -req` per device.
+
+    python benchmarks/enroll_rate.py [--devices 2000] [--clients 4] [--workers 2] [--baseline 200]
+
+What is timed:
+- station: each device opens a NEW TLS connection, POSTs its CSR to /simpleenroll with HTTP Basic
+  (device id, one-time password) and reads the PKCS#7 chain; `--clients` processes share the devices.
+  The server is a real `tether-station serve` subprocess with a SQLite ledger (WAL, synchronous=FULL).
+- baseline: the same CSRs signed by invoking `openssl x509 -req` once per device with the station's
+  issuing CA and the same extensions, one after another (what a factory script looping over
+  devices does).
+Key pairs, CSRs and one-time passwords are made before the clock starts. Prints figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import multiprocessing
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
+
+from hal.keys.file import generate  # noqa: E402
+from lab.procs import Proc, free_port, wait_until  # noqa: E402
+from provisioning.csr import build_csr  # noqa: E402
+from provisioning.station.ca import Station, init_station  # noqa: E402
+from provisioning.station.otp import new_otp, otp_hash  # noqa: E402
+
+TRUST_DOMAIN = "bench.tether"
+EXTENSIONS = """\
+basicConstraints = critical, CA:false
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+subjectAltName = URI:spiffe://bench.tether/device/$ENV::DEVICE_ID
+"""
+
+
+def prepare(directory: Path, count: int) -> list[tuple[str, str, bytes, bytes]]:
+    """(device id, OTP, base64 DER CSR, PEM CSR) per device; OTPs are stored in the station's ledger."""
+    station = Station(directory)
+    ledger = station.open_ledger()
+    now = int(time.time())
+    devices = []
+    for i in range(count):
+        device_id = f"bench-{i:05d}"
+        csr = build_csr(generate("ec-p256"), device_id, TRUST_DOMAIN)
+        otp = new_otp()
+        ledger.add_otp(device_id, otp_hash(device_id, otp), now, now + 3600)
+        devices.append((device_id, otp, base64.encodebytes(csr.public_bytes(Encoding.DER)),
+                        csr.public_bytes(Encoding.PEM)))
+    ledger.close()
+    return devices
+
+
+def client(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]], out: multiprocessing.Queue) -> None:
+    """Enroll each device over its own new TLS connection; report (latencies, failures)."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    latencies, failures = [], 0
+    for device_id, otp, body in jobs:
+        auth = base64.b64encode(f"{device_id}:{otp}".encode()).decode()
+        start = time.perf_counter()
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        try:
+            conn.request("POST", "/.well-known/est/simpleenroll", body=body,
+                         headers={"Content-Type": "application/pkcs10", "Authorization": f"Basic {auth}",
+                                  "Connection": "close"})
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200 or not data:
+                failures += 1
+        except OSError:
+            failures += 1
+        finally:
+            conn.close()
+        latencies.append(time.perf_counter() - start)
+    out.put((latencies, failures))
+
+
+def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], clients: int,
+                workers: int) -> dict[str, float]:
+    port = free_port()
+    proc = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
+                                   "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
+                                   "--log-level", "warning"], directory / "serve.log", cwd=REPO)
+    try:
+        proc.wait_port("127.0.0.1", port, 20)
+        ca_file = str(directory / "ca.pem")
+        wait_until(lambda: _cacerts_ok(port, ca_file), 20, "station answering /cacerts")
+        jobs = [(d, o, b) for d, o, b, _ in devices]
+        queue: multiprocessing.Queue = multiprocessing.Queue()
+        procs = [multiprocessing.Process(target=client, args=(port, ca_file, jobs[i::clients], queue))
+                 for i in range(clients)]
+        start = time.perf_counter()
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        elapsed = time.perf_counter() - start
+        for p in procs:
+            p.join()
+    finally:
+        proc.stop()
+    latencies = sorted(x for lat, _ in results for x in lat)
+    failures = sum(f for _, f in results)
+    return {"rate": len(latencies) / elapsed, "p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
+            "elapsed": elapsed, "failures": failures, "count": len(latencies)}
+
+
+def _cacerts_ok(port: int, ca_file: str) -> bool:
+    try:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ssl.create_default_context(cafile=ca_file),
+                                           timeout=2)
+        conn.request("GET", "/.well-known/est/cacerts")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def run_openssl(directory: Path, devices: list[tuple[str, str, bytes, bytes]]) -> dict[str, float]:
+    work = directory / "openssl"
+    work.mkdir()
+    ext = work / "device.ext"
+    ext.write_text(EXTENSIONS)
+    for device_id, _, _, pem in devices:
+        (work / f"{device_id}.csr").write_bytes(pem)
+    latencies = []
+    start = time.perf_counter()
+    for device_id, *_ in devices:
+        t = time.perf_counter()
+        subprocess.run(["openssl", "x509", "-req", "-in", str(work / f"{device_id}.csr"),
+                        "-CA", str(directory / "issuing.pem"), "-CAkey", str(directory / "issuing.key"),
+                        "-set_serial", f"0x{os.urandom(16).hex()}", "-days", "365", "-sha256",
+                        "-extfile", str(ext), "-out", str(work / f"{device_id}.pem")],
+                       check=True, capture_output=True, env={**os.environ, "DEVICE_ID": device_id})
+        latencies.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"rate": len(devices) / elapsed, "p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
+            "elapsed": elapsed, "failures": 0, "count": len(devices)}
+
+
+def _pct(sorted_values: list[float], p: int) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--baseline", type=int, default=300, help="devices signed by the openssl baseline")
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="station worker processes")
+    args = parser.parse_args()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    directory = Path(tempfile.mkdtemp(prefix="enroll-rate-"))
+    try:
+        init_station(directory / "station", TRUST_DOMAIN)
+        devices = prepare(directory / "station", args.devices)
+        baseline = run_openssl(directory / "station", devices[: args.baseline])
+        station = run_station(directory / "station", devices, args.clients, args.workers)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(f"machine: {os.cpu_count()} CPU(s); station: {args.workers} worker process(es), {args.clients} client "
+          "process(es), new TLS connection per device, SQLite ledger (WAL, synchronous=FULL)")
+    print(f"{'':<28}{'devices':>8}{'enroll/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    for name, r in (("tether-station EST/HTTPS", station), ("openssl x509 -req per CSR", baseline)):
+        print(f"{name:<28}{r['count']:>8}{r['rate']:>10.1f}{r['p50'] * 1000:>9.2f}{r['p99'] * 1000:>9.2f}"
+              f"{r['failures']:>8}")
+    print(f"ratio: {station['rate'] / baseline['rate']:.1f}x the openssl-per-device baseline "
+          f"(targets: >= 10x and >= 300 enrollments/s)")
+    return 1 if station["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
