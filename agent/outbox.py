@@ -235,6 +235,7 @@ class Outbox:
         self._last_sent = 0
         self._online = False
         self._fenced = False
+        self._maybe_more = True  # False once a query found nothing unsent: idle ticks skip SQLite
         self._open()
 
     def _open(self) -> OutboxStore | None:
@@ -276,6 +277,7 @@ class Outbox:
         if store is None:
             raise OutboxError(f"the outbox is unavailable: {self.store_error}")
         stored = iter(store.append(accepted) if accepted else [])
+        self._maybe_more = True
         if self.store_error:
             self.store_error = ""
             self.status(outbox={"error": None})
@@ -295,6 +297,7 @@ class Outbox:
         self._online, self._fenced = True, False
         self._inflight.clear()
         self._last_sent = 0
+        self._maybe_more = True
         self.post_fence()
         self._pump()
 
@@ -305,6 +308,7 @@ class Outbox:
                      "session (the broker may see them twice)", len(self._inflight))
         self._inflight.clear()  # unacknowledged messages go again, from the oldest, on the next session
         self._last_sent = 0
+        self._maybe_more = True
         self._flush()
 
     def on_published(self, mid: int) -> None:
@@ -331,10 +335,11 @@ class Outbox:
     def _pump(self) -> None:
         """Fill the in-flight window from the oldest message not yet sent in this session."""
         store = self.store
-        if store is None or not self._online:
+        if store is None or not self._online or not self._maybe_more:
             return
         acked = set(self._acked)
         while len(self._inflight) < self.max_inflight:
+            self._maybe_more = False  # cleared before the query: a commit racing it sets it again
             batch = store.after(self._last_sent, self.max_inflight - len(self._inflight))
             if not batch:
                 return
@@ -352,6 +357,7 @@ class Outbox:
                     self._last_sent = 0
                     return
                 self._inflight[mid] = message.id
+            self._maybe_more = True
 
     def _flush(self) -> None:
         if not self._acked or self.store is None:
