@@ -149,7 +149,7 @@ def test_renewal_is_promoted_only_after_a_session_with_the_new_pair(
         assert (certs / "chain.prev.pem").exists() and not (certs / "chain.next.pem").exists()
         assert (keyfile.read_bytes() != first_key) is new_key
         assert len(station.rows("dev-001")) == 2
-        assert "renewal: new certificate promoted" in agent.log()
+        wait_until(lambda: "renewal: new certificate promoted" in agent.log(), 10, "the promotion log line")
         identity = DeviceIdentity(load(config))
         assert identity.chain_problems() == []
     finally:
