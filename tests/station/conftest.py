@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -115,20 +116,20 @@ def _as_postgres(argv: list[str]) -> list[str]:
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[str]:
+def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL 15 cluster on a free port (socket in its own directory); yields its URL."""
     for tool in ("initdb", "pg_ctl"):
         if not (PG_BIN / tool).exists():
             pytest.fail(f"{PG_BIN / tool} is missing: install the Debian package postgresql-15", pytrace=False)
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         pytest.fail("runuser is missing (util-linux): needed to run PostgreSQL as the postgres user", pytrace=False)
-    base = tmp_path / "pg"
+    # pytest's tmp_path sits under a root-only 0700 directory the postgres user cannot enter
+    base = Path(tempfile.mkdtemp(prefix="tether-pg-"))
     data, sock = base / "data", base / "sock"
-    sock.mkdir(parents=True)
+    sock.mkdir()
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
         shutil.chown(sock, "postgres", "postgres")
-        tmp_path.chmod(0o755)  # postgres must traverse to its directory
     run = subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "tether", "-A", "trust",
                                        "--no-sync"]), capture_output=True, text=True, check=False, timeout=60)
     if run.returncode != 0:
@@ -157,3 +158,4 @@ def postgres(tmp_path: Path) -> Iterator[str]:
     finally:
         subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                        capture_output=True, check=False, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
