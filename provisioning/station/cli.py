@@ -267,17 +267,19 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
 # -- OTA release signing (provisioning.release) --------------------------------------------------------
 @command("release keygen")
 def cmd_release_keygen(args: argparse.Namespace) -> int:
-    from provisioning import release  # type: ignore[attr-defined]
+    from provisioning import release
 
     station = _station(args)
-    result = release.create_release_signer(station.issuer, station.path("release"))
-    print(json.dumps(result, indent=1, default=str) if isinstance(result, dict) else result)
+    # the chain above the issuing CA goes into release.pem, so a device can reach its trust anchor
+    signer = release.create_release_signer(station.issuer, station.path("release"), chain=station.ca_chain[1:],
+                                           overwrite=args.force)
+    print(signer)
     return 0
 
 
 @command("release sign")
 def cmd_release_sign(args: argparse.Namespace) -> int:
-    from provisioning import release  # type: ignore[attr-defined]
+    from provisioning import release
 
     station = _station(args)
     manifest = release.sign_release(station.path("release"), args.name, args.version, Path(args.payload),
@@ -338,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory: server.pem, server.key, ca.pem")
     p.add_argument("--days", type=int)
     rel = sub.add_parser("release", help="OTA release signing").add_subparsers(dest="sub", required=True)
-    rel.add_parser("keygen", parents=[common], help="create the release signing key in DIR/release")
+    p = rel.add_parser("keygen", parents=[common], help="create the release signing key in DIR/release")
+    p.add_argument("--force", action="store_true", help="replace an existing release key")
     p = rel.add_parser("sign", parents=[common], help="sign a release payload into a release directory")
     p.add_argument("--name", required=True, help="release name (what the device installs)")
     p.add_argument("--version", required=True, help="dotted version; devices refuse lower ones")

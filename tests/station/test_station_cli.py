@@ -166,3 +166,17 @@ def test_station_dir_comes_from_the_environment(station_dir: Path) -> None:
     assert "est-server" in out.stdout
     missing = station_cli("ledger", "list", env={"TETHER_STATION_DIR": ""}, check=False)
     assert missing.returncode == 1 and "TETHER_STATION_DIR" in missing.stderr
+
+
+def test_release_keygen_and_sign_use_the_station_issuing_ca(tmp_path: Path, station_dir: Path) -> None:
+    out = run(station_dir, "release", "keygen")
+    assert "codeSigning" in out.stdout
+    again = run(station_dir, "release", "keygen", check=False)
+    assert again.returncode == 1 and "exists already" in again.stderr
+    payload = tmp_path / "app-1.2.0.bin"
+    payload.write_bytes(b"firmware" * 100)
+    manifest = json.loads(run(station_dir, "release", "sign", "--name", "app", "--version", "1.2.0", str(payload),
+                              "--out", str(tmp_path / "rel"), "--min-version", "1.0.0").stdout)
+    assert manifest["name"] == "app" and manifest["version"] == "1.2.0" and manifest["size"] == 800
+    signer = load_certificates((station_dir / "release" / "release.pem").read_bytes())
+    assert signer[-1] == load_certificates((station_dir / "ca.pem").read_bytes())[0]
