@@ -54,12 +54,13 @@ def _check_size(data: bytes, where: str) -> None:
 
 def _names_readable(item: x509.Certificate | x509.CertificateSigningRequest, where: str) -> None:
     """Decode the subject (and issuer) now: `cryptography` decodes names lazily and raises KeyError for
-    an unknown ASN.1 string type, which would otherwise surface far from the parser."""
+    an unknown ASN.1 string type (TypeError for a BIT STRING under another OID), which would otherwise
+    surface far from the parser."""
     try:
         item.subject.rfc4514_string()
         if isinstance(item, x509.Certificate):
             item.issuer.rfc4514_string()
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise PemError(f"{where}: unreadable subject or issuer name ({type(exc).__name__}: {exc})") from None
 
 

@@ -36,7 +36,7 @@ def _ext(cert: x509.Certificate | x509.CertificateSigningRequest, cls: type) -> 
         return cert.extensions.get_extension_for_class(cls)
     except x509.ExtensionNotFound:
         return None
-    except ValueError:  # duplicate or unparsable extension
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):  # duplicate or unparsable
         return None
 
 
