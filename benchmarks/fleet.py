@@ -1,0 +1,362 @@
+"""Fleet simulator: how many device agents this machine holds connected with tokens refreshing.
+
+Usage (from the repository root):
+    python benchmarks/fleet.py                       # ramp 50, 100, 200, 400, 800, 1600 devices
+    python benchmarks/fleet.py --steps 50,100 --hold 20 --token-lifetime 10 --budget 600
+
+Everything is real: one mosquitto with mutual TLS and the lab ACL (`lab.mosquitto`), one
+`tether-station serve` (EST, two worker processes), the lab token service (`lab.tokens`, ES256 JWTs).
+Each device is an `agent.runtime.Runtime` (the code `tether run` runs) with its own config, state
+directory, key and one-time password; it enrolls over EST, connects over mTLS and keeps its token
+fresh over MQTT. A `tether run` process costs ~30 MB, so devices run as threads inside a few worker
+processes (`--workers`), which shares the interpreter but not the sessions, contexts or keys.
+
+For each step of N devices, all boot at once on a signal (the enrollment storm); then the fleet must
+be online with a token within `--settle` seconds, and stay so for `--hold` seconds with every
+device refreshing its token at least once. A step that fails ends the ramp, as does `--budget`.
+Figures printed: storm time (all N enrolled), time until all online with a token, the minimum
+online count seen during the hold, token refreshes during the hold, memory (workers' RSS / N, and
+the marginal RSS per device above the workers' idle baseline), mosquitto's RSS per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TRUST_DOMAIN = "fleet.tether"
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- worker process: many Runtimes, one thread each ------------------------------------------------------
+def worker(spec_file: str) -> int:
+    import logging
+
+    from agent.config import load
+    from agent.runtime import Runtime
+
+    spec = json.loads(Path(spec_file).read_text())
+    stats_file, go_file = Path(spec["stats"]), Path(spec["go"])
+    logging.basicConfig(level=logging.WARNING, filename=spec["log"],
+                        format="%(asctime)s %(threadName)s %(name)s %(message)s")
+    runtimes = [Runtime(load(c)) for c in spec["configs"]]
+    enrolled_at: list[float | None] = [None] * len(runtimes)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+    def device(i: int) -> None:
+        runtime = runtimes[i]
+        try:
+            if runtime.boot():
+                enrolled_at[i] = time.time()
+                runtime.run()
+        except Exception:  # one device's failure is a figure, not the end of the fleet
+            logging.getLogger("fleet").exception("device %s stopped", runtime.config.device.id)
+
+    def report(ready: bool) -> None:
+        tokens = [r.token for r in runtimes if r.token is not None]
+        write_json(stats_file, {
+            "ready": ready, "devices": len(runtimes), "rss_kb": rss_kb(os.getpid()),
+            "enrolled": sum(t is not None for t in enrolled_at),
+            "enrolled_at": [t for t in enrolled_at if t is not None],
+            "online": sum(r.session is not None for r in runtimes),
+            "token_ok": sum(t.current() is not None for t in tokens),
+            "refreshes": [t.refreshes for t in tokens],
+            "threads": threading.active_count(),
+        })
+
+    report(ready=True)
+    while not go_file.exists() and not stopping.is_set():
+        time.sleep(0.01)
+    threads = [threading.Thread(target=device, args=(i,), name=r.config.device.id, daemon=True)
+               for i, r in enumerate(runtimes)]
+    for t in threads:
+        t.start()
+    while not stopping.wait(1.0):
+        report(ready=True)
+    for r in runtimes:
+        r.stop()
+    deadline = time.monotonic() + 15
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return 0
+
+
+# -- the bed: station, broker, token service --------------------------------------------------------------
+class Bed:
+    def __init__(self, root: Path, station_workers: int, token_lifetime: float) -> None:
+        from lab.mosquitto import BrokerFiles, Mosquitto
+        from lab.procs import Proc, free_port, wait_until
+        from lab.tokens import SERVICE_ID, JwtSigner, TokenService
+
+        self.root = root
+        self.station_dir = root / "station"
+        self.cli("init", "--trust-domain", TRUST_DOMAIN)
+        self.cli("server-cert", "--dns", "localhost", "--ip", "127.0.0.1", "--out", str(root / "broker-cert"))
+        self.cli("issue", SERVICE_ID, "--out", str(root / "token-service"))
+        self.broker = Mosquitto(root / "broker", BrokerFiles(self.station_dir / "ca-chain.pem",
+                                                             root / "broker-cert" / "server.pem",
+                                                             root / "broker-cert" / "server.key"),
+                                extra="max_keepalive 120").start()
+        self.port = free_port()
+        self.station = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir",
+                                               str(self.station_dir), "--listen", f"127.0.0.1:{self.port}",
+                                               "--workers", str(station_workers), "--log-level", "warning"],
+                            root / "station.log", cwd=REPO)
+        self.station.wait_port("127.0.0.1", self.port, 20)
+        from agent.tls import client_context
+        from hal.keys import TlsKey
+
+        ctx = client_context(root / "token-service" / "device.pem", TlsKey(str(root / "token-service" / "device.key")),
+                             cafile=str(self.station_dir / "ca.pem"))
+        signer = JwtSigner.load_or_create(root / "jwt.key")
+        self.tokens = TokenService("localhost", self.broker.port, ctx, signer, token_lifetime).start()
+        wait_until(lambda: True, 1, "nothing")
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "provisioning.station.cli", *args, "--dir", str(self.station_dir)],
+                             capture_output=True, text=True, cwd=REPO, check=False, timeout=120)
+        if out.returncode != 0:
+            raise SystemExit(f"tether-station {args[0]} failed: {out.stderr}")
+        return out.stdout
+
+    def devices(self, directory: Path, ids: list[str]) -> list[str]:
+        """Configs for `ids`, each with a fresh one-time password in the station's ledger."""
+        from agent.config import format_value
+        from provisioning.station.ca import Station
+        from provisioning.station.otp import new_otp, otp_hash
+
+        ledger = Station(self.station_dir).open_ledger()
+        configs = []
+        try:
+            now = int(time.time())
+            for device_id in ids:
+                d = directory / device_id
+                d.mkdir(parents=True)
+                otp = new_otp()
+                ledger.add_otp(device_id, otp_hash(device_id, otp), now, now + 3600)
+                (d / "otp").write_text(otp + "\n")
+                sections = {
+                    "device": {"id": device_id, "state_dir": str(d / "state"), "trust_domain": TRUST_DOMAIN},
+                    "est": {"url": f"https://127.0.0.1:{self.port}", "ca_file": str(self.station_dir / "ca.pem"),
+                            "otp_file": str(d / "otp"), "timeout": 60.0},
+                    "identity": {"ca_file": str(self.station_dir / "ca.pem")},
+                    "endpoints": {"urls": [f"mqtts://localhost:{self.broker.port}"]},
+                    "mqtt": {"keepalive": 60, "backoff_base": 0.5, "backoff_cap": 5.0, "connect_timeout": 20.0},
+                    "token": {"timeout": 15.0},
+                }
+                text = "".join(f"[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in body.items()) + "\n"
+                               for name, body in sections.items())
+                (d / "tether.toml").write_text(text)
+                configs.append(str(d / "tether.toml"))
+        finally:
+            ledger.close()
+        return configs
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.tokens.stop()
+        self.station.stop()
+        self.broker.stop()
+
+
+# -- one step of the ramp ---------------------------------------------------------------------------------
+def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    step_dir = root / f"step-{n}"
+    ids = [f"fleet-{n}-{i:05d}" for i in range(n)]
+    configs = bed.devices(step_dir, ids)
+    workers = max(1, min(args.workers, n))
+    go = step_dir / "go"
+    procs, stats = [], []
+    for w in range(workers):
+        spec = step_dir / f"worker-{w}.json"
+        stats.append(step_dir / f"worker-{w}.stats.json")
+        write_json(spec, {"configs": configs[w::workers], "stats": str(stats[-1]), "go": str(go),
+                          "log": str(step_dir / f"worker-{w}.log")})
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(spec)], cwd=REPO,
+                                      stdin=subprocess.DEVNULL, start_new_session=True))
+    result: dict[str, Any] = {"n": n, "held": False, "why": ""}
+
+    def sample() -> list[dict[str, Any]]:
+        return [read_json(s) or {} for s in stats]
+
+    def total(samples: list[dict[str, Any]], key: str) -> int:
+        return sum(int(s.get(key, 0)) for s in samples)
+
+    try:
+        deadline = time.monotonic() + 120
+        while not all(s.get("ready") for s in sample()):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                result["why"] = "workers did not start"
+                return result
+            time.sleep(0.1)
+        baseline = sum(rss_kb(p.pid) for p in procs)
+        go.touch()
+        t0 = time.time()
+        # storm: every device enrolled
+        deadline = time.monotonic() + args.settle
+        while (s := sample()) and total(s, "enrolled") < n:
+            if time.monotonic() > deadline:
+                result["why"] = f"only {total(s, 'enrolled')}/{n} enrolled within {args.settle:.0f} s"
+                return result
+            time.sleep(0.2)
+        times = sorted(t - t0 for w in s for t in w.get("enrolled_at", []))
+        result["storm_s"] = times[-1]
+        result["storm_p50_s"] = times[len(times) // 2]
+        # settle: every device online with a token
+        while (s := sample()) and (total(s, "online") < n or total(s, "token_ok") < n):
+            if time.monotonic() > deadline:
+                result["why"] = (f"{total(s, 'online')}/{n} online, {total(s, 'token_ok')}/{n} with a token "
+                                 f"{args.settle:.0f} s after boot")
+                return result
+            time.sleep(0.2)
+        result["online_s"] = time.time() - t0
+        # hold: stay online, keep refreshing
+        time.sleep(1.5)  # let every worker write a fresh sample
+        start = [r for w in sample() for r in w.get("refreshes", [])]
+        hold_end = time.monotonic() + args.hold
+        min_online, min_token = n, n
+        while time.monotonic() < hold_end:
+            s = sample()
+            min_online = min(min_online, total(s, "online"))
+            min_token = min(min_token, total(s, "token_ok"))
+            time.sleep(0.5)
+        time.sleep(1.2)
+        s = sample()
+        end = [r for w in s for r in w.get("refreshes", [])]
+        per_device = [b - a for a, b in zip(start, end, strict=False)]
+        rss = sum(rss_kb(p.pid) for p in procs)
+        result.update(min_online=min_online, min_token=min_token, refreshes=sum(per_device),
+                      least_refreshes=min(per_device) if per_device else 0,
+                      rss_mb=rss / 1024, rss_per_device_kb=rss / n, marginal_kb=(rss - baseline) / n,
+                      broker_kb=rss_kb(bed.broker.proc.pid) / n if bed.broker.proc else 0,
+                      threads=total(s, "threads"))
+        if min_online < n or min_token < n:
+            result["why"] = f"during the hold: as few as {min_online}/{n} online, {min_token}/{n} with a token"
+        elif len(per_device) < n or min(per_device) < 1:
+            result["why"] = "a device did not refresh its token during the hold"
+        else:
+            result["held"] = True
+        return result
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = (f"{'N':>6} {'held':>5} {'storm s':>8} {'p50 s':>6} {'online s':>9} {'min on':>7} {'refreshes':>9} "
+            f"{'RSS MB':>7} {'KB/dev':>7} {'marg KB':>8} {'broker KB':>9}  note")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        def f(key: str, fmt: str, r: dict[str, Any] = r) -> str:
+            return format(r[key], fmt) if key in r else "-"
+        lines.append(f"{r['n']:>6} {'yes' if r['held'] else 'NO':>5} {f('storm_s', '8.1f')} {f('storm_p50_s', '6.1f')} "
+                     f"{f('online_s', '9.1f')} {f('min_online', '7d')} {f('refreshes', '9d')} {f('rss_mb', '7.0f')} "
+                     f"{f('rss_per_device_kb', '7.0f')} {f('marginal_kb', '8.0f')} {f('broker_kb', '9.1f')}  "
+                     f"{r['why']}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", default="50,100,200,400,800,1600", help="fleet sizes to try, in order")
+    p.add_argument("--max", type=int, default=1600, help="largest N to try")
+    p.add_argument("--hold", type=float, default=20.0, help="seconds each step must stay connected")
+    p.add_argument("--settle", type=float, default=180.0, help="seconds to enroll and come online")
+    p.add_argument("--token-lifetime", type=float, default=10.0, help="JWT lifetime; refresh at half of it")
+    p.add_argument("--workers", type=int, default=4, help="device processes")
+    p.add_argument("--station-workers", type=int, default=2)
+    p.add_argument("--budget", type=float, default=900.0, help="stop ramping after this many seconds")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    if args.hold < args.token_lifetime:
+        p.error("--hold must be at least --token-lifetime so every device refreshes during it")
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # mosquitto and the workers inherit it
+    steps = [n for n in (int(x) for x in args.steps.split(",")) if n <= args.max]
+    root = Path(tempfile.mkdtemp(prefix="tether-fleet-"))
+    started = time.monotonic()
+    results: list[dict[str, Any]] = []
+    bed = Bed(root, args.station_workers, args.token_lifetime)
+    try:
+        for n in steps:
+            if time.monotonic() - started > args.budget:
+                print(f"time budget of {args.budget:.0f} s spent; stopping before N={n}", flush=True)
+                break
+            print(f"== N={n}: booting, enrolling, connecting, holding {args.hold:.0f} s", flush=True)
+            results.append(run_step(bed, n, args, root))
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+            if not results[-1]["held"]:
+                break
+    finally:
+        bed.stop()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"work directory kept: {root}")
+    print()
+    print(f"fleet on {os.cpu_count()} CPUs, token lifetime {args.token_lifetime:.0f} s, hold {args.hold:.0f} s, "
+          f"{args.workers} device processes, station with {args.station_workers} workers")
+    print(table(results))
+    held = [r for r in results if r["held"]]
+    print(f"\nlargest N held: {held[-1]['n'] if held else 0}")
+    if len(held) >= 2:  # the per-device cost without the fixed cost of interpreters and imports
+        a, b = held[-2], held[-1]
+        dn = b["n"] - a["n"]
+        print(f"memory per device between N={a['n']} and N={b['n']}: agents "
+              f"{(b['rss_mb'] - a['rss_mb']) * 1024 / dn:.0f} KB, mosquitto "
+              f"{(b['broker_kb'] * b['n'] - a['broker_kb'] * a['n']) / dn:.0f} KB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
