@@ -183,14 +183,19 @@ def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
 
 def attach_ota(runtime: Any) -> None:
     """Firmware operations (515) on the session, reported in SmartREST on the upstream topic."""
-    from agent.ota.agent import OtaAgent
+    from agent.ota.component import LazyOta
 
     def publish(line: str) -> None:
         if runtime.publish(runtime.topics.upstream, line, 1) is None:
             raise AgentError("offline")  # OtaAgent keeps the report and sends it at the next session
 
-    token = runtime.token.current if runtime.token else (lambda: None)
-    runtime.components.append(OtaAgent(runtime.config, publish, token, runtime.request_restart))
+    def updater() -> Any:
+        from agent.ota.agent import OtaAgent
+
+        token = runtime.token.current if runtime.token else (lambda: None)
+        return OtaAgent(runtime.config, publish, token, runtime.request_restart)
+
+    runtime.components.append(LazyOta(runtime.config, updater))
 
 
 # Optional runtime components (OTA, outbox) register a function that attaches them.

@@ -18,8 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.config import Config
 from agent.core.backoff import Backoff
@@ -34,8 +33,7 @@ STAGED_CHAIN = "chain.next.pem"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-@dataclass(frozen=True)
-class Threshold:
+class Threshold(NamedTuple):
     """Renew at `share` of the lifetime, or `before` seconds ahead of expiry (exactly one is set)."""
 
     share: float | None = None

@@ -1,0 +1,45 @@
+"""The OTA updater as a runtime component that costs nothing until there is OTA work.
+
+`tether run` must start light (paho-mqtt and the standard library): the updater, its state machine
+and its HTTP client are imported only when a `515` operation arrives or when an earlier update left
+state behind (`<state_dir>/ota/state.json`: an update to resume, confirm, roll back or report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+FIRMWARE_OPERATION = "515,"
+
+
+class LazyOta:
+    def __init__(self, config: Any, factory: Callable[[], Any]) -> None:
+        self.state_file = Path(config.state_dir) / "ota" / "state.json"
+        self._factory = factory
+        self._agent: Any = None
+
+    def _updater(self) -> Any:
+        if self._agent is None:
+            self._agent = self._factory()
+        return self._agent
+
+    def _has_work(self) -> bool:
+        return self._agent is not None or self.state_file.exists()
+
+    def on_boot(self) -> str:
+        return self._updater().on_boot() if self._has_work() else "ota: no update state; running the base image"
+
+    def on_session_up(self) -> None:
+        if self._has_work():
+            self._updater().on_session_up()
+
+    def on_operation(self, line: str) -> bool:
+        if not line.startswith(FIRMWARE_OPERATION):
+            return False
+        return bool(self._updater().on_operation(line))
+
+    def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
