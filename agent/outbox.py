@@ -26,9 +26,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.config import Config
 from agent.errors import AgentError
@@ -80,8 +79,7 @@ def resolve_topic(prefix: str, topic: str) -> str:
     return absolute
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     id: int
     topic: str
     payload: bytes
