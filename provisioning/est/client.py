@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 
 from provisioning.certs import load_certificates, same_public_key, subject_of
 from provisioning.errors import EnrollmentError, PemError
@@ -62,6 +64,14 @@ class BearerAuth:
 
 
 Auth = BasicAuth | ClientCertAuth | BearerAuth | None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    reason: str
+    headers: Mapping[str, str]   # case-insensitive, as HTTP header names are
+    content: bytes
 
 
 class _ContextAdapter(HTTPAdapter):
@@ -170,9 +180,25 @@ class EstClient:
 
     # -- HTTP ------------------------------------------------------------------------------------------
     def _request(self, method: str, operation: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None) -> tuple[requests.Response, bytes]:
-        """(response, body) for a 200/201 answer; EnrollmentError for anything else."""
+                 headers: dict[str, str] | None = None) -> tuple[_Answer, bytes]:
+        """(answer, body) for a 200/201 answer; EnrollmentError for anything else."""
         url = f"{self.base_url}/{operation}"
+        answer = self._exchange(method, url, body, headers)
+        content, status = answer.content, answer.status
+        if len(content) > MAX_RESPONSE:
+            raise EnrollmentError(f"{url}: answer larger than {MAX_RESPONSE} bytes", retryable=False, status=status)
+        if status in (200, 201):
+            return answer, content
+        reason = content.decode("utf-8", "replace").strip()[:_REASON_LIMIT] or answer.reason
+        if status == 202:
+            raise EnrollmentError(f"{url}: request accepted but pending (manual approval); retry after "
+                                  f"{answer.headers.get('Retry-After', '?')} s", retryable=True, status=status)
+        retryable = status >= 500 or status in (408, 429)
+        raise EnrollmentError(f"{url}: HTTP {status}: {reason}", retryable=retryable, status=status)
+
+    def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str] | None) -> _Answer:
+        # Plain data out, so no error raised later holds the `requests` response (and through it the
+        # socket) alive in its traceback.
         headers = dict(headers or {})
         auth: Any = None
         if isinstance(self.auth, BasicAuth):
@@ -180,34 +206,22 @@ class EstClient:
         elif isinstance(self.auth, BearerAuth):
             headers["Authorization"] = f"Bearer {self.auth.token}"
         try:
-            response = self.session.request(method, url, data=body, headers=headers, auth=auth,
-                                            timeout=self.timeout, verify=self.ca_file or True, stream=True)
-            content = response.raw.read(MAX_RESPONSE + 1, decode_content=True)
+            with self.session.request(method, url, data=body, headers=headers, auth=auth, timeout=self.timeout,
+                                      verify=self.ca_file or True) as response:
+                return _Answer(response.status_code, response.reason, CaseInsensitiveDict(response.headers),
+                               response.content)
         except requests.exceptions.SSLError as exc:
             # a certificate the server refuses, or a server we do not trust: retrying will not help
             raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=False) from None
         except (requests.RequestException, OSError) as exc:
             raise EnrollmentError(f"{url}: {type(exc).__name__}: {exc}", retryable=True) from None
-        if len(content) > MAX_RESPONSE:
-            raise EnrollmentError(f"{url}: answer larger than {MAX_RESPONSE} bytes", retryable=False,
-                                  status=response.status_code)
-        status = response.status_code
-        if status in (200, 201):
-            return response, content
-        reason = content.decode("utf-8", "replace").strip()[:_REASON_LIMIT] or response.reason
-        if status == 202:
-            retry_after = response.headers.get("Retry-After", "?")
-            raise EnrollmentError(f"{url}: request accepted but pending (manual approval); retry after "
-                                  f"{retry_after} s", retryable=True, status=status)
-        retryable = status >= 500 or status in (408, 429)
-        raise EnrollmentError(f"{url}: HTTP {status}: {reason}", retryable=retryable, status=status)
 
-    def _certs(self, response: requests.Response, data: bytes, operation: str) -> list[x509.Certificate]:
+    def _certs(self, response: _Answer, data: bytes, operation: str) -> list[x509.Certificate]:
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type not in ("application/pkcs7-mime", "application/x-pkcs7-certificates"):
             raise EnrollmentError(f"{self.base_url}/{operation}: expected application/pkcs7-mime, got "
                                   f"{content_type or 'no Content-Type'!r}", retryable=False,
-                                  status=response.status_code)
+                                  status=response.status)
         try:
             der = base64.b64decode(b"".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
@@ -215,8 +229,8 @@ class EstClient:
         try:
             certs = load_certificates(der, f"{self.base_url}/{operation} answer")
         except PemError as exc:
-            raise EnrollmentError(str(exc), retryable=False, status=response.status_code) from None
+            raise EnrollmentError(str(exc), retryable=False, status=response.status) from None
         if not certs:
             raise EnrollmentError(f"{self.base_url}/{operation}: the answer holds no certificate",
-                                  retryable=False, status=response.status_code)
+                                  retryable=False, status=response.status)
         return certs

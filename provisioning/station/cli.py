@@ -102,7 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
               f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
 
-    return serve(_station(args), host, int(port), workers=args.workers, ledger=args.db, ready=ready)
+    return serve(_station(args), host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
+                 ready=ready)
 
 
 @command("otp")
@@ -305,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="EST enrollment server over HTTPS")
     p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
+    p.add_argument("--threads", type=int, default=32, help="connections each worker serves at once (default 32)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p = sub.add_parser("otp", parents=[common], help="print a one-time password for a device's first enrollment")
     p.add_argument("device_id", metavar="DEVICE_ID")

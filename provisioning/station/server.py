@@ -1,4 +1,4 @@
-"""EST over HTTPS (RFC 7030): the standard library's threading HTTP server behind `ssl`, pre-forked.
+"""EST over HTTPS (RFC 7030): the standard library's HTTP server behind `ssl`, pre-forked, thread pools.
 
 Only the HTTP and TLS plumbing lives here; every decision is `enrollment.Enrollment.handle`. The TLS
 handshake runs in the connection's own thread (not in the accept loop), so a slow or broken client
@@ -21,7 +21,8 @@ import socket
 import ssl
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from provisioning.certs import to_pem
@@ -36,6 +37,8 @@ PKCS7_TYPE = "application/pkcs7-mime; smime-type=certs-only"
 MAX_BODY = 64 * 1024   # a P-256 or RSA-4096 CSR is under 4 KiB; anything near this is not a CSR
 DRAIN_LIMIT = 1 << 20  # refused bodies up to this size are read and dropped so the refusal arrives
 IO_TIMEOUT = 10.0      # per socket operation: handshake, headers, body
+STOP_GRACE = 2.0
+DEFAULT_THREADS = 32   # connections one worker handles at once (a factory line, not the internet)
 
 
 class EstHandler(BaseHTTPRequestHandler):
@@ -149,11 +152,13 @@ class EstHandler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.client_address[0], *args)
 
 
-class EstServer(ThreadingHTTPServer):
-    """A threading HTTP server on an already bound socket, doing TLS per connection thread."""
+class EstServer(HTTPServer):
+    """An HTTP server on an already bound (possibly shared) socket, served by a fixed pool of threads.
 
-    daemon_threads = True
-    block_on_close = False  # an idle keep-alive connection must not hold up shutdown
+    Each thread blocks in accept() and then handles that connection, TLS handshake included, so a slow
+    client holds up only its own thread; no thread is created per connection (that and the selector
+    loop of ThreadingHTTPServer cost about a tenth of an enrollment here).
+    """
 
     def __init__(self, sock: socket.socket, enrollment: Enrollment, context: ssl.SSLContext) -> None:
         super().__init__(sock.getsockname()[:2], EstHandler, bind_and_activate=False)
@@ -161,6 +166,45 @@ class EstServer(ThreadingHTTPServer):
         self.socket = sock
         self.enrollment = enrollment
         self.context = context
+        self._stopping = threading.Event()
+
+    def serve_pool(self, threads: int) -> None:
+        """Serve until `stop()`, then give in-flight requests STOP_GRACE seconds to finish.
+
+        Threads still busy after that are idle keep-alive connections (or stuck clients); they are
+        daemons and end with the process. A request cut there loses only its answer: its ledger
+        transaction committed whole or not at all, and the device's retry gets the same certificate.
+        """
+        pool = [threading.Thread(target=self._accept_loop, name=f"est-{i}", daemon=True) for i in range(threads)]
+        for t in pool:
+            t.start()
+        self._stopping.wait()
+        deadline = time.monotonic() + STOP_GRACE
+        for t in pool:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        # wakes every thread blocked in accept(); the socket is shared with sibling workers, which
+        # are being stopped by the same signal
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                request, client_address = self.socket.accept()
+            except OSError as exc:
+                if not self._stopping.is_set():
+                    log.warning("accept failed: %s", exc)
+                continue
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # one connection's bug must not cost the thread (logged with its traceback)
+                log.exception("%s: unexpected error", client_address[0])
+            finally:
+                with contextlib.suppress(OSError):
+                    request.close()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(IO_TIMEOUT)
@@ -190,8 +234,8 @@ def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext
     return ctx
 
 
-def serve(station: Station, host: str, port: int, *, workers: int = 1, ledger: str | None = None,
-          ready: Any = None) -> int:
+def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: int = DEFAULT_THREADS,
+          ledger: str | None = None, ready: Any = None) -> int:
     """Serve EST on host:port until SIGTERM/SIGINT; returns the exit status.
 
     `ready(port)` is called once the socket listens (the CLI prints the URL). Raises StationError
@@ -212,14 +256,14 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, ledger: s
     if ready is not None:
         ready(sock.getsockname()[1])
     if workers <= 1:
-        return _worker(station, sock, context, ledger)
+        return _worker(station, sock, context, ledger, threads)
     children: set[int] = set()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = _worker(station, sock, context, ledger)
+                code = _worker(station, sock, context, ledger, threads)
             finally:
                 os._exit(code)
         children.add(pid)
@@ -227,17 +271,18 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, ledger: s
     return _supervise(children)
 
 
-def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledger: str | None) -> int:
+def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledger: str | None,
+            threads: int) -> int:
     led = station.open_ledger(ledger)
     server = EstServer(sock, Enrollment(station, led), context)
 
     def stop(signum: int, frame: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        server.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server.serve_forever(poll_interval=0.1)
+        server.serve_pool(threads)
     finally:
         server.server_close()
         led.close()
