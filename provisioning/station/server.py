@@ -214,7 +214,7 @@ class EstServer(HTTPServer):
             log.info("%s TLS handshake failed: %s", client_address[0], exc)
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            EstHandler(tls, client_address, self)
         except (ssl.SSLError, OSError) as exc:  # client vanished mid-request
             log.info("%s connection error: %s", client_address[0], exc)
         finally:
