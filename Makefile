@@ -25,5 +25,11 @@ test: lint typecheck
 unit:
 	$(PYTHON) -m pytest -q tests/unit
 
+# Every figure in the README; the fleet ramp is shortened here (`python benchmarks/fleet.py` for the full one).
 bench:
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+	$(PYTHON) benchmarks/runtime.py
+	$(PYTHON) benchmarks/token_refresh.py
+	$(PYTHON) benchmarks/enroll_rate.py
+	$(PYTHON) benchmarks/ota_download.py
+	$(PYTHON) benchmarks/firmware_size.py
+	$(PYTHON) benchmarks/fleet.py --steps 50,100 --hold 10
