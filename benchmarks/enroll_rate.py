@@ -6,6 +6,7 @@ What is timed:
 - station: each device opens a NEW TLS connection, POSTs its CSR to /simpleenroll with HTTP Basic
   (device id, one-time password) and reads the PKCS#7 chain; `--clients` processes share the devices.
   The server is a real `tether-station serve` subprocess with a SQLite ledger (WAL, synchronous=FULL).
+- CPU: station workers and clients together, and the openssl processes, per enrollment.
 - baseline: the same CSRs signed by invoking `openssl x509 -req` once per device with the station's
   issuing CA and the same extensions, one after another (what a factory script looping over
   devices does).
@@ -19,6 +20,7 @@ import base64
 import http.client
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import ssl
@@ -88,7 +90,8 @@ def client(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]], out: mul
         finally:
             conn.close()
         latencies.append(time.perf_counter() - start)
-    out.put((latencies, failures))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.put((latencies, failures, usage.ru_utime + usage.ru_stime))
 
 
 def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], clients: int,
@@ -102,6 +105,7 @@ def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], c
         ca_file = str(directory / "ca.pem")
         wait_until(lambda: _cacerts_ok(port, ca_file), 20, "station answering /cacerts")
         jobs = [(d, o, b) for d, o, b, _ in devices]
+        server_cpu = _tree_cpu(proc.pid)
         queue: multiprocessing.Queue = multiprocessing.Queue()
         procs = [multiprocessing.Process(target=client, args=(port, ca_file, jobs[i::clients], queue))
                  for i in range(clients)]
@@ -110,14 +114,33 @@ def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], c
             p.start()
         results = [queue.get() for _ in procs]
         elapsed = time.perf_counter() - start
+        server_cpu = _tree_cpu(proc.pid) - server_cpu
         for p in procs:
             p.join()
     finally:
         proc.stop()
-    latencies = sorted(x for lat, _ in results for x in lat)
-    failures = sum(f for _, f in results)
+    latencies = sorted(x for lat, _, _ in results for x in lat)
+    failures = sum(f for _, f, _ in results)
+    cpu = server_cpu + sum(c for _, _, c in results)
     return {"rate": len(latencies) / elapsed, "p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
-            "elapsed": elapsed, "failures": failures, "count": len(latencies)}
+            "elapsed": elapsed, "failures": failures, "count": len(latencies), "cpu": cpu / len(latencies),
+            "server_cpu": server_cpu / len(latencies)}
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and its children (the station's workers)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _cacerts_ok(port: int, ca_file: str) -> bool:
@@ -140,6 +163,7 @@ def run_openssl(directory: Path, devices: list[tuple[str, str, bytes, bytes]]) -
     for device_id, _, _, pem in devices:
         (work / f"{device_id}.csr").write_bytes(pem)
     latencies = []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     for device_id, *_ in devices:
         t = time.perf_counter()
@@ -150,9 +174,11 @@ def run_openssl(directory: Path, devices: list[tuple[str, str, bytes, bytes]]) -
                        check=True, capture_output=True, env={**os.environ, "DEVICE_ID": device_id})
         latencies.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     latencies.sort()
     return {"rate": len(devices) / elapsed, "p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
-            "elapsed": elapsed, "failures": 0, "count": len(devices)}
+            "elapsed": elapsed, "failures": 0, "count": len(devices), "cpu": cpu / len(devices)}
 
 
 def _pct(sorted_values: list[float], p: int) -> float:
@@ -179,12 +205,21 @@ def main() -> int:
         shutil.rmtree(directory, ignore_errors=True)
     print(f"machine: {os.cpu_count()} CPU(s); station: {args.workers} worker process(es), {args.clients} client "
           "process(es), new TLS connection per device, SQLite ledger (WAL, synchronous=FULL)")
-    print(f"{'':<28}{'devices':>8}{'enroll/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    print(f"{'':<28}{'devices':>8}{'enroll/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}{'failed':>8}")
     for name, r in (("tether-station EST/HTTPS", station), ("openssl x509 -req per CSR", baseline)):
         print(f"{name:<28}{r['count']:>8}{r['rate']:>10.1f}{r['p50'] * 1000:>9.2f}{r['p99'] * 1000:>9.2f}"
-              f"{r['failures']:>8}")
+              f"{r['cpu'] * 1000:>8.2f}{r['failures']:>8}")
     print(f"ratio: {station['rate'] / baseline['rate']:.1f}x the openssl-per-device baseline "
           f"(targets: >= 10x and >= 300 enrollments/s)")
+    # CPU per enrollment does not depend on what else the machine runs, unlike the rates above
+    print(f"CPU per enrollment: station {station['server_cpu'] * 1000:.2f} ms + clients "
+          f"{(station['cpu'] - station['server_cpu']) * 1000:.2f} ms (TLS handshakes on both sides); openssl "
+          f"{baseline['cpu'] * 1000:.2f} ms; openssl / (station + clients) {baseline['cpu'] / station['cpu']:.1f}x, "
+          f"openssl / station alone {baseline['cpu'] / station['server_cpu']:.1f}x")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) + 0.5:
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPU(s): other work shared the machine, "
+              "rates are low; rerun on an idle machine")
     return 1 if station["failures"] else 0
 
 
