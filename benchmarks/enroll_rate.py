@@ -5,7 +5,7 @@
 What is timed:
 - station: each device opens a NEW TLS connection, POSTs its CSR to /simpleenroll with HTTP Basic
   (device id, one-time password) and reads the PKCS#7 chain; `--clients` processes share the devices.
-  The server is a real `tether-station serve` subprocess with a SQLite ledger (WAL, synchronous=FULL).
+  The server is a real `tether-station serve` subprocess with a SQLite ledger (WAL; `--ledger-sync`, default full).
 - CPU: station workers and clients together, and the openssl processes, per enrollment.
 - baseline: the same CSRs signed by invoking `openssl x509 -req` once per device with the station's
   issuing CA and the same extensions, one after another (what a factory script looping over
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import http.client
 import multiprocessing
 import os
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 from hal.keys.file import generate  # noqa: E402
 from lab.procs import Proc, free_port, wait_until  # noqa: E402
 from provisioning.csr import build_csr  # noqa: E402
-from provisioning.station.ca import Station, init_station  # noqa: E402
+from provisioning.station.ca import SETTINGS, Settings, Station, init_station  # noqa: E402
 from provisioning.station.otp import new_otp, otp_hash  # noqa: E402
 
 TRUST_DOMAIN = "bench.tether"
@@ -192,19 +193,24 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--baseline", type=int, default=300, help="devices signed by the openssl baseline")
     parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--ledger-sync", choices=("full", "normal"), default="full",
+                        help="station.toml ledger_sync: fsync per issuance (full, the default) or not")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="station worker processes")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     directory = Path(tempfile.mkdtemp(prefix="enroll-rate-"))
     try:
         init_station(directory / "station", TRUST_DOMAIN)
+        settings_file = directory / "station" / SETTINGS
+        settings_file.write_bytes(dataclasses.replace(Settings.read(settings_file),
+                                                      ledger_sync=args.ledger_sync).render())
         devices = prepare(directory / "station", args.devices)
         baseline = run_openssl(directory / "station", devices[: args.baseline])
         station = run_station(directory / "station", devices, args.clients, args.workers)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(f"machine: {os.cpu_count()} CPU(s); station: {args.workers} worker process(es), {args.clients} client "
-          "process(es), new TLS connection per device, SQLite ledger (WAL, synchronous=FULL)")
+          f"process(es), new TLS connection per device, SQLite ledger (WAL, synchronous={args.ledger_sync.upper()})")
     print(f"{'':<28}{'devices':>8}{'enroll/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}{'failed':>8}")
     for name, r in (("tether-station EST/HTTPS", station), ("openssl x509 -req per CSR", baseline)):
         print(f"{name:<28}{r['count']:>8}{r['rate']:>10.1f}{r['p50'] * 1000:>9.2f}{r['p99'] * 1000:>9.2f}"

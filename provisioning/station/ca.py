@@ -53,6 +53,7 @@ class Settings:
 
     trust_domain: str = "tether.local"
     ledger: str = LEDGER
+    ledger_sync: str = "full"     # SQLite: "full" (fsync per issuance) or "normal" (see ledger.py)
     device_days: int = 365
     server_days: int = 825
     otp_ttl: int = 24 * 3600
@@ -156,7 +157,7 @@ class Station:
         where = location or self.settings.ledger
         if "://" not in where:
             where = str(self.directory / where)
-        return Ledger(where)
+        return Ledger(where, self.settings.ledger_sync)
 
     # -- issuing -------------------------------------------------------------------------------------
     def device_cert(self, public_key: Any, device_id: str, sans: Sequence[x509.GeneralName] = (),
