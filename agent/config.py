@@ -170,6 +170,16 @@ class Config(NamedTuple):
         return {name: getattr(self, name)._asdict() for name in SECTIONS}
 
 
+_HINTS: dict[str, dict[str, Any]] = {}
+
+
+def _hints(section: str) -> dict[str, Any]:
+    """Field types of a section (resolved once: evaluating annotations is the slow part of a load)."""
+    if section not in _HINTS:
+        _HINTS[section] = typing.get_type_hints(SECTIONS[section])
+    return _HINTS[section]
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is tuple:
         return f"list of {typing.get_args(tp)[0].__name__}"
@@ -197,7 +207,7 @@ def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path) 
             raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: [{section}] must be a table, got {type(body).__name__}")
-        hints = typing.get_type_hints(SECTIONS[section])
+        hints = _hints(section)
         for key, value in body.items():
             where = f"{path}: [{section}] {key}"
             if key not in hints:
@@ -304,7 +314,7 @@ SET_FILE = "99-set-by-tether.toml"
 
 def _split_key(dotted: str) -> tuple[str, str]:
     section, _, key = dotted.partition(".")
-    if section not in SECTIONS or key not in typing.get_type_hints(SECTIONS[section]):
+    if section not in SECTIONS or key not in _hints(section):
         raise ConfigError(f"{dotted!r} is not a configuration key (use section.key, e.g. keys.backend; "
                           "`tether config show` lists them)")
     return section, key
@@ -329,7 +339,7 @@ def set_value(base: Path, dotted: str, text: str) -> Path:
         value: Any = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    hint = typing.get_type_hints(SECTIONS[section])[key]
+    hint = _hints(section)[key]
     if hint is str and not isinstance(value, str):
         value = text
     target = base.parent / "config.d" / SET_FILE

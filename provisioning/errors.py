@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hal.errors import TetherError
 
@@ -15,8 +15,7 @@ class PemError(ProvisioningError):
     """Certificate, CSR or key data that does not parse."""
 
 
-@dataclass(frozen=True)
-class Violation:
+class Violation(NamedTuple):
     """One broken rule: which certificate (subject, serial), which rule, and what was found."""
 
     subject: str
