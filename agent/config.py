@@ -27,6 +27,7 @@ class KeysSection(NamedTuple):
     backend: str = "file"          # file | tpm
     algorithm: str = "ec-p256"     # ec-p256 | rsa-2048 | rsa-3072 (tpm: ec-p256 | rsa-2048)
     tcti: str = "device:/dev/tpmrm0"
+    parent_handle: str = ""        # tpm: persistent storage key for the device key (e.g. "0x81000001")
     passphrase_file: str = ""      # file keys: encrypt the PKCS#8 PEM with this passphrase
 
 

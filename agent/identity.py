@@ -38,6 +38,7 @@ class DeviceIdentity:
         options: dict[str, Any] = {}
         if keys.backend == "tpm":
             options["tcti"] = keys.tcti
+            options["parent_handle"] = keys.parent_handle
         elif keys.passphrase_file:
             options["passphrase"] = read_secret_file(keys.passphrase_file, "key passphrase")
         return open_keystore(keys.backend, self.config.keys_dir, **options)

@@ -54,14 +54,40 @@ default_properties = ?provider=tpm2,tpm2.digest!=yes
 """
 
 
+PERSISTENT_RANGE = range(0x81000000, 0x82000000)  # TPM2_HT_PERSISTENT handles
+
+
+def parse_handle(value: str | int | None) -> int | None:
+    """A persistent handle from config (`"0x81000001"`); None when unset; KeyStoreError otherwise."""
+    if value in (None, ""):
+        return None
+    try:
+        handle = int(value, 16) if isinstance(value, str) else int(value)
+    except ValueError:
+        raise KeyStoreError(f"[keys] parent_handle {value!r} is not a hex TPM handle such as 0x81000001") from None
+    if handle not in PERSISTENT_RANGE:
+        raise KeyStoreError(f"[keys] parent_handle 0x{handle:08x} is not a persistent handle "
+                            "(0x81000000..0x81ffffff)")
+    return handle
+
+
 class TpmKeyStore:
-    """Keys in `<directory>/<label>.tss2.pem`, usable only with the TPM that created them."""
+    """Keys in `<directory>/<label>.tss2.pem`, usable only with the TPM that created them.
+
+    By default a key's parent is the owner hierarchy's primary storage key, derived again from the
+    TPM's seed on every use. With `parent_handle` (for example 0x81000001, the handle the TCG
+    provisioning guidance gives the SRK) the parent is a storage key made persistent at that handle,
+    created on first use: loading a key then skips the primary derivation, and tpm2-openssl finds the
+    parent through the same handle recorded in the blob.
+    """
 
     backend = "tpm"
 
-    def __init__(self, directory: Path, tcti: str | None = None, **_: Any) -> None:
+    def __init__(self, directory: Path, tcti: str | None = None, parent_handle: str | int | None = None,
+                 **_: Any) -> None:
         self.directory = Path(directory)
         self.tcti = tcti or os.environ.get("TPM2OPENSSL_TCTI") or DEFAULT_TCTI
+        self.parent_handle = parse_handle(parent_handle)
 
     def path(self, label: str) -> Path:
         return self.directory / f"{check_label(label)}.tss2.pem"
@@ -86,6 +112,29 @@ class TpmKeyStore:
     def exists(self, label: str) -> bool:
         return self.path(label).is_file()
 
+    def _persistent_parent(self, ectx: Any) -> int:
+        """The persistent storage key at `parent_handle`, created (ECC P-256 SRK template) if absent."""
+        from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.tsskey import _parent_ecc_template
+
+        handle = self.parent_handle
+        assert handle is not None
+        try:
+            ectx.tr_from_tpmpublic(handle)
+            return handle
+        except TSS2_Exception:
+            pass  # not there yet: this is the first key under it
+        try:
+            primary, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=_parent_ecc_template),
+                                              ESYS_TR.RH_OWNER)
+            ectx.evict_control(ESYS_TR.RH_OWNER, primary, handle)
+            ectx.flush_context(primary)
+        except TSS2_Exception as exc:
+            raise KeyStoreError(f"cannot make the storage key persistent at 0x{handle:08x}: {exc} (owner "
+                                "authorization set, or the handle taken by another object?)") from exc
+        return handle
+
     def create(self, label: str, algorithm: str = DEFAULT_ALGORITHM) -> None:
         from tpm2_pytss.tsskey import TSSPrivKey
 
@@ -96,7 +145,10 @@ class TpmKeyStore:
             raise KeyStoreError(f"key algorithm {algorithm!r} is unsupported by the TPM backend: expected "
                                 f"one of {', '.join(TPM_ALGORITHMS)}")
         with self._esapi() as ectx:
-            key = TSSPrivKey.create_ecc(ectx) if algorithm == "ec-p256" else TSSPrivKey.create_rsa(ectx, 2048)
+            parent = self._persistent_parent(ectx) if self.parent_handle else None
+            options = {"parent": parent} if parent else {}
+            key = (TSSPrivKey.create_ecc(ectx, **options) if algorithm == "ec-p256"
+                   else TSSPrivKey.create_rsa(ectx, 2048, **options))
         storage.ensure_dir(self.directory)
         storage.atomic_write(path, key.to_pem(), storage.SECRET_MODE)
 
@@ -166,4 +218,5 @@ class TpmKeyStore:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "directory": str(self.directory), "tcti": self.tcti,
+                "parent_handle": f"0x{self.parent_handle:08x}" if self.parent_handle else "owner primary",
                 "non_exportable": True}

@@ -64,3 +64,20 @@ def test_device_without_certificate_is_refused_by_the_broker(tmp_path: Path, pki
         except (ssl.SSLError, ConnectionResetError) as exc:
             data = str(exc).encode()
     assert not data.startswith(b"\x20"), "mosquitto sent a CONNACK to a client without a certificate"
+
+
+def test_tpm_key_under_a_persistent_parent_publishes_over_mtls(tmp_path: Path, pki: Pki, broker: Mosquitto,
+                                                              softtpm: SoftTpm) -> None:
+    config, identity = provision(tmp_path, pki, "dev-srk", backend="tpm", tcti=softtpm.tcti,
+                                 parent_handle="0x81000001")
+    persistent = subprocess.run(["tpm2_getcap", "handles-persistent"], capture_output=True, text=True, check=True,
+                                env={**os.environ, **softtpm.env})
+    assert "0x81000001" in persistent.stdout
+    assert identity.keystore.describe()["parent_handle"] == "0x81000001"
+    done = publish(config, broker, pki, "dev-srk/telemetry", identity.keystore.tls_env())
+    assert done.returncode == 0, done.stderr + broker.log()
+    # a second key reuses the same persistent parent instead of creating another
+    identity.keystore.create("device.next")
+    again = subprocess.run(["tpm2_getcap", "handles-persistent"], capture_output=True, text=True, check=True,
+                           env={**os.environ, **softtpm.env})
+    assert again.stdout.count("0x81") == 1
