@@ -31,7 +31,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _ext(cert: x509.Certificate | x509.CertificateSigningRequest, cls: type) -> x509.Extension | None:
+def extension(cert: x509.Certificate | x509.CertificateSigningRequest, cls: type) -> x509.Extension | None:
+    """The extension of type `cls`, or None when absent, duplicated or unparsable (the rules then report
+    it as missing, naming the certificate)."""
     try:
         return cert.extensions.get_extension_for_class(cls)
     except x509.ExtensionNotFound:
@@ -69,7 +71,7 @@ class ChainPolicy:
         return [Violation(subject, serial, "key-type", f"{type(key).__name__}, expected EC P-256 or RSA")]
 
     # -- one certificate ----------------------------------------------------------------------------
-    def _common(self, cert: x509.Certificate, now: dt.datetime) -> list[Violation]:
+    def certificate_violations(self, cert: x509.Certificate, now: dt.datetime) -> list[Violation]:
         s, n = subject_of(cert), serial_of(cert)
         out: list[Violation] = []
         if cert.version != x509.Version.v3:
@@ -86,11 +88,11 @@ class ChainPolicy:
             return [*out, Violation(s, n, "key-type", f"unreadable public key: {exc}")]
         return out + self.key_violations(key, s, n)
 
-    def _issuer_rules(self, cert: x509.Certificate, below: int) -> list[Violation]:
+    def issuer_violations(self, cert: x509.Certificate, below: int) -> list[Violation]:
         """Rules for a CA certificate with `below` CA certificates between it and the leaf."""
         s, n = subject_of(cert), serial_of(cert)
         out: list[Violation] = []
-        bc = _ext(cert, x509.BasicConstraints)
+        bc = extension(cert, x509.BasicConstraints)
         if bc is None or not bc.value.ca:
             out.append(Violation(s, n, "issuer-ca", "issues certificates but lacks BasicConstraints CA:true"))
         else:
@@ -99,7 +101,7 @@ class ChainPolicy:
             if bc.value.path_length is not None and below > bc.value.path_length:
                 out.append(Violation(s, n, "pathlen", f"pathlen {bc.value.path_length} allows "
                                      f"{bc.value.path_length} CA(s) below it, the chain has {below}"))
-        ku = _ext(cert, x509.KeyUsage)
+        ku = extension(cert, x509.KeyUsage)
         if ku is not None and not ku.value.key_cert_sign:
             out.append(Violation(s, n, "key-usage", "KeyUsage lacks keyCertSign"))
         return out
@@ -108,16 +110,16 @@ class ChainPolicy:
         """Device-certificate rules: CA:false, digitalSignature, clientAuth, CN, SPIFFE SAN."""
         s, n = subject_of(cert), serial_of(cert)
         out: list[Violation] = []
-        bc = _ext(cert, x509.BasicConstraints)
+        bc = extension(cert, x509.BasicConstraints)
         if bc is not None and bc.value.ca:
             out.append(Violation(s, n, "leaf-ca", "a device certificate must be CA:false"))
-        ku = _ext(cert, x509.KeyUsage)
+        ku = extension(cert, x509.KeyUsage)
         if ku is not None and not ku.value.digital_signature:
             out.append(Violation(s, n, "key-usage", "KeyUsage lacks digitalSignature"))
-        eku = _ext(cert, x509.ExtendedKeyUsage)
+        eku = extension(cert, x509.ExtendedKeyUsage)
         if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku.value:
             out.append(Violation(s, n, "client-auth", "ExtendedKeyUsage lacks clientAuth (TLS client)"))
-        out += self.name_violations(cert.subject, _ext(cert, x509.SubjectAlternativeName), device_id, s, n)
+        out += self.name_violations(cert.subject, extension(cert, x509.SubjectAlternativeName), device_id, s, n)
         return out
 
     def name_violations(self, subject: x509.Name, san: x509.Extension | None, device_id: str | None,
@@ -152,27 +154,27 @@ class ChainPolicy:
         now = now or _now()
         out: list[Violation] = []
         leaf = chain[0]
-        out += self._common(leaf, now)
+        out += self.certificate_violations(leaf, now)
         out += self.leaf_violations(leaf, device_id)
         try:
             leaf_key = leaf.public_key()
-        except _UNREADABLE_KEY:  # reported as key-type by _common above
+        except _UNREADABLE_KEY:  # reported as key-type by certificate_violations above
             leaf_key = None
         if device_key is not None and leaf_key is not None and not same_public_key(leaf_key, device_key):
             out.append(Violation(subject_of(leaf), serial_of(leaf), "key-mismatch",
                                  "the certificate's public key is not the device's key (issued for "
                                  "another key, or the key was replaced)"))
         for i, cert in enumerate(chain[1:], 1):
-            out += self._common(cert, now)
-            out += self._issuer_rules(cert, below=i - 1)
+            out += self.certificate_violations(cert, now)
+            out += self.issuer_violations(cert, below=i - 1)
         for child, parent in itertools.pairwise(chain):
-            out += self._link(child, parent)
+            out += self.link_violations(child, parent)
         root = chain[-1]
         if len(chain) == 1 or root.issuer != root.subject:
             out.append(Violation(subject_of(root), serial_of(root), "chain-root",
                                  "the chain must end with its self-signed root CA (leaf, intermediates, "
                                  "root), as Cumulocity requires"))
-        elif not self._signed_by(root, root):
+        elif not self.signed_by(root, root):
             out.append(Violation(subject_of(root), serial_of(root), "signature", "root self-signature invalid"))
         elif self.anchors and not any(a.subject == root.subject and same_public_key(a.public_key(),
                                       root.public_key()) for a in self.anchors):
@@ -181,20 +183,20 @@ class ChainPolicy:
         return out
 
     @staticmethod
-    def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return False
         return True
 
-    def _link(self, child: x509.Certificate, parent: x509.Certificate) -> list[Violation]:
+    def link_violations(self, child: x509.Certificate, parent: x509.Certificate) -> list[Violation]:
         s, n = subject_of(child), serial_of(child)
         if child.issuer != parent.subject:
             return [Violation(s, n, "chain-order", f"issuer {child.issuer.rfc4514_string()!r} is not the next "
                               f"certificate's subject {subject_of(parent)!r}; order must be leaf, "
                               "intermediates, root")]
-        if not self._signed_by(child, parent):
+        if not self.signed_by(child, parent):
             return [Violation(s, n, "signature", f"signature does not verify with {subject_of(parent)}'s key")]
         return []
 
@@ -222,6 +224,6 @@ class ChainPolicy:
             out += self.key_violations(csr.public_key(), s, n)
         except _UNREADABLE_KEY as exc:
             out.append(Violation(s, n, "key-type", f"unreadable public key: {exc}"))
-        out += self.name_violations(csr.subject, _ext(csr, x509.SubjectAlternativeName), device_id, s, n)
+        out += self.name_violations(csr.subject, extension(csr, x509.SubjectAlternativeName), device_id, s, n)
         if out:
             raise PolicyError(out, what=f"CSR for {cn}")

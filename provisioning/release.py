@@ -34,7 +34,7 @@ from hal import storage
 from provisioning import authority
 from provisioning.certs import load_certificates, same_public_key, serial_of, subject_of, to_pem
 from provisioning.errors import PemError, ProvisioningError
-from provisioning.policy import ChainPolicy
+from provisioning.policy import ChainPolicy, extension
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -202,7 +202,7 @@ def _anchored(top: x509.Certificate, anchors: Sequence[x509.Certificate]) -> boo
     for anchor in anchors:
         if anchor.subject == top.subject and same_public_key(anchor.public_key(), top.public_key()):
             return True
-        if top.issuer == anchor.subject and ChainPolicy._signed_by(top, anchor):
+        if top.issuer == anchor.subject and ChainPolicy.signed_by(top, anchor):
             return True
     return False
 
@@ -218,17 +218,17 @@ def check_signer(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certi
     policy = ChainPolicy()
     leaf = chain[0]
     s, n = subject_of(leaf), serial_of(leaf)
-    problems = [str(v) for v in policy._common(leaf, now)]
-    try:
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if ExtendedKeyUsageOID.CODE_SIGNING not in eku:
-            problems.append(f"signer {s} (serial {n}): ExtendedKeyUsage lacks codeSigning")
-    except x509.ExtensionNotFound:
-        problems.append(f"signer {s} (serial {n}): no ExtendedKeyUsage, codeSigning required")
+    problems = [str(v) for v in policy.certificate_violations(leaf, now)]
+    eku = extension(leaf, x509.ExtendedKeyUsage)  # None also for an unparsable extension block
+    if eku is None:
+        problems.append(f"signer {s} (serial {n}): no readable ExtendedKeyUsage, codeSigning required")
+    elif ExtendedKeyUsageOID.CODE_SIGNING not in eku.value:
+        problems.append(f"signer {s} (serial {n}): ExtendedKeyUsage lacks codeSigning")
     for i, cert in enumerate(chain[1:], 1):
-        problems += [str(v) for v in policy._common(cert, now) + policy._issuer_rules(cert, below=i - 1)]
+        issuer_problems = policy.certificate_violations(cert, now) + policy.issuer_violations(cert, below=i - 1)
+        problems += [str(v) for v in issuer_problems]
     for child, parent in itertools.pairwise(chain):
-        problems += [str(v) for v in policy._link(child, parent)]
+        problems += [str(v) for v in policy.link_violations(child, parent)]
     if not problems and not _anchored(chain[-1], anchors):
         problems.append(f"signer {s} (serial {n}) does not chain to a trusted release authority "
                         f"(top of chain: {subject_of(chain[-1])}, issued by {chain[-1].issuer.rfc4514_string()})")
