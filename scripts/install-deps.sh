@@ -23,7 +23,8 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[tpm,station,test]'
+# Debian's own python3 is "externally managed" (PEP 668); a project checkout is where we install.
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check -e '.[tpm,station,test]'
 
 if [ -f firmware/package.json ]; then
   (cd firmware && npm ci --no-audit --no-fund --silent)
