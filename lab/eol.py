@@ -8,6 +8,7 @@ rules, key match, trust anchor), the unit connected over mTLS, and it got a toke
 from __future__ import annotations
 
 import io
+import re
 import sys
 from typing import TextIO
 
@@ -15,10 +16,13 @@ from agent.check import check
 from agent.config import Config
 from agent.identity import DeviceIdentity
 
+_LINE = re.compile(r"^\s*\d+ ms\s+(?:ok|FAIL)\s+\S+\s+(?:\d+ ms)?\s*(.*)$")
+
 
 def _detail(line: str) -> str:
-    """The text after the timing columns of a `tether check` timeline line."""
-    return line.split(" ms  ", 2)[-1].split(None, 1)[-1].strip() if " ms  " in line else line.strip()
+    """The text after the step name and timings of a `tether check` timeline line."""
+    match = _LINE.match(line)
+    return match.group(1).strip() if match else line.strip()
 
 
 def end_of_line_check(config: Config, out: TextIO = sys.stdout) -> int:

@@ -31,7 +31,8 @@ def test_lab_up_device_end_of_line_check_and_down(tmp_path: Path) -> None:
         assert device.returncode == 0, device.stderr
         check = lab_cli("check", device.stdout.strip())
         assert check.returncode == 0, check.stdout + check.stderr
-        for line in ("PASS  key", "PASS  chain policy", "PASS  connect", "PASS  token", "== PASS"):
+        for line in ("PASS  key", "PASS  chain policy", "PASS  connect       mqtts://127.0.0.1:",
+                     "PASS  token         expires at", "== PASS"):
             assert line in check.stdout
     finally:
         down = lab_cli("down", "--dir", str(tmp_path / "lab"))
