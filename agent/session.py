@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 
 from agent.core.endpoints import Endpoint
 from agent.errors import AgentError
-from agent.tls import describe_tls_failure
+from agent.tls import describe_alert, describe_tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class Session:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_log = self._on_log
+        self._last_error = ""
         # With no callback here paho writes a publish to the TLS socket from the caller's thread while
         # our network thread may be reading it: one SSL object used by two threads corrupts the stream
         # ("bad record mac") under load. Registered, paho only queues; the network thread writes.
@@ -85,6 +87,12 @@ class Session:
         if not self._closing.is_set() and not self._down_reported:
             self._down_reported = True
             self.events.put(Event("disconnected", reason=reason))
+
+    def _on_log(self, client: Any, userdata: Any, level: int, text: str) -> None:
+        # paho turns a TLS alert on a read into MQTT_ERR_CONN_LOST and only logs the alert: keep it, so a
+        # broker refusing our certificate after the handshake (TLS 1.3, a CRL) is reported with its reason
+        if level == mqtt.MQTT_LOG_ERR:
+            self._last_error = text
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.events.put(Event("message", topic=msg.topic, payload=bytes(msg.payload)))
@@ -130,8 +138,12 @@ class Session:
                 rc = mqtt.MQTT_ERR_CONN_LOST
                 reason = describe_tls_failure(exc)
             else:
-                reason = ("connection lost (the broker closed it or the network dropped)"
-                          if rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN) else mqtt.error_string(rc))
+                if "SSL" in self._last_error or "alert" in self._last_error:
+                    reason = describe_alert(self._last_error)
+                elif rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN):
+                    reason = "connection lost (the broker closed it or the network dropped)"
+                else:
+                    reason = mqtt.error_string(rc)
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 if not self._closing.is_set():
                     if not self._connack.is_set():

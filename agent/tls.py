@@ -52,12 +52,22 @@ def describe_tls_failure(exc: BaseException) -> str:
                    21: "unknown CA (unable to verify the first certificate)"}
         return reasons.get(code, msg) + f" [{msg}]"
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        if "UNKNOWN_CA" in reason.upper():
-            return "the server does not trust our certificate (alert unknown CA)"
-        if "CERTIFICATE_EXPIRED" in reason.upper():
-            return "the server says our certificate expired"
-        if "CERTIFICATE_REVOKED" in reason.upper():
-            return "the server says our certificate is revoked"
-        return f"TLS error: {reason}"
+        return describe_alert(exc.reason or str(exc))
     return str(exc) or type(exc).__name__
+
+
+_ALERTS = (("CERTIFICATE_REVOKED", "the broker says our certificate is revoked"),
+           ("UNKNOWN_CA", "the server does not trust our certificate (alert unknown CA)"),
+           ("CERTIFICATE_EXPIRED", "the server says our certificate expired"),
+           ("CERTIFICATE_REQUIRED", "the server requires a client certificate"),
+           ("BAD_CERTIFICATE", "the server refused our certificate (alert bad certificate)"))
+
+
+def describe_alert(text: str) -> str:
+    """A short reason for a TLS alert or error text sent by the peer (OpenSSL's names, any case)."""
+    upper = text.upper().replace(" ", "_")
+    for marker, reason in _ALERTS:
+        if marker in upper:
+            return reason
+    return f"TLS error: {text}"
+

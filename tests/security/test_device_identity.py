@@ -68,8 +68,10 @@ def test_revoked_device_is_refused_by_the_broker_and_cannot_reenroll(tmp_path: P
         out = run_tether("check", config=revoked)
         assert out.returncode == 1, check_output(out)
         # TLS 1.3 (mosquitto's `tls_version tlsv1.2` is a minimum) refuses the client certificate after
-        # the device's side of the handshake, so the device sees the connection close before CONNACK
+        # the device's side of the handshake, so the device sees the connection close before CONNACK,
+        # with the broker's alert as the reason
         assert "FAIL  connect" in out.stdout and "closed before CONNACK" in out.stdout, check_output(out)
+        assert "the broker says our certificate is revoked" in out.stdout, check_output(out)
         assert "certificate verify failed" in broker.log()
         assert "New client connected from 127.0.0.1" not in broker.log().split("terminating")[-1]
         out = run_tether("check", config=kept)  # the CRL names one serial, not the whole CA
