@@ -31,6 +31,7 @@ log = logging.getLogger("tether.renewal")
 STATE_FILE = "renewal.json"
 STAGED_CHAIN = "chain.next.pem"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNKNOWN = object()  # due_at not computed since the chain or the state last changed
 
 
 class Threshold(NamedTuple):
@@ -79,24 +80,37 @@ class Renewal:
         self.backoff = Backoff(min(config.renewal.retry, 60.0), max(config.renewal.retry, 60.0) * 12)
         self._worker: threading.Thread | None = None
         self.last_error: str | None = None
+        self._state: dict[str, Any] | None = None
+        self._due: object = _UNKNOWN
 
     # -- persisted state ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return storage.read_json(self.path)
+        # this object is the file's only writer, so it is read once and then kept in memory: the
+        # runtime ticks every second and must not read two files each time
+        if self._state is None:
+            self._state = storage.read_json(self.path)
+        return self._state
 
     def _save(self, **fields: Any) -> None:
-        storage.write_json(self.path, {**self.state(), **fields, "updated_at": int(self.clock())})
+        state = {**self.state(), **fields, "updated_at": int(self.clock())}
+        storage.write_json(self.path, state)
+        self._state = state
+        self._due = _UNKNOWN
 
     # -- schedule -----------------------------------------------------------------------------------
     def due_at(self) -> float | None:
-        from provisioning.chainfacts import read_facts
+        """When to re-enroll (device clock), from chain.json and a scheduled retry; None without a chain."""
+        if self._due is _UNKNOWN:
+            from provisioning.chainfacts import read_facts
 
-        facts = read_facts(self.config.certs_dir)
-        if facts is None:
-            return None
-        at = self.threshold.renew_at(float(facts["not_before"]), float(facts["not_after"]))  # type: ignore[arg-type]
-        retry = float(self.state().get("next_try", 0))
-        return max(at, retry)
+            facts = read_facts(self.config.certs_dir)
+            if facts is None:
+                self._due = None
+            else:
+                at = self.threshold.renew_at(float(facts["not_before"]),  # type: ignore[arg-type]
+                                             float(facts["not_after"]))  # type: ignore[arg-type]
+                self._due = max(at, float(self.state().get("next_try", 0)))
+        return self._due  # type: ignore[return-value]
 
     def on_boot(self) -> str:
         state = self.state().get("state", "idle")
