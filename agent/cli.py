@@ -136,11 +136,20 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
         print(f"chain       {chain['subject']}  serial {chain['serial']}")
         print(f"issuer      {chain['issuer']}")
         print(f"not after   {chain['not_after_iso']}  ({chain['days_left']} days left)")
-    for key_name, label in (("session", "session"), ("endpoint", "endpoint"), ("last_error", "last error"),
-                            ("token", "token")):
+    for key_name, label in (("session", "session"), ("endpoint", "endpoint"), ("last_error", "last error")):
         if status.get(key_name):
-            value = status[key_name]
-            print(f"{label:<11} {json.dumps(value) if isinstance(value, dict) else value}")
+            print(f"{label:<11} {status[key_name]}")
+    for url, reason in (status.get("endpoint_errors") or {}).items():
+        print(f"{'refused':<11} {url}: {reason}")
+    token = status.get("token") or {}
+    if token.get("expires_at"):
+        import time
+
+        clock = "%Y-%m-%dT%H:%M:%SZ"
+        print(f"{'token':<11} {'valid' if token.get('present') else 'expired'} until "
+              f"{time.strftime(clock, time.gmtime(token['expires_at']))}, next refresh "
+              f"{time.strftime(clock, time.gmtime(token['refresh_at']))}"
+              + (f" (last error: {token['last_error']})" if token.get("last_error") else ""))
     return 0
 
 
