@@ -302,12 +302,20 @@ def format_value(value: Any) -> str:
     return repr(value)
 
 
+def to_toml(sections: dict[str, dict[str, Any]], comment: str = "") -> str:
+    """TOML text for `{section: {key: value}}`, with an optional leading comment line.
+
+    The one writer of configuration files: `config show`, `config set`, the lab's device configs
+    and the tests' all go through it.
+    """
+    text = f"# {comment}\n" if comment else ""
+    for name, values in sections.items():
+        text += f"\n[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in values.items())
+    return text
+
+
 def render(config: Config) -> str:
-    lines: list[str] = [f"# effective configuration from: {', '.join(config.sources)}"]
-    for section, values in config.as_dict().items():
-        lines.append(f"\n[{section}]")
-        lines += [f"{k} = {format_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    return to_toml(config.as_dict(), f"effective configuration from: {', '.join(config.sources)}")
 
 
 SET_FILE = "99-set-by-tether.toml"
@@ -346,9 +354,7 @@ def set_value(base: Path, dotted: str, text: str) -> Path:
     target = base.parent / "config.d" / SET_FILE
     current = _read_toml(target) if target.exists() else {}
     current.setdefault(section, {})[key] = value
-    body = "# written by `tether config set`; later files in config.d/ override it\n"
-    for name, values in current.items():
-        body += f"\n[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in values.items())
+    body = to_toml(current, "written by `tether config set`; later files in config.d/ override it")
     storage.ensure_dir(target.parent, 0o755)
     old = storage.read_bytes(target)
     storage.atomic_write(target, body.encode(), 0o644)

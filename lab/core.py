@@ -209,7 +209,7 @@ class Lab:
     def device(self, device_id: str, *, tpm_tcti: str | None = None, manual_endpoints: bool = False,
                extra: dict[str, dict[str, Any]] | None = None) -> Path:
         """Write `devices/<id>/tether.toml` (and a one-time password) for a device of this lab."""
-        from agent.config import format_value
+        from agent.config import to_toml
 
         home = self.dir / "devices" / device_id
         home.mkdir(parents=True, exist_ok=True)
@@ -231,11 +231,8 @@ class Lab:
         }
         for name, values in (extra or {}).items():
             sections.setdefault(name, {}).update(values)
-        text = "# written by tether-lab for a device of this lab\n" + "".join(
-            f"\n[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in body.items())
-            for name, body in sections.items())
         path = home / "tether.toml"
-        path.write_text(text)
+        path.write_text(to_toml(sections, "written by tether-lab for a device of this lab"))
         return path
 
 

@@ -80,16 +80,14 @@ def broker(broker_factory: Callable[..., Mosquitto]) -> Mosquitto:
 
 def write_config(directory: Path, device_id: str = "dev-001", **sections: dict[str, Any]) -> Path:
     """A device config TOML in `directory` with state in `directory/state`."""
-    from agent.config import format_value
+    from agent.config import to_toml
 
     sections.setdefault("device", {})
     sections["device"] = {"id": device_id, "state_dir": str(directory / "state"),
                           "trust_domain": TRUST_DOMAIN, **sections["device"]}
-    text = "".join(f"[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in body.items()) + "\n"
-                   for name, body in sections.items())
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "tether.toml"
-    path.write_text(text)
+    path.write_text(to_toml(sections))
     return path
 
 
