@@ -21,7 +21,7 @@ import pytest
 from hal.slots import SlotError
 from hal.slots.directory import RELEASE_NAME, STAGE_NAME, DirectorySlots
 from hal.slots.unpack import UnsafeArchiveError, extract_tar
-from tests.ota.conftest import Device, Releases, device_factory, op_line, releases  # noqa: F401
+from tests.ota.conftest import Device, Releases, op_line
 from tests.security.tar_attacks import members, path_max_chain, single
 
 
@@ -164,7 +164,7 @@ def test_a_plain_bundle_keeps_its_tree_modes_and_times_without_privileged_bits(t
 
 @pytest.mark.parametrize("device_factory", ["directory"], indirect=True)
 def test_signed_release_with_the_path_max_chain_ends_in_502_and_the_device_unchanged(
-        tmp_path: Path, device_factory: Callable[..., Device], releases: Releases) -> None:  # noqa: F811
+        tmp_path: Path, device_factory: Callable[..., Device], releases: Releases) -> None:
     device = device_factory()
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
