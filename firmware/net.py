@@ -74,7 +74,7 @@ class TransportError(OSError):
     KINDS = ("resolve", "connect", "verify", "tls", "timeout", "closed", "memory")
 
     def __init__(self, kind, detail, retryable=True):
-        OSError.__init__(self, "%s: %s" % (kind, detail))
+        super().__init__("%s: %s" % (kind, detail))
         self.kind = kind
         self.detail = detail
         self.retryable = retryable
