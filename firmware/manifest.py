@@ -17,6 +17,7 @@ SHIPPED = (
     "firmware/mqtt_codec.py",
     "firmware/session.py",
     "firmware/net.py",
+    "firmware/board_config.py",
     "firmware/tether_main.py",
 )
 # Copied as source, not compiled: boards run only main.py (and boot.py) from the filesystem.

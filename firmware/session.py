@@ -9,7 +9,8 @@ or after an established session drops, the next attempt waits a Backoff delay.
 Everything the session decides comes from agent/core; this module only moves packets. It is fed
 its I/O: ``connect(endpoint)`` returns a transport with ``send(bytes)``, ``recv(timeout)``
 (bytes; ``b""`` when the peer closed; None when nothing arrived in ``timeout`` seconds) and
-``close()``, or raises OSError (``net.TransportError`` is one, with a ``kind``); ``clock()`` returns seconds; ``wait(seconds)`` blocks while
+``close()``, or raises OSError (``net.TransportError`` is one, typed by ``kind``);
+``clock()`` returns seconds; ``wait(seconds)`` blocks while
 disconnected; ``rand()`` returns a float in [0, 1). Progress is reported through
 ``on_event(name, detail)``; see EVENTS.
 """

@@ -92,7 +92,7 @@ def test_board_connects_gets_a_token_refreshes_at_half_life_and_sends_heartbeats
     board = start_board(lab, tmp_path, build_out, "fw-cycle")
     try:
         ready = board.wait_event("ready", 30)[0][1]
-        first, second = board.wait_event("token", 30, count=2)
+        first, _ = board.wait_event("token", 30, count=2)
         refresh_at = float(first[1].split()[0].split("=")[1])
         expires_at = float(first[1].split()[1].split("=")[1])
         requests = [float(d) for _, d in board.events("token_requested")]
@@ -250,6 +250,6 @@ def test_main_stub_starts_the_compiled_agent(tmp_path: Path, build_out: Path) ->
 
 def test_unix_port_is_the_pinned_micropython() -> None:
     unix_port.check_port()
-    done = subprocess.run(unix_port.micropython_argv("64K", "-c") + ["import sys; print(sys.implementation.name)"],
+    done = subprocess.run([*unix_port.micropython_argv("64K", "-c"), "import sys; print(sys.implementation.name)"],
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.stdout.strip() == "micropython", done.stdout + done.stderr
