@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench lock dist deb clean
+.PHONY: deps demo test lint typecheck unit bench lock lock-upgrade dist deb clean
 
 deps:
 	VENV=$(VENV) bash scripts/install-deps.sh
@@ -28,11 +28,15 @@ test: deps
 unit:
 	$(PYTHON) -m pytest -q tests/unit
 
-# Refresh the pinned test environment after changing a dependency in pyproject.toml.
+# Pin a dependency added to pyproject.toml (existing pins stay); `make lock-upgrade` moves every pin.
+LOCK_ARGS = -q --extra tpm --extra station --extra test --strip-extras --no-emit-index-url --no-emit-find-links
 lock:
 	[ -x $(VENV)/bin/pip-compile ] || $(PYTHON) -m pip install -q pip-tools
-	$(VENV)/bin/pip-compile -q --extra tpm --extra station --extra test --strip-extras --no-emit-index-url \
-	  --no-emit-find-links --upgrade -o requirements-test.txt pyproject.toml
+	$(VENV)/bin/pip-compile $(LOCK_ARGS) -o requirements-test.txt pyproject.toml
+
+lock-upgrade:
+	[ -x $(VENV)/bin/pip-compile ] || $(PYTHON) -m pip install -q pip-tools
+	$(VENV)/bin/pip-compile $(LOCK_ARGS) --upgrade -o requirements-test.txt pyproject.toml
 
 # Wheel and sdist in dist/, checked with twine.
 dist:
