@@ -111,6 +111,10 @@ class TlsTransport:
         self._busy = busy_errnos
         self._poller = select.poll()
         self._poller.register(tls, select.POLLIN)
+        # One receive buffer for the connection's life: a 1 KB allocation per read fragments a
+        # small heap until a read fails for lack of a contiguous block. CPython has no readinto.
+        self._buf = bytearray(RECV_SIZE)
+        self._readinto = getattr(tls, "readinto", None)
         self.dead = None  # the TransportError that ended this socket
 
     def send(self, data):
@@ -130,13 +134,13 @@ class TlsTransport:
     def recv(self, timeout):
         """What has arrived, up to RECV_SIZE bytes; ``b""`` when the broker closed the connection;
         None when nothing arrived within ``timeout`` seconds (or only part of a TLS record)."""
-        data = self._call(self._tls.read, RECV_SIZE, "recv")
+        data = self._read()
         if data is not None:
             return data
         events = self._wait(select.POLLIN, int(timeout * 1000))
         if not events:
             return None
-        data = self._call(self._tls.read, RECV_SIZE, "recv")
+        data = self._read()
         if data is None and events & _DEAD:
             raise self._fail(TransportError("closed", "recv: socket hung up or failed"))
         return data
@@ -150,6 +154,14 @@ class TlsTransport:
                 pass  # already gone: closing is all that was left to do
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _read(self):
+        if self._readinto is None:
+            return self._call(self._tls.read, RECV_SIZE, "recv")
+        n = self._call(self._readinto, self._buf, "recv")
+        if n is None:
+            return None
+        return bytes(memoryview(self._buf)[:n])
 
     def _call(self, fn, arg, stage):
         if self.dead is not None:

@@ -21,11 +21,7 @@ import random
 import sys
 import time
 
-from agent.core.backoff import Backoff
-from agent.core.endpoints import Rotation, order_endpoints, parse_endpoint
 from agent.core.errors import CoreError
-from agent.core.token_schedule import TokenRefresher
-from agent.core.topics import Topics, client_id
 
 CONFIG_FILE = "tether.json"
 
@@ -37,7 +33,14 @@ def _rand():
 
 def build_session(config, connect, clock, wait, rand, on_event):
     """A Session for ``config`` with the given I/O; raises CoreError for bad endpoint URLs."""
+    # Imported here, after start() has unloaded the setup code, so a small heap holds the
+    # runtime's bytecode without the holes setup leaves behind.
     from session import Session
+
+    from agent.core.backoff import Backoff
+    from agent.core.endpoints import Rotation, order_endpoints, parse_endpoint
+    from agent.core.token_schedule import TokenRefresher
+    from agent.core.topics import Topics, client_id
 
     eps = [parse_endpoint(u, field="%s: endpoints[%d]" % (CONFIG_FILE, i))
            for i, u in enumerate(config["endpoints"])]
@@ -109,6 +112,7 @@ def start():
         # Setup code runs once: unloaded, its bytecode does not sit in a small heap for good.
         del board_config
         sys.modules.pop("board_config", None)
+        gc.collect()
     console = Console(config["heap_report"])
     session = build_session(config, net.connector(ctx, config["connect_timeout"]),
                             time.time, time.sleep, _rand, console.event)
