@@ -121,3 +121,11 @@ def test_corrupt_device_certificate_names_the_certificate(tmp_path: Path, build_
     cert = (creds / "device.crt.der").read_bytes()
     line = _first_line(tmp_path, build_out, creds, files={"device.crt.der": _flip(cert, 8)})
     assert line.startswith("./device.crt.der: ")
+
+
+def test_a_heap_too_small_for_the_agent_is_one_line_not_a_traceback(
+        tmp_path: Path, build_out: Path, creds: Path) -> None:
+    root = unix_port.board_dir(tmp_path / "board", build_out, creds, GOOD)
+    board = Board(root, heapsize="40K")
+    assert board.wait_exit(30) == 0
+    assert board.output().splitlines() == ["tether: cannot start: out of memory while loading"]
