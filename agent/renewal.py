@@ -177,14 +177,14 @@ class Renewal:
 
         fallback = self.backoff.next_delay(self.rand())
         # the error decides: the station's Retry-After is honoured; a refusal (revoked, CSR refused)
-        # is not repeated for this certificate until the chain changes or the agent restarts
+        # is not repeated for this certificate until the agent restarts
         delay = fallback if exc is None else retry_delay(exc, self.config, fallback)
         self.last_error = reason
         if delay is None:
             self._stopped = self._serial()
             self._save(state="idle", next_try=0, error=reason)
             log.error("renewal: %s; not retrying for certificate serial %s (the station refused it): the current "
-                      "certificate stays in use; fix the cause, then restart the agent or run `tether enroll`",
+                      "certificate stays in use; fix the cause, then restart the agent",
                       reason, self._stopped)
             return
         self._save(state="idle", next_try=self.clock() + delay, error=reason)
