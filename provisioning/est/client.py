@@ -277,8 +277,10 @@ class EstClient:
                 return _Answer(response.status_code, response.reason, CaseInsensitiveDict(response.headers),
                                response.content)
         except requests.exceptions.SSLError as exc:
-            # a certificate the server refuses, or a server we do not trust: retrying will not help
-            raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=False) from None
+            # a server we do not trust: retrying will not help until [est] ca_file changes; any other TLS
+            # failure (a station restarting mid-handshake, a reset) is worth another try
+            untrusted = _caused_by(exc, ssl.SSLCertVerificationError)
+            raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=not untrusted) from None
         except (requests.RequestException, OSError) as exc:
             raise EnrollmentError(f"{url}: {type(exc).__name__}: {exc}", retryable=True) from None
 
@@ -304,6 +306,22 @@ class EstClient:
             raise EnrollmentError(f"{where}: the answer holds no certificate", retryable=False,
                                   status=response.status)
         return certs
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `kind` is in the chain requests and urllib3 wrap around a socket error (causes,
+    contexts, `MaxRetryError.reason`, first arguments)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        if isinstance(item, kind):
+            return True
+        seen.add(id(item))
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args[:1]]
+    return False
 
 
 def _is_certificate(der: bytes) -> bool:

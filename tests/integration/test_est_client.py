@@ -6,7 +6,9 @@ in BER read without a warning, leaf-only answers completed from /cacerts and che
 from __future__ import annotations
 
 import itertools
+import socket
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from agent.config import load
 from agent.identity import DeviceIdentity
 from agent.renewal import Renewal
 from lab.procs import wait_until
+from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, EstClient
 from tests.agent_bed import Agent, provisioned_device
 from tests.conftest import run_tether, write_config
@@ -138,6 +141,36 @@ def test_first_boot_does_not_resend_a_refused_password_until_a_new_one_arrives(t
         assert posts[0].headers["Authorization"] != posts[1].headers["Authorization"]
     finally:
         agent.stop()
+
+
+def test_an_untrusted_station_is_not_retryable_but_a_dropped_handshake_is(tmp_path: Path, pki: Pki,
+                                                                        est: EstServer) -> None:
+    other = Pki.create(tmp_path / "other", "Other")
+    with EstClient(est.url, str(other.root_file)) as client, pytest.raises(EnrollmentError) as untrusted:
+        client.cacerts()
+    assert untrusted.value.retryable is False and "TLS failed" in str(untrusted.value)
+    listener = socket.create_server(("127.0.0.1", 0))
+    dropped: list[int] = []
+
+    def drop() -> None:  # a station restarting: the connection closes during the handshake
+        for _ in range(2):
+            conn, _ = listener.accept()
+            conn.recv(5)
+            conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            dropped.append(1)
+
+    thread = threading.Thread(target=drop, daemon=True)
+    thread.start()
+    try:
+        for _ in range(2):
+            url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+            with EstClient(url, str(pki.root_file), timeout=5) as client, pytest.raises(EnrollmentError) as info:
+                client.cacerts()
+            assert info.value.retryable is True, str(info.value)
+    finally:
+        listener.close()
+        thread.join(5)
 
 
 # -- renewal (in process: the schedule it writes is the timing) -------------------------------------------
