@@ -5,6 +5,7 @@ in BER read without a warning, leaf-only answers completed from /cacerts and che
 
 from __future__ import annotations
 
+import base64
 import itertools
 import socket
 import subprocess
@@ -312,3 +313,16 @@ def test_leaf_only_answer_completed_from_cacerts_is_checked_before_storing(tmp_p
     assert "rejected" in out.stderr and "Warning" not in out.stderr, out.stderr
     assert not (tmp_path / "dev-001" / "state" / "certs" / "chain.pem").exists()
     assert (tmp_path / "dev-001.otp").exists()
+
+
+@pytest.mark.parametrize("encoding", ["openssl", "ber"])
+def test_chain_install_reads_a_p7b_in_any_order_and_ber_without_warnings(pki: Pki, encoding: str) -> None:
+    from provisioning.certs import load_certificates
+
+    chain = [pki.issuing.cert, pki.root.cert]
+    der = openssl_p7(chain) if encoding == "openssl" else to_ber(openssl_p7(chain))
+    pem = b"-----BEGIN PKCS7-----\n" + base64.encodebytes(der) + b"-----END PKCS7-----\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for data in (der, pem):
+            assert {c.serial_number for c in load_certificates(data, "chain.p7b")} == {c.serial_number for c in chain}
