@@ -99,6 +99,8 @@ class OtaSection(NamedTuple):
     base_version: str = "0.0.0"    # version of the factory image, until an update is committed
     download_timeout: float = 30.0  # seconds without a byte before a download attempt counts as stalled
     download_attempts: int = 5      # attempts per download (each resumes with Range) before giving up
+    artifact_hosts: tuple[str, ...] = ()  # hosts given the bearer token; default: [endpoints]/[discovery] hosts
+    untrusted_hosts: str = "refuse"  # other artifact hosts: refuse | no-token (download without the token)
 
 
 class OutboxSection(NamedTuple):
@@ -133,7 +135,8 @@ PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", 
 
 CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
            ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
-           ("ota", "slots"): ("directory", "uboot"), ("outbox", "policy"): ("drop-oldest", "refuse-new")}
+           ("ota", "slots"): ("directory", "uboot"), ("ota", "untrusted_hosts"): ("refuse", "no-token"),
+           ("outbox", "policy"): ("drop-oldest", "refuse-new")}
 
 
 class Config(NamedTuple):

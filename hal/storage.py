@@ -1,13 +1,17 @@
 """Atomic state on disk: temp file in the same directory, fsync, rename, fsync of the directory.
 
 A power cut at any point leaves either the old file or the new one, never a mix. Permissions are
-set on the temp file before any byte is written, so a secret never exists world-readable.
+set on the temp file before any byte is written, so a secret never exists world-readable. The temp
+file has a random name and is created with O_EXCL|O_NOFOLLOW (never a file or link someone planted),
+and a secret is refused in a directory other users can write to (issue 13, item 6).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +39,74 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_MODE) -> None:
-    """Replace `path` with `data` atomically and durably.
+TEMP_ATTEMPTS = 5  # fresh random names tried when one is taken (only another writer or an attacker takes one)
 
-    Raises StorageError naming the file and the reason (disk full, permission) and leaves the
-    previous content of `path` untouched in that case.
+
+def _temp_suffix() -> str:
+    """Random part of a temp file's name: unguessable, so nobody can plant a file where we will write."""
+    return secrets.token_hex(8)
+
+
+def _is_secret(mode: int) -> bool:
+    return mode & 0o077 == 0
+
+
+def _check_private(directory: Path, st: os.stat_result) -> None:
+    """StorageError unless only we (and root) can create or replace entries in `directory`.
+
+    Group- or other-writable is refused unless the directory is sticky and ours: with the sticky bit
+    only the owner of an entry or of the directory can rename or remove it, so nobody else can swap our
+    file after we wrote it. A secret written elsewhere could be read through a file planted beforehand.
+    """
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable and not (st.st_mode & stat.S_ISVTX and st.st_uid == os.geteuid()):
+        who = "other users" if st.st_mode & stat.S_IWOTH else "its group"
+        raise StorageError(f"{directory}: refusing to write a secret into a directory {who} can write to "
+                           f"(mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}); "
+                           f"make it private (chmod 700 {directory}) or choose another directory")
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_MODE) -> None:
+    """Replace `path` with `data` atomically and durably; the file gets exactly `mode`.
+
+    The temp file has a random name and is created with O_EXCL|O_NOFOLLOW, so it is always a new file
+    of ours (never one planted by another user, nor a link). A secret (`mode` without group/other bits)
+    is refused in a directory other users can write to. Raises StorageError naming the file and the
+    reason (disk full, permission, unsafe directory) and leaves the previous content of `path` untouched.
     """
     target = Path(path)
     directory = target.parent
     ensure_dir(directory)
-    tmp = directory / f".{target.name}.tmp-{os.getpid()}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StorageError(f"{directory}: cannot open the directory: {exc.strerror}") from exc
+    try:
+        # Every step below goes through dir_fd: a directory swapped after this check changes nothing.
+        if _is_secret(mode):
+            _check_private(directory, os.fstat(dir_fd))
+        _write_via(dir_fd, target, data, mode)
+    finally:
+        os.close(dir_fd)
+
+
+def _create_temp(dir_fd: int, target: Path, mode: int) -> tuple[str, int]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(TEMP_ATTEMPTS):
+        # The pid stays last in the name: _sweep_stale_temps reads it to find writers that died.
+        name = f".{target.name}.tmp-{_temp_suffix()}-{os.getpid()}"
+        try:
+            return name, os.open(name, flags, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+    raise StorageError(f"{target}: cannot create a temp file: {TEMP_ATTEMPTS} random names were all taken "
+                       f"in {target.parent} (is someone planting files there?); the previous content is unchanged")
+
+
+def _write_via(dir_fd: int, target: Path, data: bytes, mode: int) -> None:
+    tmp = ""
+    try:
+        tmp, fd = _create_temp(dir_fd, target, mode)
         try:
             os.fchmod(fd, mode)  # O_CREAT honours the umask; the mode must be exact before data lands
             view = memoryview(data)
@@ -56,17 +116,19 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_M
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
-        _sweep_stale_temps(directory, target.name)
-        fsync_dir(directory)
+        os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        tmp = ""
+        _sweep_stale_temps(target.parent, target.name)
+        os.fsync(dir_fd)
     except OSError as exc:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as cleanup:
-            raise StorageError(f"{target}: write failed ({exc.strerror}) and the temp file "
-                               f"{tmp} could not be removed ({cleanup.strerror})") from exc
+        if tmp:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as cleanup:
+                raise StorageError(f"{target}: write failed ({exc.strerror}) and the temp file "
+                                   f"{target.parent / tmp} could not be removed ({cleanup.strerror})") from exc
         hint = " (disk full: free space in the state directory)" if exc.errno == errno.ENOSPC else ""
         raise StorageError(f"{target}: cannot write: {exc.strerror}{hint}; the previous content is "
                            "unchanged") from exc

@@ -4,7 +4,8 @@
 # libtss2-dev so tpm2-pytss builds, libubootenv-tool for the U-Boot slot backend,
 # PostgreSQL for the shared-ledger tests, node for the MicroPython (WebAssembly) firmware tests
 # (MicroPython's unix port for the network firmware tests comes from pip, extra `test`),
-# python3-venv for the project's venv and for the .deb's /opt/tether (built by Debian's python3).
+# python3-venv for the project's venv and for the .deb's /opt/tether (built by Debian's python3),
+# systemd for systemd-analyze/systemd-sysusers (the unit's checks; nothing is started under it).
 # Python packages go into the project's virtual environment (VENV, default .venv), never into the
 # system interpreter, pinned by requirements-test.txt (refresh it with `make lock`).
 set -euo pipefail
@@ -16,7 +17,7 @@ SUDO=""
 
 PKGS="mosquitto mosquitto-clients swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-dev
       libtss2-tcti-tabrmd0 dbus libubootenv-tool postgresql openssl curl pkg-config
-      python3-venv"
+      python3-venv systemd"
 # The machine may carry Node.js from another source (with npm bundled): take Debian's only if absent.
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 missing=""

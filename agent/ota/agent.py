@@ -24,6 +24,7 @@ from agent.core.errors import SmartRestError
 from agent.ota import release
 from agent.ota.download import Fetched, HttpSettings, fetch_payload, fetch_small, hash_existing, open_session
 from agent.ota.errors import VerificationError
+from agent.ota.hosts import HostPolicy
 from agent.ota.machine import Installed, Operation, OtaState, StateStore
 from hal.errors import TetherError
 from hal.slots import SlotBackend, open_slots, other
@@ -47,6 +48,7 @@ class OtaAgent:
         self.clock = clock
         ota = config.ota
         self.store = StateStore(config.state_dir / "ota")
+        self.hosts = HostPolicy.from_config(config)  # ConfigError now, not at the first update
         self.slots: SlotBackend = open_slots(ota.slots, ota.slots_dir or config.state_dir / "slots",
                                              env_config=ota.uboot_env_config)
         self._lock = threading.RLock()
@@ -201,7 +203,7 @@ class OtaAgent:
     def _http(self) -> HttpSettings:
         ota = self.config.ota
         return HttpSettings(ca_file=ota.ca_file, token=self.token, timeout=ota.download_timeout,
-                            attempts=ota.download_attempts)
+                            attempts=ota.download_attempts, hosts=self.hosts)
 
     def _download(self, state: OtaState) -> OtaState:
         op = state.operation

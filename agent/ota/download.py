@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 from agent.core.backoff import Backoff
 from agent.ota.errors import DownloadError
+from agent.ota.hosts import HostPolicy
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,8 @@ CHUNK = 256 * 1024      # bytes handed to the writer at once
 READ_SIZE = 64 * 1024   # one read1(); more only makes the buffer allocation an mmap per call
 SMALL_LIMIT = 256 * 1024
 USER_AGENT = "tether-ota/1"
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Fetched:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """What every OTA request shares: trust, bearer token source and time limits."""
+    """What every OTA request shares: TLS trust, the bearer token and where it may go, time limits."""
 
     ca_file: str = ""
     token: Callable[[], str | None] = lambda: None
@@ -49,12 +53,18 @@ class HttpSettings:
     attempts: int = 5
     backoff_base: float = 0.5
     backoff_cap: float = 10.0
+    hosts: HostPolicy = field(default_factory=HostPolicy)  # trusts nobody unless told: agent/ota/hosts.py
 
     def headers(self, url: str) -> dict[str, str]:
+        """Headers for one request to `url`: the token only for a trusted https host (DownloadError when
+        `url` is refused outright)."""
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-        token = self.token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        if self.hosts.allows_token(url):
+            token = self.token()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+        else:
+            log.info("GET %s without the device token: the host is not in %s", url, self.hosts.source)
         return headers
 
     @property
@@ -79,6 +89,21 @@ def _describe(exc: Exception, timeout: float) -> str:
     return f"connection lost ({type(exc).__name__}: {text[:200]})"
 
 
+def _get(getter: Callable[..., Any], url: str, http: HttpSettings, extra: dict[str, str] | None = None) -> Any:
+    """GET `url` (streamed), following redirects here rather than in `requests`, so every hop is checked
+    (https only) and gets the token only when its own host is trusted. Returns the final response."""
+    for _ in range(MAX_REDIRECTS + 1):
+        resp = getter(url, headers={**http.headers(url), **(extra or {})}, stream=True, timeout=http.timeout,
+                      verify=http.verify, allow_redirects=False)
+        location = resp.headers.get("Location") if resp.status_code in REDIRECTS else None
+        if not location:
+            return resp
+        resp.close()
+        url = urljoin(url, location)
+        log.info("redirected to %s", url)
+    raise DownloadError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
+
+
 def open_session() -> Any:
     """A `requests.Session`, so the release files and the payload share one TLS connection."""
     import requests
@@ -92,8 +117,7 @@ def fetch_small(url: str, http: HttpSettings, limit: int = SMALL_LIMIT, session:
 
     getter = session.get if session is not None else requests.get
     try:
-        with getter(url, headers=http.headers(url), stream=True, timeout=http.timeout,
-                    verify=http.verify) as resp:
+        with _get(getter, url, http) as resp:
             if resp.status_code != 200:
                 raise _status_error(url, resp.status_code)
             data = bytearray()
@@ -150,7 +174,7 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
                                     f"at {have} of {expected} bytes", retryable=True)
             if cancel.is_set():
                 raise DownloadError(f"GET {url}: cancelled at {have} of {expected} bytes", retryable=True)
-            headers = http.headers(url)
+            headers: dict[str, str] = {}
             last = ""
             if have:
                 headers["Range"] = f"bytes={have}-"
@@ -158,8 +182,7 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
             start = have
             try:
                 result.requests += 1
-                with session.get(url, headers=headers, stream=True, timeout=http.timeout,
-                                 verify=http.verify) as resp:
+                with _get(session.get, url, http, headers) as resp:
                     if resp.status_code == 200 and have:
                         # The server ignored Range: what it sends starts at byte 0.
                         log.warning("%s ignored Range; downloading from the start", url)

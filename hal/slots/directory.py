@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tarfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from hal import storage
 from hal.errors import StorageError
-from hal.slots import SLOTS, SlotError, other
+from hal.slots import SLOTS, SlotError, other, unpack
 
 STAGE_NAME = ".payload.part"
 RELEASE_NAME = ".tether-release.json"
@@ -98,20 +99,25 @@ class DirectorySlots:
         self._clear(directory, keep=STAGE_NAME)
         try:
             if tarfile.is_tarfile(staged):
-                with tarfile.open(staged) as archive:
-                    # "data" refuses absolute paths, '..', devices and links leaving the slot (PEP 706).
-                    archive.extractall(directory, filter="data")
+                # Our own extraction, not tarfile's filter: see hal/slots/unpack.py (CVE-2025-4517).
+                unpack.extract_tar(staged, directory, reserved=(STAGE_NAME, RELEASE_NAME))
                 staged.unlink()
             else:
                 os.replace(staged, directory / "payload")
             storage.fsync_dir(directory)
-        except (OSError, tarfile.TarError) as exc:
-            raise SlotError(f"{staged}: cannot install into slot {slot}: {exc}") from exc
+        except (OSError, tarfile.TarError, SlotError) as exc:
+            # Nothing half-extracted or refused stays behind: the slot is left empty, the active one untouched.
+            try:
+                self._clear(directory, keep=None)
+            except SlotError as cleanup:
+                raise SlotError(f"cannot install into slot {slot}: {exc}; and emptying the slot failed: "
+                                f"{cleanup}") from exc
+            raise SlotError(f"cannot install into slot {slot}: {exc}; slot {slot} was emptied") from exc
         record = json.dumps({"name": name, "version": version}, sort_keys=True).encode()
         storage.atomic_write(directory / RELEASE_NAME, record, storage.PUBLIC_MODE)
 
     def _point_current(self, slot: str) -> None:
-        tmp = self.directory / f".current.tmp-{os.getpid()}"
+        tmp = self.directory / f".current.tmp-{secrets.token_hex(8)}"
         try:
             tmp.unlink(missing_ok=True)
             os.symlink(f"slot-{slot}", tmp)

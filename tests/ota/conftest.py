@@ -170,7 +170,8 @@ def device_factory(request: pytest.FixtureRequest, tmp_path: Path, releases: Rel
         slots_dir = directory / "slots"
         settings: dict[str, Any] = {"slots": backend, "slots_dir": str(slots_dir), "trust_anchor": str(pki.root_file),
                                     "ca_file": str(pki.ca_chain_file), "commit_deadline": 30.0,
-                                    "download_timeout": 1.0, "download_attempts": 3, "base_version": "1.0.0"}
+                                    "download_timeout": 1.0, "download_attempts": 3, "base_version": "1.0.0",
+                                    "artifact_hosts": ["127.0.0.1"]}  # the artifact server's host gets the token
         if backend == "uboot":
             require_tool("fw_setenv")
             env_config = directory / "fw_env.config"

@@ -92,3 +92,7 @@ def otp_file(directory: Path, password: str) -> Path:
     path.write_text(password + "\n")
     path.chmod(0o600)
     return path
+
+
+# The OTA bed (real artifact server, signed releases, devices with real slots) serves the OTA attacks too.
+from tests.ota.conftest import device, device_factory, releases  # noqa: E402, F401
