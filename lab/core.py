@@ -210,8 +210,10 @@ class Lab:
                extra: dict[str, dict[str, Any]] | None = None) -> Path:
         """Write `devices/<id>/tether.toml` (and a one-time password) for a device of this lab."""
         from agent.config import to_toml
+        from provisioning.identity import check_device_id
 
-        home = self.dir / "devices" / device_id
+        # before anything is made from the id: '..' or a '/' would put the directory elsewhere
+        home = self.dir / "devices" / check_device_id(device_id, "DEVICE_ID")
         home.mkdir(parents=True, exist_ok=True)
         otp = home / "otp"
         if not (home / "state" / "certs" / "chain.pem").exists():
