@@ -53,6 +53,7 @@ def post_enroll(station: RunningStation, user: str, password: str, body: bytes |
         conn.request("POST", ENROLL, body=body if body is not None else csr_body(user),
                      headers={"Content-Type": "application/pkcs10", "Authorization": f"Basic {token}"})
         answer = conn.getresponse()
-        return Reply(answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read().decode(errors="replace"))
+        headers = {k.lower(): v for k, v in answer.getheaders()}
+        return Reply(answer.status, headers, answer.read().decode(errors="replace"))
     finally:
         conn.close()

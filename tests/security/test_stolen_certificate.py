@@ -53,7 +53,8 @@ def crl_serials(station: RunningStation, tmp_path: Path) -> dict[str, x509.Reaso
     listed: dict[str, x509.ReasonFlags | None] = {}
     for entry in crl:
         try:
-            listed[serial_hex(entry.serial_number)] = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+            reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+            listed[serial_hex(entry.serial_number)] = reason
         except x509.ExtensionNotFound:
             listed[serial_hex(entry.serial_number)] = None
     return listed
