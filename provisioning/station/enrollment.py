@@ -25,7 +25,7 @@ from provisioning.identity import check_device_id
 from provisioning.printable import escape_logger
 from provisioning.station.ca import Station
 from provisioning.station.errors import Refusal
-from provisioning.station.ledger import Ledger, Row, otp_locked_reason, revoked_reason, serial_hex
+from provisioning.station.ledger import Ledger, Row, revoked_reason, serial_hex
 from provisioning.station.otp import MAX_OTP_LENGTH, otp_hash
 from provisioning.station.ratelimit import FailureLimiter
 
@@ -154,15 +154,13 @@ class Enrollment:
                            "`tether-station otp`) or a client certificate from the bootstrap CA")
 
     def _precheck_otp(self, device_id: str, digest: str, client: str = "") -> None:
-        """Refuse unknown (counted as a wrong guess), locked and expired passwords before any CSR work;
-        the transaction decides the rest."""
+        """Refuse unknown (counted as a wrong guess) and expired passwords before any CSR work; the
+        transaction decides the rest (locked, used)."""
         found = self.ledger.find_otp(digest)
         if found is None or found.device_id != device_id:
             self._wrong_guess(device_id, client)
             raise Refusal(401, f"one-time password is not valid for device {device_id!r} (unknown or mistyped; "
                                "ask the station operator for a new one)")
-        if found.used_at is None and found.locked_at is not None:
-            raise Refusal(403, otp_locked_reason(device_id))
         if found.used_at is None and found.expires_at < int(self.clock()):
             raise Refusal(401, f"one-time password for {device_id!r} expired "
                                f"{int(self.clock()) - found.expires_at} s ago; ask for a new one-time password")

@@ -5,6 +5,7 @@ too, renewals of the revoked lineage are refused, the CRL lists the whole lineag
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
 from provisioning.station.ledger import serial_hex
 from tests.pki import TRUST_DOMAIN, key_pem
-from tests.station.conftest import RunningStation
+from tests.security.stationbed import set_settings
+from tests.station.conftest import RunningStation, start_station
 
 
 def enroll(station: RunningStation, device_id: str, tmp_path: Path, name: str) -> tuple[Path, Path]:
@@ -80,7 +82,19 @@ def test_revoking_a_stolen_serial_revokes_the_thiefs_reenrolled_certificate(tmp_
         assert listed[serial_in(creds)] == x509.ReasonFlags.key_compromise
 
 
-def test_a_used_successor_supersedes_its_predecessor_on_the_crl(tmp_path: Path, station: RunningStation) -> None:
+@pytest.fixture
+def roomy(station_dir: Path) -> Iterator[RunningStation]:
+    """A station whose devices may hold 5 certificates, so only use (not the cap) supersedes."""
+    set_settings(station_dir, max_valid_certs=5)
+    running = start_station(station_dir)
+    try:
+        yield running
+    finally:
+        running.proc.stop()
+
+
+def test_a_used_successor_supersedes_its_predecessor_on_the_crl(tmp_path: Path, roomy: RunningStation) -> None:
+    station = roomy
     first = enroll(station, "renewer-1", tmp_path, "first")
     second = reenroll(station, first, "renewer-1", tmp_path, "second")
     assert serial_in(first) not in crl_serials(station, tmp_path)  # the device may not have stored `second` yet
