@@ -22,7 +22,18 @@ SAMPLES = [
     bytes([0xD0, 0]),                                                            # PINGRESP
     codec.encode_publish("t", b"x" * 300, qos=1, packet_id=1),                  # two-byte remaining length
 ]
-streams = st.one_of(st.binary(max_size=300),
+REFUSED = [  # one broken rule each: the oracle catches the rule switched off
+    bytes([0x36, 5, 0, 1, ord("t"), 0, 1]),    # PUBLISH with QoS 3
+    bytes([0x32, 5, 0, 1, ord("t"), 0, 0]),    # PUBLISH QoS 1 with packet id 0
+    bytes([0x90, 3, 0, 1, 3]),                 # SUBACK with return code 3
+    bytes([0x22, 2, 0, 0]),                    # CONNACK with flags 2
+    bytes([0x20, 2, 2, 0]),                    # CONNACK with reserved acknowledge flags
+    bytes([0xD0, 1, 0]),                       # PINGRESP with a body
+    bytes([0xF0, 0]), bytes([0x00, 0]),        # reserved packet types
+]
+streams = st.one_of(st.sampled_from(REFUSED),
+                    st.lists(st.sampled_from(SAMPLES + REFUSED), min_size=1, max_size=4).map(b"".join),
+                    st.binary(max_size=300),
                     st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=6).map(b"".join),
                     mutated([b"".join(SAMPLES)], max_edits=6),
                     st.lists(mutated(SAMPLES, max_edits=3), min_size=1, max_size=6).map(b"".join))

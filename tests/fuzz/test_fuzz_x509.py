@@ -54,6 +54,10 @@ ODD += [  # one broken rule each, as whole chains below: the oracle catches the 
     authority.device_cert(PKI.issuing, DEVICE_KEY.public_key(), "dev:001", TRUST_DOMAIN),        # ':' in the CN
     authority.device_cert(PKI.issuing, DEVICE_KEY.public_key(), "dev-001", "other.domain"),      # foreign SPIFFE ID
     authority.device_cert(PKI.issuing, _OTHER_KEY.public_key(), "dev-001", TRUST_DOMAIN),        # another key
+    authority.build(authority.name("dev-002"), DEVICE_KEY.public_key(), PKI.issuing, PKI.issuing.key, ca=False,
+                    usage=x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                    eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+                    sans=[x509.UniformResourceIdentifier(spiffe_id(TRUST_DOMAIN, "dev-001"))]),  # another CN
 ]
 CERT_DER = [c.public_bytes(Encoding.DER) for c in [*CHAIN, *ODD]]
 
