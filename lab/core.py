@@ -70,7 +70,7 @@ class Lab:
         """A client certificate for one of the lab's services (CN = its MQTT user in the ACL)."""
         out = self.dir / "services" / name
         if not (out / "device.pem").exists():
-            station_cli("issue", name, "--format", "pem", "--out", str(out), *self.station_args())
+            station_cli("issue", name, "--service", "--format", "pem", "--out", str(out), *self.station_args())
         return out / "device.pem", out / "device.key"
 
     def _server_cert(self, name: str) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from hal import storage
 from hal.errors import TetherError
 from provisioning.station.errors import StationError
-from provisioning.station.ledger import REASONS
+from provisioning.station.ledger import KINDS, REASONS
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {}
@@ -240,12 +240,19 @@ def cmd_issue(args: argparse.Namespace) -> int:
     from provisioning.station.export import write_device_bundle
 
     station = _station(args)
-    device_id = check_device_id(args.device_id, "DEVICE_ID", station.settings.reserved)
+    if args.service:  # a service identity (e.g. the lab's token service) is exactly a reserved name
+        if args.device_id not in station.settings.reserved:
+            raise StationError(f"--service {args.device_id!r}: not one of station.toml reserved_ids "
+                               f"({station.settings.reserved_ids or 'empty'})")
+        device_id = check_device_id(args.device_id, "DEVICE_ID", ())
+    else:
+        device_id = check_device_id(args.device_id, "DEVICE_ID", station.settings.reserved)
     key = generate("ec-p256")
     ledger = station.open_ledger(args.db)
     try:
         row, _ = ledger.issue(device_id, "station-generated-key", _now(),
-                              lambda: station.device_cert(key.public_key(), device_id, days=args.days), reuse=False)
+                              lambda: station.device_cert(key.public_key(), device_id, days=args.days), reuse=False,
+                              kind="service" if args.service else "device")
     finally:
         ledger.close()
     files = write_device_bundle(Path(args.out), args.format, key, [row.certificate, *station.ca_chain])
@@ -327,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     ledger = sub.add_parser("ledger", help="issued certificates").add_subparsers(dest="sub", required=True)
     p = ledger.add_parser("list", parents=[common], help="list issued certificates")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--kind", choices=("device", "server"))
+    p.add_argument("--kind", choices=KINDS)
     p = sub.add_parser("revoke", parents=[common], help="revoke a certificate by serial (hex) and every "
                        "certificate re-enrolled from it, or all of a device's certificates")
     p.add_argument("serial", metavar="SERIAL", nargs="?")
@@ -348,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int)
     p = sub.add_parser("issue", parents=[common], help="make key + certificate for a board that cannot")
     p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--service", action="store_true", help="a client certificate for a service identity named "
+                   "in station.toml reserved_ids (never re-enrolls; not exported as a device)")
     p.add_argument("--format", choices=("pem", "der"), default="pem")
     p.add_argument("--out", required=True, help="directory for the files")
     p.add_argument("--days", type=int)

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from provisioning.certs import common_name, subject_of
 from provisioning.station.errors import Refusal, StationError
 
-KINDS = ("device", "server")
+KINDS = ("device", "server", "service")  # service: a reserved identity issued by `issue --service`
 DEFAULT_MAX_VALID = 2
 DEFAULT_SUPERSEDE_GRACE = 7 * 24 * 3600
 SYNC_MODES = ("full", "normal")

@@ -78,3 +78,15 @@ def test_the_lab_validates_the_id_before_making_any_directory(device_id: str, tm
     with pytest.raises(ProvisioningError):
         Lab(lab_root).device(device_id)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["lab"]
+
+
+def test_a_service_identity_is_issued_only_on_purpose(station_dir: Path, tmp_path: Path) -> None:
+    """`issue` refuses a reserved name as a device; `issue --service` makes it, and only for reserved names."""
+    args = ["--dir", str(station_dir)]
+    refused = station_cli("issue", "tether-ota-service", "--out", str(tmp_path / "a"), *args, check=False)
+    assert refused.returncode == 1 and "reserved" in refused.stderr
+    not_reserved = station_cli("issue", "pump-1", "--service", "--out", str(tmp_path / "b"), *args, check=False)
+    assert not_reserved.returncode == 1 and "not one of station.toml reserved_ids" in not_reserved.stderr
+    station_cli("issue", "tether-ota-service", "--service", "--out", str(tmp_path / "c"), *args)
+    listed = station_cli("ledger", "list", "--kind", "service", *args).stdout
+    assert "tether-ota-service" in listed and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
