@@ -90,3 +90,19 @@ def test_a_service_identity_is_issued_only_on_purpose(station_dir: Path, tmp_pat
     station_cli("issue", "tether-ota-service", "--service", "--out", str(tmp_path / "c"), *args)
     listed = station_cli("ledger", "list", "--kind", "service", *args).stdout
     assert "tether-ota-service" in listed and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_offline_signing_refuses_a_csr_for_a_reserved_id(station_dir: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from hal.keys.file import generate
+    from provisioning.identity import spiffe_id
+    from tests.pki import TRUST_DOMAIN
+    from tests.security.test_station import csr_with
+
+    # build_csr applies the rule itself, so this CSR is made by hand, as a hostile client would
+    csr = csr_with(generate("ec-p256"), "tether-ota-service", [spiffe_id(TRUST_DOMAIN, "tether-ota-service")])
+    path = tmp_path / "svc.csr"
+    path.write_bytes(csr.public_bytes(Encoding.PEM))
+    out = station_cli("sign", str(path), "--dir", str(station_dir), check=False)
+    assert out.returncode == 1 and "reserved" in out.stderr and "BEGIN CERTIFICATE" not in out.stdout
