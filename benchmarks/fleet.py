@@ -128,7 +128,7 @@ class Bed:
         self.station_dir = root / "station"
         self.cli("init", "--trust-domain", TRUST_DOMAIN)
         self.cli("server-cert", "--dns", "localhost", "--ip", "127.0.0.1", "--out", str(root / "broker-cert"))
-        self.cli("issue", SERVICE_ID, "--out", str(root / "token-service"))
+        self.cli("issue", SERVICE_ID, "--service", "--out", str(root / "token-service"))
         self.broker = Mosquitto(root / "broker", BrokerFiles(self.station_dir / "ca-chain.pem",
                                                              root / "broker-cert" / "server.pem",
                                                              root / "broker-cert" / "server.key"),

@@ -97,6 +97,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
+    from provisioning.identity import check_device_id
+
+    check_device_id(args.device_id, "DEVICE_ID")  # before the lab (or anything on disk) is touched
     path = Lab.attach(lab_dir(args.dir)).device(args.device_id, tpm_tcti=args.tpm_tcti)
     print(path)
     return 0

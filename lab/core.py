@@ -70,7 +70,7 @@ class Lab:
         """A client certificate for one of the lab's services (CN = its MQTT user in the ACL)."""
         out = self.dir / "services" / name
         if not (out / "device.pem").exists():
-            station_cli("issue", name, "--format", "pem", "--out", str(out), *self.station_args())
+            station_cli("issue", name, "--service", "--format", "pem", "--out", str(out), *self.station_args())
         return out / "device.pem", out / "device.key"
 
     def _server_cert(self, name: str) -> tuple[Path, Path]:
@@ -210,8 +210,10 @@ class Lab:
                extra: dict[str, dict[str, Any]] | None = None) -> Path:
         """Write `devices/<id>/tether.toml` (and a one-time password) for a device of this lab."""
         from agent.config import to_toml
+        from provisioning.identity import check_device_id
 
-        home = self.dir / "devices" / device_id
+        # before anything is made from the id: '..' or a '/' would put the directory elsewhere
+        home = self.dir / "devices" / check_device_id(device_id, "DEVICE_ID")
         home.mkdir(parents=True, exist_ok=True)
         otp = home / "otp"
         if not (home / "state" / "certs" / "chain.pem").exists():

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.procs import Proc, free_port
+from provisioning.identity import RESERVED_IDS
 
-SERVICES = ("tether-token-service", "tether-ota-service")
+# the service identities the ACL trusts with every device's topics: exactly the ids the station
+# (and the agent, and `tether-lab device`) refuse to give a device
+SERVICES = RESERVED_IDS
 
 
 def acl_text(services: tuple[str, ...] = SERVICES) -> str:

@@ -1,18 +1,31 @@
-"""Device identifiers and the names derived from them (CN, SPIFFE ID, MQTT client id)."""
+"""Device identifiers and the names derived from them (CN, SPIFFE ID, MQTT client id).
+
+`check_device_id` is THE device-id rule: the station applies it when it issues an OTP and when it
+enrolls, the agent when it loads its configuration, the lab before it makes a device directory. It
+lives here (not in agent/core) because the station must not import `agent`, and the firmware gets
+its id from credentials the station already checked.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from provisioning.errors import ProvisioningError
 
 MAX_DEVICE_ID = 64
 _ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+# The lab's service identities (lab/mosquitto.py SERVICES): the broker's ACL lets them read and write
+# every device's topics, so a device must never get a certificate with one of these CNs.
+RESERVED_IDS = ("tether-token-service", "tether-ota-service")
 
 
-def check_device_id(device_id: object, where: str = "device id") -> str:
-    """Return `device_id` if it can be a CN, an MQTT client id and a topic level; else raise.
+def check_device_id(device_id: object, where: str = "device id", reserved: Collection[str] = RESERVED_IDS) -> str:
+    """Return `device_id` if it can be a CN, an MQTT client id, a topic level, a SPIFFE path segment
+    and a directory name; else raise ProvisioningError naming `where` and the rule.
 
     Cumulocity forbids ':' in the CN (it is the client id separator); '/', '+' and '#' would break
-    the per-device topic prefix the broker's ACL relies on.
+    the per-device topic prefix the broker's ACL relies on; SPIFFE forbids the path segments '.' and
+    '..' (which are also directory traversal); `reserved` names belong to services.
     """
     if not isinstance(device_id, str) or not device_id:
         raise ProvisioningError(f"{where}: must be a non-empty string, got {device_id!r}")
@@ -25,6 +38,12 @@ def check_device_id(device_id: object, where: str = "device id") -> str:
     if bad:
         raise ProvisioningError(f"{where}: {device_id!r} contains {''.join(bad)!r}; use letters, digits, "
                                 "'.', '_' and '-'")
+    if device_id in (".", ".."):
+        raise ProvisioningError(f"{where}: {device_id!r} is not a valid SPIFFE ID path segment (nor a safe "
+                                "directory name)")
+    if device_id in reserved:
+        raise ProvisioningError(f"{where}: {device_id!r} is reserved for a service identity (station.toml "
+                                "reserved_ids); choose another device id")
     return device_id
 
 

@@ -37,10 +37,10 @@ from provisioning.authority import Issuer
 from provisioning.certs import load_certificates, same_public_key, serial_of, subject_of
 from provisioning.certs import to_pem as certs_pem
 from provisioning.errors import PemError, ProvisioningError
-from provisioning.identity import check_trust_domain
+from provisioning.identity import RESERVED_IDS, check_trust_domain
 from provisioning.policy import ChainPolicy
 from provisioning.station.errors import StationError
-from provisioning.station.ledger import Ledger
+from provisioning.station.ledger import DEFAULT_MAX_VALID, DEFAULT_SUPERSEDE_GRACE, Ledger
 
 SETTINGS, ROOT, ROOT_KEY, ISSUING, ISSUING_KEY, CHAIN = (
     "station.toml", "ca.pem", "root.key", "issuing.pem", "issuing.key", "ca-chain.pem")
@@ -58,6 +58,12 @@ class Settings:
     server_days: int = 825
     otp_ttl: int = 24 * 3600
     crl_days: int = 7
+    max_valid_certs: int = DEFAULT_MAX_VALID        # valid certificates one device may hold at once
+    supersede_grace: int = DEFAULT_SUPERSEDE_GRACE  # s a re-enrolled certificate lives if its successor is unused
+    otp_max_failures: int = 10      # wrong guesses that lock a device's one-time password
+    otp_failure_burst: int = 5      # wrong guesses per device id or client address before 429 ...
+    otp_failure_window: int = 60    # ... within this many seconds
+    reserved_ids: str = ",".join(RESERVED_IDS)  # comma-separated ids never issued to devices
     bootstrap_ca: str = ""        # PEM file of CAs whose client certificates may enroll (factory bootstrap)
     encrypted_keys: bool = False
     imported: bool = False
@@ -92,7 +98,17 @@ class Settings:
             check_trust_domain(settings.trust_domain, f"{path}: trust_domain")
         except ProvisioningError as exc:
             raise StationError(str(exc)) from None
+        for key in ("max_valid_certs", "otp_max_failures", "otp_failure_burst", "otp_failure_window"):
+            if getattr(settings, key) < 1:
+                raise StationError(f"{path}: {key} must be at least 1, got {getattr(settings, key)}")
+        if settings.supersede_grace < 0:
+            raise StationError(f"{path}: supersede_grace must be 0 or more seconds, got {settings.supersede_grace}")
         return settings
+
+    @property
+    def reserved(self) -> frozenset[str]:
+        """Device ids the station never issues (the lab's and the platform's service identities)."""
+        return frozenset(n.strip() for n in self.reserved_ids.split(",") if n.strip())
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -157,7 +173,8 @@ class Station:
         where = location or self.settings.ledger
         if "://" not in where:
             where = str(self.directory / where)
-        return Ledger(where, self.settings.ledger_sync)
+        return Ledger(where, self.settings.ledger_sync, max_valid=self.settings.max_valid_certs,
+                      supersede_grace=self.settings.supersede_grace)
 
     # -- issuing -------------------------------------------------------------------------------------
     def device_cert(self, public_key: Any, device_id: str, sans: Sequence[x509.GeneralName] = (),
@@ -198,8 +215,10 @@ class Station:
         storage.atomic_write(self.path(SERVER), certs_pem([row.certificate, self.issuer.cert]), storage.PUBLIC_MODE)
         return self.path(SERVER), self.path(SERVER_KEY)
 
-    def crl(self, revoked: Sequence[tuple[str, int]], days: int | None = None) -> x509.CertificateRevocationList:
-        """A CRL signed by the issuing CA listing (serial hex, revoked at) pairs (RFC 5280 section 5)."""
+    def crl(self, revoked: Sequence[tuple[str, int] | tuple[str, int, str | None]],
+            days: int | None = None) -> x509.CertificateRevocationList:
+        """A CRL signed by the issuing CA listing (serial hex, revoked at[, reason]) (RFC 5280 section 5);
+        a reason (an `x509.ReasonFlags` value such as "superseded") becomes the entry's CRLReason."""
         from cryptography.hazmat.primitives import hashes
 
         now = dt.datetime.now(dt.UTC)
@@ -211,10 +230,12 @@ class Station:
                    .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                        self.issuer.key.public_key()), critical=False))
-        for serial, when in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
-                .revocation_date(dt.datetime.fromtimestamp(when, dt.UTC)).build())
+        for serial, when, *why in revoked:
+            entry = (x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
+                     .revocation_date(dt.datetime.fromtimestamp(when, dt.UTC)))
+            if why and why[0] and why[0] != "unspecified":  # RFC 5280 5.3.1: omit rather than unspecified
+                entry = entry.add_extension(x509.CRLReason(x509.ReasonFlags(why[0])), critical=False)
+            builder = builder.add_revoked_certificate(entry.build())
         return builder.sign(self.issuer.key, hashes.SHA256())
 
 

@@ -22,6 +22,7 @@ from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
 from provisioning.station.errors import StationError
+from provisioning.station.ledger import KINDS, REASONS
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {}
@@ -113,7 +114,7 @@ def cmd_otp(args: argparse.Namespace) -> int:
     from provisioning.station.otp import new_otp, otp_hash
 
     station = _station(args)
-    device_id = check_device_id(args.device_id, "DEVICE_ID")
+    device_id = check_device_id(args.device_id, "DEVICE_ID", station.settings.reserved)
     ttl = args.ttl if args.ttl is not None else station.settings.otp_ttl
     if ttl <= 0:
         raise StationError(f"--ttl {ttl}: must be a positive number of seconds")
@@ -125,7 +126,8 @@ def cmd_otp(args: argparse.Namespace) -> int:
     finally:
         ledger.close()
     print(otp)  # stdout carries only the password: factory scripts capture it
-    print(f"one-time password for {device_id}, valid until {_iso(now + ttl)}", file=sys.stderr)
+    print(f"one-time password for {device_id}, valid until {_iso(now + ttl)} (a new one also unlocks a "
+          "device locked after wrong guesses; older unused ones stay valid unless locked)", file=sys.stderr)
     return 0
 
 
@@ -150,13 +152,21 @@ def cmd_ledger_list(args: argparse.Namespace) -> int:
 
 @command("revoke")
 def cmd_revoke(args: argparse.Namespace) -> int:
+    if (args.serial is None) == (args.device is None):
+        raise StationError("revoke: give either a SERIAL or --device ID (not both)")
     station = _station(args)
     ledger = station.open_ledger(args.db)
     try:
-        row = ledger.revoke(args.serial, _now())
+        if args.device is not None:
+            rows = ledger.revoke_device(args.device, _now(), args.reason)
+        else:
+            rows = ledger.revoke(args.serial, _now(), args.reason)
     finally:
         ledger.close()
-    print(f"revoked serial {row.serial} ({row.subject}); publish a new CRL: tether-station crl --out FILE")
+    for row in rows:
+        inherited = f", issued from {row.predecessor}" if row.predecessor else ""
+        print(f"revoked serial {row.serial} ({row.subject}{inherited}): {row.revoke_reason}")
+    print(f"{len(rows)} certificate(s) revoked; publish a new CRL: tether-station crl --out FILE", file=sys.stderr)
     return 0
 
 
@@ -167,10 +177,11 @@ def cmd_crl(args: argparse.Namespace) -> int:
     station = _station(args)
     ledger = station.open_ledger(args.db)
     try:
-        revoked = [(r.serial, r.revoked_at) for r in ledger.rows() if r.revoked_at is not None]
+        ledger.sweep(_now())  # superseded certificates whose grace period ended belong on the CRL
+        revoked = [(r.serial, r.revoked_at, r.revoke_reason) for r in ledger.rows() if r.revoked_at is not None]
     finally:
         ledger.close()
-    crl = station.crl(revoked, args.days)  # type: ignore[arg-type]
+    crl = station.crl(revoked, args.days)
     _out(args.out, crl.public_bytes(Encoding.DER if args.format == "der" else Encoding.PEM))
     print(f"CRL with {len(revoked)} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
           file=sys.stderr)
@@ -197,7 +208,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from provisioning.certs import common_name, load_csr, to_pem
-    from provisioning.errors import PolicyError
+    from provisioning.errors import PolicyError, ProvisioningError
+    from provisioning.identity import check_device_id
 
     station = _station(args)
     data = storage.read_bytes(args.csr_file)
@@ -206,8 +218,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
     csr = load_csr(data, args.csr_file)
     device_id = common_name(csr.subject) or ""
     try:
+        check_device_id(device_id, f"{args.csr_file}: CN", station.settings.reserved)
         station.policy.check_csr(csr, device_id)
-    except PolicyError as exc:
+    except (PolicyError, ProvisioningError) as exc:
         raise StationError(f"{args.csr_file}: {exc}") from None
     fingerprint = hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest()
     ledger = station.open_ledger(args.db)
@@ -228,12 +241,19 @@ def cmd_issue(args: argparse.Namespace) -> int:
     from provisioning.station.export import write_device_bundle
 
     station = _station(args)
-    device_id = check_device_id(args.device_id, "DEVICE_ID")
+    if args.service:  # a service identity (e.g. the lab's token service) is exactly a reserved name
+        if args.device_id not in station.settings.reserved:
+            raise StationError(f"--service {args.device_id!r}: not one of station.toml reserved_ids "
+                               f"({station.settings.reserved_ids or 'empty'})")
+        device_id = check_device_id(args.device_id, "DEVICE_ID", ())
+    else:
+        device_id = check_device_id(args.device_id, "DEVICE_ID", station.settings.reserved)
     key = generate("ec-p256")
     ledger = station.open_ledger(args.db)
     try:
         row, _ = ledger.issue(device_id, "station-generated-key", _now(),
-                              lambda: station.device_cert(key.public_key(), device_id, days=args.days), reuse=False)
+                              lambda: station.device_cert(key.public_key(), device_id, days=args.days), reuse=False,
+                              kind="service" if args.service else "device")
     finally:
         ledger.close()
     files = write_device_bundle(Path(args.out), args.format, key, [row.certificate, *station.ca_chain])
@@ -316,9 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     ledger = sub.add_parser("ledger", help="issued certificates").add_subparsers(dest="sub", required=True)
     p = ledger.add_parser("list", parents=[common], help="list issued certificates")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--kind", choices=("device", "server"))
-    p = sub.add_parser("revoke", parents=[common], help="revoke a certificate by serial (hex)")
-    p.add_argument("serial", metavar="SERIAL")
+    p.add_argument("--kind", choices=KINDS)
+    p = sub.add_parser("revoke", parents=[common], help="revoke a certificate by serial (hex) and every "
+                       "certificate re-enrolled from it, or all of a device's certificates")
+    p.add_argument("serial", metavar="SERIAL", nargs="?")
+    p.add_argument("--device", metavar="ID", help="revoke every certificate of this device")
+    p.add_argument("--reason", default="unspecified", choices=REASONS, help="CRL reason (default unspecified)")
     p = sub.add_parser("crl", parents=[common], help="write a CRL signed by the issuing CA")
     p.add_argument("--out", help="file (default: stdout)")
     p.add_argument("--format", choices=("pem", "der"), default="pem")
@@ -334,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int)
     p = sub.add_parser("issue", parents=[common], help="make key + certificate for a board that cannot")
     p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--service", action="store_true", help="a client certificate for a service identity named "
+                   "in station.toml reserved_ids (never re-enrolls; not exported as a device)")
     p.add_argument("--format", choices=("pem", "der"), default="pem")
     p.add_argument("--out", required=True, help="directory for the files")
     p.add_argument("--days", type=int)

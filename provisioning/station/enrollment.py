@@ -9,6 +9,7 @@ identity policy (403), then the ledger transaction, which re-checks the one-time
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +22,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from provisioning.certs import common_name, load_csr, pkcs7_certs_only, serial_of, subject_of
 from provisioning.errors import PemError, PolicyError, ProvisioningError
 from provisioning.identity import check_device_id
+from provisioning.printable import escape_logger
 from provisioning.station.ca import Station
 from provisioning.station.errors import Refusal
-from provisioning.station.ledger import Ledger, Row, serial_hex
+from provisioning.station.ledger import Ledger, Row, revoked_reason, serial_hex
 from provisioning.station.otp import MAX_OTP_LENGTH, otp_hash
+from provisioning.station.ratelimit import FailureLimiter
+
+# server.py logs through the same logger: the filter escapes outside input in all of its lines
+log: logging.Logger = escape_logger("tether.station")
 
 ENROLL, REENROLL = "simpleenroll", "simplereenroll"
 CSR_TYPE = "application/pkcs10"
@@ -37,6 +43,7 @@ class Request:
     body: bytes
     basic: tuple[str, str] | None = None  # HTTP Basic (user, password)
     peer_der: bytes | None = None         # TLS client certificate, already verified by the handshake
+    client: str = ""                      # the client's address (rate limits of password guessing)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,11 @@ class Enrollment:
         self.station = station
         self.ledger = ledger
         self.clock = clock
+        settings = station.settings
+        self.reserved = settings.reserved
+        self.otp_max_failures = settings.otp_max_failures
+        self.guesses_by_device = FailureLimiter(settings.otp_failure_burst, settings.otp_failure_window)
+        self.guesses_by_client = FailureLimiter(settings.otp_failure_burst, settings.otp_failure_window)
         station.issuer  # noqa: B018 - load (and decrypt) the CA key now, not in the first request
 
     @cached_property
@@ -76,11 +88,13 @@ class Enrollment:
 
     def handle(self, req: Request) -> Answer:
         """Enroll or re-enroll; raise Refusal(status, why) for anything the station will not sign."""
+        predecessor = None
         if req.operation == ENROLL:
             device_id, digest, peer = self._authenticate_enroll(req)
         elif req.operation == REENROLL:
             device_id, peer = self._authenticate_reenroll(req)
             digest = None
+            predecessor = serial_hex(peer.serial_number)
         else:
             raise Refusal(404, f"unknown EST operation {req.operation!r}")
         if req.content_type != CSR_TYPE:
@@ -107,7 +121,7 @@ class Enrollment:
         if digest is not None:
             row, reused = self.ledger.issue_with_otp(device_id, digest, fingerprint, now, sign)
         else:
-            row, reused = self.ledger.issue(device_id, fingerprint, now, sign)
+            row, reused = self.ledger.issue(device_id, fingerprint, now, sign, predecessor=predecessor)
         return Answer([row.certificate, *self.station.ca_chain], row, reused)
 
     # -- authentication ------------------------------------------------------------------------------
@@ -115,20 +129,22 @@ class Enrollment:
         if req.basic is not None:
             user, password = req.basic
             try:
-                device_id = check_device_id(user, "HTTP Basic user (the device id)")
+                device_id = check_device_id(user, "HTTP Basic user (the device id)", self.reserved)
             except ProvisioningError as exc:
                 raise Refusal(401, str(exc)) from None
+            self._check_guess_rate(device_id, req.client)
             if not password or len(password) > MAX_OTP_LENGTH:
                 raise Refusal(401, f"HTTP Basic password must be the one-time password for {device_id!r}")
             digest = otp_hash(device_id, password)
-            self._precheck_otp(device_id, digest)
+            self._precheck_otp(device_id, digest, req.client)
             return device_id, digest, None
         if req.peer_der is not None:
             peer = x509.load_der_x509_certificate(req.peer_der)
             if any(_issued_by(peer, ca) for ca in self.station.bootstrap_cas):
                 cn = common_name(peer.subject)
                 try:
-                    return check_device_id(cn, f"bootstrap certificate {subject_of(peer)} CN"), None, peer
+                    where = f"bootstrap certificate {subject_of(peer)} CN"
+                    return check_device_id(cn, where, self.reserved), None, peer
                 except ProvisioningError as exc:
                     raise Refusal(403, str(exc)) from None
             if _issued_by(peer, self.station.issuer.cert):
@@ -137,10 +153,12 @@ class Enrollment:
         raise Refusal(401, "no credentials: send HTTP Basic (device id, one-time password from "
                            "`tether-station otp`) or a client certificate from the bootstrap CA")
 
-    def _precheck_otp(self, device_id: str, digest: str) -> None:
-        """Refuse unknown and expired passwords before any CSR work; the transaction decides the rest."""
+    def _precheck_otp(self, device_id: str, digest: str, client: str = "") -> None:
+        """Refuse unknown (counted as a wrong guess) and expired passwords before any CSR work; the
+        transaction decides the rest (locked, used)."""
         found = self.ledger.find_otp(digest)
         if found is None or found.device_id != device_id:
+            self._wrong_guess(device_id, client)
             raise Refusal(401, f"one-time password is not valid for device {device_id!r} (unknown or mistyped; "
                                "ask the station operator for a new one)")
         if found.used_at is None and found.expires_at < int(self.clock()):
@@ -159,12 +177,34 @@ class Enrollment:
         if row is None:
             raise Refusal(403, f"client certificate {subject_of(peer)} (serial {serial_of(peer)}) is not in the "
                                "ledger")
-        if row.revoked_at is not None:
-            raise Refusal(403, f"client certificate {subject_of(peer)} (serial {serial_of(peer)}) was revoked; "
-                               "the device must enroll again with a new one-time password")
+        gone = row.revocation(int(self.clock()))
+        if gone is not None:
+            raise Refusal(403, revoked_reason(row, *gone))
         if row.kind != "device":
             raise Refusal(403, f"{subject_of(peer)} is a {row.kind} certificate, not a device certificate")
+        self.ledger.presented(row.serial, int(self.clock()))  # the device uses it: its predecessor is done
         return row.device_id, peer
+
+    # -- password guessing ---------------------------------------------------------------------------
+    def _check_guess_rate(self, device_id: str, client: str) -> None:
+        """429 with Retry-After while this device id or this client address has failed too often."""
+        now = self.clock()
+        for key, limiter, what in ((device_id, self.guesses_by_device, f"device {device_id!r}"),
+                                   (client, self.guesses_by_client, f"client {client}")):
+            wait = limiter.retry_after(key, now) if key else None
+            if wait is not None:
+                raise Refusal(429, f"too many wrong one-time passwords for {what}; retry in {wait} s",
+                              retry_after=wait)
+
+    def _wrong_guess(self, device_id: str, client: str) -> None:
+        now = self.clock()
+        self.guesses_by_device.failed(device_id, now)
+        if client:
+            self.guesses_by_client.failed(client, now)
+        locked = self.ledger.otp_failed(device_id, int(now), self.otp_max_failures)
+        if locked is not None:  # only the request that crossed the limit gets here: one line per lockout
+            log.warning("one-time password of device %s locked after %d wrong guesses (last from %s); "
+                        "issue a new one with `tether-station otp %s`", device_id, locked, client or "?", device_id)
 
     @staticmethod
     def _extra_sans(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:

@@ -15,13 +15,17 @@ class Refusal(StationError):
     401 carries `WWW-Authenticate` (RFC 9110 11.6.1) so a client knows which scheme to use.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
 
     @property
     def headers(self) -> dict[str, str]:
+        headers = {}
         if self.status == 401:
-            return {"WWW-Authenticate": 'Basic realm="tether-station", charset="UTF-8"'}
-        return {}
+            headers["WWW-Authenticate"] = 'Basic realm="tether-station", charset="UTF-8"'
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return headers

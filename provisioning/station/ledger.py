@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from provisioning.certs import common_name, subject_of
 from provisioning.station.errors import Refusal, StationError
 
-KINDS = ("device", "server")
+KINDS = ("device", "server", "service")  # service: a reserved identity issued by `issue --service`
+DEFAULT_MAX_VALID = 2
+DEFAULT_SUPERSEDE_GRACE = 7 * 24 * 3600
 SYNC_MODES = ("full", "normal")
 
 _SCHEMA = """
@@ -42,7 +44,10 @@ CREATE TABLE IF NOT EXISTS certs (
     csr_fingerprint TEXT NOT NULL,
     issued_at BIGINT NOT NULL,
     revoked_at BIGINT,
-    cert_der {blob} NOT NULL
+    cert_der {blob} NOT NULL,
+    predecessor TEXT,
+    revoke_reason TEXT,
+    supersede_at BIGINT
 );
 CREATE INDEX IF NOT EXISTS certs_by_request ON certs (device_id, csr_fingerprint);
 CREATE TABLE IF NOT EXISTS otps (
@@ -52,13 +57,27 @@ CREATE TABLE IF NOT EXISTS otps (
     expires_at BIGINT NOT NULL,
     used_at BIGINT,
     csr_fingerprint TEXT,
-    serial TEXT REFERENCES certs (serial)
+    serial TEXT REFERENCES certs (serial),
+    locked_at BIGINT
+);
+CREATE TABLE IF NOT EXISTS otp_failures (
+    device_id TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL
 );
 """
 
+# Columns added after the first release: (table, column, type). A ledger made before them is
+# migrated when it is opened (ALTER TABLE ... ADD COLUMN works alike in SQLite and PostgreSQL).
+_ADDED_COLUMNS = (("certs", "predecessor", "TEXT"), ("certs", "revoke_reason", "TEXT"),
+                  ("certs", "supersede_at", "BIGINT"), ("otps", "locked_at", "BIGINT"))
+
 # Interpolated into SQL below: constants only, never input (hence the S608 waivers).
 _ROW_COLUMNS = ("serial, device_id, subject, kind, not_before, not_after, csr_fingerprint, issued_at, "
-                "revoked_at, cert_der")
+                "revoked_at, cert_der, predecessor, revoke_reason, supersede_at")
+
+# CRL reason names (RFC 5280 5.3.1, as `x509.ReasonFlags` values) an operator may give
+REASONS = ("unspecified", "keyCompromise", "affiliationChanged", "superseded", "cessationOfOperation")
+SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,17 @@ class Row:
     issued_at: int
     revoked_at: int | None
     cert_der: bytes
+    predecessor: str | None = None      # serial of the certificate this one re-enrolled from
+    revoke_reason: str | None = None    # one of REASONS once revoked
+    supersede_at: int | None = None     # revoked as superseded at this time unless revoked earlier
+
+    def revocation(self, now: int) -> tuple[int, str] | None:
+        """(when, reason) if this certificate counts as revoked at `now`, else None."""
+        if self.revoked_at is not None:
+            return self.revoked_at, self.revoke_reason or "unspecified"
+        if self.supersede_at is not None and self.supersede_at <= now:
+            return self.supersede_at, SUPERSEDED
+        return None
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -108,6 +138,7 @@ class Otp:
     used_at: int | None
     csr_fingerprint: str | None
     serial: str | None
+    locked_at: int | None = None    # locked after too many wrong guesses for its device
 
 
 @dataclass(frozen=True)
@@ -128,10 +159,19 @@ Query = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 class Ledger:
     """The ledger at `location`: a `postgresql://` URL, `sqlite:///path`, or a plain file path."""
 
-    def __init__(self, location: str | Path, sync: str = "full") -> None:
+    def __init__(self, location: str | Path, sync: str = "full", *, max_valid: int = DEFAULT_MAX_VALID,
+                 supersede_grace: int = DEFAULT_SUPERSEDE_GRACE) -> None:
+        """`max_valid`: valid certificates one device may hold (older ones are superseded beyond it);
+        `supersede_grace`: seconds a re-enrolled certificate stays valid if its successor is never used."""
         if sync not in SYNC_MODES:
             raise StationError(f"ledger sync mode {sync!r}: expected one of {', '.join(SYNC_MODES)}")
+        if max_valid < 1:
+            raise StationError(f"max_valid_certs {max_valid}: a device must be able to hold at least 1 certificate")
+        if supersede_grace < 0:
+            raise StationError(f"supersede_grace {supersede_grace}: must be 0 or more seconds")
         self.sync = sync
+        self.max_valid = max_valid
+        self.supersede_grace = supersede_grace
         self.location = str(location)
         self.is_postgres = self.location.startswith(("postgresql://", "postgres://"))
         self.dialect = _POSTGRES if self.is_postgres else _SQLITE
@@ -142,6 +182,21 @@ class Ledger:
             for statement in _SCHEMA.format(blob=self.dialect.blob).split(";"):
                 if statement.strip():
                     q(statement, ())
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a ledger from an older station lacks, then the index that needs them."""
+        with self._connection() as conn:
+            present: dict[str, set[str]] = {}
+            for table in {t for t, _, _ in _ADDED_COLUMNS}:
+                cur = conn.execute(f"SELECT * FROM {table} WHERE 1 = 0")  # noqa: S608 - constant table names
+                present[table] = {getattr(d, "name", None) or d[0] for d in cur.description}
+                cur.fetchall()
+        with self._transaction() as q:
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in present[table]:
+                    q(f"ALTER TABLE {table} ADD COLUMN {column} {kind}", ())
+            q("CREATE INDEX IF NOT EXISTS certs_by_predecessor ON certs (predecessor)", ())
 
     def __repr__(self) -> str:
         where = self.location.split("@")[-1] if self.is_postgres else self.location  # no password in logs
@@ -253,18 +308,47 @@ class Ledger:
 
     # -- one-time passwords --------------------------------------------------------------------------
     def add_otp(self, device_id: str, digest: str, now: int, expires_at: int) -> None:
+        """Store a new OTP for `device_id`; a new OTP also clears the device's count of failed guesses."""
         with self._transaction() as q:
             q("INSERT INTO otps (digest, device_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
               (digest, device_id, now, expires_at))
+            q("DELETE FROM otp_failures WHERE device_id = ?", (device_id,))
 
     def find_otp(self, digest: str) -> Otp | None:
         with self._transaction(write=False) as q:
-            found = q("SELECT digest, device_id, created_at, expires_at, used_at, csr_fingerprint, serial "
+            found = q("SELECT digest, device_id, created_at, expires_at, used_at, csr_fingerprint, serial, locked_at "
                       "FROM otps WHERE digest = ?", (digest,))
         if not found:
             return None
-        d, device, created, expires, used, fp, serial = found[0]
-        return Otp(d, device, int(created), int(expires), None if used is None else int(used), fp, serial)
+        d, device, created, expires, used, fp, serial, locked = found[0]
+        return Otp(d, device, int(created), int(expires), None if used is None else int(used), fp, serial,
+                   None if locked is None else int(locked))
+
+    def otp_failed(self, device_id: str, now: int, max_failures: int) -> int | None:
+        """Count a wrong OTP for `device_id`; lock its unused OTPs at the `max_failures`th.
+
+        Returns the failure count when this call locked them (exactly once per lockout, so the caller
+        logs it once), else None. Failures are counted only while the device has an OTP that could
+        be guessed, so guesses at made-up device ids leave no rows behind.
+        """
+        with self._transaction() as q:
+            if self.dialect.lock_device:
+                q(self.dialect.lock_device, (device_id,))
+            open_otps = q("SELECT digest FROM otps WHERE device_id = ? AND used_at IS NULL AND locked_at IS NULL",
+                          (device_id,))
+            if not open_otps:
+                return None
+            found = q("SELECT failures FROM otp_failures WHERE device_id = ?", (device_id,))
+            failures = (int(found[0][0]) if found else 0) + 1
+            if found:
+                q("UPDATE otp_failures SET failures = ? WHERE device_id = ?", (failures, device_id))
+            else:
+                q("INSERT INTO otp_failures (device_id, failures) VALUES (?, ?)", (device_id, failures))
+            if failures < max_failures:
+                return None
+            q("UPDATE otps SET locked_at = ? WHERE device_id = ? AND used_at IS NULL AND locked_at IS NULL",
+              (now, device_id))
+            return failures
 
     # -- issuing -------------------------------------------------------------------------------------
     def issue_with_otp(self, device_id: str, digest: str, csr_fingerprint: str, now: int,
@@ -273,67 +357,124 @@ class Ledger:
 
         Returns (row, reused): a retry with the same OTP and the same CSR gets the row issued the
         first time and `reused=True`, without signing again. Raises Refusal(401) for an unknown,
-        expired or already used (with another CSR) password; nothing is written then.
+        expired or already used (with another CSR) password, Refusal(403) for a locked one; nothing
+        is written then.
         """
         with self._transaction() as q:
-            found = q(f"SELECT device_id, expires_at, used_at, csr_fingerprint, serial FROM otps WHERE digest = ?"  # noqa: S608
-                      f"{self.dialect.for_update}", (digest,))
+            if self.dialect.lock_device:
+                q(self.dialect.lock_device, (device_id,))
+            found = q(f"SELECT device_id, expires_at, used_at, csr_fingerprint, serial, locked_at FROM otps "  # noqa: S608
+                      f"WHERE digest = ?{self.dialect.for_update}", (digest,))
             if not found or found[0][0] != device_id:
                 raise Refusal(401, f"one-time password is not valid for device {device_id!r} (unknown or "
                                    "mistyped; ask the station operator for a new one)")
-            _, expires_at, used_at, used_for, serial = found[0]
+            _, expires_at, used_at, used_for, serial, locked_at = found[0]
             if used_at is not None:
                 if used_for == csr_fingerprint:
                     row = self._get(q, serial)
-                    if row is not None and row.revoked_at is None:
+                    if row is not None and row.revocation(now) is None:
                         return row, True
                     raise Refusal(401, f"one-time password for {device_id!r} was used for certificate {serial} "
                                        "which has been revoked; ask for a new one-time password")
                 raise Refusal(401, f"one-time password for {device_id!r} was already used for another CSR "
                                    "(a retry must send the same CSR); ask for a new one-time password")
+            if locked_at is not None:
+                raise Refusal(403, otp_locked_reason(device_id))
             if int(expires_at) < now:
                 raise Refusal(401, f"one-time password for {device_id!r} expired {now - int(expires_at)} s ago; "
                                    "ask for a new one-time password")
             row = self._insert(q, device_id, "device", csr_fingerprint, now, sign())
             q("UPDATE otps SET used_at = ?, csr_fingerprint = ?, serial = ? WHERE digest = ?",
               (now, csr_fingerprint, row.serial, digest))
+            self._cap(q, row, now)
             return row, False
 
     def issue(self, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate], *,
-              kind: str = "device", reuse: bool = True) -> tuple[Row, bool]:
+              kind: str = "device", reuse: bool = True, predecessor: str | None = None) -> tuple[Row, bool]:
         """Record the certificate `sign()` makes for `device_id`; (row, reused).
 
         With `reuse`, an unrevoked certificate already issued to this device for the same CSR is
         returned instead (`reused=True`): the answer to a device that retries after a crash.
+        `predecessor` (re-enrollment) is the serial of the certificate the device authenticated with:
+        Refusal(403) if it is revoked by now (checked inside the transaction, so a revocation racing
+        this request wins); otherwise it is superseded once the new certificate is used, or after the
+        grace period.
         """
         with self._transaction() as q:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
+            self._sweep(q, now)
+            if predecessor is not None:
+                before = self._get(q, predecessor)
+                if before is None:
+                    raise Refusal(403, f"certificate serial {predecessor} is not in the ledger")
+                gone = before.revocation(now)
+                if gone is not None:
+                    raise Refusal(403, revoked_reason(before, *gone))
             if reuse:
                 found = q(f"SELECT {_ROW_COLUMNS} FROM certs WHERE device_id = ? AND csr_fingerprint = ? "  # noqa: S608
                           "AND revoked_at IS NULL AND not_after > ? ORDER BY issued_at DESC",
                           (device_id, csr_fingerprint, now))
-                if found:
-                    return self._row(found[0]), True
-            return self._insert(q, device_id, kind, csr_fingerprint, now, sign()), False
+                reusable = [r for r in map(self._row, found) if r.revocation(now) is None]
+                if reusable:
+                    return reusable[0], True
+            row = self._insert(q, device_id, kind, csr_fingerprint, now, sign(), predecessor)
+            if predecessor is not None:
+                q("UPDATE certs SET supersede_at = ? WHERE serial = ? AND supersede_at IS NULL",
+                  (now + self.supersede_grace, predecessor))
+                self._sweep(q, now)
+            if kind == "device":
+                self._cap(q, row, now)
+            return row, False
 
     def _insert(self, q: Query, device_id: str, kind: str, csr_fingerprint: str, now: int,
-                cert: x509.Certificate) -> Row:
+                cert: x509.Certificate, predecessor: str | None = None) -> Row:
         row = Row(serial=serial_hex(cert.serial_number), device_id=device_id, subject=subject_of(cert), kind=kind,
                   not_before=int(cert.not_valid_before_utc.timestamp()),
                   not_after=int(cert.not_valid_after_utc.timestamp()), csr_fingerprint=csr_fingerprint,
-                  issued_at=now, revoked_at=None, cert_der=cert.public_bytes(Encoding.DER))
-        q(f"INSERT INTO certs ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                  issued_at=now, revoked_at=None, cert_der=cert.public_bytes(Encoding.DER), predecessor=predecessor)
+        q(f"INSERT INTO certs ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
           (row.serial, row.device_id, row.subject, row.kind, row.not_before, row.not_after, row.csr_fingerprint,
-           row.issued_at, row.revoked_at, row.cert_der))
+           row.issued_at, row.revoked_at, row.cert_der, row.predecessor, None, None))
         return row
+
+    # -- lineage -------------------------------------------------------------------------------------
+    def _cap(self, q: Query, new: Row, now: int) -> None:
+        """Supersede the device's oldest valid certificates beyond `max_valid` (the new one stays)."""
+        found = q(f"SELECT {_ROW_COLUMNS} FROM certs WHERE device_id = ? AND kind = 'device' "  # noqa: S608
+                  "AND revoked_at IS NULL AND not_after > ? ORDER BY issued_at DESC, serial DESC",
+                  (new.device_id, now))
+        valid = [r for r in map(self._row, found) if r.revocation(now) is None and r.serial != new.serial]
+        for old in valid[self.max_valid - 1:]:
+            q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ?", (now, SUPERSEDED, old.serial))
+
+    @staticmethod
+    def _sweep(q: Query, now: int) -> None:
+        """Turn superseded certificates whose grace period ended into revoked rows (for the CRL)."""
+        q("UPDATE certs SET revoked_at = supersede_at, revoke_reason = ? WHERE revoked_at IS NULL "
+          "AND supersede_at IS NOT NULL AND supersede_at <= ?", (SUPERSEDED, now))
+
+    def sweep(self, now: int) -> None:
+        """Record superseded certificates whose grace period ended as revoked (before writing a CRL)."""
+        with self._transaction() as q:
+            self._sweep(q, now)
+
+    def presented(self, serial: int | str, now: int) -> None:
+        """The certificate `serial` authenticated a request: the one it replaced is superseded now."""
+        key = serial_hex(serial)
+        with self._transaction() as q:
+            row = self._get(q, key)
+            if row is not None and row.predecessor is not None:
+                q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ? AND revoked_at IS NULL",
+                  (now, SUPERSEDED, row.predecessor))
 
     # -- reading and revoking ------------------------------------------------------------------------
     @staticmethod
     def _row(values: tuple[Any, ...]) -> Row:
-        serial, device_id, subject, kind, nb, na, fp, issued, revoked, der = values
+        serial, device_id, subject, kind, nb, na, fp, issued, revoked, der, pred, reason, supersede = values
         return Row(serial, device_id, subject, kind, int(nb), int(na), fp, int(issued),
-                   None if revoked is None else int(revoked), bytes(der))
+                   None if revoked is None else int(revoked), bytes(der), pred, reason,
+                   None if supersede is None else int(supersede))
 
     def _get(self, q: Query, serial: str) -> Row | None:
         found = q(f"SELECT {_ROW_COLUMNS} FROM certs WHERE serial = ?", (serial,))  # noqa: S608
@@ -352,17 +493,82 @@ class Ledger:
                 found = q(f"SELECT {_ROW_COLUMNS} FROM certs ORDER BY issued_at, serial", ())  # noqa: S608
         return [self._row(r) for r in found]
 
-    def revoke(self, serial: int | str, now: int) -> Row:
-        """Mark a certificate revoked; StationError if the serial is unknown or already revoked."""
+    def revoke(self, serial: int | str, now: int, reason: str = "unspecified") -> list[Row]:
+        """Revoke a certificate and everything re-enrolled from it, transitively; the rows revoked now.
+
+        A stolen certificate's key may have re-enrolled to the thief's own key, so its descendants go
+        too. StationError if the serial is unknown, or it and all its descendants are already revoked.
+        A superseded certificate can still be revoked for another reason (its lineage goes with it).
+        """
         key = serial_hex(serial)
+        check_reason(reason)
         with self._transaction() as q:
             row = self._get(q, key)
             if row is None:
                 raise StationError(f"serial {key} is not in the ledger {self!r} (see `tether-station ledger list`)")
-            if row.revoked_at is not None:
-                raise StationError(f"serial {key} ({row.subject}) is already revoked since {row.revoked_at}")
-            q("UPDATE certs SET revoked_at = ? WHERE serial = ?", (now, key))
-        return Row(**{**asdict(row), "revoked_at": now})
+            if self.dialect.lock_device:
+                q(self.dialect.lock_device, (row.device_id,))
+            self._sweep(q, now)
+            done = self._revoke_lineage(q, [key], now, reason)
+            if not done:
+                raise StationError(f"serial {key} ({row.subject}) and every certificate issued from it are "
+                                   f"already revoked (since {row.revoked_at})")
+        return done
+
+    def revoke_device(self, device_id: str, now: int, reason: str = "unspecified") -> list[Row]:
+        """Revoke every certificate of `device_id` (and their lineages); StationError if none is valid."""
+        check_reason(reason)
+        with self._transaction() as q:
+            if self.dialect.lock_device:
+                q(self.dialect.lock_device, (device_id,))
+            self._sweep(q, now)
+            serials = [r[0] for r in q("SELECT serial FROM certs WHERE device_id = ?", (device_id,))]
+            if not serials:
+                raise StationError(f"device {device_id!r} has no certificates in the ledger {self!r}")
+            done = self._revoke_lineage(q, serials, now, reason)
+            if not done:
+                raise StationError(f"every certificate of device {device_id!r} is already revoked")
+        return done
+
+    def _revoke_lineage(self, q: Query, serials: list[str], now: int, reason: str) -> list[Row]:
+        done: list[Row] = []
+        seen: set[str] = set()
+        todo = list(serials)
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            row = self._get(q, key)
+            if row is None:
+                continue
+            if row.revoked_at is None:
+                q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ?", (now, reason, key))
+                done.append(Row(**{**asdict(row), "revoked_at": now, "revoke_reason": reason}))
+            elif row.revoke_reason == SUPERSEDED and reason != SUPERSEDED:
+                # superseded, and now known compromised: the CRL says so (same revocation time)
+                q("UPDATE certs SET revoke_reason = ? WHERE serial = ?", (reason, key))
+                done.append(Row(**{**asdict(row), "revoke_reason": reason}))
+            todo += [r[0] for r in q("SELECT serial FROM certs WHERE predecessor = ?", (key,))]
+        return done
+
+
+def check_reason(reason: str) -> str:
+    if reason not in REASONS:
+        raise StationError(f"revocation reason {reason!r}: expected one of {', '.join(REASONS)}")
+    return reason
+
+
+def revoked_reason(row: Row, when: int, why: str) -> str:
+    """The refusal for a request authenticated by (or re-enrolling from) a revoked certificate."""
+    what = "was superseded by a newer certificate" if why == SUPERSEDED else f"was revoked ({why})"
+    return (f"certificate {row.subject} (serial {row.serial}) {what} at {when}; a revoked lineage cannot "
+            "re-enroll: the device must enroll again with a new one-time password")
+
+
+def otp_locked_reason(device_id: str) -> str:
+    return (f"one-time password for {device_id!r} is locked after too many wrong guesses; the operator must "
+            f"issue a new one (`tether-station otp {device_id}`)")
 
 
 def device_of(cert: x509.Certificate) -> str:

@@ -66,7 +66,8 @@ class EstHandler(BaseHTTPRequestHandler):
             answer = self.server.enrollment.handle(Request(
                 operation=operation,
                 content_type=(self.headers.get("Content-Type") or "").split(";")[0].strip().lower(),
-                body=body, basic=self._basic(), peer_der=self.connection.getpeercert(binary_form=True)))
+                body=body, basic=self._basic(), peer_der=self.connection.getpeercert(binary_form=True),
+                client=str(self.client_address[0])))
         except Refusal as refusal:
             log.info("%s %s refused %d: %s", self.client_address[0], operation, refusal.status,
                      refusal.reason.splitlines()[0])

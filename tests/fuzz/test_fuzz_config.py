@@ -1,12 +1,15 @@
 """Config files as an installer or a fleet override writes them (base file plus a config.d drop-in):
 random TOML documents built from the real sections and keys, mutated valid files and raw bytes.
-Only ConfigError may escape `agent.config.load`."""
+Only ConfigError may escape `agent.config.load`. Oracle: an accepted configuration has a device id
+that obeys the id rule (restated here: 1 to 64 letters, digits, '.', '_', '-'; not '.' or '..'; not
+a reserved service identity) and a keepalive within 5..65535 s."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import re
 import tempfile
 import typing
 from pathlib import Path
@@ -57,7 +60,8 @@ def documents(draw: st.DrawFn) -> bytes:
                 and draw(st.booleans()) else draw(values)
             out.append(f"{key} = {toml_value(value)}")
     if draw(st.booleans()):
-        out.insert(0, f'[device]\nid = "{draw(st.sampled_from(["dev-001", "x:y", "", "a/b"]))}"')
+        ids = ["dev-001", "x:y", "", "a/b", "..", ".", "tether-token-service", "x" * 65]
+        out.insert(0, f'[device]\nid = "{draw(st.sampled_from(ids))}"')
     return "\n".join(out).encode()
 
 
@@ -76,4 +80,7 @@ def test_config_files_raise_only_config_errors(base: bytes, dropin: bytes | None
         (directory / "config.d" / "10-fuzz.toml").write_bytes(dropin)
     with contextlib.suppress(ConfigError):
         config = load(directory / "tether.toml")
-        assert config.device.id
+        device_id = config.device.id
+        assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", device_id) and device_id not in (".", ".."), device_id
+        assert device_id not in ("tether-token-service", "tether-ota-service"), device_id
+        assert 5 <= config.mqtt.keepalive <= 65535

@@ -2,13 +2,17 @@
 cloud sends. Only CoreError subclasses (or the agent's own errors wrapping them) may escape; the token
 service's message handler must swallow every bad answer (logging it) and keep the valid token.
 tests/unit/test_core_fuzz.py fuzzes the same pure parsers with unstructured text; these strategies
-build inputs close to the real shapes so the deep branches are reached."""
+build inputs close to the real shapes so the deep branches are reached. Oracles: accepted endpoints
+have a host and a port in 1..65535, accepted CAs are PEM certificates; an accepted token line is
+`71,<three-segment JWT>` whose claims keep the documented guarantees (finite exp, iat below it, a
+lifetime of 1 s to 365 days); an accepted firmware operation is a 515 line."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -62,6 +66,9 @@ def test_discovery_documents_raise_only_endpoint_errors(body: bytes | str) -> No
         with contextlib.suppress(DiscoveryError):
             parse(body, "fuzz", 1 << 20)  # the agent's wrapper turns it into its own error
         return
+    for endpoint in endpoints:  # oracle: what parse_discovery must have refused
+        assert isinstance(endpoint.host, str) and endpoint.host and 1 <= endpoint.port <= 65535, endpoint
+        assert endpoint.ca is None or "-----BEGIN CERTIFICATE-----" in endpoint.ca
     ordered = order_endpoints(endpoints)
     rotation = Rotation(ordered)
     assert rotation.next() in endpoints
@@ -98,7 +105,12 @@ lines = st.one_of(jwts().map(lambda t: "71," + t), jwts().map(lambda t: '71,"' +
 def test_token_lines_and_jwts_raise_only_core_errors(line: str) -> None:
     tried("71 line + JWT (parse_token + decode_claims)")
     with contextlib.suppress(CoreError):
-        jwt.decode_claims(smartrest.parse_token(line))
+        token = smartrest.parse_token(line)
+        claims = jwt.decode_claims(token)
+        assert line.startswith("71,") and len(token.split(".")) == 3 and all(token.split(".")[:2])
+        exp, iat = claims["exp"], claims.get("iat")
+        assert isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp)
+        assert iat is None or (isinstance(iat, int | float) and 1 <= exp - iat <= 365 * 86400)
 
 
 CONFIG_DIR = Path(tempfile.mkdtemp(prefix="tether-fuzz-token-"))
@@ -141,3 +153,4 @@ def test_smartrest_operations_raise_only_smartrest_errors(text: str) -> None:
                 smartrest.parse_line(line)
             op = smartrest.parse_firmware_operation(line)
             assert op.url.startswith(("https://", "http://"))
+            assert smartrest.template_id(line) == "515" and op.name and op.version

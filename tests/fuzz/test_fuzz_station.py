@@ -1,7 +1,10 @@
 """EST requests at the station: `Enrollment.handle` (every decision, pure apart from its SQLite ledger)
 fed thousands of requests, and the HTTP layer of a real `tether-station serve` fed a few hundred raw
 requests. Only `Refusal` may come out of `handle`; the server must answer every request with a 4xx
-status line (a 500 means an exception escaped the decision code) and keep serving."""
+status line (a 500 means an exception escaped the decision code) and keep serving. Oracle: a
+certificate is issued only to a request that authenticated (the right OTP for that device, or the
+device's own certificate), for that device's CN and the key in its CSR; the server answers 200 to a
+POST only when it carries a real one-time password."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,6 +69,15 @@ def test_est_decisions_raise_only_refusals(operation: str, content_type: str, bo
     with contextlib.suppress(Refusal):
         answer = DECIDE.handle(Request(operation, content_type, body, basic=basic, peer_der=peer))
         assert answer.chain[0].public_key().public_numbers() == KEY.public_key().public_numbers()
+        assert content_type == CSR_TYPE
+        if operation == ENROLL:
+            assert basic is not None and PASSWORDS.get(basic[0]) == basic[1], basic
+            device = basic[0]
+        else:
+            assert operation == REENROLL and peer == PEERS[1], (operation, peer)
+            device = "dev-001"
+        cn = answer.chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert cn == answer.row.device_id == device
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +89,7 @@ def running_station(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
     station.proc.stop()
 
 
+REAL_AUTH = [b"Basic " + base64.b64encode(f"{d}:{p}".encode()) for d, p in PASSWORDS.items()]
 header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
 
 
@@ -130,4 +144,9 @@ def test_est_server_answers_every_malformed_request_with_a_client_error(running_
     status = int(status_line.split()[1])
     method = request.split(b" ", 1)[0]
     assert status < 500 or (status == 501 and method not in (b"GET", b"POST")), (request[:300], answer[:600])
+    if status == 200:  # oracle: only cacerts is open; a certificate needs a real password
+        line = request.split(b"\r\n", 1)[0]
+        assert line.startswith(b"GET /.well-known/est/cacerts") or (
+            line.startswith(b"POST /.well-known/est/simpleenroll ") and any(a in request for a in REAL_AUTH)), \
+            (request[:300], answer[:300])
     running_station.proc.check_alive()
