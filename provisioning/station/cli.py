@@ -89,7 +89,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
-    from provisioning.station.server import serve
+    from provisioning.station.server import Limits, serve
 
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]")
@@ -102,8 +102,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
               f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
 
+    for option in ("request_timeout", "idle_timeout", "max_per_client"):
+        if getattr(args, option) < 0:
+            raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must not be negative")
+    limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
+                    max_per_client=args.max_per_client)
     return serve(_station(args), host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
-                 ready=ready)
+                 limits=limits, ready=ready)
 
 
 @command("otp")
@@ -306,7 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="EST enrollment server over HTTPS")
     p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
-    p.add_argument("--threads", type=int, default=32, help="connections each worker serves at once (default 32)")
+    p.add_argument("--threads", type=int, default=8, help="requests each worker computes at once (default 8; "
+                   "idle and slow connections do not hold one)")
+    p.add_argument("--request-timeout", type=float, default=10.0, help="seconds for the TLS handshake and one "
+                   "whole request, however slowly it arrives (default 10; then 408)")
+    p.add_argument("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may wait "
+                   "for its next request (default 5)")
+    p.add_argument("--max-per-client", type=int, default=64, help="connections one client address may hold "
+                   "per worker process; more are closed at accept (default 64, 0 = no cap)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p = sub.add_parser("otp", parents=[common], help="print a one-time password for a device's first enrollment")
     p.add_argument("device_id", metavar="DEVICE_ID")

@@ -1,8 +1,19 @@
-"""EST over HTTPS (RFC 7030): the standard library's HTTP server behind `ssl`, pre-forked, thread pools.
+"""EST over HTTPS (RFC 7030): one selector loop per worker process, a thread pool for the requests.
 
-Only the HTTP and TLS plumbing lives here; every decision is `enrollment.Enrollment.handle`. The TLS
-handshake runs in the connection's own thread (not in the accept loop), so a slow or broken client
-never stalls the others, and any bad request ends in a status line, never in a dead server.
+Only plumbing lives here: the bytes of a request are read by `wire.RequestReader`, every answer is
+decided by `routes.respond` (and, for enrollment, `enrollment.Enrollment.handle`).
+
+Why a loop: a connection costs nothing while it is idle, shakes hands or trickles its headers, so
+a thousand idle sockets or clients that send a header line every few seconds cannot take the
+threads that sign certificates (issue 13: 200 idle connections used to delay `cacerts` by 30 s).
+The loop accepts, runs the TLS handshake and reads each request whole, within one deadline per
+request (not per `recv`); only complete requests go to the pool. Each client address may hold
+`max_per_client` connections per worker process; more are closed at accept.
+
+Every request that was read gets a status line: a body shorter than its Content-Length is answered
+408 when the deadline passes (400 when the client half-closes), and after any answer that ends the
+connection the loop shuts down its sending side and drains what the client still sends for
+LINGER seconds, so unread data never turns into a reset that destroys the answer.
 
 `workers` > 1 forks processes that share the listening socket and the ledger (SQLite WAL serialises
 writers across processes; PostgreSQL does it by itself): Python's GIL caps one process at about one
@@ -11,231 +22,390 @@ core of signing and handshakes.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import collections
 import contextlib
 import logging
 import os
+import queue
+import selectors
 import signal
 import socket
 import ssl
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from provisioning.certs import to_pem
 from provisioning.station.ca import Station
-from provisioning.station.enrollment import ENROLL, REENROLL, Enrollment, Request
-from provisioning.station.errors import Refusal, StationError
+from provisioning.station.enrollment import Enrollment
+from provisioning.station.errors import StationError
+from provisioning.station.routes import Response, respond, text
+from provisioning.station.wire import BadRequest, HttpRequest, RequestReader
 
 log = logging.getLogger("tether.station")
 
-PREFIX = "/.well-known/est/"
-PKCS7_TYPE = "application/pkcs7-mime; smime-type=certs-only"
 MAX_BODY = 64 * 1024   # a P-256 or RSA-4096 CSR is under 4 KiB; anything near this is not a CSR
-DRAIN_LIMIT = 1 << 20  # refused bodies up to this size are read and dropped so the refusal arrives
-IO_TIMEOUT = 10.0      # per socket operation: handshake, headers, body
+DRAIN_LIMIT = 1 << 20  # after a final answer, up to this much of what the client still sends is read and dropped
+LINGER = 2.0           # ... for at most this long
 STOP_GRACE = 2.0
-DEFAULT_THREADS = 32   # connections one worker handles at once (a factory line, not the internet)
+DEFAULT_THREADS = 8    # requests one worker computes at once (signing holds the GIL: more buys nothing)
+TICK = 0.25            # how often deadlines are checked
 
 
-class EstHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "tether-station"
-    sys_version = ""  # no Python version in the Server header
-    server: EstServer
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection limits. `request_timeout` covers the handshake and one whole request (head and
+    body), however slowly it trickles; `idle_timeout` is how long a kept-alive connection may wait
+    for its next request; `max_per_client` caps the connections one address holds (0 = no cap)."""
 
-    def do_GET(self) -> None:
-        if self.path.split("?")[0] == PREFIX + "cacerts":
-            self._send(200, self.server.enrollment.cacerts_body, PKCS7_TYPE, base64_body=True)
-        else:
-            self._send_text(404, f"no such EST resource {self.path!r}; try {PREFIX}cacerts")
-
-    def do_POST(self) -> None:
-        operation = self.path.split("?")[0].removeprefix(PREFIX)
-        if not self.path.startswith(PREFIX) or operation not in (ENROLL, REENROLL):
-            self._discard_body()
-            self._send_text(404, f"no such EST operation {self.path!r}; use {PREFIX}{ENROLL} or {PREFIX}{REENROLL}")
-            return
-        body = self._read_body()
-        if body is None:
-            return
-        try:
-            answer = self.server.enrollment.handle(Request(
-                operation=operation,
-                content_type=(self.headers.get("Content-Type") or "").split(";")[0].strip().lower(),
-                body=body, basic=self._basic(), peer_der=self.connection.getpeercert(binary_form=True)))
-        except Refusal as refusal:
-            log.info("%s %s refused %d: %s", self.client_address[0], operation, refusal.status,
-                     refusal.reason.splitlines()[0])
-            self._send_text(refusal.status, refusal.reason, refusal.headers)
-            return
-        except Exception:  # a bug or a ledger outage must cost one request, never the server
-            log.exception("%s %s failed", self.client_address[0], operation)
-            self._send_text(500, "internal error in the station; the operator's log has the details")
-            return
-        log.info("%s %s issued serial %s to %s%s", self.client_address[0], operation, answer.row.serial,
-                 answer.row.device_id, " (retry, same certificate)" if answer.reused else "")
-        self._send(200, answer.body, PKCS7_TYPE, base64_body=True)
-
-    def _read_body(self) -> bytes | None:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            self._send_text(411, "chunked bodies are not accepted: send Content-Length")
-            return None
-        raw = self.headers.get("Content-Length")
-        try:
-            length = int(raw) if raw is not None else -1
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            self._send_text(411, f"Content-Length missing or invalid ({raw!r})")
-            return None
-        if length > MAX_BODY:
-            self._discard_body()
-            self._send_text(413, f"body of {length} bytes exceeds the {MAX_BODY}-byte limit for a CSR")
-            return None
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True
-            return None
-        return body
-
-    def _discard_body(self) -> None:
-        """Read and drop a body we refuse, then close: closing with unread data makes the kernel send
-        a reset, which can destroy our answer before the client reads it. Past DRAIN_LIMIT we just close."""
-        self.close_connection = True
-        try:
-            remaining = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return
-        if remaining > DRAIN_LIMIT:
-            return
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 16384))
-            if not chunk:
-                return
-            remaining -= len(chunk)
-
-    def _basic(self) -> tuple[str, str] | None:
-        value = self.headers.get("Authorization") or ""
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "basic":
-            return None
-        try:
-            user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return ("", "")  # malformed credentials are refused as bad credentials
-        return (user, password) if sep else ("", "")
-
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None,
-              base64_body: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        if base64_body:
-            self.send_header("Content-Transfer-Encoding", "base64")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _send_text(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
-        self._send(status, (text.rstrip() + "\n").encode(), "text/plain; charset=utf-8", headers)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.client_address[0], *args)
+    request_timeout: float = 10.0
+    idle_timeout: float = 5.0
+    max_per_client: int = 64
+    max_body: int = MAX_BODY
 
 
-class EstServer(HTTPServer):
-    """An HTTP server on an already bound (possibly shared) socket, served by a fixed pool of threads.
+class _Conn:
+    __slots__ = (
+        "addr",
+        "continued",
+        "deadline",
+        "drained",
+        "mask",
+        "out",
+        "peer",
+        "reader",
+        "sock",
+        "state",
+        "then",
+    )
 
-    Each thread blocks in accept() and then handles that connection, TLS handshake included, so a slow
-    client holds up only its own thread; no thread is created per connection (that and the selector
-    loop of ThreadingHTTPServer cost about a tenth of an enrollment here).
-    """
+    def __init__(self, sock: ssl.SSLSocket, addr: str, deadline: float, max_body: int) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.state = "handshake"   # handshake -> read -> busy -> write -> read ... | linger
+        self.deadline = deadline
+        self.reader = RequestReader(max_body)
+        self.out = bytearray()
+        self.then = "read"         # after the write: "read" (keep-alive) or "linger"
+        self.mask = 0              # selector events registered
+        self.peer: bytes | None = None
+        self.drained = 0
+        self.continued = False     # "100 Continue" sent for the current request
 
-    def __init__(self, sock: socket.socket, enrollment: Enrollment, context: ssl.SSLContext) -> None:
-        super().__init__(sock.getsockname()[:2], EstHandler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock
+
+class EstServer:
+    """One worker's loop on an already bound (possibly shared) listening socket."""
+
+    def __init__(self, sock: socket.socket, enrollment: Enrollment, context: ssl.SSLContext,
+                 threads: int = DEFAULT_THREADS, limits: Limits = Limits()) -> None:
+        self.listener = sock
         self.enrollment = enrollment
         self.context = context
-        self._stopping = threading.Event()
+        self.limits = limits
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="est")
+        self.selector = selectors.DefaultSelector()
+        self.conns: dict[int, _Conn] = {}
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.capped: set[str] = set()   # addresses whose refusal was logged (once until they drop below the cap)
+        self.done: queue.SimpleQueue[tuple[_Conn, Response, bool]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = False
+        self._busy = 0
 
-    def serve_pool(self, threads: int) -> None:
-        """Serve until `stop()`, then give in-flight requests STOP_GRACE seconds to finish.
+    # -- life cycle ------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Serve until `stop()`, then give requests being computed STOP_GRACE seconds to finish.
 
-        Threads still busy after that are idle keep-alive connections (or stuck clients); they are
-        daemons and end with the process. A request cut there loses only its answer: its ledger
-        transaction committed whole or not at all, and the device's retry gets the same certificate.
+        A request cut there loses only its answer: its ledger transaction committed whole or not at
+        all, and the device's retry gets the same certificate.
         """
-        pool = [threading.Thread(target=self._accept_loop, name=f"est-{i}", daemon=True) for i in range(threads)]
-        for t in pool:
-            t.start()
-        self._stopping.wait()
-        deadline = time.monotonic() + STOP_GRACE
-        for t in pool:
-            t.join(max(0.0, deadline - time.monotonic()))
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_tick = time.monotonic() + TICK
+        stop_by: float | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if self._stopping and stop_by is None:
+                    stop_by = now + STOP_GRACE
+                    self.selector.unregister(self.listener)
+                if stop_by is not None and (self._busy == 0 or now >= stop_by):
+                    return
+                for key, events in self.selector.select(max(0.0, min(next_tick, stop_by or next_tick) - now)):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            self._wake_r.recv(4096)
+                    else:
+                        conn = self.conns.get(key.fd)
+                        if conn is not None and conn.sock.fileno() == key.fd:
+                            self._ready(conn, events)
+                self._collect()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self._expire(now)
+        finally:
+            for conn in list(self.conns.values()):
+                self._close(conn)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
     def stop(self) -> None:
-        self._stopping.set()
-        # wakes every thread blocked in accept(); the socket is shared with sibling workers, which
-        # are being stopped by the same signal
+        """Safe from a signal handler or another thread."""
+        self._stopping = True
         with contextlib.suppress(OSError):
-            self.socket.shutdown(socket.SHUT_RDWR)
+            self._wake_w.send(b"x")
 
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
+    # -- the loop's steps ------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        for _ in range(64):  # the socket is shared with sibling workers: take a batch, then serve others
             try:
-                request, client_address = self.socket.accept()
-            except OSError as exc:
-                if not self._stopping.is_set():
-                    log.warning("accept failed: %s", exc)
+                raw, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the connection waits in the backlog
+                log.warning("accept failed: %s", exc)
+                return
+            addr = address[0]
+            cap = self.limits.max_per_client
+            if cap and self.per_client[addr] >= cap:
+                if addr not in self.capped:
+                    self.capped.add(addr)
+                    log.warning("%s holds %d connections already (max_per_client); closing new ones", addr, cap)
+                raw.close()
                 continue
+            raw.setblocking(False)
             try:
-                self.finish_request(request, client_address)
-            except Exception:  # one connection's bug must not cost the thread (logged with its traceback)
-                log.exception("%s: unexpected error", client_address[0])
-            finally:
-                with contextlib.suppress(OSError):
-                    request.close()
+                tls = self.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s TLS setup failed: %s", addr, exc)
+                raw.close()
+                continue
+            conn = _Conn(tls, addr, time.monotonic() + self.limits.request_timeout, self.limits.max_body)
+            self.per_client[addr] += 1
+            self.conns[tls.fileno()] = conn
+            self._handshake(conn)
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(IO_TIMEOUT)
+    def _ready(self, conn: _Conn, events: int) -> None:
+        if conn.state == "handshake":
+            self._handshake(conn)
+        elif conn.state == "read":
+            self._read(conn)
+        elif conn.state == "write":
+            self._write(conn)
+        elif conn.state == "linger":
+            self._drain(conn)
+
+    def _handshake(self, conn: _Conn) -> None:
         try:
-            tls = self.context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.info("%s TLS handshake failed: %s", client_address[0], exc)
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(conn, selectors.EVENT_READ)
             return
+        except ssl.SSLWantWriteError:
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            log.info("%s TLS handshake failed: %s", conn.addr, exc)
+            self._close(conn)
+            return
+        conn.peer = conn.sock.getpeercert(binary_form=True)
+        conn.state = "read"
+        self._read(conn)  # the first request may have arrived with the handshake's last flight
+
+    def _read(self, conn: _Conn) -> None:
+        while True:
+            try:
+                request = conn.reader.next()
+            except BadRequest as bad:
+                self._answer(conn, text(bad.status, bad.reason, close=True), keep_alive=False)
+                return
+            if request is not None:
+                self._dispatch(conn, request)
+                return
+            if conn.reader.head is not None and conn.reader.head.expects_continue and not conn.continued:
+                conn.continued = True
+                with contextlib.suppress(ssl.SSLError, OSError):
+                    conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                data = conn.sock.recv(65536)
+            except ssl.SSLWantReadError:
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s connection error: %s", conn.addr, exc)
+                self._close(conn)
+                return
+            if not data:
+                if conn.reader.started:  # the client half-closed in the middle of a request
+                    self._answer(conn, text(400, "connection closed before the request was complete (body shorter "
+                                                 "than Content-Length?)", close=True), keep_alive=False)
+                else:
+                    self._close(conn)
+                return
+            if not conn.reader.started:  # a kept-alive connection's next request: its own whole deadline
+                conn.deadline = time.monotonic() + self.limits.request_timeout
+            conn.reader.feed(data)
+
+    def _dispatch(self, conn: _Conn, request: HttpRequest) -> None:
+        conn.state = "busy"
+        self._watch(conn, 0)
+        self._busy += 1
+        self.pool.submit(self._work, conn, request)
+
+    def _work(self, conn: _Conn, request: HttpRequest) -> None:
+        """In a pool thread: decide, then hand the answer back to the loop."""
         try:
-            EstHandler(tls, client_address, self)
-        except (ssl.SSLError, OSError) as exc:  # client vanished mid-request
-            log.info("%s connection error: %s", client_address[0], exc)
-        finally:
-            with contextlib.suppress(OSError):
-                tls.close()
+            response = respond(self.enrollment, request, conn.peer, conn.addr)
+        except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
+            log.exception("%s: unexpected error", conn.addr)
+            response = text(500, "internal error in the station; the operator's log has the details", close=True)
+        self.done.put((conn, response, request.head.keep_alive and not self._stopping))
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                conn, response, keep_alive = self.done.get_nowait()
+            except queue.Empty:
+                return
+            self._busy -= 1
+            if conn.sock.fileno() < 0:
+                continue
+            self._answer(conn, response, keep_alive)
+
+    def _answer(self, conn: _Conn, response: Response, keep_alive: bool) -> None:
+        keep = keep_alive and not response.close
+        conn.out += response.render(keep)
+        conn.then = "read" if keep else "linger"
+        conn.state = "write"
+        conn.deadline = time.monotonic() + self.limits.request_timeout
+        self._write(conn)
+
+    def _write(self, conn: _Conn) -> None:
+        while conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except ssl.SSLWantWriteError:
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            except ssl.SSLWantReadError:
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s connection error while answering: %s", conn.addr, exc)
+                self._close(conn)
+                return
+            del conn.out[:sent]
+        if conn.then == "read":
+            conn.state, conn.continued = "read", False
+            conn.deadline = time.monotonic() + self.limits.idle_timeout
+            self._read(conn)  # a pipelined request may be waiting already
+        else:
+            self._linger(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        """Send FIN after the answer, then read and drop what the client still sends, so closing with
+        unread data does not make the kernel send a reset that can destroy the answer in flight."""
+        conn.state = "linger"
+        conn.deadline = time.monotonic() + LINGER
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)  # drops the TLS layer: what follows is read raw
+        self._drain(conn)
+
+    def _drain(self, conn: _Conn) -> None:
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except OSError:
+                data = b""
+            conn.drained += len(data)
+            if not data or conn.drained > DRAIN_LIMIT:
+                self._close(conn)
+                return
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self.conns.values() if c.state != "busy" and c.deadline <= now]:
+            if conn.state == "read" and conn.reader.started:
+                log.info("%s request not complete within %.0f s", conn.addr, self.limits.request_timeout)
+                self._answer(conn, text(408, f"request not complete within {self.limits.request_timeout:.0f} s",
+                                        close=True), keep_alive=False)
+            else:
+                self._close(conn)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+    def _watch(self, conn: _Conn, mask: int) -> None:
+        if mask == conn.mask:
+            return
+        fd = conn.sock.fileno()
+        if conn.mask == 0:
+            self.selector.register(fd, mask)
+        elif mask == 0:
+            self.selector.unregister(fd)
+        else:
+            self.selector.modify(fd, mask)
+        conn.mask = mask
+
+    def _close(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        if conn.mask:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(fd)
+            conn.mask = 0
+        self.conns.pop(fd, None)
+        self.per_client[conn.addr] -= 1
+        if self.per_client[conn.addr] <= 0:
+            del self.per_client[conn.addr]
+        if self.per_client[conn.addr] < self.limits.max_per_client:
+            self.capped.discard(conn.addr)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
 
 
 def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext:
     """Server TLS: the station's certificate; client certificates optional, verified against the
-    station's root (re-enrollment) and the bootstrap CAs (first enrollment without an OTP)."""
+    station's CA chain (re-enrollment: the issuing CA is trusted here, so a client that sends its
+    leaf alone verifies) and the bootstrap CAs (first enrollment without an OTP)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile, keyfile)
-    ctx.load_verify_locations(cadata=to_pem([station.root, *station.bootstrap_cas]).decode())
+    ctx.load_verify_locations(cadata=to_pem([*station.ca_chain, station.root, *station.bootstrap_cas]).decode())
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.num_tickets = 0  # every device connects once or twice a year: resumption tickets are wasted work
     return ctx
 
 
+def _raise_fd_limit() -> None:
+    """Idle connections cost a descriptor each: use the hard limit, not the soft default of 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: int = DEFAULT_THREADS,
-          ledger: str | None = None, ready: Any = None) -> int:
+          ledger: str | None = None, limits: Limits = Limits(), ready: Any = None) -> int:
     """Serve EST on host:port until SIGTERM/SIGINT; returns the exit status.
 
     `ready(port)` is called once the socket listens (the CLI prints the URL). Raises StationError
@@ -248,6 +418,7 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: 
         led.close()
     Enrollment(station, led)  # loads and checks the CA key once, before forking, so errors show here
     context = tls_context(station, str(certfile), str(keyfile))
+    _raise_fd_limit()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = socket.create_server((host, port), family=family, backlog=1024)
@@ -256,14 +427,14 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: 
     if ready is not None:
         ready(sock.getsockname()[1])
     if workers <= 1:
-        return _worker(station, sock, context, ledger, threads)
+        return _worker(station, sock, context, ledger, threads, limits)
     children: set[int] = set()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = _worker(station, sock, context, ledger, threads)
+                code = _worker(station, sock, context, ledger, threads, limits)
             finally:
                 os._exit(code)
         children.add(pid)
@@ -272,9 +443,9 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: 
 
 
 def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledger: str | None,
-            threads: int) -> int:
+            threads: int, limits: Limits) -> int:
     led = station.open_ledger(ledger)
-    server = EstServer(sock, Enrollment(station, led), context)
+    server = EstServer(sock, Enrollment(station, led), context, threads, limits)
 
     def stop(signum: int, frame: Any) -> None:
         server.stop()
@@ -282,9 +453,9 @@ def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledg
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server.serve_pool(threads)
+        server.serve()
     finally:
-        server.server_close()
+        sock.close()
         led.close()
     return 0
 
