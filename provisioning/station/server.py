@@ -389,6 +389,9 @@ def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext
     ctx.load_cert_chain(certfile, keyfile)
     ctx.load_verify_locations(cadata=to_pem([*station.ca_chain, station.root, *station.bootstrap_cas]).decode())
     ctx.verify_mode = ssl.CERT_OPTIONAL
+    # a client that half-closes after its request (no close_notify) still gets its answer: without
+    # this, OpenSSL 3 fails the session on the EOF and the answer cannot be written
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     ctx.num_tickets = 0  # every device connects once or twice a year: resumption tickets are wasted work
     return ctx
 
