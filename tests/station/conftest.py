@@ -81,7 +81,8 @@ class RunningStation:
             return False
 
 
-def start_station(directory: Path, db: str | None = None, workers: int = 2, extra: Sequence[str] = ()) -> RunningStation:
+def start_station(directory: Path, db: str | None = None, workers: int = 2,
+                  extra: Sequence[str] = ()) -> RunningStation:
     """`extra`: more `serve` options (limits such as --request-timeout)."""
     port = free_port()
     argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
