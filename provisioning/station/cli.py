@@ -132,9 +132,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
               f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
 
-    for option in ("request_timeout", "idle_timeout", "max_per_client"):
-        if getattr(args, option) < 0:
-            raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must not be negative")
+    for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0)):
+        if getattr(args, option) < least:
+            raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be "
+                               f"{'positive' if least else 'zero (no cap) or more'}")
     limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
                     max_per_client=args.max_per_client)
     return serve(_station(args), host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,

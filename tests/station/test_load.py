@@ -28,7 +28,7 @@ from hal.keys.file import generate
 from lab.procs import wait_until
 from provisioning.csr import build_csr
 from tests.pki import TRUST_DOMAIN
-from tests.station.conftest import RunningStation, start_station
+from tests.station.conftest import RunningStation, start_station, station_cli
 
 IDLE, TRICKLING, PER_ADDRESS = 1000, 200, 40
 GOAL_ENROLL, GOAL_CACERTS = 1.0, 0.5
@@ -175,3 +175,10 @@ def test_connections_over_the_per_client_cap_are_closed_at_accept(station_dir: P
             tls.close()
         station.proc.stop()
     assert "max_per_client" in (station_dir / "serve.log").read_text()
+
+
+def test_serve_refuses_limits_that_would_close_every_connection(station_dir: Path) -> None:
+    for option, value, why in (("--request-timeout", "0", "must be positive"), ("--idle-timeout", "-1", "positive"),
+                               ("--max-per-client", "-1", "zero (no cap) or more")):
+        out = station_cli("serve", "--dir", str(station_dir), "--listen", "127.0.0.1:0", option, value, check=False)
+        assert out.returncode == 1 and option in out.stderr and why in out.stderr, out.stderr

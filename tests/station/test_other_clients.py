@@ -140,6 +140,10 @@ def test_init_refuses_tiers_other_than_one_or_two(tmp_path: Path) -> None:
     out = station_cli("init", "--dir", str(tmp_path / "s"), "--tiers", "3", check=False)
     assert out.returncode == 2 and "--tiers" in out.stderr
     assert not (tmp_path / "s" / "station.toml").exists()
+    pem = str(tmp_path / "x.pem")
+    out = station_cli("init", "--dir", str(tmp_path / "s"), "--tiers", "1", "--import", pem, pem, pem, check=False)
+    assert out.returncode == 1 and "--import" in out.stderr
+    assert not (tmp_path / "s" / "station.toml").exists()
 
 
 def test_c8y_signed_verification_code_verifies_with_openssl(tmp_path: Path, station_dir: Path) -> None:
@@ -168,3 +172,12 @@ def test_aws_verification_certificate_has_the_code_as_cn_and_is_signed_by_the_ca
     too_long = station_cli("cloud", "aws-verification-cert", "--dir", str(station_dir), "--code", "a" * 65,
                            "--out", str(tmp_path / "x.pem"), check=False)
     assert too_long.returncode == 1 and not (tmp_path / "x.pem").exists()
+
+
+def test_init_station_api_refuses_other_tiers(tmp_path: Path) -> None:
+    from provisioning.station.ca import init_station
+    from provisioning.station.errors import StationError
+
+    with pytest.raises(StationError, match="--tiers 3"):
+        init_station(tmp_path / "s", TRUST_DOMAIN, tiers=3)
+    assert not (tmp_path / "s").exists()

@@ -194,6 +194,11 @@ def test_reader_decodes_chunks_fed_one_byte_at_a_time() -> None:
     (b"POST / HTTP/1.1\r\nName : value\r\n\r\n", 400),
     (b"BAD\r\n\r\n", 400),
     (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(65)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX-Evil: a\x1bb\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 1100, 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"T" * 17000, 431),
+    (b"POST / HTTP/1.1\r\nContent-Length: 0000000000000000001\r\n\r\n", 400),
 ])
 def test_reader_refuses_bad_framing_with_its_status(raw: bytes, status: int) -> None:
     with pytest.raises(BadRequest) as refused:
