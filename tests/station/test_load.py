@@ -17,6 +17,7 @@ import resource
 import socket
 import ssl
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ import requests
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hal.keys.file import generate
-from lab.procs import wait_until
+from lab.procs import Proc, free_port, wait_until
 from provisioning.csr import build_csr
+from tests.conftest import REPO
 from tests.pki import TRUST_DOMAIN
 from tests.station.conftest import RunningStation, start_station, station_cli
+from tests.station.test_other_clients import tool
 
 IDLE, TRICKLING, PER_ADDRESS = 1000, 200, 40
 GOAL_ENROLL, GOAL_CACERTS = 1.0, 0.5
@@ -182,3 +185,31 @@ def test_serve_refuses_limits_that_would_close_every_connection(station_dir: Pat
                                ("--max-per-client", "-1", "zero (no cap) or more")):
         out = station_cli("serve", "--dir", str(station_dir), "--listen", "127.0.0.1:0", option, value, check=False)
         assert out.returncode == 1 and option in out.stderr and why in out.stderr, out.stderr
+
+
+def test_out_of_file_descriptors_the_station_pauses_accepting_instead_of_spinning(station_dir: Path) -> None:
+    # a station that cannot raise its limit (soft = hard = 64) is flooded past it
+    port = free_port()
+    argv = [tool("prlimit"), "--nofile=64:64", "--", sys.executable, "-m", "provisioning.station.cli", "serve",
+            "--dir", str(station_dir), "--listen", f"127.0.0.1:{port}", "--workers", "1"]
+    proc = Proc("tether-station", argv, station_dir / "serve.log", cwd=REPO)
+    station = RunningStation(station_dir, port, proc)
+    flood: list[socket.socket] = []
+    try:
+        wait_until(station.serving, 20, "tether-station serve")
+        for i in range(100):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=30,
+                                                  source_address=(f"127.0.4.{i // PER_ADDRESS + 1}", 0)))
+        log = station_dir / "serve.log"
+        # three failed accepts: the station ran out of descriptors and has tried again twice since
+        wait_until(lambda: log.read_text().count("accept failed") >= 3, 30, "the station out of descriptors")
+        for s in flood:
+            s.close()
+        wait_until(station.serving, 30, "the station serving again once the flood is gone")
+        failures = log.read_text().count("accept failed")
+        # paused until the next 0.25 s tick: a handful of lines; spinning on the readable listener: thousands
+        assert 0 < failures < 200, f"{failures} 'accept failed' lines"
+    finally:
+        for s in flood:
+            s.close()
+        proc.stop()
