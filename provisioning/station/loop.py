@@ -59,6 +59,7 @@ class _Conn:
         "continued",
         "deadline",
         "drained",
+        "idle",
         "mask",
         "out",
         "peer",
@@ -80,6 +81,7 @@ class _Conn:
         self.peer: bytes | None = None
         self.drained = 0
         self.continued = False     # "100 Continue" sent for the current request
+        self.idle = False          # kept alive, waiting for the next request (idle_timeout applies)
 
 
 class EstServer:
@@ -251,7 +253,8 @@ class EstServer:
                 else:
                     self._close(conn)
                 return
-            if not conn.reader.started:  # a kept-alive connection's next request: its own whole deadline
+            if conn.idle:  # a kept-alive connection's next request: its own whole deadline
+                conn.idle = False
                 conn.deadline = time.monotonic() + self.limits.request_timeout
             conn.reader.feed(data)
 
@@ -307,7 +310,7 @@ class EstServer:
                 return
             del conn.out[:sent]
         if conn.then == "read":
-            conn.state, conn.continued = "read", False
+            conn.state, conn.continued, conn.idle = "read", False, True
             conn.deadline = time.monotonic() + self.limits.idle_timeout
             self._read(conn)  # a pipelined request may be waiting already
         else:
