@@ -136,7 +136,9 @@ class Bed:
         self.port = free_port()
         self.station = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir",
                                                str(self.station_dir), "--listen", f"127.0.0.1:{self.port}",
-                                               "--workers", str(station_workers), "--log-level", "warning"],
+                                               "--workers", str(station_workers), "--log-level", "warning",
+                                               # every simulated device comes from 127.0.0.1: no per-address cap
+                                               "--max-per-client", "0"],
                             root / "station.log", cwd=REPO)
         self.station.wait_port("127.0.0.1", self.port, 20)
         from agent.tls import client_context

@@ -86,9 +86,9 @@ def build(subject: x509.Name, public_key: Any, issuer: Issuer | None, signing_ke
 
 
 def root_ca(key: Any, cn: str = "Tether Root CA", lifetime: dt.timedelta = dt.timedelta(days=3650),
-            organization: str | None = "Tether") -> x509.Certificate:
-    """Self-signed root: CA:true critical, pathlen 1, keyCertSign|cRLSign."""
-    return build(name(cn, organization), key.public_key(), None, key, ca=True, pathlen=1, lifetime=lifetime,
+            organization: str | None = "Tether", pathlen: int = 1) -> x509.Certificate:
+    """Self-signed root: CA:true critical, pathlen 1 (0 when it signs devices itself), keyCertSign|cRLSign."""
+    return build(name(cn, organization), key.public_key(), None, key, ca=True, pathlen=pathlen, lifetime=lifetime,
                  usage=_usage(key_cert_sign=True, crl_sign=True))
 
 

@@ -7,6 +7,8 @@ Layout of DIR (every key file 0600, written atomically):
   issuing.pem     the issuing CA that signs device and server certificates
   issuing.key     its key (passphrase-encrypted when init was given one)
   ca-chain.pem    issuing CA .. root: what follows a leaf in every chain the station hands out
+                  (`init --tiers 1`: one CA is root and issuer, so ca.pem = issuing.pem = ca-chain.pem
+                  and there is no root.key)
   server.pem      the EST server's certificate + issuing CA, server.key its key
   ledger.sqlite   the issuance ledger (unless station.toml names a PostgreSQL URL)
   release/        OTA release signing material
@@ -284,12 +286,19 @@ def _check_imported(cert: x509.Certificate, key: Any, chain: list[x509.Certifica
 
 
 def init_station(directory: str | Path, trust_domain: str = "tether.local", passphrase: bytes | None = None, *,
-                 ca_import: tuple[Path, Path, Path] | None = None, ledger: str | None = None) -> Station:
-    """Create a station in `directory`: a new root (pathlen 1) and issuing CA (pathlen 0), EC P-256,
-    or an imported (certificate, key, chain-to-root) triple; then the ledger and the EST server
-    certificate. Raises StationError if `directory` already holds a station or an input is wrong.
+                 ca_import: tuple[Path, Path, Path] | None = None, ledger: str | None = None,
+                 tiers: int = 2) -> Station:
+    """Create a station in `directory`: a new root (pathlen 1) and issuing CA (pathlen 0), EC P-256;
+    with `tiers=1` one root (pathlen 0) that signs devices itself, so a device chain is 2 long
+    (Cumulocity's cloud accepts no more, seed 004); or an imported (certificate, key, chain-to-root)
+    triple. Then the ledger and the EST server certificate. Raises StationError if `directory`
+    already holds a station or an input is wrong.
     """
     target = Path(directory)
+    if tiers not in (1, 2):
+        raise StationError(f"--tiers {tiers}: must be 1 (one CA signs devices) or 2 (root and issuing CA)")
+    if tiers == 1 and ca_import is not None:
+        raise StationError("--tiers 1 makes a new CA; with --import the imported chain decides the tiers")
     try:
         check_trust_domain(trust_domain, "--trust-domain")
     except ProvisioningError as exc:
@@ -297,7 +306,11 @@ def init_station(directory: str | Path, trust_domain: str = "tether.local", pass
     if (target / SETTINGS).exists():
         raise StationError(f"{target} already holds a station ({SETTINGS} exists); use another directory")
     storage.ensure_dir(target, 0o700)
-    if ca_import is None:
+    if ca_import is None and tiers == 1:
+        issuing_key = generate("ec-p256")
+        root = authority.root_ca(issuing_key, cn=f"Tether Device CA ({trust_domain})", pathlen=0)
+        chain = [root]
+    elif ca_import is None:
         root_key = generate("ec-p256")
         root = authority.root_ca(root_key, cn=f"Tether Root CA ({trust_domain})")
         issuing_key = generate("ec-p256")

@@ -81,17 +81,47 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     ca_import = tuple(Path(p) for p in args.import_) if args.import_ else None
     station = init_station(_dir(args), args.trust_domain, _passphrase(args), ca_import=ca_import,  # type: ignore[arg-type]
-                           ledger=args.db)
+                           ledger=args.db, tiers=args.tiers)
     issuing = station.ca_chain[0]
     print(f"station initialised in {station.directory} (trust domain {station.settings.trust_domain})")
+    if len(station.ca_chain) == 1:
+        print(f"CA          {issuing.subject.rfc4514_string()}  ->  {station.path('ca.pem')} "
+              "(one tier: it signs devices itself; device chains are 2 long)")
+        return 0
     print(f"root        {station.root.subject.rfc4514_string()}  ->  {station.path('ca.pem')}")
     print(f"issuing CA  {issuing.subject.rfc4514_string()}  ->  {station.path('ca-chain.pem')}")
     return 0
 
 
+# -- cloud registration ---------------------------------------------------------------------------------
+@command("cloud c8y-pop")
+def cmd_cloud_c8y_pop(args: argparse.Namespace) -> int:
+    from provisioning.station.cloud import c8y_signed_code
+
+    station = _station(args)
+    print(c8y_signed_code(station, args.code))  # stdout carries only the signed code: paste or script it
+    print(f"signed with the key of {station.issuer.cert.subject.rfc4514_string()} ({station.path('issuing.pem')}, "
+          "the certificate to upload to Cumulocity)", file=sys.stderr)
+    return 0
+
+
+@command("cloud aws-verification-cert")
+def cmd_cloud_aws(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from provisioning.station.cloud import aws_verification_cert
+
+    station = _station(args)
+    cert = aws_verification_cert(station, args.code)
+    _out(args.out, cert.public_bytes(Encoding.PEM))
+    print(f"verification certificate CN={args.code}, issued by {station.issuer.cert.subject.rfc4514_string()}; "
+          f"register {station.path('issuing.pem')} with it", file=sys.stderr)
+    return 0
+
+
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
-    from provisioning.station.server import serve
+    from provisioning.station.server import Limits, serve
 
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]")
@@ -104,8 +134,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
               f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
 
+    for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0)):
+        if getattr(args, option) < least:
+            raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be "
+                               f"{'positive' if least else 'zero (no cap) or more'}")
+    limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
+                    max_per_client=args.max_per_client)
     return serve(_station(args), host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
-                 ready=ready)
+                 limits=limits, ready=ready)
 
 
 @command("otp")
@@ -325,10 +361,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-domain", default="tether.local", help="SPIFFE trust domain of device certificates")
     p.add_argument("--import", dest="import_", nargs=3, metavar=("CERT", "KEY", "CHAIN"),
                    help="bring your own issuing CA: its certificate, key and chain up to the root")
+    p.add_argument("--tiers", type=int, choices=(1, 2), default=2, help="2: root + issuing CA (default); "
+                   "1: one CA signs devices (chain of 2, what Cumulocity's cloud accepts)")
+    cloud = sub.add_parser("cloud", help="prove possession of the CA key to a cloud").add_subparsers(
+        dest="sub", required=True)
+    p = cloud.add_parser("c8y-pop", parents=[common], help="print Cumulocity's signed verification code")
+    p.add_argument("--code", required=True, help="the unsigned verification code Cumulocity shows")
+    p = cloud.add_parser("aws-verification-cert", parents=[common],
+                         help="write AWS IoT's verification certificate (CN = registration code)")
+    p.add_argument("--code", required=True, help="the registration code (aws iot get-registration-code)")
+    p.add_argument("--out", required=True, help="PEM file to write (- for stdout)")
     p = sub.add_parser("serve", parents=[common], help="EST enrollment server over HTTPS")
     p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
-    p.add_argument("--threads", type=int, default=32, help="connections each worker serves at once (default 32)")
+    p.add_argument("--threads", type=int, default=8, help="requests each worker computes at once (default 8; "
+                   "idle and slow connections do not hold one)")
+    p.add_argument("--request-timeout", type=float, default=10.0, help="seconds for the TLS handshake and one "
+                   "whole request, however slowly it arrives (default 10; then 408)")
+    p.add_argument("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may wait "
+                   "for its next request (default 5)")
+    p.add_argument("--max-per-client", type=int, default=64, help="connections one client address may hold "
+                   "per worker process; more are closed at accept (default 64, 0 = no cap)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p = sub.add_parser("otp", parents=[common], help="print a one-time password for a device's first enrollment")
     p.add_argument("device_id", metavar="DEVICE_ID")

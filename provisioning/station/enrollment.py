@@ -8,6 +8,7 @@ identity policy (403), then the ledger transaction, which re-checks the one-time
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import time
@@ -54,7 +55,21 @@ class Answer:
 
     @property
     def body(self) -> bytes:
-        return pkcs7_certs_only(self.chain)
+        """The issued certificate alone (RFC 7030 4.2.3); clients get the chain from /cacerts."""
+        return pkcs7_certs_only(self.chain[:1])
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    assert len(content) < 128  # the short form is enough for the few OIDs below
+    return bytes([tag, len(content)]) + content
+
+
+# RFC 7030 4.5.2 CsrAttrs: a CN (the device id), ECDSA with SHA-256 on a P-256 key. OIDs 2.5.4.3,
+# 1.2.840.10045.4.3.2, and the attribute id-ecPublicKey (1.2.840.10045.2.1) = { prime256v1 }.
+CSR_ATTRS = _der(0x30, _der(0x06, bytes.fromhex("550403"))
+                 + _der(0x06, bytes.fromhex("2a8648ce3d040302"))
+                 + _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d0201"))
+                        + _der(0x31, _der(0x06, bytes.fromhex("2a8648ce3d030107")))))
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -86,6 +101,11 @@ class Enrollment:
         """GET /cacerts: the issuing CA and the root (RFC 7030 4.1.3)."""
         return pkcs7_certs_only(self.station.ca_chain)
 
+    @property
+    def csrattrs_body(self) -> bytes:
+        """GET /csrattrs: what the station wants in a CSR (RFC 7030 4.5), base64 DER."""
+        return base64.encodebytes(CSR_ATTRS)
+
     def handle(self, req: Request) -> Answer:
         """Enroll or re-enroll; raise Refusal(status, why) for anything the station will not sign."""
         predecessor = None
@@ -107,16 +127,21 @@ class Enrollment:
         try:
             self.station.policy.check_csr(csr, device_id)
         except PolicyError as exc:
-            raise Refusal(403, str(exc)) from None
+            # a CSR with no SAN URI (only CN=<id>, what most EST clients make) is fine: the station
+            # writes the SPIFFE ID itself from the authenticated id; a SAN naming anything else is not
+            left = [v for v in exc.violations if not (v.rule == "spiffe-id" and _no_san_uri(csr))]
+            if left:
+                raise Refusal(403, str(PolicyError(left, what=f"CSR for {device_id}"))) from None
         if peer is not None and req.operation == REENROLL and csr.subject != peer.subject:
             raise Refusal(403, f"re-enrollment must keep the subject: the client certificate is for "
                                f"{subject_of(peer)!r}, the CSR asks for {csr.subject.rfc4514_string()!r}")
         fingerprint = hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest()
         now = int(self.clock())
-        sans = self._extra_sans(csr)
 
         def sign() -> x509.Certificate:
-            return self.station.device_cert(csr.public_key(), device_id, sans)
+            # only the SPIFFE ID: DNS and IP SANs a device asks for are never copied (a device
+            # certificate naming a host could serve TLS for it)
+            return self.station.device_cert(csr.public_key(), device_id)
 
         if digest is not None:
             row, reused = self.ledger.issue_with_otp(device_id, digest, fingerprint, now, sign)
@@ -206,11 +231,13 @@ class Enrollment:
             log.warning("one-time password of device %s locked after %d wrong guesses (last from %s); "
                         "issue a new one with `tether-station otp %s`", device_id, locked, client or "?", device_id)
 
-    @staticmethod
-    def _extra_sans(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:
-        """DNS and IP SANs the device asked for; the SPIFFE ID is set by the profile, other URIs dropped."""
-        try:
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            return []
-        return [n for n in san if isinstance(n, x509.DNSName | x509.IPAddress)]
+
+def _no_san_uri(csr: x509.CertificateSigningRequest) -> bool:
+    """True when the CSR's extensions parse and name no URI (a duplicated or unreadable SAN is not that)."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return True
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return False
+    return not san.get_values_for_type(x509.UniformResourceIdentifier)

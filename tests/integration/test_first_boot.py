@@ -168,7 +168,8 @@ def test_failed_renewal_keeps_the_current_pair_and_retries(tmp_path: Path, day_s
         renewal = tmp_path / "dev-001" / "state" / "renewal.json"
         wait_until(lambda: renewal.exists() and json.loads(renewal.read_text()).get("error"), 30,
                    "a failed renewal attempt recorded")
-        assert "the current certificate stays in use" in agent.log()
+        # the log line follows the state write: wait for it rather than race it
+        wait_until(lambda: "the current certificate stays in use" in agent.log(), 10, "the renewal failure log line")
         assert (tmp_path / "dev-001" / "state" / "certs" / "chain.pem").read_bytes() == chain
         assert agent.status()["session"] == "online"
     finally:

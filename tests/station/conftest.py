@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +81,12 @@ class RunningStation:
             return False
 
 
-def start_station(directory: Path, db: str | None = None, workers: int = 2) -> RunningStation:
+def start_station(directory: Path, db: str | None = None, workers: int = 2,
+                  extra: Sequence[str] = ()) -> RunningStation:
+    """`extra`: more `serve` options (limits such as --request-timeout)."""
     port = free_port()
     argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
-            "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "info"]
+            "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "info", *extra]
     if db:
         argv += ["--db", db]
     proc = Proc("tether-station", argv, directory / "serve.log", cwd=REPO)

@@ -111,8 +111,10 @@ def test_every_bad_request_is_refused_with_its_status_and_nothing_is_recorded(tm
         ("CN of another device", post(station, ENROLL, b64(build_csr(generate("ec-p256"), "victim", TRUST_DOMAIN)),
                                       auth=creds), 403, "does not match the device id 'bad-dev'"),
         ("re-enroll without a certificate", post(station, REENROLL, good), 401, "needs the device's current"),
-        ("unknown operation", post(station, "/.well-known/est/serverkeygen", good, auth=creds), 404,
-         "no such EST operation"),
+        ("unknown operation", post(station, "/.well-known/est/fullcmc", good, auth=creds), 404,
+         "no such EST resource"),
+        ("server-side key generation", post(station, "/.well-known/est/serverkeygen", good, auth=creds), 501,
+         "not offered by this station"),
     ]
     for what, response, status, reason in cases:
         assert response.status_code == status, f"{what}: got {response.status_code} {response.text!r}"

@@ -1,0 +1,379 @@
+"""The EST server's connection loop: one selector per worker process, a thread pool for the requests.
+
+Why a loop: a connection costs nothing while it is idle, shakes hands or trickles its headers, so
+a thousand idle sockets or clients that send a header line every few seconds cannot take the
+threads that sign certificates (issue 13: 200 idle connections used to delay `cacerts` by 30 s).
+The loop accepts, runs the TLS handshake and reads each request whole (`wire.RequestReader`), within
+one deadline per request (not per `recv`); only complete requests go to the pool, where
+`routes.respond` decides. Each client address may hold `max_per_client` connections per worker
+process; more are closed at accept.
+
+Every request that was read gets a status line: a body shorter than its Content-Length is answered
+408 when the deadline passes (400 when the client half-closes), and after any answer that ends the
+connection the loop shuts down its sending side and drains what the client still sends for
+LINGER seconds, so unread data never turns into a reset that destroys the answer.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import queue
+import selectors
+import socket
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from provisioning.station.enrollment import Enrollment
+from provisioning.station.routes import Response, respond, text
+from provisioning.station.wire import BadRequest, HttpRequest, RequestReader
+
+log = logging.getLogger("tether.station")
+
+MAX_BODY = 64 * 1024   # a P-256 or RSA-4096 CSR is under 4 KiB; anything near this is not a CSR
+DRAIN_LIMIT = 1 << 20  # after a final answer, up to this much of what the client still sends is read and dropped
+LINGER = 2.0           # ... for at most this long
+STOP_GRACE = 2.0
+DEFAULT_THREADS = 8    # requests one worker computes at once (signing holds the GIL: more buys nothing)
+TICK = 0.25            # how often deadlines are checked
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection limits. `request_timeout` covers the handshake and one whole request (head and
+    body), however slowly it trickles; `idle_timeout` is how long a kept-alive connection may wait
+    for its next request; `max_per_client` caps the connections one address holds (0 = no cap)."""
+
+    request_timeout: float = 10.0
+    idle_timeout: float = 5.0
+    max_per_client: int = 64
+    max_body: int = MAX_BODY
+
+
+class _Conn:
+    __slots__ = (
+        "addr",
+        "continued",
+        "deadline",
+        "drained",
+        "idle",
+        "mask",
+        "out",
+        "peer",
+        "reader",
+        "sock",
+        "state",
+        "then",
+    )
+
+    def __init__(self, sock: ssl.SSLSocket, addr: str, deadline: float, max_body: int) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.state = "handshake"   # handshake -> read -> busy -> write -> read ... | linger
+        self.deadline = deadline
+        self.reader = RequestReader(max_body)
+        self.out = bytearray()
+        self.then = "read"         # after the write: "read" (keep-alive) or "linger"
+        self.mask = 0              # selector events registered
+        self.peer: bytes | None = None
+        self.drained = 0
+        self.continued = False     # "100 Continue" sent for the current request
+        self.idle = False          # kept alive, waiting for the next request (idle_timeout applies)
+
+
+class EstServer:
+    """One worker's loop on an already bound (possibly shared) listening socket."""
+
+    def __init__(self, sock: socket.socket, enrollment: Enrollment, context: ssl.SSLContext,
+                 threads: int = DEFAULT_THREADS, limits: Limits = Limits()) -> None:
+        self.listener = sock
+        self.enrollment = enrollment
+        self.context = context
+        self.limits = limits
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="est")
+        self.selector = selectors.DefaultSelector()
+        self.conns: dict[int, _Conn] = {}
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.capped: set[str] = set()   # addresses whose refusal was logged (once until they drop below the cap)
+        self.done: queue.SimpleQueue[tuple[_Conn, Response, bool]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = False
+        self._accept_paused = False
+        self._busy = 0
+
+    # -- life cycle ------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Serve until `stop()`, then give requests being computed STOP_GRACE seconds to finish.
+
+        A request cut there loses only its answer: its ledger transaction committed whole or not at
+        all, and the device's retry gets the same certificate.
+        """
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_tick = time.monotonic() + TICK
+        stop_by: float | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if self._stopping and stop_by is None:
+                    stop_by = now + STOP_GRACE
+                    if not self._accept_paused:
+                        self.selector.unregister(self.listener)
+                    self._accept_paused = True
+                if stop_by is not None and (self._busy == 0 or now >= stop_by):
+                    return
+                for key, events in self.selector.select(max(0.0, min(next_tick, stop_by or next_tick) - now)):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            self._wake_r.recv(4096)
+                    else:
+                        conn = self.conns.get(key.fd)
+                        if conn is not None and conn.sock.fileno() == key.fd:
+                            self._ready(conn, events)
+                self._collect()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self._expire(now)
+                    if self._accept_paused and not self._stopping:
+                        self._accept_paused = False
+                        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        finally:
+            for conn in list(self.conns.values()):
+                self._close(conn)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def stop(self) -> None:
+        """Safe from a signal handler or another thread."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    # -- the loop's steps ------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        for _ in range(64):  # the socket is shared with sibling workers: take a batch, then serve others
+            try:
+                raw, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the connection waits in the backlog
+                # the listener stays readable, so stop watching it until the next tick (no busy loop)
+                log.warning("accept failed: %s; accepting again in %.2f s", exc, TICK)
+                self.selector.unregister(self.listener)
+                self._accept_paused = True
+                return
+            addr = address[0]
+            cap = self.limits.max_per_client
+            if cap and self.per_client[addr] >= cap:
+                if addr not in self.capped:
+                    self.capped.add(addr)
+                    log.warning("%s holds %d connections already (max_per_client); closing new ones", addr, cap)
+                raw.close()
+                continue
+            raw.setblocking(False)
+            try:
+                tls = self.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s TLS setup failed: %s", addr, exc)
+                raw.close()
+                continue
+            conn = _Conn(tls, addr, time.monotonic() + self.limits.request_timeout, self.limits.max_body)
+            self.per_client[addr] += 1
+            self.conns[tls.fileno()] = conn
+            self._handshake(conn)
+
+    def _ready(self, conn: _Conn, events: int) -> None:
+        if conn.state == "handshake":
+            self._handshake(conn)
+        elif conn.state == "read":
+            self._read(conn)
+        elif conn.state == "write":
+            self._write(conn)
+        elif conn.state == "linger":
+            self._drain(conn)
+
+    def _handshake(self, conn: _Conn) -> None:
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            log.info("%s TLS handshake failed: %s", conn.addr, exc)
+            self._close(conn)
+            return
+        conn.peer = conn.sock.getpeercert(binary_form=True)
+        conn.state = "read"
+        self._read(conn)  # the first request may have arrived with the handshake's last flight
+
+    def _read(self, conn: _Conn) -> None:
+        while True:
+            try:
+                request = conn.reader.next()
+            except BadRequest as bad:
+                self._answer(conn, text(bad.status, bad.reason, close=True), keep_alive=False)
+                return
+            if request is not None:
+                self._dispatch(conn, request)
+                return
+            if conn.reader.head is not None and conn.reader.head.expects_continue and not conn.continued:
+                conn.continued = True
+                with contextlib.suppress(ssl.SSLError, OSError):
+                    conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                data = conn.sock.recv(65536)
+            except ssl.SSLWantReadError:
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s connection error: %s", conn.addr, exc)
+                self._close(conn)
+                return
+            if not data:
+                if conn.reader.started:  # the client half-closed in the middle of a request
+                    self._answer(conn, text(400, "connection closed before the request was complete (body shorter "
+                                                 "than Content-Length?)", close=True), keep_alive=False)
+                else:
+                    self._close(conn)
+                return
+            if conn.idle:  # a kept-alive connection's next request: its own whole deadline
+                conn.idle = False
+                conn.deadline = time.monotonic() + self.limits.request_timeout
+            conn.reader.feed(data)
+
+    def _dispatch(self, conn: _Conn, request: HttpRequest) -> None:
+        conn.state = "busy"
+        self._watch(conn, 0)
+        self._busy += 1
+        self.pool.submit(self._work, conn, request)
+
+    def _work(self, conn: _Conn, request: HttpRequest) -> None:
+        """In a pool thread: decide, then hand the answer back to the loop."""
+        try:
+            response = respond(self.enrollment, request, conn.peer, conn.addr)
+        except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
+            log.exception("%s: unexpected error", conn.addr)
+            response = text(500, "internal error in the station; the operator's log has the details", close=True)
+        self.done.put((conn, response, request.head.keep_alive and not self._stopping))
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                conn, response, keep_alive = self.done.get_nowait()
+            except queue.Empty:
+                return
+            self._busy -= 1
+            if conn.sock.fileno() < 0:
+                continue
+            self._answer(conn, response, keep_alive)
+
+    def _answer(self, conn: _Conn, response: Response, keep_alive: bool) -> None:
+        keep = keep_alive and not response.close
+        conn.out += response.render(keep)
+        conn.then = "read" if keep else "linger"
+        conn.state = "write"
+        conn.deadline = time.monotonic() + self.limits.request_timeout
+        self._write(conn)
+
+    def _write(self, conn: _Conn) -> None:
+        while conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except ssl.SSLWantWriteError:
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            except ssl.SSLWantReadError:
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s connection error while answering: %s", conn.addr, exc)
+                self._close(conn)
+                return
+            del conn.out[:sent]
+        if conn.then == "read":
+            conn.state, conn.continued, conn.idle = "read", False, True
+            conn.deadline = time.monotonic() + self.limits.idle_timeout
+            self._read(conn)  # a pipelined request may be waiting already
+        else:
+            self._linger(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        """Send FIN after the answer, then read and drop what the client still sends, so closing with
+        unread data does not make the kernel send a reset that can destroy the answer in flight."""
+        conn.state = "linger"
+        conn.deadline = time.monotonic() + LINGER
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)  # drops the TLS layer: what follows is read raw
+        self._drain(conn)
+
+    def _drain(self, conn: _Conn) -> None:
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except OSError:
+                data = b""
+            conn.drained += len(data)
+            if not data or conn.drained > DRAIN_LIMIT:
+                self._close(conn)
+                return
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self.conns.values() if c.state != "busy" and c.deadline <= now]:
+            if conn.state == "read" and conn.reader.started:
+                log.info("%s request not complete within %.0f s", conn.addr, self.limits.request_timeout)
+                self._answer(conn, text(408, f"request not complete within {self.limits.request_timeout:.0f} s",
+                                        close=True), keep_alive=False)
+            else:
+                self._close(conn)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+    def _watch(self, conn: _Conn, mask: int) -> None:
+        if mask == conn.mask:
+            return
+        fd = conn.sock.fileno()
+        if conn.mask == 0:
+            self.selector.register(fd, mask)
+        elif mask == 0:
+            self.selector.unregister(fd)
+        else:
+            self.selector.modify(fd, mask)
+        conn.mask = mask
+
+    def _close(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        if conn.mask:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(fd)
+            conn.mask = 0
+        self.conns.pop(fd, None)
+        self.per_client[conn.addr] -= 1
+        if self.per_client[conn.addr] <= 0:
+            del self.per_client[conn.addr]
+        if self.per_client[conn.addr] < self.limits.max_per_client:
+            self.capped.discard(conn.addr)
+        with contextlib.suppress(OSError):
+            conn.sock.close()

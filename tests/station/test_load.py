@@ -1,0 +1,215 @@
+"""Issue 13 item 2: idle and trickling connections do not starve the station.
+
+1,000 TCP connections that never send a byte and 200 TLS connections that trickle a header line
+every 2 s are held open while a legitimate client asks for `cacerts` and enrolls. The issue asks for
+the figures to be measured in a test (goal: enrollment < 1 s, cacerts < 0.5 s); the assertion bound
+is generous because the machine is shared, and the figures are printed (`pytest -s`) and reported in
+docs/security.md. The attackers come from other loopback addresses (127.0.1.x, 127.0.2.x), 40 per
+address, so all of them stay under the per-client cap and are really held open.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import resource
+import socket
+import ssl
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from hal.keys.file import generate
+from lab.procs import Proc, free_port, wait_until
+from provisioning.csr import build_csr
+from tests.conftest import REPO
+from tests.pki import TRUST_DOMAIN
+from tests.station.conftest import RunningStation, start_station, station_cli
+from tests.station.test_other_clients import tool
+
+IDLE, TRICKLING, PER_ADDRESS = 1000, 200, 40
+GOAL_ENROLL, GOAL_CACERTS = 1.0, 0.5
+BOUND = 4  # generous factor over the goal for a loaded 2-core machine shared with other test runs
+
+
+def raise_fd_limit(needed: int) -> None:
+    """This process holds every attacking socket: lift the soft limit of open files (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise AssertionError(f"RLIMIT_NOFILE hard limit {hard} < {needed}: raise it (ulimit -Hn) to run this test")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def is_open(sock: socket.socket) -> bool:
+    """True while the station has neither closed nor reset the connection (nothing is ever sent to us)."""
+    with socket.socket(fileno=os.dup(sock.fileno())) as raw:  # the TCP socket under a TLS one too
+        raw.setblocking(False)
+        try:
+            return raw.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+
+class Trickle:
+    """TLS connections that started a POST and send one more header line every `interval` seconds."""
+
+    def __init__(self, station: RunningStation, count: int, interval: float = 2.0) -> None:
+        ctx = ssl.create_default_context(cafile=str(station.ca_file))
+        self.conns: list[ssl.SSLSocket] = []
+        for i in range(count):
+            raw = socket.create_connection(("127.0.0.1", station.port), timeout=30,
+                                           source_address=(f"127.0.2.{i // PER_ADDRESS + 1}", 0))
+            tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            tls.sendall(b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            self.conns.append(tls)
+        self.broken = 0
+        self.lines = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        n = 0
+        while not self._stop.wait(interval):  # the pace of the attack, not a wait for a result
+            n += 1
+            for tls in self.conns:
+                try:
+                    tls.sendall(f"X-Trickle-{n}: {'a' * 20}\r\n".encode())
+                    self.lines += 1
+                except OSError:
+                    self.broken += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for tls in self.conns:
+            tls.close()
+
+
+def timed(fn: object) -> float:
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def test_enrollment_and_cacerts_stay_fast_with_1000_idle_and_200_trickling_connections(station_dir: Path) -> None:
+    raise_fd_limit(IDLE + TRICKLING + 512)
+    # the request deadline is set long so the trickling connections really stay open while we measure
+    station = start_station(station_dir, workers=2, extra=["--request-timeout", "300"])
+    devices = [f"load-dev-{i}" for i in range(5)]
+    otps = {d: station.otp(d) for d in devices}
+    csrs = {d: base64.encodebytes(build_csr(generate("ec-p256"), d, TRUST_DOMAIN).public_bytes(Encoding.DER))
+            for d in devices}
+    idle: list[socket.socket] = []
+    trickle: Trickle | None = None
+    try:
+        for i in range(IDLE):
+            idle.append(socket.create_connection(("127.0.0.1", station.port), timeout=30,
+                                                 source_address=(f"127.0.1.{i // PER_ADDRESS + 1}", 0)))
+        trickle = Trickle(station, TRICKLING)
+        wait_until(lambda: trickle.lines >= TRICKLING, 60, "one round of trickled header lines")  # type: ignore[union-attr]
+
+        def cacerts() -> None:
+            r = requests.get(f"{station.url}/.well-known/est/cacerts", verify=str(station.ca_file), timeout=60)
+            assert r.status_code == 200
+
+        def enroll(device: str) -> None:
+            r = requests.post(f"{station.url}/.well-known/est/simpleenroll", data=csrs[device],
+                              headers={"Content-Type": "application/pkcs10"}, auth=(device, otps[device]),
+                              verify=str(station.ca_file), timeout=60)
+            assert r.status_code == 200, r.text
+
+        cacerts_times = [timed(cacerts) for _ in range(10)]
+        enroll_times = [timed(lambda d=d: enroll(d)) for d in devices]  # type: ignore[misc]
+
+        # the attack was in place the whole time
+        assert sum(is_open(s) for s in idle) == IDLE
+        assert trickle.broken == 0 and sum(is_open(t) for t in trickle.conns) == TRICKLING
+    finally:
+        if trickle is not None:
+            trickle.stop()
+        for s in idle:
+            with contextlib.suppress(OSError):
+                s.close()
+        station.proc.stop()
+    figures = (f"with {IDLE} idle and {TRICKLING} trickling connections: cacerts median "
+               f"{statistics.median(cacerts_times) * 1000:.0f} ms (max {max(cacerts_times) * 1000:.0f} ms, "
+               f"{len(cacerts_times)} runs), enrollment median {statistics.median(enroll_times) * 1000:.0f} ms "
+               f"(max {max(enroll_times) * 1000:.0f} ms, {len(enroll_times)} runs)")
+    print(figures)
+    assert statistics.median(cacerts_times) < GOAL_CACERTS * BOUND, figures
+    assert statistics.median(enroll_times) < GOAL_ENROLL * BOUND, figures
+
+
+def test_connections_over_the_per_client_cap_are_closed_at_accept(station_dir: Path) -> None:
+    station = start_station(station_dir, workers=1, extra=["--max-per-client", "3"])
+    ctx = ssl.create_default_context(cafile=str(station.ca_file))
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(3):  # handshaken, so the station has accepted and counted them
+            raw = socket.create_connection(("127.0.0.1", station.port), timeout=30, source_address=("127.0.3.1", 0))
+            held.append(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+        with socket.create_connection(("127.0.0.1", station.port), timeout=30,
+                                      source_address=("127.0.3.1", 0)) as fourth:
+            assert fourth.recv(1) == b""  # closed by the station without a byte
+        assert station.serving()  # another address is served meanwhile
+        held.pop().close()
+
+        def served_again() -> ssl.SSLSocket | None:  # once the station has seen that close
+            raw = socket.create_connection(("127.0.0.1", station.port), timeout=30, source_address=("127.0.3.1", 0))
+            try:
+                return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            except OSError:
+                raw.close()
+                return None
+
+        held.append(wait_until(served_again, 20, "a connection below the cap again"))  # type: ignore[arg-type]
+    finally:
+        for tls in held:
+            tls.close()
+        station.proc.stop()
+    assert "max_per_client" in (station_dir / "serve.log").read_text()
+
+
+def test_serve_refuses_limits_that_would_close_every_connection(station_dir: Path) -> None:
+    for option, value, why in (("--request-timeout", "0", "must be positive"), ("--idle-timeout", "-1", "positive"),
+                               ("--max-per-client", "-1", "zero (no cap) or more")):
+        out = station_cli("serve", "--dir", str(station_dir), "--listen", "127.0.0.1:0", option, value, check=False)
+        assert out.returncode == 1 and option in out.stderr and why in out.stderr, out.stderr
+
+
+def test_out_of_file_descriptors_the_station_pauses_accepting_instead_of_spinning(station_dir: Path) -> None:
+    # a station that cannot raise its limit (soft = hard = 64) is flooded past it
+    port = free_port()
+    argv = [tool("prlimit"), "--nofile=64:64", "--", sys.executable, "-m", "provisioning.station.cli", "serve",
+            "--dir", str(station_dir), "--listen", f"127.0.0.1:{port}", "--workers", "1"]
+    proc = Proc("tether-station", argv, station_dir / "serve.log", cwd=REPO)
+    station = RunningStation(station_dir, port, proc)
+    flood: list[socket.socket] = []
+    try:
+        wait_until(station.serving, 20, "tether-station serve")
+        for i in range(100):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=30,
+                                                  source_address=(f"127.0.4.{i // PER_ADDRESS + 1}", 0)))
+        log = station_dir / "serve.log"
+        # three failed accepts: the station ran out of descriptors and has tried again twice since
+        wait_until(lambda: log.read_text().count("accept failed") >= 3, 30, "the station out of descriptors")
+        for s in flood:
+            s.close()
+        wait_until(station.serving, 30, "the station serving again once the flood is gone")
+        failures = log.read_text().count("accept failed")
+        # paused until the next 0.25 s tick: a handful of lines; spinning on the readable listener: thousands
+        assert 0 < failures < 200, f"{failures} 'accept failed' lines"
+    finally:
+        for s in flood:
+            s.close()
+        proc.stop()
