@@ -85,7 +85,8 @@ def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_d
             body=request.body, basic=basic_credentials(head.get("authorization")), peer_der=peer_der,
             client=client))
     except Refusal as refusal:
-        log.info("%s %s refused %d: %s", client, operation, refusal.status, refusal.reason.splitlines()[0])
+        log.info("%s %s refused %d: %s", client, operation, refusal.status,
+                 "; ".join(line.strip() for line in refusal.reason.splitlines()))
         return text(refusal.status, refusal.reason, refusal.headers)
     except Exception:  # a bug or a ledger outage must cost one request, never the server
         log.exception("%s %s failed", client, operation)
