@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
 
@@ -66,7 +67,7 @@ def _addressable(path: Path) -> Iterator[str]:
 
 
 # -- server (inside `tether run`) ------------------------------------------------------------------------
-class PublishServer:
+class PublishServer(Component):
     """Accepts connections on the socket and hands each batch of lines to `outbox.publish_many`."""
 
     RETRY_EVERY = 5.0  # seconds between attempts to bind after a failure (full disk, stale file)
@@ -78,7 +79,7 @@ class PublishServer:
         self.error = ""
         self._next_try = 0.0
 
-    def tick(self) -> None:
+    def tick(self, now: float) -> None:
         """Runtime hook: bind again if the socket could not be served at start (full disk)."""
         if self.sock is None and time.monotonic() >= self._next_try:
             self.try_start()
@@ -209,10 +210,8 @@ def _parse(line: bytes) -> tuple[str, bytes, int] | str:
 def attach(runtime: Any) -> None:
     """Give `runtime` an outbox component and serve the publish socket (agent.cli COMPONENTS)."""
     from agent.outbox import Outbox
-    from agent.session import Event
 
-    outbox = Outbox(runtime.config, runtime.publish, post_fence=lambda: runtime.events.put(Event("published")),
-                    wake=lambda: runtime.events.put(Event("wake")), status=runtime.status)
+    outbox = Outbox(runtime.config, runtime.publish, wake=lambda: runtime.post(None), status=runtime.status)
     server = PublishServer(socket_path(runtime.config), outbox)
     runtime.components += [outbox, server]
     server.try_start()  # a failure must not stop the agent: the session and identity matter more
