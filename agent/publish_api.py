@@ -112,20 +112,38 @@ class PublishServer(Component):
                     probe.connect(name)
                     raise AgentError(f"{self.path}: another agent is serving this publish socket")
                 self.path.unlink()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old = os.umask(0o177)  # never world-connectable, not even between bind and chmod
-            try:
-                sock.bind(name)
-                os.chmod(name, 0o600)
-                sock.listen(16)
-            except OSError as exc:
-                sock.close()
-                raise AgentError(f"{self.path}: cannot serve the publish socket: {exc.strerror}") from exc
-            finally:
-                os.umask(old)
+        sock = self._bind_private()
         self.sock = sock
         threading.Thread(target=self._accept, name="publish-api", daemon=True).start()
         return self
+
+    def _bind_private(self) -> socket.socket:
+        """A listening socket at `self.path` that no one else could ever connect to: bound inside a
+        fresh 0700 directory, made 0600, then renamed into place (the process umask is left alone:
+        other threads write files meanwhile)."""
+        import tempfile
+
+        try:
+            private = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.path.parent))  # mode 0700
+        except OSError as exc:
+            raise AgentError(f"{self.path}: cannot serve the publish socket: {exc.strerror}") from exc
+        staged = private / self.path.name
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _addressable(staged) as name:
+                sock.bind(name)
+            os.chmod(staged, 0o600)
+            sock.listen(16)
+            os.rename(staged, self.path)
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"{self.path}: cannot serve the publish socket: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+            with contextlib.suppress(OSError):
+                private.rmdir()
+        return sock
 
     def _accept(self) -> None:
         assert self.sock is not None

@@ -187,7 +187,7 @@ class OtaAgent:
             failure = self._attempt()
             if failure is None:
                 return
-            at = retry.after(failure.retryable, self.clock(), random.random())
+            at = retry.after(failure.retryable, self.clock(), random.random())  # noqa: S311 (jitter)
             if at is None or self._cancel.is_set():
                 log.warning("OTA failed: %s", failure)
                 self._fail(str(failure))
