@@ -85,9 +85,7 @@ class Renewal(Component):
     def due_at(self) -> float | None:
         """When to re-enroll (device clock), from chain.json and a scheduled retry; None without a chain."""
         if self._due is _UNKNOWN:
-            from provisioning.chainfacts import read_facts
-
-            facts = read_facts(self.config.certs_dir)
+            facts = self.identity.chain_facts()
             if facts is None:
                 self._due = None
             else:

@@ -10,8 +10,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_fuzz_modules_leave_no_scratch_directories_in_the_temp_dir(tmp_path: Path) -> None:
     modules = sorted(p.stem for p in (REPO / "tests" / "fuzz").glob("test_fuzz_*.py"))
-    code = "import importlib\nimport tests.conftest\n" + "".join(f"importlib.import_module('tests.fuzz.{m}')\n" for m in modules) + \
-        "import tempfile, os\nprint(sorted(os.listdir(tempfile.gettempdir())))\n"
+    imports = "".join(f"importlib.import_module('tests.fuzz.{m}')\n" for m in modules)
+    code = ("import importlib\nimport tests.conftest\n" + imports
+            + "import tempfile, os\nprint(sorted(os.listdir(tempfile.gettempdir())))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}, check=False)
     assert done.returncode == 0, done.stderr
