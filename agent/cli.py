@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import config as configmod
+from agent.core.errors import CoreError
 from agent.errors import AgentError, ConfigError
 from hal.errors import TetherError
 
@@ -349,13 +350,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             ensure_tls_env(config, argv)
         return COMMANDS[name](args, config)
     except ConfigError as exc:
-        print(f"tether: configuration error: {exc}", file=sys.stderr)
-        return 1
+        return _fail("configuration error", exc)
     except TetherError as exc:
-        print(f"tether: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail("error", exc)
+    except CoreError as exc:  # bad input caught by agent/core that no caller wrapped: still one line
+        return _fail("error", exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(what: str, exc: Exception) -> int:
+    """Every project error ends the command with one line on stderr and exit status 1."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"tether: {what}: {text}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
