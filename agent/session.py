@@ -166,14 +166,16 @@ class Session:
     def close(self) -> None:
         """Send DISCONNECT if connected and stop the network thread."""
         self._closing.set()
+        # the network thread leaves its loop within one 0.2 s turn; only then may this thread touch
+        # the TLS socket: one SSL object used by two threads corrupts memory (glibc aborts the process)
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(2)
         try:
-            if self._connack.is_set() and self.client.is_connected():
+            if self._connack.is_set() and self.client.is_connected() and not (self._thread and self._thread.is_alive()):
                 self.client.disconnect()
                 self.client.loop(timeout=0.1)  # flush DISCONNECT
         except (OSError, ValueError, ssl.SSLError) as exc:
             log.debug("disconnect: %s", exc)
-        if self._thread and self._thread is not threading.current_thread():
-            self._thread.join(2)
         sock = self.client.socket()
         if sock is not None:
             with contextlib.suppress(OSError):
