@@ -211,8 +211,9 @@ class EstClient:
                 return _Answer(response.status_code, response.reason, CaseInsensitiveDict(response.headers),
                                response.content)
         except requests.exceptions.SSLError as exc:
-            # a certificate the server refuses, or a server we do not trust: retrying will not help
-            raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=False) from None
+            # a certificate the server refuses, or a server we do not trust: retrying will not help;
+            # but a connection cut during the handshake (a server restarting) is a network error
+            raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=_cut_short(exc)) from None
         except (requests.RequestException, OSError) as exc:
             raise EnrollmentError(f"{url}: {type(exc).__name__}: {exc}", retryable=True) from None
 
@@ -234,3 +235,23 @@ class EstClient:
             raise EnrollmentError(f"{self.base_url}/{operation}: the answer holds no certificate",
                                   retryable=False, status=response.status)
         return certs
+
+
+def _cut_short(exc: BaseException) -> bool:
+    """True when an SSL failure is the peer closing the connection mid-handshake (ssl.SSLEOFError
+    somewhere in the chain requests and urllib3 wrap it in), not a refusal."""
+    import ssl
+
+    seen: list[object] = [exc]
+    visited: set[int] = set()
+    while seen:
+        item = seen.pop()
+        if id(item) in visited:
+            continue
+        visited.add(id(item))
+        if isinstance(item, ssl.SSLEOFError | ConnectionResetError):
+            return True
+        if isinstance(item, BaseException):
+            seen += [a for a in item.args if isinstance(a, BaseException)]
+            seen += [x for x in (getattr(item, "reason", None), item.__cause__, item.__context__) if x is not None]
+    return False
