@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from agent.core import defaults
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
@@ -63,20 +64,20 @@ class DiscoverySection(NamedTuple):
 
 
 class MqttSection(NamedTuple):
-    client_id_prefix: str = ""     # Cumulocity: "d:"
-    topic_prefix: str = "{id}"     # "{id}" puts topics under the device id; "" for Cumulocity
-    keepalive: int = 60
+    client_id_prefix: str = defaults.CLIENT_ID_PREFIX  # Cumulocity: "d:"
+    topic_prefix: str = defaults.TOPIC_PREFIX  # "{id}" puts topics under the device id; "" for Cumulocity
+    keepalive: int = defaults.KEEPALIVE
     protocol: str = "3.1.1"        # 3.1.1 | 5
-    connect_timeout: float = 10.0
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    backoff_base: float = defaults.BACKOFF_BASE
+    backoff_cap: float = defaults.BACKOFF_CAP
 
 
 class TokenSection(NamedTuple):
     enabled: bool = True
     request_topic: str = "s/uat"
     response_topic: str = "s/dat"
-    timeout: float = 10.0
+    timeout: float = defaults.TOKEN_TIMEOUT
 
 
 class RenewalSection(NamedTuple):
