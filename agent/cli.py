@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from agent import config as configmod
 from agent.core.errors import CoreError
 from agent.errors import AgentError, ConfigError
+from hal.about import VersionAction
 from hal.errors import TetherError
 
 if TYPE_CHECKING:
@@ -290,6 +291,7 @@ def cmd_config_set(args: argparse.Namespace, config: configmod.Config) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description="Tether device agent: identity and "
                                      "connectivity for embedded Linux devices.")
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--config", "-c", help=f"TOML config file (default: $TETHER_CONFIG or "
                         f"{configmod.DEFAULT_CONFIG})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
