@@ -83,7 +83,10 @@ class Renewal(Component):
 
     # -- schedule -----------------------------------------------------------------------------------
     def due_at(self) -> float | None:
-        """When to re-enroll (device clock), from chain.json and a scheduled retry; None without a chain."""
+        """When to re-enroll (device clock), from chain.json and a scheduled retry; None without a chain
+        or after a fatal failure."""
+        if self.fatal:
+            return None
         if self._due is _UNKNOWN:
             facts = self.identity.chain_facts()
             if facts is None:
@@ -103,7 +106,8 @@ class Renewal(Component):
         return f"renewal: {'staged pair waiting to be proven' if state == 'staged' else 'next at'} " + (
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(due)) if due and state != "staged" else "")
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
         if self.fatal or (self._worker is not None and self._worker.is_alive()):
             return
         if self.state().get("state") == "staged":
@@ -111,21 +115,28 @@ class Renewal(Component):
         due = self.due_at()
         if due is None or now < due:
             return
-        self._worker = threading.Thread(target=self._work, name="renewal", daemon=True)
+        self._worker = threading.Thread(target=self._renew, name="renewal", daemon=True)
         self._worker.start()
 
     # -- the work (worker thread) -------------------------------------------------------------------
-    def _work(self) -> None:
+    def _renew(self) -> None:
         try:
-            label = self.renew_now()
+            _, label = self._fetch()
         except TetherError as exc:
-            reason, retryable = f"re-enrollment failed: {exc}", exc.retryable
-            self.call_soon(lambda: self._failed(reason, retryable))
+            reason, error = f"re-enrollment failed: {exc}", exc
+            self.call_soon(lambda: self._failed(reason, error))
         else:
             self.call_soon(lambda: self._staged(label))
 
-    def renew_now(self) -> str:
-        """Re-enroll and write the staged chain (and key); return the key label. Raises TetherError.
+    def renew_now(self) -> list[Any]:
+        """Re-enroll and stage the new chain (and key) at once, on the caller's thread (the control loop,
+        a test): the chain. Raises TetherError."""
+        chain, label = self._fetch()
+        self._staged(label)
+        return chain
+
+    def _fetch(self) -> tuple[list[Any], str]:
+        """Re-enroll and write the staged chain (and key); return (chain, key label). Raises TetherError.
 
         Touches only chain.next.pem and the next key, never renewal.json: the control loop records
         the outcome."""
@@ -149,28 +160,37 @@ class Renewal(Component):
             auth = ClientCertAuth(str(self.identity.certstore.path()), tls.keyfile, tls.password)
         log.info("renewal: re-enrolling with %s (%s key)", self.config.est.url,
                  "a new" if label != KEY_LABEL else "the current")
-        with EstClient(self.config.est.url, self.config.est.ca_file, self.config.est.timeout, auth=auth) as est:
+        with EstClient(self.config.est.url, self.config.est.ca_file, self.config.est.timeout, auth=auth,
+                       label=self.config.est.label) as est:
             chain = est.simplereenroll(csr)
         self.identity.certstore.stage(chain, self.identity.device_id, self.identity.keystore.public_key(label))
         log.info("renewal: new certificate serial 0x%x staged; proving it with a session", chain[0].serial_number)
-        return label
+        return chain, label
 
     # -- outcomes (control loop) ----------------------------------------------------------------------
     def _staged(self, label: str) -> None:
         self._save(state="staged", key=label, error=None)
         self.staged(STAGED_CHAIN, label)
 
-    def _failed(self, reason: str, retryable: bool) -> None:
-        # logged before the state is written: whoever sees the error recorded finds its log line
-        at = self.retry.after(retryable, self.clock(), self.rand())
+    def _failed(self, reason: str, error: TetherError | None = None) -> None:
+        """Record a failed attempt. The error decides: retryable ones come back after a backoff (or the
+        station's Retry-After); a fatal one (revoked, CSR refused, no token to present) stops renewal
+        until the agent restarts. Logged before the state is written: whoever sees the error recorded
+        finds its log line."""
+        from agent.enroll import retry_delay
+
+        now = self.clock()
+        at = self.retry.after(error is None or error.retryable, now, self.rand())
+        if at is not None and error is not None:
+            delay = retry_delay(error, self.config, at - now)  # the station's Retry-After, never shorter
+            at = None if delay is None else now + delay
         if at is None:
             self.fatal = reason
             log.error("renewal: %s; not retrying (the error is not one that goes away by itself): the current "
-                      "certificate stays in use, renewal tries again when the agent restarts", reason)
+                      "certificate stays in use; fix the cause, then restart the agent", reason)
             self._save(state="idle", error=reason)
             return
-        log.warning("renewal: %s; the current certificate stays in use, retrying in %.0f s", reason,
-                    at - self.clock())
+        log.warning("renewal: %s; the current certificate stays in use, retrying in %.0f s", reason, at - now)
         self._save(state="idle", next_try=at, error=reason)
 
     def candidate(self) -> tuple[str, str] | None:
@@ -200,7 +220,7 @@ class Renewal(Component):
         self.identity.certstore.discard_staged()
         if self.identity.keystore.exists(NEXT_KEY_LABEL):
             self.identity.keystore.delete(NEXT_KEY_LABEL)
-        self._failed(f"the renewed certificate did not establish a session ({reason})", True)
+        self._failed(f"the renewed certificate did not establish a session ({reason})")
 
     def status(self) -> dict[str, Any]:
         due = self.due_at()

@@ -42,6 +42,7 @@ from hal.errors import TetherError
 
 log = logging.getLogger("tether")
 RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched slots
+CREDENTIALS_POLL = 2.0  # seconds between looks at the credential files after the station refused them
 
 
 class Call:
@@ -160,22 +161,36 @@ class Runtime:
 
     # -- boot --------------------------------------------------------------------------------------
     def boot(self, once: bool = False, report: Callable[[str, float, str], None] | None = None) -> bool:
-        """Run the boot sequence; retry a retryable failure with backoff unless `once`, raise a fatal
-        one (a spent one-time password, no [est] url, a refused chain). False if stopped first."""
+        """Run the boot sequence; retry a retryable failure with backoff unless `once`. An enrollment the
+        station refused (a spent one-time password, a revoked device) waits for new credentials; any
+        other fatal error (no [est] url, a refused chain, bad configuration) is raised. The error decides
+        (its `retryable`, the station's Retry-After), never its text. False if stopped first."""
+        from agent.enroll import credentials_stamp, retry_delay
+        from provisioning.errors import EnrollmentError
+
         sequence = BootSequence(self.config, self.identity, report)
         retry = Retry(Backoff(self.config.mqtt.backoff_base, max(self.config.mqtt.backoff_cap, 1.0)))
         while not self.stopping.is_set():
+            credentials = credentials_stamp(self.config)
             try:
                 sequence.run()
                 return True
             except TetherError as exc:
-                at = None if once else retry.after(exc.retryable, self.clock(), self.rand())
-                if at is None:
+                refused = isinstance(exc, EnrollmentError) and not exc.retryable
+                if once or isinstance(exc, ConfigError) or not (exc.retryable or refused):
                     raise
-                delay = at - self.clock()
-                log.error("boot: %s; retrying in %.1f s", exc, delay)
                 self.status(session="booting", last_error=str(exc))
-                self.stopping.wait(max(0.0, delay))
+                at = retry.after(True, self.clock(), self.rand())
+                delay = retry_delay(exc, self.config, (at or self.clock()) - self.clock())
+                if delay is None:
+                    log.error("boot: %s; not retrying with the same credentials: waiting for a new one-time "
+                              "password in %s (or a new bootstrap certificate)", exc,
+                              self.config.est.otp_file or "[est] otp_file")
+                    while not self.stopping.is_set() and credentials_stamp(self.config) == credentials:
+                        self.stopping.wait(CREDENTIALS_POLL)
+                    continue
+                log.error("boot: %s; retrying in %.1f s", exc, delay)
+                self.stopping.wait(delay)
         return False
 
     def new_supervisor(self, endpoints: list[Endpoint] | None = None, discovery: bool | None = None) -> sv.Supervisor:

@@ -36,7 +36,7 @@ def renewal_for(tmp_path: Path, pki: Pki, **renewal: object) -> Renewal:
 
 def test_a_network_failure_is_retried_after_a_backoff(tmp_path: Path, pki: Pki) -> None:
     renewal = renewal_for(tmp_path, pki)
-    renewal._work()  # the worker's body, run inline: the station is unreachable
+    renewal._renew()  # the worker's body, run inline: the station is unreachable
     state = json.loads(renewal.path.read_text())
     assert state["state"] == "idle" and "re-enrollment failed" in state["error"]
     assert state["next_try"] == 1000.0 + 0.5 * 30.0  # full jitter of the first ceiling
@@ -47,7 +47,7 @@ def test_a_fatal_failure_stops_renewal_with_an_error_line(tmp_path: Path, pki: P
                                                           caplog: pytest.LogCaptureFixture) -> None:
     renewal = renewal_for(tmp_path, pki, auth="bearer")  # and no token to present: not a passing problem
     with caplog.at_level(logging.ERROR, logger="tether.renewal"):
-        renewal._work()
+        renewal._renew()
     assert renewal.fatal is not None and "no access token" in renewal.fatal
     assert "not retrying" in caplog.text
     renewal.tick(10**10)  # long past due: still no new attempt
