@@ -27,13 +27,8 @@ BOOT_FILE = "boot.json"
 
 def chain_state(identity: DeviceIdentity, now: float | None = None) -> tuple[bool, str]:
     """(usable, why) for the stored chain, from chain.json: no X.509 parsing on a normal boot."""
-    from provisioning.chainfacts import read_facts
-
     now = time.time() if now is None else now
-    chain_file = identity.config.certs_dir / "chain.pem"
-    facts = read_facts(identity.config.certs_dir)
-    if facts is None and chain_file.exists():
-        facts = identity.certstore.refresh_facts()  # crash between chain.pem and chain.json, or upgrade
+    facts = identity.chain_facts()  # rebuilt after a cut between chain.pem and chain.json
     if facts is None:
         return False, "no certificate chain stored yet (first boot)"
     not_after = float(facts["not_after"])  # type: ignore[arg-type]

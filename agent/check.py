@@ -6,11 +6,14 @@ device enrolled (if needed), connected to an endpoint and (if enabled) received 
 
 from __future__ import annotations
 
+import queue
 import sys
 import time
 from typing import TextIO
 
 from agent.config import Config
+from agent.core import supervisor as sv
+from agent.core.endpoints import Endpoint
 from agent.runtime import Runtime
 from agent.session import ConnectError
 from hal.errors import TetherError
@@ -57,38 +60,60 @@ def check(config: Config, out: TextIO = sys.stdout, token_timeout: float | None 
     if not endpoints:
         line.step("endpoints", False, "no endpoint: set [endpoints] urls or [discovery] url")
         return 1
-    session = None
-    for endpoint in endpoints:
-        t = time.monotonic()
-        try:
-            session = runtime.connect(endpoint)
-        except (ConnectError, TetherError) as exc:
-            line.step("connect", False, str(exc), time.monotonic() - t)
-            continue
-        line.step("connect", True, f"{endpoint.url()} as {config.client_id} (mTLS, MQTT {config.mqtt.protocol})",
-                  time.monotonic() - t)
-        line.ok = True  # an earlier endpoint failing is fine once one works
-        break
-    if session is None:
+    return _connect_once(runtime, endpoints, line, token_timeout or config.token.timeout, out)
+
+
+def _connect_once(runtime: Runtime, endpoints: list[Endpoint], line: Timeline, token_timeout: float,
+                  out: TextIO) -> int:
+    """One round of the supervisor over `endpoints` (no backoff, no re-discovery), then the token."""
+    config = runtime.config
+    runtime.supervisor = supervisor = runtime.new_supervisor(endpoints, discovery=False)
+    gave_up = False
+
+    def drive(event: object) -> None:
+        nonlocal gave_up
+        pending = [event]
+        while pending:
+            for action in supervisor.handle(pending.pop(0), time.time()):
+                if isinstance(action, sv.Connect):
+                    t = time.monotonic()
+                    try:
+                        runtime.session = runtime.connect(action.endpoint, epoch=action.epoch)
+                    except TetherError as exc:
+                        line.step("connect", False, str(exc), time.monotonic() - t)
+                        kind = exc.kind if isinstance(exc, ConnectError) else sv.REFUSED
+                        pending.append(sv.ConnectFailed(action.epoch, kind, str(exc)))
+                        continue
+                    line.step("connect", True, f"{action.endpoint.url()} as {config.client_id} (mTLS, MQTT "
+                              f"{config.mqtt.protocol})", time.monotonic() - t)
+                    line.ok = True  # an earlier endpoint failing is fine once one works
+                    pending.append(sv.Connected(action.epoch))
+                elif isinstance(action, sv.Backoff | sv.WaitUntil):
+                    gave_up = True
+                elif not isinstance(action, sv.AttemptFailed | sv.SessionUp | sv.SessionDown):
+                    runtime.perform(action)
+
+    drive(sv.Start())
+    if gave_up or runtime.session is None:
         return 1
     try:
-        if runtime.token:
+        if runtime.token and supervisor.refresher is not None:
             t = time.monotonic()
-            runtime.token.on_session_up(session.subscribe, session.publish)
-            deadline = time.monotonic() + (token_timeout or config.token.timeout)
-            while runtime.token.current() is None and time.monotonic() < deadline:
-                runtime.token.tick()
-                event = runtime._wait(None)
-                if event is not None and event.kind == "message":
-                    runtime.dispatch(event)
-                elif event is not None and event.kind == "disconnected":
-                    break
-            token = runtime.token.status()
+            deadline = time.monotonic() + token_timeout
+            while runtime.token.current() is None and time.monotonic() < deadline and supervisor.state == sv.ONLINE:
+                try:
+                    event = runtime.events.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    event = sv.Tick()
+                if event is not None:
+                    drive(event)
+            token = runtime.token.status(supervisor.refresher)
             line.step("token", token.get("present", False),
                       f"expires at {time.strftime('%H:%M:%S', time.localtime(token['expires_at']))}"
                       if token.get("present") else f"no token: {token.get('last_error') or 'timed out'}",
                       time.monotonic() - t)
     finally:
-        session.close()
+        if runtime.session is not None:
+            runtime.session.close()
     print(f"{'PASS' if line.ok else 'FAIL'}: {config.device.id}", file=out)
     return 0 if line.ok else 1

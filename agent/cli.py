@@ -11,12 +11,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import config as configmod
+from agent.core.errors import CoreError
 from agent.errors import AgentError, ConfigError
 from hal.about import VersionAction
 from hal.errors import TetherError
+
+if TYPE_CHECKING:
+    from agent.runtime import Runtime
 
 Handler = Callable[[argparse.Namespace, configmod.Config], int]
 COMMANDS: dict[str, Handler] = {}
@@ -172,13 +176,6 @@ def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
 
     setup_logging(args.verbose)
     runtime = Runtime(config)
-    if config.est.url:
-        from agent.renewal import Renewal
-        from agent.session import Event
-
-        runtime.renewal = Renewal(config, runtime.identity,
-                                  runtime.token.current if runtime.token else lambda: None,
-                                  wake=lambda: runtime.events.put(Event("renewed")))
     for attach in COMPONENTS:
         attach(runtime)
     return runtime.run()
@@ -193,7 +190,21 @@ def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
     return check(config)
 
 
-def attach_ota(runtime: Any) -> None:
+def attach_renewal(runtime: Runtime) -> None:
+    """Certificate renewal over EST when [est] url is set; the supervisor proves the renewed pair."""
+    if not runtime.config.est.url:
+        return
+    from agent.core.supervisor import RenewalStaged
+    from agent.renewal import Renewal
+
+    runtime.renewal = Renewal(runtime.config, runtime.identity,
+                              runtime.token.current if runtime.token else lambda: None,
+                              staged=lambda chain, key: runtime.post(RenewalStaged(chain, key)),
+                              call_soon=runtime.call_soon)
+    runtime.components.append(runtime.renewal)
+
+
+def attach_ota(runtime: Runtime) -> None:
     """Firmware operations (515) on the session, reported in SmartREST on the upstream topic."""
     from agent.ota.component import LazyOta
 
@@ -210,11 +221,11 @@ def attach_ota(runtime: Any) -> None:
     runtime.components.append(LazyOta(runtime.config, updater))
 
 
-# Optional runtime components (OTA, outbox) register a function that attaches them.
-COMPONENTS: list[Callable[[Any], None]] = [attach_ota]
+# Runtime components (renewal, OTA, outbox) register a function that attaches them.
+COMPONENTS: list[Callable[[Runtime], None]] = [attach_renewal, attach_ota]
 
 
-def attach_outbox(runtime: Any) -> None:
+def attach_outbox(runtime: Runtime) -> None:
     if runtime.config.outbox.enabled:
         from agent.publish_api import attach  # sqlite3 loads only when the outbox is enabled
 
@@ -346,13 +357,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             ensure_tls_env(config, argv)
         return COMMANDS[name](args, config)
     except ConfigError as exc:
-        print(f"tether: configuration error: {exc}", file=sys.stderr)
-        return 1
+        return _fail("configuration error", exc)
     except TetherError as exc:
-        print(f"tether: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail("error", exc)
+    except CoreError as exc:  # bad input caught by agent/core that no caller wrapped: still one line
+        return _fail("error", exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(what: str, exc: Exception) -> int:
+    """Every project error ends the command with one line on stderr and exit status 1."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"tether: {what}: {text}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from agent.core import defaults
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
@@ -65,20 +66,20 @@ class DiscoverySection(NamedTuple):
 
 
 class MqttSection(NamedTuple):
-    client_id_prefix: str = ""     # Cumulocity: "d:"
-    topic_prefix: str = "{id}"     # "{id}" puts topics under the device id; "" for Cumulocity
-    keepalive: int = 60
+    client_id_prefix: str = defaults.CLIENT_ID_PREFIX  # Cumulocity: "d:"
+    topic_prefix: str = defaults.TOPIC_PREFIX  # "{id}" puts topics under the device id; "" for Cumulocity
+    keepalive: int = defaults.KEEPALIVE
     protocol: str = "3.1.1"        # 3.1.1 | 5
-    connect_timeout: float = 10.0
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    backoff_base: float = defaults.BACKOFF_BASE
+    backoff_cap: float = defaults.BACKOFF_CAP
 
 
 class TokenSection(NamedTuple):
     enabled: bool = True
     request_topic: str = "s/uat"
     response_topic: str = "s/dat"
-    timeout: float = 10.0
+    timeout: float = defaults.TOKEN_TIMEOUT
 
 
 class RenewalSection(NamedTuple):
@@ -139,6 +140,38 @@ CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p25
            ("outbox", "policy"): ("drop-oldest", "refuse-new")}
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Threshold(NamedTuple):
+    """When to renew: at `share` of the lifetime, or `before` seconds ahead of expiry (exactly one set)."""
+
+    share: float | None = None
+    before: float | None = None
+
+    def renew_at(self, not_before: float, not_after: float) -> float:
+        if self.share is not None:
+            return not_before + (not_after - not_before) * self.share
+        assert self.before is not None
+        return max(not_before, not_after - self.before)
+
+
+def parse_threshold(text: str, where: str = "[renewal] threshold") -> Threshold:
+    """`"67%"` (share of the lifetime) or `"30d"`, `"12h"`, `"90m"`, `"45s"` (time before expiry)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[smhd])\s*", text or "")
+    if not match:
+        raise ConfigError(f"{where}: {text!r} is neither a lifetime percentage such as '67%' nor a time "
+                          "before expiry such as '30d', '12h', '90m'")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        if not 0 < value < 100:
+            raise ConfigError(f"{where}: lifetime percentage must be between 0 and 100 (exclusive), got {text!r}")
+        return Threshold(share=value / 100)
+    if value <= 0:
+        raise ConfigError(f"{where}: time before expiry must be positive, got {text!r}")
+    return Threshold(before=value * _UNITS[unit])
+
+
 class Config(NamedTuple):
     device: DeviceSection = DeviceSection()
     keys: KeysSection = KeysSection()
@@ -172,6 +205,18 @@ class Config(NamedTuple):
     @property
     def topic_prefix(self) -> str:
         return self.mqtt.topic_prefix.replace("{id}", self.device.id)
+
+    @property
+    def topics(self) -> Any:
+        """Every MQTT topic the device uses (agent.core.topics.Topics; checked at load)."""
+        from agent.core.topics import Topics
+
+        return Topics(self.topic_prefix, self.token.request_topic, self.token.response_topic)
+
+    @property
+    def renewal_threshold(self) -> Threshold:
+        """`[renewal] threshold` as a value (checked at load)."""
+        return parse_threshold(self.renewal.threshold)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name)._asdict() for name in SECTIONS}
@@ -208,7 +253,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path) -> None:
+def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path,
+           origins: dict[tuple[str, str], Path] | None = None) -> None:
     for section, body in data.items():
         if section not in SECTIONS:
             raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
@@ -228,6 +274,8 @@ def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path) 
             if (section, key) in PATH_KEYS and value:
                 value = str((path.parent / value).resolve()) if not os.path.isabs(value) else value
             merged.setdefault(section, {})[key] = value
+            if origins is not None:
+                origins[(section, key)] = path
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -256,19 +304,65 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     if dropins.is_dir():
         files += sorted(dropins.glob("*.toml"))
     merged: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], Path] = {}
     for f in files:
-        _merge(merged, _read_toml(f), f)
+        _merge(merged, _read_toml(f), f, origins)
     sections = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
     config = Config(**sections, sources=tuple(str(f) for f in files))
-    validate(config, base)
+    validate(config, base, origins)
     return config
 
 
-def validate(config: Config, path: Path) -> None:
-    """Cross-field checks that single values cannot express."""
+def _check_url(url: str, schemes: tuple[str, ...], where: str) -> None:
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} must be {' or '.join(s + '://host[:port]' for s in schemes)}")
+    if port == 0:
+        raise ConfigError(f"{where}: {url!r}: port 0 is not a port")
+
+
+def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | None = None) -> None:
+    """Checks that the types cannot express, parsing values into what the agent uses (topics,
+    renewal threshold, URLs). Every error names the file that set the key, the section and the key."""
+    from agent.core.errors import CoreError
+    from agent.core.topics import check_topic_part
     from provisioning.errors import ProvisioningError
     from provisioning.identity import check_device_id
 
+    def where(section: str, key: str) -> str:
+        return f"{(origins or {}).get((section, key), path)}: [{section}] {key}"
+
+    if config.renewal.threshold != RenewalSection().threshold:
+        parse_threshold(config.renewal.threshold, where("renewal", "threshold"))
+    if config.renewal.retry <= 0:
+        raise ConfigError(f"{where('renewal', 'retry')}: must be > 0 seconds, got {config.renewal.retry}")
+    for section, key, value in (("mqtt", "topic_prefix", config.topic_prefix),
+                                ("token", "request_topic", config.token.request_topic),
+                                ("token", "response_topic", config.token.response_topic)):
+        try:
+            check_topic_part(value, key)
+        except CoreError as exc:
+            raise ConfigError(f"{where(section, key)}: {exc.reason}") from None
+        if not value and section == "token":
+            raise ConfigError(f"{where(section, key)}: must not be empty")
+    for section, key, url in (("est", "url", config.est.url), ("discovery", "url", config.discovery.url)):
+        if url:
+            _check_url(url, ("https",), where(section, key))
+    from agent.core.endpoints import parse_endpoint
+
+    for i, url in enumerate(config.endpoints.urls):
+        try:
+            parse_endpoint(url, field=f"urls[{i}]")
+        except CoreError as exc:
+            raise ConfigError(f"{where('endpoints', 'urls')}: {exc}") from None
+    if config.token.timeout <= 0:
+        raise ConfigError(f"{where('token', 'timeout')}: must be > 0 seconds, got {config.token.timeout}")
     if not config.device.id:
         raise ConfigError(f"{path}: [device] id is required (the device id: CN and MQTT client id)")
     try:

@@ -7,6 +7,7 @@ the boot sequence and renewal all go through it.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from provisioning.certstore import CertStore
     from provisioning.policy import ChainPolicy
 
+log = logging.getLogger(__name__)
 KEY_LABEL = "device"
 NEXT_KEY_LABEL = "device.next"
 
@@ -99,11 +101,21 @@ class DeviceIdentity:
                                                   device_key=self.keystore.public_key(KEY_LABEL), now=now)
         return [str(v) for v in violations]
 
-    def status(self) -> dict[str, Any]:
-        """Identity facts for `tether status` (reads chain.json, so no X.509 parsing is needed)."""
+    def chain_facts(self) -> dict[str, object] | None:
+        """Facts of the stored chain from chain.json; rebuilt from chain.pem (parsing X.509, logged)
+        when chain.json is missing, corrupt or describes another chain.pem. None without a chain."""
         from provisioning.chainfacts import read_facts
 
         facts = read_facts(self.config.certs_dir)
+        if facts is None and (self.config.certs_dir / "chain.pem").exists():
+            log.info("chain.json does not describe chain.pem (a cut between their writes, or an upgrade): "
+                     "rebuilding it from chain.pem")
+            facts = self.certstore.refresh_facts()
+        return facts
+
+    def status(self) -> dict[str, Any]:
+        """Identity facts for `tether status` (reads chain.json, so no X.509 parsing is needed)."""
+        facts = self.chain_facts()
         out: dict[str, Any] = {"device_id": self.device_id, "key": {"backend": self.config.keys.backend,
                                                                     "present": self.has_key()}}
         if facts is None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
 
@@ -203,25 +204,26 @@ class OutboxStore:
             self._db.close()
 
 
-class Outbox:
-    """The runtime component that drains the store into the live session (agent.runtime hooks).
+class Outbox(Component):
+    """The runtime component that drains the store into the live session (agent.component hooks).
 
     `send(topic, payload, qos)` publishes on the session and returns paho's message id, or None when
-    offline; `post_fence()` puts a `published` event with mid 0 on the runtime's queue (see
-    on_session_up); `wake()` makes the control loop call `tick()` soon.
+    offline; `wake()` makes the control loop call `tick()` soon. Acknowledgements of an earlier
+    session never reach `on_acked`: the supervisor drops them by their session epoch.
     """
+
+    name = "outbox"
 
     FLUSH_EVERY = 200      # acknowledged ids removed per transaction at most...
     FLUSH_AFTER = 0.5      # ...or after this many seconds
 
     def __init__(self, config: Config, send: Callable[[str, bytes, int], int | None], *,
-                 post_fence: Callable[[], None], wake: Callable[[], None],
+                 wake: Callable[[], None],
                  status: Callable[..., None] = lambda **_: None) -> None:
         self.config = config
         self.prefix = config.topic_prefix
         self.path = config.state_dir / DB_FILE
         self.send = send
-        self.post_fence = post_fence
         self.wake = wake
         self.status = status
         self.max_inflight = config.outbox.max_inflight
@@ -232,7 +234,6 @@ class Outbox:
         self._acked_since = 0.0
         self._last_sent = 0
         self._online = False
-        self._fenced = False
         self._maybe_more = True  # False once a query found nothing unsent: idle ticks skip SQLite
         self._open()
 
@@ -289,14 +290,12 @@ class Outbox:
         return f"outbox: {self.store.count} message(s) queued in {self.path}, delivered oldest first"
 
     def on_session_up(self) -> None:
-        # A session's message ids restart at 1, and `published` events of the previous session can
-        # still be in the runtime's queue (a renewal reconnect closes the session with events pending).
-        # The fence marks where this session's acknowledgements start: nothing before it counts.
-        self._online, self._fenced = True, False
+        # A session's message ids restart at 1; acknowledgements still queued from the previous
+        # session are dropped by the supervisor (their epoch is not the current one), not here.
+        self._online = True
         self._inflight.clear()
         self._last_sent = 0
         self._maybe_more = True
-        self.post_fence()
         self._pump()
 
     def on_session_down(self) -> None:
@@ -309,12 +308,7 @@ class Outbox:
         self._maybe_more = True
         self._flush()
 
-    def on_published(self, mid: int) -> None:
-        if mid == 0:
-            self._fenced = True
-            return
-        if not self._fenced:
-            return
+    def on_acked(self, mid: int) -> None:
         outbox_id = self._inflight.pop(mid, None)
         if outbox_id is not None:
             if not self._acked:
@@ -324,7 +318,7 @@ class Outbox:
                 self._flush()
             self._pump()
 
-    def tick(self) -> None:
+    def tick(self, now: float) -> None:
         if self._acked and time.monotonic() - self._acked_since >= self.FLUSH_AFTER:
             self._flush()
         self._pump()

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
 
@@ -66,7 +67,7 @@ def _addressable(path: Path) -> Iterator[str]:
 
 
 # -- server (inside `tether run`) ------------------------------------------------------------------------
-class PublishServer:
+class PublishServer(Component):
     """Accepts connections on the socket and hands each batch of lines to `outbox.publish_many`."""
 
     RETRY_EVERY = 5.0  # seconds between attempts to bind after a failure (full disk, stale file)
@@ -78,7 +79,7 @@ class PublishServer:
         self.error = ""
         self._next_try = 0.0
 
-    def tick(self) -> None:
+    def tick(self, now: float) -> None:
         """Runtime hook: bind again if the socket could not be served at start (full disk)."""
         if self.sock is None and time.monotonic() >= self._next_try:
             self.try_start()
@@ -111,20 +112,38 @@ class PublishServer:
                     probe.connect(name)
                     raise AgentError(f"{self.path}: another agent is serving this publish socket")
                 self.path.unlink()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old = os.umask(0o177)  # never world-connectable, not even between bind and chmod
-            try:
-                sock.bind(name)
-                os.chmod(name, 0o600)
-                sock.listen(16)
-            except OSError as exc:
-                sock.close()
-                raise AgentError(f"{self.path}: cannot serve the publish socket: {exc.strerror}") from exc
-            finally:
-                os.umask(old)
+        sock = self._bind_private()
         self.sock = sock
         threading.Thread(target=self._accept, name="publish-api", daemon=True).start()
         return self
+
+    def _bind_private(self) -> socket.socket:
+        """A listening socket at `self.path` that no one else could ever connect to: bound inside a
+        fresh 0700 directory, made 0600, then renamed into place (the process umask is left alone:
+        other threads write files meanwhile)."""
+        import tempfile
+
+        try:
+            private = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.path.parent))  # mode 0700
+        except OSError as exc:
+            raise AgentError(f"{self.path}: cannot serve the publish socket: {exc.strerror}") from exc
+        staged = private / self.path.name
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _addressable(staged) as name:
+                sock.bind(name)
+            os.chmod(staged, 0o600)
+            sock.listen(16)
+            os.rename(staged, self.path)
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"{self.path}: cannot serve the publish socket: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+            with contextlib.suppress(OSError):
+                private.rmdir()
+        return sock
 
     def _accept(self) -> None:
         assert self.sock is not None
@@ -209,10 +228,8 @@ def _parse(line: bytes) -> tuple[str, bytes, int] | str:
 def attach(runtime: Any) -> None:
     """Give `runtime` an outbox component and serve the publish socket (agent.cli COMPONENTS)."""
     from agent.outbox import Outbox
-    from agent.session import Event
 
-    outbox = Outbox(runtime.config, runtime.publish, post_fence=lambda: runtime.events.put(Event("published")),
-                    wake=lambda: runtime.events.put(Event("wake")), status=runtime.status)
+    outbox = Outbox(runtime.config, runtime.publish, wake=lambda: runtime.post(None), status=runtime.status)
     server = PublishServer(socket_path(runtime.config), outbox)
     runtime.components += [outbox, server]
     server.try_start()  # a failure must not stop the agent: the session and identity matter more

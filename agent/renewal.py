@@ -4,7 +4,15 @@ The renewed chain (and, with `[renewal] new_key`, the new key) is kept beside th
 until a session has been established with it; only then is it promoted, atomically and resumably.
 If the new pair does not work the old one stays in use and renewal retries with backoff: users of
 thin-edge.io and Azure's identity service lost devices when a renewal replaced a working pair with
-an unproven one.
+an unproven one. Which session proves it is the supervisor's decision (`ProveCandidate`, `Promote`,
+`Disprove` in agent/core/supervisor.py); this component only re-enrolls, stages and promotes.
+
+A failure is retried with backoff when the error says it is retryable (network, HTTP 5xx); a fatal
+one (HTTP 403 for a revoked certificate, a chain the policy refuses) stops renewal until the agent
+restarts, with an error log line and the reason in status.json.
+
+Threads: the EST exchange runs in a worker thread that writes only the staged chain and key; it
+hands its outcome to the control loop (`call_soon`), which alone changes the persisted state.
 
 States (persisted in `<state>/renewal.json`): idle -> staged -> promoting -> idle. A crash in
 `promoting` is finished on the next start (`on_boot`); a crash in `staged` proves the pair again.
@@ -14,15 +22,16 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
+from agent.component import Component
 from agent.config import Config
 from agent.core.backoff import Backoff
-from agent.errors import AgentError, ConfigError
+from agent.core.retry import Retry
+from agent.errors import AgentError
 from agent.identity import KEY_LABEL, NEXT_KEY_LABEL, DeviceIdentity
 from hal import storage
 from hal.errors import TetherError
@@ -30,61 +39,35 @@ from hal.errors import TetherError
 log = logging.getLogger("tether.renewal")
 STATE_FILE = "renewal.json"
 STAGED_CHAIN = "chain.next.pem"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _UNKNOWN = object()  # due_at not computed since the chain or the state last changed
 
 
-class Threshold(NamedTuple):
-    """Renew at `share` of the lifetime, or `before` seconds ahead of expiry (exactly one is set)."""
+class Renewal(Component):
+    """The renewal component. `staged(chain, key)` is called on the control loop when a renewed pair
+    waits to be proven; `call_soon(fn)` runs `fn` on the control loop (Runtime.call_soon)."""
 
-    share: float | None = None
-    before: float | None = None
-
-    def renew_at(self, not_before: float, not_after: float) -> float:
-        if self.share is not None:
-            return not_before + (not_after - not_before) * self.share
-        assert self.before is not None
-        return max(not_before, not_after - self.before)
-
-
-def parse_threshold(text: str, where: str = "[renewal] threshold") -> Threshold:
-    """`"67%"` (share of the lifetime) or `"30d"`, `"12h"`, `"90m"`, `"45s"` (time before expiry)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[smhd])\s*", text or "")
-    if not match:
-        raise ConfigError(f"{where}: {text!r} is neither a lifetime percentage such as '67%' nor a time "
-                          "before expiry such as '30d', '12h', '90m'")
-    value, unit = float(match.group(1)), match.group(2)
-    if unit == "%":
-        if not 0 < value < 100:
-            raise ConfigError(f"{where}: lifetime percentage must be between 0 and 100 (exclusive), got {text!r}")
-        return Threshold(share=value / 100)
-    if value <= 0:
-        raise ConfigError(f"{where}: time before expiry must be positive, got {text!r}")
-    return Threshold(before=value * _UNITS[unit])
-
-
-class Renewal:
-    """A runtime component: `tick()` starts a renewal when due, `candidate()` offers the staged pair."""
+    name = "renewal"
 
     def __init__(self, config: Config, identity: DeviceIdentity, token: Callable[[], str | None] = lambda: None,
-                 *, wake: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random) -> None:
+                 *, staged: Callable[[str, str], None] = lambda chain, key: None,
+                 call_soon: Callable[[Callable[[], None]], None] = lambda fn: fn(),
+                 clock: Callable[[], float] = time.time, rand: Callable[[], float] = random.random) -> None:
         self.config = config
         self.identity = identity
-        self.threshold = parse_threshold(config.renewal.threshold)
+        self.threshold = config.renewal_threshold
         self.token = token
-        self.wake = wake
+        self.staged = staged
+        self.call_soon = call_soon
         self.clock = clock
         self.rand = rand
         self.path = config.state_dir / STATE_FILE
-        self.backoff = Backoff(min(config.renewal.retry, 60.0), max(config.renewal.retry, 60.0) * 12)
+        self.retry = Retry(Backoff(min(config.renewal.retry, 60.0), max(config.renewal.retry, 60.0) * 12))
         self._worker: threading.Thread | None = None
-        self.last_error: str | None = None
+        self.fatal: str | None = None
         self._state: dict[str, Any] | None = None
         self._due: object = _UNKNOWN
-        self._stopped: str | None = None  # serial whose renewal the station refused (not retryable)
 
-    # -- persisted state ----------------------------------------------------------------------------
+    # -- persisted state (control loop only) ----------------------------------------------------------
     def state(self) -> dict[str, Any]:
         # this object is the file's only writer, so it is read once and then kept in memory: the
         # runtime ticks every second and must not read two files each time
@@ -100,12 +83,13 @@ class Renewal:
 
     # -- schedule -----------------------------------------------------------------------------------
     def due_at(self) -> float | None:
-        """When to re-enroll (device clock), from chain.json and a scheduled retry; None without a chain."""
+        """When to re-enroll (device clock), from chain.json and a scheduled retry; None without a chain
+        or after a fatal failure."""
+        if self.fatal:
+            return None
         if self._due is _UNKNOWN:
-            from provisioning.chainfacts import read_facts
-
-            facts = read_facts(self.config.certs_dir)
-            if facts is None or (self._stopped is not None and str(facts["serial"]) == self._stopped):
+            facts = self.identity.chain_facts()
+            if facts is None:
                 self._due = None
             else:
                 at = self.threshold.renew_at(float(facts["not_before"]),  # type: ignore[arg-type]
@@ -122,13 +106,14 @@ class Renewal:
         return f"renewal: {'staged pair waiting to be proven' if state == 'staged' else 'next at'} " + (
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(due)) if due and state != "staged" else "")
 
-    def tick(self) -> None:
-        if self._worker is not None and self._worker.is_alive():
+    def tick(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        if self.fatal or (self._worker is not None and self._worker.is_alive()):
             return
         if self.state().get("state") == "staged":
-            return  # the runtime proves it on the next connect
+            return  # the supervisor proves it on the next connect
         due = self.due_at()
-        if due is None or self.clock() < due:
+        if due is None or now < due:
             return
         self._worker = threading.Thread(target=self._renew, name="renewal", daemon=True)
         self._worker.start()
@@ -136,14 +121,25 @@ class Renewal:
     # -- the work (worker thread) -------------------------------------------------------------------
     def _renew(self) -> None:
         try:
-            self.renew_now()
+            _, label = self._fetch()
         except TetherError as exc:
-            self._failed(f"re-enrollment failed: {exc}", exc)
+            reason, error = f"re-enrollment failed: {exc}", exc
+            self.call_soon(lambda: self._failed(reason, error))
         else:
-            self.wake()
+            self.call_soon(lambda: self._staged(label))
 
     def renew_now(self) -> list[Any]:
-        """Re-enroll and stage the new chain (and key). Raises TetherError on failure."""
+        """Re-enroll and stage the new chain (and key) at once, on the caller's thread (the control loop,
+        a test): the chain. Raises TetherError."""
+        chain, label = self._fetch()
+        self._staged(label)
+        return chain
+
+    def _fetch(self) -> tuple[list[Any], str]:
+        """Re-enroll and write the staged chain (and key); return (chain, key label). Raises TetherError.
+
+        Touches only chain.next.pem and the next key, never renewal.json: the control loop records
+        the outcome."""
         from provisioning.est.client import BearerAuth, ClientCertAuth, EstClient
 
         if not self.config.est.url:
@@ -168,35 +164,35 @@ class Renewal:
                        label=self.config.est.label) as est:
             chain = est.simplereenroll(csr)
         self.identity.certstore.stage(chain, self.identity.device_id, self.identity.keystore.public_key(label))
-        self._save(state="staged", key=label, error=None)
         log.info("renewal: new certificate serial 0x%x staged; proving it with a session", chain[0].serial_number)
-        return chain
+        return chain, label
 
-    def _failed(self, reason: str, exc: BaseException | None = None) -> None:
+    # -- outcomes (control loop) ----------------------------------------------------------------------
+    def _staged(self, label: str) -> None:
+        self._save(state="staged", key=label, error=None)
+        self.staged(STAGED_CHAIN, label)
+
+    def _failed(self, reason: str, error: TetherError | None = None) -> None:
+        """Record a failed attempt. The error decides: retryable ones come back after a backoff (or the
+        station's Retry-After); a fatal one (revoked, CSR refused, no token to present) stops renewal
+        until the agent restarts. Logged before the state is written: whoever sees the error recorded
+        finds its log line."""
         from agent.enroll import retry_delay
 
-        fallback = self.backoff.next_delay(self.rand())
-        # the error decides: the station's Retry-After is honoured; a refusal (revoked, CSR refused)
-        # is not repeated for this certificate until the agent restarts
-        delay = fallback if exc is None else retry_delay(exc, self.config, fallback)
-        self.last_error = reason
-        if delay is None:
-            self._stopped = self._serial()
-            self._save(state="idle", next_try=0, error=reason)
-            log.error("renewal: %s; not retrying for certificate serial %s (the station refused it): the current "
-                      "certificate stays in use; fix the cause, then restart the agent",
-                      reason, self._stopped)
+        now = self.clock()
+        at = self.retry.after(error is None or error.retryable, now, self.rand())
+        if at is not None and error is not None:
+            delay = retry_delay(error, self.config, at - now)  # the station's Retry-After, never shorter
+            at = None if delay is None else now + delay
+        if at is None:
+            self.fatal = reason
+            log.error("renewal: %s; not retrying (the error is not one that goes away by itself): the current "
+                      "certificate stays in use; fix the cause, then restart the agent", reason)
+            self._save(state="idle", error=reason)
             return
-        self._save(state="idle", next_try=self.clock() + delay, error=reason)
-        log.warning("renewal: %s; the current certificate stays in use, retrying in %.0f s", reason, delay)
+        log.warning("renewal: %s; the current certificate stays in use, retrying in %.0f s", reason, at - now)
+        self._save(state="idle", next_try=at, error=reason)
 
-    def _serial(self) -> str | None:
-        from provisioning.chainfacts import read_facts
-
-        facts = read_facts(self.config.certs_dir)
-        return None if facts is None else str(facts["serial"])
-
-    # -- proving and promotion (runtime thread) -----------------------------------------------------
     def candidate(self) -> tuple[str, str] | None:
         """(chain file name, key label) of a staged pair to prove, or None."""
         state = self.state()
@@ -208,7 +204,7 @@ class Renewal:
         """A session came up with the staged pair: promote it (resumable through `promoting`)."""
         self._save(state="promoting")
         self._finish_promotion()
-        self.backoff.reset()
+        self.retry.reset()
         log.info("renewal: new certificate promoted")
 
     def _finish_promotion(self) -> None:

@@ -1,9 +1,12 @@
-"""`tether run` and `tether check`: from power-on to a live MQTT session, and keeping it there.
+"""`tether run`: from power-on to a live MQTT session, and keeping it there.
 
-One control loop owns every decision; the network thread (agent.session) and signal handlers only
-post events to its queue. Order of a boot (DESIGN.md "Data flow of one boot"): BootSequence (key,
-enrollment) -> endpoints (last good, manual list, discovery with its offline cache) -> session with
-failover and backoff -> on each session: token, OTA, renewal.
+The decisions are the supervisor's (agent/core/supervisor.py, pure and shared with the firmware):
+which endpoint, when, with which pair, what a message means. This module is its driver: it feeds it
+events with the time and performs the actions it returns (connect, discover, publish, promote, write
+status). One control loop owns all mutable state; the network thread, component workers and signal
+handlers only post to its queue (`post`, `call_soon`). Order of a boot (DESIGN.md "Data flow of one
+boot"): BootSequence (key, enrollment) -> endpoints (last good, manual list, discovery with its
+offline cache) -> supervisor.
 """
 
 from __future__ import annotations
@@ -20,17 +23,19 @@ from typing import Any
 
 from agent import systemd
 from agent.boot import BootSequence
+from agent.component import Component
 from agent.config import Config
+from agent.core import supervisor as sv
 from agent.core.backoff import Backoff
-from agent.core.endpoints import Endpoint, Rotation, order_endpoints, parse_endpoint
+from agent.core.endpoints import Endpoint, order_endpoints, parse_endpoint
 from agent.core.errors import CoreError
-from agent.core.smartrest import split_lines
-from agent.core.topics import Topics
+from agent.core.retry import Retry
+from agent.core.token_schedule import TokenRefresher
 from agent.discovery import Discovery, DiscoveryError, load_last_good, save_last_good
 from agent.errors import AgentError, ConfigError
 from agent.identity import KEY_LABEL, DeviceIdentity
-from agent.session import ConnectError, Event, Session
-from agent.status import write_runtime_status
+from agent.session import ConnectError, Session
+from agent.status import StatusFile
 from agent.tls import client_context
 from agent.token import TokenService
 from hal.errors import TetherError
@@ -40,29 +45,59 @@ RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched 
 CREDENTIALS_POLL = 2.0  # seconds between looks at the credential files after the station refused them
 
 
-class Runtime:
-    """The agent's control loop. `run()` until SIGTERM; `check()` once for installers."""
+class Call:
+    """A function a worker thread hands to the control loop to run there."""
 
-    def __init__(self, config: Config, *, rand: Callable[[], float] = random.random) -> None:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+
+class Runtime:
+    """The agent's control loop. `run()` until SIGTERM; `tether check` uses its pieces once."""
+
+    def __init__(self, config: Config, *, rand: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.identity = DeviceIdentity(config)
-        self.events: queue.Queue[Event] = queue.Queue()
+        self.events: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
         self.rand = rand
-        self.backoff = Backoff(config.mqtt.backoff_base, config.mqtt.backoff_cap)
+        self.clock = clock
         self.discovery = Discovery(config)
-        self.topics = Topics(config.topic_prefix)
-        self.token = TokenService(config) if config.token.enabled else None
+        self.topics = config.topics
+        self.token = TokenService(config, clock=clock) if config.token.enabled else None
         if self.token:
-            self.token.wake = lambda: self.events.put(Event("wake"))
+            self.token.wanted = lambda: self.post(sv.TokenWanted())
+        self.components: list[Component] = []
+        self.renewal: Any = None  # agent.renewal.Renewal when [est] url is set (also in components)
+        self.supervisor: sv.Supervisor | None = None
         self.session: Session | None = None
-        self.endpoint_errors: dict[str, str] = {}
+        self.status_file = StatusFile(config)
         self.ready_sent = False
-        self.components: list[Any] = []  # OTA, outbox: objects with optional hooks
-        self.renewal: Any = None  # agent.renewal.Renewal when [est] url is set
-        self._contexts: dict[tuple[str | None, str], ssl.SSLContext] = {}
-        self._rediscovered = False
+        self._contexts: dict[tuple[str | None, str, str], ssl.SSLContext] = {}
+        self._token_status: dict[str, Any] = {}
         self.exit_code = 0
+
+    # -- posting to the loop (any thread) ----------------------------------------------------------
+    def post(self, event: Any) -> None:
+        """Queue a supervisor event (network thread, signal handler, worker)."""
+        self.events.put(event)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the control loop: how workers hand back results without sharing state."""
+        self.events.put(Call(fn))
+
+    def status(self, **fields: Any) -> None:
+        """Merge `fields` into status.json. The control loop is its only writer: other threads post."""
+        if self.status_file.owner is not None and threading.current_thread() is not self.status_file.owner:
+            self.call_soon(lambda: self.status(**fields))
+            return
+        try:
+            self.status_file.update(**fields)
+        except TetherError as exc:  # a full disk must not take the session down
+            log.warning("cannot write status: %s", exc)
 
     # -- endpoints ---------------------------------------------------------------------------------
     def manual_endpoints(self) -> list[Endpoint]:
@@ -87,6 +122,7 @@ class Runtime:
         return order_endpoints(candidates, last_good, demote_unlikely=not self.config.endpoints.allow_unlikely)
 
     def rediscover(self, why: str) -> list[Endpoint] | None:
+        """Ask the discovery service; None when it is off or failed (logged)."""
         if not self.discovery.enabled:
             return None
         log.info("discovery: asking again (%s)", why)
@@ -101,7 +137,7 @@ class Runtime:
 
     # -- connecting --------------------------------------------------------------------------------
     def tls_context(self, ca: str | None, chain: str = "chain.pem", key_label: str = KEY_LABEL) -> ssl.SSLContext:
-        cache_key = (ca, chain + key_label)
+        cache_key = (ca, chain, key_label)
         if cache_key not in self._contexts:
             pem = ca if ca and "-----BEGIN" in ca else None
             self._contexts[cache_key] = client_context(self.config.certs_dir / chain,
@@ -109,9 +145,12 @@ class Runtime:
                                                        cafile=None if pem else ca, cadata=pem)
         return self._contexts[cache_key]
 
-    def connect(self, endpoint: Endpoint, chain: str = "chain.pem", key_label: str = KEY_LABEL) -> Session:
-        session = Session(self.config.client_id, self.tls_context(endpoint.ca, chain, key_label), self.events,
-                          keepalive=self.config.mqtt.keepalive, protocol=self.config.mqtt.protocol)
+    def connect(self, endpoint: Endpoint, chain: str = "chain.pem", key_label: str = KEY_LABEL,
+                epoch: int = 0) -> Session:
+        """A session to `endpoint` whose network events are posted under `epoch`. Raises ConnectError
+        (with its kind) for the endpoint, TetherError when our own credentials cannot be loaded."""
+        session = Session(self.config.client_id, self.tls_context(endpoint.ca, chain, key_label), self.post,
+                          epoch=epoch, keepalive=self.config.mqtt.keepalive, protocol=self.config.mqtt.protocol)
         try:
             seconds = session.connect(endpoint, self.config.mqtt.connect_timeout)
         except ConnectError:
@@ -120,32 +159,29 @@ class Runtime:
         log.info("session: connected to %s in %.0f ms", endpoint.url(), seconds * 1000)
         return session
 
-    def status(self, **fields: Any) -> None:
-        try:
-            write_runtime_status(self.config, **fields)
-        except TetherError as exc:  # a full disk must not take the session down
-            log.warning("cannot write status: %s", exc)
-
     # -- boot --------------------------------------------------------------------------------------
     def boot(self, once: bool = False, report: Callable[[str, float, str], None] | None = None) -> bool:
-        """Run the boot sequence, retrying with backoff unless `once`. False if stopped first."""
+        """Run the boot sequence; retry a retryable failure with backoff unless `once`. An enrollment the
+        station refused (a spent one-time password, a revoked device) waits for new credentials; any
+        other fatal error (no [est] url, a refused chain, bad configuration) is raised. The error decides
+        (its `retryable`, the station's Retry-After), never its text. False if stopped first."""
         from agent.enroll import credentials_stamp, retry_delay
+        from provisioning.errors import EnrollmentError
 
         sequence = BootSequence(self.config, self.identity, report)
-        backoff = Backoff(self.config.mqtt.backoff_base, max(self.config.mqtt.backoff_cap, 1.0))
+        retry = Retry(Backoff(self.config.mqtt.backoff_base, max(self.config.mqtt.backoff_cap, 1.0)))
         while not self.stopping.is_set():
             credentials = credentials_stamp(self.config)
             try:
                 sequence.run()
                 return True
-            except ConfigError:
-                raise
             except TetherError as exc:
-                if once:
+                refused = isinstance(exc, EnrollmentError) and not exc.retryable
+                if once or isinstance(exc, ConfigError) or not (exc.retryable or refused):
                     raise
                 self.status(session="booting", last_error=str(exc))
-                # the error decides (Retry-After honoured, refusals not repeated), never its text
-                delay = retry_delay(exc, self.config, backoff.next_delay(self.rand()))
+                at = retry.after(True, self.clock(), self.rand())
+                delay = retry_delay(exc, self.config, (at or self.clock()) - self.clock())
                 if delay is None:
                     log.error("boot: %s; not retrying with the same credentials: waiting for a new one-time "
                               "password in %s (or a new bootstrap certificate)", exc,
@@ -157,184 +193,202 @@ class Runtime:
                 self.stopping.wait(delay)
         return False
 
+    def new_supervisor(self, endpoints: list[Endpoint] | None = None, discovery: bool | None = None) -> sv.Supervisor:
+        """The supervisor for this device: endpoints from `endpoint_list()` unless given."""
+        mqtt = self.config.mqtt
+        refresher = None
+        if self.config.token.enabled:
+            refresher = TokenRefresher(Backoff(mqtt.backoff_base, mqtt.backoff_cap), self.config.token.timeout)
+        try:
+            return sv.Supervisor(self.endpoint_list() if endpoints is None else endpoints,
+                                 Backoff(mqtt.backoff_base, mqtt.backoff_cap), self.topics, self.rand, refresher,
+                                 discovery=self.discovery.enabled if discovery is None else discovery)
+        except CoreError as exc:
+            raise AgentError(f"{exc}: set [endpoints] urls or [discovery] url") from None
+
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> int:
+        self.status_file.owner = threading.current_thread()
         self._install_signals()
         if not self.boot():
             return 0
-        for c in [self.renewal, *self.components]:
-            if c is not None and hasattr(c, "on_boot"):
-                log.info("%s", c.on_boot())
-        rotation = self._rotation(self.endpoint_list())
+        for c in self.components:
+            line = c.on_boot()
+            if line:
+                log.info("%s", line)
+        self.supervisor = self.new_supervisor()
         systemd.notify("STATUS=connecting")
+        if self.renewal is not None:
+            candidate = self.renewal.candidate()
+            if candidate is not None:
+                self.feed(sv.RenewalStaged(*candidate))
+        self.feed(sv.Start())
+        watchdog = systemd.watchdog_interval()
+        next_ping = 0.0
         while not self.stopping.is_set():
-            endpoint = rotation.next()
-            candidate = self.renewal.candidate() if self.renewal else None
-            if candidate is not None and self._prove(endpoint, *candidate):
+            if watchdog and time.monotonic() >= next_ping:
+                systemd.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + watchdog
+            now = self.clock()
+            for c in self.components:
+                c.tick(now)
+            self.feed(sv.Tick())
+            item = self._wait(watchdog)
+            if item is None:
                 continue
-            try:
-                self.session = self.connect(endpoint)
-            except ConnectError as exc:
-                rotation = self._connect_failed(rotation, endpoint, exc)
-                continue
-            rotation.succeeded(endpoint)
-            self.backoff.reset()
-            self._rediscovered = False
-            try:
-                save_last_good(self.config, endpoint)
-            except TetherError as exc:  # a full disk must not take the agent down: the session works
-                log.warning("cannot remember the last good endpoint: %s", exc)
-            self.serve(self.session, endpoint)
-            self.session.close()
-            self.session = None
-            if self.stopping.is_set():
-                self._session_down()
+            if isinstance(item, Call):
+                item.fn()
+            else:
+                self.feed(item)
+        self.feed(sv.Stop())
+        for c in self.components:
+            c.close()
         systemd.notify("STOPPING=1")
         self.status(session="stopped", endpoint=None)
         log.info("stopped")
         return self.exit_code
 
-    def _prove(self, endpoint: Endpoint, chain: str, key_label: str) -> bool:
-        """Try a renewed pair on `endpoint`: promote it if a session comes up, else drop it.
-
-        Returns True when the caller should pick the next endpoint without connecting (the
-        endpoint itself is unreachable, so it says nothing about the new pair)."""
+    def _wait(self, watchdog: float | None) -> Any:
+        timeout = min(1.0, watchdog or 1.0)
+        deadline = self.supervisor.deadline() if self.supervisor is not None else None
+        if deadline is not None:
+            timeout = min(timeout, deadline - self.clock())
         try:
-            session = self.connect(endpoint, chain, key_label)
-        except ConnectError as exc:
-            if "cannot reach" in exc.reason:
-                return True
-            self.renewal.disproven(exc.reason)
-            self._contexts.clear()
-            return False
-        except TetherError as exc:
-            self.renewal.disproven(str(exc))
-            self._contexts.clear()
-            return False
-        session.close()
-        self.renewal.proven()
-        self._contexts.clear()  # chain.pem (and maybe the key) changed under the cached contexts
-        self.status(renewal=self.renewal.status())
-        return False
-
-    def _rotation(self, endpoints: list[Endpoint]) -> Rotation:
-        if not endpoints:
-            endpoints = self.rediscover("no known endpoint") or []
-        try:
-            return Rotation(endpoints)
-        except CoreError as exc:
-            raise AgentError(f"{exc}: set [endpoints] urls or [discovery] url") from None
-
-    def _connect_failed(self, rotation: Rotation, endpoint: Endpoint, exc: ConnectError) -> Rotation:
-        log.warning("session: %s", exc)
-        rotation.failed(endpoint)
-        self.endpoint_errors[endpoint.url()] = exc.reason
-        self.status(session="connecting", last_error=str(exc), endpoint_errors=self.endpoint_errors)
-        if (exc.tls_verify or rotation.round_failed()) and not self._rediscovered:
-            # at most once per round: a discovery server handing out a stale CA must not be hammered
-            self._rediscovered = True
-            why = "a broker certificate no longer verifies" if exc.tls_verify else "every endpoint failed"
-            found = self.rediscover(why)
-            if found is not None:
-                last_good = rotation.last_good
-                rotation = Rotation(self.endpoint_list(found))
-                rotation.last_good = last_good
-                self._contexts.clear()
-        if rotation.round_failed():
-            delay = self.backoff.next_delay(self.rand())
-            log.warning("session: all %d endpoint(s) failed; next round in %.1f s", len(rotation.endpoints), delay)
-            self.stopping.wait(delay)
-            rotation.new_round()
-            self._rediscovered = False
-        return rotation
-
-    def serve(self, session: Session, endpoint: Endpoint) -> None:
-        """Run one session until it drops or the agent stops."""
-        session.subscribe(self.topics.downstream, 1)
-        if self.token:
-            self.token.on_session_up(session.subscribe, session.publish)
-        for c in self.components:
-            if hasattr(c, "on_session_up"):
-                c.on_session_up()
-        self.status(session="online", endpoint=endpoint.url(), last_error=None, connected_at=int(time.time()))
-        if not self.ready_sent:
-            systemd.notify(f"READY=1\nSTATUS=online via {endpoint.url()}")
-            self.ready_sent = True
-        watchdog = systemd.watchdog_interval()
-        next_ping = 0.0
-        token_status: dict[str, Any] = {}
-        while not self.stopping.is_set():
-            if watchdog and time.monotonic() >= next_ping:
-                systemd.notify("WATCHDOG=1")
-                next_ping = time.monotonic() + watchdog
-            if self.token:
-                self.token.tick()
-                if self.token.status() != token_status:
-                    token_status = self.token.status()
-                    self.status(token=token_status)
-            for c in [self.renewal, *self.components]:
-                if c is not None and hasattr(c, "tick"):
-                    c.tick()
-            event = self._wait(watchdog)
-            if event is None or event.kind == "wake":
-                continue
-            if event.kind == "stop":
-                break
-            if event.kind == "renewed":
-                log.info("session: reconnecting to prove the renewed certificate")
-                self.status(renewal=self.renewal.status())
-                self._session_down()
-                return
-            if event.kind == "disconnected":
-                log.warning("session: lost %s: %s", endpoint.url(), event.reason)
-                self.status(session="reconnecting", last_error=f"{endpoint.url()}: {event.reason}")
-                self._session_down()
-                return
-            if event.kind == "message":
-                self.dispatch(event)
-            elif event.kind == "published":
-                for c in self.components:
-                    if hasattr(c, "on_published"):
-                        c.on_published(event.mid)
-
-    def _session_down(self) -> None:
-        if self.token:
-            self.token.on_session_down()
-        for c in self.components:
-            if hasattr(c, "on_session_down"):
-                c.on_session_down()
-
-    def dispatch(self, event: Event) -> None:
-        if self.token and self.token.on_message(event.topic, event.payload):
-            return
-        if event.topic == self.topics.downstream:
-            try:
-                lines = split_lines(event.payload)
-            except CoreError as exc:
-                log.warning("operation: ignoring a message on %s: %s", event.topic, exc)
-                return
-            for line in lines:
-                if not any(hasattr(c, "on_operation") and c.on_operation(line) for c in self.components):
-                    log.info("operation: no handler for %r", line[:60])
-
-    def _wait(self, watchdog: float | None) -> Event | None:
-        now = time.time()
-        deadline = min([1.0, watchdog or 1.0] + ([self.token.next_event_at() - now] if self.token else []))
-        try:
-            return self.events.get(timeout=max(0.0, deadline))
+            return self.events.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> int | None:
-        """Publish on the live session; None when offline (callers with guarantees use the outbox)."""
-        session = self.session
-        if session is None:
+    def feed(self, event: Any) -> None:
+        """Hand `event` to the supervisor and perform what it asks, until it asks nothing more."""
+        assert self.supervisor is not None
+        pending = [event]
+        while pending:
+            actions = self.supervisor.handle(pending.pop(0), self.clock())
+            for action in actions:
+                follow = self.perform(action)
+                if follow is not None:
+                    pending.append(follow)
+        if self.token is not None and self.supervisor.refresher is not None:
+            token_status = self.token.status(self.supervisor.refresher)
+            if token_status != self._token_status:
+                self._token_status = token_status
+                self.status(token=token_status)
+
+    def perform(self, action: Any) -> Any:
+        """Do one action; return the event it produced (a connection attempt's outcome), if any."""
+        if isinstance(action, sv.Connect | sv.ProveCandidate):
+            return self._attempt(action)
+        if isinstance(action, sv.Subscribe | sv.Publish):
+            session = self.session
+            if session is not None and session.epoch == action.epoch:
+                if isinstance(action, sv.Subscribe):
+                    session.subscribe(action.topic, action.qos)
+                else:
+                    self._publish(session, action.topic, action.payload, action.qos)
             return None
-        return session.publish(topic, payload, qos)
+        if isinstance(action, sv.SessionUp):
+            self._session_up(action.endpoint)
+        elif isinstance(action, sv.SessionDown):
+            self._session_down(action.reason)
+        elif isinstance(action, sv.Close):
+            self._close(action.epoch)
+        elif isinstance(action, sv.Operation):
+            if not any(c.on_operation(action.line) for c in self.components):
+                log.info("operation: no handler for %r", action.line[:60])
+        elif isinstance(action, sv.Delivered):
+            for c in self.components:
+                c.on_acked(action.mid)
+        elif isinstance(action, sv.TokenAdopted):
+            if self.token is not None:
+                try:
+                    self.token.adopted(action.token, action.schedule)
+                except TetherError as exc:  # the token is in memory; local applications read the file
+                    log.warning("token: cannot store it: %s", exc)
+        elif isinstance(action, sv.AttemptFailed):
+            log.warning("session: %s: %s", action.endpoint.url(), action.reason)
+            self.status(session="connecting", last_error=f"{action.endpoint.url()}: {action.reason}",
+                        endpoint_errors=dict(self.supervisor.errors) if self.supervisor else {})
+        elif isinstance(action, sv.Backoff):
+            log.warning("session: all %d endpoint(s) failed; next round in %.1f s", action.endpoints, action.seconds)
+        elif isinstance(action, sv.Rediscover):
+            found = self.rediscover(action.why)
+            if found is not None:
+                found = self.endpoint_list(found)
+                self._contexts.clear()  # a rotated CA comes with the new list
+            return sv.Discovered(found)
+        elif isinstance(action, sv.Promote):
+            self._contexts.clear()  # chain.pem (and maybe the key) change under the cached contexts
+            self.renewal.proven()
+            self.status(renewal=self.renewal.status())
+        elif isinstance(action, sv.Disprove):
+            self._contexts.clear()
+            self.renewal.disproven(action.reason)
+            self.status(renewal=self.renewal.status())
+        elif isinstance(action, sv.Problem):
+            log.warning("%s: %s", action.what, action.detail)
+        elif isinstance(action, sv.Deliver):
+            log.debug("message on %s not handled", action.topic)
+        return None  # WaitUntil: the loop's wait reads supervisor.deadline()
+
+    def _attempt(self, action: Any) -> Any:
+        proving = isinstance(action, sv.ProveCandidate)
+        chain, key = (action.chain, action.key) if proving else ("chain.pem", KEY_LABEL)
+        if proving:
+            log.info("session: proving the renewed certificate on %s", action.endpoint.url())
+        try:
+            self.session = self.connect(action.endpoint, chain, key, epoch=action.epoch)
+        except ConnectError as exc:
+            return sv.ConnectFailed(action.epoch, exc.kind, exc.reason)
+        except TetherError as exc:  # our pair cannot even be loaded (a corrupt staged chain, a lost key)
+            return sv.ConnectFailed(action.epoch, sv.REFUSED, f"cannot use the certificate and key: {exc}")
+        return sv.Connected(action.epoch)
+
+    def _publish(self, session: Session, topic: str, payload: bytes | str, qos: int) -> int | None:
+        try:
+            return session.publish(topic, payload, qos)
+        except AgentError as exc:  # the session is going down; its Disconnected follows
+            log.info("session: %s", exc)
+            return None
+
+    def _session_up(self, endpoint: Endpoint) -> None:
+        try:
+            save_last_good(self.config, endpoint)
+        except TetherError as exc:  # a full disk must not take the agent down: the session works
+            log.warning("cannot remember the last good endpoint: %s", exc)
+        for c in self.components:
+            c.on_session_up()
+        self.status(session="online", endpoint=endpoint.url(), last_error=None, connected_at=int(time.time()),
+                    endpoint_errors=dict(self.supervisor.errors) if self.supervisor else {})
+        if not self.ready_sent:
+            systemd.notify(f"READY=1\nSTATUS=online via {endpoint.url()}")
+            self.ready_sent = True
+
+    def _session_down(self, reason: str) -> None:
+        session = self.session
+        if session is not None and session.endpoint is not None and not self.stopping.is_set():
+            log.warning("session: lost %s: %s", session.endpoint.url(), reason)
+            self.status(session="reconnecting", last_error=f"{session.endpoint.url()}: {reason}")
+        self._close(session.epoch if session is not None else -1)
+        for c in self.components:
+            c.on_session_down()
+
+    def _close(self, epoch: int) -> None:
+        session = self.session
+        if session is not None and session.epoch == epoch:
+            session.close()
+            self.session = None
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> int | None:
+        """Publish on the live session; None when offline (callers with guarantees use the outbox).
+        Any thread: paho only queues the message, the session's network thread writes it."""
+        session = self.session
+        if session is None or self.supervisor is None or self.supervisor.state != sv.ONLINE:
+            return None
+        return self._publish(session, topic, payload, qos)
 
     def stop(self) -> None:
         self.stopping.set()
-        self.events.put(Event("stop"))
+        self.events.put(None)  # wake the loop
 
     def request_restart(self) -> None:
         """Stop cleanly and exit with RESTART_EXIT so the service manager starts the new version

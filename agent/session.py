@@ -1,23 +1,25 @@
 """One MQTT session to one endpoint over mutual TLS: a thin wrapper around paho-mqtt.
 
-paho is wrapped, never subclassed (STYLE.md): its callbacks only put events on a queue that the
-runtime's single control loop reads. The network loop is our own thread calling `client.loop()`
-so that paho never reconnects by itself: which endpoint to try next is the runtime's decision.
+paho is wrapped, never subclassed (STYLE.md): its callbacks only post the supervisor's typed events
+(`Message`, `Acked`, `Disconnected`, each stamped with this session's epoch) to the runtime's control
+loop. The network loop is our own thread calling `client.loop()` so that paho never reconnects by
+itself: which endpoint to try next is the supervisor's decision (agent/core/supervisor.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import ssl
 import threading
 import time
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from agent.core.endpoints import Endpoint
+from agent.core.supervisor import REFUSED, TLS_VERIFY, UNREACHABLE, Acked, Disconnected, Message
 from agent.errors import AgentError
 from agent.tls import describe_alert, describe_tls_failure
 
@@ -25,30 +27,27 @@ log = logging.getLogger(__name__)
 
 
 class ConnectError(AgentError):
-    """Connecting to an endpoint failed. `tls_verify` is True when the broker's certificate did not
-    verify (unknown CA, hostname, validity): a reason to re-discover, as its CA may have rotated."""
+    """Connecting to an endpoint failed. `kind` is the supervisor's classification: UNREACHABLE (the
+    endpoint is down or away), TLS_VERIFY (the broker's certificate did not verify: its CA may have
+    rotated, a reason to re-discover) or REFUSED (the broker refused us: our certificate, CONNACK)."""
 
-    def __init__(self, endpoint: Endpoint, reason: str, *, tls_verify: bool = False) -> None:
+    retryable = True  # another endpoint, or the same one later, may work
+
+    def __init__(self, endpoint: Endpoint, reason: str, kind: str) -> None:
         super().__init__(f"{endpoint.url()}: {reason}")
         self.endpoint = endpoint
         self.reason = reason
-        self.tls_verify = tls_verify
+        self.kind = kind
 
 
-class Event(NamedTuple):
-    """What the network thread reports: `message` (topic, payload), `published` (mid), `disconnected`."""
-
-    kind: str
-    topic: str = ""
-    payload: bytes = b""
-    mid: int = 0
-    reason: str = ""
+Post = Callable[[Any], None]
 
 
 class Session:
-    def __init__(self, client_id: str, context: ssl.SSLContext, events: queue.Queue[Event], *,
+    def __init__(self, client_id: str, context: ssl.SSLContext, post: Post, *, epoch: int = 0,
                  keepalive: int = 60, protocol: str = "3.1.1") -> None:
-        self.events = events
+        self.post = post
+        self.epoch = epoch
         self.protocol = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=self.protocol,
                                   clean_session=True if self.protocol == mqtt.MQTTv311 else None)
@@ -86,7 +85,7 @@ class Session:
         # second event would cut the next session as soon as it is up
         if not self._closing.is_set() and not self._down_reported:
             self._down_reported = True
-            self.events.put(Event("disconnected", reason=reason))
+            self.post(Disconnected(self.epoch, reason))
 
     def _on_log(self, client: Any, userdata: Any, level: int, text: str) -> None:
         # paho turns a TLS alert on a read into MQTT_ERR_CONN_LOST and only logs the alert: keep it, so a
@@ -95,10 +94,10 @@ class Session:
             self._last_error = text
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self.events.put(Event("message", topic=msg.topic, payload=bytes(msg.payload)))
+        self.post(Message(self.epoch, msg.topic, bytes(msg.payload)))
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any = None, properties: Any = None) -> None:
-        self.events.put(Event("published", mid=mid))
+        self.post(Acked(self.epoch, mid))
 
     # -- control (runtime thread) ----------------------------------------------------------------
     def connect(self, endpoint: Endpoint, timeout: float) -> float:
@@ -109,25 +108,25 @@ class Session:
         try:
             self.client.connect(endpoint.host, endpoint.port, keepalive=self.keepalive)
         except ssl.SSLCertVerificationError as exc:
-            raise ConnectError(endpoint, describe_tls_failure(exc), tls_verify=True) from None
+            raise ConnectError(endpoint, describe_tls_failure(exc), TLS_VERIFY) from None
         except ssl.SSLError as exc:
-            raise ConnectError(endpoint, describe_tls_failure(exc)) from None
+            raise ConnectError(endpoint, describe_tls_failure(exc), REFUSED) from None
         except OSError as exc:  # includes timeouts and refused connections
-            raise ConnectError(endpoint, f"cannot reach: {exc.strerror or exc}") from None
+            raise ConnectError(endpoint, f"cannot reach: {exc.strerror or exc}", UNREACHABLE) from None
         self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{endpoint.host}:{endpoint.port}",
                                         daemon=True)
         self._thread.start()
         remaining = max(0.0, timeout - (time.monotonic() - start))
         if not self._connack.wait(remaining):
             self.close()
-            raise ConnectError(endpoint, f"no CONNACK within {timeout:.0f} s (is our certificate refused?)")
+            raise ConnectError(endpoint, f"no CONNACK within {timeout:.0f} s (is our certificate refused?)", REFUSED)
         rc = self._connack_rc
         if isinstance(rc, str):  # the network loop saw the connection close before any CONNACK
             self.close()
-            raise ConnectError(endpoint, rc)
+            raise ConnectError(endpoint, rc, REFUSED)
         if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
             self.close()
-            raise ConnectError(endpoint, f"broker refused the connection: {rc}")
+            raise ConnectError(endpoint, f"broker refused the connection: {rc}", REFUSED)
         return time.monotonic() - start
 
     def _network_loop(self) -> None:
@@ -167,14 +166,16 @@ class Session:
     def close(self) -> None:
         """Send DISCONNECT if connected and stop the network thread."""
         self._closing.set()
+        # the network thread leaves its loop within one 0.2 s turn; only then may this thread touch
+        # the TLS socket: one SSL object used by two threads corrupts memory (glibc aborts the process)
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(2)
         try:
-            if self._connack.is_set() and self.client.is_connected():
+            if self._connack.is_set() and self.client.is_connected() and not (self._thread and self._thread.is_alive()):
                 self.client.disconnect()
                 self.client.loop(timeout=0.1)  # flush DISCONNECT
         except (OSError, ValueError, ssl.SSLError) as exc:
             log.debug("disconnect: %s", exc)
-        if self._thread and self._thread is not threading.current_thread():
-            self._thread.join(2)
         sock = self.client.socket()
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -1,11 +1,14 @@
 """The running agent's state as others see it: a small JSON file in the state directory.
 
 `tether run` writes it on every state change (session up/down, endpoint, last error, token);
-`tether status` reads it. Plain JSON so a shell script or a support tool can read it too.
+`tether status` reads it. Plain JSON so a shell script or a support tool can read it too. One
+`StatusFile` per process owns it: the runtime's control loop (other threads post their updates
+to the loop), so no update is lost to a concurrent read-modify-write.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -19,10 +22,21 @@ def read_runtime_status(config: Config) -> dict[str, Any]:
     return storage.read_json(config.state_dir / STATUS_FILE)
 
 
-def write_runtime_status(config: Config, **fields: Any) -> dict[str, Any]:
-    """Merge `fields` into the status file (atomically) and return the new status."""
-    status = read_runtime_status(config)
-    status.update(fields)
-    status["updated_at"] = int(time.time())
-    storage.write_json(config.state_dir / STATUS_FILE, status)
-    return status
+class StatusFile:
+    """The status kept in memory and written whole on each update. `owner` is the only thread
+    allowed to update it once set (the runtime sets it to its control loop)."""
+
+    def __init__(self, config: Config) -> None:
+        self.path = config.state_dir / STATUS_FILE
+        self.config = config
+        self.owner: threading.Thread | None = None
+        self._status: dict[str, Any] | None = None
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` and write the file atomically; return the new status."""
+        if self._status is None:
+            self._status = read_runtime_status(self.config)
+        self._status.update(fields)
+        self._status["updated_at"] = int(time.time())
+        storage.write_json(self.path, self._status)
+        return dict(self._status)

@@ -173,19 +173,40 @@ def remove(path: str | os.PathLike[str]) -> None:
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A small JSON state file as a dict; {} when it is absent, unreadable JSON or not an object.
+    """A small JSON state file as a dict; {} when it is absent.
 
-    State files are rewritten atomically, so a corrupt one means someone edited it by hand: starting
-    from empty is the safe reading, and the next write repairs it.
+    State files are rewritten atomically, so a corrupt one (not JSON, not an object) means someone
+    edited it by hand or the storage failed: it is logged and moved aside to `<name>.corrupt` (kept for
+    a post-mortem, never silently emptied) and the caller starts from {}; its next write repairs it.
     """
     import json
 
     data = read_bytes(path)
-    try:
-        value = json.loads(data) if data else {}
-    except ValueError:
+    if data is None:
         return {}
-    return value if isinstance(value, dict) else {}
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        return _set_aside(Path(path), f"not JSON ({exc})")
+    if not isinstance(value, dict):
+        return _set_aside(Path(path), f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _set_aside(path: Path, why: str) -> dict[str, Any]:
+    import logging
+
+    aside = path.with_name(path.name + ".corrupt")
+    try:
+        os.replace(path, aside)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        logging.getLogger("tether.storage").error("%s: corrupt state file (%s) and cannot move it aside: %s; "
+                                                  "starting from empty", path, why, exc.strerror)
+        return {}
+    logging.getLogger("tether.storage").error("%s: corrupt state file (%s); moved to %s, starting from empty",
+                                              path, why, aside)
+    return {}
 
 
 def write_json(path: str | os.PathLike[str], value: dict[str, Any], mode: int = PUBLIC_MODE) -> None:

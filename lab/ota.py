@@ -53,6 +53,7 @@ def send_update(lab: Lab, device_id: str, release: dict[str, Any], timeout: floa
     import paho.mqtt.client as mqtt
 
     from agent.core.smartrest import format_line
+    from agent.core.topics import Topics
     from agent.tls import client_context
     from hal.keys import TlsKey
 
@@ -70,7 +71,7 @@ def send_update(lab: Lab, device_id: str, release: dict[str, Any], timeout: floa
             continue  # a core that is down cannot carry the operation; the others can
         client.loop_start()
         try:
-            client.publish(f"{device_id}/s/ds", line, qos=1)
+            client.publish(Topics(device_id).downstream, line, qos=1)  # the lab's devices: topics under their id
             if not sent.wait(timeout):
                 raise LabError(f"{url}: the broker did not acknowledge the operation within {timeout:.0f} s")
         finally:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
@@ -148,6 +148,19 @@ def pkcs7_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
     """Base64 DER PKCS#7 certs-only, the body of an EST certificate response (RFC 7030 4.1.3, 4.2.3)."""
     der = pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER)
     return base64.encodebytes(der)
+
+
+def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """True when `child` names `parent` as its issuer and carries a valid signature by its key.
+
+    The one "issued by" check (policy, station, EST client, release signer): whatever a malformed or
+    mismatched pair raises (wrong key type, unsupported algorithm, bad signature) means False.
+    """
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def same_public_key(a: object, b: object) -> bool:

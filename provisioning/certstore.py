@@ -20,17 +20,19 @@ from cryptography import x509
 
 from hal import storage
 from provisioning.certs import common_name, load_certificates, serial_of, subject_of, to_pem
-from provisioning.chainfacts import FACTS
+from provisioning.chainfacts import DIGEST_KEY, FACTS, digest
 from provisioning.errors import ProvisioningError
 from provisioning.policy import ChainPolicy
 
 CURRENT, PREVIOUS, STAGED = "chain.pem", "chain.prev.pem", "chain.next.pem"
 
 
-def chain_facts(chain: list[x509.Certificate]) -> dict[str, object]:
-    """What `tether status` and the renewal schedule need to know about a chain, as plain JSON."""
+def chain_facts(chain: list[x509.Certificate], pem: bytes | None = None) -> dict[str, object]:
+    """What `tether status` and the renewal schedule need to know about a chain, as plain JSON, keyed
+    by the SHA-256 of its PEM file (`pem`, default: the chain as `CertStore` writes it)."""
     leaf = chain[0]
     return {
+        DIGEST_KEY: digest(to_pem(chain) if pem is None else pem),
         "subject": subject_of(leaf),
         "common_name": common_name(leaf.subject),
         "issuer": leaf.issuer.rfc4514_string(),
@@ -75,18 +77,18 @@ class CertStore:
         storage.atomic_write(self.path(CURRENT), to_pem(chain), storage.PUBLIC_MODE)
         self._write_facts(chain)
 
-    def _write_facts(self, chain: list[x509.Certificate]) -> None:
-        storage.atomic_write(self.path(FACTS), json.dumps(chain_facts(chain), indent=1).encode(),
-                             storage.PUBLIC_MODE)
+    def _write_facts(self, chain: list[x509.Certificate], pem: bytes | None = None) -> dict[str, object]:
+        facts = chain_facts(chain, pem)
+        storage.atomic_write(self.path(FACTS), json.dumps(facts, indent=1).encode(), storage.PUBLIC_MODE)
+        return facts
 
     def refresh_facts(self) -> dict[str, object] | None:
         """Rewrite chain.json from chain.pem (after a crash between the two writes, or an upgrade)."""
-        chain = self.load()
-        if chain is None:
+        data = storage.read_bytes(self.path(CURRENT))
+        if data is None:
             storage.remove(self.path(FACTS))
             return None
-        self._write_facts(chain)
-        return chain_facts(chain)
+        return self._write_facts(load_certificates(data, str(self.path(CURRENT))), data)
 
     def stage(self, chain: list[x509.Certificate], device_id: str, device_key: object,
               now: dt.datetime | None = None) -> None:

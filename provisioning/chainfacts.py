@@ -1,26 +1,41 @@
 """Facts about the stored chain (subject, serial, validity) readable without `cryptography`.
 
 `CertStore` writes `chain.json` beside `chain.pem`; the runtime reads it on its start-up path to
-decide whether the chain is still valid and when to renew, without parsing X.509.
+decide whether the chain is still valid and when to renew, without parsing X.509. The facts carry
+the SHA-256 of the chain.pem they describe: a power cut between replacing chain.pem and rewriting
+chain.json leaves facts about the old chain, and they must not be believed (a renewal due at once,
+a valid chain called expired). Hashing a few KB is cheap; parsing X.509 at every boot is not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from hal import storage
 
 FACTS = "chain.json"
+CHAIN = "chain.pem"
+DIGEST_KEY = "chain_sha256"
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_facts(directory: str | Path) -> dict[str, object] | None:
-    """The facts of the current chain without parsing X.509 (None when there is no chain)."""
+    """The facts of the current chain without parsing X.509, or None when there is no chain or when
+    chain.json is missing, unreadable or describes another chain.pem than the one on disk (the caller
+    then rebuilds it with `CertStore.refresh_facts()`)."""
+    chain = storage.read_bytes(Path(directory) / CHAIN)
     data = storage.read_bytes(Path(directory) / FACTS)
-    if data is None:
+    if chain is None or data is None:
         return None
     try:
         facts = json.loads(data)
     except ValueError:
-        return None  # rewritten from chain.pem by CertStore.refresh_facts()
-    return facts if isinstance(facts, dict) else None
+        return None
+    if not isinstance(facts, dict) or facts.get(DIGEST_KEY) != digest(chain):
+        return None
+    return facts

@@ -8,7 +8,8 @@ device's own timeline starting at the moment the token was received. All times a
 (int or float) on the device clock, passed in by the caller.
 """
 
-from agent.core.errors import ConfigError, TokenError
+from agent.core import smartrest
+from agent.core.errors import ConfigError, CoreError, TokenError
 from agent.core.jwt import check_lifetime, decode_claims
 
 DEFAULT_MAX_SKEW_S = 300
@@ -158,3 +159,33 @@ class TokenRefresher:
         self.last_error = error
         self._pending_since = None
         self._retry_at = now + self.backoff.next_delay(rand)
+
+
+def adopt_token_lines(refresher, payload, now, rand):
+    """Read a token response (``s/dat``) into ``refresher``; return [(token, schedule)] for each
+    adopted ``71`` line and [(None, error)] for each refused one.
+
+    Other SmartREST templates on the topic are not ours and are skipped (issue 4). A line that
+    does not parse counts as a failed request (retry with backoff); a token that does not decode
+    was already counted by ``received``. The previous token stays in use while valid.
+    """
+    try:
+        lines = smartrest.split_lines(payload)
+    except CoreError as exc:
+        refresher.rejected(exc, now, rand)
+        return [(None, exc)]
+    out = []
+    for line in lines:
+        if smartrest.template_id(line) != "71":
+            continue
+        try:
+            token = smartrest.parse_token(line)
+        except CoreError as exc:
+            refresher.rejected(exc, now, rand)
+            out.append((None, exc))
+            continue
+        try:
+            out.append((token, refresher.received(token, now, rand)))
+        except CoreError as exc:  # the refresher already scheduled the retry
+            out.append((None, exc))
+    return out

@@ -9,23 +9,38 @@ from agent.core.errors import ConfigError, describe
 DEFAULT_CLIENT_ID_PREFIX = "d:"
 
 
+def check_topic_part(value, field):
+    """Return ``value`` if it can sit in a topic name: text without MQTT wildcards (``+ #``), NUL or
+    a leading or trailing ``/``; ConfigError naming ``field`` otherwise."""
+    if not isinstance(value, str):
+        raise ConfigError(field, "expected text, got %s" % describe(value))
+    if "+" in value or "#" in value or "\x00" in value:
+        raise ConfigError(field, "must not contain the MQTT wildcards + # or NUL, got %s" % describe(value))
+    if value.startswith("/") or value.endswith("/"):
+        raise ConfigError(field, "must not start or end with /, got %s" % describe(value))
+    return value
+
+
 class Topics:
-    """Topic names under an optional ``prefix`` (no wildcards, no leading or trailing ``/``)."""
+    """Every topic the device uses, under an optional ``prefix``: the one owner of topic names.
 
-    def __init__(self, prefix=""):
-        if not isinstance(prefix, str):
-            raise ConfigError("mqtt.topic_prefix", "expected text, got %s" % describe(prefix))
-        if "+" in prefix or "#" in prefix or "\x00" in prefix:
-            raise ConfigError("mqtt.topic_prefix", "must not contain + # or NUL, got %s" % describe(prefix))
-        if prefix.startswith("/") or prefix.endswith("/"):
-            raise ConfigError("mqtt.topic_prefix", "must not start or end with /, got %s" % describe(prefix))
-        self.prefix = prefix
-        self.token_request = self._topic("s/uat")
-        self.token_response = self._topic("s/dat")
-        self.downstream = self._topic("s/ds")
-        self.upstream = self._topic("s/us")
+    ``token_request`` and ``token_response`` are the names of the token topics under the prefix
+    (``[token] request_topic`` / ``response_topic``; Cumulocity: ``s/uat`` and ``s/dat``).
+    """
 
-    def _topic(self, name):
+    def __init__(self, prefix="", token_request="s/uat", token_response="s/dat"):  # noqa: S107 (topics)
+        self.prefix = check_topic_part(prefix, "mqtt.topic_prefix")
+        if not check_topic_part(token_request, "token.request_topic"):
+            raise ConfigError("token.request_topic", "must not be empty")
+        if not check_topic_part(token_response, "token.response_topic"):
+            raise ConfigError("token.response_topic", "must not be empty")
+        self.token_request = self.topic(token_request)
+        self.token_response = self.topic(token_response)
+        self.downstream = self.topic("s/ds")
+        self.upstream = self.topic("s/us")
+
+    def topic(self, name):
+        """``name`` under the prefix."""
         return self.prefix + "/" + name if self.prefix else name
 
 

@@ -11,6 +11,7 @@ A final outcome is marked reported only after `publish` returned, so an outcome 
 from __future__ import annotations
 
 import logging
+import random
 import shlex
 import subprocess
 import threading
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVENT = "c8y_FirmwareProgress"
 PUBLISH_STEP = 10   # percent between progress events on the wire
 PERSIST_STEP = 2    # percent between progress writes to the state file (for `tether ota status`)
+RETRY_BASE, RETRY_CAP = 2.0, 60.0  # seconds between attempts after a retryable failure (full jitter)
 
 
 class OtaAgent:
@@ -177,6 +179,27 @@ class OtaAgent:
         self._worker.start()
 
     def _work(self) -> None:
+        """Run the update; a retryable failure (HTTP 503, a dropped connection) is tried again after a
+        backoff, as `Retry` decides from the error's `retryable`; a fatal one ends it with a 502."""
+        from agent.core.backoff import Backoff
+        from agent.core.retry import Retry
+
+        retry = Retry(Backoff(RETRY_BASE, RETRY_CAP), attempts=self.config.ota.download_attempts)
+        while True:
+            failure = self._attempt()
+            if failure is None:
+                return
+            at = retry.after(failure.retryable, self.clock(), random.random())  # noqa: S311 (jitter)
+            if at is None or self._cancel.is_set():
+                log.warning("OTA failed: %s", failure)
+                self._fail(str(failure))
+                return
+            log.warning("OTA: %s; trying again in %.0f s", failure, at - self.clock())
+            if self._cancel.wait(max(0.0, at - self.clock())):
+                return  # shutting down: the state stays as it is and resumes at the next start
+
+    def _attempt(self) -> TetherError | None:
+        """One pass over the work; the error that stopped it, or None when done (or stopped)."""
         try:
             state = self.store.load()
             if state.state == "downloading":
@@ -193,12 +216,12 @@ class OtaAgent:
         except TetherError as exc:
             if self._cancel.is_set():  # shutting down: the state stays as it is and resumes at the next start
                 log.info("OTA work stopped by shutdown: %s", exc)
-                return
-            log.warning("OTA failed: %s", exc)
-            self._fail(str(exc))
+                return None
+            return exc
         except Exception as exc:  # a bug must still end the operation with a 502, not leave it hanging
             log.exception("OTA internal error")
             self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        return None
 
     def _http(self) -> HttpSettings:
         ota = self.config.ota

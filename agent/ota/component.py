@@ -11,10 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.component import Component
+
 FIRMWARE_OPERATION = "515,"
 
 
-class LazyOta:
+class LazyOta(Component):
+    name = "ota"
+
     def __init__(self, config: Any, factory: Callable[[], Any]) -> None:
         self.state_file = Path(config.state_dir) / "ota" / "state.json"
         self._factory = factory

@@ -171,7 +171,7 @@ def fetch_payload(url: str, dest: Path, expected: int, http: HttpSettings,
         while have < expected:
             if failures >= http.attempts:
                 raise DownloadError(f"GET {url}: {last}; gave up after {failures} attempt(s) without progress "
-                                    f"at {have} of {expected} bytes", retryable=True)
+                                    f"at {have} of {expected} bytes", retryable=False)  # retries spent
             if cancel.is_set():
                 raise DownloadError(f"GET {url}: cancelled at {have} of {expected} bytes", retryable=True)
             headers: dict[str, str] = {}

@@ -33,12 +33,11 @@ from urllib.parse import urlsplit
 
 import requests
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from provisioning.certs import load_certificates, same_public_key, subject_of
+from provisioning.certs import issued_by, load_certificates, same_public_key, subject_of
 from provisioning.errors import EnrollmentError, PemError
 from provisioning.est.pkcs7 import certificate_blobs
 
@@ -176,11 +175,7 @@ def order_chain(certs: list[x509.Certificate], leaf_key: Any | None = None) -> l
 
 
 def _signed(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    return issued_by(child, parent)
 
 
 class EstClient:

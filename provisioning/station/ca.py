@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from hal import storage
 from hal.errors import KeyStoreError
 from hal.keys.file import generate, load_pem, to_pem
 from provisioning import authority
 from provisioning.authority import Issuer
-from provisioning.certs import load_certificates, same_public_key, serial_of, subject_of
+from provisioning.certs import issued_by, load_certificates, same_public_key, serial_of, subject_of
 from provisioning.certs import to_pem as certs_pem
 from provisioning.errors import PemError, ProvisioningError
 from provisioning.identity import RESERVED_IDS, check_trust_domain
@@ -274,9 +273,7 @@ def _check_imported(cert: x509.Certificate, key: Any, chain: list[x509.Certifica
             raise StationError(f"{where}: {subject_of(c)} (serial {serial_of(c)}) is not a CA (BasicConstraints "
                                "CA:true missing)")
     for child, parent in itertools.pairwise(full):
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature):
+        if not issued_by(child, parent):
             raise StationError(f"{where}: {subject_of(child)} is not issued by the next certificate "
                                f"{subject_of(parent)}; give the chain in order up to the root") from None
     if full[-1].issuer != full[-1].subject:

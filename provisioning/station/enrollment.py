@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from provisioning.certs import common_name, load_csr, pkcs7_certs_only, serial_of, subject_of
+from provisioning.certs import common_name, issued_by, load_csr, pkcs7_certs_only, serial_of, subject_of
 from provisioning.errors import PemError, PolicyError, ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.printable import escape_logger
@@ -73,13 +72,7 @@ CSR_ATTRS = _der(0x30, _der(0x06, bytes.fromhex("550403"))
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    return issued_by(cert, issuer)
 
 
 class Enrollment:

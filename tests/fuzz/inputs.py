@@ -8,7 +8,9 @@ Under pytest-xdist each worker counts its own share and the summary shows only t
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -20,6 +22,15 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 TRIED: Counter[str] = Counter()
+_SCRATCH: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def scratch(prefix: str) -> Path:
+    """A directory for a fuzz module's fixed inputs (a station, a PKI), removed when the process
+    exits: importing the fuzz modules must not leave `tether-fuzz-*` directories behind."""
+    holder = tempfile.TemporaryDirectory(prefix=prefix)
+    _SCRATCH.append(holder)  # kept alive until exit, then its finalizer removes the tree
+    return Path(holder.name)
 
 
 def tried(parser: str) -> None:

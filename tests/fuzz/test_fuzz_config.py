@@ -18,9 +18,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent.config import SECTIONS, ConfigError, load
-from tests.fuzz.inputs import FUZZ, mutated, tried
+from tests.fuzz.inputs import FUZZ, mutated, scratch, tried
 
-WORK = Path(tempfile.mkdtemp(prefix="tether-fuzz-config-"))
+WORK = scratch("tether-fuzz-config-")
 KEYS = {name: list(typing.get_type_hints(cls)) for name, cls in SECTIONS.items()}
 VALID = (b'[device]\nid = "dev-001"\nstate_dir = "state"\n\n[mqtt]\nkeepalive = 60\nbackoff_base = 0.5\n'
          b'[endpoints]\nurls = ["mqtts://core:8883"]\nca_file = "ca.pem"\n[keys]\nbackend = "file"\n')

@@ -13,20 +13,19 @@ import base64
 import contextlib
 import json
 import math
-import tempfile
-from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.config import load
 from agent.core import jwt, smartrest
+from agent.core import supervisor as sv
+from agent.core.backoff import Backoff
 from agent.core.discovery import parse_discovery
-from agent.core.endpoints import Rotation, order_endpoints
+from agent.core.endpoints import Endpoint, Rotation, order_endpoints
 from agent.core.errors import CoreError
+from agent.core.token_schedule import TokenRefresher
+from agent.core.topics import Topics
 from agent.discovery import DiscoveryError, parse
-from agent.token import TokenService
-from tests.conftest import write_config
 from tests.fuzz.inputs import FUZZ, json_values, mutated, tried
 
 hosts = st.one_of(st.sampled_from(["core.local", "10.0.0.1", "127.0.0.1", "169.254.1.1", "fe80::1", "[::1]", ""]),
@@ -113,22 +112,34 @@ def test_token_lines_and_jwts_raise_only_core_errors(line: str) -> None:
         assert iat is None or (isinstance(iat, int | float) and 1 <= exp - iat <= 365 * 86400)
 
 
-CONFIG_DIR = Path(tempfile.mkdtemp(prefix="tether-fuzz-token-"))
-SERVICE = TokenService(load(write_config(CONFIG_DIR, "dev-001")))
+def online_supervisor() -> sv.Supervisor:
+    """A supervisor with a live session on dev-001's topics, holding a valid token."""
+    sup = sv.Supervisor([Endpoint("core.local")], Backoff(1, 60), Topics("dev-001"), lambda: 0.5,
+                        TokenRefresher(Backoff(1, 60), 10))
+    sup.handle(sv.Start(), 1000)
+    sup.handle(sv.Connected(sup.epoch), 1000)
+    sup.handle(sv.Message(sup.epoch, "dev-001/s/dat", b"71," + GOOD_TOKEN.encode()), 1001)
+    return sup
+
+
+GOOD_TOKEN = "{}.{}.{}".format(*(base64.urlsafe_b64encode(part).decode().rstrip("=") for part in
+                                 (b'{"alg":"RS256"}', b'{"iat":1000,"exp":100000}', b"sig")))
+SUPERVISOR = online_supervisor()
 
 
 @FUZZ
 @given(st.one_of(lines.map(str.encode), st.lists(lines, max_size=4).map(lambda ls: "\n".join(ls).encode()),
                  st.binary(max_size=200)),
        st.sampled_from(["dev-001/s/dat", "dev-001/s/dat", "dev-002/s/dat", "s/dat"]))
-def test_token_service_swallows_every_bad_answer(payload: bytes, topic: str) -> None:
-    tried("token response (agent.token.TokenService.on_message)")
-    before = SERVICE.current()
-    ours = SERVICE.on_message(topic, payload)
-    assert ours == (topic == "dev-001/s/dat")
-    SERVICE.status()
-    after = SERVICE.current()
-    assert after is not None or before is None or SERVICE.refresher.schedule is not None
+def test_supervisor_swallows_every_bad_token_answer(payload: bytes, topic: str) -> None:
+    tried("token response (agent.core.supervisor, 71 lines on the response topic)")
+    assert SUPERVISOR.refresher is not None
+    actions = SUPERVISOR.handle(sv.Message(SUPERVISOR.epoch, topic, payload), 2000)
+    if topic != "dev-001/s/dat":
+        assert [type(a) for a in actions] == [sv.Deliver]
+    for action in actions:
+        assert isinstance(action, sv.TokenAdopted | sv.Problem | sv.Deliver)
+    assert SUPERVISOR.refresher.token(2000) is not None  # a valid token is never dropped for a bad answer
 
 
 operations = st.one_of(

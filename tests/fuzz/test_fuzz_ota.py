@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import tempfile
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -28,10 +26,10 @@ from hal.errors import TetherError
 from hal.keys.file import generate
 from provisioning.certs import to_pem
 from provisioning.release import Manifest, ReleaseError, create_release_signer, verify_release
-from tests.fuzz.inputs import FUZZ, json_values, mutated, tried
+from tests.fuzz.inputs import FUZZ, json_values, mutated, scratch, tried
 from tests.pki import Pki
 
-WORK = Path(tempfile.mkdtemp(prefix="tether-fuzz-ota-"))
+WORK = scratch("tether-fuzz-ota-")
 PKI = Pki.create(WORK / "pki")
 SIGNER = create_release_signer(PKI.issuing, WORK / "signer", chain=[PKI.root.cert])
 KEY = load_pem_private_key(SIGNER.key_file.read_bytes(), None)

@@ -13,9 +13,7 @@ import contextlib
 import os
 import socket
 import ssl
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -30,11 +28,11 @@ from provisioning.station.ca import init_station
 from provisioning.station.enrollment import CSR_TYPE, ENROLL, REENROLL, Enrollment, Request
 from provisioning.station.errors import Refusal
 from provisioning.station.otp import new_otp, otp_hash
-from tests.fuzz.inputs import EXAMPLES, FUZZ, mutated, tried
+from tests.fuzz.inputs import EXAMPLES, FUZZ, mutated, scratch, tried
 from tests.pki import TRUST_DOMAIN
 from tests.station.conftest import RunningStation, start_station, station_cli
 
-STATION = init_station(Path(tempfile.mkdtemp(prefix="tether-fuzz-station-")) / "station", TRUST_DOMAIN)
+STATION = init_station(scratch("tether-fuzz-station-") / "station", TRUST_DOMAIN)
 LEDGER = STATION.open_ledger()
 DECIDE = Enrollment(STATION, LEDGER)
 KEY = generate("ec-p256")

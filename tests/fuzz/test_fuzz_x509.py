@@ -10,8 +10,6 @@ import base64
 import contextlib
 import datetime as dt
 import itertools
-import tempfile
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -28,10 +26,10 @@ from provisioning.csr import build_csr
 from provisioning.errors import ProvisioningError
 from provisioning.identity import spiffe_id
 from provisioning.policy import ChainPolicy
-from tests.fuzz.inputs import FUZZ, mutated, tried
+from tests.fuzz.inputs import FUZZ, mutated, scratch, tried
 from tests.pki import TRUST_DOMAIN, Pki
 
-PKI = Pki.create(Path(tempfile.mkdtemp(prefix="tether-fuzz-pki-")))
+PKI = Pki.create(scratch("tether-fuzz-pki-"))
 DEVICE_KEY = generate("ec-p256")
 RSA_KEY = generate("rsa-2048")
 CHAIN = PKI.device_chain(DEVICE_KEY.public_key(), "dev-001")

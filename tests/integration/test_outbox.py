@@ -171,3 +171,32 @@ def test_a_full_outbox_under_refuse_new_answers_an_error(tmp_path: Path, pki: Pk
         assert len(refused.value.queued) == 3
     finally:
         agent.stop()
+
+
+def test_a_message_leaves_the_outbox_on_its_puback_not_when_it_is_sent(tmp_path: Path) -> None:
+    from agent.outbox import Outbox, OutboxStore
+    from tests.conftest import write_config
+
+    config = load(write_config(tmp_path, DEVICE))
+    sent: list[bytes] = []
+
+    def send(topic: str, payload: bytes, qos: int) -> int:
+        sent.append(payload)
+        return len(sent)  # the session's message id
+
+    outbox = Outbox(config, send, wake=lambda: None)
+    outbox.publish("telemetry", b"one")
+    outbox.publish("telemetry", b"two")
+    outbox.on_session_up()
+    assert sent == [b"one", b"two"]
+    outbox.on_session_down()  # no PUBACK came: both stay queued (on disk too) and go again
+    assert outbox.store is not None and outbox.store.count == 2
+    outbox.on_session_up()
+    assert sent[2:] == [b"one", b"two"]
+    outbox.on_acked(3)  # "one", acknowledged in this session
+    outbox.on_session_down()
+    box = config.outbox
+    reopened = OutboxStore(outbox.path, max_messages=box.max_messages, max_bytes=box.max_bytes, policy=box.policy)
+    assert reopened.count == 1
+    outbox.on_session_up()
+    assert sent[4:] == [b"two"]

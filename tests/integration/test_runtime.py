@@ -216,3 +216,119 @@ def test_stalled_discovery_server_times_out_and_falls_back(tmp_path: Path, pki: 
         assert "timed out" in out.stderr
     finally:
         silent.close()
+
+
+# -- the Runtime in-process, against real brokers: the supervisor's decisions with real sockets ----------
+class InProcess:
+    """A `Runtime` running its control loop in a thread of the test process."""
+
+    def __init__(self, config: Path, renewal: bool = False) -> None:
+        import threading
+
+        from agent.config import load
+        from agent.core.supervisor import RenewalStaged
+        from agent.renewal import Renewal
+        from agent.runtime import Runtime
+
+        self.runtime = Runtime(load(config))
+        if renewal:
+            rt = self.runtime
+            rt.renewal = Renewal(rt.config, rt.identity, staged=lambda c, k: rt.post(RenewalStaged(c, k)),
+                                 call_soon=rt.call_soon)
+            rt.components.append(rt.renewal)
+        self.result: list[int] = []
+        self.thread = threading.Thread(target=lambda: self.result.append(self.runtime.run()), daemon=True)
+
+    def __enter__(self) -> InProcess:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runtime.stop()
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "the control loop did not stop"
+
+    def status(self) -> dict:
+        path = self.runtime.config.state_dir / "status.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def wait_status(self, timeout: float = 20.0, **expected: object) -> dict:
+        return wait_until(lambda: (s := self.status()) and all(s.get(k) == v for k, v in expected.items()) and s,
+                          timeout, f"status {expected} (last: {self.status()})")
+
+
+def stage(config: Path, chain: list) -> bytes:
+    """Put a renewed chain beside the current one as a renewal would (renewal.json: staged)."""
+    from provisioning.certs import to_pem
+
+    state = config.parent / "state"
+    data = to_pem(chain)
+    (state / "certs" / "chain.next.pem").write_bytes(data)
+    (state / "renewal.json").write_text(json.dumps({"state": "staged", "key": "device"}))
+    return data
+
+
+def test_in_process_runtime_fails_over_between_real_brokers(tmp_path: Path, pki: Pki,
+                                                            broker_factory: Callable[..., Mosquitto]) -> None:
+    a, b = broker_factory("core-a"), broker_factory("core-b")
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+                                endpoints={"urls": [f"mqtts://localhost:{a.port}", f"mqtts://localhost:{b.port}"]})
+    with InProcess(config) as agent:
+        agent.wait_status(session="online", endpoint=f"mqtts://localhost:{a.port}")
+        a.kill()
+        agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
+        assert agent.runtime.supervisor is not None and agent.runtime.supervisor.dropped >= 0
+    assert agent.result == [0]
+
+
+def test_renewed_pair_the_broker_refuses_is_never_promoted_and_the_old_pair_keeps_working(
+        tmp_path: Path, pki: Pki, broker: Mosquitto) -> None:
+    from agent.config import load
+    from agent.identity import DeviceIdentity
+
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+                                endpoints={"urls": [f"mqtts://localhost:{broker.port}"]})
+    certs = tmp_path / "dev-001" / "state" / "certs"
+    current = (certs / "chain.pem").read_bytes()
+    # a renewed chain from a CA the broker does not trust: a session with it is refused
+    stranger = Pki.create(tmp_path / "stranger", name="Stranger")
+    identity = DeviceIdentity(load(config))
+    stage(config, stranger.device_chain(identity.keystore.public_key("device"), "dev-001"))
+    with InProcess(config, renewal=True) as agent:
+        agent.wait_status(session="online")
+        renewal = json.loads((tmp_path / "dev-001" / "state" / "renewal.json").read_text())
+    assert (certs / "chain.pem").read_bytes() == current  # promoting at staging would have replaced it
+    assert not (certs / "chain.next.pem").exists()
+    assert renewal["state"] == "idle"
+    assert "the renewed certificate did not establish a session" in renewal["error"]
+    assert agent.result == [0]
+
+
+def test_renewed_pair_is_promoted_only_once_a_session_with_it_is_up(tmp_path: Path, pki: Pki,
+                                                                    broker: Mosquitto) -> None:
+    from agent.config import load
+    from agent.core.supervisor import ONLINE
+    from agent.identity import DeviceIdentity
+
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+                                endpoints={"urls": [f"mqtts://localhost:{broker.port}"]})
+    certs = tmp_path / "dev-001" / "state" / "certs"
+    identity = DeviceIdentity(load(config))
+    renewed = stage(config, pki.device_chain(identity.keystore.public_key("device"), "dev-001"))
+    seen: list[tuple[bool, bool]] = []
+    agent = InProcess(config, renewal=True)
+    rt = agent.runtime
+    proven = rt.renewal.proven
+
+    def watching() -> None:  # what held when the runtime promoted: a live session with the new pair?
+        seen.append((rt.session is not None and rt.session.client.is_connected(),
+                     (certs / "chain.pem").read_bytes() != renewed))
+        proven()
+
+    rt.renewal.proven = watching
+    with agent:
+        agent.wait_status(session="online")
+        assert rt.supervisor is not None and rt.supervisor.state == ONLINE
+    assert seen == [(True, True)]
+    assert (certs / "chain.pem").read_bytes() == renewed
+    assert json.loads((certs / "chain.json").read_text())["serial"] != ""

@@ -69,3 +69,62 @@ def test_config_set_validates_and_keeps_the_old_value_on_error(tmp_path: Path) -
         set_value(base, "mqtt.nope", "1")
     set_value(base, "endpoints.urls", '["mqtts://a:8883"]')
     assert load(base).endpoints.urls == ("mqtts://a:8883",)
+
+
+@pytest.mark.parametrize("section,text,message", [
+    ("mqtt", 'topic_prefix = "a/+"', "[mqtt] topic_prefix: must not contain the MQTT wildcards + #"),
+    ("mqtt", 'topic_prefix = "fleet/#"', "[mqtt] topic_prefix: must not contain the MQTT wildcards"),
+    ("mqtt", 'topic_prefix = "/lead"', "[mqtt] topic_prefix: must not start or end with /"),
+    ("token", 'request_topic = "s/+"', "[token] request_topic: must not contain the MQTT wildcards"),
+    ("token", 'response_topic = ""', "[token] response_topic: must not be empty"),
+    ("token", "timeout = 0", "[token] timeout: must be > 0"),
+    ("renewal", 'threshold = "bogus"', "[renewal] threshold: 'bogus' is neither a lifetime percentage"),
+    ("renewal", 'threshold = "100%"', "[renewal] threshold: lifetime percentage must be between 0 and 100"),
+    ("renewal", 'threshold = "0d"', "[renewal] threshold: time before expiry must be positive"),
+    ("renewal", "retry = -1.0", "[renewal] retry: must be > 0"),
+    ("est", 'url = "http://station:8443"', "[est] url: 'http://station:8443' must be https://host[:port]"),
+    ("discovery", 'url = "https://:8443"', "[discovery] url: 'https://:8443' must be https://host[:port]"),
+    ("discovery", 'url = "https://h:99999"', "[discovery] url: 'https://h:99999' is not a URL"),
+    ("endpoints", 'urls = ["mqtts://a:1", "tcp://b"]', "[endpoints] urls: urls[1]"),
+])
+def test_values_are_parsed_at_load_and_errors_name_the_file_that_set_them(
+        tmp_path: Path, section: str, text: str, message: str) -> None:
+    base = write(tmp_path / "t.toml", '[device]\nid = "dev"\n')
+    dropin = write(tmp_path / "config.d" / "50-fleet.toml", f"[{section}]\n{text}\n")
+    with pytest.raises(ConfigError) as info:
+        load(base)
+    assert message in str(info.value)
+    assert str(info.value).startswith(f"{dropin}: ")  # the drop-in that set the key, not the base file
+
+
+def test_threshold_is_a_value_after_load(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path / "t.toml", '[device]\nid = "dev"\n[renewal]\nthreshold = "30d"\n'))
+    assert cfg.renewal_threshold.before == 30 * 86400
+    assert cfg.topics.token_request == "dev/s/uat"
+
+
+@pytest.mark.parametrize("command", [["check"], ["status"], ["config", "show"], ["run"]])
+def test_cli_turns_a_config_error_into_one_line_and_exit_1(tmp_path: Path, command: list[str]) -> None:
+    from tests.conftest import run_tether
+
+    path = write(tmp_path / "t.toml", '[device]\nid = "dev"\nstate_dir = "st"\n[mqtt]\ntopic_prefix = "a/+"\n')
+    done = run_tether(*command, config=path)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"tether: configuration error: {path}: [mqtt] topic_prefix: must not contain")
+
+
+def test_cli_prints_a_multi_line_error_on_one_line(tmp_path: Path) -> None:
+    from tests.conftest import run_tether
+    from tests.pki import Pki
+
+    pki = Pki.create(tmp_path / "pki")
+    path = write(tmp_path / "t.toml",
+                 f'[device]\nid = "dev-001"\nstate_dir = "st"\n[identity]\nca_file = "{pki.root_file}"\n')
+    assert run_tether("keygen", config=path).returncode == 0
+    chain, _ = pki.device_files("other-device")  # another device's certificate for another key
+    done = run_tether("chain", "install", str(chain), config=path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "rule(s) broken: certificate" in done.stderr  # the policy's list of violations, joined
+    assert done.stderr.count("\n") == 1, done.stderr

@@ -1,0 +1,290 @@
+"""The supervisor's vocabulary: typed events in (driver -> supervisor) and actions out (supervisor ->
+driver), as plain value objects. See agent/core/supervisor.py for what each one does to the machine.
+
+Written in the CPython/MicroPython common subset (no dataclasses, typing or f-strings).
+"""
+
+from agent.core.errors import CoreError
+
+# Why a connection attempt failed, as the driver classifies its transport error.
+UNREACHABLE = "unreachable"  # DNS, TCP refused, timeout: the endpoint is down or away
+TLS_VERIFY = "tls_verify"    # the broker's certificate did not verify: its CA may have rotated
+REFUSED = "refused"          # the broker refused us: TLS alert, CONNACK refused, closed before CONNACK
+KINDS = (UNREACHABLE, TLS_VERIFY, REFUSED)
+
+class _Value:
+    """Plain value object: equality and repr from the fields (MicroPython has no dataclasses)."""
+
+    FIELDS = ()
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(getattr(self, f) == getattr(other, f) for f in self.FIELDS)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join("%s=%r" % (f, getattr(self, f)) for f in self.FIELDS))
+
+
+# -- events (driver -> supervisor) -------------------------------------------------------------------
+
+class Start(_Value):
+    """Boot finished: begin connecting (or discover first when no endpoint is known)."""
+
+
+class Tick(_Value):
+    """Time passed (``now`` given to ``handle``): fire due timers (backoff, token refresh)."""
+
+
+class Stop(_Value):
+    """Shut down: close the session, do nothing more."""
+
+
+class ConnectFailed(_Value):
+    """The attempt of ``epoch`` failed before the session was up; ``kind`` is one of KINDS."""
+
+    FIELDS = ("epoch", "kind", "reason")
+
+    def __init__(self, epoch, kind, reason=""):
+        if kind not in KINDS:
+            raise CoreError("ConnectFailed.kind", "expected one of %s, got %r" % (", ".join(KINDS), kind))
+        self.epoch = epoch
+        self.kind = kind
+        self.reason = reason
+
+
+class Connected(_Value):
+    """The broker accepted the session of ``epoch`` (CONNACK 0)."""
+
+    FIELDS = ("epoch",)
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+
+class Disconnected(_Value):
+    """The established session of ``epoch`` ended."""
+
+    FIELDS = ("epoch", "reason")
+
+    def __init__(self, epoch, reason=""):
+        self.epoch = epoch
+        self.reason = reason
+
+
+class Message(_Value):
+    """A PUBLISH received on the session of ``epoch``."""
+
+    FIELDS = ("epoch", "topic", "payload")
+
+    def __init__(self, epoch, topic, payload):
+        self.epoch = epoch
+        self.topic = topic
+        self.payload = payload
+
+
+class Acked(_Value):
+    """The broker acknowledged (PUBACK) packet ``mid`` of the session of ``epoch``."""
+
+    FIELDS = ("epoch", "mid")
+
+    def __init__(self, epoch, mid):
+        self.epoch = epoch
+        self.mid = mid
+
+
+class Discovered(_Value):
+    """Answer to ``Rediscover``: the ordered endpoint list, or None when discovery failed."""
+
+    FIELDS = ("endpoints",)
+
+    def __init__(self, endpoints):
+        self.endpoints = endpoints
+
+
+class RenewalStaged(_Value):
+    """A renewed pair waits to be proven: ``chain`` (file name) and ``key`` (label)."""
+
+    FIELDS = ("chain", "key")
+
+    def __init__(self, chain, key):
+        self.chain = chain
+        self.key = key
+
+
+class TokenWanted(_Value):
+    """A consumer was refused with the current token (HTTP 401): ask for a new one now."""
+
+
+# -- actions (supervisor -> driver) ------------------------------------------------------------------
+
+class Connect(_Value):
+    """Open a session to ``endpoint`` with the current pair; report it under ``epoch``."""
+
+    FIELDS = ("epoch", "endpoint")
+
+    def __init__(self, epoch, endpoint):
+        self.epoch = epoch
+        self.endpoint = endpoint
+
+
+class ProveCandidate(_Value):
+    """Open a session to ``endpoint`` with the staged pair (``chain`` file, ``key`` label)."""
+
+    FIELDS = ("epoch", "endpoint", "chain", "key")
+
+    def __init__(self, epoch, endpoint, chain, key):
+        self.epoch = epoch
+        self.endpoint = endpoint
+        self.chain = chain
+        self.key = key
+
+
+class Promote(_Value):
+    """The staged pair established a session: make it the current pair (it already carries it)."""
+
+
+class Disprove(_Value):
+    """The staged pair was refused: drop it and keep the current pair."""
+
+    FIELDS = ("reason",)
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
+class Close(_Value):
+    """Close the session of ``epoch`` (renewal proof, shutdown, a stale session)."""
+
+    FIELDS = ("epoch",)
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+
+class WaitUntil(_Value):
+    """Nothing to do before ``at`` (device clock) unless an event arrives."""
+
+    FIELDS = ("at",)
+
+    def __init__(self, at):
+        self.at = at
+
+
+class Rediscover(_Value):
+    """Ask the discovery service for the endpoint list; answer with ``Discovered``."""
+
+    FIELDS = ("why",)
+
+    def __init__(self, why):
+        self.why = why
+
+
+class Subscribe(_Value):
+    FIELDS = ("epoch", "topic", "qos")
+
+    def __init__(self, epoch, topic, qos=1):
+        self.epoch = epoch
+        self.topic = topic
+        self.qos = qos
+
+
+class Publish(_Value):
+    FIELDS = ("epoch", "topic", "payload", "qos")
+
+    def __init__(self, epoch, topic, payload, qos=1):
+        self.epoch = epoch
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+
+
+class SessionUp(_Value):
+    """The session of ``epoch`` to ``endpoint`` is live: remember it, tell the components."""
+
+    FIELDS = ("epoch", "endpoint")
+
+    def __init__(self, epoch, endpoint):
+        self.epoch = epoch
+        self.endpoint = endpoint
+
+
+class SessionDown(_Value):
+    """The live session ended (``reason``); its in-flight messages go again on the next one."""
+
+    FIELDS = ("epoch", "reason")
+
+    def __init__(self, epoch, reason):
+        self.epoch = epoch
+        self.reason = reason
+
+
+class AttemptFailed(_Value):
+    """A connection attempt to ``endpoint`` failed (for status and logs)."""
+
+    FIELDS = ("endpoint", "kind", "reason")
+
+    def __init__(self, endpoint, kind, reason):
+        self.endpoint = endpoint
+        self.kind = kind
+        self.reason = reason
+
+
+class Backoff(_Value):
+    """Every endpoint failed: the next round starts at ``at`` (``seconds`` from now)."""
+
+    FIELDS = ("at", "seconds", "endpoints")
+
+    def __init__(self, at, seconds, endpoints):
+        self.at = at
+        self.seconds = seconds
+        self.endpoints = endpoints
+
+
+class Operation(_Value):
+    """One SmartREST line from the downstream topic for the components (OTA, ...)."""
+
+    FIELDS = ("line",)
+
+    def __init__(self, line):
+        self.line = line
+
+
+class Deliver(_Value):
+    """A message on any other topic, for the components."""
+
+    FIELDS = ("topic", "payload")
+
+    def __init__(self, topic, payload):
+        self.topic = topic
+        self.payload = payload
+
+
+class Delivered(_Value):
+    """Packet ``mid`` of the current session was acknowledged (the outbox may forget it)."""
+
+    FIELDS = ("mid",)
+
+    def __init__(self, mid):
+        self.mid = mid
+
+
+class TokenAdopted(_Value):
+    """A new access token (``schedule`` is its TokenSchedule): persist it, wake its waiters."""
+
+    FIELDS = ("token", "schedule")
+
+    def __init__(self, token, schedule):
+        self.token = token
+        self.schedule = schedule
+
+
+class Problem(_Value):
+    """Something the driver should log (and show in status); ``what`` names the concern."""
+
+    FIELDS = ("what", "detail")
+
+    def __init__(self, what, detail):
+        self.what = what
+        self.detail = detail

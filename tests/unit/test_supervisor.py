@@ -1,0 +1,150 @@
+"""The pure connection supervisor (agent/core/supervisor.py): failover, re-discovery, renewal proof,
+token schedule, stale events and retry decisions, driven with a fake clock in-process. The same
+scenarios run in real MicroPython (the firmware drives the same machine) and must agree."""
+
+import json
+import os
+
+import pytest
+
+from agent.core import supervisor as sv
+from agent.core.backoff import Backoff
+from agent.core.errors import CoreError, EndpointError
+from agent.core.topics import Topics
+from tests.unit import supervisor_scenarios as scenarios
+
+
+def actions_of(trace, at):
+    """The action lines that followed the event fed at time ``at`` (``@<at> ...``)."""
+    out, on = [], False
+    for line in trace:
+        if line.startswith("@"):
+            on = line.split(" ", 1)[0] == f"@{at}"
+        elif on and line.startswith("  "):
+            out.append(line.strip())
+    return out
+
+
+def test_fails_over_to_the_next_endpoint_and_back_to_the_last_good_one():
+    t = scenarios.failover()
+    assert actions_of(t, 1)[-1] == "Connect epoch=2 endpoint=b.example"
+    assert "SessionUp epoch=2 endpoint=b.example" in actions_of(t, 2)
+    # a dropped session waits a short backoff (no busy loop), then starts from the last good endpoint
+    assert actions_of(t, 10)[-1] == "WaitUntil at=10.5"
+    assert actions_of(t, 10.2) == []
+    assert actions_of(t, 10.5) == ["Connect epoch=4 endpoint=b.example"]
+    assert actions_of(t, 11)[-1] == "Connect epoch=5 endpoint=a.example"
+
+
+def test_a_failed_round_backs_off_with_a_growing_ceiling():
+    t = scenarios.round_backoff()
+    assert actions_of(t, 2)[-2:] == ["Backoff at=2.5 seconds=0.5 endpoints=2", "WaitUntil at=2.5"]
+    assert actions_of(t, 2.4) == []
+    assert actions_of(t, 2.5) == ["Connect epoch=3 endpoint=a.example"]
+    assert actions_of(t, 4)[-1] == "WaitUntil at=5"  # rand 0.5 of a ceiling doubled to 2
+
+
+def test_rediscovers_once_per_round_and_on_an_unverifiable_broker():
+    t = scenarios.rediscovery()
+    assert actions_of(t, 1)[-1] == "Rediscover why=every endpoint failed"
+    assert actions_of(t, 2) == ["Connect epoch=2 endpoint=c.example"]
+    assert not any(a.startswith("Rediscover") for a in actions_of(t, 4))
+    assert actions_of(t, 4)[-1].startswith("WaitUntil")
+    assert actions_of(t, 6)[-1] == "Rediscover why=a broker certificate no longer verifies"
+    assert actions_of(t, 7) == ["Connect epoch=5 endpoint=a.example"]  # discovery failed: the list stays
+
+
+def test_with_no_endpoint_known_discovery_is_asked_again_after_a_backoff():
+    t = scenarios.discovery_first()
+    assert actions_of(t, 0) == ["Rediscover why=no known endpoint"]
+    assert actions_of(t, 1)[-1] == "WaitUntil at=1.5"
+    assert actions_of(t, 1.5) == ["Rediscover why=no known endpoint"]
+    assert actions_of(t, 2) == ["Connect epoch=1 endpoint=c.example"]
+
+
+def test_renewed_pair_is_promoted_only_when_a_session_with_it_is_accepted():
+    t = scenarios.renewal_proven()
+    promote_at = [i for i, line in enumerate(t) if line.strip() == "Promote"]
+    assert len(promote_at) == 1
+    # the only Promote follows the Connected of the proving attempt, never the staging itself
+    assert t[promote_at[0] - 1] == "@102 Connected epoch=4"
+    assert actions_of(t, 100)[-1] == "ProveCandidate epoch=3 endpoint=a.example chain=chain.next.pem key=device.next"
+    # an unreachable endpoint says nothing about the pair: the next attempt proves it again
+    assert actions_of(t, 101)[-1].startswith("ProveCandidate epoch=4 endpoint=b.example")
+    assert actions_of(t, 201) == ["Connect epoch=6 endpoint=b.example"]  # the promoted pair is the pair now
+
+
+def test_renewed_pair_that_is_refused_is_dropped_and_the_old_pair_keeps_working():
+    t = scenarios.renewal_disproven()
+    assert actions_of(t, 101)[-2:] == ["Disprove reason=certificate unknown", "Connect epoch=4 endpoint=a.example"]
+    assert "Promote" not in [line.strip() for line in t]
+    assert "SessionUp epoch=4 endpoint=a.example" in actions_of(t, 102)
+
+
+def test_renewal_staged_while_offline_is_proven_by_the_next_attempt_and_survives_a_broker_problem():
+    t = scenarios.renewal_staged_while_offline()
+    assert actions_of(t, 1.2) == []
+    assert actions_of(t, 2) == ["ProveCandidate epoch=2 endpoint=a.example chain=chain.next.pem key=device"]
+    assert "Disprove" not in " ".join(actions_of(t, 3))  # the broker's CA, not our pair
+    assert actions_of(t, 4)[0].startswith("ProveCandidate")
+
+
+def test_events_of_an_old_session_are_dropped_in_one_place():
+    t = scenarios.stale_events()
+    assert actions_of(t, 3.1) == []   # PUBACK of the closed session: not counted for the new one
+    assert actions_of(t, 3.2) == []
+    assert actions_of(t, 4.1) == ["Close epoch=1"]
+    assert actions_of(t, 6) == ["Delivered mid=1"]
+    assert t[-1] == "dropped=3"
+
+
+def test_downstream_lines_become_operations_and_stop_closes_the_session():
+    t = scenarios.messages()
+    assert actions_of(t, 2) == ["Operation line=515,a,b,1.0,http://x", "Operation line=510,y"]
+    assert actions_of(t, 3)[0].startswith("Problem what=operation")
+    assert actions_of(t, 4) == ["Deliver topic=dev/other payload=hi"]
+    assert actions_of(t, 5) == ["Close epoch=1", "SessionDown epoch=1 reason=stopping"]
+    assert actions_of(t, 6) == []
+
+
+def test_token_is_asked_at_once_refreshed_at_half_life_and_retried_on_timeout_or_a_bad_answer():
+    t = scenarios.token_schedule()
+    assert actions_of(t, 1000)[-1] == "Publish epoch=1 topic=dev/s/uat payload= qos=1"
+    assert actions_of(t, 1001)[0].endswith("schedule=refresh@1050")
+    assert "deadline=1050.0" in t or "deadline=1050" in t
+    assert actions_of(t, 1049) == []
+    assert actions_of(t, 1050) == ["Publish epoch=1 topic=dev/s/uat payload= qos=1"]
+    assert actions_of(t, 1060)[0].startswith("Problem what=token detail=token: no response within 10 s")
+    assert actions_of(t, 1060.5) == ["Publish epoch=1 topic=dev/s/uat payload= qos=1"]
+    assert actions_of(t, 1061)[0].startswith("Problem what=token detail=rejected an answer: 71.token")
+    assert actions_of(t, 1064) == ["Publish epoch=1 topic=dev/s/uat payload= qos=1"]
+
+
+def test_retry_decisions_follow_retryable_and_the_attempt_limit():
+    # the OTA download loop, renewal and boot decide by these, never by message text
+    assert scenarios.retry_decisions() == [105.0, 210.0, 320.0, None, None, 39.6]
+
+
+def test_no_endpoint_and_no_discovery_is_refused_at_construction():
+    with pytest.raises(EndpointError, match="no endpoint"):
+        sv.Supervisor([], Backoff(1, 2), Topics(""), lambda: 0.5)
+
+
+def test_an_unknown_connect_failure_kind_is_refused():
+    with pytest.raises(CoreError, match=r"ConnectFailed\.kind"):
+        sv.ConnectFailed(1, "timeout", "x")
+
+
+def test_the_scenarios_give_the_same_traces_in_micropython():
+    from tests.firmware import micropython
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = micropython.run(
+        "import json, sys\n"
+        "sys.path.append('/scenarios')\n"
+        "import supervisor_scenarios\n"
+        "print('@@RESULT ' + json.dumps({'impl': sys.implementation.name,"
+        " 'traces': supervisor_scenarios.run_all()}))\n",
+        {"/scenarios/supervisor_scenarios.py": os.path.join(here, "supervisor_scenarios.py")})
+    assert out["impl"] == "micropython"
+    assert out["traces"] == json.loads(json.dumps(scenarios.run_all()))
