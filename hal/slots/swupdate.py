@@ -14,8 +14,8 @@ selection (no `bootenv` in the description): the switch, trial and rollback are 
 (`hal.slots.command.CommandSlots`).
 
 Progress: SWUpdate publishes `struct progress_msg` (progress_ipc.h, libswupdate 2022.12) on
-`$TMPDIR/swupdateprog` while it installs; it is read here and handed to `progress` at each step and
-every 10 %. On failure the reason is SWUpdate's first `ERROR` line (e.g. "No downgrading allowed: new
+`$TMPDIR/swupdateprog` while it installs (to the clients connected at that moment); it is read here
+and handed to `progress` at each step and every 10 %. On failure the reason is SWUpdate's first `ERROR` line (e.g. "No downgrading allowed: new
 version 1.0.5 <= installed 1.1.0", "Authentication of all signatures failed").
 """
 
@@ -34,7 +34,7 @@ from hal.slots.command import CommandSlots, Outcome, run_streaming
 # magic, status, dwl_percent, (pad), dwl_bytes, nsteps, cur_step, cur_percent, cur_image[256],
 # hnd_name[64], source, infolen, info[2048]; native alignment (x86-64, arm64): 2416 bytes.
 PROGRESS = struct.Struct("=IiI4xQIII256s64siI2048s4x")
-RUN, SUCCESS, FAILURE = 2, 3, 4
+RUN, PROGRESS_STATUS = 2, 8  # RECOVERY_STATUS values (swupdate_status.h)
 ERROR_RE = re.compile(r"\[ERROR\].*?ERROR\s*:\s*(.+)$")
 
 
@@ -96,7 +96,7 @@ class ProgressReader:
     def _message(self, raw: bytes) -> None:
         (_magic, status, _dwl, _bytes, nsteps, step, percent, image, handler, _src, _len,
          _info) = PROGRESS.unpack(raw)
-        if status != RUN or not nsteps or not _cstr(image):
+        if status not in (RUN, PROGRESS_STATUS) or not nsteps or not _cstr(image):
             return
         key = (step, min(percent, 100) // 10)
         if key in self.seen:
@@ -116,6 +116,9 @@ class SwupdateSlots(CommandSlots):
     def _run_installer(self, argv: list[str]) -> Outcome:
         env = dict(os.environ)
         tmpdir = Path(env.get("TMPDIR") or "/tmp")  # noqa: S108 - where SWUpdate itself puts its sockets
+        # Said before SWUpdate starts: its socket only reaches clients connected in time, and a small
+        # image may be written before the reader is connected.
+        self.progress("installing with SWUpdate")
         with ProgressReader(tmpdir / "swupdateprog", self.progress):
             return run_streaming(argv, env=env)
 
