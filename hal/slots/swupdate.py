@@ -15,8 +15,9 @@ selection (no `bootenv` in the description): the switch, trial and rollback are 
 
 Progress: SWUpdate publishes `struct progress_msg` (progress_ipc.h, libswupdate 2022.12) on
 `$TMPDIR/swupdateprog` while it installs (to the clients connected at that moment); it is read here
-and handed to `progress` at each step and every 10 %. On failure the reason is SWUpdate's first `ERROR` line (e.g. "No downgrading allowed: new
-version 1.0.5 <= installed 1.1.0", "Authentication of all signatures failed").
+and handed to `progress` at each step and every 10 %. On failure the reason is SWUpdate's first `ERROR` line
+(e.g. "No downgrading allowed: new version 1.0.5 <= installed 1.1.0",
+"Authentication of all signatures failed").
 """
 
 from __future__ import annotations

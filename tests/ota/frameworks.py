@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -193,3 +194,121 @@ def procs() -> Iterator[list[Proc]]:
     yield started
     for p in started:
         p.kill()
+
+
+# -- RAUC ------------------------------------------------------------------------------------------------
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:tmpdir=/tmp</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+class RaucBed(Bed):
+    """A device with the RAUC service on a private D-Bus bus, `rootfs.0`/`rootfs.1` as file-backed partitions,
+    and scripts/rauc-fwenv-backend.sh as its bootloader over the file-backed U-Boot environment."""
+
+    bus: str = ""
+    service: Proc | None = None
+    procs: list[Proc]
+
+    def system_conf(self, post_install: Path | None = None) -> Path:
+        conf = self.directory / "system.conf"
+        handlers = f"bootloader-custom-backend={REPO / 'scripts' / 'rauc-fwenv-backend.sh'}\n"
+        if post_install:
+            handlers += f"post-install={post_install}\n"
+        conf.write_text(
+            "[system]\ncompatible=tether-test\nbootloader=custom\n"
+            f"data-directory={self.directory / 'rauc-data'}\n\n"
+            f"[handlers]\n{handlers}\n"
+            f"[keyring]\npath={self.directory / 'rauc-keyring.pem'}\ncheck-purpose=codesign\n\n"
+            f"[slot.rootfs.0]\ndevice={self.image('a')}\ntype=raw\nbootname=a\n\n"
+            f"[slot.rootfs.1]\ndevice={self.image('b')}\ntype=raw\nbootname=b\n")
+        return conf
+
+    def start_service(self, post_install: Path | None = None) -> None:
+        """(Re)start `rauc service`, booted from the slot the U-Boot environment names (as U-Boot would)."""
+        self.stop_service()
+        booted = self.env()["tether_slot"]
+        UBootSlots(self.directory / "slots", env_config=self.directory / "fw_env.config").setenv(tether_booted=booted)
+        (self.directory / "mnt").mkdir(exist_ok=True)
+        self.service = Proc(f"rauc-{len(self.procs)}", [
+            require_tool("rauc"), f"--conf={self.system_conf(post_install)}", f"--mount={self.directory / 'mnt'}",
+            "service", f"--override-boot-slot={booted}"], self.directory / f"rauc-{len(self.procs)}.log",
+            env={"DBUS_SYSTEM_BUS_ADDRESS": self.bus,
+                 "TETHER_FW_ENV_CONFIG": str(self.directory / "fw_env.config")})
+        self.procs.append(self.service)
+
+        def ready() -> bool:
+            assert self.service is not None
+            self.service.check_alive()
+            return subprocess.run(["rauc", "status"], capture_output=True, check=False,
+                                  env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus}).returncode == 0
+        wait_until(ready, 30, "the RAUC service on the private bus")
+
+    def stop_service(self) -> None:
+        if self.service is not None:
+            self.service.kill()
+            self.service = None
+
+    def service_log(self) -> str:
+        return "".join(p.log.read_text() for p in self.procs if p.log.exists() and p.name.startswith("rauc"))
+
+    def raucb_source(self, name: str, image: bytes) -> Path:
+        src = self.tmp / name
+        src.mkdir()
+        (src / "rootfs.img").write_bytes(image)
+        (src / "manifest.raucm").write_text("[update]\ncompatible=tether-test\nversion=@@VERSION@@\n\n"
+                                            "[bundle]\nformat=plain\n\n[image.rootfs]\nfilename=rootfs.img\n")
+        return src
+
+
+@pytest.fixture
+def rauc_bed(tmp_path: Path, releases: Releases, pki: Pki, monkeypatch: pytest.MonkeyPatch
+             ) -> Iterator[Callable[..., RaucBed]]:
+    for tool in ("rauc", "mksquashfs", "dbus-daemon", "fw_setenv"):
+        require_tool(tool)
+    started: list[Proc] = []
+    bus_dir = tmp_path / "bus"
+    bus_dir.mkdir()
+    (bus_dir / "bus.conf").write_text(BUS_CONFIG)
+    bus = Proc("dbus", ["dbus-daemon", f"--config-file={bus_dir / 'bus.conf'}", "--nofork", "--print-address=1"],
+               bus_dir / "dbus.log")
+    started.append(bus)
+    address = str(wait_until(lambda: bus.check_alive() or bus.log.read_text().strip(), 20, "the private D-Bus"))
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)  # the rauc command line the agent runs uses it
+    beds: list[RaucBed] = []
+
+    def make(name: str = "device", **ota: Any) -> RaucBed:
+        base = new_bed(tmp_path, releases, pki, "rauc", name, **ota)
+        bed = RaucBed(base.device, tmp_path)
+        bed.bus, bed.procs = address, started
+        (bed.directory / "rauc-keyring.pem").write_bytes(pki.root_file.read_bytes())
+        bed.start_service()
+        beds.append(bed)
+        return bed
+
+    yield make
+    for bed in beds:
+        bed.device.close()
+    for proc in reversed(started):
+        proc.kill()
+    for bed in beds:
+        unmount_below(bed.directory / "mnt")
+
+
+def unmount_below(directory: Path) -> None:
+    """Unmount what a killed RAUC service left mounted (a reboot would); its loop device is auto-cleared."""
+    prefix = str(directory) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+              if line.split()[1].startswith(prefix)]
+    for mountpoint in sorted(mounts, reverse=True):
+        subprocess.run(["umount", mountpoint], check=True, capture_output=True)

@@ -13,7 +13,7 @@ from hal.slots import SlotError
 from hal.slots.command import CommandSlots, check_template
 from lab.procs import Proc
 from tests.ota.conftest import Releases, op_line
-from tests.ota.frameworks import Bed, command_bed, hold_script, procs, start_updater, wait_for  # noqa: F401
+from tests.ota.frameworks import Bed, hold_script, start_updater, wait_for
 from tests.ota.test_swupdate import reboot, run_to_restart
 
 
@@ -71,7 +71,7 @@ def test_tampered_bundle_never_reaches_the_vendor_script(command_bed: Callable[.
 
 
 def test_power_cut_while_the_vendor_script_runs_keeps_the_old_slot(command_bed: Callable[..., Bed],
-                                                                   procs: list[Proc], tmp_path: Path) -> None:  # noqa: F811
+                                                                   procs: list[Proc], tmp_path: Path) -> None:
     hold = hold_script(tmp_path / "hold.sh", tmp_path / "installing")
     bed = command_bed(body=f'cp "$1" "{tmp_path}/device/disk/slot-$2.img"\nsh "{hold}"\n')
     marker = tmp_path / "installing"

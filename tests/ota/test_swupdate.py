@@ -11,15 +11,7 @@ from agent.core.smartrest import parse_line
 from lab.procs import Proc
 from provisioning.release import create_release_signer
 from tests.ota.conftest import Releases, op_line
-from tests.ota.frameworks import (  # noqa: F401 - fixtures
-    Bed,
-    hold_script,
-    procs,
-    start_updater,
-    swupdate_bed,
-    swupdate_source,
-    wait_for,
-)
+from tests.ota.frameworks import Bed, hold_script, start_updater, swupdate_source, wait_for
 from tests.pki import Pki
 
 
@@ -124,7 +116,7 @@ def test_swupdate_refusal_is_reported_with_swupdates_own_reason(swupdate_bed: Ca
 
 
 def test_power_cut_while_swupdate_installs_keeps_the_old_slot(swupdate_bed: Callable[..., Bed],
-                                                              procs: list[Proc]) -> None:  # noqa: F811
+                                                              procs: list[Proc]) -> None:
     bed = swupdate_bed()
     marker = bed.directory / "installing"
     hold = hold_script(bed.tmp / "hold.sh", marker)
