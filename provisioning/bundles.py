@@ -93,7 +93,7 @@ def swu_description(source: Path, version: str) -> bytes:
         return _sha256(path)
 
     text = SHA_RE.sub(digest, text)
-    _check_version(text, r'^\s*version\s*=\s*"([^"]*)"', version, str(source / SW_DESCRIPTION))
+    _check_version(text, r'\bversion\s*=\s*"([^"]*)"', version, str(source / SW_DESCRIPTION))
     return text.encode()
 
 
