@@ -140,12 +140,15 @@ class CommandSlots(UBootSlots):
         argv = expand(self.install_words, values)
         log.info("installing %s %s into slot %s: %s", name, version, slot, shlex.join(argv))
         outcome = self._run_installer(argv)
-        if outcome.returncode != 0:
+        if not self._succeeded(outcome):
             raise SlotError(self._failure(argv, outcome))
         self.setenv(**{f"tether_version_{slot}": version})
 
     def _run_installer(self, argv: list[str]) -> Outcome:
         return run_streaming(argv, env=dict(os.environ))
+
+    def _succeeded(self, outcome: Outcome) -> bool:
+        return outcome.returncode == 0
 
     def _failure(self, argv: list[str], outcome: Outcome) -> str:
         """The 502 reason: which tool, its exit status, and its last line."""

@@ -130,9 +130,9 @@ def swupdate_bed(tmp_path: Path, releases: Releases, pki: Pki, monkeypatch: pyte
         anchors = swupdate_anchors(pki, directory)
         wrapper = script(directory / "swupdate-wrapper", f'echo "$*" >> "{directory}/invocations.log"\n'
                                                          f'exec {swupdate} "$@"\n')
-        command = (f"{wrapper} -H {HWREVISION} -k {anchors} --cert-purpose codeSigning -e stable,{{slot}} "
+        command = (f"{wrapper} -l 3 -H {HWREVISION} -k {anchors} --cert-purpose codeSigning -e stable,{{slot}} "
                    "-N {floor} -i {file}")
-        bed = new_bed(tmp_path, releases, pki, "swupdate", name, install_command=command, **ota)
+        bed = new_bed(tmp_path, releases, pki, "swupdate", name, **{"install_command": command, **ota})
         beds.append(bed)
         return bed
 

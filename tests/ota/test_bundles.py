@@ -165,3 +165,19 @@ def test_cms_signature_carries_the_issuers_for_the_device(tmp_path: Path, pki: P
     chain = load_certificates(signer.cert_file.read_bytes())
     certs = pkcs7.load_der_pkcs7_certificates(cms_sign(b"sw-description", chain, key))
     assert {c.serial_number for c in certs} == {c.serial_number for c in chain}  # a SET: DER sorts it
+
+
+def test_swupdate_verdict_line_decides_when_its_exit_status_is_the_shutdown_race(tmp_path: Path) -> None:
+    from hal.slots.command import Outcome
+    from hal.slots.swupdate import SwupdateSlots
+
+    slots = SwupdateSlots(tmp_path, env_config=tmp_path / "fw_env.config")
+    done = "[INFO ] : SWUPDATE running :  [endupdate] : SWUpdate was successful !"
+    failed = "[INFO ] : SWUPDATE running :  [endupdate] : SWUpdate *failed* !"
+    assert slots._succeeded(Outcome(0, []))
+    assert slots._succeeded(Outcome(1, ["[INFO ] : SWUPDATE running :  Installation in progress", done]))
+    assert not slots._succeeded(Outcome(1, ["[ERROR] : SWUPDATE failed [1] Installation failed !", failed]))
+    assert not slots._succeeded(Outcome(1, ["[INFO ] : No SWUPDATE running :  Waiting for requests..."]))
+    reason = slots._failure(["swupdate"], Outcome(1, ["[ERROR] : SWUPDATE failed [1] Installation failed !",
+                                                      "[ERROR] : SWUPDATE failed [0] ERROR : SWUpdate *failed* !"]))
+    assert reason == "SWUpdate refused the bundle (exit status 1): Installation failed !"

@@ -133,3 +133,24 @@ def test_power_cut_while_swupdate_installs_keeps_the_old_slot(swupdate_bed: Call
     reason = parse_line(bed.device.failures()[0])[2]
     assert "interrupted while installing app 1.1.0 into slot b" in reason
     assert bed.device.state()["installed"]["version"] == "1.0.0"
+
+
+def test_swu_goes_through_a_running_swupdate_daemon_with_swupdate_client(
+        swupdate_bed: Callable[..., Bed], pki: Pki, procs: list[Proc]) -> None:
+    """When SWUpdate runs as a daemon (it owns the IPC socket), the installer is its client."""
+    from tests.conftest import require_tool
+    from tests.ota.frameworks import swupdate_anchors
+
+    bed = swupdate_bed(install_command=f"{require_tool('swupdate-client')} -e stable,{{slot}} {{file}}")
+    daemon = Proc("swupdate-daemon", [require_tool("swupdate"), "-H", "tether-test:1.0", "-k",
+                                      str(swupdate_anchors(pki, bed.directory)), "--cert-purpose", "codeSigning",
+                                      "-N", "1.0.0", "-q", "stable,a", "-q", "stable,b"],
+                  bed.directory / "swupdate-daemon.log")
+    procs.append(daemon)
+    socket_path = Path(os.environ["TMPDIR"]) / "sockinstctrl"
+    wait_for(socket_path, daemon, "the SWUpdate daemon's IPC socket")
+    image = os.urandom(100_000)
+    url = bed.publish("1.1.0", "swu", swupdate_source(bed, "src", image))
+    assert run_to_restart(bed, url, "1.1.0") == "restarting", bed.device.lines
+    assert bed.image("b").read_bytes() == image and bed.env()["tether_slot"] == "b"
+    assert "Installation in progress" in daemon.log.read_text() or "successful" in daemon.log.read_text()
