@@ -90,7 +90,7 @@ class RenewalSection(NamedTuple):
 
 
 class OtaSection(NamedTuple):
-    slots: str = "directory"       # directory (symlink switch, app bundles) | uboot (fw_setenv, A/B rootfs)
+    slots: str = "directory"       # directory | uboot | swupdate | rauc | command (hal/slots BACKENDS)
     slots_dir: str = ""            # slot-a/, slot-b/, `current` or slot images; default: <state_dir>/slots
     uboot_env_config: str = ""     # fw_env.config for fw_printenv/fw_setenv; default: /etc/fw_env.config
     trust_anchor: str = ""         # CA file release signers must chain to; default: [identity] ca_file
@@ -102,6 +102,11 @@ class OtaSection(NamedTuple):
     download_attempts: int = 5      # attempts per download (each resumes with Range) before giving up
     artifact_hosts: tuple[str, ...] = ()  # hosts given the bearer token; default: [endpoints]/[discovery] hosts
     untrusted_hosts: str = "refuse"  # other artifact hosts: refuse | no-token (download without the token)
+    health_command: str = ""       # run before commit on the new version; exit 0 = healthy (docs/ota.md)
+    install_command: str = ""      # swupdate/command: argv template with {file} {slot} {version} {floor}
+    commit_command: str = ""       # command: run when the new version commits (e.g. "mender-update commit")
+    rollback_command: str = ""     # command: run when it rolls back (e.g. "mender-update rollback")
+    rauc_slot_class: str = "rootfs"  # rauc: the slot class whose two slots are a and b
 
 
 class OutboxSection(NamedTuple):
@@ -136,7 +141,8 @@ PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", 
 
 CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
            ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
-           ("ota", "slots"): ("directory", "uboot"), ("ota", "untrusted_hosts"): ("refuse", "no-token"),
+           ("ota", "slots"): ("directory", "uboot", "swupdate", "rauc", "command"),
+           ("ota", "untrusted_hosts"): ("refuse", "no-token"),
            ("outbox", "policy"): ("drop-oldest", "refuse-new")}
 
 

@@ -1,6 +1,6 @@
 """OTA download-and-verify throughput vs curl + sha256sum, and the agent's peak RSS growth while downloading.
 
-    python benchmarks/ota_download.py [--size-mb 50] [--runs 3]
+    python benchmarks/ota_download.py [--size-mb 50] [--runs 3] [--swupdate]
 
 Both clients fetch the same signed release from the lab's artifact server (a separate process, HTTPS on
 loopback, bearer JWT checked) and trust the same CA file. The agent side runs in a child process doing
@@ -8,6 +8,10 @@ what the updater does: fetch manifest, signature and signer chain, verify them, 
 disk while hashing, compare size and SHA-256. Peak RSS growth is VmHWM after the download minus VmRSS
 before it, with the high-water mark reset through /proc/self/clear_refs once imports and TLS are warm.
 Targets (issue 6): >= 0.8x curl's rate; < 5 MB peak RSS growth.
+
+`--swupdate` (issue 15) makes the payload a signed `.swu` holding one raw image of --size-mb, and adds
+the install: the agent's side ends with `SwupdateSlots.install` (`swupdate -i` writing a file-backed
+partition, progress socket read), the manual side is `curl` + `sha256sum` + the same `swupdate -i`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -51,6 +57,13 @@ def child(args: argparse.Namespace) -> None:
     anchors = otarelease.load_anchors(args.anchor)
     op = Operation("dev", "bench", "1.0.0", args.url)
     dest = Path(args.dest)
+    slots = None
+    if args.install:  # the swupdate installer, as the agent opens it
+        from hal.slots.swupdate import SwupdateSlots
+
+        slots = SwupdateSlots(Path(args.dest), env_config=args.env_config, install_command=args.install)
+        slots.prepare("b")
+        dest = slots.stage("b")
     dest.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not every kernel allows it; then VmHWM includes the warm-up
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -61,8 +74,42 @@ def child(args: argparse.Namespace) -> None:
         manifest = otarelease.check_release(*files, anchors, op, Installed(version="0.0.0", floor="0.0.0"))
         fetched = fetch_payload(base + "payload", dest, manifest["size"], http, session=session)
     ok = fetched.size == manifest["size"] and fetched.sha256 == manifest["sha256"]
+    if ok and slots is not None:
+        slots.install("b", "bench", "1.0.0")
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "ok": ok, "rss_before": rss_before, "hwm_after": _vm("VmHWM")}))
+
+
+def swupdate_setup(work: Path, pki: Any, image: Path) -> list[str]:
+    """Sign a .swu writing `image` raw into a file-backed slot b; return swupdate's argv (without -e/-N/-i)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from hal.slots.uboot import write_env_config, write_env_image
+    from provisioning.release import sign_bundle
+
+    swupdate = shutil.which("swupdate")
+    if swupdate is None:
+        raise SystemExit("swupdate is not installed (Debian package swupdate)")
+    (work / "disk").mkdir()
+    for slot in "ab":  # SWUpdate's raw handler opens the "partition", it does not create it
+        (work / "disk" / f"slot-{slot}.img").touch()
+    (work / "tmp").mkdir()
+    os.environ["TMPDIR"] = str(work / "tmp")  # SWUpdate's sockets, for both sides and the child
+    write_env_image(work / "uboot.env", {"tether_slot": "a", "upgrade_available": "0", "bootcount": "0"})
+    write_env_config(work / "fw_env.config", work / "uboot.env")
+    anchors = work / "swupdate-ca.pem"
+    anchors.write_bytes(pki.root_file.read_bytes() + pki.issuing.cert.public_bytes(serialization.Encoding.PEM))
+    src = work / "swu"
+    src.mkdir()
+    os.replace(image, src / "rootfs.img")
+    sets = "".join(f'    {s} = {{ images: ( {{ filename = "rootfs.img"; type = "raw"; '
+                   f'device = "{work}/disk/slot-{s}.img"; '
+                   'sha256 = "$swupdate_get_sha256(rootfs.img)"; } ); };\n' for s in "ab")
+    (src / "sw-description").write_text('software =\n{\n  version = "@@VERSION@@";\n'
+                                        '  hardware-compatibility = [ "1.0" ];\n'
+                                        f"  stable = {{\n{sets}  }};\n}}\n")
+    sign_bundle(work / "signer", "bench", "1.0.0", "swu", src, work / "www" / "bench" / "1.0.0")
+    return [swupdate, "-l", "3", "-H", "bench:1.0", "-k", str(anchors), "--cert-purpose", "codeSigning"]
 
 
 def main() -> int:
@@ -70,7 +117,8 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for name in ("url", "ca", "token", "anchor", "dest"):
+    parser.add_argument("--swupdate", action="store_true", help="a .swu, installed with swupdate -i on both sides")
+    for name in ("url", "ca", "token", "anchor", "dest", "install", "env-config"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -96,7 +144,12 @@ def main() -> int:
         with open(payload, "wb") as fh:
             for _ in range(args.size_mb):
                 fh.write(os.urandom(1 << 20))
-        sign_release(work / "signer", "bench", "1.0.0", payload, work / "www" / "bench" / "1.0.0")
+        install: list[str] = []
+        if args.swupdate:
+            install = swupdate_setup(work, pki, payload)  # signs the .swu release itself
+        else:
+            sign_release(work / "signer", "bench", "1.0.0", payload, work / "www" / "bench" / "1.0.0")
+        size = (work / "www" / "bench" / "1.0.0" / "payload").stat().st_size
         key = ec.generate_private_key(ec.SECP256R1())
         (work / "jwt.pub").write_bytes(key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
@@ -110,7 +163,6 @@ def main() -> int:
         try:
             server.wait_port("127.0.0.1", port)
             url = f"https://127.0.0.1:{port}/bench/1.0.0/"
-            size = payload.stat().st_size
             curl_times, agent_runs = [], []
             for _ in range(args.runs):
                 out = work / "curl.out"
@@ -118,12 +170,20 @@ def main() -> int:
                 subprocess.run(["curl", "-sSf", "--cacert", str(pki.ca_chain_file), "-H",
                                 f"Authorization: Bearer {token}", "-o", str(out), url + "payload"], check=True)
                 subprocess.run(["sha256sum", str(out)], check=True, capture_output=True)
+                if install:
+                    done = subprocess.run([*install, "-e", "stable,b", "-N", "0.0.0", "-i", str(out)],
+                                          capture_output=True, text=True, check=False)
+                    if done.returncode != 0 and "SWUpdate was successful" not in done.stdout + done.stderr:
+                        print(f"swupdate by hand failed:\n{done.stdout}{done.stderr}", file=sys.stderr)
+                        return 1
                 curl_times.append(time.perf_counter() - start)
                 out.unlink()
+                extra = (["--install", shlex.join(install) + " -e stable,{slot} -N {floor} -i {file}", "--env-config",
+                          str(work / "fw_env.config")] if install else [])
                 proc = subprocess.run([sys.executable, __file__, "--child", "--url", url, "--ca",
                                        str(pki.ca_chain_file), "--token", str(work / "token"), "--anchor",
-                                       str(pki.root_file), "--dest", str(work / "agent.out")],
-                                      check=True, capture_output=True, text=True, cwd=REPO)
+                                       str(pki.root_file), "--dest", str(work / ("slots" if install else "agent.out")),
+                                       *extra], check=True, capture_output=True, text=True, cwd=REPO)
                 run = json.loads(proc.stdout)
                 if not run["ok"]:
                     print("agent download did not verify", file=sys.stderr)
@@ -135,9 +195,12 @@ def main() -> int:
     agent_best = min(r["seconds"] for r in agent_runs)
     growth = max(max(r["hwm_after"] - r["rss_before"], 0) for r in agent_runs)
     mb = size / 1e6
-    print(f"payload                {mb:.1f} MB over loopback HTTPS, best of {args.runs}")
-    print(f"curl + sha256sum       {curl_best:.3f} s  {mb / curl_best:8.1f} MB/s")
-    print(f"agent download+verify  {agent_best:.3f} s  {mb / agent_best:8.1f} MB/s")
+    what = " + swupdate -i" if args.swupdate else ""
+    print(f"payload                {mb:.1f} MB{' .swu' if args.swupdate else ''} over loopback HTTPS, "
+          f"best of {args.runs}")
+    print(f"curl + sha256sum{what:14s} {curl_best:.3f} s  {mb / curl_best:8.1f} MB/s")
+    print(f"agent download+verify{' +install' if args.swupdate else ''}  {agent_best:.3f} s  "
+          f"{mb / agent_best:8.1f} MB/s")
     print(f"ratio agent/curl       {curl_best / agent_best:.2f}x   (target >= 0.80x)")
     print(f"agent peak RSS growth  {growth / 1e6:.2f} MB (worst run; target < 5 MB)")
     return 0

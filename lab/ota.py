@@ -20,15 +20,23 @@ from lab.procs import LabError
 OTA_SERVICE = "tether-ota-service"
 
 
-def publish_release(lab: Lab, name: str, version: str, payload: bytes,
-                    min_version: str | None = None) -> dict[str, Any]:
-    """Sign `payload` with the station's release key (created on first use) into the artifact root."""
+def publish_release(lab: Lab, name: str, version: str, payload: bytes | Path,
+                    min_version: str | None = None, fmt: str | None = None) -> dict[str, Any]:
+    """Sign `payload` with the station's release key (created on first use) into the artifact root.
+
+    `payload` is the bytes to sign, or with `fmt` (swu, raucb, tar) the directory the station builds that
+    bundle from (`release sign --format`). The artifact server serves every kind the same way.
+    """
     if not (lab.station_dir / "release" / "release.key").exists():
         station_cli("release", "keygen", *lab.station_args())
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "payload"
-        src.write_bytes(payload)
+        if isinstance(payload, Path):
+            src = payload
+        else:
+            src.write_bytes(payload)
         extra = ["--min-version", min_version] if min_version else []
+        extra += ["--format", fmt] if fmt else []
         station_cli("release", "sign", *lab.station_args(), "--name", name, "--version", version, "--out",
                     str(lab.dir / "artifacts" / name / version), *extra, str(src))
     return host_release(lab, lab.dir / "artifacts" / name / version)

@@ -184,6 +184,25 @@ def sign_release(release_dir: Path, name: str, version: str, payload: Path, out_
     return asdict(manifest)
 
 
+def sign_bundle(release_dir: Path, name: str, version: str, fmt: str, source: Path, out_dir: Path,
+                min_version: str | None = None) -> dict[str, Any]:
+    """Build a `fmt` bundle (swu, raucb, tar: `provisioning.bundles`) from `source` and sign it as the payload.
+
+    The bundle's own signature (SWUpdate's CMS, RAUC's) is made with the same release key as the manifest.
+    Raises ReleaseError (a BundleError) naming what is missing or inconsistent.
+    """
+    import tempfile
+
+    from provisioning import bundles
+
+    if not VERSION_RE.match(version):
+        raise ReleaseError(f"version {version!r} is not a dotted version (e.g. 1.4.0 or 1.4.0-rc1)")
+    storage.ensure_dir(Path(out_dir), 0o755)
+    with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out_dir) as tmp:
+        bundle = bundles.build(fmt, Path(release_dir), Path(source), version, Path(tmp) / f"bundle.{fmt}")
+        return sign_release(release_dir, name, version, bundle, out_dir, min_version)
+
+
 def _verify_signature(cert: x509.Certificate, data: bytes, sig: bytes) -> bool:
     key = cert.public_key()
     try:

@@ -27,8 +27,9 @@ from agent.ota.download import Fetched, HttpSettings, fetch_payload, fetch_small
 from agent.ota.errors import VerificationError
 from agent.ota.hosts import HostPolicy
 from agent.ota.machine import Installed, Operation, OtaState, StateStore
+from agent.ota.slots import open_configured
 from hal.errors import TetherError
-from hal.slots import SlotBackend, open_slots, other
+from hal.slots import SlotBackend, other
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,9 @@ class OtaAgent:
         self.token = token
         self.request_restart = request_restart
         self.clock = clock
-        ota = config.ota
         self.store = StateStore(config.state_dir / "ota")
         self.hosts = HostPolicy.from_config(config)  # ConfigError now, not at the first update
-        self.slots: SlotBackend = open_slots(ota.slots, ota.slots_dir or config.state_dir / "slots",
-                                             env_config=ota.uboot_env_config)
+        self.slots: SlotBackend = open_configured(config, progress=self._install_progress, floor=self._floor)
         self._lock = threading.RLock()
         self._worker: threading.Thread | None = None
         self._cancel = threading.Event()
@@ -105,12 +104,17 @@ class OtaAgent:
                 state = self._save(state.advance("resume"))
             if state.state == "downloading":
                 return f"update to {what} was interrupted while downloading; it resumes when the session is up"
+            active = self.slots.active()
             if state.state == "installing":
+                # An installer that switches by itself (RAUC) may have made the new slot primary before
+                # the cut: point the boot back at the previous slot, and restart if we run from the other.
+                self.slots.rollback(state.previous)
                 self._finish(state, "fail", f"interrupted while installing {what} into slot {state.target} "
                              f"(power loss or crash); slot {state.previous} with {state.previous_version} "
                              "still runs")
+                if active != state.previous:
+                    self._restart()
                 return f"update to {what} failed: interrupted while installing"
-            active = self.slots.active()
             if state.state == "restarting":
                 if active != state.target:
                     self.slots.rollback(state.previous)
@@ -138,6 +142,10 @@ class OtaAgent:
         """A session is live: commit a version on trial, resume an interrupted download, report outcomes."""
         with self._lock:
             state = self.store.load()
+            if state.state == "confirming" and self.config.ota.health_command:
+                if not self._running():  # the check may take a while: not on the session's thread
+                    self._start_worker(self._check_health)
+                return
             if state.state == "confirming":
                 self._commit(state)
                 state = self.store.load()
@@ -173,9 +181,9 @@ class OtaAgent:
     def _running(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, target: Callable[[], None] | None = None) -> None:
         self._cancel.clear()
-        self._worker = threading.Thread(target=self._work, name="tether-ota", daemon=True)
+        self._worker = threading.Thread(target=target or self._work, name="tether-ota", daemon=True)
         self._worker.start()
 
     def _work(self) -> None:
@@ -282,6 +290,37 @@ class OtaAgent:
                                                 f"downloading {percent}%"))
             published = percent
         self._percent = (published, persisted)
+
+    def _install_progress(self, text: str) -> None:
+        """What an installer (SWUpdate, RAUC) reports while it installs, as a progress event."""
+        op = self.store.load().operation
+        self._publish(smartrest.format_line("400", PROGRESS_EVENT,
+                                            f"{op.name if op else ''} {op.version if op else ''}: {text}"))
+
+    def _floor(self) -> str:
+        """The lowest version the device may install (SWUpdate's -N): the anti-rollback floor."""
+        installed = self.store.installed(self.config.ota.base_version)
+        return installed.floor or installed.version
+
+    def _check_health(self) -> None:
+        """Run `[ota] health_command` on the version on trial: exit 0 commits, anything else rolls back."""
+        from agent.ota.health import run_health_command
+
+        state = self.store.load()
+        healthy, detail = run_health_command(self.config.ota.health_command, max(1.0, state.deadline - self.clock()))
+        with self._lock:
+            state = self.store.load()
+            if state.state != "confirming":  # the deadline won the race
+                return
+            if healthy:
+                self._commit(state)
+                self._report(self.store.load())
+                return
+            op = state.operation
+            self._rollback(state, "unhealthy", f"{op.name if op else ''} {op.version if op else ''} failed its "
+                           f"health check ({detail}); rolled back to {state.previous_version} in slot "
+                           f"{state.previous}", restart=True)
+            self._report(self.store.load())
 
     # -- outcomes -----------------------------------------------------------------------------------
     def _save(self, state: OtaState) -> OtaState:

@@ -6,7 +6,7 @@ the same). `on_boot` decides from that state what a cut meant: resume, fail or r
 
     idle|committed|rolled_back|failed --start--> downloading --downloaded--> verifying --verified-->
     installing --installed--> restarting --booted--> confirming --session_up--> committed
-                                                      confirming --deadline|unconfirmed_boot--> rolled_back
+                                                      confirming --deadline|unhealthy|unconfirmed_boot--> rolled_back
     any busy state --fail--> failed;  restarting --not_switched--> rolled_back;  verifying --resume--> downloading
 """
 
@@ -34,6 +34,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("restarting", "not_switched"): "rolled_back",  # cut before the switch, or the bootloader fell back
     ("confirming", "session_up"): "committed",
     ("confirming", "deadline"): "rolled_back",
+    ("confirming", "unhealthy"): "rolled_back",     # [ota] health_command said no
     ("confirming", "unconfirmed_boot"): "rolled_back",  # the new version restarted without going online
     **{(s, "fail"): "failed" for s in BUSY},
 }

@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.ota.machine import Installed, OtaState, StateStore
 from hal.errors import TetherError
-from hal.slots import SlotBackend, open_slots
+from hal.slots import SlotBackend
 
 
 def describe(state: OtaState, installed: Installed, slots: SlotBackend | None, running: bool | None = None
@@ -38,10 +38,10 @@ def describe(state: OtaState, installed: Installed, slots: SlotBackend | None, r
 def read_status(config: Any) -> dict[str, Any]:
     """The status from the files in the state directory, as the running agent would report it."""
     store = StateStore(config.state_dir / "ota")
-    ota = config.ota
+    from agent.ota.slots import open_configured
+
     try:
-        slots: SlotBackend | None = open_slots(ota.slots, ota.slots_dir or config.state_dir / "slots",
-                                               env_config=ota.uboot_env_config)
+        slots: SlotBackend | None = open_configured(config)
     except TetherError:
         slots = None
-    return describe(store.load(), store.installed(ota.base_version), slots)
+    return describe(store.load(), store.installed(config.ota.base_version), slots)

@@ -11,6 +11,13 @@ Contract shared by every backend (the updater relies on it for power-loss safety
   until `switch()` returns, the active slot is unchanged; `switch()` flips one atomic thing (a symlink,
   one U-Boot environment write).
 - After `switch()`, the new slot is on trial until `commit()`; `rollback()` makes the other slot active again.
+
+Installers (`swupdate`, `rauc`, `command`) are backends whose `install()` hands the verified, staged
+bundle to the device's own update framework; their `stage()` is a download file beside the slots (a
+bundle is a container, not a slot image). They take two hooks from the updater: `progress(text)` for
+what the framework reports while it installs, and `floor()` (the lowest version the device may run:
+SWUpdate's `-N`). `install()` raises SlotError whose message carries the framework's own reason.
+RAUC switches the boot slot itself during `rauc install`, so for it `install()` also switches.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ SLOTS = ("a", "b")
 BACKENDS = {
     "directory": "hal.slots.directory:DirectorySlots",
     "uboot": "hal.slots.uboot:UBootSlots",
+    "swupdate": "hal.slots.swupdate:SwupdateSlots",
+    "rauc": "hal.slots.rauc:RaucSlots",
+    "command": "hal.slots.command:CommandSlots",
 }
 
 
@@ -86,7 +96,8 @@ class SlotBackend(Protocol):
 def open_slots(backend: str, directory: str | Path, **options: Any) -> SlotBackend:
     """Instantiate the slot backend named `backend` keeping its files in `directory`.
 
-    `options` are backend specific (`env_config` for uboot). Raises SlotError for an unknown backend.
+    `options` are backend specific (`env_config` for uboot and the installers, `install_command`,
+    `progress`, `floor`, ...); a backend ignores those it does not use. Raises SlotError for an unknown backend.
     """
     cls = load_backend(BACKENDS, backend, "slot", SlotError)
     slots: SlotBackend = cls(Path(directory), **options)

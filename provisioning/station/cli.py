@@ -340,8 +340,12 @@ def cmd_release_sign(args: argparse.Namespace) -> int:
     from provisioning import release
 
     station = _station(args)
-    manifest = release.sign_release(station.path("release"), args.name, args.version, Path(args.payload),
-                                    Path(args.out), min_version=args.min_version)
+    if args.format:  # build the framework's bundle (signed with the same key), then sign it as the payload
+        manifest = release.sign_bundle(station.path("release"), args.name, args.version, args.format,
+                                       Path(args.payload), Path(args.out), min_version=args.min_version)
+    else:
+        manifest = release.sign_release(station.path("release"), args.name, args.version, Path(args.payload),
+                                        Path(args.out), min_version=args.min_version)
     print(json.dumps(manifest, indent=1, default=str))
     return 0
 
@@ -430,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="release directory: manifest.json, manifest.sig, signer.pem, "
                    "payload")
     p.add_argument("--min-version", help="lowest installed version this release may update")
+    p.add_argument("--format", choices=("swu", "raucb", "tar"), help="build this bundle from the PAYLOAD "
+                   "directory first (swu: sw-description + images; raucb: manifest.raucm + images; tar); "
+                   "without it PAYLOAD is a file signed as it is")
     p.add_argument("payload")
     return parser
 

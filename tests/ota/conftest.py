@@ -195,3 +195,8 @@ def device_factory(request: pytest.FixtureRequest, tmp_path: Path, releases: Rel
 @pytest.fixture
 def device(device_factory: Callable[..., Device]) -> Device:
     return device_factory()
+
+
+# The installer test beds (real SWUpdate, RAUC, vendor scripts) live in their own module; imported last
+# because they build on the fixtures above.
+from tests.ota.frameworks import command_bed, procs, rauc_bed, swupdate_bed  # noqa: E402, F401

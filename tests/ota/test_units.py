@@ -58,7 +58,8 @@ def test_status_shows_a_progress_bar_only_on_a_terminal() -> None:
 
 
 def test_importing_the_ota_agent_loads_neither_requests_nor_cryptography() -> None:
-    code = ("import sys, agent.ota, agent.ota.agent, agent.ota.cli, hal.slots.directory, hal.slots.uboot; "
+    code = ("import sys, agent.ota, agent.ota.agent, agent.ota.cli, hal.slots.directory, hal.slots.uboot, "
+            "hal.slots.swupdate, hal.slots.rauc, hal.slots.command; "
             "print(sorted(m for m in ('requests', 'cryptography', 'urllib3') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
