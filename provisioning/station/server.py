@@ -27,6 +27,7 @@ from typing import Any
 
 from provisioning.certs import to_pem
 from provisioning.station.ca import Station
+from provisioning.station.console import events
 from provisioning.station.enrollment import ENROLL, REENROLL, Enrollment, Request
 from provisioning.station.errors import Refusal, StationError
 
@@ -62,14 +63,15 @@ class EstHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
+        req = Request(operation=operation,
+                      content_type=(self.headers.get("Content-Type") or "").split(";")[0].strip().lower(),
+                      body=body, basic=self._basic(), peer_der=self.connection.getpeercert(binary_form=True))
         try:
-            answer = self.server.enrollment.handle(Request(
-                operation=operation,
-                content_type=(self.headers.get("Content-Type") or "").split(";")[0].strip().lower(),
-                body=body, basic=self._basic(), peer_der=self.connection.getpeercert(binary_form=True)))
+            answer = self.server.enrollment.handle(req)
         except Refusal as refusal:
             log.info("%s %s refused %d: %s", self.client_address[0], operation, refusal.status,
                      refusal.reason.splitlines()[0])
+            events.record(self.server.enrollment.ledger, req, refusal, self.client_address[0])  # console's live page
             self._send_text(refusal.status, refusal.reason, refusal.headers)
             return
         except Exception:  # a bug or a ledger outage must cost one request, never the server
@@ -235,10 +237,11 @@ def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext
 
 
 def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: int = DEFAULT_THREADS,
-          ledger: str | None = None, ready: Any = None) -> int:
+          ledger: str | None = None, ready: Any = None, console: Any = None) -> int:
     """Serve EST on host:port until SIGTERM/SIGINT; returns the exit status.
 
-    `ready(port)` is called once the socket listens (the CLI prints the URL). Raises StationError
+    `ready(port)` is called once the socket listens (the CLI prints the URL); `console`, a bound
+    `console.server.ConsoleService`, is forked beside the workers and supervised with them. Raises StationError
     when the address cannot be bound or the CA material is unusable.
     """
     led = station.open_ledger(ledger)
@@ -255,10 +258,12 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: 
         raise StationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     if ready is not None:
         ready(sock.getsockname()[1])
-    if workers <= 1:
-        return _worker(station, sock, context, ledger, threads)
     children: set[int] = set()
-    for _ in range(workers):
+    if console is not None:  # console.ConsoleService: its own process, sharing only the ledger
+        children.add(console.spawn(close=sock))
+    if workers <= 1 and not children:
+        return _worker(station, sock, context, ledger, threads)
+    for _ in range(max(1, workers)):
         pid = os.fork()
         if pid == 0:
             code = 1
