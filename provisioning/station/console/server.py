@@ -148,6 +148,7 @@ class ConsoleServer(ThreadingHTTPServer):
             tls = self.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:  # no or unknown client certificate ends here
             log.info("console %s TLS handshake refused: %s", client_address[0], exc)
+            _linger(request)
             return
         try:
             ConsoleHandler(tls, client_address, self)
@@ -156,6 +157,21 @@ class ConsoleServer(ThreadingHTTPServer):
         finally:
             with contextlib.suppress(OSError):
                 tls.close()
+
+
+def _linger(sock: socket.socket, limit: int = 1 << 16) -> None:
+    """Close after a refused handshake without a reset: with TLS 1.3 the client has often sent its
+    request already, and closing with it unread makes the kernel send RST, which can destroy our
+    "certificate required" alert before the client reads it. Read (at most `limit` bytes, 1 s) first."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(1.0)
+        received = 0
+        while received < limit:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += len(chunk)
 
 
 class ConsoleService:
