@@ -1,6 +1,6 @@
 """Enrollments per second against `tether-station serve`, side by side with `openssl x509 -req` per device.
 
-    python benchmarks/enroll_rate.py [--devices 2000] [--clients 4] [--workers 2] [--baseline 200]
+    python benchmarks/enroll_rate.py [--devices 2000] [--clients 4] [--workers 2] [--baseline 200] [--console]
 
 What is timed:
 - station: each device opens a NEW TLS connection, POSTs its CSR to /simpleenroll with HTTP Basic
@@ -10,6 +10,8 @@ What is timed:
 - baseline: the same CSRs signed by invoking `openssl x509 -req` once per device with the station's
   issuing CA and the same extensions, one after another (what a factory script looping over
   devices does).
+- `--console`: the station also serves its operator console (`serve --console`) and one client holds
+  the live page's server-sent-event stream open for the whole run (what an open browser tab does).
 Key pairs, CSRs and one-time passwords are made before the clock starts. Prints figures only.
 """
 
@@ -95,16 +97,35 @@ def client(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]], out: mul
     out.put((latencies, failures, usage.ru_utime + usage.ru_stime))
 
 
+def live_page(port: int, ca_file: str, operator: Path, stop: multiprocessing.Event) -> None:
+    """Hold the console's live stream open, reading every event, as an open browser tab does."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.load_cert_chain(str(operator / "bench.pem"), str(operator / "bench.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    conn.request("GET", f"/live/stream?since={int(time.time())}")
+    response = conn.getresponse()
+    while not stop.is_set() and response.readline():
+        pass
+    conn.close()
+
+
 def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], clients: int,
-                workers: int) -> dict[str, float]:
-    port = free_port()
+                workers: int, console: bool = False) -> dict[str, float]:
+    port, console_port = free_port(), free_port()
+    extra = ["--console", f"127.0.0.1:{console_port}"] if console else []
     proc = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
                                    "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
-                                   "--log-level", "warning"], directory / "serve.log", cwd=REPO)
+                                   "--log-level", "warning", *extra], directory / "serve.log", cwd=REPO)
+    stop = multiprocessing.Event()
+    live = None
     try:
         proc.wait_port("127.0.0.1", port, 20)
         ca_file = str(directory / "ca.pem")
         wait_until(lambda: _cacerts_ok(port, ca_file), 20, "station answering /cacerts")
+        if console:
+            proc.wait_port("127.0.0.1", console_port, 20)
+            live = multiprocessing.Process(target=live_page, args=(console_port, ca_file, directory / "operator", stop))
+            live.start()
         jobs = [(d, o, b) for d, o, b, _ in devices]
         server_cpu = _tree_cpu(proc.pid)
         queue: multiprocessing.Queue = multiprocessing.Queue()
@@ -119,7 +140,10 @@ def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], c
         for p in procs:
             p.join()
     finally:
+        stop.set()
         proc.stop()
+        if live is not None:
+            live.join(10)
     latencies = sorted(x for lat, _, _ in results for x in lat)
     failures = sum(f for _, f, _ in results)
     cpu = server_cpu + sum(c for _, _, c in results)
@@ -196,6 +220,7 @@ def main() -> int:
     parser.add_argument("--ledger-sync", choices=("full", "normal"), default="full",
                         help="station.toml ledger_sync: fsync per issuance (full, the default) or not")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="station worker processes")
+    parser.add_argument("--console", action="store_true", help="serve the console too, with its live page open")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     directory = Path(tempfile.mkdtemp(prefix="enroll-rate-"))
@@ -205,12 +230,22 @@ def main() -> int:
         settings_file.write_bytes(dataclasses.replace(Settings.read(settings_file),
                                                       ledger_sync=args.ledger_sync).render())
         devices = prepare(directory / "station", args.devices)
+        if args.console:
+            from provisioning.station.console.operators import add_operator
+            from provisioning.station.console.store import ConsoleStore
+
+            st = Station(directory / "station")
+            ledger = st.open_ledger()
+            add_operator(st, ConsoleStore(ledger), "bench", "readonly", directory / "station" / "operator",
+                         int(time.time()))
+            ledger.close()
         baseline = run_openssl(directory / "station", devices[: args.baseline])
-        station = run_station(directory / "station", devices, args.clients, args.workers)
+        station = run_station(directory / "station", devices, args.clients, args.workers, args.console)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(f"machine: {os.cpu_count()} CPU(s); station: {args.workers} worker process(es), {args.clients} client "
-          f"process(es), new TLS connection per device, SQLite ledger (WAL, synchronous={args.ledger_sync.upper()})")
+          f"process(es), new TLS connection per device, SQLite ledger (WAL, synchronous={args.ledger_sync.upper()})"
+          + ("; console served with its live page open" if args.console else ""))
     print(f"{'':<28}{'devices':>8}{'enroll/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}{'failed':>8}")
     for name, r in (("tether-station EST/HTTPS", station), ("openssl x509 -req per CSR", baseline)):
         print(f"{name:<28}{r['count']:>8}{r['rate']:>10.1f}{r['p50'] * 1000:>9.2f}{r['p99'] * 1000:>9.2f}"

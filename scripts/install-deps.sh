@@ -2,7 +2,8 @@
 # Installs what Tether needs on Debian bookworm (run as root, or with sudo available):
 # mosquitto for the broker, swtpm + tpm2-abrmd + tpm2-openssl for the software TPM test bed,
 # libtss2-dev so tpm2-pytss builds, libubootenv-tool for the U-Boot slot backend,
-# PostgreSQL for the shared-ledger tests, node for the MicroPython (WebAssembly) firmware tests.
+# PostgreSQL for the shared-ledger tests, chromium + chromium-driver + libnss3-tools for the station
+# console's browser tests, node for the MicroPython (WebAssembly) firmware tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +11,8 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 PKGS="mosquitto mosquitto-clients swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-dev
-      libtss2-tcti-tabrmd0 dbus libubootenv-tool postgresql openssl curl pkg-config"
+      libtss2-tcti-tabrmd0 dbus libubootenv-tool postgresql openssl curl pkg-config
+      chromium chromium-driver libnss3-tools"
 # The machine may carry Node.js from another source (with npm bundled): take Debian's only if absent.
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 missing=""
