@@ -1,11 +1,13 @@
 # Tether: the two commands a newcomer needs are `make demo` and `make test`.
-PYTHON ?= python3
+# Everything Python runs from the project's virtual environment (.venv), never the system interpreter.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench
+.PHONY: deps demo test lint typecheck unit bench lock lock-upgrade dist deb clean
 
 deps:
-	bash scripts/install-deps.sh
+	VENV=$(VENV) bash scripts/install-deps.sh
 
 # Provision and connect a device against a local core (lab), print a timeline, clean up.
 demo: deps
@@ -17,13 +19,32 @@ lint:
 typecheck:
 	$(PYTHON) -m mypy
 
-# Lint, type-check the public API, then every test (unit, integration with real mosquitto,
-# swtpm + tpm2-abrmd, the EST station, PostgreSQL, MicroPython under node).
-test: lint typecheck
+# Installs, lints, type-checks the public API, then runs every test (unit, integration with real
+# mosquitto, swtpm + tpm2-abrmd, the EST station, PostgreSQL, MicroPython, packaging).
+test: deps
+	$(MAKE) lint typecheck
 	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 unit:
 	$(PYTHON) -m pytest -q tests/unit
+
+# Pin a dependency added to pyproject.toml (existing pins stay); `make lock-upgrade` moves every pin.
+LOCK_ARGS = -q --extra tpm --extra station --extra test --strip-extras --no-emit-index-url --no-emit-find-links
+lock:
+	[ -x $(VENV)/bin/pip-compile ] || $(PYTHON) -m pip install -q pip-tools
+	$(VENV)/bin/pip-compile $(LOCK_ARGS) -o requirements-test.txt pyproject.toml
+
+lock-upgrade:
+	[ -x $(VENV)/bin/pip-compile ] || $(PYTHON) -m pip install -q pip-tools
+	$(VENV)/bin/pip-compile $(LOCK_ARGS) --upgrade -o requirements-test.txt pyproject.toml
+
+# Wheel and sdist in dist/, checked with twine.
+dist:
+	bash scripts/build-dist.sh dist
+
+# The device package: dist/tether_<version>_all.deb (see docs/device.md).
+deb: dist
+	bash scripts/build-deb.sh dist
 
 # Every figure in the README; the fleet ramp is shortened here (`python benchmarks/fleet.py` for the full one).
 bench:
@@ -33,3 +54,6 @@ bench:
 	$(PYTHON) benchmarks/ota_download.py
 	$(PYTHON) benchmarks/firmware_size.py
 	$(PYTHON) benchmarks/fleet.py --steps 50,100 --hold 10
+
+clean:
+	rm -rf dist build *.egg-info

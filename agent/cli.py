@@ -15,6 +15,7 @@ from typing import Any
 
 from agent import config as configmod
 from agent.errors import AgentError, ConfigError
+from hal.about import VersionAction
 from hal.errors import TetherError
 
 Handler = Callable[[argparse.Namespace, configmod.Config], int]
@@ -107,9 +108,11 @@ def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int
 def cmd_enroll(args: argparse.Namespace, config: configmod.Config) -> int:
     import time
 
-    from agent.enroll import enroll
+    from agent.enroll import enroll_waiting
 
-    facts = enroll(config, otp_file=args.otp_file)
+    if not args.wait >= 0:
+        raise AgentError(f"--wait must be >= 0 seconds, got {args.wait}")
+    facts = enroll_waiting(config, otp_file=args.otp_file, wait=args.wait)
     until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(facts["not_after"]))
     print(f"enrolled {facts['subject']} (serial {facts['serial']}) via {facts['auth']}, valid until "
           f"{until}; chain stored in {config.certs_dir}")
@@ -279,6 +282,7 @@ def cmd_config_set(args: argparse.Namespace, config: configmod.Config) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description="Tether device agent: identity and "
                                      "connectivity for embedded Linux devices.")
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--config", "-c", help=f"TOML config file (default: $TETHER_CONFIG or "
                         f"{configmod.DEFAULT_CONFIG})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -293,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p = sub.add_parser("enroll", help="enroll over EST (one-time password or bootstrap certificate), store the chain")
     p.add_argument("--otp-file", help="file holding the one-time password (default: [est] otp_file); removed after use")
+    p.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
+                   help="while the station answers 202/503 with Retry-After, ask again for up to this long in all "
+                        "(each wait capped at [est] retry_after_max; default 3600; 0: do not wait)")
     p.set_defaults(needs_tls=True)
     p = sub.add_parser("status", help="device id, key, chain, session and token state")
     p.add_argument("--json", action="store_true")

@@ -7,6 +7,7 @@ the `[section] key` and what was expected. Relative paths are resolved against t
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -45,6 +46,8 @@ class EstSection(NamedTuple):
     bootstrap_cert: str = ""       # or a factory bootstrap certificate + key for first enrollment
     bootstrap_key: str = ""
     timeout: float = 10.0
+    label: str = ""                # RFC 7030 3.2.2 CA label: /.well-known/est/<label>/simpleenroll
+    retry_after_max: float = 600.0  # ceiling on the wait a station asks for with Retry-After (202, 503)
 
 
 class EndpointsSection(NamedTuple):
@@ -273,6 +276,11 @@ def validate(config: Config, path: Path) -> None:
         raise ConfigError(f"{path}: [mqtt] keepalive: {config.mqtt.keepalive} is outside 5..65535 seconds")
     if config.mqtt.backoff_base <= 0 or config.mqtt.backoff_cap < config.mqtt.backoff_base:
         raise ConfigError(f"{path}: [mqtt] backoff_base must be > 0 and backoff_cap >= backoff_base")
+    if not config.est.retry_after_max > 0:
+        raise ConfigError(f"{path}: [est] retry_after_max must be > 0 seconds, got {config.est.retry_after_max}")
+    if config.est.label and not re.fullmatch(r"[A-Za-z0-9._~-]+", config.est.label):
+        raise ConfigError(f"{path}: [est] label: {config.est.label!r} must be one URL path segment of letters, "
+                          "digits and '._~-' (RFC 7030 3.2.2)")
     box = config.outbox
     if box.max_messages < 1 or box.max_bytes < 1024 or not 1 <= box.max_inflight <= 65535:
         raise ConfigError(f"{path}: [outbox] needs max_messages >= 1, max_bytes >= 1024 and max_inflight in "

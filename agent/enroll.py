@@ -5,11 +5,20 @@ to `certs/pending.csr` before it is sent and reused on a retry while it still ma
 so a device killed after sending asks again with the same CSR and the station answers with the same
 certificate instead of refusing the spent one-time password. The pending CSR and the password file
 are removed only after the chain is stored.
+
+Retries are decided by the error, never by its text (DESIGN.md "The supervisor"): `retry_delay`
+honours the station's `Retry-After` (202 pending, 503 busy; RFC 7030 4.2.3) up to
+`[est] retry_after_max`; a refusal that is not retryable (spent one-time password, revoked device)
+is not sent again until the credentials change (`credentials_stamp`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import random
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, read_secret_file
@@ -57,8 +66,6 @@ def pending_csr(identity: DeviceIdentity) -> tuple[x509.CertificateSigningReques
 
 def _credentials(config: Config, otp: str | None, otp_file: str | None) -> tuple[Auth, str, str | None]:
     """(auth, kind, file to delete after success) from the argument, the OTP file or the bootstrap cert."""
-    import os
-
     from provisioning.est.client import BasicAuth, ClientCertAuth
 
     user = config.est.username or config.device.id
@@ -96,10 +103,81 @@ def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str |
     if identity.ensure_key():
         log.info("created device key in the %s key store", config.keys.backend)
     csr, reused = pending_csr(identity)
-    with EstClient(config.est.url, config.est.ca_file, config.est.timeout, auth=auth) as client:
+    with EstClient(config.est.url, config.est.ca_file, config.est.timeout, auth=auth, label=config.est.label) as client:
         chain = client.simpleenroll(csr)
     identity.install_chain(chain)
     storage.remove(identity.certstore.path(PENDING_CSR))
     if used_file:
         storage.remove(used_file)  # single use: keep no copy of a spent password
     return {**chain_facts(chain), "csr_reused": reused, "auth": kind}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
+
+
+def retry_delay(exc: BaseException, config: Config, fallback: float) -> float | None:
+    """Seconds before the next attempt after `exc`, or None when trying again cannot help.
+
+    A station that asked for a delay (`Retry-After` on 202/503) gets it, capped at
+    `[est] retry_after_max`, and never less than `fallback` (the caller's backoff, so a station
+    answering `Retry-After: 0` cannot make a device hammer it); without one, `fallback`. None for an
+    EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR.
+    """
+    from provisioning.errors import EnrollmentError
+
+    if not isinstance(exc, EnrollmentError):
+        return fallback
+    if not exc.retryable:
+        return None
+    if exc.retry_after is None:
+        return fallback
+    ceiling = config.est.retry_after_max
+    asked = exc.retry_after
+    delay = max(min(asked, ceiling), fallback)
+    log.warning("station asked to retry after %s s%s; next attempt in %s s", _seconds(asked),
+                f" (capped at {_seconds(ceiling)} s)" if asked > ceiling else "", _seconds(delay))
+    return delay
+
+
+def credentials_stamp(config: Config, otp_file: str | None = None) -> tuple[object, ...]:
+    """What changes when an operator replaces the enrollment credentials (one-time password file,
+    bootstrap certificate or key): a refused enrollment is sent again only after this changes."""
+    stamp: list[object] = []
+    for path in (otp_file or config.est.otp_file, config.est.bootstrap_cert, config.est.bootstrap_key):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        stamp.append(None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+def enroll_waiting(config: Config, *, otp_file: str | None = None, wait: float = 3600.0,
+                   sleep: Callable[[float], object] = time.sleep,
+                   clock: Callable[[], float] = time.monotonic,
+                   rand: Callable[[], float] = random.random) -> dict[str, Any]:
+    """`enroll`, sent again while the station asks for time (`Retry-After` on 202/503) for up to
+    `wait` seconds in all: `tether enroll` against a station whose operator approves by hand.
+
+    Any other failure is raised at once (a one-shot command reports; `tether run` retries). When
+    the next wait would pass `wait`, the last EnrollmentError is raised with that said.
+    """
+    from agent.core.backoff import Backoff
+    from provisioning.errors import EnrollmentError
+
+    backoff = Backoff(1.0, max(config.est.retry_after_max, 1.0))
+    deadline = clock() + wait
+    while True:
+        try:
+            return enroll(config, otp_file=otp_file)
+        except EnrollmentError as exc:
+            if not exc.retryable or exc.retry_after is None:
+                raise
+            delay = retry_delay(exc, config, backoff.next_delay(rand()))
+            assert delay is not None
+            if clock() + delay > deadline:
+                raise EnrollmentError(f"{exc}; gave up: waiting {_seconds(delay)} s more would pass --wait "
+                                      f"{_seconds(wait)} s", retryable=True, status=exc.status,
+                                      retry_after=exc.retry_after) from None
+            sleep(delay)

@@ -82,6 +82,7 @@ class Renewal:
         self.last_error: str | None = None
         self._state: dict[str, Any] | None = None
         self._due: object = _UNKNOWN
+        self._stopped: str | None = None  # serial whose renewal the station refused (not retryable)
 
     # -- persisted state ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -104,7 +105,7 @@ class Renewal:
             from provisioning.chainfacts import read_facts
 
             facts = read_facts(self.config.certs_dir)
-            if facts is None:
+            if facts is None or (self._stopped is not None and str(facts["serial"]) == self._stopped):
                 self._due = None
             else:
                 at = self.threshold.renew_at(float(facts["not_before"]),  # type: ignore[arg-type]
@@ -137,7 +138,7 @@ class Renewal:
         try:
             self.renew_now()
         except TetherError as exc:
-            self._failed(f"re-enrollment failed: {exc}")
+            self._failed(f"re-enrollment failed: {exc}", exc)
         else:
             self.wake()
 
@@ -163,18 +164,37 @@ class Renewal:
             auth = ClientCertAuth(str(self.identity.certstore.path()), tls.keyfile, tls.password)
         log.info("renewal: re-enrolling with %s (%s key)", self.config.est.url,
                  "a new" if label != KEY_LABEL else "the current")
-        with EstClient(self.config.est.url, self.config.est.ca_file, self.config.est.timeout, auth=auth) as est:
+        with EstClient(self.config.est.url, self.config.est.ca_file, self.config.est.timeout, auth=auth,
+                       label=self.config.est.label) as est:
             chain = est.simplereenroll(csr)
         self.identity.certstore.stage(chain, self.identity.device_id, self.identity.keystore.public_key(label))
         self._save(state="staged", key=label, error=None)
         log.info("renewal: new certificate serial 0x%x staged; proving it with a session", chain[0].serial_number)
         return chain
 
-    def _failed(self, reason: str) -> None:
-        delay = self.backoff.next_delay(self.rand())
+    def _failed(self, reason: str, exc: BaseException | None = None) -> None:
+        from agent.enroll import retry_delay
+
+        fallback = self.backoff.next_delay(self.rand())
+        # the error decides: the station's Retry-After is honoured; a refusal (revoked, CSR refused)
+        # is not repeated for this certificate until the agent restarts
+        delay = fallback if exc is None else retry_delay(exc, self.config, fallback)
         self.last_error = reason
+        if delay is None:
+            self._stopped = self._serial()
+            self._save(state="idle", next_try=0, error=reason)
+            log.error("renewal: %s; not retrying for certificate serial %s (the station refused it): the current "
+                      "certificate stays in use; fix the cause, then restart the agent",
+                      reason, self._stopped)
+            return
         self._save(state="idle", next_try=self.clock() + delay, error=reason)
         log.warning("renewal: %s; the current certificate stays in use, retrying in %.0f s", reason, delay)
+
+    def _serial(self) -> str | None:
+        from provisioning.chainfacts import read_facts
+
+        facts = read_facts(self.config.certs_dir)
+        return None if facts is None else str(facts["serial"])
 
     # -- proving and promotion (runtime thread) -----------------------------------------------------
     def candidate(self) -> tuple[str, str] | None:

@@ -37,6 +37,7 @@ from hal.errors import TetherError
 
 log = logging.getLogger("tether")
 RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched slots
+CREDENTIALS_POLL = 2.0  # seconds between looks at the credential files after the station refused them
 
 
 class Runtime:
@@ -128,9 +129,12 @@ class Runtime:
     # -- boot --------------------------------------------------------------------------------------
     def boot(self, once: bool = False, report: Callable[[str, float, str], None] | None = None) -> bool:
         """Run the boot sequence, retrying with backoff unless `once`. False if stopped first."""
+        from agent.enroll import credentials_stamp, retry_delay
+
         sequence = BootSequence(self.config, self.identity, report)
         backoff = Backoff(self.config.mqtt.backoff_base, max(self.config.mqtt.backoff_cap, 1.0))
         while not self.stopping.is_set():
+            credentials = credentials_stamp(self.config)
             try:
                 sequence.run()
                 return True
@@ -139,9 +143,17 @@ class Runtime:
             except TetherError as exc:
                 if once:
                     raise
-                delay = backoff.next_delay(self.rand())
-                log.error("boot: %s; retrying in %.1f s", exc, delay)
                 self.status(session="booting", last_error=str(exc))
+                # the error decides (Retry-After honoured, refusals not repeated), never its text
+                delay = retry_delay(exc, self.config, backoff.next_delay(self.rand()))
+                if delay is None:
+                    log.error("boot: %s; not retrying with the same credentials: waiting for a new one-time "
+                              "password in %s (or a new bootstrap certificate)", exc,
+                              self.config.est.otp_file or "[est] otp_file")
+                    while not self.stopping.is_set() and credentials_stamp(self.config) == credentials:
+                        self.stopping.wait(CREDENTIALS_POLL)
+                    continue
+                log.error("boot: %s; retrying in %.1f s", exc, delay)
                 self.stopping.wait(delay)
         return False
 

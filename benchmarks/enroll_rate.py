@@ -1,17 +1,20 @@
 """Enrollments per second against `tether-station serve`, side by side with `openssl x509 -req` per device.
 
-    python benchmarks/enroll_rate.py [--devices 2000] [--clients 4] [--workers 2] [--baseline 200] [--console]
+    python benchmarks/enroll_rate.py [--devices 2000] [--clients 4] [--workers 2] [--baseline 200]
+    python benchmarks/enroll_rate.py --stations 2 --db postgresql://tether@127.0.0.1:5432/tether
+    python benchmarks/enroll_rate.py --console   # the operators' console served, its live page open
 
 What is timed:
 - station: each device opens a NEW TLS connection, POSTs its CSR to /simpleenroll with HTTP Basic
   (device id, one-time password) and reads the PKCS#7 chain; `--clients` processes share the devices.
   The server is a real `tether-station serve` subprocess with a SQLite ledger (WAL; `--ledger-sync`, default full).
+- scale-out: `--stations N` runs N `tether-station serve` processes on their own ports over one ledger
+  (`--db`, PostgreSQL for several stations) and one CA directory; the clients are spread over them (as a
+  TCP load balancer would) and the ledger is checked afterwards: every device holds exactly one row.
 - CPU: station workers and clients together, and the openssl processes, per enrollment.
 - baseline: the same CSRs signed by invoking `openssl x509 -req` once per device with the station's
   issuing CA and the same extensions, one after another (what a factory script looping over
   devices does).
-- `--console`: the station also serves its operator console (`serve --console`) and one client holds
-  the live page's server-sent-event stream open for the whole run (what an open browser tab does).
 Key pairs, CSRs and one-time passwords are made before the clock starts. Prints figures only.
 """
 
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -55,14 +59,15 @@ subjectAltName = URI:spiffe://bench.tether/device/$ENV::DEVICE_ID
 """
 
 
-def prepare(directory: Path, count: int) -> list[tuple[str, str, bytes, bytes]]:
+def prepare(directory: Path, count: int, db: str | None = None) -> list[tuple[str, str, bytes, bytes]]:
     """(device id, OTP, base64 DER CSR, PEM CSR) per device; OTPs are stored in the station's ledger."""
     station = Station(directory)
-    ledger = station.open_ledger()
+    ledger = station.open_ledger(db)
     now = int(time.time())
+    run = os.urandom(3).hex()  # a shared ledger outlives the run: each run enrolls devices of its own
     devices = []
     for i in range(count):
-        device_id = f"bench-{i:05d}"
+        device_id = f"bench-{run}-{i:05d}"
         csr = build_csr(generate("ec-p256"), device_id, TRUST_DOMAIN)
         otp = new_otp()
         ledger.add_otp(device_id, otp_hash(device_id, otp), now, now + 3600)
@@ -97,7 +102,7 @@ def client(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]], out: mul
     out.put((latencies, failures, usage.ru_utime + usage.ru_stime))
 
 
-def live_page(port: int, ca_file: str, operator: Path, stop: multiprocessing.Event) -> None:
+def live_page(port: int, ca_file: str, operator: Path, stop: Any) -> None:
     """Hold the console's live stream open, reading every event, as an open browser tab does."""
     ctx = ssl.create_default_context(cafile=ca_file)
     ctx.load_cert_chain(str(operator / "bench.pem"), str(operator / "bench.key"))
@@ -110,38 +115,46 @@ def live_page(port: int, ca_file: str, operator: Path, stop: multiprocessing.Eve
 
 
 def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], clients: int,
-                workers: int, console: bool = False) -> dict[str, float]:
-    port, console_port = free_port(), free_port()
-    extra = ["--console", f"127.0.0.1:{console_port}"] if console else []
-    proc = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
-                                   "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
-                                   "--log-level", "warning", *extra], directory / "serve.log", cwd=REPO)
+                workers: int, stations: int = 1, db: str | None = None, console: bool = False) -> dict[str, float]:
+    ports = [free_port() for _ in range(stations)]
+    console_port = free_port()
+    procs_: list[Proc] = []
+    for n, port in enumerate(ports):
+        argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
+                "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "warning"]
+        if db:
+            argv += ["--db", db]
+        if console and n == 0:
+            argv += ["--console", f"127.0.0.1:{console_port}"]
+        procs_.append(Proc("tether-station", argv, directory / f"serve-{n}.log", cwd=REPO))
     stop = multiprocessing.Event()
     live = None
     try:
-        proc.wait_port("127.0.0.1", port, 20)
         ca_file = str(directory / "ca.pem")
-        wait_until(lambda: _cacerts_ok(port, ca_file), 20, "station answering /cacerts")
+        for proc, port in zip(procs_, ports, strict=True):
+            proc.wait_port("127.0.0.1", port, 20)
+            wait_until(lambda port=port: _cacerts_ok(port, ca_file), 20, "station answering /cacerts")
         if console:
-            proc.wait_port("127.0.0.1", console_port, 20)
+            procs_[0].wait_port("127.0.0.1", console_port, 20)
             live = multiprocessing.Process(target=live_page, args=(console_port, ca_file, directory / "operator", stop))
             live.start()
         jobs = [(d, o, b) for d, o, b, _ in devices]
-        server_cpu = _tree_cpu(proc.pid)
+        server_cpu = sum(_tree_cpu(proc.pid) for proc in procs_)
         queue: multiprocessing.Queue = multiprocessing.Queue()
-        procs = [multiprocessing.Process(target=client, args=(port, ca_file, jobs[i::clients], queue))
+        procs = [multiprocessing.Process(target=client, args=(ports[i % stations], ca_file, jobs[i::clients], queue))
                  for i in range(clients)]
         start = time.perf_counter()
         for p in procs:
             p.start()
         results = [queue.get() for _ in procs]
         elapsed = time.perf_counter() - start
-        server_cpu = _tree_cpu(proc.pid) - server_cpu
+        server_cpu = sum(_tree_cpu(proc.pid) for proc in procs_) - server_cpu
         for p in procs:
             p.join()
     finally:
         stop.set()
-        proc.stop()
+        for proc in procs_:
+            proc.stop()
         if live is not None:
             live.join(10)
     latencies = sorted(x for lat, _, _ in results for x in lat)
@@ -150,6 +163,18 @@ def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], c
     return {"rate": len(latencies) / elapsed, "p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
             "elapsed": elapsed, "failures": failures, "count": len(latencies), "cpu": cpu / len(latencies),
             "server_cpu": server_cpu / len(latencies)}
+
+
+def ledger_rows_per_device(directory: Path, db: str | None) -> dict[str, int]:
+    """How many certificates the (shared) ledger holds for each device."""
+    ledger = Station(directory).open_ledger(db)
+    try:
+        counts: dict[str, int] = {}
+        for row in ledger.rows():
+            counts[row.device_id] = counts.get(row.device_id, 0) + 1
+        return counts
+    finally:
+        ledger.close()
 
 
 def _tree_cpu(pid: int) -> float:
@@ -220,6 +245,8 @@ def main() -> int:
     parser.add_argument("--ledger-sync", choices=("full", "normal"), default="full",
                         help="station.toml ledger_sync: fsync per issuance (full, the default) or not")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="station worker processes")
+    parser.add_argument("--stations", type=int, default=1, help="station processes sharing one ledger (scale-out)")
+    parser.add_argument("--db", help="ledger URL shared by the stations (postgresql://...); default: SQLite")
     parser.add_argument("--console", action="store_true", help="serve the console too, with its live page open")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -229,22 +256,26 @@ def main() -> int:
         settings_file = directory / "station" / SETTINGS
         settings_file.write_bytes(dataclasses.replace(Settings.read(settings_file),
                                                       ledger_sync=args.ledger_sync).render())
-        devices = prepare(directory / "station", args.devices)
+        devices = prepare(directory / "station", args.devices, args.db)
         if args.console:
             from provisioning.station.console.operators import add_operator
             from provisioning.station.console.store import ConsoleStore
 
             st = Station(directory / "station")
-            ledger = st.open_ledger()
+            ledger = st.open_ledger(args.db)
             add_operator(st, ConsoleStore(ledger), "bench", "readonly", directory / "station" / "operator",
                          int(time.time()))
             ledger.close()
         baseline = run_openssl(directory / "station", devices[: args.baseline])
-        station = run_station(directory / "station", devices, args.clients, args.workers, args.console)
+        station = run_station(directory / "station", devices, args.clients, args.workers, args.stations, args.db,
+                              args.console)
+        rows = ledger_rows_per_device(directory / "station", args.db)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    print(f"machine: {os.cpu_count()} CPU(s); station: {args.workers} worker process(es), {args.clients} client "
-          f"process(es), new TLS connection per device, SQLite ledger (WAL, synchronous={args.ledger_sync.upper()})"
+    ledger = (f"one PostgreSQL ledger ({args.db.split('@')[-1]})" if args.db and "://" in args.db
+              else f"SQLite ledger (WAL, synchronous={args.ledger_sync.upper()})")
+    print(f"machine: {os.cpu_count()} CPU(s); {args.stations} station(s) x {args.workers} worker process(es), "
+          f"{args.clients} client process(es), new TLS connection per device, {ledger}"
           + ("; console served with its live page open" if args.console else ""))
     print(f"{'':<28}{'devices':>8}{'enroll/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}{'failed':>8}")
     for name, r in (("tether-station EST/HTTPS", station), ("openssl x509 -req per CSR", baseline)):
@@ -257,11 +288,15 @@ def main() -> int:
           f"{(station['cpu'] - station['server_cpu']) * 1000:.2f} ms (TLS handshakes on both sides); openssl "
           f"{baseline['cpu'] * 1000:.2f} ms; openssl / (station + clients) {baseline['cpu'] / station['cpu']:.1f}x, "
           f"openssl / station alone {baseline['cpu'] / station['server_cpu']:.1f}x")
+    issued = sum(1 for d, *_ in devices if rows.get(d, 0) >= 1)
+    doubled = sorted(d for d, n in rows.items() if n > 1)
+    print(f"ledger: {issued} of {len(devices)} devices hold a certificate; devices with more than one row: "
+          f"{len(doubled)}{' ' + ', '.join(doubled[:5]) if doubled else ''}")
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1) + 0.5:
         print(f"warning: load average {load:.1f} on {os.cpu_count()} CPU(s): other work shared the machine, "
               "rates are low; rerun on an idle machine")
-    return 1 if station["failures"] else 0
+    return 1 if station["failures"] or doubled or issued != len(devices) else 0
 
 
 if __name__ == "__main__":

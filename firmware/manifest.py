@@ -2,6 +2,7 @@
 # image with `make BOARD=... FROZEN_MANIFEST=/path/to/tether/firmware/manifest.py`.
 # Frozen bytecode runs from flash, which is what keeps the session inside its RAM budget.
 # SHIPPED is also read by build.py, so the frozen set and the measured .mpy set are one list.
+# A frozen image still needs main.py (STUBS) on the board's filesystem to start the agent.
 
 SHIPPED = (
     "agent/__init__.py",
@@ -16,8 +17,11 @@ SHIPPED = (
     "firmware/mqtt_codec.py",
     "firmware/session.py",
     "firmware/net.py",
-    "firmware/main.py",
+    "firmware/board_config.py",
+    "firmware/tether_main.py",
 )
+# Copied as source, not compiled: boards run only main.py (and boot.py) from the filesystem.
+STUBS = ("firmware/main.py",)
 # agent/core/discovery.py stays out: boards take endpoints from tether.json (no HTTPS client
 # for the discovery API fits), and the Linux agent uses it.
 

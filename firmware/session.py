@@ -9,7 +9,8 @@ or after an established session drops, the next attempt waits a Backoff delay.
 Everything the session decides comes from agent/core; this module only moves packets. It is fed
 its I/O: ``connect(endpoint)`` returns a transport with ``send(bytes)``, ``recv(timeout)``
 (bytes; ``b""`` when the peer closed; None when nothing arrived in ``timeout`` seconds) and
-``close()``, or raises OSError; ``clock()`` returns seconds; ``wait(seconds)`` blocks while
+``close()``, or raises OSError (``net.TransportError`` is one, typed by ``kind``);
+``clock()`` returns seconds; ``wait(seconds)`` blocks while
 disconnected; ``rand()`` returns a float in [0, 1). Progress is reported through
 ``on_event(name, detail)``; see EVENTS.
 """
@@ -39,6 +40,13 @@ EVENTS = {
     "message": "(topic, payload) of any other PUBLISH",
     "published": "packet id of an acknowledged QoS 1 publish",
 }
+
+
+def _reason(exc):
+    """``kind: detail`` for a TransportError, ``io: <repr>`` for any other OSError."""
+    if getattr(exc, "kind", None):
+        return str(exc)
+    return "io: %r" % (exc,)
 
 
 class Session:
@@ -95,7 +103,11 @@ class Session:
         try:
             self._connected_step(now)
         except OSError as exc:
-            self._lost("I/O error: %r" % (exc,))
+            self._lost(_reason(exc))
+        except MemoryError:
+            # A packet or TLS record that does not fit this heap: drop the connection (its buffers
+            # go with it) and reconnect after a backoff rather than dying.
+            self._lost("out of memory")
 
     def _connected_step(self, now):
         data = self._transport.recv(max(0, self._next_deadline() - now))
@@ -161,7 +173,10 @@ class Session:
         try:
             transport = self._connect(ep)
         except OSError as exc:
-            self._failed(ep, "connect: %r" % (exc,))
+            self._failed(ep, _reason(exc))
+            return
+        except MemoryError:
+            self._failed(ep, "memory: connect: out of memory")
             return
         self._transport = transport
         self.endpoint = ep
@@ -170,9 +185,13 @@ class Session:
         self._deadline = now + self.connect_timeout
         self._ping_sent = None
         try:
+            # The first send also completes the TLS handshake (net.py), so verification
+            # failures surface here.
             self._send(mq.encode_connect(self.client_id, self.keepalive, True))
         except OSError as exc:
-            self._failed(ep, "send CONNECT: %r" % (exc,))
+            self._failed(ep, _reason(exc))
+        except MemoryError:
+            self._failed(ep, "memory: send CONNECT: out of memory")
 
     def _drop(self):
         if self._transport is not None:

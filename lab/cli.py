@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from hal.about import VersionAction
 from hal.errors import TetherError
 from lab.core import Lab, LabSettings, wait_ready
 from lab.procs import LabError, wait_until
@@ -120,6 +121,7 @@ def cmd_ota(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether-lab", description="Tether's local core for development, "
                                      "demos, end-to-end tests and end-of-line checks.")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("up", "start the lab in the background"), ("serve", "run the lab in the foreground")):
         p = sub.add_parser(name, help=text)

@@ -84,8 +84,8 @@ def _load_certificates(data: bytes, where: str) -> list[x509.Certificate]:
         except _MALFORMED:
             pass
         try:
-            return list(pkcs7.load_der_pkcs7_certificates(data))
-        except _MALFORMED as exc:
+            return _pkcs7_certificates(data, where)
+        except PemError as exc:
             raise PemError(f"{where}: neither PEM, DER certificate nor PKCS#7 ({exc})") from None
     blocks = _PEM_BLOCK.findall(data)
     if not blocks:
@@ -103,10 +103,7 @@ def _load_certificates(data: bytes, where: str) -> list[x509.Certificate]:
             except _MALFORMED as exc:
                 raise PemError(f"{where}: PEM block {index}: not a valid X.509 certificate ({exc})") from None
         elif kind == "PKCS7":
-            try:
-                certs.extend(pkcs7.load_der_pkcs7_certificates(der))
-            except _MALFORMED as exc:
-                raise PemError(f"{where}: PEM block {index}: not a valid PKCS#7 ({exc})") from None
+            certs.extend(_pkcs7_certificates(der, f"{where}: PEM block {index}"))
         else:
             raise PemError(f"{where}: PEM block {index} is a {kind}, expected CERTIFICATE")
     return certs
@@ -132,6 +129,19 @@ def load_csr(data: bytes, where: str = "CSR") -> x509.CertificateSigningRequest:
 
 def to_pem(certs: Sequence[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _pkcs7_certificates(der: bytes, where: str) -> list[x509.Certificate]:
+    """A PKCS#7 certs-only file in DER or BER and any SET order, without cryptography's BER warning."""
+    from provisioning.est.pkcs7 import certificate_blobs
+
+    certs = []
+    for index, blob in enumerate(certificate_blobs(der, f"{where}: PKCS#7"), 1):
+        try:
+            certs.append(x509.load_der_x509_certificate(blob))
+        except _MALFORMED as exc:
+            raise PemError(f"{where}: PKCS#7 certificate {index}: not a valid X.509 certificate ({exc})") from None
+    return certs
 
 
 def pkcs7_certs_only(certs: Sequence[x509.Certificate]) -> bytes:

@@ -37,9 +37,12 @@ class PolicyError(ProvisioningError):
 
 
 class EnrollmentError(ProvisioningError):
-    """The EST exchange failed. `retryable` tells the caller whether trying again can help."""
+    """The EST exchange failed. `retryable` tells the caller whether trying again can help;
+    `retry_after` is the delay in seconds the server asked for (`Retry-After` on 202, 429, 503), if any."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.retry_after = retry_after

@@ -7,17 +7,29 @@ success (Cumulocity's documentation shows 201).
 
 Errors are `EnrollmentError` with `retryable` set the way a caller schedules a retry: network
 errors, timeouts, 5xx, 429 and 202 (pending) are worth retrying; other 4xx are not until something
-changes (a new OTP, a fixed CSR). The server's reason text is in the message.
+changes (a new OTP, a fixed CSR). The server's reason text is in the message, and the delay it asked
+for (`Retry-After`, RFC 7030 4.2.3, RFC 7231 7.1.3) in `retry_after`; this client never waits by
+itself, the caller schedules the next attempt.
+
+A CA under an RFC 7030 3.2.2 label is reached at `/.well-known/est/<label>/...`: pass `label`, or
+give the URL with that path. PKCS#7 answers are read by `provisioning.est.pkcs7` (DER or BER, any
+SET order, no warning), and an answer holding only the issued certificate is completed from
+`/cacerts`, as RFC 7030 4.2.3 intends.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
+import email.utils
+import re
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from cryptography import x509
@@ -28,8 +40,11 @@ from requests.structures import CaseInsensitiveDict
 
 from provisioning.certs import load_certificates, same_public_key, subject_of
 from provisioning.errors import EnrollmentError, PemError
+from provisioning.est.pkcs7 import certificate_blobs
 
 WELL_KNOWN = "/.well-known/est"
+LABEL = re.compile(r"[A-Za-z0-9._~-]+")  # one path segment of RFC 3986 unreserved characters
+_PKCS7_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-certificates")
 CSR_TYPE = "application/pkcs10"
 MAX_RESPONSE = 1 << 20
 _REASON_LIMIT = 2000
@@ -86,6 +101,56 @@ class _ContextAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` value: delta-seconds or an HTTP-date (RFC 7231 7.1.3).
+
+    None when absent or unreadable (the caller then uses its own backoff); a date in the past is 0.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit() and value.isascii():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" parses without a zone; HTTP dates are always GMT (RFC 7231 7.1.1.1)
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def est_base(url: str, label: str = "") -> str:
+    """`https://host:port[/prefix]/.well-known/est[/label]` from the configured URL and label.
+
+    The URL may already end in `/.well-known/est` or `/.well-known/est/<label>`; otherwise the
+    well-known path is added after it. Raises EnrollmentError (not retryable) for a URL that is not
+    https, a label that is not one RFC 3986 unreserved path segment, or two different labels.
+    """
+    if not url.startswith("https://"):
+        raise EnrollmentError(f"EST URL {url!r} must start with https:// (RFC 7030 requires TLS)", retryable=False)
+    if label and not LABEL.fullmatch(label):
+        raise EnrollmentError(f"EST label {label!r} must be one path segment of letters, digits and '._~-' "
+                              "(RFC 7030 3.2.2)", retryable=False)
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise EnrollmentError(f"EST URL {url!r} must not carry a query or fragment", retryable=False)
+    path = parts.path.rstrip("/")
+    prefix, marker, rest = path.partition(WELL_KNOWN)
+    if not marker or (rest and not rest.startswith("/")):  # "/.well-known/estate" is not the EST path
+        prefix, rest = path, ""
+    url_label = rest.strip("/")
+    if url_label and not LABEL.fullmatch(url_label):
+        raise EnrollmentError(f"EST URL {url!r}: {url_label!r} after {WELL_KNOWN} must be one label segment "
+                              "(RFC 7030 3.2.2)", retryable=False)
+    if url_label and label and url_label != label:
+        raise EnrollmentError(f"EST URL {url!r} names label {url_label!r} but the label {label!r} is configured "
+                              "too: keep one", retryable=False)
+    chosen = url_label or label
+    base = f"https://{parts.netloc}{prefix}{WELL_KNOWN}"
+    return f"{base}/{chosen}" if chosen else base
+
+
 def order_chain(certs: list[x509.Certificate], leaf_key: Any | None = None) -> list[x509.Certificate]:
     """Leaf first, then each certificate's issuer, up to the root.
 
@@ -120,14 +185,12 @@ def _signed(child: x509.Certificate, parent: x509.Certificate) -> bool:
 
 class EstClient:
     """One EST server. `base_url` is `https://host:port` (the `/.well-known/est` path is added when
-    absent); `ca_file` is the CA that signed the server's certificate ('' = system trust store)."""
+    absent, see `est_base`); `label` picks a CA under an RFC 7030 3.2.2 label; `ca_file` is the CA
+    that signed the server's certificate ('' = system trust store)."""
 
-    def __init__(self, base_url: str, ca_file: str = "", timeout: float = 10.0, auth: Auth = None) -> None:
-        if not base_url.startswith("https://"):
-            raise EnrollmentError(f"EST URL {base_url!r} must start with https:// (RFC 7030 requires TLS)",
-                                  retryable=False)
-        base = base_url.rstrip("/")
-        self.base_url = base if base.endswith(WELL_KNOWN) else base + WELL_KNOWN
+    def __init__(self, base_url: str, ca_file: str = "", timeout: float = 10.0, auth: Auth = None,
+                 label: str = "") -> None:
+        self.base_url = est_base(base_url, label)
         self.ca_file = ca_file
         self.timeout = timeout
         self.auth = auth
@@ -190,11 +253,14 @@ class EstClient:
         if status in (200, 201):
             return answer, content
         reason = content.decode("utf-8", "replace").strip()[:_REASON_LIMIT] or answer.reason
+        retryable = status >= 500 or status in (202, 408, 429)
+        after = parse_retry_after(answer.headers.get("Retry-After")) if retryable else None
+        asked = f" (Retry-After: {answer.headers['Retry-After']})" if "Retry-After" in answer.headers else ""
         if status == 202:
-            raise EnrollmentError(f"{url}: request accepted but pending (manual approval); retry after "
-                                  f"{answer.headers.get('Retry-After', '?')} s", retryable=True, status=status)
-        retryable = status >= 500 or status in (408, 429)
-        raise EnrollmentError(f"{url}: HTTP {status}: {reason}", retryable=retryable, status=status)
+            raise EnrollmentError(f"{url}: request accepted but pending (manual approval){asked}", retryable=True,
+                                  status=status, retry_after=after)
+        raise EnrollmentError(f"{url}: HTTP {status}: {reason}{asked if retryable else ''}", retryable=retryable,
+                              status=status, retry_after=after)
 
     def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str] | None) -> _Answer:
         # Plain data out, so no error raised later holds the `requests` response (and through it the
@@ -211,15 +277,18 @@ class EstClient:
                 return _Answer(response.status_code, response.reason, CaseInsensitiveDict(response.headers),
                                response.content)
         except requests.exceptions.SSLError as exc:
-            # a certificate the server refuses, or a server we do not trust: retrying will not help
-            raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=False) from None
+            # a server we do not trust: retrying will not help until [est] ca_file changes; any other TLS
+            # failure (a station restarting mid-handshake, a reset) is worth another try
+            untrusted = _caused_by(exc, ssl.SSLCertVerificationError)
+            raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=not untrusted) from None
         except (requests.RequestException, OSError) as exc:
             raise EnrollmentError(f"{url}: {type(exc).__name__}: {exc}", retryable=True) from None
 
     def _certs(self, response: _Answer, data: bytes, operation: str) -> list[x509.Certificate]:
+        where = f"{self.base_url}/{operation}"
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type not in ("application/pkcs7-mime", "application/x-pkcs7-certificates"):
-            raise EnrollmentError(f"{self.base_url}/{operation}: expected application/pkcs7-mime, got "
+        if content_type not in _PKCS7_TYPES:
+            raise EnrollmentError(f"{where}: expected application/pkcs7-mime, got "
                                   f"{content_type or 'no Content-Type'!r}", retryable=False,
                                   status=response.status)
         try:
@@ -227,10 +296,46 @@ class EstClient:
         except (binascii.Error, ValueError):
             der = data  # some servers send binary DER despite RFC 7030 4.1.3
         try:
-            certs = load_certificates(der, f"{self.base_url}/{operation} answer")
+            if not der:
+                raise PemError(f"{where} answer: empty")
+            blobs = certificate_blobs(der, f"{where} answer") if not _is_certificate(der) else [der]
+            certs = [_one_certificate(blob, f"{where} answer: certificate {i}") for i, blob in enumerate(blobs, 1)]
         except PemError as exc:
             raise EnrollmentError(str(exc), retryable=False, status=response.status) from None
         if not certs:
-            raise EnrollmentError(f"{self.base_url}/{operation}: the answer holds no certificate",
-                                  retryable=False, status=response.status)
+            raise EnrollmentError(f"{where}: the answer holds no certificate", retryable=False,
+                                  status=response.status)
         return certs
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `kind` is in the chain requests and urllib3 wrap around a socket error (causes,
+    contexts, `MaxRetryError.reason`, first arguments)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        if isinstance(item, kind):
+            return True
+        seen.add(id(item))
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args[:1]]
+    return False
+
+
+def _is_certificate(der: bytes) -> bool:
+    """A bare DER certificate (some servers answer so) rather than a PKCS#7 ContentInfo."""
+    try:
+        x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    return True
+
+
+def _one_certificate(blob: bytes, where: str) -> x509.Certificate:
+    try:
+        x509.load_der_x509_certificate(blob)
+    except ValueError as exc:
+        raise PemError(f"{where}: not a DER X.509 certificate ({exc})") from None
+    return load_certificates(blob, where)[0]  # the same bytes again, for its name checks

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hal import storage
+from hal.about import VersionAction
 from hal.errors import TetherError
 from provisioning.station.errors import StationError
 
@@ -372,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--db", help="ledger: postgresql://... URL or SQLite path (default: station.toml)")
     parser = argparse.ArgumentParser(prog="tether-station", description="Tether factory provisioning station: "
                                      "CA, EST enrollment server, issuance ledger, one-time passwords.")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="create the root and issuing CA (or import a CA)")

@@ -1,4 +1,4 @@
-"""firmware/main.py in real MicroPython: bad or missing files give one clear line, no crash."""
+"""firmware/tether_main.py in real MicroPython: bad or missing files give one clear line, no crash."""
 
 import json
 
@@ -18,8 +18,8 @@ def _run_main(files_py):
         "def capture(*a):\n"
         "    buf.append(' '.join(str(x) for x in a))\n"
         "builtins.print = capture\n"
-        "import main\n"
-        "rv = main.main()\n"
+        "import tether_main\n"
+        "rv = tether_main.main()\n"
         "builtins.print = _print\n"
         "print('@@RESULT ' + json.dumps({'returned': rv is None, 'out': buf}))\n"
     )

@@ -90,3 +90,41 @@ def test_malformed_packet_from_broker_drops_the_connection_and_reconnects():
         s.step()
     reasons = [d for n, d in events if n == "disconnected"]
     assert reasons == ["bad data from the broker: remaining length: more than 4 bytes (spec 2.2.3)"]
+
+
+def test_out_of_memory_while_connected_drops_the_connection_and_reconnects():
+    from fake_broker import FakeBroker, FakeClock
+
+    clock = FakeClock()
+    broker = FakeBroker(clock)
+    events = []
+    s = _session(broker, clock, events)
+    while s.state != "ready":
+        s.step()
+
+    def no_memory(timeout):
+        raise MemoryError
+
+    s._transport.recv = no_memory
+    while len(broker.connects) < 2:
+        s.step()
+    assert [d for n, d in events if n == "disconnected"] == ["out of memory"]
+
+
+def test_transport_error_on_connect_fails_over_with_its_kind():
+    import net
+    from fake_broker import FakeBroker, FakeClock
+
+    clock = FakeClock()
+    broker = FakeBroker(clock)
+    events = []
+    s = _session(broker, clock, events)
+
+    def refuse(endpoint):
+        raise net.TransportError("verify", "send: The certificate is not correctly signed by the trusted CA")
+
+    s._connect = refuse
+    s.step()
+    (_ep, reason), = [d for n, d in events if n == "connect_failed"]
+    assert reason == "verify: send: The certificate is not correctly signed by the trusted CA"
+    assert [n for n, _ in events][-1] == "backoff"

@@ -1,0 +1,134 @@
+"""The agent on a board: load config and credentials from flash, then run the session forever.
+
+Boards run only ``main.py``; the one ``python firmware/build.py`` writes is a two-line stub that
+imports this module (compiled to ``tether_main.mpy``) and calls ``main()``. The module cannot be
+called ``main`` itself: the stub would then import itself.
+
+Files on flash (the working directory, normally ``/``):
+- ``tether.json``: overrides for board_config.DEFAULTS; at least ``device_id`` and ``endpoints``.
+- ``device.crt.der``, ``device.key.der``, ``ca.crt.der`` in ``cred_dir``: the device certificate,
+  its private key and the CA that signs the brokers, DER-encoded, as the provisioning station
+  writes them with ``tether-station issue --format der``.
+A missing or bad file or setting prints one line, ``tether: cannot start: <file>: <what>``, and
+main() returns to the REPL instead of rebooting into the same failure.
+
+While running, each session event is one line on the console, ``tether: <event> <detail>``
+(see EVENTS in session.py), the only log a bare board has; tests read them too.
+"""
+
+import gc
+import random
+import sys
+import time
+
+from agent.core.errors import CoreError
+
+CONFIG_FILE = "tether.json"
+
+
+def _rand():
+    # random.random() is an optional extra on some ports; getrandbits is always there.
+    return random.getrandbits(24) / 16777216
+
+
+def build_session(config, connect, clock, wait, rand, on_event):
+    """A Session for ``config`` with the given I/O; raises CoreError for bad endpoint URLs."""
+    # Imported here, after start() has unloaded the setup code, so a small heap holds the
+    # runtime's bytecode without the holes setup leaves behind.
+    from session import Session
+
+    from agent.core.backoff import Backoff
+    from agent.core.endpoints import Rotation, order_endpoints, parse_endpoint
+    from agent.core.token_schedule import TokenRefresher
+    from agent.core.topics import Topics, client_id
+
+    eps = [parse_endpoint(u, field="%s: endpoints[%d]" % (CONFIG_FILE, i))
+           for i, u in enumerate(config["endpoints"])]
+    backoff = Backoff(config["backoff_base"], config["backoff_cap"])
+    return Session(
+        client_id(config["device_id"], config["client_id_prefix"]),
+        Topics(config["topic_prefix"]),
+        Rotation(order_endpoints(eps)),
+        backoff,
+        TokenRefresher(Backoff(config["backoff_base"], config["backoff_cap"]), config["token_timeout"]),
+        connect, clock, wait, rand, on_event,
+        keepalive=config["keepalive"],
+        heartbeat_interval=config["heartbeat_interval"],
+        connect_timeout=config["connect_timeout"],
+        max_packet=config["max_packet"],
+    )
+
+
+def _detail(detail):
+    """An event detail on one line: endpoints as URLs, token schedules as their times."""
+    if detail is None:
+        return ""
+    if isinstance(detail, tuple):
+        return " ".join(_detail(d) for d in detail)
+    if hasattr(detail, "url"):
+        return detail.url()
+    if hasattr(detail, "refresh_at"):
+        return "refresh_at=%.3f expires_at=%.3f" % (detail.refresh_at(), detail.expires_at())
+    if hasattr(detail, "endpoints"):  # a Rotation whose round failed
+        return " ".join(ep.url() for ep in detail.endpoints)
+    return str(detail)
+
+
+class Console:
+    """Prints session events, one line each; with ``heap_report`` also the heap high-water mark
+    (bytes in use, imports included, sampled before each collection) as ``tether: heap <n>``."""
+
+    def __init__(self, heap_report=False):
+        self.heap_report = heap_report
+        self.heap_peak = gc.mem_alloc() if hasattr(gc, "mem_alloc") else 0
+
+    def event(self, name, detail):
+        if name == "message":
+            return
+        print("tether:", name, _detail(detail))
+        if self.heap_report:
+            self.sample()
+            print("tether: heap", self.heap_peak)
+
+    def sample(self):
+        if self.heap_report:
+            used = gc.mem_alloc()
+            if used > self.heap_peak:
+                self.heap_peak = used
+
+
+def start():
+    """Config, credentials, TLS context and Session; CoreError or OSError with a one-line message."""
+    import board_config
+
+    try:
+        config = board_config.load_config(CONFIG_FILE)
+        creds = board_config.load_credentials(config["cred_dir"])
+        import net
+
+        ctx = board_config.make_tls_context(net, creds, config["cred_dir"])
+        del creds
+    finally:
+        # Setup code runs once: unloaded, its bytecode does not sit in a small heap for good.
+        del board_config
+        sys.modules.pop("board_config", None)
+        gc.collect()
+    console = Console(config["heap_report"])
+    session = build_session(config, net.connector(ctx, config["connect_timeout"]),
+                            time.time, time.sleep, _rand, console.event)
+    return session, console
+
+
+def main():
+    """Load everything, then step the session forever; returns only on a setup error."""
+    try:
+        session, console = start()
+    except (CoreError, OSError, MemoryError) as exc:
+        print("tether: cannot start:", exc if not isinstance(exc, MemoryError) else "out of memory while loading")
+        return
+    gc.collect()
+    while True:
+        session.step()
+        console.sample()
+        # TLS records and packet buffers fragment a small heap; collect before the next read.
+        gc.collect()

@@ -1,0 +1,90 @@
+"""firmware/net.py with CPython's ssl: the same transport drives the session to a real mTLS mosquitto,
+and a verification failure or a stalled broker becomes a typed TransportError with the socket closed."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import net
+import pytest
+from session import READY, Session
+
+from agent.core.backoff import Backoff
+from agent.core.endpoints import Rotation, parse_endpoint
+from agent.core.token_schedule import TokenRefresher
+from agent.core.topics import Topics
+from lab.mosquitto import Mosquitto
+from tests.pki import Pki
+
+pytestmark = pytest.mark.broker
+
+
+def _context(pki: Pki, device_id: str, cafile: Path) -> ssl.SSLContext:
+    certfile, keyfile = pki.device_files(device_id)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(str(certfile), str(keyfile))
+    ctx.load_verify_locations(cafile=str(cafile))
+    return ctx
+
+
+def _session(connect, url: str, events: list) -> Session:
+    return Session("dev1", Topics("dev1"), Rotation([parse_endpoint(url)]), Backoff(1, 2),
+                   TokenRefresher(Backoff(1, 2), 5), connect, time.time, time.sleep, lambda: 0.5,
+                   lambda name, detail: events.append((name, detail)), keepalive=30, connect_timeout=3)
+
+
+def test_cpython_ssl_context_drives_the_session_to_ready(pki: Pki, broker: Mosquitto) -> None:
+    events: list = []
+    s = _session(net.connector(_context(pki, "dev1", pki.root_file), 3), f"mqtts://localhost:{broker.port}", events)
+    deadline = time.monotonic() + 20
+    while s.state != READY:
+        assert time.monotonic() < deadline, events
+        s.step()
+    s.close()
+    assert [n for n, _ in events][:3] == ["connecting", "connected", "ready"]
+
+
+def test_wrong_ca_is_a_verify_transport_error(pki: Pki, broker: Mosquitto, tmp_path: Path) -> None:
+    other = Pki.create(tmp_path / "other", name="Other")
+    transport = net.connector(_context(pki, "dev1", other.root_file), 3)(parse_endpoint(f"mqtts://localhost:{broker.port}"))
+    with pytest.raises(net.TransportError) as caught:
+        transport.send(b"\x10\x00")
+    assert caught.value.kind == "verify" and caught.value.retryable
+    with pytest.raises(net.TransportError) as again:  # the dead socket is not touched again
+        transport.recv(0.1)
+    assert again.value.kind == "closed"
+
+
+def test_a_silent_server_costs_one_send_deadline(pki: Pki) -> None:
+    # accepts TCP and never answers the TLS handshake, like a SIGSTOPped broker
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        accepted: list[socket.socket] = []
+        threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True).start()
+        transport = net.connector(_context(pki, "dev1", pki.root_file), 1)(parse_endpoint(f"mqtts://localhost:{port}"))
+        with pytest.raises(net.TransportError) as caught:
+            transport.send(b"\x10\x00")
+        assert caught.value.kind == "timeout"
+        for conn in accepted:
+            conn.close()
+
+
+def test_connection_refused_is_a_connect_transport_error(pki: Pki) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(net.TransportError) as caught:
+            net.connector(_context(pki, "dev1", pki.root_file), 1)(parse_endpoint(f"mqtts://localhost:{port}"))
+    assert caught.value.kind == "connect"
+
+
+def test_every_failure_type_maps_to_a_kind() -> None:
+    assert net.transport_error(MemoryError(), "recv").kind == "memory"
+    assert net.transport_error(ValueError("\nThe certificate is not correctly signed\n"), "send").detail == \
+        "send: The certificate is not correctly signed"
+    assert net.transport_error(OSError(104, "reset"), "recv").kind == "tls"
+    assert net.transport_error(OSError(111, "refused"), "connect x", "connect").kind == "connect"

@@ -1,0 +1,109 @@
+"""What a user meets before the code: the wheel and sdist, the .deb, the pinned test environment.
+
+These tests build the real artifacts with the project's own scripts (scripts/build-dist.sh,
+scripts/build-deb.sh), install them the way a user would (a clean venv; `dpkg -i` on this machine) and run
+the installed commands. The .deb test needs root and dpkg, as CI has.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
+LOCK = REPO / "requirements-test.txt"
+
+
+def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, **kwargs)  # type: ignore[call-overload]
+    assert done.returncode == 0, f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def requirement_name(spec: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", spec, maxsplit=1)[0].lower().replace("_", "-")
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    run(["bash", str(REPO / "scripts/build-dist.sh"), str(out)], env={**os.environ, "PYTHON": sys.executable})
+    return out
+
+
+def test_lock_pins_every_dependency_named_in_pyproject() -> None:
+    pinned = {requirement_name(line) for line in LOCK.read_text().splitlines() if "==" in line}
+    wanted = {requirement_name(spec) for spec in PYPROJECT["project"]["dependencies"]}
+    for extra in PYPROJECT["project"]["optional-dependencies"].values():
+        wanted |= {requirement_name(spec) for spec in extra}
+    missing = sorted(wanted - pinned)
+    assert not missing, f"requirements-test.txt does not pin {missing}: run `make lock`"
+
+
+def test_wheel_and_sdist_build_and_pass_twine_check(dist: Path) -> None:
+    assert (dist / f"tether-{VERSION}-py3-none-any.whl").is_file()
+    assert (dist / f"tether-{VERSION}.tar.gz").is_file()
+
+
+def test_wheel_installs_into_a_clean_venv_and_every_command_answers(dist: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", "-c", str(LOCK),
+         str(dist / f"tether-{VERSION}-py3-none-any.whl")])
+    for command in ("tether", "tether-station", "tether-lab"):
+        assert "usage:" in run([str(venv / "bin" / command), "--help"]).stdout
+        assert run([str(venv / "bin" / command), "--version"]).stdout.strip() == f"{command} {VERSION}"
+
+
+@pytest.fixture(scope="module")
+def installed_deb(dist: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.fail("the .deb test installs a package: run it as root (CI does)", pytrace=False)
+    done = run(["bash", str(REPO / "scripts/build-deb.sh"), str(dist)], env={**os.environ, "PYTHON": sys.executable})
+    deb = Path(done.stdout.strip().splitlines()[-1])
+    assert deb.name == f"tether_{VERSION}_all.deb"
+    run(["dpkg", "-i", str(deb)])
+    try:
+        yield deb
+    finally:
+        subprocess.run(["dpkg", "--purge", "tether"], capture_output=True, check=False,
+                       env={**os.environ, "TETHER_PURGE_STATE": "yes"})
+
+
+def test_deb_installs_the_agent_its_user_and_a_unit_systemd_accepts(installed_deb: Path) -> None:
+    assert run(["/usr/bin/tether", "--version"]).stdout.strip() == f"tether {VERSION}"
+    assert Path("/opt/tether/bin/python").exists()
+    groups = run(["id", "-nG", "tether"]).stdout.split()
+    assert "tether" in groups and "tss" in groups
+    state = Path("/var/lib/tether")
+    assert state.stat().st_mode & 0o777 == 0o700
+    unit = Path("/lib/systemd/system/tether.service")
+    assert "ExecStart=/opt/tether/bin/tether " in unit.read_text()
+    run(["systemd-analyze", "verify", str(unit)])
+    assert Path("/etc/tether/tether.toml").read_text().startswith("# /etc/tether/tether.toml")
+    listed = run(["dpkg-query", "-W", "-f=${Conffiles}", "tether"]).stdout
+    assert "/etc/tether/tether.toml" in listed
+
+
+def test_deb_purge_keeps_device_keys_unless_asked(installed_deb: Path) -> None:
+    key = Path("/var/lib/tether/keys/device.key")
+    key.parent.mkdir(exist_ok=True)
+    key.write_text("stand-in for a device key\n")
+    run(["dpkg", "--purge", "tether"])
+    assert not Path("/opt/tether").exists()
+    assert not Path("/usr/bin/tether").exists()
+    assert key.read_text() == "stand-in for a device key\n", "purge removed a device key without being asked"
+    run(["dpkg", "-i", str(installed_deb)])
+    assert key.exists(), "reinstall lost the kept state"
+    run(["dpkg", "--purge", "tether"], env={**os.environ, "TETHER_PURGE_STATE": "yes"})
+    assert not Path("/var/lib/tether").exists()
+    assert subprocess.run(["id", "tether"], capture_output=True, check=False).returncode != 0
