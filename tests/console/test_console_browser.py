@@ -28,6 +28,10 @@ def wait_for(driver: Any, what: str, predicate: Any) -> Any:
     return WebDriverWait(driver, WAIT, poll_frequency=0.1).until(predicate, f"waited {WAIT} s for {what}")
 
 
+def rows_with(text: str) -> Any:
+    return lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "#live tbody tr") if text in r.text]
+
+
 def text_of(driver: Any, css: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, css).text)
 
@@ -71,10 +75,10 @@ def test_operator_logs_in_and_watches_live_enrollments_and_refusals_appear(
     (row,) = console_station.rows("live-dev-1")
 
     issued = wait_for(driver, "the enrollment of live-dev-1 on the page",
-                      lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "#live tbody tr") if "live-dev-1" in r.text])
+                      rows_with("live-dev-1"))
     assert "first boot" in issued[0].text and "issued" in issued[0].text and row.serial in issued[0].text
     refused = wait_for(driver, "the refusal of live-dev-2 on the page",
-                       lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "#live tbody tr") if "live-dev-2" in r.text])
+                       rows_with("live-dev-2"))
     assert "refused 401" in refused[0].text and "one-time password is not valid" in refused[0].text
     wait_for(driver, "the counters", lambda d: int(text_of(d, "#otp_failures")) >= 1
              and int(text_of(d, "#issued_per_min")) >= 1)

@@ -37,7 +37,8 @@ def csrf_token(operator: Operator, url: str, action: str) -> str:
 
 
 def test_a_request_without_a_client_certificate_is_refused_in_the_handshake(console_station: ConsoleStation) -> None:
-    run = subprocess.run(["curl", "-sS", "--cacert", str(console_station.ca_file), f"{console_station.console_url}/live"],
+    run = subprocess.run(["curl", "-sS", "--cacert", str(console_station.ca_file),
+                          f"{console_station.console_url}/live"],
                          capture_output=True, text=True, timeout=30, check=False)
     assert run.returncode != 0 and run.stdout == ""
     assert "certificate required" in run.stderr, run.stderr
@@ -175,7 +176,7 @@ def test_console_is_off_unless_asked_and_loopback_unless_allowed(tmp_path: Path)
 
 def test_the_console_refuses_plain_http_and_answers_nothing_without_tls(console_station: ConsoleStation) -> None:
     with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{console_station.console_port}/live", timeout=5)  # noqa: S310
+        urllib.request.urlopen(f"http://127.0.0.1:{console_station.console_port}/live", timeout=5)
     ctx = ssl.create_default_context(cafile=str(console_station.ca_file))
     with pytest.raises(OSError):  # no client certificate: an alert or a closed connection, never a page
         urllib.request.urlopen(f"{console_station.console_url}/audit", context=ctx, timeout=5)  # noqa: S310
