@@ -245,7 +245,7 @@ class ConsoleStore:
             issued = int(q("SELECT COUNT(*) FROM certs WHERE kind = 'device' AND issued_at >= ?", (minute,))[0][0])
             refused = int(q("SELECT COUNT(*) FROM est_events WHERE at >= ?", (minute,))[0][0])
             otp_failures = int(q("SELECT COUNT(*) FROM est_events WHERE status = 401 AND operation = 'simpleenroll' "
-                                 "AND reason LIKE '%one-time password%'", ())[0][0])
+                                 "AND reason LIKE ?", ("%one-time password%",))[0][0])  # psycopg reads % in SQL
             lockouts = self._lockouts(q)
         return {"issued_per_min": issued, "refused_per_min": refused, "otp_failures": otp_failures,
                 "lockouts": lockouts if lockouts is not None else -1}
