@@ -2,6 +2,7 @@
 
     python benchmarks/enroll_rate.py [--devices 2000] [--clients 4] [--workers 2] [--baseline 200]
     python benchmarks/enroll_rate.py --stations 2 --db postgresql://tether@127.0.0.1:5432/tether
+    python benchmarks/enroll_rate.py --console   # the operators' console served, its live page open
 
 What is timed:
 - station: each device opens a NEW TLS connection, POSTs its CSR to /simpleenroll with HTTP Basic
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -100,21 +102,42 @@ def client(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]], out: mul
     out.put((latencies, failures, usage.ru_utime + usage.ru_stime))
 
 
+def live_page(port: int, ca_file: str, operator: Path, stop: Any) -> None:
+    """Hold the console's live stream open, reading every event, as an open browser tab does."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.load_cert_chain(str(operator / "bench.pem"), str(operator / "bench.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    conn.request("GET", f"/live/stream?since={int(time.time())}")
+    response = conn.getresponse()
+    while not stop.is_set() and response.readline():
+        pass
+    conn.close()
+
+
 def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], clients: int,
-                workers: int, stations: int = 1, db: str | None = None) -> dict[str, float]:
+                workers: int, stations: int = 1, db: str | None = None, console: bool = False) -> dict[str, float]:
     ports = [free_port() for _ in range(stations)]
+    console_port = free_port()
     procs_: list[Proc] = []
     for n, port in enumerate(ports):
         argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
                 "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "warning"]
         if db:
             argv += ["--db", db]
+        if console and n == 0:
+            argv += ["--console", f"127.0.0.1:{console_port}"]
         procs_.append(Proc("tether-station", argv, directory / f"serve-{n}.log", cwd=REPO))
+    stop = multiprocessing.Event()
+    live = None
     try:
         ca_file = str(directory / "ca.pem")
         for proc, port in zip(procs_, ports, strict=True):
             proc.wait_port("127.0.0.1", port, 20)
             wait_until(lambda port=port: _cacerts_ok(port, ca_file), 20, "station answering /cacerts")
+        if console:
+            procs_[0].wait_port("127.0.0.1", console_port, 20)
+            live = multiprocessing.Process(target=live_page, args=(console_port, ca_file, directory / "operator", stop))
+            live.start()
         jobs = [(d, o, b) for d, o, b, _ in devices]
         server_cpu = sum(_tree_cpu(proc.pid) for proc in procs_)
         queue: multiprocessing.Queue = multiprocessing.Queue()
@@ -129,8 +152,11 @@ def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], c
         for p in procs:
             p.join()
     finally:
+        stop.set()
         for proc in procs_:
             proc.stop()
+        if live is not None:
+            live.join(10)
     latencies = sorted(x for lat, _, _ in results for x in lat)
     failures = sum(f for _, f, _ in results)
     cpu = server_cpu + sum(c for _, _, c in results)
@@ -221,6 +247,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="station worker processes")
     parser.add_argument("--stations", type=int, default=1, help="station processes sharing one ledger (scale-out)")
     parser.add_argument("--db", help="ledger URL shared by the stations (postgresql://...); default: SQLite")
+    parser.add_argument("--console", action="store_true", help="serve the console too, with its live page open")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     directory = Path(tempfile.mkdtemp(prefix="enroll-rate-"))
@@ -230,15 +257,26 @@ def main() -> int:
         settings_file.write_bytes(dataclasses.replace(Settings.read(settings_file),
                                                       ledger_sync=args.ledger_sync).render())
         devices = prepare(directory / "station", args.devices, args.db)
+        if args.console:
+            from provisioning.station.console.operators import add_operator
+            from provisioning.station.console.store import ConsoleStore
+
+            st = Station(directory / "station")
+            ledger = st.open_ledger(args.db)
+            add_operator(st, ConsoleStore(ledger), "bench", "readonly", directory / "station" / "operator",
+                         int(time.time()))
+            ledger.close()
         baseline = run_openssl(directory / "station", devices[: args.baseline])
-        station = run_station(directory / "station", devices, args.clients, args.workers, args.stations, args.db)
+        station = run_station(directory / "station", devices, args.clients, args.workers, args.stations, args.db,
+                              args.console)
         rows = ledger_rows_per_device(directory / "station", args.db)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     ledger = (f"one PostgreSQL ledger ({args.db.split('@')[-1]})" if args.db and "://" in args.db
               else f"SQLite ledger (WAL, synchronous={args.ledger_sync.upper()})")
     print(f"machine: {os.cpu_count()} CPU(s); {args.stations} station(s) x {args.workers} worker process(es), "
-          f"{args.clients} client process(es), new TLS connection per device, {ledger}")
+          f"{args.clients} client process(es), new TLS connection per device, {ledger}"
+          + ("; console served with its live page open" if args.console else ""))
     print(f"{'':<28}{'devices':>8}{'enroll/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}{'failed':>8}")
     for name, r in (("tether-station EST/HTTPS", station), ("openssl x509 -req per CSR", baseline)):
         print(f"{name:<28}{r['count']:>8}{r['rate']:>10.1f}{r['p50'] * 1000:>9.2f}{r['p99'] * 1000:>9.2f}"

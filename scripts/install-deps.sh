@@ -3,7 +3,8 @@
 # mosquitto for the broker, swtpm + tpm2-abrmd + tpm2-openssl for the software TPM test bed,
 # libtss2-dev so tpm2-pytss builds, libubootenv-tool for the U-Boot slot backend, swupdate + rauc +
 # squashfs-tools (+ cpio to inspect .swu) for the OTA installer backends and their bundles,
-# PostgreSQL for the shared-ledger tests, node for the MicroPython (WebAssembly) firmware tests
+# PostgreSQL for the shared-ledger tests, chromium + chromium-driver + libnss3-tools for the station
+# console's browser tests, node for the MicroPython (WebAssembly) firmware tests
 # (MicroPython's unix port for the network firmware tests comes from pip, extra `test`),
 # python3-venv for the project's venv and for the .deb's /opt/tether (built by Debian's python3),
 # systemd for systemd-analyze/systemd-sysusers (the unit's checks; nothing is started under it).
@@ -18,7 +19,7 @@ SUDO=""
 
 PKGS="mosquitto mosquitto-clients swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-dev
       libtss2-tcti-tabrmd0 dbus libubootenv-tool swupdate rauc squashfs-tools cpio postgresql openssl curl
-      pkg-config python3-venv systemd"
+      pkg-config python3-venv systemd chromium chromium-driver libnss3-tools"
 # The machine may carry Node.js from another source (with npm bundled): take Debian's only if absent.
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 missing=""

@@ -140,8 +140,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                f"{'positive' if least else 'zero (no cap) or more'}")
     limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
                     max_per_client=args.max_per_client)
-    return serve(_station(args), host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
-                 limits=limits, ready=ready)
+    station = _station(args)
+    console = None
+    if args.console:
+        from provisioning.station.console.server import ConsoleService, parse_address
+
+        console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db)
+        print(f"tether-station: console on {console.url} (operator certificates: tether-station operator add)",
+              flush=True)
+    return serve(station, host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
+                 limits=limits, ready=ready, console=console)
 
 
 @command("otp")
@@ -236,6 +244,73 @@ def cmd_export_c8y(args: argparse.Namespace) -> int:
         ledger.close()
     _out(args.out, text.encode())
     return 0
+
+
+# -- console operators (provisioning.station.console) ---------------------------------------------------
+@command("operator add")
+def cmd_operator_add(args: argparse.Namespace) -> int:
+    from provisioning.station.console.operators import add_operator
+    from provisioning.station.console.store import ConsoleStore
+
+    station = _station(args)
+    password = None
+    if args.p12_passphrase_file:
+        data = storage.read_bytes(args.p12_passphrase_file)
+        if data is None or not data.strip():
+            raise StationError(f"--p12-passphrase-file {args.p12_passphrase_file}: missing or empty")
+        password = data.decode().splitlines()[0].strip()
+    ledger = station.open_ledger(args.db)
+    try:
+        store = ConsoleStore(ledger)
+        issued = add_operator(station, store, args.name, args.role, Path(args.out), _now(), password)
+        store.audit(_cli_who(), "operator add", f"{issued.name} ({issued.role}), serial {issued.serial}", "cli")
+    finally:
+        ledger.close()
+    print(f"operator {issued.name} ({issued.role}), serial {issued.serial}: "
+          f"{', '.join(str(f) for f in issued.files)}", file=sys.stderr)
+    if not password:
+        print(f"PKCS#12 password (shown once): {issued.p12_password}")
+    return 0
+
+
+@command("operator revoke")
+def cmd_operator_revoke(args: argparse.Namespace) -> int:
+    from provisioning.station.console.store import ConsoleStore
+
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        store = ConsoleStore(ledger)
+        revoked = store.revoke_operator(args.name, _now())
+        store.audit(_cli_who(), "operator revoke", f"{args.name}: serial(s) {', '.join(o.serial for o in revoked)}",
+                    "cli")
+    finally:
+        ledger.close()
+    print(f"revoked {len(revoked)} console certificate(s) of operator {args.name}")
+    return 0
+
+
+@command("operator list")
+def cmd_operator_list(args: argparse.Namespace) -> int:
+    from provisioning.station.console.store import ConsoleStore
+
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        operators = ConsoleStore(ledger).operators()
+    finally:
+        ledger.close()
+    print(f"{'name':<20} {'role':<9} {'serial':<42} {'not after':<20} revoked at")
+    for o in operators:
+        print(f"{o.name:<20} {o.role:<9} {o.serial:<42} {_iso(o.not_after):<20} {_iso(o.revoked_at)}")
+    return 0
+
+
+def _cli_who() -> str:
+    import getpass
+    import socket
+
+    return f"cli {getpass.getuser()}@{socket.gethostname()}"
 
 
 # -- offline issuing -------------------------------------------------------------------------------------
@@ -387,6 +462,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-client", type=int, default=64, help="connections one client address may hold "
                    "per worker process; more are closed at accept (default 64, 0 = no cap)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--console", metavar="HOST:PORT", help="also serve the operators' web console there "
+                   "(HTTPS, operator client certificates; off unless given; e.g. 127.0.0.1:8444)")
+    p.add_argument("--console-remote", action="store_true", help="allow --console on a non-loopback address")
+    op = sub.add_parser("operator", help="console operators (client certificates)").add_subparsers(
+        dest="sub", required=True)
+    p = op.add_parser("add", parents=[common], help="issue a console certificate: NAME.p12 for the browser")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--role", choices=("admin", "readonly"), default="readonly", help="default readonly")
+    p.add_argument("--out", required=True, help="directory for NAME.p12, NAME.pem, NAME.key, station-ca.pem")
+    p.add_argument("--p12-passphrase-file", help="encrypt NAME.p12 with this file's first line (default: a new "
+                   "random password, printed once)")
+    p = op.add_parser("revoke", parents=[common], help="revoke every console certificate of NAME")
+    p.add_argument("name", metavar="NAME")
+    op.add_parser("list", parents=[common], help="list console operators")
     p = sub.add_parser("otp", parents=[common], help="print a one-time password for a device's first enrollment")
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.add_argument("--ttl", type=int, help="seconds until it expires (default: station.toml otp_ttl, 1 day)")

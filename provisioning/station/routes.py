@@ -11,6 +11,7 @@ import binascii
 import logging
 from dataclasses import dataclass, field
 
+from provisioning.station.console import events
 from provisioning.station.enrollment import ENROLL, REENROLL, Enrollment, Request
 from provisioning.station.errors import Refusal
 from provisioning.station.wire import HttpRequest
@@ -80,11 +81,12 @@ def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_d
     if head.get("content-length") is None and head.get("transfer-encoding") is None:
         return text(411, "the CSR must come as the request body, with Content-Length or Transfer-Encoding: chunked")
     try:
-        answer = enrollment.handle(Request(
-            operation=operation, content_type=(head.get("content-type") or "").split(";")[0].strip().lower(),
-            body=request.body, basic=basic_credentials(head.get("authorization")), peer_der=peer_der,
-            client=client))
+        req = Request(operation=operation, content_type=(head.get("content-type") or "").split(";")[0].strip().lower(),
+                      body=request.body, basic=basic_credentials(head.get("authorization")), peer_der=peer_der,
+                      client=client)
+        answer = enrollment.handle(req)
     except Refusal as refusal:
+        events.record(enrollment.ledger, req, refusal, client)  # the console's live page; never raises
         log.info("%s %s refused %d: %s", client, operation, refusal.status,
                  "; ".join(line.strip() for line in refusal.reason.splitlines()))
         return text(refusal.status, refusal.reason, refusal.headers)

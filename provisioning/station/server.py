@@ -56,10 +56,11 @@ def _raise_fd_limit() -> None:
 
 
 def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: int = DEFAULT_THREADS,
-          ledger: str | None = None, limits: Limits | None = None, ready: Any = None) -> int:
+          ledger: str | None = None, limits: Limits | None = None, ready: Any = None, console: Any = None) -> int:
     """Serve EST on host:port until SIGTERM/SIGINT; returns the exit status.
 
-    `ready(port)` is called once the socket listens (the CLI prints the URL). Raises StationError
+    `ready(port)` is called once the socket listens (the CLI prints the URL); `console`, a bound
+    `console.server.ConsoleService`, is forked beside the workers and supervised with them. Raises StationError
     when the address cannot be bound or the CA material is unusable.
     """
     limits = limits or Limits()
@@ -78,10 +79,12 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: 
         raise StationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     if ready is not None:
         ready(sock.getsockname()[1])
-    if workers <= 1:
-        return _worker(station, sock, context, ledger, threads, limits)
     children: set[int] = set()
-    for _ in range(workers):
+    if console is not None:  # console.ConsoleService: its own process, sharing only the ledger
+        children.add(console.spawn(close=sock))
+    if workers <= 1 and not children:
+        return _worker(station, sock, context, ledger, threads, limits)
+    for _ in range(max(1, workers)):
         pid = os.fork()
         if pid == 0:
             code = 1

@@ -1,0 +1,73 @@
+"""The console's tables and queries on both ledgers (SQLite and a real PostgreSQL), and the role check
+on a POST that carries a valid CSRF token, called in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioning.station.ca import Station, init_station
+from provisioning.station.console import events
+from provisioning.station.console.batches import expand
+from provisioning.station.console.security import Caller, Denied
+from provisioning.station.console.store import ConsoleStore
+from provisioning.station.console.web import Console
+from provisioning.station.errors import StationError
+from tests.pki import TRUST_DOMAIN
+
+
+def _exercise(station: Station, db: str | None) -> None:
+    ledger = station.open_ledger(db)
+    try:
+        store = ConsoleStore(ledger)
+        ConsoleStore(ledger)  # idempotent: a second start finds its tables
+        store.add_operator("ab12", "eve", "admin", 100, 10**10, b"der")
+        store.audit("eve", "export", "crl.pem", "127.0.0.1", now=150)
+        assert [(a.who, a.action, a.detail, a.at) for a in store.audit_log()] == [("eve", "export", "crl.pem", 150)]
+        batch = store.create_batch("d-{1..3}", ["d-1", "d-2", "d-3"], 200, 10**10, "eve")
+        store.add_batch_otps(batch, [("d-1", "aa" * 32), ("d-2", "bb" * 32)], 200, 10**10)
+        got = store.batch(batch)
+        assert got is not None and (got.made, got.total, got.done, got.enrolled) == (2, 3, False, 0)
+        events.record_refusal(ledger, 300, "simpleenroll", "d-9", 401, "one-time password is not valid", "10.0.0.1")
+        live = store.live(0)
+        assert [(e.device_id, e.status) for e in live if e.device_id == "d-9"] == [("d-9", 401)]
+        assert store.counters(320)["otp_failures"] == 1 and store.counters(320)["refused_per_min"] == 1
+        assert store.search(prefix="d-") == []
+        assert store.revoke_operator("eve", 400)[0].serial == "ab12"
+        with pytest.raises(StationError, match="holds no unrevoked console certificate"):
+            store.revoke_operator("eve", 401)
+    finally:
+        ledger.close()
+
+
+def test_console_tables_work_on_sqlite(tmp_path: Path) -> None:
+    _exercise(init_station(tmp_path / "st", TRUST_DOMAIN), None)
+
+
+def test_console_tables_work_on_postgresql(tmp_path: Path, postgres: str) -> None:
+    _exercise(init_station(tmp_path / "st", TRUST_DOMAIN, ledger=postgres), postgres)
+
+
+def test_readonly_post_with_a_valid_csrf_token_is_refused_by_role(tmp_path: Path) -> None:
+    station = init_station(tmp_path / "st", TRUST_DOMAIN)
+    ledger = station.open_ledger()
+    try:
+        store = ConsoleStore(ledger)
+        store.add_operator("cd34", "ro", "readonly", 0, 10**10, b"der")
+        ro = store.operator("cd34")
+        assert ro is not None
+        console = Console(station, store)
+        caller = Caller(ro, "127.0.0.1")
+        for path, form in (("/batches", {"pattern": "x-{1..2}"}), ("/devices/x/revoke", {})):
+            with pytest.raises(Denied, match="needs the admin role") as refused:
+                console.handle(caller, "POST", path, {**form, "csrf": console.csrf.token(caller, path)})
+            assert refused.value.status == 403
+        assert store.batches() == []
+    finally:
+        ledger.close()
+
+
+def test_batch_patterns_keep_the_width_of_the_first_number() -> None:
+    assert expand("pump-{0001..0003}") == ["pump-0001", "pump-0002", "pump-0003"]
+    assert expand("a{8..10}b") == ["a8b", "a9b", "a10b"]
