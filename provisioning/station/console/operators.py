@@ -18,6 +18,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -86,6 +87,8 @@ def add_operator(station: Station, store: ConsoleStore, name: str, role: str, ou
         raise StationError(f"--role {role!r}: expected one of {', '.join(ROLES)}")
     ca = operator_ca(station)
     key = generate("ec-p256")
+    if not isinstance(key, ec.EllipticCurvePrivateKey):  # PKCS#12 takes classic key types only
+        raise StationError(f"internal: an operator key must be EC P-256, got {type(key).__name__}")
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                          x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, OPERATOR_ORG)])
