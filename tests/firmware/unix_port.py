@@ -77,6 +77,7 @@ class Board:
         self.directory = directory
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
+        self._arrived = threading.Event()  # set by the reader on each line: waits wake on output
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the board's files
         self.proc = subprocess.Popen(micropython_argv(heapsize), cwd=directory, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -88,6 +89,7 @@ class Board:
         for raw in self.proc.stdout:
             with self._lock:
                 self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
+            self._arrived.set()
 
     def output(self) -> str:
         with self._lock:
@@ -115,7 +117,8 @@ class Board:
                                      f"{self.output()[-4000:]}")
             if time.monotonic() >= deadline:
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n{self.output()[-4000:]}")
-            time.sleep(0.05)
+            self._arrived.wait(0.05)  # the next line, or a look at the process and the clock
+            self._arrived.clear()
 
     def wait_event(self, name: str, timeout: float, since: float = 0.0, count: int = 1,
                    match: str = "") -> list[tuple[float, str]]:
