@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 from agent.core import defaults
 from agent.errors import ConfigError
+from provisioning.tomlfmt import format_value as format_value  # `tether config get` prints with it
+from provisioning.tomlfmt import to_toml as to_toml  # the lab and the tests write device configs with it
 
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
 
@@ -402,30 +404,8 @@ def read_secret_file(path: str, what: str) -> bytes:
     return lines[0].strip()
 
 
-def format_value(value: Any) -> str:
-    """TOML rendering of one value, for `tether config show|get`."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def to_toml(sections: dict[str, dict[str, Any]], comment: str = "") -> str:
-    """TOML text for `{section: {key: value}}`, with an optional leading comment line.
-
-    The one writer of configuration files: `config show`, `config set`, the lab's device configs
-    and the tests' all go through it.
-    """
-    text = f"# {comment}\n" if comment else ""
-    for name, values in sections.items():
-        text += f"\n[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in values.items())
-    return text
-
-
 def render(config: Config) -> str:
+    """The effective configuration as TOML (`tether config show`), written by the one TOML writer."""
     return to_toml(config.as_dict(), f"effective configuration from: {', '.join(config.sources)}")
 
 

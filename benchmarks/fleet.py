@@ -159,9 +159,9 @@ class Bed:
 
     def devices(self, directory: Path, ids: list[str]) -> list[str]:
         """Configs for `ids`, each with a fresh one-time password in the station's ledger."""
-        from agent.config import format_value
         from provisioning.station.ca import Station
         from provisioning.station.otp import new_otp, otp_hash
+        from provisioning.tomlfmt import to_toml
 
         ledger = Station(self.station_dir).open_ledger()
         configs = []
@@ -182,9 +182,7 @@ class Bed:
                     "mqtt": {"keepalive": 60, "backoff_base": 0.5, "backoff_cap": 5.0, "connect_timeout": 20.0},
                     "token": {"timeout": 15.0},
                 }
-                text = "".join(f"[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in body.items()) + "\n"
-                               for name, body in sections.items())
-                (d / "tether.toml").write_text(text)
+                (d / "tether.toml").write_text(to_toml(sections))
                 configs.append(str(d / "tether.toml"))
         finally:
             ledger.close()

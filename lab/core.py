@@ -209,8 +209,8 @@ class Lab:
     def device(self, device_id: str, *, tpm_tcti: str | None = None, manual_endpoints: bool = False,
                extra: dict[str, dict[str, Any]] | None = None) -> Path:
         """Write `devices/<id>/tether.toml` (and a one-time password) for a device of this lab."""
-        from agent.config import to_toml
         from provisioning.identity import check_device_id
+        from provisioning.tomlfmt import to_toml
 
         # before anything is made from the id: '..' or a '/' would put the directory elsewhere
         home = self.dir / "devices" / check_device_id(device_id, "DEVICE_ID")
