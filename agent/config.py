@@ -18,6 +18,9 @@ from agent.errors import ConfigError
 from provisioning.tomlfmt import format_value as format_value  # `tether config get` prints with it
 from provisioning.tomlfmt import to_toml as to_toml  # the lab and the tests write device configs with it
 
+if typing.TYPE_CHECKING:
+    from hal.keys import KeyUri
+
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
 
 
@@ -28,7 +31,8 @@ class DeviceSection(NamedTuple):
 
 
 class KeysSection(NamedTuple):
-    backend: str = "file"          # file | tpm
+    uri: str = ""                  # key URI: "file:", "tpm:?tcti=tabrmd:bus_type=session" (hal/keys; docs)
+    backend: str = "file"          # older spelling of uri = "<backend>:" (file | tpm); the later file wins
     algorithm: str = "ec-p256"     # ec-p256 | rsa-2048 | rsa-3072 (tpm: ec-p256 | rsa-2048)
     tcti: str = "device:/dev/tpmrm0"
     parent_handle: str = ""        # tpm: persistent storage key for the device key (e.g. "0x81000001")
@@ -141,7 +145,7 @@ PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", 
              ("ota", "uboot_env_config"), ("ota", "trust_anchor"), ("ota", "ca_file"),
              ("outbox", "socket")}
 
-CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
+CHOICES = {("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
            ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
            ("ota", "slots"): ("directory", "uboot", "swupdate", "rauc", "command"),
            ("ota", "untrusted_hosts"): ("refuse", "no-token"),
@@ -200,11 +204,19 @@ class Config(NamedTuple):
 
     @property
     def keys_dir(self) -> Path:
-        return self.state_dir / "keys"
+        """The key store's directory: the key URI's, or `<state_dir>/keys`."""
+        return Path(self.key_uri.directory or self.state_dir / "keys")
 
     @property
     def certs_dir(self) -> Path:
         return self.state_dir / "certs"
+
+    @property
+    def key_uri(self) -> KeyUri:
+        """Where the device's keys live (hal.keys.KeyUri): `[keys] uri`, or its older spelling, after load."""
+        from hal.keys import parse_key_uri
+
+        return parse_key_uri(self.keys.uri or f"{self.keys.backend}:")
 
     @property
     def client_id(self) -> str:
@@ -301,6 +313,47 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
+def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], files: list[Path]) -> None:
+    """Settle `[keys]` on one key URI (stored back as `uri`, its scheme as `backend`).
+
+    `uri` and the older `backend` both choose the backend: the one set by the later file wins (a
+    device's `config.d/99-set-by-tether.toml` from an older `tether keygen --backend` still counts), and
+    `uri` when one file sets both. The older option keys (`tcti`, `parent_handle`, `passphrase_file`) fill
+    the options the URI leaves out, for the backend that declares them. Relative paths in the URI resolve
+    against the file that set it. ConfigError names the file, `[keys]` and the key.
+    """
+    from hal.errors import KeyStoreError
+    from hal.keys import BACKENDS, KeyUri, parse_key_uri
+
+    def rank(key: str) -> int:
+        return files.index(origins[("keys", key)]) if ("keys", key) in origins else -1
+
+    if keys.get("uri") and rank("uri") >= rank("backend"):
+        origin, key, text = origins[("keys", "uri")], "uri", keys["uri"]
+    else:
+        origin = origins.get(("keys", "backend"), files[0])
+        key, text = "backend", keys.get("backend", KeysSection().backend) + ":"
+    try:
+        uri = parse_key_uri(text)
+    except KeyStoreError as exc:
+        raise ConfigError(f"{origin}: [keys] {key}: {exc}") from None
+    backend = BACKENDS[uri.scheme]
+    options = dict(uri.options)
+    for name in backend.path_options:
+        if options.get(name) and not os.path.isabs(options[name]):
+            options[name] = str((origin.parent / options[name]).resolve())
+    directory = uri.directory
+    if directory and not os.path.isabs(directory):
+        directory = str((origin.parent / directory).resolve())
+    for name in backend.options:
+        if name not in options and name in KeysSection._fields:
+            value = keys.get(name, KeysSection._field_defaults[name])
+            if value:
+                options[name] = value
+    keys["uri"] = str(KeyUri(uri.scheme, directory, tuple(options.items())))
+    keys["backend"] = uri.scheme
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Parse the config file and its `config.d/*.toml` drop-ins (sorted) into a `Config`.
 
@@ -315,6 +368,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     origins: dict[tuple[str, str], Path] = {}
     for f in files:
         _merge(merged, _read_toml(f), f, origins)
+    _select_keys(merged.setdefault("keys", {}), origins, files)
     sections = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
     config = Config(**sections, sources=tuple(str(f) for f in files))
     validate(config, base, origins)
