@@ -217,8 +217,14 @@ def attach_ota(runtime: Runtime) -> None:
     def updater() -> Any:
         from agent.ota.agent import OtaAgent
 
-        token = runtime.token.current if runtime.token else (lambda: None)
-        return OtaAgent(runtime.config, publish, token, runtime.request_restart)
+        tokens = runtime.token
+        if tokens is None:
+            return OtaAgent(runtime.config, publish, lambda: None, runtime.request_restart)
+
+        def refresh() -> str | None:  # on the OTA worker thread: blocks it, never the control loop
+            return tokens.force_refresh(runtime.config.token.timeout)
+
+        return OtaAgent(runtime.config, publish, tokens.current, runtime.request_restart, refresh_token=refresh)
 
     runtime.components.append(LazyOta(runtime.config, updater))
 
