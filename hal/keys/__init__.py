@@ -113,7 +113,10 @@ def parse_key_uri(text: str) -> KeyUri:
         if not value:
             raise KeyStoreError(f"{text!r}: option {name!r} has no value")
         options[name] = unquote(value)
-    return KeyUri(scheme, unquote(path), tuple(options.items()))
+    directory = unquote(path)
+    if "\0" in directory or any("\0" in v for v in options.values()):  # os calls raise ValueError on it
+        raise KeyStoreError(f"{text!r}: a key URI cannot contain a NUL character (%00)")
+    return KeyUri(scheme, directory, tuple(options.items()))
 
 
 class TlsKey(NamedTuple):

@@ -52,6 +52,8 @@ def test_key_uris_parse_and_print_back(text: str, expected: KeyUri) -> None:
     ("tpm:?tcti=", "option 'tcti' has no value"),
     ("file://host/keys", "a key URI names no host (got 'host')"),
     ("file:/k#x", "has no fragment"),
+    ("file:a%00b", "cannot contain a NUL character (%00)"),
+    ("file:?passphrase_file=x%00", "cannot contain a NUL character (%00)"),
 ])
 def test_bad_key_uris_say_why(text: str, reason: str) -> None:
     with pytest.raises(KeyStoreError) as info:
@@ -114,6 +116,8 @@ def test_effective_config_round_trips_with_its_key_uri(tmp_path: Path) -> None:
     ('uri = "tpm:?tcit=x"', "[keys] uri: 'tpm:?tcit=x': the tpm backend takes no option 'tcit'"),
     ('backend = "pkcs11"', "[keys] backend: unknown key backend 'pkcs11': known schemes are file:, tpm:"),
     ('uri = "keys"', "[keys] uri: 'keys' is not a key URI"),
+    ('uri = "file:a%00b"', "[keys] uri: 'file:a%00b': a key URI cannot contain a NUL character"),
+    ('backend = "tpm"\ntcti = "a\\u0000b"', "[keys] tcti: a value cannot contain a NUL character"),
 ])
 def test_bad_key_config_names_file_section_key_and_reason(tmp_path: Path, keys: str, message: str) -> None:
     path = device(tmp_path, keys)
