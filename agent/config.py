@@ -347,7 +347,7 @@ def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], fil
         directory = str((origin.parent / directory).resolve())
     for name in backend.options:
         if name not in options and name in KeysSection._fields:
-            value = keys.get(name, KeysSection._field_defaults[name])
+            value = str(keys.get(name, KeysSection._field_defaults[name]))
             if "\0" in value:
                 raise ConfigError(f"{origins.get(('keys', name), files[0])}: [keys] {name}: a value cannot contain "
                                   "a NUL character")
