@@ -48,3 +48,30 @@ def test_no_refresh_when_the_token_is_accepted_or_none_comes() -> None:
     sent = Bearer(lambda: None, lambda: None).send(refused.send, refused.status, refused.closed.append)
     assert refused.seen == [None] and not sent.refreshed and refused.closed == []
     assert not Bearer(lambda: None).can_refresh
+
+
+def test_tether_run_gives_the_ota_download_the_token_components_refresh(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`tether run` wiring: the updater's Bearer refreshes through TokenService.force_refresh with the
+    configured [token] timeout."""
+    from types import SimpleNamespace
+
+    from agent.cli import attach_ota
+    from agent.config import load
+    from agent.token import TokenService
+    from tests.conftest import write_config
+
+    config = load(write_config(tmp_path / "dev", "dev-001", token={"timeout": 7.5}))
+    tokens = TokenService(config)
+    asked: list[float] = []
+    tokens.force_refresh = lambda timeout=10.0: asked.append(timeout) or "fresh"  # type: ignore[method-assign]
+    runtime = SimpleNamespace(config=config, token=tokens, components=[], request_restart=lambda: None,
+                              publish=lambda *a: 1, topics=config.topics)
+    attach_ota(runtime)  # type: ignore[arg-type]
+    updater = runtime.components[-1]._factory()
+    try:
+        bearer = updater._http().bearer
+        server = Answers("fresh")
+        sent = bearer.send(server.send, server.status, server.closed.append)
+        assert sent.refreshed and server.seen == [None, "fresh"] and asked == [7.5]
+    finally:
+        updater.close()
