@@ -192,9 +192,9 @@ class Bed:
 
     def devices(self, directory: Path, ids: list[str]) -> list[str]:
         """Configs for `ids`, each with a fresh one-time password in the station's ledger."""
-        from agent.config import to_toml
         from provisioning.station.ca import Station
         from provisioning.station.otp import new_otp, otp_hash
+        from provisioning.tomlfmt import to_toml
 
         ledger = Station(self.station_dir).open_ledger()
         configs = []
