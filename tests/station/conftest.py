@@ -1,5 +1,6 @@
-"""Station fixtures: `tether-station serve` as a real subprocess on a free loopback port, and a real
-PostgreSQL server for the shared ledger. Both are waited for by polling with a deadline and stopped
+"""Station fixtures: `tether-station serve` as a real subprocess on a loopback port it binds itself (port 0,
+read back from `--port-file`), and a real PostgreSQL server for the shared ledger (started again on
+another port if its port was taken). Both are waited for by polling with a deadline and stopped
 afterwards; a missing PostgreSQL fails loudly.
 """
 
@@ -11,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.procs import Proc, free_port, wait_until
+from lab.procs import ADDRESS_IN_USE, AddressInUse, LabError, Proc, read_port_file, start_on_free_port, wait_until
 from provisioning.station.ledger import Ledger, Row
 from tests.conftest import REPO
 from tests.pki import TRUST_DOMAIN
@@ -42,7 +44,7 @@ class RunningStation:
     port: int
     proc: Proc
     db: str | None = None
-    extra: list[str] = field(default_factory=list)
+    argv: Sequence[str] = field(default_factory=list)  # the `serve` options after --dir/--listen
 
     @property
     def url(self) -> str:
@@ -70,6 +72,21 @@ class RunningStation:
         finally:
             ledger.close()
 
+    def restart(self, timeout: float = 20.0) -> None:
+        """`serve` again with the same options on the same port: devices keep the URL they were given.
+        The port is free between the crash and the restart: a client's outgoing connection can be given
+        it as its source port for a moment, so a start that finds it taken is tried again until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.proc, _ = serve_station(self.directory, self.argv, self.port, self.proc.log)
+                break
+            except AddressInUse:
+                if time.monotonic() > deadline:
+                    raise
+        wait_until(self.serving, timeout, f"tether-station serve back on port {self.port}",
+                   describe=lambda: f"serve.log ends:\n{self.proc.tail()}")
+
     def serving(self) -> bool:
         """True when GET /cacerts answers 200 over verified TLS."""
         self.proc.check_alive()
@@ -81,17 +98,31 @@ class RunningStation:
             return False
 
 
+def serve_station(directory: Path, argv: Sequence[str], port: int = 0, log: Path | None = None,
+                  wrapper: Sequence[str] = ()) -> tuple[Proc, dict[str, int]]:
+    """`[WRAPPER] tether-station serve --dir directory --listen 127.0.0.1:<port> ARGV`, and the ports it
+    bound (`{"est": .., "console": ..}`). With port 0 the station binds one the kernel picks and says which
+    in its `--port-file`; nothing else can take it in between."""
+    port_file = directory / "serve.ports.json"
+    port_file.unlink(missing_ok=True)
+    proc = Proc("tether-station", [*wrapper, sys.executable, "-m", "provisioning.station.cli", "serve", "--dir",
+                                   str(directory), "--listen", f"127.0.0.1:{port}", "--port-file", str(port_file),
+                                   *argv], log or directory / "serve.log", cwd=REPO)
+    try:
+        return proc, read_port_file(port_file, proc)
+    except BaseException:
+        proc.stop()
+        raise
+
+
 def start_station(directory: Path, db: str | None = None, workers: int = 2,
                   extra: Sequence[str] = ()) -> RunningStation:
     """`extra`: more `serve` options (limits such as --request-timeout)."""
-    port = free_port()
-    argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
-            "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "info", *extra]
-    if db:
-        argv += ["--db", db]
-    proc = Proc("tether-station", argv, directory / "serve.log", cwd=REPO)
-    station = RunningStation(directory, port, proc, db)
-    wait_until(station.serving, 20, f"tether-station serve on port {port}")
+    argv = ["--workers", str(workers), "--log-level", "info", *extra, *(["--db", db] if db else [])]
+    proc, ports = serve_station(directory, argv)
+    station = RunningStation(directory, ports["est"], proc, db, argv)
+    wait_until(station.serving, 20, f"tether-station serve on port {station.port}",
+               describe=lambda: f"serve.log ends:\n{proc.tail()}")
     return station
 
 
@@ -119,7 +150,7 @@ def _as_postgres(argv: list[str]) -> list[str]:
 
 @pytest.fixture
 def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL 15 cluster on a free port (socket in its own directory); yields its URL."""
+    """A throwaway PostgreSQL 15 cluster on a loopback port (socket in its own directory); yields its URL."""
     for tool in ("initdb", "pg_ctl"):
         if not (PG_BIN / tool).exists():
             pytest.fail(f"{PG_BIN / tool} is missing: install the Debian package postgresql-15", pytrace=False)
@@ -136,15 +167,24 @@ def postgres() -> Iterator[str]:
                                        "--no-sync"]), capture_output=True, text=True, check=False, timeout=60)
     if run.returncode != 0:
         pytest.fail(f"initdb failed: {run.stderr}", pytrace=False)
-    port = free_port()
-    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run = subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "pg.log"),
-                                       "-o", options, "-w", "-t", "30", "start"]),
-                         capture_output=True, text=True, check=False, timeout=60)
-    if run.returncode != 0:
-        log = (base / "pg.log").read_text(errors="replace") if (base / "pg.log").exists() else ""
-        pytest.fail(f"pg_ctl start failed: {run.stderr}\n{log}", pytrace=False)
+
+    def start(port: int) -> int:
+        log = base / f"pg-{port}.log"
+        options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+        run = subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log),
+                                           "-o", options, "-w", "-t", "30", "start"]),
+                             capture_output=True, text=True, check=False, timeout=60)
+        if run.returncode != 0:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            error = AddressInUse if ADDRESS_IN_USE in text else LabError
+            raise error(f"pg_ctl start on port {port} failed: {run.stderr}\n{text}")
+        return port
+
     try:
+        try:
+            port = start_on_free_port(start, "PostgreSQL")
+        except LabError as exc:
+            pytest.fail(str(exc), pytrace=False)
         url = f"postgresql://tether@127.0.0.1:{port}/postgres"
         import psycopg
 
@@ -155,7 +195,8 @@ def postgres() -> Iterator[str]:
             except psycopg.OperationalError:
                 return False
 
-        wait_until(ready, 20, f"PostgreSQL on port {port}")
+        wait_until(ready, 20, f"PostgreSQL on port {port}",
+                   describe=lambda: (base / f"pg-{port}.log").read_text(errors="replace")[-2000:])
         yield url
     finally:
         subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
