@@ -4,14 +4,15 @@ Ports: our own servers bind port 0 and report the port they got (an attribute in
 for `tether-station serve` and `python -m lab.artifacts`; see `read_port_file`). A program that must be
 told its port up front (mosquitto, swtpm, PostgreSQL) is started through `start_on_free_port`: when
 another process took the port first, the program exits saying "Address already in use" and it is
-started again on another port. Nothing hands out "a free port" to bind later: between the check and
-the bind another process could take it.
+started again on another port. A port found free and handed to a server to bind later is a race
+(another process can take it in between), so nothing does that without this retry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import signal
@@ -51,12 +52,12 @@ def start_on_free_port(start: Callable[[int], T], what: str, ports: Iterable[int
 
     For programs that must be given their port up front. `start` must raise AddressInUse (see
     `Proc.check_alive`) when the port was taken, and clean up after itself before raising. `ports`
-    replaces the kernel's picks (tests hold a port to force a clash). After PORT_TRIES clashes, or when
-    `ports` runs out, raises LabError naming `what` and every port tried.
+    replaces the kernel's picks (tests put a held port first to force a clash). After PORT_TRIES
+    clashes, or when `ports` runs out, raises LabError naming `what` and every port tried.
     """
     tried: list[int] = []
     last: AddressInUse | None = None
-    for port in ports if ports is not None else (_kernel_port() for _ in range(PORT_TRIES)):
+    for port in itertools.islice(kernel_ports() if ports is None else ports, PORT_TRIES):
         try:
             return start(port)
         except AddressInUse as exc:
@@ -67,12 +68,14 @@ def start_on_free_port(start: Callable[[int], T], what: str, ports: Iterable[int
                    f"The last try: {last}")
 
 
-def _kernel_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel would hand out now. Only for `start_on_free_port`: by the time the program
-    binds it, another process may have taken it, and then the program is started again elsewhere."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def kernel_ports(host: str = "127.0.0.1") -> Iterator[int]:
+    """Ports the kernel would hand out, one per `next`. Only for `start_on_free_port`: by the time a
+    program binds one, another process may have taken it, and then the program is started elsewhere."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        yield port
 
 
 @contextlib.contextmanager

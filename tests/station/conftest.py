@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,57 +148,79 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
-@pytest.fixture
-def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL 15 cluster on a loopback port (socket in its own directory); yields its URL."""
-    for tool in ("initdb", "pg_ctl"):
-        if not (PG_BIN / tool).exists():
-            pytest.fail(f"{PG_BIN / tool} is missing: install the Debian package postgresql-15", pytrace=False)
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.fail("runuser is missing (util-linux): needed to run PostgreSQL as the postgres user", pytrace=False)
-    # pytest's tmp_path sits under a root-only 0700 directory the postgres user cannot enter
-    base = Path(tempfile.mkdtemp(prefix="tether-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
-        shutil.chown(sock, "postgres", "postgres")
-    run = subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "tether", "-A", "trust",
-                                       "--no-sync"]), capture_output=True, text=True, check=False, timeout=60)
-    if run.returncode != 0:
-        pytest.fail(f"initdb failed: {run.stderr}", pytrace=False)
+class PgCluster:
+    """A throwaway PostgreSQL 15 cluster: data and socket in a temp directory, TCP on loopback."""
 
-    def start(port: int) -> int:
-        log = base / f"pg-{port}.log"
-        options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-        run = subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log),
-                                           "-o", options, "-w", "-t", "30", "start"]),
-                             capture_output=True, text=True, check=False, timeout=60)
+    def __init__(self) -> None:
+        for tool in ("initdb", "pg_ctl"):
+            if not (PG_BIN / tool).exists():
+                pytest.fail(f"{PG_BIN / tool} is missing: install the Debian package postgresql-15", pytrace=False)
+        if os.geteuid() == 0 and shutil.which("runuser") is None:
+            pytest.fail("runuser is missing (util-linux): needed to run PostgreSQL as the postgres user",
+                        pytrace=False)
+        # pytest's tmp_path sits under a root-only 0700 directory the postgres user cannot enter
+        self.base = Path(tempfile.mkdtemp(prefix="tether-pg-"))
+        self.data, self.sock = self.base / "data", self.base / "sock"
+        self.port = 0
+        self.sock.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.base, "postgres", "postgres")
+            shutil.chown(self.sock, "postgres", "postgres")
+        run = subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "tether", "-A",
+                                           "trust", "--no-sync"]), capture_output=True, text=True, check=False,
+                             timeout=60)
         if run.returncode != 0:
-            text = log.read_text(errors="replace") if log.exists() else ""
-            error = AddressInUse if ADDRESS_IN_USE in text else LabError
-            raise error(f"pg_ctl start on port {port} failed: {run.stderr}\n{text}")
-        return port
+            pytest.fail(f"initdb failed: {run.stderr}", pytrace=False)
 
-    try:
-        try:
-            port = start_on_free_port(start, "PostgreSQL")
-        except LabError as exc:
-            pytest.fail(str(exc), pytrace=False)
-        url = f"postgresql://tether@127.0.0.1:{port}/postgres"
+    @property
+    def url(self) -> str:
+        return f"postgresql://tether@127.0.0.1:{self.port}/postgres"
+
+    def log(self, port: int) -> Path:
+        return self.base / f"pg-{port}.log"
+
+    def start(self, ports: Iterable[int] | None = None) -> str:
+        """Start and wait until it takes connections; on another port when its port was taken. The URL."""
+        self.port = start_on_free_port(self._start_on, "PostgreSQL", ports)
         import psycopg
 
         def ready() -> bool:
             try:
-                with psycopg.connect(url, connect_timeout=2):
+                with psycopg.connect(self.url, connect_timeout=2):
                     return True
             except psycopg.OperationalError:
                 return False
 
-        wait_until(ready, 20, f"PostgreSQL on port {port}",
-                   describe=lambda: (base / f"pg-{port}.log").read_text(errors="replace")[-2000:])
+        wait_until(ready, 20, f"PostgreSQL on port {self.port}",
+                   describe=lambda: self.log(self.port).read_text(errors="replace")[-2000:])
+        return self.url
+
+    def _start_on(self, port: int) -> int:
+        options = f"-p {port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+        run = subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log(port)),
+                                           "-o", options, "-w", "-t", "30", "start"]),
+                             capture_output=True, text=True, check=False, timeout=60)
+        if run.returncode != 0:  # pg_ctl -w waits for the server's own "ready" or its exit
+            text = self.log(port).read_text(errors="replace") if self.log(port).exists() else ""
+            error = AddressInUse if ADDRESS_IN_USE in text else LabError
+            raise error(f"pg_ctl start on port {port} failed: {run.stderr}\n{text}")
+        return port
+
+    def remove(self) -> None:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]),
+                       capture_output=True, check=False, timeout=60)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL 15 cluster on a loopback port (socket in its own directory); yields its URL."""
+    cluster = PgCluster()
+    try:
+        try:
+            url = cluster.start()
+        except LabError as exc:
+            pytest.fail(str(exc), pytrace=False)
         yield url
     finally:
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                       capture_output=True, check=False, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+        cluster.remove()
