@@ -46,9 +46,8 @@ def test_mosquitto_starts_again_on_another_port_when_another_server_listens_on_i
 @pytest.mark.broker
 def test_mosquitto_gives_up_naming_every_port_it_tried(tmp_path: Path) -> None:
     require_tool("mosquitto")
-    with refusing_port() as first, refusing_port() as second:
-        with pytest.raises(LabError) as caught:
-            Mosquitto(tmp_path / "broker", None, acl=None).start(ports=[first, second])
+    with refusing_port() as first, refusing_port() as second, pytest.raises(LabError) as caught:
+        Mosquitto(tmp_path / "broker", None, acl=None).start(ports=[first, second])
     message = str(caught.value)
     assert "mosquitto mosquitto: could not start, the address was in use on every port tried" in message
     assert f"({first}, {second})" in message and "Address already in use" in message
