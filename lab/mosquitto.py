@@ -42,9 +42,10 @@ class BrokerFiles:
 class Mosquitto:
     """One mosquitto process on a loopback port, with its config, log and (optionally) ACL.
 
-    Without `port`, `start` picks one and, when another process took it first, starts again on another
-    (mosquitto cannot bind port 0 and report it); `port` is the one it listens on once started. With
-    `port` (a restart where clients expect the same address) a taken port raises AddressInUse.
+    Without `port`, the first `start` picks one and, when another process took it first, starts again on
+    another (mosquitto cannot bind port 0 and report it); `port` is the one it listens on once started.
+    Every later `start` (after `stop` or `kill`), or the first with `port` given, listens on that port,
+    because clients expect the same address: a taken port then raises AddressInUse.
     """
 
     def __init__(self, directory: Path, files: BrokerFiles | None = None, *, port: int | None = None,
@@ -54,7 +55,6 @@ class Mosquitto:
         self.files = files
         self.host = host
         self.port = port or 0
-        self.fixed_port = bool(port)
         self.acl = acl
         self.extra = extra
         self.name = name
@@ -87,9 +87,13 @@ class Mosquitto:
     def start(self, timeout: float = 10.0, ports: Iterable[int] | None = None) -> Mosquitto:
         """Start and wait until mosquitto says it runs (every listener bound). `ports`: the ports to try
         in turn instead of the kernel's picks (tests force a clash with it)."""
-        if self.fixed_port:
+        if self.port:
             return self._start_on(self.port, timeout)
-        return start_on_free_port(lambda port: self._start_on(port, timeout), f"mosquitto {self.name}", ports)
+        try:
+            return start_on_free_port(lambda port: self._start_on(port, timeout), f"mosquitto {self.name}", ports)
+        except BaseException:
+            self.port = 0  # never started: the next start picks again
+            raise
 
     def _start_on(self, port: int, timeout: float) -> Mosquitto:
         self.port = port

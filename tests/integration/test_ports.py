@@ -44,6 +44,21 @@ def test_mosquitto_starts_again_on_another_port_when_another_server_listens_on_i
 
 
 @pytest.mark.broker
+def test_mosquitto_started_again_keeps_its_port(tmp_path: Path) -> None:
+    require_tool("mosquitto")
+    broker = Mosquitto(tmp_path / "broker", None, acl=None).start()
+    first = broker.port
+    broker.stop()
+    broker.start()  # clients were given the address: a restart must not move it
+    try:
+        assert broker.port == first
+        with socket.create_connection(("127.0.0.1", first), timeout=5):
+            pass
+    finally:
+        broker.stop()
+
+
+@pytest.mark.broker
 def test_mosquitto_gives_up_naming_every_port_it_tried(tmp_path: Path) -> None:
     require_tool("mosquitto")
     with refusing_port() as first, refusing_port() as second, pytest.raises(LabError) as caught:
