@@ -194,16 +194,20 @@ def _cpu_and_wakeups(pid: int) -> tuple[float, int]:
 def idle(lab: Lab, seconds: float) -> None:
     """What an online agent costs while nothing happens: CPU and wakeups per second, against the bare
     paho client's own `loop_forever` (it wakes once a second), token refresh off, keepalive 60 s."""
-    config = lab.device("bench-idle", manual_endpoints=True,
-                        extra={"token": {"enabled": False}, "discovery": {"url": ""}, "mqtt": {"keepalive": 60}})
-    subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(config), "check"], check=True,
-                   capture_output=True, cwd=REPO)
-    state = config.parent / "state"
+    # two identities: the broker takes the client id from the certificate, so two clients with one
+    # certificate would throw each other off all the time
+    config, bare_config = (lab.device(name, manual_endpoints=True, extra={
+        "token": {"enabled": False}, "discovery": {"url": ""}, "mqtt": {"keepalive": 60}})
+        for name in ("bench-idle", "bench-idle-bare"))
+    for c in (config, bare_config):
+        subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(c), "check"], check=True,
+                       capture_output=True, cwd=REPO)
+    state, bare_state = config.parent / "state", bare_config.parent / "state"
     host, port = lab.broker_urls[0].removeprefix("mqtts://").split(":")
     bare_idle = BARE.replace("done.wait(10)", "done.wait(10)\nimport time; print('IDLE', flush=True); "
                                                "time.sleep(1e6)")
     bare = Proc("bare-idle", [sys.executable, "-c", bare_idle, host, port, str(lab.ca_file),
-                              str(state / "certs" / "chain.pem"), str(state / "keys" / "device.key.pem"),
+                              str(bare_state / "certs" / "chain.pem"), str(bare_state / "keys" / "device.key.pem"),
                               "bench-idle-bare"], config.parent / "bare.log", cwd=REPO)
     agent = Proc("tether-idle", [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
                  config.parent / "run.log", cwd=REPO)
