@@ -152,7 +152,7 @@ def worker(spec_file: str) -> int:
 class Bed:
     def __init__(self, root: Path, station_workers: int, token_lifetime: float) -> None:
         from lab.mosquitto import BrokerFiles, Mosquitto
-        from lab.procs import Proc, read_port_file, wait_until
+        from lab.procs import Proc, read_port_file
         from lab.tokens import SERVICE_ID, JwtSigner, TokenService
 
         self.root = root
@@ -181,7 +181,6 @@ class Bed:
                              cafile=str(self.station_dir / "ca.pem"))
         signer = JwtSigner.load_or_create(root / "jwt.key")
         self.tokens = TokenService("localhost", self.broker.port, ctx, signer, token_lifetime).start()
-        wait_until(lambda: True, 1, "nothing")
 
     def cli(self, *args: str) -> str:
         out = subprocess.run([sys.executable, "-m", "provisioning.station.cli", *args, "--dir", str(self.station_dir)],
