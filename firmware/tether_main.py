@@ -13,7 +13,8 @@ A missing or bad file or setting prints one line, ``tether: cannot start: <file>
 main() returns to the REPL instead of rebooting into the same failure.
 
 While running, each session event is one line on the console, ``tether: <event> <detail>``
-(see EVENTS in session.py), the only log a bare board has; tests read them too.
+(see EVENTS in session.py; the decisions behind them are agent/core/supervisor.py's), the only
+log a bare board has; tests read them too.
 """
 
 import gc
@@ -32,31 +33,29 @@ def _rand():
 
 
 def build_session(config, connect, clock, wait, rand, on_event):
-    """A Session for ``config`` with the given I/O; raises CoreError for bad endpoint URLs."""
+    """The supervisor for ``config`` and the Session that drives it over ``connect``; raises
+    CoreError for bad endpoint URLs or topic prefixes."""
     # Imported here, after start() has unloaded the setup code, so a small heap holds the
     # runtime's bytecode without the holes setup leaves behind.
     from session import Session
 
     from agent.core.backoff import Backoff
-    from agent.core.endpoints import Rotation, order_endpoints, parse_endpoint
+    from agent.core.endpoints import order_endpoints, parse_endpoint
+    from agent.core.supervisor import Supervisor
     from agent.core.token_schedule import TokenRefresher
     from agent.core.topics import Topics, client_id
 
     eps = [parse_endpoint(u, field="%s: endpoints[%d]" % (CONFIG_FILE, i))
            for i, u in enumerate(config["endpoints"])]
-    backoff = Backoff(config["backoff_base"], config["backoff_cap"])
-    return Session(
-        client_id(config["device_id"], config["client_id_prefix"]),
-        Topics(config["topic_prefix"]),
-        Rotation(order_endpoints(eps)),
-        backoff,
-        TokenRefresher(Backoff(config["backoff_base"], config["backoff_cap"]), config["token_timeout"]),
-        connect, clock, wait, rand, on_event,
-        keepalive=config["keepalive"],
-        heartbeat_interval=config["heartbeat_interval"],
-        connect_timeout=config["connect_timeout"],
-        max_packet=config["max_packet"],
-    )
+    device = config["device_id"]
+    base, cap = config["backoff_base"], config["backoff_cap"]
+    supervisor = Supervisor(order_endpoints(eps), Backoff(base, cap),
+                            Topics(config["topic_prefix"].replace("{id}", device)), rand,
+                            TokenRefresher(Backoff(base, cap), config["token_timeout"]),
+                            heartbeat=config["heartbeat_interval"])
+    return Session(client_id(device, config["client_id_prefix"]), supervisor, connect, clock, wait, on_event,
+                   keepalive=config["keepalive"], connect_timeout=config["connect_timeout"],
+                   max_packet=config["max_packet"])
 
 
 def _detail(detail):

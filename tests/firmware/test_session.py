@@ -46,17 +46,10 @@ def test_session_cycle_behaves_the_same_in_cpython():
     _check_cycle(session_cycle.run_cycle())
 
 
-def _session(broker, clock, events):
-    from session import Session
+def _session(broker, clock, events, **settings):
+    from session_cycle import board
 
-    from agent.core.backoff import Backoff
-    from agent.core.endpoints import Rotation, parse_endpoint
-    from agent.core.token_schedule import TokenRefresher
-    from agent.core.topics import Topics
-
-    return Session("d:dev1", Topics("dev1"), Rotation([parse_endpoint("mqtts://core-b")]), Backoff(1, 60),
-                   TokenRefresher(Backoff(2, 60), 30), broker.connect, clock, clock.wait, lambda: 0.5,
-                   lambda name, detail: events.append((name, detail)))
+    return board(broker.connect, clock, lambda name, detail: events.append((name, detail)), **settings)
 
 
 def test_bad_token_line_is_reported_and_requested_again_with_backoff():
@@ -66,14 +59,41 @@ def test_bad_token_line_is_reported_and_requested_again_with_backoff():
     broker = FakeBroker(clock)
     broker.token_payload = "71,not-a-jwt"
     events = []
-    s = _session(broker, clock, events)
+    s = _session(broker, clock, events, backoff_base=2)
     while len(broker.token_requests) < 2:
         s.step()
     errors = [str(d) for n, d in events if n == "token_error"]
-    assert errors[0] == "token: expected 3 dot-separated segments, got 1"
+    assert errors[0] == ("rejected an answer: token: expected 3 dot-separated segments, got 1; keeping the "
+                         "current token, asking again at 1700000001.0")
     # Retry after 0.5 * 2 s of backoff, not at once and not never.
     assert broker.token_requests[1] - broker.token_requests[0] == 1
     assert s.token() is None
+
+
+def _check_token_answers(r):
+    assert r["board"] == r["supervisor"]
+    assert len([line for line in r["board"] if line.startswith("refused: ")]) == 4, r["board"]
+    assert r["board"][:3] == [
+        "request@1700000000",
+        "refused: rejected an answer: payload: not UTF-8; keeping the current token, asking again at 1700000000.5",
+        "request@1700000000.5"]
+    assert r["board"][-1].startswith("adopted: ")
+
+
+def test_token_answers_are_read_by_the_supervisor_alone():
+    # A board that read 71 lines itself (or timed its retries itself) would disagree with the bare
+    # supervisor on at least one of these answers: a payload that is not UTF-8 must count as a failed
+    # request and be retried after a backoff, not wait for the timeout.
+    from session_cycle import token_answers
+
+    _check_token_answers(token_answers())
+
+
+def test_token_answers_are_read_by_the_supervisor_alone_in_micropython():
+    r = micropython.run("import json, sys\nimport session_cycle\nr = session_cycle.token_answers()\n"
+                        "r['impl'] = sys.implementation.name\nprint('@@RESULT ' + json.dumps(r))\n", SUPPORT)
+    assert r["impl"] == "micropython"
+    _check_token_answers(r)
 
 
 def test_malformed_packet_from_broker_drops_the_connection_and_reconnects():
