@@ -11,7 +11,19 @@ I/O is injected: ``connect(endpoint)`` returns a transport with ``send(bytes)``,
 (bytes; ``b""`` when the peer closed; None when nothing arrived in ``timeout`` seconds) and
 ``close()``, or raises OSError (``net.TransportError`` is one, typed by ``kind``); ``clock()``
 returns seconds; ``wait(seconds)`` blocks while disconnected. Progress is reported through
-``on_event(name, detail)``; see EVENTS.
+``on_event(name, detail)`` (tether_main prints each as ``tether: <name> <detail>``):
+
+- ``connecting`` Endpoint about to be tried; ``connect_failed`` (Endpoint, reason) of a failed
+  attempt; ``round_failed`` the Rotation whose every endpoint failed; ``backoff`` seconds before
+  the next attempt;
+- ``connected`` Endpoint whose CONNACK accepted us; ``ready`` Endpoint, once the subscriptions
+  are granted; ``disconnected`` why an established session ended;
+- ``token_requested`` time the request went out; ``token`` TokenSchedule of the adopted token;
+  ``token_error`` the supervisor's word on a refused answer or a request without one (the old
+  token stays in use while valid);
+- ``published`` packet id of an acknowledged QoS 1 publish; ``operation`` a SmartREST line from
+  the downstream topic; ``message`` (topic, payload) on any other topic; ``problem`` anything
+  else the supervisor reports.
 """
 
 import mqtt_codec as mq
@@ -27,24 +39,6 @@ READY = "ready"
 # rotated CA, a TLS alert is the broker refusing us; resolve, connect, timeout, closed and memory
 # say the endpoint is out of reach for now.
 KINDS = {"verify": sv.TLS_VERIFY, "tls": sv.REFUSED}
-
-# name -> detail passed to on_event (tether_main prints each as ``tether: <name> <detail>``)
-EVENTS = {
-    "connecting": "Endpoint about to be tried",
-    "connect_failed": "(Endpoint, reason) for a failed attempt",
-    "round_failed": "Rotation whose every endpoint failed",
-    "backoff": "seconds before the next attempt",
-    "connected": "Endpoint whose CONNACK accepted us",
-    "ready": "Endpoint, once subscriptions are granted",
-    "disconnected": "reason an established session ended",
-    "token_requested": "time the request was published",
-    "token": "TokenSchedule of the adopted token",
-    "token_error": "the supervisor's word on a refused 71 line or a request without answer (old token kept)",
-    "operation": "a SmartREST line from the downstream topic",
-    "message": "(topic, payload) of any other PUBLISH",
-    "published": "packet id of an acknowledged QoS 1 publish",
-    "problem": "anything else the supervisor reports",
-}
 
 TICK = sv.Tick()  # one instance: a timer firing allocates nothing
 

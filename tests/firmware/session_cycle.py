@@ -97,11 +97,11 @@ BAD_ANSWERS = (b"\xff\xfe", "71,", "71,not-a-jwt", "EXPIRED")
 
 def _token_trace(trace, name, detail):
     if name == "token_requested":
-        trace.append("request@%s" % detail)
+        trace.append(f"request@{detail}")
     elif name == "token_error":
-        trace.append("refused: %s" % detail)
+        trace.append(f"refused: {detail}")
     elif name == "token":
-        trace.append("adopted: refresh@%s" % detail.refresh_at())
+        trace.append(f"adopted: refresh@{detail.refresh_at()}")
 
 
 def token_answers():
@@ -124,7 +124,7 @@ def token_answers():
     while not board_trace or not board_trace[-1].startswith("adopted"):
         s.step()
         if len(broker.token_requests) > len(answers) + 1:
-            raise AssertionError("no token adopted: %r" % board_trace)
+            raise AssertionError(f"no token adopted: {board_trace!r}")
     s.close()
 
     # the supervisor alone, fed the same answers at the times the board's requests went out
