@@ -25,6 +25,23 @@ import time
 from agent.core.errors import CoreError
 
 CONFIG_FILE = "tether.json"
+# Code a running board never calls again once start() has built the session. Like board_config it
+# is dropped after start, so its bytecode does not sit in a small heap: parsing and ordering the
+# endpoints, checking topics and the client id, the SmartREST helpers of the Linux agent's OTA (a
+# board has none), the defaults board_config read, making the TLS context and the connector, the
+# supervisor's re-export list, and start() itself. The supervisor, the driver and the run loop use
+# none of it (tests/firmware/test_session.py runs its cycle without it).
+SETUP_ONLY = (
+    ("agent.core.endpoints", ("parse_endpoint", "order_endpoints", "is_unlikely", "_ipv4")),
+    ("agent.core.topics", ("client_id", "check_topic_part")),
+    ("agent.core.smartrest", ("FirmwareOperation", "parse_firmware_operation", "firmware_executing",
+                              "firmware_successful", "firmware_failed", "firmware_installed",
+                              "supported_operations")),
+    ("agent.core.supervisor", ("__all__",)),
+    ("agent.core", ("defaults",)),
+    ("net", ("QUIRKS", "quirks", "tls_context", "connector")),
+    ("tether_main", ("build_session", "start", "drop_setup_code", "SETUP_ONLY")),
+)
 
 
 def _rand():
@@ -118,6 +135,18 @@ def start():
     return session, console
 
 
+def drop_setup_code():
+    """Remove SETUP_ONLY from their modules (on a board, after start(); never in a process that
+    builds another session)."""
+    for name, attrs in SETUP_ONLY:
+        module = sys.modules.get(name)
+        for attr in attrs:
+            if module is not None and hasattr(module, attr):
+                delattr(module, attr)
+    sys.modules.pop("agent.core.defaults", None)
+    gc.collect()
+
+
 def main():
     """Load everything, then step the session forever; returns only on a setup error."""
     try:
@@ -125,7 +154,7 @@ def main():
     except (CoreError, OSError, MemoryError) as exc:
         print("tether: cannot start:", exc if not isinstance(exc, MemoryError) else "out of memory while loading")
         return
-    gc.collect()
+    drop_setup_code()
     while True:
         session.step()
         console.sample()
