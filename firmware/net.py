@@ -104,16 +104,17 @@ class TlsTransport:
     ("closed") instead of touching a dead socket.
     """
 
-    def __init__(self, tls, raw, io_timeout, busy_errnos):
+    def __init__(self, tls, raw, io_timeout, busy_errnos, buf):
         self._tls = tls
         self._raw = raw
         self._io_ms = int(io_timeout * 1000)
         self._busy = busy_errnos
         self._poller = select.poll()
         self._poller.register(tls, select.POLLIN)
-        # One receive buffer for the connection's life: a 1 KB allocation per read fragments a
-        # small heap until a read fails for lack of a contiguous block. CPython has no readinto.
-        self._buf = bytearray(RECV_SIZE)
+        # One receive buffer, the connector's: a 1 KB allocation per read (or per connection)
+        # fragments a small heap until it fails for lack of a contiguous block. CPython has no
+        # readinto.
+        self._buf = buf
         self._readinto = getattr(tls, "readinto", None)
         self.dead = None  # the TransportError that ended this socket
 
@@ -209,6 +210,7 @@ def connector(ctx, timeout=10, platform=None):
     """A ``connect(endpoint)`` for Session: TCP within ``timeout`` seconds, then a non-blocking
     TLS socket whose every operation has the same deadline. Raises TransportError."""
     busy = quirks(platform)["busy_errnos"]
+    buf = bytearray(RECV_SIZE)  # allocated at start, while the heap is whole; one connection at a time
 
     def connect(endpoint):
         try:
@@ -227,6 +229,6 @@ def connector(ctx, timeout=10, platform=None):
             if sock is not None:
                 sock.close()
             raise transport_error(exc, "connect %s:%d" % (endpoint.host, endpoint.port), "connect") from None
-        return TlsTransport(tls, sock, timeout, busy)
+        return TlsTransport(tls, sock, timeout, busy, buf)
 
     return connect
