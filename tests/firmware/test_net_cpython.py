@@ -46,7 +46,8 @@ def test_cpython_ssl_context_drives_the_session_to_ready(pki: Pki, broker: Mosqu
         assert time.monotonic() < deadline, events
         s.step()
     s.close()
-    assert [n for n, _ in events][:3] == ["connecting", "connected", "ready"]
+    steps = ["connecting", "connected", "ready"]
+    assert [n for n, _ in events if n in steps][:3] == steps
 
 
 def test_wrong_ca_is_a_verify_transport_error(pki: Pki, broker: Mosquitto, tmp_path: Path) -> None:
