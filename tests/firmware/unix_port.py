@@ -25,7 +25,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent.parent
 BUILD_PY = REPO / "firmware" / "build.py"
-HEAPSIZE = "104K"
+HEAPSIZE = "96K"
 
 
 def check_port() -> None:
