@@ -1,7 +1,8 @@
 """The supervisor's vocabulary: typed events in (driver -> supervisor) and actions out (supervisor ->
 driver), as plain value objects. See agent/core/supervisor.py for what each one does to the machine.
 
-Written in the CPython/MicroPython common subset (no dataclasses, typing or f-strings).
+Written in the CPython/MicroPython common subset (no dataclasses, typing or f-strings); the types of
+the fields are in events.pyi, for mypy.
 """
 
 from agent.core.errors import CoreError

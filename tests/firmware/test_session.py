@@ -12,8 +12,18 @@ SUPPORT = {"/lib/" + name: os.path.join(HERE, name)
 # Imports and the baseline happen in separate top-level calls, so the port's deferred collection
 # has run before the baseline is read.
 SETUP = "import gc, json, sys\nimport session_cycle\ngc.collect()\n"
-LOOP = "if 'cycle' not in globals():\n    cycle = session_cycle.Cycle(gc.mem_alloc())\ndone = cycle.advance()\n"
-FINISH = ("r = cycle.result()\nr['impl'] = sys.implementation.name\n"
+# Once the session is built, the code a board drops in start() goes too (tether_main.PARSING_ONLY,
+# BUILDING_ONLY): the cycle must not need any of it.
+LOOP = ("if 'cycle' not in globals():\n"
+        "    cycle = session_cycle.Cycle(gc.mem_alloc())\n"
+        "    import tether_main\n"
+        "    drop, building = tether_main.drop_setup_code, tether_main.BUILDING_ONLY\n"
+        "    drop(tether_main.PARSING_ONLY)\n"
+        "    drop(building)\n"
+        "    del drop, building\n"
+        "    cycle.dropped = not hasattr(tether_main, 'start')\n"
+        "done = cycle.advance()\n")
+FINISH = ("r = cycle.result()\nr['impl'] = sys.implementation.name\nr['dropped'] = cycle.dropped\n"
           "print('@@RESULT ' + json.dumps(r))\n")
 
 
@@ -35,6 +45,7 @@ def _check_cycle(r):
 def test_session_cycle_connects_fetches_token_publishes_and_refreshes_in_micropython():
     r = run_cycle_in_micropython()
     assert r["impl"] == "micropython"
+    assert r["dropped"]
     _check_cycle(r)
     print(f"peak heap over baseline: {r['heap_peak_over_base']} bytes")
     assert 0 < r["heap_peak_over_base"] < HEAP_BUDGET
