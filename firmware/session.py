@@ -88,16 +88,15 @@ class Session:
         """Do one unit of work: start, wait for the supervisor's next timer or attempt while
         disconnected, else read once and run the timers."""
         now = self._clock()
-        if not self._started:
-            self._started = True
-            self._feed(sv.Start(), now)
-            return
         if self._transport is None:
-            at = self.sup.deadline()
-            if at is not None and now < at:
-                self._wait(at - now)
-                return
-            self._feed(TICK, now)
+            try:
+                if self._started:
+                    self._idle_step(now)
+                else:
+                    self._started = True
+                    self._feed(sv.Start(), now)
+            except MemoryError:
+                pass  # the next step finds the attempt that never ran and reports it
             return
         try:
             self._connected_step(now)
@@ -107,6 +106,17 @@ class Session:
             # A packet or TLS record that does not fit this heap: drop the connection (its buffers
             # go with it) and let the supervisor decide what next, rather than dying.
             self._lost("out of memory")
+
+    def _idle_step(self, now):
+        if self.sup.state == sv.CONNECTING:
+            # the supervisor asked for an attempt that a MemoryError stopped before it started
+            self._feed(sv.ConnectFailed(self.sup.epoch, sv.UNREACHABLE, "memory: out of memory"), now)
+            return
+        at = self.sup.deadline()
+        if at is not None and now < at:
+            self._wait(at - now)
+            return
+        self._feed(TICK, now)
 
     def publish(self, topic, payload, qos=1):
         """Publish on the open session; returns the packet id (None at QoS 0).

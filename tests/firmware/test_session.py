@@ -159,3 +159,26 @@ def test_transport_error_on_connect_fails_over_with_its_kind():
     (_ep, reason), = [d for n, d in events if n == "connect_failed"]
     assert reason == "verify: send: The certificate is not correctly signed by the trusted CA"
     assert [n for n, _ in events][-1] == "backoff"
+
+
+def test_out_of_memory_before_an_attempt_starts_counts_as_a_failed_attempt():
+    from fake_broker import FakeBroker, FakeClock
+
+    clock = FakeClock()
+    broker = FakeBroker(clock)
+    events = []
+    s = _session(broker, clock, events)
+    opened = s._open
+
+    def no_memory(action, now):
+        s._open = opened
+        raise MemoryError
+
+    s._open = no_memory
+    s.step()  # Start: the supervisor wants an attempt, the heap says no
+    assert s.sup.state == "connecting" and not broker.connects
+    for _ in range(100):  # stuck "connecting" with nothing open would never get there
+        s.step()
+        if s.state == "ready":
+            break
+    assert ("connect_failed" in [n for n, _ in events]) and broker.connects == ["core-b"]
