@@ -39,7 +39,9 @@ def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
     OpenSSL reads OPENSSL_CONF once, when `ssl` is first imported, so it cannot be set later in the
     same process (DESIGN.md "Keys"). systemd sets it through `Environment=`; by hand we re-exec once.
     """
-    if config.keys.backend != "tpm":
+    from hal.keys import key_backend
+
+    if not key_backend(config.key_uri.scheme).ssl_env_at_start:
         return
     from agent.identity import DeviceIdentity
 
@@ -56,8 +58,8 @@ def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
 def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
     from agent.identity import DeviceIdentity
 
-    if args.backend and args.backend != config.keys.backend:
-        configmod.set_value(Path(config.sources[0]), "keys.backend", args.backend)
+    if args.backend and args.backend != config.key_uri.scheme:
+        configmod.set_value(Path(config.sources[0]), "keys.uri", f"{args.backend}:")
         config = configmod.load(config.sources[0])
     identity = DeviceIdentity(config)
     if identity.has_key():
@@ -215,8 +217,14 @@ def attach_ota(runtime: Runtime) -> None:
     def updater() -> Any:
         from agent.ota.agent import OtaAgent
 
-        token = runtime.token.current if runtime.token else (lambda: None)
-        return OtaAgent(runtime.config, publish, token, runtime.request_restart)
+        tokens = runtime.token
+        if tokens is None:
+            return OtaAgent(runtime.config, publish, lambda: None, runtime.request_restart)
+
+        def refresh() -> str | None:  # on the OTA worker thread: blocks it, never the control loop
+            return tokens.force_refresh(runtime.config.token.timeout)
+
+        return OtaAgent(runtime.config, publish, tokens.current, runtime.request_restart, refresh_token=refresh)
 
     runtime.components.append(LazyOta(runtime.config, updater))
 
@@ -298,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{configmod.DEFAULT_CONFIG})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("keygen", help="create the device key in the file or TPM key store")
-    p.add_argument("--backend", choices=("file", "tpm"), help="key store (saved to the config)")
+    from hal.keys import BACKENDS
+
+    p = sub.add_parser("keygen", help="create the device key in the key store [keys] uri names")
+    p.add_argument("--backend", choices=tuple(BACKENDS), help="key store (saved to the config as [keys] uri "
+                   "= \"<backend>:\"; options such as the TPM's tcti stay as configured)")
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p = sub.add_parser("csr", help="print (or write) a CSR for the device key")
     p.add_argument("--out", help="write the PEM CSR here instead of stdout")

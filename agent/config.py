@@ -15,6 +15,11 @@ from typing import Any, NamedTuple
 
 from agent.core import defaults
 from agent.errors import ConfigError
+from provisioning.tomlfmt import format_value as format_value  # `tether config get` prints with it
+from provisioning.tomlfmt import to_toml as to_toml  # the lab and the tests write device configs with it
+
+if typing.TYPE_CHECKING:
+    from hal.keys import KeyUri
 
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
 
@@ -26,7 +31,8 @@ class DeviceSection(NamedTuple):
 
 
 class KeysSection(NamedTuple):
-    backend: str = "file"          # file | tpm
+    uri: str = ""                  # key URI: "file:", "tpm:?tcti=tabrmd:bus_type=session" (hal/keys; docs)
+    backend: str = "file"          # older spelling of uri = "<backend>:" (file | tpm); the later file wins
     algorithm: str = "ec-p256"     # ec-p256 | rsa-2048 | rsa-3072 (tpm: ec-p256 | rsa-2048)
     tcti: str = "device:/dev/tpmrm0"
     parent_handle: str = ""        # tpm: persistent storage key for the device key (e.g. "0x81000001")
@@ -139,7 +145,7 @@ PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", 
              ("ota", "uboot_env_config"), ("ota", "trust_anchor"), ("ota", "ca_file"),
              ("outbox", "socket")}
 
-CHOICES = {("keys", "backend"): ("file", "tpm"), ("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
+CHOICES = {("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
            ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
            ("ota", "slots"): ("directory", "uboot", "swupdate", "rauc", "command"),
            ("ota", "untrusted_hosts"): ("refuse", "no-token"),
@@ -198,11 +204,19 @@ class Config(NamedTuple):
 
     @property
     def keys_dir(self) -> Path:
-        return self.state_dir / "keys"
+        """The key store's directory: the key URI's, or `<state_dir>/keys`."""
+        return Path(self.key_uri.directory or self.state_dir / "keys")
 
     @property
     def certs_dir(self) -> Path:
         return self.state_dir / "certs"
+
+    @property
+    def key_uri(self) -> KeyUri:
+        """Where the device's keys live (hal.keys.KeyUri): `[keys] uri`, or its older spelling, after load."""
+        from hal.keys import parse_key_uri
+
+        return parse_key_uri(self.keys.uri or f"{self.keys.backend}:")
 
     @property
     def client_id(self) -> str:
@@ -299,6 +313,50 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
+def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], files: list[Path]) -> None:
+    """Settle `[keys]` on one key URI (stored back as `uri`, its scheme as `backend`).
+
+    `uri` and the older `backend` both choose the backend: the one set by the later file wins (a
+    device's `config.d/99-set-by-tether.toml` from an older `tether keygen --backend` still counts), and
+    `uri` when one file sets both. The older option keys (`tcti`, `parent_handle`, `passphrase_file`) fill
+    the options the URI leaves out, for the backend that declares them. Relative paths in the URI resolve
+    against the file that set it. ConfigError names the file, `[keys]` and the key.
+    """
+    from hal.errors import KeyStoreError
+    from hal.keys import BACKENDS, KeyUri, parse_key_uri
+
+    def rank(key: str) -> int:
+        return files.index(origins[("keys", key)]) if ("keys", key) in origins else -1
+
+    if keys.get("uri") and rank("uri") >= rank("backend"):
+        origin, key, text = origins[("keys", "uri")], "uri", keys["uri"]
+    else:
+        origin = origins.get(("keys", "backend"), files[0])
+        key, text = "backend", keys.get("backend", KeysSection().backend) + ":"
+    try:
+        uri = parse_key_uri(text)
+    except KeyStoreError as exc:
+        raise ConfigError(f"{origin}: [keys] {key}: {exc}") from None
+    backend = BACKENDS[uri.scheme]
+    options = dict(uri.options)
+    for name in backend.path_options:
+        if options.get(name) and not os.path.isabs(options[name]):
+            options[name] = str((origin.parent / options[name]).resolve())
+    directory = uri.directory
+    if directory and not os.path.isabs(directory):
+        directory = str((origin.parent / directory).resolve())
+    for name in backend.options:
+        if name not in options and name in KeysSection._fields:
+            value = str(keys.get(name, KeysSection._field_defaults[name]))
+            if "\0" in value:
+                raise ConfigError(f"{origins.get(('keys', name), files[0])}: [keys] {name}: a value cannot contain "
+                                  "a NUL character")
+            if value:
+                options[name] = value
+    keys["uri"] = str(KeyUri(uri.scheme, directory, tuple(options.items())))
+    keys["backend"] = uri.scheme
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Parse the config file and its `config.d/*.toml` drop-ins (sorted) into a `Config`.
 
@@ -313,6 +371,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     origins: dict[tuple[str, str], Path] = {}
     for f in files:
         _merge(merged, _read_toml(f), f, origins)
+    _select_keys(merged.setdefault("keys", {}), origins, files)
     sections = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
     config = Config(**sections, sources=tuple(str(f) for f in files))
     validate(config, base, origins)
@@ -402,30 +461,8 @@ def read_secret_file(path: str, what: str) -> bytes:
     return lines[0].strip()
 
 
-def format_value(value: Any) -> str:
-    """TOML rendering of one value, for `tether config show|get`."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def to_toml(sections: dict[str, dict[str, Any]], comment: str = "") -> str:
-    """TOML text for `{section: {key: value}}`, with an optional leading comment line.
-
-    The one writer of configuration files: `config show`, `config set`, the lab's device configs
-    and the tests' all go through it.
-    """
-    text = f"# {comment}\n" if comment else ""
-    for name, values in sections.items():
-        text += f"\n[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in values.items())
-    return text
-
-
 def render(config: Config) -> str:
+    """The effective configuration as TOML (`tether config show`), written by the one TOML writer."""
     return to_toml(config.as_dict(), f"effective configuration from: {', '.join(config.sources)}")
 
 

@@ -85,7 +85,7 @@ class Discovery:
         try:
             return parse(data, str(self.cache), self.config.discovery.max_bytes)
         except DiscoveryError as exc:
-            log.warning("ignoring cached discovery document: %s", exc)
+            storage.set_aside(self.cache, str(exc), "using the manual endpoints until discovery answers")
             return []
 
     def discover(self, context: ssl.SSLContext) -> list[Endpoint]:
@@ -114,5 +114,6 @@ def load_last_good(config: Config) -> Endpoint | None:
         return Endpoint(d["host"], d["port"], d.get("ca"), "manual" if d.get("source") == "last-good"
                         else d.get("source", "manual"))
     except (ValueError, KeyError, TypeError, CoreError) as exc:
-        log.warning("ignoring unreadable last-good endpoint: %s", exc)
+        storage.set_aside(Path(config.state_dir) / "last-good.json", f"unreadable: {exc}",
+                          "trying endpoints in their configured order")
         return None

@@ -12,7 +12,7 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from agent.config import Config, read_secret_file
+from agent.config import Config
 from agent.errors import AgentError
 
 if TYPE_CHECKING:
@@ -34,16 +34,9 @@ class DeviceIdentity:
 
     @cached_property
     def keystore(self) -> KeyStore:
-        from hal.keys import open_keystore
+        from hal.keys import open_key_uri
 
-        keys = self.config.keys
-        options: dict[str, Any] = {}
-        if keys.backend == "tpm":
-            options["tcti"] = keys.tcti
-            options["parent_handle"] = keys.parent_handle
-        elif keys.passphrase_file:
-            options["passphrase"] = read_secret_file(keys.passphrase_file, "key passphrase")
-        return open_keystore(keys.backend, self.config.keys_dir, **options)
+        return open_key_uri(self.config.key_uri, self.config.keys_dir)
 
     @cached_property
     def policy(self) -> ChainPolicy:

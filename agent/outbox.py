@@ -94,6 +94,12 @@ def _describe(exc: sqlite3.Error | OSError, path: Path) -> str:
     return f"{path}: {exc}{hint}"
 
 
+def _corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """SQLite says the file is not a database or is malformed (not: busy, full, read-only)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)  # primary code
+
+
 class OutboxStore:
     """The queue on disk (SQLite). Thread-safe: the socket threads append, the control loop reads."""
 
@@ -105,18 +111,35 @@ class OutboxStore:
         self.dropped = 0  # messages dropped by the cap since start
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # before first boot made it
-            # the file exists with mode 0600 before SQLite writes a byte (its -wal/-shm copy the mode)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-            os.chmod(path, 0o600)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the API says ok
-            self._db.executescript(_SCHEMA)
-            self.count, self.bytes = self._db.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if _corrupt(exc):  # not a database, or a malformed one: keep it for a post-mortem, start empty
+                if getattr(self, "_db", None) is not None:
+                    self._db.close()
+                from hal import storage
+
+                for suffix in ("-wal", "-shm", ""):  # the database last: its -wal belongs with it
+                    storage.set_aside(Path(f"{path}{suffix}"), str(exc), "starting with an empty outbox")
+                try:
+                    self._open()
+                except (sqlite3.Error, OSError) as again:
+                    raise OutboxError(f"cannot open the outbox: {_describe(again, path)}") from again
+            else:
+                raise OutboxError(f"cannot open the outbox: {_describe(exc, path)}") from exc
         except (sqlite3.Error, OSError) as exc:
             raise OutboxError(f"cannot open the outbox: {_describe(exc, path)}") from exc
+
+    def _open(self) -> None:
+        path = self.path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # before first boot made it
+        # the file exists with mode 0600 before SQLite writes a byte (its -wal/-shm copy the mode)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        os.chmod(path, 0o600)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the API says ok
+        self._db.executescript(_SCHEMA)
+        self.count, self.bytes = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
 
     def append(self, items: Sequence[tuple[str, bytes, int]]) -> list[int | OutboxError]:
         """Queue `items` (broker topic, payload, qos) in one durable transaction.

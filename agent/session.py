@@ -2,14 +2,22 @@
 
 paho is wrapped, never subclassed (STYLE.md): its callbacks only post the supervisor's typed events
 (`Message`, `Acked`, `Disconnected`, each stamped with this session's epoch) to the runtime's control
-loop. The network loop is our own thread calling `client.loop()` so that paho never reconnects by
-itself: which endpoint to try next is the supervisor's decision (agent/core/supervisor.py).
+loop. The network loop is our own thread driving paho's external-loop API (`loop_read`,
+`loop_write`, `loop_misc`) so that paho never reconnects by itself: which endpoint to try next is the
+supervisor's decision (agent/core/supervisor.py).
+
+The thread sleeps in the kernel until the broker sends something, a message is queued (paho's
+`on_socket_register_write` wakes it through a socket pair), `close()` wakes it, or the keepalive needs
+a look: an idle device wakes a few times a minute, not five times a second, and the selector is
+epoll, which has no 1,024-descriptor ceiling (paho's own `loop()` waits with `select()`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import selectors
+import socket
 import ssl
 import threading
 import time
@@ -69,8 +77,15 @@ class Session:
         self._last_error = ""
         # With no callback here paho writes a publish to the TLS socket from the caller's thread while
         # our network thread may be reading it: one SSL object used by two threads corrupts the stream
-        # ("bad record mac") under load. Registered, paho only queues; the network thread writes.
-        self.client.on_socket_register_write = lambda *_: None
+        # ("bad record mac") under load. Registered, paho only queues and calls us; we wake the network
+        # thread, which writes.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.client.on_socket_register_write = lambda *_: self._wake()
+        # paho sends PINGREQ once `keepalive` seconds pass without traffic and gives up when no PINGRESP
+        # comes within another `keepalive`: looking four times per keepalive is close enough for both
+        self._misc_every = min(max(keepalive / 4, 0.5), 15.0) if keepalive else 15.0
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, properties: Any = None) -> None:
@@ -129,29 +144,62 @@ class Session:
             raise ConnectError(endpoint, f"broker refused the connection: {rc}", REFUSED)
         return time.monotonic() - start
 
+    def _wake(self) -> None:
+        """Make the network thread look again (any thread): a packet is queued, or we are closing."""
+        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is already pending
+            self._wake_w.send(b"\0")
+
     def _network_loop(self) -> None:
-        while not self._closing.is_set():
-            try:
-                rc = self.client.loop(timeout=0.2)
-            except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
-                rc = mqtt.MQTT_ERR_CONN_LOST
-                reason = describe_tls_failure(exc)
-            else:
-                if "SSL" in self._last_error or "alert" in self._last_error:
-                    reason = describe_alert(self._last_error)
-                elif rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN):
-                    reason = "connection lost (the broker closed it or the network dropped)"
+        sock = self.client.socket()
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            if sock is not None:
+                selector.register(sock, selectors.EVENT_READ)
+            watching = selectors.EVENT_READ
+            while not self._closing.is_set():
+                try:
+                    if sock is None:
+                        raise ConnectionResetError("no socket")
+                    want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client.want_write() else 0)
+                    if want != watching:
+                        selector.modify(sock, want)
+                        watching = want
+                    # TLS may hold decrypted bytes the kernel no longer reports as readable
+                    buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+                    ready = selector.select(0 if buffered else self._misc_every)
+                    readable = buffered
+                    for key, _events in ready:
+                        if key.fileobj is self._wake_r:
+                            with contextlib.suppress(BlockingIOError):
+                                self._wake_r.recv(4096)
+                        else:
+                            readable = True
+                    if self._closing.is_set():
+                        return
+                    rc = self.client.loop_read() if readable else mqtt.MQTT_ERR_SUCCESS
+                    if rc == mqtt.MQTT_ERR_SUCCESS and self.client.want_write():
+                        rc = self.client.loop_write()
+                    if rc == mqtt.MQTT_ERR_SUCCESS:
+                        rc = self.client.loop_misc()
+                except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
+                    rc = mqtt.MQTT_ERR_CONN_LOST
+                    reason = describe_tls_failure(exc)
                 else:
-                    reason = mqtt.error_string(rc)
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                if not self._closing.is_set():
-                    if not self._connack.is_set():
-                        # refused during or right after the handshake (TLS 1.3 checks our certificate late)
-                        self._connack_rc = f"connection closed before CONNACK: {reason}"
-                        self._connack.set()
+                    if "SSL" in self._last_error or "alert" in self._last_error:
+                        reason = describe_alert(self._last_error)
+                    elif rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN, mqtt.MQTT_ERR_NO_CONN):
+                        reason = "connection lost (the broker closed it or the network dropped)"
                     else:
-                        self._report_down(reason)
-                return
+                        reason = mqtt.error_string(rc)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    if not self._closing.is_set():
+                        if not self._connack.is_set():
+                            # refused during or right after the handshake (TLS 1.3 checks our certificate late)
+                            self._connack_rc = f"connection closed before CONNACK: {reason}"
+                            self._connack.set()
+                        else:
+                            self._report_down(reason)
+                    return
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self.client.subscribe(topic, qos)
@@ -166,16 +214,21 @@ class Session:
     def close(self) -> None:
         """Send DISCONNECT if connected and stop the network thread."""
         self._closing.set()
-        # the network thread leaves its loop within one 0.2 s turn; only then may this thread touch
-        # the TLS socket: one SSL object used by two threads corrupts memory (glibc aborts the process)
+        self._wake()
+        # the woken network thread leaves its loop; only then may this thread touch the TLS socket:
+        # one SSL object used by two threads corrupts memory (glibc aborts the process)
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(2)
+        network_done = not (self._thread and self._thread.is_alive())
         try:
-            if self._connack.is_set() and self.client.is_connected() and not (self._thread and self._thread.is_alive()):
+            if self._connack.is_set() and self.client.is_connected() and network_done:
                 self.client.disconnect()
-                self.client.loop(timeout=0.1)  # flush DISCONNECT
+                self.client.loop_write()  # flush DISCONNECT
         except (OSError, ValueError, ssl.SSLError) as exc:
             log.debug("disconnect: %s", exc)
+        if network_done:
+            self._wake_r.close()
+            self._wake_w.close()
         sock = self.client.socket()
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -8,15 +8,19 @@ Everything is real: one mosquitto with mutual TLS and the lab ACL (`lab.mosquitt
 `tether-station serve` (EST, two worker processes), the lab token service (`lab.tokens`, ES256 JWTs).
 Each device is an `agent.runtime.Runtime` (the code `tether run` runs) with its own config, state
 directory, key and one-time password; it enrolls over EST, connects over mTLS and keeps its token
-fresh over MQTT. A `tether run` process costs ~30 MB, so devices run as threads inside a few worker
-processes (`--workers`), which shares the interpreter but not the sessions, contexts or keys.
+fresh over MQTT. A `tether run` process costs ~30 MB, so devices run as threads inside worker
+processes, which shares the interpreter but not the sessions, contexts or keys. A worker holds at most
+`--per-worker` devices (default 300): paho-mqtt waits with `select()`, which cannot watch a file
+descriptor numbered 1024 or above, and every paho client holds three (its socket and the socket pair
+it wakes its loop with); past ~340 clients a process's new sessions die before CONNACK.
 
 For each step of N devices, all boot at once on a signal (the enrollment storm); then the fleet must
 be online with a token within `--settle` seconds, and stay so for `--hold` seconds with every
 device refreshing its token at least once. A step that fails ends the ramp, as does `--budget`.
 Figures printed: storm time (all N enrolled), time until all online with a token, the minimum
 online count seen during the hold, token refreshes during the hold, memory (workers' RSS / N, and
-the marginal RSS per device above the workers' idle baseline), mosquitto's RSS per connection.
+the marginal RSS per device above the workers' idle baseline), mosquitto's RSS per connection, and
+the CPU the device processes and the broker used during the hold (% of one core).
 """
 
 from __future__ import annotations
@@ -48,6 +52,33 @@ def rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def cpu_tree_s(pid: int) -> float:
+    """CPU seconds of a process and every live descendant (the station's workers are its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu_s(p)
+        todo.extend(children.get(p, []))
+    return total
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -132,7 +163,9 @@ class Bed:
         self.broker = Mosquitto(root / "broker", BrokerFiles(self.station_dir / "ca-chain.pem",
                                                              root / "broker-cert" / "server.pem",
                                                              root / "broker-cert" / "server.key"),
-                                extra="max_keepalive 120").start()
+                                # the token service is one subscriber taking every device's s/uat: at
+                                # mosquitto's default of 1,000 queued messages a storm loses requests
+                                extra="max_keepalive 120\nmax_queued_messages 100000").start()
         self.port = free_port()
         self.station = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir",
                                                str(self.station_dir), "--listen", f"127.0.0.1:{self.port}",
@@ -159,9 +192,9 @@ class Bed:
 
     def devices(self, directory: Path, ids: list[str]) -> list[str]:
         """Configs for `ids`, each with a fresh one-time password in the station's ledger."""
-        from agent.config import format_value
         from provisioning.station.ca import Station
         from provisioning.station.otp import new_otp, otp_hash
+        from provisioning.tomlfmt import to_toml
 
         ledger = Station(self.station_dir).open_ledger()
         configs = []
@@ -173,7 +206,7 @@ class Bed:
                 otp = new_otp()
                 ledger.add_otp(device_id, otp_hash(device_id, otp), now, now + 3600)
                 (d / "otp").write_text(otp + "\n")
-                sections = {
+                sections: dict[str, dict[str, Any]] = {
                     "device": {"id": device_id, "state_dir": str(d / "state"), "trust_domain": TRUST_DOMAIN},
                     "est": {"url": f"https://127.0.0.1:{self.port}", "ca_file": str(self.station_dir / "ca.pem"),
                             "otp_file": str(d / "otp"), "timeout": 60.0},
@@ -182,9 +215,7 @@ class Bed:
                     "mqtt": {"keepalive": 60, "backoff_base": 0.5, "backoff_cap": 5.0, "connect_timeout": 20.0},
                     "token": {"timeout": 15.0},
                 }
-                text = "".join(f"[{name}]\n" + "".join(f"{k} = {format_value(v)}\n" for k, v in body.items()) + "\n"
-                               for name, body in sections.items())
-                (d / "tether.toml").write_text(text)
+                (d / "tether.toml").write_text(to_toml(sections))
                 configs.append(str(d / "tether.toml"))
         finally:
             ledger.close()
@@ -202,7 +233,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
     step_dir = root / f"step-{n}"
     ids = [f"fleet-{n}-{i:05d}" for i in range(n)]
     configs = bed.devices(step_dir, ids)
-    workers = max(1, min(args.workers, n))
+    workers = max(1, -(-n // args.per_worker))
     go = step_dir / "go"
     procs, stats = [], []
     for w in range(workers):
@@ -228,6 +259,14 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
                 return result
             time.sleep(0.1)
         baseline = sum(rss_kb(p.pid) for p in procs)
+        broker_pid = bed.broker.proc.pid if bed.broker.proc else 0
+
+        def cpu_now() -> dict[str, float]:
+            # who spends the storm's CPU: the simulated devices, the station, the broker, the token service
+            return {"devices": sum(cpu_s(p.pid) for p in procs), "station": cpu_tree_s(bed.station.pid),
+                    "broker": cpu_s(broker_pid), "tokens": cpu_s(os.getpid())}
+
+        cpu0 = cpu_now()
         go.touch()
         t0 = time.time()
         # storm: every device enrolled
@@ -238,6 +277,8 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
                 return result
             time.sleep(0.2)
         times = sorted(t - t0 for w in s for t in w.get("enrolled_at", []))
+        cpu1 = cpu_now()
+        result["storm_cpu"] = {k: cpu1[k] - cpu0[k] for k in cpu0}
         result["storm_s"] = times[-1]
         result["storm_p50_s"] = times[len(times) // 2]
         # settle: every device online with a token
@@ -248,9 +289,13 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
                 return result
             time.sleep(0.2)
         result["online_s"] = time.time() - t0
+        if args.hold == 0:  # storm only
+            result["held"] = True
+            return result
         # hold: stay online, keep refreshing
         time.sleep(1.5)  # let every worker write a fresh sample
         start = [r for w in sample() for r in w.get("refreshes", [])]
+        cpu_start = (sum(cpu_s(p.pid) for p in procs), cpu_s(broker_pid), time.monotonic())
         hold_end = time.monotonic() + args.hold
         min_online, min_token = n, n
         while time.monotonic() < hold_end:
@@ -263,6 +308,10 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         end = [r for w in s for r in w.get("refreshes", [])]
         per_device = [b - a for a, b in zip(start, end, strict=False)]
         rss = sum(rss_kb(p.pid) for p in procs)
+        held_s = time.monotonic() - cpu_start[2]
+        # the fleet's idle cost: CPU the device processes and the broker used while holding, in % of one core
+        result.update(agents_cpu=100 * (sum(cpu_s(p.pid) for p in procs) - cpu_start[0]) / held_s,
+                      broker_cpu=100 * (cpu_s(broker_pid) - cpu_start[1]) / held_s)
         result.update(min_online=min_online, min_token=min_token, refreshes=sum(per_device),
                       least_refreshes=min(per_device) if per_device else 0,
                       rss_mb=rss / 1024, rss_per_device_kb=rss / n, marginal_kb=(rss - baseline) / n,
@@ -289,14 +338,15 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
 
 def table(results: list[dict[str, Any]]) -> str:
     head = (f"{'N':>6} {'held':>5} {'storm s':>8} {'p50 s':>6} {'online s':>9} {'min on':>7} {'refreshes':>9} "
-            f"{'RSS MB':>7} {'KB/dev':>7} {'marg KB':>8} {'broker KB':>9}  note")
+            f"{'RSS MB':>7} {'KB/dev':>7} {'marg KB':>8} {'broker KB':>9} {'CPU%':>5} {'brk%':>5}  note")
     lines = [head, "-" * len(head)]
     for r in results:
         def f(key: str, fmt: str, r: dict[str, Any] = r) -> str:
             return format(r[key], fmt) if key in r else "-"
         lines.append(f"{r['n']:>6} {'yes' if r['held'] else 'NO':>5} {f('storm_s', '8.1f')} {f('storm_p50_s', '6.1f')} "
                      f"{f('online_s', '9.1f')} {f('min_online', '7d')} {f('refreshes', '9d')} {f('rss_mb', '7.0f')} "
-                     f"{f('rss_per_device_kb', '7.0f')} {f('marginal_kb', '8.0f')} {f('broker_kb', '9.1f')}  "
+                     f"{f('rss_per_device_kb', '7.0f')} {f('marginal_kb', '8.0f')} {f('broker_kb', '9.1f')} "
+                     f"{f('agents_cpu', '5.0f')} {f('broker_cpu', '5.0f')}  "
                      f"{r['why']}")
     return "\n".join(lines)
 
@@ -305,10 +355,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", default="50,100,200,400,800,1600", help="fleet sizes to try, in order")
     p.add_argument("--max", type=int, default=1600, help="largest N to try")
-    p.add_argument("--hold", type=float, default=20.0, help="seconds each step must stay connected")
+    p.add_argument("--hold", type=float, default=20.0,
+                   help="seconds each step must stay connected (0: stop once the storm is online)")
     p.add_argument("--settle", type=float, default=180.0, help="seconds to enroll and come online")
     p.add_argument("--token-lifetime", type=float, default=10.0, help="JWT lifetime; refresh at half of it")
-    p.add_argument("--workers", type=int, default=4, help="device processes")
+    p.add_argument("--per-worker", type=int, default=300,
+                   help="devices per worker process (paho's select() stops at fd 1024: 3 fds per client)")
     p.add_argument("--station-workers", type=int, default=2)
     p.add_argument("--budget", type=float, default=900.0, help="stop ramping after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
@@ -316,8 +368,8 @@ def main() -> int:
     args = p.parse_args()
     if args.worker:
         return worker(args.worker)
-    if args.hold < args.token_lifetime:
-        p.error("--hold must be at least --token-lifetime so every device refreshes during it")
+    if 0 < args.hold < args.token_lifetime:
+        p.error("--hold must be at least --token-lifetime so every device refreshes during it (0: storm only)")
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -347,9 +399,16 @@ def main() -> int:
             print(f"work directory kept: {root}")
     print()
     print(f"fleet on {os.cpu_count()} CPUs, token lifetime {args.token_lifetime:.0f} s, hold {args.hold:.0f} s, "
-          f"{args.workers} device processes, station with {args.station_workers} workers")
+          f"up to {args.per_worker} devices per process, station with {args.station_workers} workers")
     print(table(results))
     held = [r for r in results if r["held"]]
+    for r in results:
+        if "storm_cpu" in r:
+            cpu = r["storm_cpu"]
+            print(f"storm N={r['n']}: CPU seconds until the last device enrolled: " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()) +
+                  f"; sum {sum(cpu.values()):.1f} on {os.cpu_count()} CPUs = at least "
+                  f"{sum(cpu.values()) / (os.cpu_count() or 1):.1f} s of wall time")
     print(f"\nlargest N held: {held[-1]['n'] if held else 0}")
     if len(held) >= 2:  # the per-device cost without the fixed cost of interpreters and imports
         a, b = held[-2], held[-1]

@@ -44,6 +44,7 @@ def child(args: argparse.Namespace) -> None:
     """The agent's download-and-verify, timed, in its own process."""
     from urllib.parse import urlsplit
 
+    from agent.bearer import Bearer
     from agent.ota import release as otarelease
     from agent.ota.download import HttpSettings, fetch_payload, fetch_small, open_session
     from agent.ota.hosts import HostPolicy, HostRule
@@ -51,7 +52,7 @@ def child(args: argparse.Namespace) -> None:
 
     token = Path(args.token).read_text().strip()
     hosts = HostPolicy((HostRule(urlsplit(args.url).hostname or ""),))  # the token goes to the server we measure
-    http = HttpSettings(ca_file=args.ca, token=lambda: token, timeout=30, hosts=hosts)
+    http = HttpSettings(ca_file=args.ca, bearer=Bearer(lambda: token), timeout=30, hosts=hosts)
     base = otarelease.release_base(args.url)
     fetch_small(base + "manifest.json", http)  # warm: imports, TLS, certificate parsing (a connection of its own)
     anchors = otarelease.load_anchors(args.anchor)

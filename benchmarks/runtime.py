@@ -6,8 +6,10 @@
 2. First boot: keygen + CSR + EST enroll + connect on loopback, file key and TPM key. Targets: < 1 s
    and < 2 s.
 3. Failover: after the active broker dies, connected to the next one. Target: < 2 s.
+4. Idle: an online agent with nothing to do, wakeups per second and CPU seconds per hour, next to
+   the bare client (paho's loop_start wakes once a second).
 
-    python benchmarks/runtime.py [--runs N]
+    python benchmarks/runtime.py [--runs N] [--no-tpm] [--idle-seconds S]
 """
 
 from __future__ import annotations
@@ -172,10 +174,69 @@ def failover(lab: Lab, runs: int) -> None:
           "(target < 2 s; kill -9 of the active broker to online on the next)")
 
 
+def _cpu_and_wakeups(pid: int) -> tuple[float, int]:
+    """(CPU seconds, voluntary context switches) of a process, summed over its threads: each
+    voluntary switch is the thread going back to sleep, so their rate is the wakeup rate."""
+    cpu, switches = 0.0, 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    switches += int(line.split()[1])
+        except OSError:  # a thread that ended between listing and reading
+            continue
+    return cpu, switches
+
+
+def idle(lab: Lab, seconds: float) -> None:
+    """What an online agent costs while nothing happens: CPU and wakeups per second, against the bare
+    paho client's own `loop_forever` (it wakes once a second), token refresh off, keepalive 60 s."""
+    # two identities: the broker takes the client id from the certificate, so two clients with one
+    # certificate would throw each other off all the time
+    config, bare_config = (lab.device(name, manual_endpoints=True, extra={
+        "token": {"enabled": False}, "discovery": {"url": ""}, "mqtt": {"keepalive": 60}})
+        for name in ("bench-idle", "bench-idle-bare"))
+    for c in (config, bare_config):
+        subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(c), "check"], check=True,
+                       capture_output=True, cwd=REPO)
+    state, bare_state = config.parent / "state", bare_config.parent / "state"
+    host, port = lab.broker_urls[0].removeprefix("mqtts://").split(":")
+    bare_idle = BARE.replace("done.wait(10)", "done.wait(10)\nimport time; print('IDLE', flush=True); "
+                                               "time.sleep(1e6)")
+    bare = Proc("bare-idle", [sys.executable, "-c", bare_idle, host, port, str(lab.ca_file),
+                              str(bare_state / "certs" / "chain.pem"), str(bare_state / "keys" / "device.key.pem"),
+                              "bench-idle-bare"], config.parent / "bare.log", cwd=REPO)
+    agent = Proc("tether-idle", [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
+                 config.parent / "run.log", cwd=REPO)
+    status_file = state / "status.json"
+    try:
+        wait_until(lambda: "IDLE" in (config.parent / "bare.log").read_text(), 20, "the bare client online")
+        wait_until(lambda: b'"online"' in status_file.read_bytes() if status_file.exists() else False, 20,
+                   "the agent online")
+        rows = []
+        for name, proc in (("bare paho (loop_start)", bare), ("tether run (idle, online)", agent)):
+            cpu0, sw0 = _cpu_and_wakeups(proc.pid)
+            t0 = time.monotonic()
+            time.sleep(seconds)  # the measurement window itself, not a wait for something
+            cpu1, sw1 = _cpu_and_wakeups(proc.pid)
+            dt = time.monotonic() - t0
+            rows.append((name, (sw1 - sw0) / dt, (cpu1 - cpu0) / dt * 3600))
+    finally:
+        agent.stop()
+        bare.stop()
+    print(f"\n== idle: an online agent with nothing to do, over {seconds:.0f} s")
+    print(f"{'':36} {'wakeups/s':>9} {'CPU s/hour':>11}")
+    for name, wakeups, cpu in rows:
+        print(f"{name:36} {wakeups:9.1f} {cpu:11.1f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-tpm", action="store_true")
+    parser.add_argument("--idle-seconds", type=float, default=20.0, help="length of the idle measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp, \
             Lab(Path(tmp) / "lab", LabSettings(brokers=2)) as lab:
@@ -188,6 +249,7 @@ def main() -> int:
             with SoftTpm(Path(tmp) / "tpm") as tpm:
                 first_boot(lab, args.runs, tpm.env, tpm.tcti)
         failover(lab, args.runs)
+        idle(lab, args.idle_seconds)
     return 0
 
 

@@ -187,26 +187,33 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         value = json.loads(data)
     except ValueError as exc:
-        return _set_aside(Path(path), f"not JSON ({exc})")
+        set_aside(path, f"not JSON ({exc})")
+        return {}
     if not isinstance(value, dict):
-        return _set_aside(Path(path), f"expected a JSON object, found {type(value).__name__}")
+        set_aside(path, f"expected a JSON object, found {type(value).__name__}")
+        return {}
     return value
 
 
-def _set_aside(path: Path, why: str) -> dict[str, Any]:
+def set_aside(path: str | os.PathLike[str], why: str, then: str = "starting from empty") -> None:
+    """Move a corrupt state file to `<name>.corrupt` (kept for a post-mortem) and log an error saying
+    why and what happens now (`then`). The one way every state file's reader handles corruption:
+    never silently emptied, never read again."""
     import logging
 
+    path = Path(path)
     aside = path.with_name(path.name + ".corrupt")
     try:
         os.replace(path, aside)
         fsync_dir(path.parent)
+    except FileNotFoundError:
+        return
     except OSError as exc:
         logging.getLogger("tether.storage").error("%s: corrupt state file (%s) and cannot move it aside: %s; "
-                                                  "starting from empty", path, why, exc.strerror)
-        return {}
-    logging.getLogger("tether.storage").error("%s: corrupt state file (%s); moved to %s, starting from empty",
-                                              path, why, aside)
-    return {}
+                                                  "%s", path, why, exc.strerror, then)
+        return
+    logging.getLogger("tether.storage").error("%s: corrupt state file (%s); moved to %s, %s", path, why, aside,
+                                              then)
 
 
 def write_json(path: str | os.PathLike[str], value: dict[str, Any], mode: int = PUBLIC_MODE) -> None:

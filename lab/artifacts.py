@@ -14,7 +14,7 @@ Run standalone: `python -m lab.artifacts --root DIR --cert C --key K [--jwt-publ
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import ssl
 import threading
 import time
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from lab.procs import LabError
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 
@@ -234,7 +236,16 @@ class ArtifactServer:
         if self.jwt_key is None:
             return True
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and bool(token) and _jwt_valid(token.strip(), self.jwt_key)
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        from lab.jws import JwtRejected, verify_jwt
+
+        try:
+            verify_jwt(token.strip(), self.jwt_key)
+        except JwtRejected as exc:
+            log.info("artifact request refused: %s", exc)
+            return False
+        return True
 
 
 def _load_public_key(pem: bytes) -> Any:
@@ -244,46 +255,6 @@ def _load_public_key(pem: bytes) -> Any:
     if b"CERTIFICATE" in pem:
         return x509.load_pem_x509_certificate(pem).public_key()
     return load_pem_public_key(pem)
-
-
-def _jwt_valid(token: str, key: Any) -> bool:
-    """Signature (ES256/RS256) and `exp` of a compact JWS; pyjwt when installed, else `cryptography`."""
-    try:
-        import jwt
-    except ImportError:
-        return _jwt_valid_cryptography(token, key)
-    try:
-        jwt.decode(token, key, algorithms=["ES256", "RS256"], options={"require": ["exp"]})
-    except jwt.PyJWTError:
-        return False
-    return True
-
-
-def _jwt_valid_cryptography(token: str, key: Any) -> bool:
-    import base64
-
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, padding
-    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
-    def b64(part: str) -> bytes:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-    try:
-        head, body, sig = token.split(".")
-        header, claims, raw = json.loads(b64(head)), json.loads(b64(body)), b64(sig)
-        signed = f"{head}.{body}".encode()
-        if header.get("alg") == "ES256" and isinstance(key, ec.EllipticCurvePublicKey) and len(raw) == 64:
-            der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-            key.verify(der, signed, ec.ECDSA(hashes.SHA256()))
-        elif header.get("alg") == "RS256" and not isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(raw, signed, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            return False
-        return isinstance(claims.get("exp"), int | float) and claims["exp"] > time.time()
-    except (ValueError, InvalidSignature, TypeError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,8 +209,9 @@ class Lab:
     def device(self, device_id: str, *, tpm_tcti: str | None = None, manual_endpoints: bool = False,
                extra: dict[str, dict[str, Any]] | None = None) -> Path:
         """Write `devices/<id>/tether.toml` (and a one-time password) for a device of this lab."""
-        from agent.config import to_toml
+        from hal.keys import KeyUri
         from provisioning.identity import check_device_id
+        from provisioning.tomlfmt import to_toml
 
         # before anything is made from the id: '..' or a '/' would put the directory elsewhere
         home = self.dir / "devices" / check_device_id(device_id, "DEVICE_ID")
@@ -221,7 +222,7 @@ class Lab:
             otp.chmod(0o600)
         sections: dict[str, dict[str, Any]] = {
             "device": {"id": device_id, "state_dir": str(home / "state"), "trust_domain": self.settings.trust_domain},
-            "keys": {"backend": "tpm", "tcti": tpm_tcti} if tpm_tcti else {"backend": "file"},
+            "keys": {"uri": str(KeyUri("tpm", options=(("tcti", tpm_tcti),)) if tpm_tcti else KeyUri("file"))},
             "identity": {"ca_file": str(self.ca_file)},
             "est": {"url": self.station_url, "ca_file": str(self.ca_file), "otp_file": str(otp)},
             "discovery": {"url": self.discovery_url, "ca_file": str(self.ca_file)},

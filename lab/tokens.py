@@ -8,7 +8,6 @@ verify them.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
@@ -20,16 +19,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from lab.jws import b64url
 from lab.procs import LabError, wait_until
 
 log = logging.getLogger(__name__)
 SERVICE_ID = "tether-token-service"
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 class JwtSigner:
@@ -63,29 +59,6 @@ class JwtSigner:
         der = self.key.sign(f"{header}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         return f"{header}.{payload}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
-
-
-def verify_jwt(token: str, public_key: ec.EllipticCurvePublicKey, now: float | None = None) -> dict[str, Any]:
-    """Claims of a valid, unexpired ES256 token; ValueError saying why otherwise."""
-    from cryptography.exceptions import InvalidSignature
-
-    try:
-        header, payload, sig = token.split(".")
-        raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
-        if len(raw) != 64:
-            raise ValueError("signature is not 64 bytes")
-        der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-        public_key.verify(der, f"{header}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except InvalidSignature:
-        raise ValueError("bad signature") from None
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"malformed token: {exc}") from None
-    if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int | float):
-        raise ValueError("claims have no numeric exp")
-    if claims["exp"] <= (time.time() if now is None else now):
-        raise ValueError("token expired")
-    return claims
 
 
 class TokenService:

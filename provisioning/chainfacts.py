@@ -34,8 +34,13 @@ def read_facts(directory: str | Path) -> dict[str, object] | None:
         return None
     try:
         facts = json.loads(data)
-    except ValueError:
+    except ValueError as exc:
+        storage.set_aside(Path(directory) / FACTS, f"not JSON ({exc})", "rebuilding it from chain.pem")
         return None
-    if not isinstance(facts, dict) or facts.get(DIGEST_KEY) != digest(chain):
+    if not isinstance(facts, dict):
+        storage.set_aside(Path(directory) / FACTS, f"expected a JSON object, found {type(facts).__name__}",
+                          "rebuilding it from chain.pem")
+        return None
+    if facts.get(DIGEST_KEY) != digest(chain):  # stale, not corrupt: describes another chain.pem
         return None
     return facts

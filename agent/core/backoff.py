@@ -5,7 +5,7 @@ uniform in [0, min(cap, base * factor ** attempt)), which spreads a fleet that l
 at the same moment instead of having it reconnect in waves.
 """
 
-from agent.core.errors import ConfigError
+from agent.core.errors import ParameterError
 
 
 class Backoff:
@@ -13,11 +13,11 @@ class Backoff:
 
     def __init__(self, base, cap, factor=2):
         if not base > 0:
-            raise ConfigError("backoff.base", "must be > 0, got %r" % (base,))
+            raise ParameterError("backoff.base", "must be > 0, got %r" % (base,))
         if not cap >= base:
-            raise ConfigError("backoff.cap", "must be >= base %r, got %r" % (base, cap))
+            raise ParameterError("backoff.cap", "must be >= base %r, got %r" % (base, cap))
         if not factor >= 1:
-            raise ConfigError("backoff.factor", "must be >= 1, got %r" % (factor,))
+            raise ParameterError("backoff.factor", "must be >= 1, got %r" % (factor,))
         self.base = base
         self.cap = cap
         self.factor = factor
@@ -31,10 +31,10 @@ class Backoff:
     def next_delay(self, rand):
         """Return the next delay in seconds, ``rand * ceiling``, and grow the ceiling.
 
-        ``rand`` is a float in [0, 1) from the caller's random source; ConfigError otherwise.
+        ``rand`` is a float in [0, 1) from the caller's random source; ParameterError otherwise.
         """
         if not 0 <= rand < 1:
-            raise ConfigError("backoff.rand", "must be in [0, 1), got %r" % (rand,))
+            raise ParameterError("backoff.rand", "must be in [0, 1), got %r" % (rand,))
         delay = rand * self._ceiling
         self.attempts += 1
         # Grow multiplicatively and clamp, rather than base * factor ** attempts, so a device

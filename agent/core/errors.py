@@ -28,8 +28,17 @@ class EndpointError(CoreError):
     """An endpoint URL, discovery document or rotation request that is not acceptable."""
 
 
-class ConfigError(CoreError):
-    """A parameter handed to core logic (backoff bounds, topic prefix) that is out of range."""
+class ParameterError(CoreError):
+    """A parameter handed to core logic (backoff bounds, topic prefix) that is out of range.
+
+    Not named ConfigError: that is agent.errors.ConfigError, a configuration file that is wrong. The
+    agent turns a ParameterError from its config into a ConfigError naming the file, section and key.
+    """
+
+
+# firmware/board_config.py still raises core's error under its old name; drop this alias once it
+# imports ParameterError (it is a second name for the same class, not a second class)
+ConfigError = ParameterError
 
 
 def describe(value, limit=40):

@@ -5,7 +5,7 @@ Shaped after iot-identity-service's cert-renewal engine: a retryable failure is 
 OTA download loop, certificate renewal and the boot sequence.
 """
 
-from agent.core.errors import ConfigError
+from agent.core.errors import ParameterError
 
 
 class Retry:
@@ -17,7 +17,7 @@ class Retry:
 
     def __init__(self, backoff, attempts=None):
         if attempts is not None and attempts < 1:
-            raise ConfigError("retry.attempts", "must be >= 1, got %r" % (attempts,))
+            raise ParameterError("retry.attempts", "must be >= 1, got %r" % (attempts,))
         self.backoff = backoff
         self.attempts = attempts
         self.failures = 0

@@ -9,7 +9,7 @@ device's own timeline starting at the moment the token was received. All times a
 """
 
 from agent.core import smartrest
-from agent.core.errors import ConfigError, CoreError, TokenError
+from agent.core.errors import CoreError, ParameterError, TokenError
 from agent.core.jwt import check_lifetime, decode_claims
 
 DEFAULT_MAX_SKEW_S = 300
@@ -73,7 +73,7 @@ class TokenRefresher:
 
     def __init__(self, backoff, timeout, max_skew=DEFAULT_MAX_SKEW_S):
         if not timeout > 0:
-            raise ConfigError("token.timeout", "must be > 0, got %r" % (timeout,))
+            raise ParameterError("token.timeout", "must be > 0, got %r" % (timeout,))
         self.backoff = backoff
         self.timeout = timeout
         self.max_skew = max_skew

@@ -4,20 +4,20 @@ On the platform the topics are bare (``s/us``); in the lab each device's topics 
 own id (``<id>/s/us``) so the broker's pattern ACL can keep devices apart.
 """
 
-from agent.core.errors import ConfigError, describe
+from agent.core.errors import ParameterError, describe
 
 DEFAULT_CLIENT_ID_PREFIX = "d:"
 
 
 def check_topic_part(value, field):
     """Return ``value`` if it can sit in a topic name: text without MQTT wildcards (``+ #``), NUL or
-    a leading or trailing ``/``; ConfigError naming ``field`` otherwise."""
+    a leading or trailing ``/``; ParameterError naming ``field`` otherwise."""
     if not isinstance(value, str):
-        raise ConfigError(field, "expected text, got %s" % describe(value))
+        raise ParameterError(field, "expected text, got %s" % describe(value))
     if "+" in value or "#" in value or "\x00" in value:
-        raise ConfigError(field, "must not contain the MQTT wildcards + # or NUL, got %s" % describe(value))
+        raise ParameterError(field, "must not contain the MQTT wildcards + # or NUL, got %s" % describe(value))
     if value.startswith("/") or value.endswith("/"):
-        raise ConfigError(field, "must not start or end with /, got %s" % describe(value))
+        raise ParameterError(field, "must not start or end with /, got %s" % describe(value))
     return value
 
 
@@ -31,9 +31,9 @@ class Topics:
     def __init__(self, prefix="", token_request="s/uat", token_response="s/dat"):  # noqa: S107 (topics)
         self.prefix = check_topic_part(prefix, "mqtt.topic_prefix")
         if not check_topic_part(token_request, "token.request_topic"):
-            raise ConfigError("token.request_topic", "must not be empty")
+            raise ParameterError("token.request_topic", "must not be empty")
         if not check_topic_part(token_response, "token.response_topic"):
-            raise ConfigError("token.response_topic", "must not be empty")
+            raise ParameterError("token.response_topic", "must not be empty")
         self.token_request = self.topic(token_request)
         self.token_response = self.topic(token_response)
         self.downstream = self.topic("s/ds")
@@ -45,10 +45,10 @@ class Topics:
 
 
 def client_id(device_id, prefix=DEFAULT_CLIENT_ID_PREFIX):
-    """The MQTT client id ``<prefix><device_id>``; ConfigError for an empty id or one with ``:``
+    """The MQTT client id ``<prefix><device_id>``; ParameterError for an empty id or one with ``:``
     (the device id is the certificate CN, which DESIGN.md forbids ``:`` in)."""
     if not isinstance(device_id, str) or not device_id:
-        raise ConfigError("device_id", "expected a non-empty id, got %s" % describe(device_id))
+        raise ParameterError("device_id", "expected a non-empty id, got %s" % describe(device_id))
     if ":" in device_id:
-        raise ConfigError("device_id", "must not contain ':', got %s" % describe(device_id))
+        raise ParameterError("device_id", "must not contain ':', got %s" % describe(device_id))
     return prefix + device_id

@@ -43,10 +43,14 @@ class OtaAgent:
     """The device updater. Thread-safe; one update at a time; see the module docstring for reports."""
 
     def __init__(self, config: Any, publish: Callable[[str], None], token: Callable[[], str | None],
-                 request_restart: Callable[[], None], *, clock: Callable[[], float] = time.time) -> None:
+                 request_restart: Callable[[], None], *, clock: Callable[[], float] = time.time,
+                 refresh_token: Callable[[], str | None] | None = None) -> None:
+        """`token` is the current access token; `refresh_token` (the token component's force_refresh)
+        gets a fresh one after an HTTP 401 from an artifact host (agent/bearer.py)."""
         self.config = config
         self.publish = publish
         self.token = token
+        self.refresh_token = refresh_token
         self.request_restart = request_restart
         self.clock = clock
         self.store = StateStore(config.state_dir / "ota")
@@ -232,9 +236,11 @@ class OtaAgent:
         return None
 
     def _http(self) -> HttpSettings:
+        from agent.bearer import Bearer
+
         ota = self.config.ota
-        return HttpSettings(ca_file=ota.ca_file, token=self.token, timeout=ota.download_timeout,
-                            attempts=ota.download_attempts, hosts=self.hosts)
+        return HttpSettings(ca_file=ota.ca_file, bearer=Bearer(self.token, self.refresh_token),
+                            timeout=ota.download_timeout, attempts=ota.download_attempts, hosts=self.hosts)
 
     def _download(self, state: OtaState) -> OtaState:
         op = state.operation

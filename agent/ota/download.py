@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
+from agent.bearer import Bearer
 from agent.core.backoff import Backoff
 from agent.ota.errors import DownloadError
 from agent.ota.hosts import HostPolicy
@@ -48,23 +49,18 @@ class HttpSettings:
     """What every OTA request shares: TLS trust, the bearer token and where it may go, time limits."""
 
     ca_file: str = ""
-    token: Callable[[], str | None] = lambda: None
+    bearer: Bearer = field(default_factory=lambda: Bearer(lambda: None))  # the token, refreshed after a 401
     timeout: float = 30.0
     attempts: int = 5
     backoff_base: float = 0.5
     backoff_cap: float = 10.0
     hosts: HostPolicy = field(default_factory=HostPolicy)  # trusts nobody unless told: agent/ota/hosts.py
 
-    def headers(self, url: str) -> dict[str, str]:
-        """Headers for one request to `url`: the token only for a trusted https host (DownloadError when
-        `url` is refused outright)."""
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        """Headers for one request, with `token` as the bearer when given."""
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-        if self.hosts.allows_token(url):
-            token = self.token()
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-        else:
-            log.info("GET %s without the device token: the host is not in %s", url, self.hosts.source)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         return headers
 
     @property
@@ -91,10 +87,32 @@ def _describe(exc: Exception, timeout: float) -> str:
 
 def _get(getter: Callable[..., Any], url: str, http: HttpSettings, extra: dict[str, str] | None = None) -> Any:
     """GET `url` (streamed), following redirects here rather than in `requests`, so every hop is checked
-    (https only) and gets the token only when its own host is trusted. Returns the final response."""
+    (https only) and gets the token only when its own host is trusted. Returns the final response.
+
+    A 401 from a host that got the token is answered by `http.bearer`: one fresh token, the same request
+    (Range included) sent again. A second 401 raises a DownloadError naming the host, not retryable.
+    """
+    from urllib.parse import urlsplit
+
     for _ in range(MAX_REDIRECTS + 1):
-        resp = getter(url, headers={**http.headers(url), **(extra or {})}, stream=True, timeout=http.timeout,
-                      verify=http.verify, allow_redirects=False)
+        def send(token: str | None, url: str = url) -> Any:
+            return getter(url, headers={**http.headers(token), **(extra or {})}, stream=True,
+                          timeout=http.timeout, verify=http.verify, allow_redirects=False)
+
+        if http.hosts.allows_token(url):  # DownloadError when `url` is refused outright
+            sent = http.bearer.send(send, lambda r: int(r.status_code), lambda r: r.close(), f"GET {url}")
+            resp = sent.response
+            if resp.status_code == 401 and sent.refreshed:
+                resp.close()
+                raise DownloadError(f"GET {url}: HTTP 401 again with a freshly issued device token: "
+                                    f"{urlsplit(url).hostname} does not accept this device's token", retryable=False)
+            if resp.status_code == 401 and http.bearer.can_refresh:
+                resp.close()  # the token service did not answer in time: the session may be down
+                raise DownloadError(f"GET {url}: HTTP 401 and no fresh device token came from the token "
+                                    "service", retryable=True)
+        else:
+            log.info("GET %s without the device token: the host is not in %s", url, http.hosts.source)
+            resp = send(None)
         location = resp.headers.get("Location") if resp.status_code in REDIRECTS else None
         if not location:
             return resp

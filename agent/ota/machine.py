@@ -118,8 +118,17 @@ class StateStore:
         self.installed_file = self.directory / "installed.json"
 
     def load(self) -> OtaState:
+        """The persisted state; idle when there is none. A corrupt file is set aside (logged, kept as
+        state.json.corrupt) rather than failing every boot: the update it described is forgotten, the
+        slots keep what they hold (a trial boot falls back by the boot loader's own count)."""
         data = storage.read_bytes(self.state_file)
-        return OtaState() if data is None else OtaState.from_json(data, str(self.state_file))
+        if data is None:
+            return OtaState()
+        try:
+            return OtaState.from_json(data, str(self.state_file))
+        except TransitionError as exc:
+            storage.set_aside(self.state_file, str(exc), "no update in progress")
+            return OtaState()
 
     def save(self, state: OtaState) -> OtaState:
         storage.ensure_dir(self.directory)

@@ -1,7 +1,19 @@
-"""Key stores: where the device's private keys live, behind one small interface.
+"""Key stores: where the device's private keys live, behind one small interface, chosen by a key URI.
 
 Callers get handles (a signer for `cryptography`, a key file plus environment for `ssl`), never the
-private key bytes of a hardware key. A backend is a module plus one line in `BACKENDS`.
+private key bytes of a hardware key. A backend is a module plus one entry in `BACKENDS`, which says
+everything the rest of Tether needs to know about it: its URI options and whether `ssl` needs its
+environment before it is first imported. Config, CLI and identity read the registry; none of them
+names a backend.
+
+Key URI (`[keys] uri`, parsed here and nowhere else):
+
+    <scheme>:[<directory>][?<option>=<value>[&<option>=<value>...]]
+
+`scheme` is a backend name (`file`, `tpm`); `directory` is where the store keeps its files (default
+`<state_dir>/keys`; `file:///abs/dir` is accepted too); option values are percent-decoded, so `%26`
+stands for `&`. Examples: `file:`, `file:/data/keys?passphrase_file=/etc/tether/key.pass`,
+`tpm:?tcti=tabrmd:bus_type=session&parent_handle=0x81000001`.
 """
 
 from __future__ import annotations
@@ -9,6 +21,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from urllib.parse import quote, unquote
 
 from hal.errors import KeyStoreError
 from hal.registry import load_backend
@@ -22,12 +35,88 @@ if TYPE_CHECKING:
 ALGORITHMS = ("ec-p256", "rsa-2048", "rsa-3072")
 DEFAULT_ALGORITHM = "ec-p256"
 
-# name -> "module:Class"; imported only when that backend is chosen, so a file-key device never
-# imports tpm2-pytss.
-BACKENDS = {
-    "file": "hal.keys.file:FileKeyStore",
-    "tpm": "hal.keys.tpm:TpmKeyStore",
+
+
+class KeyBackend(NamedTuple):
+    """What the rest of Tether needs to know about one key backend (one `BACKENDS` entry)."""
+
+    target: str                          # "module:Class", imported only when this backend is chosen
+    options: tuple[str, ...] = ()        # URI options, passed to the class as keyword strings
+    path_options: tuple[str, ...] = ()   # those holding file paths (relative: to the config file)
+    ssl_env_at_start: bool = False       # `ssl` needs the store's tls_env() before its first import:
+    #                                      the CLI re-executes itself with it (DESIGN.md "Keys")
+    install_hint: str = ""               # said when the module cannot be imported
+
+
+# scheme -> backend. A file-key device never imports tpm2-pytss: modules load only when chosen.
+BACKENDS: dict[str, KeyBackend] = {
+    "file": KeyBackend("hal.keys.file:FileKeyStore", options=("passphrase_file",),
+                       path_options=("passphrase_file",)),
+    "tpm": KeyBackend("hal.keys.tpm:TpmKeyStore", options=("tcti", "parent_handle"), ssl_env_at_start=True,
+                      install_hint=" (install tether[tpm] and libtss2)"),
 }
+
+
+def key_backend(scheme: str) -> KeyBackend:
+    """The registered backend for `scheme`; KeyStoreError listing the known schemes otherwise."""
+    try:
+        return BACKENDS[scheme]
+    except KeyError:
+        raise KeyStoreError(f"unknown key backend {scheme!r}: known schemes are "
+                            f"{', '.join(s + ':' for s in sorted(BACKENDS))}") from None
+
+
+class KeyUri(NamedTuple):
+    """A parsed key URI: backend scheme, directory ('' = the caller's default) and options."""
+
+    scheme: str
+    directory: str = ""
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str, default: str = "") -> str:
+        return dict(self.options).get(name, default)
+
+    def __str__(self) -> str:
+        query = "&".join(f"{k}={quote(v, safe=':/,=@+')}" for k, v in self.options)
+        return f"{self.scheme}:{quote(self.directory, safe='/:@+,=')}" + (f"?{query}" if query else "")
+
+
+def parse_key_uri(text: str) -> KeyUri:
+    """Parse `<scheme>:[<directory>][?<option>=<value>&...]`; KeyStoreError saying what is wrong.
+
+    The scheme must be a registered backend and every option one that backend declares.
+    """
+    scheme, colon, rest = text.partition(":")
+    if not colon or not scheme:
+        raise KeyStoreError(f"{text!r} is not a key URI: expected <scheme>:[<directory>][?<option>=<value>...] "
+                            f"with a scheme of {', '.join(s + ':' for s in sorted(BACKENDS))}")
+    backend = key_backend(scheme)
+    if "#" in rest:
+        raise KeyStoreError(f"{text!r}: a key URI has no fragment ('#'); write '%23' for a '#' in a value")
+    path, _, query = rest.partition("?")
+    if path.startswith("//"):  # RFC 8089 file:///abs/dir: an empty authority, then the path
+        authority, slash, path = path[2:].partition("/")
+        if authority:
+            raise KeyStoreError(f"{text!r}: a key URI names no host (got {authority!r}); write "
+                                f"{scheme}:///dir or {scheme}:/dir")
+        path = slash + path
+    options: dict[str, str] = {}
+    for item in query.split("&") if query else ():
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise KeyStoreError(f"{text!r}: option {item!r} is not <option>=<value>")
+        if name not in backend.options:
+            raise KeyStoreError(f"{text!r}: the {scheme} backend takes no option {name!r}; it takes "
+                                f"{', '.join(backend.options) or 'none'}")
+        if name in options:
+            raise KeyStoreError(f"{text!r}: option {name!r} is given twice")
+        if not value:
+            raise KeyStoreError(f"{text!r}: option {name!r} has no value")
+        options[name] = unquote(value)
+    directory = unquote(path)
+    if "\0" in directory or any("\0" in v for v in options.values()):  # os calls raise ValueError on it
+        raise KeyStoreError(f"{text!r}: a key URI cannot contain a NUL character (%00)")
+    return KeyUri(scheme, directory, tuple(options.items()))
 
 
 class TlsKey(NamedTuple):
@@ -94,9 +183,17 @@ def check_label(label: str) -> str:
 def open_keystore(backend: str, directory: str | Path, **options: Any) -> KeyStore:
     """Instantiate the key store named `backend` keeping its files in `directory`.
 
-    `options` are backend specific (`passphrase` for file keys; `tcti` for the TPM). Raises
-    KeyStoreError for an unknown backend or one whose library is missing.
+    `options` are backend specific (`passphrase` or `passphrase_file` for file keys; `tcti` and
+    `parent_handle` for the TPM). Raises KeyStoreError for an unknown backend or one whose library is missing.
     """
-    cls = load_backend(BACKENDS, backend, "key", KeyStoreError, " (for 'tpm', install tether[tpm] and libtss2)")
+    entry = key_backend(backend)
+    cls = load_backend({backend: entry.target}, backend, "key", KeyStoreError, entry.install_hint)
     store: KeyStore = cls(Path(directory), **options)
     return store
+
+
+def open_key_uri(uri: KeyUri | str, default_directory: str | Path) -> KeyStore:
+    """The key store a key URI names; its files in the URI's directory, or `default_directory`."""
+    if isinstance(uri, str):
+        uri = parse_key_uri(uri)
+    return open_keystore(uri.scheme, uri.directory or default_directory, **dict(uri.options))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hal import storage
-from hal.errors import KeyStoreError
+from hal.errors import HalError, KeyStoreError
 from hal.keys import ALGORITHMS, DEFAULT_ALGORITHM, TlsKey, check_label
 
 if TYPE_CHECKING:
@@ -52,14 +52,29 @@ def load_pem(data: bytes, passphrase: bytes | None, where: str) -> CertificateIs
     return key  # type: ignore[return-value]
 
 
+def read_passphrase(path: str) -> bytes:
+    """The first line of a passphrase file, without the newline; KeyStoreError if missing or empty."""
+    try:
+        data = storage.read_bytes(path)
+    except HalError as exc:
+        raise KeyStoreError(f"{path}: cannot read the key passphrase ({exc}); check [keys] passphrase_file") \
+            from None
+    lines = (data or b"").splitlines()
+    if data is None or not lines or not lines[0].strip():
+        raise KeyStoreError(f"{path}: the key passphrase file is {'missing' if data is None else 'empty'}; "
+                            "check [keys] passphrase_file")
+    return lines[0].strip()
+
+
 class FileKeyStore:
     """Keys in `<directory>/<label>.key.pem`."""
 
     backend = "file"
 
-    def __init__(self, directory: Path, passphrase: bytes | None = None, **_: Any) -> None:
+    def __init__(self, directory: Path, passphrase: bytes | None = None, passphrase_file: str = "",
+                 **_: Any) -> None:
         self.directory = Path(directory)
-        self.passphrase = passphrase or None
+        self.passphrase = passphrase or (read_passphrase(passphrase_file) if passphrase_file else None)
 
     def path(self, label: str) -> Path:
         return self.directory / f"{check_label(label)}.key.pem"

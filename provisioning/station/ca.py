@@ -70,13 +70,11 @@ class Settings:
     imported: bool = False
 
     def render(self) -> bytes:
-        lines = ["# tether-station settings; edit with care, restart `serve` to apply\n"]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            text = ("true" if value else "false") if isinstance(value, bool) else (
-                str(value) if isinstance(value, int) else '"' + str(value).replace('"', '\\"') + '"')
-            lines.append(f"{f.name} = {text}\n")
-        return "".join(lines).encode()
+        """station.toml's text (the one TOML writer escapes every string, so any value reads back)."""
+        from provisioning.tomlfmt import render_pairs
+
+        return ("# tether-station settings; edit with care, restart `serve` to apply\n"
+                + render_pairs(dataclasses.asdict(self))).encode()
 
     @classmethod
     def read(cls, path: Path) -> Settings:

@@ -65,7 +65,7 @@ def test_existing_key_is_never_overwritten(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_and_algorithm_name_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(KeyStoreError, match="expected one of file, tpm"):
+    with pytest.raises(KeyStoreError, match="known schemes are file:, tpm:"):
         open_keystore("hsm", tmp_path)
     with pytest.raises(KeyStoreError, match="ec-p256"):
         open_keystore("file", tmp_path).create("device", "ed25519")
@@ -122,3 +122,32 @@ def test_cli_tpm_keygen_then_csr_verifies_with_openssl(tmp_path: Path, softtpm: 
     assert "CN = dev-tpm" in verify.stdout
     assert "verify OK" in (verify.stdout + verify.stderr)
     assert run_tether("config", "get", "keys.backend", config=config).stdout.strip() == '"tpm"'
+
+
+@pytest.mark.parametrize("keys", [
+    {"uri": "tpm:{dir}?tcti={tcti}"},
+    {"backend": "tpm", "tcti": "{tcti}"},  # the older spelling, as configs in the field have it
+])
+def test_cli_keygen_in_the_tpm_named_by_uri_or_by_backend_and_tcti(tmp_path: Path, softtpm: SoftTpm,
+                                                                    keys: dict[str, str]) -> None:
+    values = {k: v.format(dir=tmp_path / "tpm-keys", tcti=softtpm.tcti) for k, v in keys.items()}
+    config = write_config(tmp_path, "dev-tpm", keys=values)
+    made = run_tether("keygen", config=config, env={"TPM2OPENSSL_TCTI": "device:/dev/no-such-tpm"})
+    assert made.returncode == 0, made.stderr
+    where = tmp_path / "tpm-keys" if "uri" in keys else tmp_path / "state" / "keys"
+    assert (where / "device.tss2.pem").read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----")
+    csr = run_tether("csr", config=config)
+    assert csr.returncode == 0 and "BEGIN CERTIFICATE REQUEST" in csr.stdout, csr.stderr
+
+
+def test_file_key_uri_with_a_passphrase_file_encrypts_the_key(tmp_path: Path) -> None:
+    (tmp_path / "key.pass").write_text("s3cret\n")
+    config = write_config(tmp_path, "dev-001", keys={"uri": "file:my-keys?passphrase_file=key.pass"})
+    made = run_tether("keygen", config=config)
+    assert made.returncode == 0, made.stderr
+    assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / "my-keys" / "device.key.pem").read_bytes()
+    (tmp_path / "key.pass").write_text("")
+    done = run_tether("csr", config=config)
+    assert done.returncode == 1
+    assert done.stderr == f"tether: error: {tmp_path / 'key.pass'}: the key passphrase file is empty; " \
+                          "check [keys] passphrase_file\n"

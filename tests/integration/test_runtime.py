@@ -4,6 +4,8 @@ server: connect, fail over, re-discover after a CA rotation, report handshake re
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -332,3 +334,27 @@ def test_renewed_pair_is_promoted_only_once_a_session_with_it_is_up(tmp_path: Pa
     assert seen == [(True, True)]
     assert (certs / "chain.pem").read_bytes() == renewed
     assert json.loads((certs / "chain.json").read_text())["serial"] != ""
+
+
+def test_an_idle_session_pings_and_notices_a_frozen_broker(tmp_path: Path, pki: Pki,
+                                                           broker_factory: Callable[..., Mosquitto],
+                                                           agents: list[Agent]) -> None:
+    # The network thread sleeps until traffic, a queued packet or its next keepalive look: the pings
+    # must still go out on time while nothing else happens, and an unanswered ping (a broker that is
+    # alive but frozen, so no socket closes) must end the session and fail over.
+    a = broker_factory("core-a", extra="log_type debug")
+    b = broker_factory("core-b")
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN, mqtt={"keepalive": 5},
+                                endpoints={"urls": [f"mqtts://localhost:{a.port}", f"mqtts://localhost:{b.port}"]})
+    agent = start_agent(agents, config)
+    online = agent.wait_status(session="online", endpoint=f"mqtts://localhost:{a.port}")
+    wait_until(lambda: a.log().count("Received PINGREQ from dev-001") >= 2, 30,
+               "two keepalive pings from the idle agent")
+    assert agent.status()["connected_at"] == online["connected_at"], "the idle session was dropped and reopened"
+    assert "exceeded timeout" not in a.log(), a.log()
+    assert a.proc is not None
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}", timeout=40)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)

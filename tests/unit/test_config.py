@@ -26,7 +26,7 @@ def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text,message", [
     ('[device]\nstate_dir = "x"\n', "[device] id is required"),
     ('[device]\nid = "d:1"\n', "contains ':'"),
-    ('[device]\nid = "dev"\n[keys]\nbackend = "hsm"\n', "[keys] backend: 'hsm' is not one of file, tpm"),
+    ('[device]\nid = "dev"\n[keys]\nbackend = "hsm"\n', "[keys] backend: unknown key backend 'hsm'"),
     ('[device]\nid = "dev"\n[mqtt]\nkeepalive = "60"\n', "[mqtt] keepalive: expected integer, got str"),
     ('[device]\nid = "dev"\n[mqtt]\nkeepalive = true\n', "expected integer, got boolean"),
     ('[device]\nid = "dev"\n[mqtt]\nkeepalvie = 5\n', "[mqtt] keepalvie: unknown key"),

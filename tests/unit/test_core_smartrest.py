@@ -4,7 +4,7 @@ import pytest
 
 from agent.core import smartrest
 from agent.core.backoff import Backoff
-from agent.core.errors import ConfigError, SmartRestError
+from agent.core.errors import ParameterError, SmartRestError
 from agent.core.topics import Topics, client_id
 
 
@@ -62,5 +62,5 @@ def test_topics_sit_under_the_prefix():
 
 def test_client_id_gets_prefix_and_refuses_colons():
     assert client_id("dev1") == "d:dev1"
-    with pytest.raises(ConfigError):
+    with pytest.raises(ParameterError):
         client_id("a:b")

@@ -85,3 +85,86 @@ def test_a_corrupt_state_file_is_logged_and_set_aside_not_silently_emptied(
     assert (tmp_path / "renewal.json.corrupt").read_bytes() == content  # kept for a post-mortem
     assert "corrupt state file" in caplog.text and str(path) in caplog.text
     assert storage.read_json(tmp_path / "absent.json") == {}
+
+
+# -- every state file the device reads: corrupt means logged and set aside, never silently emptied ---------
+def _expect_set_aside(path: Path, content: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    assert (path.parent / (path.name + ".corrupt")).read_bytes() == content  # kept for a post-mortem
+    assert "corrupt state file" in caplog.text and str(path) in caplog.text
+
+
+def _config(tmp_path: Path, **sections: dict[str, object]):  # type: ignore[no-untyped-def]
+    return load(write_config(tmp_path / "dev", "dev-001", **sections))
+
+
+def _status(tmp_path: Path) -> tuple[Path, object]:
+    from agent.status import STATUS_FILE, read_runtime_status
+
+    config = _config(tmp_path)
+    return config.state_dir / STATUS_FILE, lambda: read_runtime_status(config) == {}
+
+
+def _boot(tmp_path: Path) -> tuple[Path, object]:
+    from agent.boot import BOOT_FILE, BootSequence
+
+    config = _config(tmp_path)
+    return config.state_dir / BOOT_FILE, lambda: BootSequence(config).read() == {}
+
+
+def _discovery_cache(tmp_path: Path) -> tuple[Path, object]:
+    from agent.discovery import CACHE_FILE, Discovery
+
+    config = _config(tmp_path, discovery={"url": "https://127.0.0.1:8443"})
+    return config.state_dir / CACHE_FILE, lambda: Discovery(config).cached() == []
+
+
+def _last_good(tmp_path: Path) -> tuple[Path, object]:
+    from agent.discovery import load_last_good
+
+    config = _config(tmp_path)
+    return config.state_dir / "last-good.json", lambda: load_last_good(config) is None
+
+
+def _ota_state(tmp_path: Path) -> tuple[Path, object]:
+    from agent.ota.machine import OtaState, StateStore
+
+    store = StateStore(tmp_path / "ota")
+    return store.state_file, lambda: store.load() == OtaState()
+
+
+def _outbox(tmp_path: Path) -> tuple[Path, object]:
+    from agent.outbox import OutboxStore
+
+    def opens_empty() -> bool:
+        store = OutboxStore(tmp_path / "outbox.sqlite", max_messages=10, max_bytes=4096, policy="drop-oldest")
+        try:
+            return store.count == 0 and store.append([("t", b"after", 1)])[0] == 1
+        finally:
+            store._db.close()
+
+    return tmp_path / "outbox.sqlite", opens_empty
+
+
+@pytest.mark.parametrize("reader", [_status, _boot, _discovery_cache, _last_good, _ota_state, _outbox],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_every_corrupt_state_file_is_logged_and_set_aside(tmp_path: Path, reader, caplog: pytest.LogCaptureFixture,
+                                                          ) -> None:  # type: ignore[no-untyped-def]
+    path, read = reader(tmp_path)
+    content = b"SQLite format 3\x00" + b"\xde\xad" * 300 if path.suffix == ".sqlite" else b'{"torn": '
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="tether.storage"):
+        assert read()  # the reader carries on from empty ...
+    _expect_set_aside(path, content, caplog)  # ... with the corrupt file kept aside and an error logged
+
+
+def test_a_corrupt_chain_json_is_set_aside_and_rebuilt_from_chain_pem(identity: DeviceIdentity, pki: Pki,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    identity.install_chain(pki.device_chain(identity.keystore.public_key("device"), "dev-001"))
+    certs = identity.config.certs_dir
+    good = json.loads((certs / "chain.json").read_text())
+    (certs / "chain.json").write_bytes(b"[1, 2")
+    with caplog.at_level(logging.ERROR, logger="tether.storage"):
+        assert identity.chain_facts() == good
+    _expect_set_aside(certs / "chain.json", b"[1, 2", caplog)
+    assert read_facts(certs) == good
