@@ -7,7 +7,7 @@ Runs once at start: tether_main imports it, builds the TLS context and unloads i
 import json
 
 from agent.core import defaults
-from agent.core.errors import ConfigError, CoreError
+from agent.core.errors import CoreError, ParameterError
 
 CONFIG_FILE = "tether.json"
 CREDENTIAL_FILES = ("device.crt.der", "device.key.der", "ca.crt.der")
@@ -41,39 +41,39 @@ class CredentialError(CoreError):
 def load_config(path=CONFIG_FILE, opener=open):
     """DEFAULTS overridden by the JSON object in ``path``.
 
-    Raises ConfigError naming the file and key for a missing file, bad JSON, unknown keys,
+    Raises ParameterError naming the file and key for a missing file, bad JSON, unknown keys,
     wrong types or out-of-range values.
     """
     try:
         with opener(path) as f:
             text = f.read()
     except OSError:
-        raise ConfigError(path, "missing; write it with at least device_id and endpoints "
+        raise ParameterError(path, "missing; write it with at least device_id and endpoints "
                                 "(docs/firmware.md)") from None
     try:
         local = json.loads(text)
     except ValueError:
-        raise ConfigError(path, "not valid JSON") from None
+        raise ParameterError(path, "not valid JSON") from None
     if not isinstance(local, dict):
-        raise ConfigError(path, "expected a JSON object")
+        raise ParameterError(path, "expected a JSON object")
     config = dict(DEFAULTS)
     for key, value in local.items():
         if key not in DEFAULTS:
-            raise ConfigError(path + ": " + key, "unknown key (known: %s)" % ", ".join(sorted(DEFAULTS)))
+            raise ParameterError(path + ": " + key, "unknown key (known: %s)" % ", ".join(sorted(DEFAULTS)))
         default = DEFAULTS[key]
         expected = str if default is None else type(default)
         if type(value) is not expected and not (expected is float and type(value) is int):
-            raise ConfigError(path + ": " + key, "expected %s, got %r" % (
+            raise ParameterError(path + ": " + key, "expected %s, got %r" % (
                 "number" if expected is float else expected.__name__, value))
         if key in MINIMUM and value < MINIMUM[key]:
-            raise ConfigError(path + ": " + key, "must be >= %r, got %r" % (MINIMUM[key], value))
+            raise ParameterError(path + ": " + key, "must be >= %r, got %r" % (MINIMUM[key], value))
         config[key] = value
     if not config["device_id"]:
-        raise ConfigError(path + ": device_id", "required (the certificate CN)")
+        raise ParameterError(path + ": device_id", "required (the certificate CN)")
     if not config["endpoints"]:
-        raise ConfigError(path + ": endpoints", "at least one mqtts://host:port is required")
+        raise ParameterError(path + ": endpoints", "at least one mqtts://host:port is required")
     if config["backoff_cap"] < config["backoff_base"]:
-        raise ConfigError(path + ": backoff_cap", "must be >= backoff_base (%r), got %r"
+        raise ParameterError(path + ": backoff_cap", "must be >= backoff_base (%r), got %r"
                           % (config["backoff_base"], config["backoff_cap"]))
     return config
 

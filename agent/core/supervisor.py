@@ -31,7 +31,7 @@ Written in the CPython/MicroPython common subset (no typing, dataclasses or f-st
 
 from agent.core import smartrest
 from agent.core.endpoints import Rotation
-from agent.core.errors import ConfigError, CoreError, EndpointError
+from agent.core.errors import CoreError, EndpointError, ParameterError
 from agent.core.events import (
     KINDS,
     REFUSED,
@@ -119,7 +119,7 @@ class Supervisor:
         self.heartbeat_at = None   # next heartbeat of the live session
         if heartbeat is not None:
             if not heartbeat > 0:
-                raise ConfigError("heartbeat", "must be > 0 seconds, got %r" % (heartbeat,))
+                raise ParameterError("heartbeat", "must be > 0 seconds, got %r" % (heartbeat,))
             self.heartbeat_payload = smartrest.format_line("117", max(1, int(heartbeat * 2 // 60)))
 
     # -- the one entry point ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from agent.config import Config
 from agent.core import defaults
-from agent.core.errors import ConfigError
+from agent.core.errors import ParameterError
 
 
 def _load(local):
@@ -33,11 +33,11 @@ def test_shared_settings_default_to_the_agents():
 
 def test_seconds_may_be_fractional_but_keepalive_is_whole():
     assert _load({**GOOD, "backoff_base": 0.5 + 1, "token_timeout": 2})["backoff_base"] == 1.5
-    with pytest.raises(ConfigError, match="token_timeout: expected number, got '5'"):
+    with pytest.raises(ParameterError, match="token_timeout: expected number, got '5'"):
         _load({**GOOD, "token_timeout": "5"})
-    with pytest.raises(ConfigError, match=r"keepalive: expected int, got 1\.5"):
+    with pytest.raises(ParameterError, match=r"keepalive: expected int, got 1\.5"):
         _load({**GOOD, "keepalive": 1.5})
-    with pytest.raises(ConfigError, match="backoff_cap: must be >= backoff_base"):
+    with pytest.raises(ParameterError, match="backoff_cap: must be >= backoff_base"):
         _load({**GOOD, "backoff_base": 3, "backoff_cap": 2.5})
 
 
