@@ -36,7 +36,12 @@ class Component(Protocol):
         return None
 
     def tick(self, now: float) -> None:
-        """Called at least once a second and after every event (device time `now`)."""
+        """Called after every event and once the time `wake_at` asked for has come (device time `now`)."""
+        return None
+
+    def wake_at(self, now: float) -> float | None:
+        """The device time by which `tick` must run again, or None when only an event can give this
+        component work. The loop sleeps until the earliest of these (a device at rest stays asleep)."""
         return None
 
     def close(self) -> None:

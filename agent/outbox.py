@@ -341,6 +341,12 @@ class Outbox(Component):
                 self._flush()
             self._pump()
 
+    def wake_at(self, now: float) -> float | None:
+        # acknowledged messages are deleted in batches: by FLUSH_EVERY of them, or FLUSH_AFTER seconds
+        if not self._acked:
+            return None
+        return now + max(0.0, self._acked_since + self.FLUSH_AFTER - time.monotonic())
+
     def tick(self, now: float) -> None:
         if self._acked and time.monotonic() - self._acked_since >= self.FLUSH_AFTER:
             self._flush()

@@ -79,6 +79,11 @@ class PublishServer(Component):
         self.error = ""
         self._next_try = 0.0
 
+    def wake_at(self, now: float) -> float | None:
+        if self.sock is not None:
+            return None
+        return now + max(0.0, self._next_try - time.monotonic())
+
     def tick(self, now: float) -> None:
         """Runtime hook: bind again if the socket could not be served at start (full disk)."""
         if self.sock is None and time.monotonic() >= self._next_try:

@@ -106,6 +106,13 @@ class Renewal(Component):
         return f"renewal: {'staged pair waiting to be proven' if state == 'staged' else 'next at'} " + (
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(due)) if due and state != "staged" else "")
 
+    def wake_at(self, now: float) -> float | None:
+        if self.fatal or (self._worker is not None and self._worker.is_alive()):
+            return None  # the worker hands its result back through the loop, which wakes it
+        if self.state().get("state") == "staged":
+            return None
+        return self.due_at()
+
     def tick(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         if self.fatal or (self._worker is not None and self._worker.is_alive()):

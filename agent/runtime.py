@@ -43,6 +43,7 @@ from hal.errors import TetherError
 log = logging.getLogger("tether")
 RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched slots
 CREDENTIALS_POLL = 2.0  # seconds between looks at the credential files after the station refused them
+MAX_SLEEP = 60.0  # the longest the control loop sleeps without an event or a deadline
 
 
 class Call:
@@ -249,10 +250,16 @@ class Runtime:
         return self.exit_code
 
     def _wait(self, watchdog: float | None) -> Any:
-        timeout = min(1.0, watchdog or 1.0)
-        deadline = self.supervisor.deadline() if self.supervisor is not None else None
-        if deadline is not None:
-            timeout = min(timeout, deadline - self.clock())
+        """The next event, or None once the earliest deadline (supervisor, components, watchdog) has come.
+        An idle agent sleeps here: no fixed tick. MAX_SLEEP bounds a wait computed from the device
+        clock, which may jump (NTP sets it after boot)."""
+        now = self.clock()
+        timeout = min(MAX_SLEEP, watchdog or MAX_SLEEP)
+        deadlines = [c.wake_at(now) for c in self.components]
+        deadlines.append(self.supervisor.deadline() if self.supervisor is not None else None)
+        for deadline in deadlines:
+            if deadline is not None:
+                timeout = min(timeout, deadline - now)
         try:
             return self.events.get(timeout=max(0.0, timeout))
         except queue.Empty:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 
 from hal.keys.file import generate  # noqa: E402
-from lab.procs import Proc, free_port, wait_until  # noqa: E402
+from lab.procs import Proc, read_port_file, wait_until  # noqa: E402
 from provisioning.csr import build_csr  # noqa: E402
 from provisioning.station.ca import SETTINGS, Settings, Station, init_station  # noqa: E402
 from provisioning.station.otp import new_otp, otp_hash  # noqa: E402
@@ -116,26 +116,30 @@ def live_page(port: int, ca_file: str, operator: Path, stop: Any) -> None:
 
 def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], clients: int,
                 workers: int, stations: int = 1, db: str | None = None, console: bool = False) -> dict[str, float]:
-    ports = [free_port() for _ in range(stations)]
-    console_port = free_port()
     procs_: list[Proc] = []
-    for n, port in enumerate(ports):
-        argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
-                "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--log-level", "warning"]
-        if db:
-            argv += ["--db", db]
-        if console and n == 0:
-            argv += ["--console", f"127.0.0.1:{console_port}"]
-        procs_.append(Proc("tether-station", argv, directory / f"serve-{n}.log", cwd=REPO))
+    ports: list[int] = []
+    console_port = 0
     stop = multiprocessing.Event()
     live = None
     try:
+        for n in range(stations):
+            port_file = directory / f"serve-{n}.ports.json"
+            port_file.unlink(missing_ok=True)
+            argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
+                    "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", str(workers),
+                    "--log-level", "warning"]
+            if db:
+                argv += ["--db", db]
+            if console and n == 0:
+                argv += ["--console", "127.0.0.1:0"]
+            procs_.append(Proc("tether-station", argv, directory / f"serve-{n}.log", cwd=REPO))
+            bound = read_port_file(port_file, procs_[-1])
+            ports.append(bound["est"])
+            console_port = bound.get("console", console_port)
         ca_file = str(directory / "ca.pem")
-        for proc, port in zip(procs_, ports, strict=True):
-            proc.wait_port("127.0.0.1", port, 20)
+        for port in ports:
             wait_until(lambda port=port: _cacerts_ok(port, ca_file), 20, "station answering /cacerts")
         if console:
-            procs_[0].wait_port("127.0.0.1", console_port, 20)
             live = multiprocessing.Process(target=live_page, args=(console_port, ca_file, directory / "operator", stop))
             live.start()
         jobs = [(d, o, b) for d, o, b, _ in devices]

@@ -152,7 +152,7 @@ def worker(spec_file: str) -> int:
 class Bed:
     def __init__(self, root: Path, station_workers: int, token_lifetime: float) -> None:
         from lab.mosquitto import BrokerFiles, Mosquitto
-        from lab.procs import Proc, free_port, wait_until
+        from lab.procs import Proc, read_port_file
         from lab.tokens import SERVICE_ID, JwtSigner, TokenService
 
         self.root = root
@@ -166,14 +166,14 @@ class Bed:
                                 # the token service is one subscriber taking every device's s/uat: at
                                 # mosquitto's default of 1,000 queued messages a storm loses requests
                                 extra="max_keepalive 120\nmax_queued_messages 100000").start()
-        self.port = free_port()
         self.station = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir",
-                                               str(self.station_dir), "--listen", f"127.0.0.1:{self.port}",
+                                               str(self.station_dir), "--listen", "127.0.0.1:0",
+                                               "--port-file", str(root / "station.ports.json"),
                                                "--workers", str(station_workers), "--log-level", "warning",
                                                # every simulated device comes from 127.0.0.1: no per-address cap
                                                "--max-per-client", "0"],
                             root / "station.log", cwd=REPO)
-        self.station.wait_port("127.0.0.1", self.port, 20)
+        self.port = read_port_file(root / "station.ports.json", self.station)["est"]
         from agent.tls import client_context
         from hal.keys import TlsKey
 
@@ -181,7 +181,6 @@ class Bed:
                              cafile=str(self.station_dir / "ca.pem"))
         signer = JwtSigner.load_or_create(root / "jwt.key")
         self.tokens = TokenService("localhost", self.broker.port, ctx, signer, token_lifetime).start()
-        wait_until(lambda: True, 1, "nothing")
 
     def cli(self, *args: str) -> str:
         out = subprocess.run([sys.executable, "-m", "provisioning.station.cli", *args, "--dir", str(self.station_dir)],

@@ -133,7 +133,7 @@ def main() -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from lab.procs import Proc, free_port
+    from lab.procs import Proc, read_port_file
     from provisioning.release import create_release_signer, sign_release
     from tests.pki import Pki
 
@@ -157,12 +157,12 @@ def main() -> int:
         token = jwt.encode({"sub": "dev", "exp": int(time.time()) + 3600}, key, algorithm="ES256")
         (work / "token").write_text(token)
         cert, keyfile = pki.server_files("artifacts")
-        port = free_port()
         server = Proc("artifacts", [sys.executable, "-m", "lab.artifacts", "--root", str(work / "www"),
                                     "--cert", str(cert), "--key", str(keyfile), "--jwt-public-key",
-                                    str(work / "jwt.pub"), "--port", str(port)], work / "server.log", cwd=REPO)
+                                    str(work / "jwt.pub"), "--port-file", str(work / "ports.json")],
+                      work / "server.log", cwd=REPO)
         try:
-            server.wait_port("127.0.0.1", port)
+            port = read_port_file(work / "ports.json", server)["https"]
             url = f"https://127.0.0.1:{port}/bench/1.0.0/"
             curl_times, agent_runs = [], []
             for _ in range(args.runs):

@@ -160,12 +160,13 @@ def failover(lab: Lab, runs: int) -> None:
     try:
         for _ in range(runs):
             current = wait_until(lambda: status().get("session") == "online" and status().get("endpoint"), 20,
-                                 "online")
+                                 "online", describe=lambda: f"status.json {status()}")
             index = lab.broker_urls.index(current)
             killed = time.perf_counter()
             lab.brokers[index].kill()
             wait_until(lambda current=current: status().get("session") == "online"
-                       and status().get("endpoint") != current, 20, "failover", interval=0.002)
+                       and status().get("endpoint") != current, 20, "failover", interval=0.002,
+                       describe=lambda: f"status.json {status()}")
             times.append(time.perf_counter() - killed)
             lab.restart_broker(index)
     finally:

@@ -8,7 +8,8 @@ Fault knobs (`Faults`) let tests break the transfer on purpose: drop the connect
 bytes, stall after N bytes, answer 404, or throttle. Every request is recorded (`log`) so a test can
 assert that a resumed download used Range and fetched about the payload's size in total.
 
-Run standalone: `python -m lab.artifacts --root DIR --cert C --key K [--jwt-public-key PEM] [--port P]`.
+Run standalone: `python -m lab.artifacts --root DIR --cert C --key K [--jwt-public-key PEM] [--port P]
+[--port-file F]`.
 """
 
 from __future__ import annotations
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True, type=Path)
     parser.add_argument("--jwt-public-key", type=Path, help="PEM public key or certificate of the token issuer")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0, help="default 0: the kernel picks one (see --port-file)")
+    parser.add_argument("--port-file", type=Path, help='once listening, write {"https": PORT} there (JSON)')
     args = parser.parse_args(argv)
     key = args.jwt_public_key.read_bytes() if args.jwt_public_key else None
     try:
@@ -272,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ssl.SSLError) as exc:
         raise LabError(f"artifact server cannot start on {args.host}:{args.port}: {exc}") from exc
     print(f"serving {args.root} on {server.url()}", flush=True)
+    if args.port_file:
+        from hal.storage import write_json
+
+        write_json(args.port_file, {"https": server.port})
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.mosquitto import BrokerFiles, Mosquitto
-from lab.procs import LabError, Proc, free_port, wait_until
+from lab.procs import LabError, Proc, read_port_file, wait_until
 
 TRUST_DOMAIN = "lab.tether"
 REPO = Path(__file__).resolve().parent.parent
@@ -124,12 +124,16 @@ class Lab:
         return self
 
     def _start_station(self) -> None:
-        self.station_port = self.station_port or free_port()
+        """`tether-station serve` on a port it binds itself (0), or again on `station_port` after a crash:
+        devices were configured with that URL."""
+        port_file = self.dir / "station.ports.json"
+        port_file.unlink(missing_ok=True)
         self.station = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve",
                                                *self.station_args(), "--listen", f"127.0.0.1:{self.station_port}",
-                                               "--workers", str(self.settings.station_workers)],
+                                               "--workers", str(self.settings.station_workers),
+                                               "--port-file", str(port_file)],
                             self.dir / "station.log", cwd=REPO)
-        self.station.wait_port("127.0.0.1", self.station_port, 20)
+        self.station_port = read_port_file(port_file, self.station)["est"]
 
     def _start_broker(self, index: int, port: int | None = None) -> Mosquitto:
         name = f"core-{index + 1}"

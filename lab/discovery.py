@@ -15,8 +15,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from lab.procs import free_port
-
 Document = dict[str, Any] | bytes | Callable[[str], tuple[int, bytes]]
 
 
@@ -34,11 +32,12 @@ def greengrass_document(cores: list[tuple[str, int]], ca_pems: list[str], group:
 
 class DiscoveryServer:
     def __init__(self, certfile: Path, keyfile: Path, client_ca: Path, document: Document,
-                 host: str = "127.0.0.1", port: int | None = None) -> None:
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        """Binds at once: on `port`, or with 0 (the default) on one the kernel picks; `port` and `url`
+        say which. `start` serves."""
         self.document: Document = document
         self.requests: list[str] = []
         self.host = host
-        self.port = port or free_port(host)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(certfile), str(keyfile))
@@ -73,7 +72,8 @@ class DiscoveryServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer((host, self.port), Handler)
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.port: int = self.httpd.server_address[1]
         self.httpd.daemon_threads = True
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="discovery", daemon=True)

@@ -7,10 +7,11 @@ that confines every device to topics under its own id.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.procs import Proc, free_port
+from lab.procs import Proc, start_on_free_port
 from provisioning.identity import RESERVED_IDS
 
 # the service identities the ACL trusts with every device's topics: exactly the ids the station
@@ -39,7 +40,13 @@ class BrokerFiles:
 
 
 class Mosquitto:
-    """One mosquitto process on a free loopback port, with its config, log and (optionally) ACL."""
+    """One mosquitto process on a loopback port, with its config, log and (optionally) ACL.
+
+    Without `port`, the first `start` picks one and, when another process took it first, starts again on
+    another (mosquitto cannot bind port 0 and report it); `port` is the one it listens on once started.
+    Every later `start` (after `stop` or `kill`), or the first with `port` given, listens on that port,
+    because clients expect the same address: a taken port then raises AddressInUse.
+    """
 
     def __init__(self, directory: Path, files: BrokerFiles | None = None, *, port: int | None = None,
                  host: str = "127.0.0.1", acl: str | None = ACL_OWN_PREFIX, extra: str = "",
@@ -47,7 +54,7 @@ class Mosquitto:
         self.directory = Path(directory)
         self.files = files
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port or 0
         self.acl = acl
         self.extra = extra
         self.name = name
@@ -77,13 +84,30 @@ class Mosquitto:
             lines.append(self.extra)
         return "\n".join(lines) + "\n"
 
-    def start(self, timeout: float = 10.0) -> Mosquitto:
+    def start(self, timeout: float = 10.0, ports: Iterable[int] | None = None) -> Mosquitto:
+        """Start and wait until mosquitto says it runs (every listener bound). `ports`: the ports to try
+        in turn instead of the kernel's picks (tests force a clash with it)."""
+        if self.port:
+            return self._start_on(self.port, timeout)
+        try:
+            return start_on_free_port(lambda port: self._start_on(port, timeout), f"mosquitto {self.name}", ports)
+        except BaseException:
+            self.port = 0  # never started: the next start picks again
+            raise
+
+    def _start_on(self, port: int, timeout: float) -> Mosquitto:
+        self.port = port
         self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / f"{self.name}.conf"
         conf.write_text(self.config_text())
         # mosquitto buffers stdout when it is a file; its own log file is flushed per line
         self.proc = Proc(self.name, ["mosquitto", "-c", str(conf)], self.directory / f"{self.name}.log")
-        self.proc.wait_port(self.host, self.port, timeout)
+        try:
+            # logged once every listener is bound; a port already taken ends it with "Address already in use"
+            self.proc.wait_output(" running\n", timeout)
+        except BaseException:
+            self.proc.stop()
+            raise
         return self
 
     @property

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
-from lab.procs import LabError, Proc, free_port_pair, wait_until
+from lab.procs import LabError, Proc, start_on_free_port, wait_until
 
 
 class SoftTpm:
@@ -25,17 +26,14 @@ class SoftTpm:
         self.tcti = "tabrmd:bus_type=session"
         self.port = 0
 
-    def start(self, timeout: float = 15.0) -> SoftTpm:
-        state = self.directory / "state"
-        state.mkdir(parents=True, exist_ok=True)
-        logs = self.directory / "logs"
-        self.port = free_port_pair()
-        swtpm = Proc("swtpm", ["swtpm", "socket", "--tpmstate", f"dir={state}", "--tpm2",
-                               "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                               "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                               "--flags", "not-need-init,startup-clear"], logs / "swtpm.log")
-        self.procs.append(swtpm)
-        swtpm.wait_port("127.0.0.1", self.port, timeout)
+    def start(self, timeout: float = 15.0, ports: Iterable[int] | None = None) -> SoftTpm:
+        """Start swtpm, the bus and the resource manager; wait until a TPM command goes through.
+
+        swtpm listens on `port` (commands) and `port + 1` (control); when another process holds either,
+        it is started again on other ports. `ports`: the ports to try instead of the kernel's picks.
+        """
+        (self.directory / "state").mkdir(parents=True, exist_ok=True)
+        self.procs.append(start_on_free_port(lambda port: self._swtpm(port, timeout), "swtpm", ports))
         out = subprocess.run(["dbus-daemon", "--session", "--fork", "--print-address=1", "--print-pid=1"],
                              capture_output=True, text=True, check=False, timeout=timeout)
         if out.returncode != 0:
@@ -45,11 +43,35 @@ class SoftTpm:
         self.env = {"DBUS_SESSION_BUS_ADDRESS": address, "TPM2OPENSSL_TCTI": self.tcti,
                     "TPM2TOOLS_TCTI": self.tcti}
         abrmd = Proc("tpm2-abrmd", ["tpm2-abrmd", "--session", "--allow-root",
-                                    f"--tcti=swtpm:host=127.0.0.1,port={self.port}"], logs / "abrmd.log",
-                     env=self.env)
+                                    f"--tcti=swtpm:host=127.0.0.1,port={self.port}"],
+                     self.directory / "logs" / "abrmd.log", env=self.env)
         self.procs.append(abrmd)
-        wait_until(lambda: self._abrmd_ready(abrmd, timeout), timeout, "tpm2-abrmd on the session bus")
+        wait_until(lambda: self._abrmd_ready(abrmd, timeout), timeout, "tpm2-abrmd on the session bus",
+                   describe=lambda: f"tpm2-abrmd log ends:\n{abrmd.tail()}")
         return self
+
+    def _swtpm(self, port: int, timeout: float) -> Proc:
+        pidfile = self.directory / "swtpm.pid"
+        pidfile.unlink(missing_ok=True)
+        swtpm = Proc("swtpm", ["swtpm", "socket", "--tpmstate", f"dir={self.directory / 'state'}", "--tpm2",
+                               "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                               "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                               "--flags", "not-need-init,startup-clear", "--pid", f"file={pidfile}"],
+                     self.directory / "logs" / "swtpm.log")
+
+        def listening() -> bool:  # swtpm writes its pid file once both sockets listen
+            if pidfile.exists():
+                return True
+            swtpm.check_alive()  # AddressInUse: "Could not open TCP socket: Address already in use"
+            return False
+        try:
+            wait_until(listening, timeout, f"swtpm on ports {port} and {port + 1}",
+                       describe=lambda: f"swtpm log ends:\n{swtpm.tail()}")
+        except BaseException:
+            swtpm.stop()
+            raise
+        self.port = port
+        return swtpm
 
     def _abrmd_ready(self, abrmd: Proc, timeout: float) -> bool:
         abrmd.check_alive()

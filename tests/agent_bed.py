@@ -47,8 +47,8 @@ class Agent:
             self.proc.check_alive()
             status = self.status()
             return status if all(status.get(k) == v for k, v in expected.items()) else None
-        result = wait_until(matches, timeout, f"agent status {expected} (last: {self.status()}; log:\n"
-                            f"{self.proc.tail(30)})")
+        result = wait_until(matches, timeout, f"agent status {expected}",
+                            describe=lambda: f"status.json {self.status()}; log ends:\n{self.proc.tail(30)}")
         return dict(result)  # type: ignore[call-overload]
 
     def log(self) -> str:

@@ -130,10 +130,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
 
-    def ready(bound: int) -> None:
-        print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
-              f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
-
     for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0)):
         if getattr(args, option) < least:
             raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be "
@@ -148,6 +144,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db)
         print(f"tether-station: console on {console.url} (operator certificates: tether-station operator add)",
               flush=True)
+
+    def ready(bound: int) -> None:
+        print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
+              f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
+        if args.port_file:  # for scripts and tests that listen on port 0: every socket listens by now
+            storage.write_json(args.port_file, {"est": bound, **({"console": console.port} if console else {})})
+
     return serve(station, host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
                  limits=limits, ready=ready, console=console)
 
@@ -465,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--console", metavar="HOST:PORT", help="also serve the operators' web console there "
                    "(HTTPS, operator client certificates; off unless given; e.g. 127.0.0.1:8444)")
     p.add_argument("--console-remote", action="store_true", help="allow --console on a non-loopback address")
+    p.add_argument("--port-file", metavar="FILE", help="once listening, write the bound ports there as JSON, "
+                   '{"est": PORT, "console": PORT} (for --listen HOST:0: the kernel picks the port)')
     op = sub.add_parser("operator", help="console operators (client certificates)").add_subparsers(
         dest="sub", required=True)
     p = op.add_parser("add", parents=[common], help="issue a console certificate: NAME.p12 for the browser")

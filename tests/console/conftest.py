@@ -17,7 +17,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from lab.procs import Proc, free_port, wait_until
+from lab.procs import wait_until
 from tests.conftest import REPO
 from tests.pki import TRUST_DOMAIN
-from tests.station.conftest import RunningStation, station_cli
+from tests.station.conftest import RunningStation, serve_station, station_cli
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 POLICY_DIR = Path("/etc/chromium/policies/managed")
@@ -83,16 +82,11 @@ class Operator:
 
 
 def start_console_station(directory: Path, db: str | None = None) -> ConsoleStation:
-    port, console_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
-            "--listen", f"127.0.0.1:{port}", "--workers", "1", "--console", f"127.0.0.1:{console_port}",
-            "--log-level", "info"]
-    if db:
-        argv += ["--db", db]
-    proc = Proc("tether-station", argv, directory / "serve.log", cwd=REPO)
-    station = ConsoleStation(directory, port, proc, db, console_port=console_port)
-    wait_until(station.serving, 30, f"tether-station serve on port {port}")
-    wait_until(station.console_ready, 30, f"console on port {console_port}")
+    argv = ["--workers", "1", "--console", "127.0.0.1:0", "--log-level", "info", *(["--db", db] if db else [])]
+    proc, ports = serve_station(directory, argv)
+    station = ConsoleStation(directory, ports["est"], proc, db, argv, console_port=ports["console"])
+    wait_until(station.serving, 30, f"tether-station serve on port {station.port}")
+    wait_until(station.console_ready, 30, f"console on port {station.console_port}")
     return station
 
 

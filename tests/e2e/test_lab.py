@@ -68,7 +68,8 @@ def test_several_devices_boot_at_once_and_each_gets_its_own_identity(lab: Lab) -
             status = agent.wait_status(session="online", timeout=30)
             assert status["endpoint"].startswith("mqtts://127.0.0.1:")
         for n, agent in enumerate(agents):
-            wait_until(lambda agent=agent: (agent.status().get("token") or {}).get("present"), 20, "a token")
+            wait_until(lambda agent=agent: (agent.status().get("token") or {}).get("present"), 20, "a token",
+                       describe=lambda agent=agent: f"status.json {agent.status()}")
             facts = json.loads((agent.state / "certs" / "chain.json").read_text())
             assert facts["common_name"] == f"fleet-{n}"
             assert lab.tokens.requests_from(f"fleet-{n}") or lab.token_services[1].requests_from(f"fleet-{n}")
@@ -86,7 +87,8 @@ def test_devices_fail_over_when_their_core_is_killed(lab: Lab) -> None:
         for agent, endpoint in zip(agents, first, strict=True):
             if endpoint.replace("127.0.0.1", "localhost") == lab.broker_urls[victim]:
                 wait_until(lambda agent=agent, endpoint=endpoint: agent.status().get("session") == "online"
-                           and agent.status().get("endpoint") != endpoint, 20, "failover to the other core")
+                           and agent.status().get("endpoint") != endpoint, 20, "failover to the other core",
+                           describe=lambda agent=agent: f"status.json {agent.status()}")
         assert all(a.status()["session"] == "online" for a in agents)
     finally:
         for agent in agents:

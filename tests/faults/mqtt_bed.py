@@ -94,8 +94,8 @@ class Subscriber:
 
     def wait_for(self, expected: set[bytes], timeout: float, what: str) -> Counter[bytes]:
         """Wait until every payload in `expected` arrived at least once; return all counts."""
-        wait_until(lambda: expected <= set(self.payloads()), timeout,
-                   f"{what}: {len(expected - set(self.payloads()))} of {len(expected)} still missing")
+        wait_until(lambda: expected <= set(self.payloads()), timeout, what,
+                   describe=lambda: f"{len(expected - set(self.payloads()))} of {len(expected)} still missing")
         return self.counts()
 
     def stop(self) -> None:

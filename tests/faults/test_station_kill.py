@@ -8,11 +8,10 @@ from pathlib import Path
 
 from agent.config import load
 from lab.mosquitto import Mosquitto
-from lab.procs import Proc, wait_until
+from lab.procs import wait_until
 from provisioning.certs import common_name, load_certificates
 from provisioning.station.ledger import Row
 from tests.agent_bed import Agent
-from tests.conftest import REPO
 from tests.integration.test_first_boot import device_config
 from tests.station.conftest import RunningStation
 
@@ -45,12 +44,6 @@ def station_rows(station: RunningStation) -> list[Row]:
         ledger.close()
 
 
-def restart_station(station: RunningStation) -> None:
-    """The same `serve` command line, so the same port and the same devices' URL."""
-    station.proc = Proc(station.proc.name, station.proc.argv, station.proc.log, cwd=REPO)
-    wait_until(station.serving, 20, f"tether-station serve back on port {station.port}")
-
-
 def test_station_killed_mid_enrollment_leaves_whole_ledger_rows_and_devices_enroll_once(
         tmp_path: Path, station: RunningStation, station_broker: Mosquitto) -> None:
     issued_before_kill = []
@@ -65,7 +58,7 @@ def test_station_killed_mid_enrollment_leaves_whole_ledger_rows_and_devices_enro
             station.proc.kill()
             rows = check_ledger_whole(station)
             issued_before_kill.append(sum(1 for r in station_rows(station) if r.device_id in ids))
-            restart_station(station)
+            station.restart()  # the same port: the devices' URL
             for agent in agents:
                 agent.wait_status(session="online", timeout=60)
         finally:

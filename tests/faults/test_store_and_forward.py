@@ -120,8 +120,11 @@ def test_5000_messages_survive_20_broker_restarts_with_none_lost(
             # spread the restarts over the stream, each with messages queued and in flight
             mark = i * total // (restarts + 1)
             wait_until(lambda n=mark: feeder.check() or len(set(subscriber.payloads())) >= n,
-                       60, f"delivery to reach restart {i}")
-            wait_until(lambda n=i: agent.log().count("session: connected") >= n, 30, f"session {i} to be up")
+                       60, f"delivery to reach restart {i} ({mark} messages)",
+                       describe=lambda: f"{len(set(subscriber.payloads()))} delivered")
+            wait_until(lambda n=i: agent.log().count("session: connected") >= n, 30, f"session {i} to be up",
+                       describe=lambda: f"{agent.log().count('session: connected')} sessions; status.json "
+                                        f"{agent.status()}")
             restart(keeping)
         counts = subscriber.wait_for(set(expected), 120, "all 5,000 messages")
         feeder.join(10)
@@ -159,7 +162,8 @@ def test_agent_killed_with_9_mid_stream_loses_nothing_it_acknowledged(
         for i in range(1, kills + 1):
             mark = i * total // (kills + 1)
             wait_until(lambda n=mark: feeder.check() or len(set(subscriber.payloads())) >= n,
-                       60, f"delivery to reach kill {i}")
+                       60, f"delivery to reach kill {i} ({mark} messages)",
+                       describe=lambda: f"{len(set(subscriber.payloads()))} delivered")
             agent.proc.kill()  # mid-stream: messages queued, in flight, acknowledged but not yet removed
             agent = Agent(config)
         counts = subscriber.wait_for(set(expected), 120, "all 2,000 messages")

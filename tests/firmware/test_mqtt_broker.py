@@ -1,51 +1,27 @@
 """Bytes from firmware/mqtt_codec.py against a real mosquitto; its replies must decode."""
 
-import os
-import shutil
 import socket
-import subprocess
 import time
 
 import mqtt_codec as mq
 import pytest
 
+from lab.mosquitto import Mosquitto
+from tests.conftest import require_tool
+
 pytestmark = pytest.mark.broker
-
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def mosquitto(tmp_path):
-    assert os.path.exists(MOSQUITTO), "mosquitto not installed (apt-get install mosquitto)"
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    require_tool("mosquitto")
+    # plain TCP, anonymous, no ACL: only the codec's bytes are under test; started again on another
+    # port if another process takes the one it was given
+    broker = Mosquitto(tmp_path / "broker", None, acl=None).start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError("mosquitto exited: {}".format(proc.stdout.read().decode(errors="replace")))
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"mosquitto did not listen on {port} within 10 s") from None
-        yield port
+        yield broker.port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        broker.stop()
 
 
 def _read_until(sock, decoder, count, deadline_s=5.0):

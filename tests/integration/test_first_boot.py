@@ -143,7 +143,9 @@ def test_renewal_is_promoted_only_after_a_session_with_the_new_pair(
         keyfile = tmp_path / "dev-001" / "state" / "keys" / "device.key.pem"
         first_key = keyfile.read_bytes()
         wait_until(lambda: json.loads((certs / "chain.json").read_text())["serial"] != first_serial, 40,
-                   "the renewed certificate to be promoted")
+                   "the renewed certificate to be promoted",
+                   describe=lambda: f"renewal.json {(certs.parent / 'renewal.json').read_text()}; status.json "
+                                    f"{agent.status()}")
         status = agent.wait_status(session="online")
         assert status["connected_at"] >= first["connected_at"]
         assert (certs / "chain.prev.pem").exists() and not (certs / "chain.next.pem").exists()

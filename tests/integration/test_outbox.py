@@ -200,3 +200,25 @@ def test_a_message_leaves_the_outbox_on_its_puback_not_when_it_is_sent(tmp_path:
     assert reopened.count == 1
     outbox.on_session_up()
     assert sent[4:] == [b"two"]
+
+
+def test_the_socket_is_served_once_its_path_is_freed_while_the_agent_runs(
+        tmp_path: Path, pki: Pki, keeping: Mosquitto) -> None:
+    # A stray file where the socket belongs: the agent runs without the publish API, says why, and
+    # binds on its own once the file is gone; an idle agent sleeps, so this needs the server's own
+    # retry deadline (PublishServer.wake_at), not a fixed tick of the control loop.
+    short = Path(tempfile.mkdtemp(prefix="tether-", dir="/tmp"))
+    path = short / "publish.sock"
+    path.write_text("not a socket\n")
+    config = device(tmp_path, pki, keeping, socket=str(path))
+    agent = Agent(config)
+    try:
+        agent.wait_status(session="online")
+        wait_until(lambda: "exists and is not a socket" in agent.log(), 20, "the refusal in the agent's log")
+        path.unlink()
+        wait_until(lambda: path.is_socket(), 20, f"the agent to serve {path}")
+        with Publisher(path) as publisher:
+            assert publisher.publish("telemetry", b"after the fix") > 0
+    finally:
+        agent.stop()
+        shutil.rmtree(short, ignore_errors=True)

@@ -94,7 +94,8 @@ def test_handshake_refusal_reason_is_logged_and_in_status(tmp_path: Path, pki: P
         def both_reported() -> dict[str, str] | None:
             errors = agent.status().get("endpoint_errors", {})
             return errors if len(errors) == 2 else None
-        errors = wait_until(both_reported, 20, "both endpoint errors in status.json")
+        errors = wait_until(both_reported, 20, "both endpoint errors in status.json",
+                            describe=lambda: f"status.json {agent.status()}")
         assert "unknown CA" in errors[f"mqtts://localhost:{stranger.port}"]  # type: ignore[index]
         assert "hostname mismatch" in errors[f"mqtts://localhost:{misnamed.port}"]  # type: ignore[index]
         assert "unknown CA" in agent.log() and "hostname mismatch" in agent.log()
@@ -171,11 +172,11 @@ def test_bad_discovery_document_falls_back_to_manual_endpoints(tmp_path: Path, p
 
 
 def test_check_fails_with_a_reason_when_nothing_is_reachable(tmp_path: Path, pki: Pki) -> None:
-    from lab.procs import free_port
+    from lab.procs import refusing_port
 
-    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
-                                endpoints={"urls": [f"mqtts://localhost:{free_port()}"]})
-    out = run_tether("check", config=config)
+    with refusing_port() as port:  # held for the whole test: nothing else can listen there
+        config = provisioned_device(tmp_path, pki, token=NO_TOKEN, endpoints={"urls": [f"mqtts://localhost:{port}"]})
+        out = run_tether("check", config=config)
     assert out.returncode == 1
     assert "cannot reach" in out.stdout and "FAIL" in out.stdout
 
@@ -256,7 +257,7 @@ class InProcess:
 
     def wait_status(self, timeout: float = 20.0, **expected: object) -> dict:
         return wait_until(lambda: (s := self.status()) and all(s.get(k) == v for k, v in expected.items()) and s,
-                          timeout, f"status {expected} (last: {self.status()})")
+                          timeout, f"status {expected}", describe=lambda: f"status.json {self.status()}")
 
 
 def stage(config: Path, chain: list) -> bytes:

@@ -132,8 +132,8 @@ class Device:
         return agent.status()
 
     def wait_state(self, *states: str, timeout: float = 15.0) -> dict[str, Any]:
-        wait_until(lambda: self.state()["state"] in states, timeout, f"OTA state in {states} "
-                   f"(now {self.state()['state']}, published {self.lines})")
+        wait_until(lambda: self.state()["state"] in states, timeout, f"OTA state in {states}",
+                   describe=lambda: f"OTA status {self.state()}, published {self.lines}")
         return self.state()
 
     def failures(self) -> list[str]:

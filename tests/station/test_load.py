@@ -17,7 +17,6 @@ import resource
 import socket
 import ssl
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,11 +25,10 @@ import requests
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hal.keys.file import generate
-from lab.procs import Proc, free_port, wait_until
+from lab.procs import wait_until
 from provisioning.csr import build_csr
-from tests.conftest import REPO
 from tests.pki import TRUST_DOMAIN
-from tests.station.conftest import RunningStation, start_station, station_cli
+from tests.station.conftest import RunningStation, serve_station, start_station, station_cli
 from tests.station.test_other_clients import tool
 
 IDLE, TRICKLING, PER_ADDRESS = 1000, 200, 40
@@ -189,11 +187,9 @@ def test_serve_refuses_limits_that_would_close_every_connection(station_dir: Pat
 
 def test_out_of_file_descriptors_the_station_pauses_accepting_instead_of_spinning(station_dir: Path) -> None:
     # a station that cannot raise its limit (soft = hard = 64) is flooded past it
-    port = free_port()
-    argv = [tool("prlimit"), "--nofile=64:64", "--", sys.executable, "-m", "provisioning.station.cli", "serve",
-            "--dir", str(station_dir), "--listen", f"127.0.0.1:{port}", "--workers", "1"]
-    proc = Proc("tether-station", argv, station_dir / "serve.log", cwd=REPO)
-    station = RunningStation(station_dir, port, proc)
+    proc, ports = serve_station(station_dir, ["--workers", "1"], wrapper=[tool("prlimit"), "--nofile=64:64", "--"])
+    station = RunningStation(station_dir, ports["est"], proc)
+    port = station.port
     flood: list[socket.socket] = []
     try:
         wait_until(station.serving, 20, "tether-station serve")

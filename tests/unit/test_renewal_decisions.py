@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,18 +13,18 @@ import pytest
 from agent.config import load
 from agent.identity import DeviceIdentity
 from agent.renewal import Renewal
+from lab.procs import refusing_port
 from tests.conftest import write_config
 from tests.pki import Pki
 
 
-def closed_port() -> int:
-    with socket.socket() as s:  # bound, never listening: connections to it are refused
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    with refusing_port() as port:  # bound, never listening, held for the test: connections are refused
+        yield port
 
 
-def renewal_for(tmp_path: Path, pki: Pki, **renewal: object) -> Renewal:
-    port = closed_port()
+def renewal_for(tmp_path: Path, pki: Pki, port: int, **renewal: object) -> Renewal:
     config = load(write_config(tmp_path / "dev-001", "dev-001", identity={"ca_file": str(pki.root_file)},
                                est={"url": f"https://127.0.0.1:{port}", "timeout": 2.0},
                                renewal={"retry": 30.0, **renewal}))
@@ -34,8 +34,8 @@ def renewal_for(tmp_path: Path, pki: Pki, **renewal: object) -> Renewal:
     return Renewal(config, identity, clock=lambda: 1000.0, rand=lambda: 0.5)
 
 
-def test_a_network_failure_is_retried_after_a_backoff(tmp_path: Path, pki: Pki) -> None:
-    renewal = renewal_for(tmp_path, pki)
+def test_a_network_failure_is_retried_after_a_backoff(tmp_path: Path, pki: Pki, closed_port: int) -> None:
+    renewal = renewal_for(tmp_path, pki, closed_port)
     renewal._renew()  # the worker's body, run inline: the station is unreachable
     state = json.loads(renewal.path.read_text())
     assert state["state"] == "idle" and "re-enrollment failed" in state["error"]
@@ -43,9 +43,9 @@ def test_a_network_failure_is_retried_after_a_backoff(tmp_path: Path, pki: Pki) 
     assert renewal.fatal is None
 
 
-def test_a_fatal_failure_stops_renewal_with_an_error_line(tmp_path: Path, pki: Pki,
+def test_a_fatal_failure_stops_renewal_with_an_error_line(tmp_path: Path, pki: Pki, closed_port: int,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    renewal = renewal_for(tmp_path, pki, auth="bearer")  # and no token to present: not a passing problem
+    renewal = renewal_for(tmp_path, pki, closed_port, auth="bearer")  # and no token to present: not a passing problem
     with caplog.at_level(logging.ERROR, logger="tether.renewal"):
         renewal._renew()
     assert renewal.fatal is not None and "no access token" in renewal.fatal
