@@ -6,27 +6,30 @@ Runs once at start: tether_main imports it, builds the TLS context and unloads i
 
 import json
 
-from agent.core.errors import ConfigError, CoreError
+from agent.core import defaults
+from agent.core.errors import CoreError, ParameterError
 
 CONFIG_FILE = "tether.json"
 CREDENTIAL_FILES = ("device.crt.der", "device.key.der", "ca.crt.der")
 
+# The settings a board shares with `tether run` take the agent's defaults (agent/core/defaults.py).
 DEFAULTS = {
     "device_id": None,
     "endpoints": [],
-    "topic_prefix": "",
-    "client_id_prefix": "d:",
+    "topic_prefix": defaults.TOPIC_PREFIX,  # "{id}" is replaced by device_id
+    "client_id_prefix": defaults.CLIENT_ID_PREFIX,
     "cred_dir": ".",
-    "keepalive": 60,
-    "heartbeat_interval": 60,
-    "token_timeout": 30,
-    "backoff_base": 1,
-    "backoff_cap": 300,
-    "connect_timeout": 10,
+    "keepalive": defaults.KEEPALIVE,
+    "heartbeat_interval": defaults.HEARTBEAT_INTERVAL,
+    "token_timeout": defaults.TOKEN_TIMEOUT,
+    "backoff_base": defaults.BACKOFF_BASE,
+    "backoff_cap": defaults.BACKOFF_CAP,
+    "connect_timeout": defaults.CONNECT_TIMEOUT,
     "max_packet": 8192,
     "heap_report": False,
 }
 # Smallest accepted value of each numeric setting (all are seconds except max_packet, bytes).
+# Those whose default is a float take any number; the others (keepalive, max_packet) integers.
 MINIMUM = {"keepalive": 1, "heartbeat_interval": 1, "token_timeout": 1, "backoff_base": 1,
            "backoff_cap": 1, "connect_timeout": 1, "max_packet": 256}
 
@@ -38,38 +41,39 @@ class CredentialError(CoreError):
 def load_config(path=CONFIG_FILE, opener=open):
     """DEFAULTS overridden by the JSON object in ``path``.
 
-    Raises ConfigError naming the file and key for a missing file, bad JSON, unknown keys,
+    Raises ParameterError naming the file and key for a missing file, bad JSON, unknown keys,
     wrong types or out-of-range values.
     """
     try:
         with opener(path) as f:
             text = f.read()
     except OSError:
-        raise ConfigError(path, "missing; write it with at least device_id and endpoints "
+        raise ParameterError(path, "missing; write it with at least device_id and endpoints "
                                 "(docs/firmware.md)") from None
     try:
         local = json.loads(text)
     except ValueError:
-        raise ConfigError(path, "not valid JSON") from None
+        raise ParameterError(path, "not valid JSON") from None
     if not isinstance(local, dict):
-        raise ConfigError(path, "expected a JSON object")
+        raise ParameterError(path, "expected a JSON object")
     config = dict(DEFAULTS)
     for key, value in local.items():
         if key not in DEFAULTS:
-            raise ConfigError(path + ": " + key, "unknown key (known: %s)" % ", ".join(sorted(DEFAULTS)))
+            raise ParameterError(path + ": " + key, "unknown key (known: %s)" % ", ".join(sorted(DEFAULTS)))
         default = DEFAULTS[key]
         expected = str if default is None else type(default)
-        if type(value) is not expected:
-            raise ConfigError(path + ": " + key, "expected %s, got %r" % (expected.__name__, value))
+        if type(value) is not expected and not (expected is float and type(value) is int):
+            raise ParameterError(path + ": " + key, "expected %s, got %r" % (
+                "number" if expected is float else expected.__name__, value))
         if key in MINIMUM and value < MINIMUM[key]:
-            raise ConfigError(path + ": " + key, "must be >= %d, got %r" % (MINIMUM[key], value))
+            raise ParameterError(path + ": " + key, "must be >= %r, got %r" % (MINIMUM[key], value))
         config[key] = value
     if not config["device_id"]:
-        raise ConfigError(path + ": device_id", "required (the certificate CN)")
+        raise ParameterError(path + ": device_id", "required (the certificate CN)")
     if not config["endpoints"]:
-        raise ConfigError(path + ": endpoints", "at least one mqtts://host:port is required")
+        raise ParameterError(path + ": endpoints", "at least one mqtts://host:port is required")
     if config["backoff_cap"] < config["backoff_base"]:
-        raise ConfigError(path + ": backoff_cap", "must be >= backoff_base (%d), got %d"
+        raise ParameterError(path + ": backoff_cap", "must be >= backoff_base (%r), got %r"
                           % (config["backoff_base"], config["backoff_cap"]))
     return config
 

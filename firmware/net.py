@@ -18,6 +18,7 @@ PEM files): CPython signals "not ready" with SSLWantReadError/SSLWantWriteError 
 """
 
 import errno
+import gc
 import select
 import socket
 import sys
@@ -43,6 +44,10 @@ QUIRKS = {
 }
 
 RECV_SIZE = 1024
+# A TLS handshake needs a few KB of contiguous heap for a moment; after a session the free heap of a
+# small board is in pieces too small for it. So once a connection closes, while its handshake's
+# space is one piece again, that much is held (the "spare") and let go just before the next one.
+SPARE_SIZE = 6 * 1024
 _DEAD = select.POLLHUP | select.POLLERR
 # CPython's "try again" on a non-blocking SSL socket (absent on MicroPython, where read/write
 # return None instead).
@@ -104,16 +109,18 @@ class TlsTransport:
     ("closed") instead of touching a dead socket.
     """
 
-    def __init__(self, tls, raw, io_timeout, busy_errnos):
+    def __init__(self, tls, raw, io_timeout, busy_errnos, buf, spare):
         self._tls = tls
         self._raw = raw
         self._io_ms = int(io_timeout * 1000)
         self._busy = busy_errnos
         self._poller = select.poll()
         self._poller.register(tls, select.POLLIN)
-        # One receive buffer for the connection's life: a 1 KB allocation per read fragments a
-        # small heap until a read fails for lack of a contiguous block. CPython has no readinto.
-        self._buf = bytearray(RECV_SIZE)
+        # One receive buffer, the connector's: a 1 KB allocation per read (or per connection)
+        # fragments a small heap until it fails for lack of a contiguous block. CPython has no
+        # readinto.
+        self._buf = buf
+        self._spare = spare
         self._readinto = getattr(tls, "readinto", None)
         self.dead = None  # the TransportError that ended this socket
 
@@ -152,6 +159,12 @@ class TlsTransport:
                 sock.close()
             except (OSError, ValueError, MemoryError):
                 pass  # already gone: closing is all that was left to do
+        if self._spare[0] is None:
+            gc.collect()
+            try:
+                self._spare[0] = bytearray(SPARE_SIZE)
+            except MemoryError:
+                pass  # no piece that large: the next handshake takes its chances
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -209,8 +222,13 @@ def connector(ctx, timeout=10, platform=None):
     """A ``connect(endpoint)`` for Session: TCP within ``timeout`` seconds, then a non-blocking
     TLS socket whose every operation has the same deadline. Raises TransportError."""
     busy = quirks(platform)["busy_errnos"]
+    buf = bytearray(RECV_SIZE)  # allocated at start, while the heap is whole; one connection at a time
+    spare = [None]
 
     def connect(endpoint):
+        if spare[0] is not None:
+            spare[0] = None
+            gc.collect()
         try:
             info = socket.getaddrinfo(endpoint.host, endpoint.port, 0, socket.SOCK_STREAM)[0]
         except (OSError, MemoryError) as exc:
@@ -227,6 +245,6 @@ def connector(ctx, timeout=10, platform=None):
             if sock is not None:
                 sock.close()
             raise transport_error(exc, "connect %s:%d" % (endpoint.host, endpoint.port), "connect") from None
-        return TlsTransport(tls, sock, timeout, busy)
+        return TlsTransport(tls, sock, timeout, busy, buf, spare)
 
     return connect

@@ -1,45 +1,46 @@
-"""The device's MQTT session as an event-driven state machine with its I/O injected.
+"""The board's MQTT session: a thin driver of the connection supervisor (agent/core/supervisor.py).
 
-Cycle (DESIGN.md "Data flow"): pick the next endpoint from the Rotation, open a transport,
-CONNECT, SUBSCRIBE to the token response and downstream topics, publish an empty message to the
-token request topic, adopt the ``71`` token and ask again at half life, and publish a heartbeat.
-On any failure the transport is closed and the next endpoint tried; after a whole round fails,
-or after an established session drops, the next attempt waits a Backoff delay.
+The supervisor decides: which endpoint next, when a failed round backs off, what a ``71`` line on
+the token response topic means, when the token and the heartbeat are due. This module only does
+what it asks over the wire: it opens a transport, frames MQTT (firmware/mqtt_codec.py), numbers
+packets, keeps the connection alive (PINGREQ), and feeds back what happened as events of the
+session's epoch (``Connected``, ``ConnectFailed(kind)``, ``Disconnected``, ``Message``, ``Acked``,
+``Tick``). Missing a CONNACK, SUBACK, PUBACK or PINGRESP in time ends the session like a closed socket.
 
-Everything the session decides comes from agent/core; this module only moves packets. It is fed
-its I/O: ``connect(endpoint)`` returns a transport with ``send(bytes)``, ``recv(timeout)``
+I/O is injected: ``connect(endpoint)`` returns a transport with ``send(bytes)``, ``recv(timeout)``
 (bytes; ``b""`` when the peer closed; None when nothing arrived in ``timeout`` seconds) and
-``close()``, or raises OSError (``net.TransportError`` is one, typed by ``kind``);
-``clock()`` returns seconds; ``wait(seconds)`` blocks while
-disconnected; ``rand()`` returns a float in [0, 1). Progress is reported through
-``on_event(name, detail)``; see EVENTS.
+``close()``, or raises OSError (``net.TransportError`` is one, typed by ``kind``); ``clock()``
+returns seconds; ``wait(seconds)`` blocks while disconnected. Progress is reported through
+``on_event(name, detail)`` (tether_main prints each as ``tether: <name> <detail>``):
+
+- ``connecting`` Endpoint about to be tried; ``connect_failed`` (Endpoint, reason) of a failed
+  attempt; ``round_failed`` the Rotation whose every endpoint failed; ``backoff`` seconds before
+  the next attempt;
+- ``connected`` Endpoint whose CONNACK accepted us; ``ready`` Endpoint, once the subscriptions
+  are granted; ``disconnected`` why an established session ended;
+- ``token_requested`` time the request went out; ``token`` TokenSchedule of the adopted token;
+  ``token_error`` the supervisor's word on a refused answer or a request without one (the old
+  token stays in use while valid);
+- ``published`` packet id of an acknowledged QoS 1 publish; ``operation`` a SmartREST line from
+  the downstream topic; ``message`` (topic, payload) on any other topic; ``problem`` anything
+  else the supervisor reports.
 """
 
 import mqtt_codec as mq
 
-from agent.core import smartrest
-from agent.core.errors import CoreError
+from agent.core import supervisor as sv
 
 DISCONNECTED = "disconnected"
-CONNECTING = "connecting"
-SUBSCRIBING = "subscribing"
+CONNECTING = "connecting"    # CONNECT sent, waiting for CONNACK
+SUBSCRIBING = "subscribing"  # accepted; waiting for the SUBACKs
 READY = "ready"
 
-# name -> detail passed to on_event
-EVENTS = {
-    "connecting": "Endpoint about to be tried",
-    "connect_failed": "(Endpoint, reason) for a failed attempt",
-    "backoff": "seconds before the next attempt",
-    "round_failed": "Rotation whose every endpoint failed (caller may re-discover)",
-    "connected": "Endpoint whose CONNACK accepted us",
-    "ready": "Endpoint, once subscriptions are granted",
-    "disconnected": "reason an established session ended",
-    "token_requested": "time the request was published",
-    "token": "TokenSchedule of the adopted token",
-    "token_error": "CoreError: bad 71 line or no answer in time (old token kept)",
-    "message": "(topic, payload) of any other PUBLISH",
-    "published": "packet id of an acknowledged QoS 1 publish",
-}
+# net.TransportError.kind -> ConnectFailed kind: a certificate that does not verify may mean a
+# rotated CA, a TLS alert is the broker refusing us; resolve, connect, timeout, closed and memory
+# say the endpoint is out of reach for now.
+KINDS = {"verify": sv.TLS_VERIFY, "tls": sv.REFUSED}
+
+TICK = sv.Tick()  # one instance: a timer firing allocates nothing
 
 
 def _reason(exc):
@@ -49,82 +50,73 @@ def _reason(exc):
     return "io: %r" % (exc,)
 
 
-class Session:
-    """One device's MQTT session; drive it by calling ``step()`` in a loop."""
+def _kind(exc):
+    return KINDS.get(getattr(exc, "kind", None), sv.UNREACHABLE)
 
-    def __init__(self, client_id, topics, rotation, backoff, refresher, connect, clock, wait, rand,
-                 on_event=None, keepalive=60, heartbeat_interval=60, heartbeat_payload=None,
+
+class Session:
+    """Drives ``supervisor`` (an agent.core.supervisor.Supervisor) over MQTT; call ``step()`` in a loop."""
+
+    def __init__(self, client_id, supervisor, connect, clock, wait, on_event=None, keepalive=60,
                  connect_timeout=10, ack_timeout=20, max_packet=mq.DEFAULT_MAX_PACKET):
         self.client_id = client_id
-        self.topics = topics
-        self.rotation = rotation
-        self.backoff = backoff
-        self.refresher = refresher
+        self.sup = supervisor
         self._connect = connect
         self._clock = clock
         self._wait = wait
-        self._rand = rand
         self._on_event = on_event
         self.keepalive = keepalive
-        self.heartbeat_interval = heartbeat_interval
-        # SmartREST 117 "set required availability interval" (minutes): idempotent, and any
-        # upstream message marks the device available on the platform.
-        if heartbeat_payload is None:
-            heartbeat_payload = smartrest.format_line("117", max(1, heartbeat_interval * 2 // 60))
-        self.heartbeat_payload = heartbeat_payload
         self.connect_timeout = connect_timeout
         self.ack_timeout = ack_timeout
         self.max_packet = max_packet
         self.state = DISCONNECTED
+        self.epoch = None      # the supervisor's epoch of the open transport
         self.endpoint = None
+        self._started = False
         self._transport = None
         self._decoder = None
-        self._retry_at = None
-        self._deadline = None
+        self._deadline = None  # CONNACK or SUBACK due
         self._last_sent = 0
         self._ping_sent = None
-        self._heartbeat_at = None
         self._next_id = 0
-        self._sub_id = None
-        self._inflight = {}  # packet id -> time sent
+        self._subs = []        # packet ids of SUBSCRIBEs without SUBACK
+        self._inflight = {}    # packet id -> time sent
 
     # -- public API --------------------------------------------------------------------------
 
     def step(self):
-        """Do one unit of work: wait or connect while disconnected, else read once and run timers."""
+        """Do one unit of work: start, wait for the supervisor's next timer or attempt while
+        disconnected, else read once and run the timers."""
         now = self._clock()
         if self._transport is None:
-            if self._retry_at is not None and now < self._retry_at:
-                self._wait(self._retry_at - now)
-                return
-            self._retry_at = None
-            self._open(now)
+            try:
+                if self._started:
+                    self._idle_step(now)
+                else:
+                    self._started = True
+                    self._feed(sv.Start(), now)
+            except MemoryError:
+                pass  # the next step finds the attempt that never ran and reports it
             return
         try:
             self._connected_step(now)
         except OSError as exc:
-            self._lost(_reason(exc))
+            self._lost(_reason(exc), _kind(exc))
         except MemoryError:
             # A packet or TLS record that does not fit this heap: drop the connection (its buffers
-            # go with it) and reconnect after a backoff rather than dying.
+            # go with it) and let the supervisor decide what next, rather than dying.
             self._lost("out of memory")
 
-    def _connected_step(self, now):
-        data = self._transport.recv(max(0, self._next_deadline() - now))
-        if data is not None:
-            if not data:
-                self._lost("connection closed by the broker")
-                return
-            try:
-                packets = self._decoder.feed(data)
-            except mq.PacketError as exc:
-                self._lost("bad data from the broker: %s" % exc)
-                return
-            for p in packets:
-                self._handle(p)
-                if self._transport is None:
-                    return
-        self._timers(self._clock())
+    def _idle_step(self, now):
+        if self.sup.state == sv.CONNECTING:
+            # the supervisor asked for an attempt that a MemoryError stopped before it started
+            self._feed(sv.ConnectFailed(self.sup.epoch, sv.UNREACHABLE, "memory: out of memory"), now)
+            return
+        at = self.sup.deadline()
+        if at is not None and now < at:
+            self._wait(at - now)
+            return
+        self._feed(TICK, now)
 
     def publish(self, topic, payload, qos=1):
         """Publish on the open session; returns the packet id (None at QoS 0).
@@ -142,18 +134,76 @@ class Session:
 
     def token(self):
         """The current access token if valid now, else None."""
-        return self.refresher.token(self._clock())
+        refresher = self.sup.refresher
+        return refresher.token(self._clock()) if refresher is not None else None
 
     def close(self):
-        """Send DISCONNECT (best effort) and close the transport."""
-        if self._transport is not None and self.state != DISCONNECTED:
-            try:
-                self._transport.send(mq.encode_disconnect())
-            except OSError:
-                pass  # closing anyway; the broker will notice the socket go
+        """Stop the supervisor: DISCONNECT (best effort) and close the transport."""
+        self._feed(sv.Stop(), self._clock())
         self._drop()
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- feeding the supervisor --------------------------------------------------------------
+
+    def _feed(self, event, now):
+        """Hand ``event`` to the supervisor and perform its actions, and those of what they cause."""
+        pending = [event]
+        while pending:
+            for action in self.sup.handle(pending.pop(), now):
+                follow = self._perform(action, now)
+                if follow is not None:
+                    pending.append(follow)
+
+    def _perform(self, action, now):
+        """Do one action; return the event it caused (a failed attempt or send), if any."""
+        t = type(action)
+        if t is sv.Publish or t is sv.Subscribe:
+            if self._transport is None or action.epoch != self.epoch:
+                return None  # that session is gone; the supervisor hears it through its own event
+            pid = self._packet_id() if action.qos else None
+            if t is sv.Subscribe:
+                self._subs.append(pid)
+                data = mq.encode_subscribe(pid, [(action.topic, action.qos)])
+            else:
+                if pid is not None:
+                    self._inflight[pid] = now
+                if action.topic == self.sup.topics.token_request:
+                    self._emit("token_requested", now)
+                data = mq.encode_publish(action.topic, action.payload, action.qos, pid)
+            return self._send_or_lose(data)
+        if t is sv.Connect:
+            return self._open(action, now)
+        if t is sv.Close:
+            if self._transport is not None and action.epoch == self.epoch:
+                try:
+                    self._transport.send(mq.encode_disconnect())
+                except OSError:
+                    pass  # closing anyway; the broker will notice the socket go
+                self._drop()
+        elif t is sv.SessionDown:
+            if action.epoch == self.epoch:
+                self._drop()
+            self._emit("disconnected", action.reason)
+        elif t is sv.AttemptFailed:
+            self._emit("connect_failed", (action.endpoint, action.reason))
+        elif t is sv.Backoff:
+            self._emit("round_failed", self.sup.rotation)
+        elif t is sv.WaitUntil:
+            self._emit("backoff", action.at - now)
+        elif t is sv.TokenAdopted:
+            self._emit("token", action.schedule)
+        elif t is sv.Delivered:
+            self._emit("published", action.mid)
+        elif t is sv.Problem:
+            self._emit("token_error" if action.what == "token" else "problem", action.detail)
+        elif t is sv.Operation:
+            self._emit("operation", action.line)
+        elif t is sv.Deliver:
+            self._emit("message", (action.topic, action.payload))
+        # SessionUp: "ready" follows the SUBACKs. A board has no renewal or discovery, so
+        # ProveCandidate, Promote, Disprove and Rediscover never come.
+        return None
+
+    # -- the wire ------------------------------------------------------------------------------
 
     def _emit(self, name, detail=None):
         if self._on_event is not None:
@@ -167,31 +217,34 @@ class Session:
         self._transport.send(data)
         self._last_sent = self._clock()
 
-    def _open(self, now):
-        ep = self.rotation.next()
+    def _send_or_lose(self, data):
+        """Send ``data``; on failure close the transport and return the event that says so."""
+        try:
+            self._send(data)
+        except OSError as exc:
+            return self._drop_event(_reason(exc), _kind(exc))
+        except MemoryError:
+            return self._drop_event("memory: send: out of memory")
+        return None
+
+    def _open(self, action, now):
+        ep = action.endpoint
         self._emit("connecting", ep)
         try:
             transport = self._connect(ep)
         except OSError as exc:
-            self._failed(ep, _reason(exc))
-            return
+            return sv.ConnectFailed(action.epoch, _kind(exc), _reason(exc))
         except MemoryError:
-            self._failed(ep, "memory: connect: out of memory")
-            return
+            return sv.ConnectFailed(action.epoch, sv.UNREACHABLE, "memory: connect: out of memory")
         self._transport = transport
+        self.epoch = action.epoch
         self.endpoint = ep
         self._decoder = mq.Decoder(self.max_packet)
         self.state = CONNECTING
         self._deadline = now + self.connect_timeout
-        self._ping_sent = None
-        try:
-            # The first send also completes the TLS handshake (net.py), so verification
-            # failures surface here.
-            self._send(mq.encode_connect(self.client_id, self.keepalive, True))
-        except OSError as exc:
-            self._failed(ep, _reason(exc))
-        except MemoryError:
-            self._failed(ep, "memory: send CONNECT: out of memory")
+        # The first send also completes the TLS handshake (net.py), so verification failures
+        # surface here.
+        return self._send_or_lose(mq.encode_connect(self.client_id, self.keepalive, True))
 
     def _drop(self):
         if self._transport is not None:
@@ -201,96 +254,76 @@ class Session:
                 pass  # the socket is being discarded; nothing left to tell it
         self._transport = None
         self._decoder = None
+        self._deadline = None
         self._inflight = {}
+        self._subs = []
         self._ping_sent = None
         self.state = DISCONNECTED
-        self.refresher.restart()
 
-    def _schedule_retry(self):
-        delay = self.backoff.next_delay(self._rand())
-        self._retry_at = self._clock() + delay
-        self._emit("backoff", delay)
-
-    def _failed(self, ep, reason):
-        """An attempt on ``ep`` failed before the session was ready."""
+    def _drop_event(self, reason, kind=sv.UNREACHABLE):
+        """Close the transport; the event telling the supervisor (None if it was closed already)."""
+        if self._transport is None:
+            return None
+        epoch = self.epoch
+        accepted = self.state != CONNECTING
         self._drop()
-        self.rotation.failed(ep)
-        self._emit("connect_failed", (ep, reason))
-        if self.rotation.round_failed():
-            self._emit("round_failed", self.rotation)
-            self.rotation.new_round()
-            self._schedule_retry()
+        if accepted:
+            return sv.Disconnected(epoch, reason)
+        return sv.ConnectFailed(epoch, kind, reason)
 
-    def _lost(self, reason):
-        if self.state != READY:
-            self._failed(self.endpoint, reason)
-            return
-        self._drop()
-        self._emit("disconnected", reason)
-        # Backoff was reset by the CONNACK, so this is short; it stops a broker that accepts
-        # and then drops us from turning the loop into a busy spin.
-        self._schedule_retry()
+    def _lost(self, reason, kind=sv.UNREACHABLE):
+        event = self._drop_event(reason, kind)
+        if event is not None:
+            self._feed(event, self._clock())
+
+    def _connected_step(self, now):
+        data = self._transport.recv(max(0, self._next_deadline() - now))
+        if data is not None:
+            if not data:
+                self._lost("connection closed by the broker", sv.REFUSED)
+                return
+            try:
+                packets = self._decoder.feed(data)
+            except mq.PacketError as exc:
+                self._lost("bad data from the broker: %s" % exc, sv.REFUSED)
+                return
+            for p in packets:
+                self._handle(p)
+                if self._transport is None:
+                    return
+        self._timers(self._clock())
 
     def _handle(self, p):
         now = self._clock()
         if p.type == mq.CONNACK and self.state == CONNECTING:
             if p.return_code:
                 reason = mq.CONNACK_REASONS.get(p.return_code, "return code %d" % p.return_code)
-                self._failed(self.endpoint, "CONNACK refused: %s" % reason)
+                self._lost("CONNACK refused: %s" % reason, sv.REFUSED)
                 return
-            self.rotation.succeeded(self.endpoint)
-            self.backoff.reset()
-            self._emit("connected", self.endpoint)
-            self._sub_id = self._packet_id()
             self.state = SUBSCRIBING
             self._deadline = now + self.ack_timeout
-            self._send(mq.encode_subscribe(self._sub_id, [(self.topics.token_response, 0),
-                                                          (self.topics.downstream, 0)]))
-        elif p.type == mq.SUBACK and self.state == SUBSCRIBING and p.packet_id == self._sub_id:
+            self._emit("connected", self.endpoint)
+            self._feed(sv.Connected(self.epoch), now)
+        elif p.type == mq.SUBACK and p.packet_id in self._subs:
             if 0x80 in p.return_codes:
                 self._lost("SUBSCRIBE refused (broker ACL?): return codes %r" % (p.return_codes,))
                 return
-            self.state = READY
-            self._deadline = None
-            self._heartbeat_at = now
-            self._emit("ready", self.endpoint)
+            self._subs.remove(p.packet_id)
+            if not self._subs and self.state == SUBSCRIBING:
+                self.state = READY
+                self._deadline = None
+                self._emit("ready", self.endpoint)
         elif p.type == mq.PUBLISH:
             if p.qos == 1:
                 self._send(mq.encode_puback(p.packet_id))
-            if p.topic == self.topics.token_response:
-                self._token_lines(p.payload, now)
-            else:
-                self._emit("message", (p.topic, p.payload))
+            self._feed(sv.Message(self.epoch, p.topic, p.payload), now)
         elif p.type == mq.PUBACK:
             if self._inflight.pop(p.packet_id, None) is not None:
-                self._emit("published", p.packet_id)
+                self._feed(sv.Acked(self.epoch, p.packet_id), now)
         elif p.type == mq.PINGRESP:
             self._ping_sent = None
         else:
-            self._lost("unexpected packet type %d in state %s" % (p.type, self.state))
-
-    def _token_lines(self, payload, now):
-        try:
-            lines = smartrest.split_lines(payload)
-        except CoreError as exc:
-            self._emit("token_error", exc)
-            return
-        for line in lines:
-            # s/dat carries other templates too; only 71 is ours (issue 4).
-            if smartrest.template_id(line) != "71":
-                continue
-            try:
-                token = smartrest.parse_token(line)
-            except CoreError as exc:
-                self.refresher.rejected(exc, now, self._rand())
-                self._emit("token_error", exc)
-                continue
-            try:
-                schedule = self.refresher.received(token, now, self._rand())
-            except CoreError as exc:  # the refresher already scheduled the retry
-                self._emit("token_error", exc)
-                continue
-            self._emit("token", schedule)
+            self._lost("unexpected packet type %d in state %s" % (p.type, self.state), sv.REFUSED)
 
     def _next_deadline(self):
         times = [self._last_sent + self.keepalive]
@@ -298,18 +331,20 @@ class Session:
             times.append(self._deadline)
         if self._ping_sent is not None:
             times.append(self._ping_sent + self.keepalive / 2)
-        if self.state == READY:
-            times.append(self.refresher.next_event_at())
-            times.append(self._heartbeat_at)
+        if self.state != CONNECTING:
+            at = self.sup.deadline()
+            if at is not None:
+                times.append(at)
             for sent in self._inflight.values():
                 times.append(sent + self.ack_timeout)
         return min(times)
 
     def _timers(self, now):
         if self._deadline is not None and now >= self._deadline:
-            self._lost("no %s within %s s" % ("CONNACK" if self.state == CONNECTING else "SUBACK",
-                                             self.connect_timeout if self.state == CONNECTING
-                                             else self.ack_timeout))
+            if self.state == CONNECTING:
+                self._lost("no CONNACK within %s s" % self.connect_timeout)
+            else:
+                self._lost("no SUBACK within %s s" % self.ack_timeout)
             return
         if self._ping_sent is not None and now >= self._ping_sent + self.keepalive / 2:
             self._lost("no PINGRESP within %s s" % (self.keepalive / 2))
@@ -318,16 +353,12 @@ class Session:
             if now >= sent + self.ack_timeout:
                 self._lost("no PUBACK within %s s" % self.ack_timeout)
                 return
-        if self.state == READY:
-            if self.refresher.timed_out(now, self._rand()):
-                self._emit("token_error", self.refresher.last_error)
-            if self.refresher.due(now):
-                self._send(mq.encode_publish(self.topics.token_request, b""))
-                self.refresher.requested(now)
-                self._emit("token_requested", now)
-            if now >= self._heartbeat_at:
-                self._heartbeat_at = now + self.heartbeat_interval
-                self.publish(self.topics.upstream, self.heartbeat_payload, 1)
+        if self.state != CONNECTING:
+            at = self.sup.deadline()
+            if at is not None and now >= at:
+                self._feed(TICK, now)  # token request or timeout, heartbeat
+                if self._transport is None:
+                    return
         if self._ping_sent is None and now >= self._last_sent + self.keepalive:
             self._send(mq.encode_pingreq())
             self._ping_sent = now

@@ -13,7 +13,8 @@ A missing or bad file or setting prints one line, ``tether: cannot start: <file>
 main() returns to the REPL instead of rebooting into the same failure.
 
 While running, each session event is one line on the console, ``tether: <event> <detail>``
-(see EVENTS in session.py), the only log a bare board has; tests read them too.
+(listed in session.py's docstring; the decisions behind them are agent/core/supervisor.py's), the
+only log a bare board has; tests read them too.
 """
 
 import gc
@@ -24,6 +25,27 @@ import time
 from agent.core.errors import CoreError
 
 CONFIG_FILE = "tether.json"
+# Code a running board never calls again. Like board_config it is dropped during start(), so its
+# bytecode does not sit in a small heap next to the supervisor's: first, once the configuration is
+# parsed and the connector made, parsing and ordering endpoints, checking topics and the client id,
+# the defaults board_config read and the TLS setup; then, once the session is built, the SmartREST
+# helpers of the Linux agent's OTA (a board has none), the supervisor's re-export list and start()
+# itself. The supervisor, the driver and the run loop use none of it (tests/firmware/
+# test_session.py runs its cycles without it).
+PARSING_ONLY = (
+    ("agent.core.endpoints", ("parse_endpoint", "order_endpoints", "is_unlikely", "_ipv4")),
+    ("agent.core.topics", ("client_id", "check_topic_part")),
+    ("agent.core", ("defaults",)),
+    ("net", ("QUIRKS", "quirks", "tls_context", "connector")),
+    ("tether_main", ("parse_config",)),
+)
+BUILDING_ONLY = (
+    ("agent.core.smartrest", ("FirmwareOperation", "parse_firmware_operation", "firmware_executing",
+                              "firmware_successful", "firmware_failed", "firmware_installed",
+                              "supported_operations")),
+    ("agent.core.supervisor", ("__all__",)),
+    ("tether_main", ("build_session", "start", "drop_setup_code", "PARSING_ONLY", "BUILDING_ONLY")),
+)
 
 
 def _rand():
@@ -31,32 +53,49 @@ def _rand():
     return random.getrandbits(24) / 16777216
 
 
-def build_session(config, connect, clock, wait, rand, on_event):
-    """A Session for ``config`` with the given I/O; raises CoreError for bad endpoint URLs."""
+def parse_config(config):
+    """``(endpoints in order, Topics, client id)`` for ``config``; CoreError for a bad endpoint URL,
+    topic prefix or device id."""
+    from agent.core.endpoints import order_endpoints, parse_endpoint
+    from agent.core.topics import Topics, client_id
+
+    eps = [parse_endpoint(u, field="%s: endpoints[%d]" % (CONFIG_FILE, i))
+           for i, u in enumerate(config["endpoints"])]
+    device = config["device_id"]
+    return (order_endpoints(eps), Topics(config["topic_prefix"].replace("{id}", device)),
+            client_id(device, config["client_id_prefix"]))
+
+
+def build_session(config, connect, clock, wait, rand, on_event, parsed=None):
+    """The supervisor for ``config`` and the Session that drives it over ``connect``; raises
+    CoreError for bad endpoint URLs or topic prefixes. ``parsed``: parse_config(config), if done."""
+    endpoints, topics, client_id = parsed or parse_config(config)
     # Imported here, after start() has unloaded the setup code, so a small heap holds the
     # runtime's bytecode without the holes setup leaves behind.
     from session import Session
 
     from agent.core.backoff import Backoff
-    from agent.core.endpoints import Rotation, order_endpoints, parse_endpoint
+    from agent.core.supervisor import Supervisor
     from agent.core.token_schedule import TokenRefresher
-    from agent.core.topics import Topics, client_id
 
-    eps = [parse_endpoint(u, field="%s: endpoints[%d]" % (CONFIG_FILE, i))
-           for i, u in enumerate(config["endpoints"])]
-    backoff = Backoff(config["backoff_base"], config["backoff_cap"])
-    return Session(
-        client_id(config["device_id"], config["client_id_prefix"]),
-        Topics(config["topic_prefix"]),
-        Rotation(order_endpoints(eps)),
-        backoff,
-        TokenRefresher(Backoff(config["backoff_base"], config["backoff_cap"]), config["token_timeout"]),
-        connect, clock, wait, rand, on_event,
-        keepalive=config["keepalive"],
-        heartbeat_interval=config["heartbeat_interval"],
-        connect_timeout=config["connect_timeout"],
-        max_packet=config["max_packet"],
-    )
+    base, cap = config["backoff_base"], config["backoff_cap"]
+    supervisor = Supervisor(endpoints, Backoff(base, cap), topics, rand,
+                            TokenRefresher(Backoff(base, cap), config["token_timeout"]),
+                            heartbeat=config["heartbeat_interval"])
+    return Session(client_id, supervisor, connect, clock, wait, on_event, keepalive=config["keepalive"],
+                   connect_timeout=config["connect_timeout"], max_packet=config["max_packet"])
+
+
+def drop_setup_code(names):
+    """Remove ``names`` (PARSING_ONLY or BUILDING_ONLY) from their modules: on a board, in start()
+    only, never in a process that builds another session."""
+    for module_name, attrs in names:
+        module = sys.modules.get(module_name)
+        for attr in attrs:
+            if module is not None and hasattr(module, attr):
+                delattr(module, attr)
+    sys.modules.pop("agent.core.defaults", None)
+    gc.collect()
 
 
 def _detail(detail):
@@ -114,8 +153,11 @@ def start():
         sys.modules.pop("board_config", None)
         gc.collect()
     console = Console(config["heap_report"])
-    session = build_session(config, net.connector(ctx, config["connect_timeout"]),
-                            time.time, time.sleep, _rand, console.event)
+    connect = net.connector(ctx, config["connect_timeout"])
+    parsed = parse_config(config)
+    drop_setup_code(PARSING_ONLY)
+    session = build_session(config, connect, time.time, time.sleep, _rand, console.event, parsed)
+    drop_setup_code(BUILDING_ONLY)
     return session, console
 
 
@@ -126,7 +168,6 @@ def main():
     except (CoreError, OSError, MemoryError) as exc:
         print("tether: cannot start:", exc if not isinstance(exc, MemoryError) else "out of memory while loading")
         return
-    gc.collect()
     while True:
         session.step()
         console.sample()

@@ -36,10 +36,6 @@ class ParameterError(CoreError):
     """
 
 
-# firmware/board_config.py still raises core's error under its old name; drop this alias once it
-# imports ParameterError (it is a second name for the same class, not a second class)
-ConfigError = ParameterError
-
 
 def describe(value, limit=40):
     """Render ``value`` for an error message: JSON-like, truncated to ``limit`` characters.

@@ -1,7 +1,8 @@
 """The supervisor's vocabulary: typed events in (driver -> supervisor) and actions out (supervisor ->
 driver), as plain value objects. See agent/core/supervisor.py for what each one does to the machine.
 
-Written in the CPython/MicroPython common subset (no dataclasses, typing or f-strings).
+Written in the CPython/MicroPython common subset (no dataclasses, typing or f-strings); the types of
+the fields are in events.pyi, for mypy.
 """
 
 from agent.core.errors import CoreError
@@ -12,16 +13,29 @@ TLS_VERIFY = "tls_verify"    # the broker's certificate did not verify: its CA m
 REFUSED = "refused"          # the broker refused us: TLS alert, CONNACK refused, closed before CONNACK
 KINDS = (UNREACHABLE, TLS_VERIFY, REFUSED)
 
+
 class _Value:
-    """Plain value object: equality and repr from the fields (MicroPython has no dataclasses)."""
+    """Plain value object: positional fields named by FIELDS, equality and repr from them
+    (MicroPython has no dataclasses). A field left out takes the class attribute of that name (its
+    default); CoreError when there is none or too many are given. One shared ``__init__`` keeps
+    each event class to its name and fields, which is what a small board's heap can afford."""
 
     FIELDS = ()
 
+    def __init__(self, *args):
+        fields = self.FIELDS
+        n = len(args)
+        if n > len(fields):
+            raise CoreError(type(self).__name__, "expected at most %d fields, got %d" % (len(fields), n))
+        for i in range(n):
+            setattr(self, fields[i], args[i])
+        if n < len(fields):
+            for name in fields[n:]:
+                if not hasattr(self, name):
+                    raise CoreError(type(self).__name__ + "." + name, "required")
+
     def __eq__(self, other):
         return type(self) is type(other) and all(getattr(self, f) == getattr(other, f) for f in self.FIELDS)
-
-    def __ne__(self, other):
-        return not self.__eq__(other)
 
     def __repr__(self):
         return "%s(%s)" % (type(self).__name__, ", ".join("%s=%r" % (f, getattr(self, f)) for f in self.FIELDS))
@@ -59,18 +73,12 @@ class Connected(_Value):
 
     FIELDS = ("epoch",)
 
-    def __init__(self, epoch):
-        self.epoch = epoch
-
 
 class Disconnected(_Value):
     """The established session of ``epoch`` ended."""
 
     FIELDS = ("epoch", "reason")
-
-    def __init__(self, epoch, reason=""):
-        self.epoch = epoch
-        self.reason = reason
+    reason = ""
 
 
 class Message(_Value):
@@ -78,20 +86,11 @@ class Message(_Value):
 
     FIELDS = ("epoch", "topic", "payload")
 
-    def __init__(self, epoch, topic, payload):
-        self.epoch = epoch
-        self.topic = topic
-        self.payload = payload
-
 
 class Acked(_Value):
     """The broker acknowledged (PUBACK) packet ``mid`` of the session of ``epoch``."""
 
     FIELDS = ("epoch", "mid")
-
-    def __init__(self, epoch, mid):
-        self.epoch = epoch
-        self.mid = mid
 
 
 class Discovered(_Value):
@@ -99,18 +98,11 @@ class Discovered(_Value):
 
     FIELDS = ("endpoints",)
 
-    def __init__(self, endpoints):
-        self.endpoints = endpoints
-
 
 class RenewalStaged(_Value):
     """A renewed pair waits to be proven: ``chain`` (file name) and ``key`` (label)."""
 
     FIELDS = ("chain", "key")
-
-    def __init__(self, chain, key):
-        self.chain = chain
-        self.key = key
 
 
 class TokenWanted(_Value):
@@ -124,21 +116,11 @@ class Connect(_Value):
 
     FIELDS = ("epoch", "endpoint")
 
-    def __init__(self, epoch, endpoint):
-        self.epoch = epoch
-        self.endpoint = endpoint
-
 
 class ProveCandidate(_Value):
     """Open a session to ``endpoint`` with the staged pair (``chain`` file, ``key`` label)."""
 
     FIELDS = ("epoch", "endpoint", "chain", "key")
-
-    def __init__(self, epoch, endpoint, chain, key):
-        self.epoch = epoch
-        self.endpoint = endpoint
-        self.chain = chain
-        self.key = key
 
 
 class Promote(_Value):
@@ -150,17 +132,11 @@ class Disprove(_Value):
 
     FIELDS = ("reason",)
 
-    def __init__(self, reason):
-        self.reason = reason
-
 
 class Close(_Value):
     """Close the session of ``epoch`` (renewal proof, shutdown, a stale session)."""
 
     FIELDS = ("epoch",)
-
-    def __init__(self, epoch):
-        self.epoch = epoch
 
 
 class WaitUntil(_Value):
@@ -168,36 +144,21 @@ class WaitUntil(_Value):
 
     FIELDS = ("at",)
 
-    def __init__(self, at):
-        self.at = at
-
 
 class Rediscover(_Value):
     """Ask the discovery service for the endpoint list; answer with ``Discovered``."""
 
     FIELDS = ("why",)
 
-    def __init__(self, why):
-        self.why = why
-
 
 class Subscribe(_Value):
     FIELDS = ("epoch", "topic", "qos")
-
-    def __init__(self, epoch, topic, qos=1):
-        self.epoch = epoch
-        self.topic = topic
-        self.qos = qos
+    qos = 1
 
 
 class Publish(_Value):
     FIELDS = ("epoch", "topic", "payload", "qos")
-
-    def __init__(self, epoch, topic, payload, qos=1):
-        self.epoch = epoch
-        self.topic = topic
-        self.payload = payload
-        self.qos = qos
+    qos = 1
 
 
 class SessionUp(_Value):
@@ -205,19 +166,11 @@ class SessionUp(_Value):
 
     FIELDS = ("epoch", "endpoint")
 
-    def __init__(self, epoch, endpoint):
-        self.epoch = epoch
-        self.endpoint = endpoint
-
 
 class SessionDown(_Value):
     """The live session ended (``reason``); its in-flight messages go again on the next one."""
 
     FIELDS = ("epoch", "reason")
-
-    def __init__(self, epoch, reason):
-        self.epoch = epoch
-        self.reason = reason
 
 
 class AttemptFailed(_Value):
@@ -225,21 +178,11 @@ class AttemptFailed(_Value):
 
     FIELDS = ("endpoint", "kind", "reason")
 
-    def __init__(self, endpoint, kind, reason):
-        self.endpoint = endpoint
-        self.kind = kind
-        self.reason = reason
-
 
 class Backoff(_Value):
     """Every endpoint failed: the next round starts at ``at`` (``seconds`` from now)."""
 
     FIELDS = ("at", "seconds", "endpoints")
-
-    def __init__(self, at, seconds, endpoints):
-        self.at = at
-        self.seconds = seconds
-        self.endpoints = endpoints
 
 
 class Operation(_Value):
@@ -247,18 +190,11 @@ class Operation(_Value):
 
     FIELDS = ("line",)
 
-    def __init__(self, line):
-        self.line = line
-
 
 class Deliver(_Value):
     """A message on any other topic, for the components."""
 
     FIELDS = ("topic", "payload")
-
-    def __init__(self, topic, payload):
-        self.topic = topic
-        self.payload = payload
 
 
 class Delivered(_Value):
@@ -266,18 +202,11 @@ class Delivered(_Value):
 
     FIELDS = ("mid",)
 
-    def __init__(self, mid):
-        self.mid = mid
-
 
 class TokenAdopted(_Value):
     """A new access token (``schedule`` is its TokenSchedule): persist it, wake its waiters."""
 
     FIELDS = ("token", "schedule")
-
-    def __init__(self, token, schedule):
-        self.token = token
-        self.schedule = schedule
 
 
 class Problem(_Value):
@@ -285,6 +214,3 @@ class Problem(_Value):
 
     FIELDS = ("what", "detail")
 
-    def __init__(self, what, detail):
-        self.what = what
-        self.detail = detail

@@ -21,14 +21,17 @@ Decisions generalised from the firmware's Session and the runtime (DESIGN.md "En
   when the broker refuses it (``Disprove``); an unreachable endpoint or an unverifiable broker
   says nothing about our pair, so the next endpoint proves it instead;
 - the access token is requested on ``s/uat`` and read from ``71`` lines on ``s/dat`` through the
-  TokenRefresher (refresh at half life, retry with backoff on a timeout or a bad answer).
+  TokenRefresher (refresh at half life, retry with backoff on a timeout or a bad answer);
+- with ``heartbeat`` (seconds; the firmware sets it), a live session publishes a SmartREST ``117``
+  ("required availability interval", twice the heartbeat in minutes) on ``s/us`` when it comes up
+  and every ``heartbeat`` seconds after: any upstream message marks the device available.
 
 Written in the CPython/MicroPython common subset (no typing, dataclasses or f-strings).
 """
 
 from agent.core import smartrest
 from agent.core.endpoints import Rotation
-from agent.core.errors import CoreError, EndpointError
+from agent.core.errors import CoreError, EndpointError, ParameterError
 from agent.core.events import (
     KINDS,
     REFUSED,
@@ -90,11 +93,11 @@ class Supervisor:
     ``endpoints``: ordered list (last good first) to start with; may be empty when ``discovery``
     is True. ``backoff``: an agent.core.backoff.Backoff for failed rounds and dropped sessions.
     ``topics``: agent.core.topics.Topics. ``refresher``: a TokenRefresher, or None without tokens.
-    ``rand()``: a float in [0, 1) for jitter. Raises EndpointError when no endpoint is known and
-    discovery is off.
+    ``rand()``: a float in [0, 1) for jitter. ``heartbeat``: seconds between heartbeats on a live
+    session, or None. Raises EndpointError when no endpoint is known and discovery is off.
     """
 
-    def __init__(self, endpoints, backoff, topics, rand, refresher=None, discovery=False):
+    def __init__(self, endpoints, backoff, topics, rand, refresher=None, discovery=False, heartbeat=None):
         if not endpoints and not discovery:
             raise EndpointError("endpoints", "no endpoint to connect to (configure one or enable discovery)")
         self.backoff = backoff
@@ -112,6 +115,12 @@ class Supervisor:
         self.rediscovered = False  # at most one re-discovery per round
         self.errors = {}           # endpoint url -> reason of its last failure
         self.dropped = 0           # stale events dropped (for tests and debugging)
+        self.heartbeat = heartbeat
+        self.heartbeat_at = None   # next heartbeat of the live session
+        if heartbeat is not None:
+            if not heartbeat > 0:
+                raise ParameterError("heartbeat", "must be > 0 seconds, got %r" % (heartbeat,))
+            self.heartbeat_payload = smartrest.format_line("117", max(1, int(heartbeat * 2 // 60)))
 
     # -- the one entry point ---------------------------------------------------------------------
     def handle(self, event, now):
@@ -137,8 +146,11 @@ class Supervisor:
         times = []
         if self.state == WAITING and self.retry_at is not None:
             times.append(self.retry_at)
-        if self.state == ONLINE and self.refresher is not None:
-            times.append(self.refresher.next_event_at())
+        if self.state == ONLINE:
+            if self.refresher is not None:
+                times.append(self.refresher.next_event_at())
+            if self.heartbeat_at is not None:
+                times.append(self.heartbeat_at)
         return min(times) if times else None
 
     # -- events ------------------------------------------------------------------------------------
@@ -163,8 +175,11 @@ class Supervisor:
                 self._rediscover("no known endpoint", out)
             else:
                 self._attempt(now, out)
-        elif self.state == ONLINE and self.refresher is not None:
-            self._token_timers(now, out)
+        elif self.state == ONLINE:
+            if self.refresher is not None:
+                self._token_timers(now, out)
+            if self.heartbeat_at is not None and now >= self.heartbeat_at:
+                self._heartbeat(now, out)
 
     def _on_ConnectFailed(self, event, now, out):
         if self.state != CONNECTING:
@@ -221,6 +236,8 @@ class Supervisor:
         out.append(SessionUp(self.epoch, endpoint))
         if self.refresher is not None:
             self._token_timers(now, out)
+        if self.heartbeat is not None:
+            self._heartbeat(now, out)
 
     def _on_Disconnected(self, event, now, out):
         if self.state == CONNECTING:  # closed before it was up: a failed attempt
@@ -305,8 +322,13 @@ class Supervisor:
         out.append(SessionDown(self.epoch, reason))
         self.epoch += 1  # everything the old session still reports is stale from here
         self.state = IDLE
+        self.heartbeat_at = None
         if self.refresher is not None:
             self.refresher.restart()
+
+    def _heartbeat(self, now, out):
+        out.append(Publish(self.epoch, self.topics.upstream, self.heartbeat_payload, 1))
+        self.heartbeat_at = now + self.heartbeat
 
     def _request_token(self, now, out):
         out.append(Publish(self.epoch, self.topics.token_request, b"", 1))

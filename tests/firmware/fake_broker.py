@@ -35,6 +35,7 @@ class FakeBroker:
         self.published = []  # (topic, payload) from the device, except token requests
         self.connects = []
         self.token_payload = None  # override the 71 line (bad-token tests)
+        self.token_answers = []  # answers to the next requests, in order, before token_payload
 
     def connect(self, endpoint):
         if endpoint.host in self.refuse:
@@ -71,7 +72,10 @@ class FakeTransport:
                 if p.topic.endswith("s/uat"):
                     now = b.clock()
                     b.token_requests.append(now)
-                    line = b.token_payload or "71," + make_jwt({"iat": now, "exp": now + b.token_lifetime})
+                    if b.token_answers:
+                        line = b.token_answers.pop(0)
+                    else:
+                        line = b.token_payload or "71," + make_jwt({"iat": now, "exp": now + b.token_lifetime})
                     self.outgoing.extend(mq.encode_publish(p.topic[:-3] + "dat", line))
                 else:
                     b.published.append((p.topic, p.payload))

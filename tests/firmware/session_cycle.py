@@ -9,16 +9,22 @@ after imports, before the session exists).
 
 import gc
 
+import board_config
+import tether_main
 from fake_broker import FakeBroker, FakeClock
-from session import READY, Session
-
-from agent.core.backoff import Backoff
-from agent.core.endpoints import Rotation, parse_endpoint
-from agent.core.token_schedule import TokenRefresher
-from agent.core.topics import Topics
+from session import READY
 
 PUBLISH_COUNT = 100
 LIFETIME = 3600
+
+
+def board(connect, clock, on_event, rand=None, **settings):
+    """The Session tether_main builds for a tether.json with ``settings`` (board_config.DEFAULTS
+    for the rest; device ``dev1``, client id ``d:dev1``, topics under ``dev1``)."""
+    config = dict(board_config.DEFAULTS)
+    config.update({"device_id": "dev1", "endpoints": ["mqtts://core-b"], "client_id_prefix": "d:"})
+    config.update(settings)
+    return tether_main.build_session(config, connect, clock, clock.wait, rand or (lambda: 0.5), on_event)
 
 
 class Cycle:
@@ -32,11 +38,9 @@ class Cycle:
         self.acked = 0
         self.sent = 0
         self.steps = 0
-        rotation = Rotation([parse_endpoint("mqtts://core-a"), parse_endpoint("mqtts://core-b")])
-        self.session = Session("d:dev1", Topics("dev1"), rotation, Backoff(1, 60),
-                               TokenRefresher(Backoff(1, 60), 30), self.broker.connect, self.clock,
-                               self.clock.wait, lambda: 0.5, self.on_event, keepalive=60,
-                               heartbeat_interval=600)
+        self.session = board(self.broker.connect, self.clock, self.on_event,
+                             endpoints=["mqtts://core-a", "mqtts://core-b"], token_timeout=30,
+                             heartbeat_interval=600)
         self.start = self.clock()
 
     def sample(self):
@@ -84,3 +88,66 @@ def run_cycle():
     while not cycle.advance():
         pass
     return cycle.result()
+
+
+# Answers to the board's token requests: not UTF-8, a 71 without a token, a token that is not a
+# JWT, one that expired before it arrived (no iat), then a good one.
+BAD_ANSWERS = (b"\xff\xfe", "71,", "71,not-a-jwt", "EXPIRED")
+
+
+def _token_trace(trace, name, detail):
+    if name == "token_requested":
+        trace.append(f"request@{detail}")
+    elif name == "token_error":
+        trace.append(f"refused: {detail}")
+    elif name == "token":
+        trace.append(f"adopted: refresh@{detail.refresh_at()}")
+
+
+def token_answers():
+    """The same token answers read by the board and by a bare supervisor fed them at the times the
+    board asked. Returns ``{"board": [...], "supervisor": [...]}``; the two must be equal, which
+    they are only while the board leaves the ``71`` handling (and its retry timing) to agent/core."""
+    from vector_runner import make_jwt
+
+    from agent.core import supervisor as sv
+    from agent.core.backoff import Backoff
+    from agent.core.token_schedule import TokenRefresher
+
+    clock = FakeClock()
+    broker = FakeBroker(clock)
+    answers = [a if a != "EXPIRED" else "71," + make_jwt({"exp": clock() - 10}) for a in BAD_ANSWERS]
+    broker.token_answers = list(answers)
+    board_trace = []
+    s = board(broker.connect, clock, lambda name, detail: _token_trace(board_trace, name, detail),
+              heartbeat_interval=3600)
+    while not board_trace or not board_trace[-1].startswith("adopted"):
+        s.step()
+        if len(broker.token_requests) > len(answers) + 1:
+            raise AssertionError(f"no token adopted: {board_trace!r}")
+    s.close()
+
+    # the supervisor alone, fed the same answers at the times the board's requests went out
+    d = board_config.DEFAULTS
+    sup = sv.Supervisor([s.endpoint], Backoff(d["backoff_base"], d["backoff_cap"]), s.sup.topics, lambda: 0.5,
+                        TokenRefresher(Backoff(d["backoff_base"], d["backoff_cap"]), d["token_timeout"]))
+    trace = []
+    times = broker.token_requests
+    sup.handle(sv.Start(), times[0])
+    first = True
+    for i, at in enumerate(times):
+        actions = sup.handle(sv.Connected(sup.epoch), at) if first else sup.handle(sv.Tick(), at)
+        first = False
+        payload = answers[i] if i < len(answers) else None
+        if payload is None:
+            payload = "71," + make_jwt({"iat": at, "exp": at + broker.token_lifetime})
+        actions = actions + sup.handle(sv.Message(sup.epoch, sup.topics.token_response,
+                                                  payload if isinstance(payload, bytes) else payload.encode()), at)
+        for a in actions:
+            if type(a) is sv.Publish and a.topic == sup.topics.token_request:
+                _token_trace(trace, "token_requested", at)
+            elif type(a) is sv.Problem:
+                _token_trace(trace, "token_error", a.detail)
+            elif type(a) is sv.TokenAdopted:
+                _token_trace(trace, "token", a.schedule)
+    return {"board": board_trace, "supervisor": trace}

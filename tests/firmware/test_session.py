@@ -12,8 +12,18 @@ SUPPORT = {"/lib/" + name: os.path.join(HERE, name)
 # Imports and the baseline happen in separate top-level calls, so the port's deferred collection
 # has run before the baseline is read.
 SETUP = "import gc, json, sys\nimport session_cycle\ngc.collect()\n"
-LOOP = "if 'cycle' not in globals():\n    cycle = session_cycle.Cycle(gc.mem_alloc())\ndone = cycle.advance()\n"
-FINISH = ("r = cycle.result()\nr['impl'] = sys.implementation.name\n"
+# Once the session is built, the code a board drops in start() goes too (tether_main.PARSING_ONLY,
+# BUILDING_ONLY): the cycle must not need any of it.
+LOOP = ("if 'cycle' not in globals():\n"
+        "    cycle = session_cycle.Cycle(gc.mem_alloc())\n"
+        "    import tether_main\n"
+        "    drop, building = tether_main.drop_setup_code, tether_main.BUILDING_ONLY\n"
+        "    drop(tether_main.PARSING_ONLY)\n"
+        "    drop(building)\n"
+        "    del drop, building\n"
+        "    cycle.dropped = not hasattr(tether_main, 'start')\n"
+        "done = cycle.advance()\n")
+FINISH = ("r = cycle.result()\nr['impl'] = sys.implementation.name\nr['dropped'] = cycle.dropped\n"
           "print('@@RESULT ' + json.dumps(r))\n")
 
 
@@ -35,6 +45,7 @@ def _check_cycle(r):
 def test_session_cycle_connects_fetches_token_publishes_and_refreshes_in_micropython():
     r = run_cycle_in_micropython()
     assert r["impl"] == "micropython"
+    assert r["dropped"]
     _check_cycle(r)
     print(f"peak heap over baseline: {r['heap_peak_over_base']} bytes")
     assert 0 < r["heap_peak_over_base"] < HEAP_BUDGET
@@ -46,17 +57,10 @@ def test_session_cycle_behaves_the_same_in_cpython():
     _check_cycle(session_cycle.run_cycle())
 
 
-def _session(broker, clock, events):
-    from session import Session
+def _session(broker, clock, events, **settings):
+    from session_cycle import board
 
-    from agent.core.backoff import Backoff
-    from agent.core.endpoints import Rotation, parse_endpoint
-    from agent.core.token_schedule import TokenRefresher
-    from agent.core.topics import Topics
-
-    return Session("d:dev1", Topics("dev1"), Rotation([parse_endpoint("mqtts://core-b")]), Backoff(1, 60),
-                   TokenRefresher(Backoff(2, 60), 30), broker.connect, clock, clock.wait, lambda: 0.5,
-                   lambda name, detail: events.append((name, detail)))
+    return board(broker.connect, clock, lambda name, detail: events.append((name, detail)), **settings)
 
 
 def test_bad_token_line_is_reported_and_requested_again_with_backoff():
@@ -66,14 +70,41 @@ def test_bad_token_line_is_reported_and_requested_again_with_backoff():
     broker = FakeBroker(clock)
     broker.token_payload = "71,not-a-jwt"
     events = []
-    s = _session(broker, clock, events)
+    s = _session(broker, clock, events, backoff_base=2)
     while len(broker.token_requests) < 2:
         s.step()
     errors = [str(d) for n, d in events if n == "token_error"]
-    assert errors[0] == "token: expected 3 dot-separated segments, got 1"
+    assert errors[0] == ("rejected an answer: token: expected 3 dot-separated segments, got 1; keeping the "
+                         "current token, asking again at 1700000001.0")
     # Retry after 0.5 * 2 s of backoff, not at once and not never.
     assert broker.token_requests[1] - broker.token_requests[0] == 1
     assert s.token() is None
+
+
+def _check_token_answers(r):
+    assert r["board"] == r["supervisor"]
+    assert len([line for line in r["board"] if line.startswith("refused: ")]) == 4, r["board"]
+    assert r["board"][:3] == [
+        "request@1700000000",
+        "refused: rejected an answer: payload: not UTF-8; keeping the current token, asking again at 1700000000.5",
+        "request@1700000000.5"]
+    assert r["board"][-1].startswith("adopted: ")
+
+
+def test_token_answers_are_read_by_the_supervisor_alone():
+    # A board that read 71 lines itself (or timed its retries itself) would disagree with the bare
+    # supervisor on at least one of these answers: a payload that is not UTF-8 must count as a failed
+    # request and be retried after a backoff, not wait for the timeout.
+    from session_cycle import token_answers
+
+    _check_token_answers(token_answers())
+
+
+def test_token_answers_are_read_by_the_supervisor_alone_in_micropython():
+    r = micropython.run("import json, sys\nimport session_cycle\nr = session_cycle.token_answers()\n"
+                        "r['impl'] = sys.implementation.name\nprint('@@RESULT ' + json.dumps(r))\n", SUPPORT)
+    assert r["impl"] == "micropython"
+    _check_token_answers(r)
 
 
 def test_malformed_packet_from_broker_drops_the_connection_and_reconnects():
@@ -128,3 +159,26 @@ def test_transport_error_on_connect_fails_over_with_its_kind():
     (_ep, reason), = [d for n, d in events if n == "connect_failed"]
     assert reason == "verify: send: The certificate is not correctly signed by the trusted CA"
     assert [n for n, _ in events][-1] == "backoff"
+
+
+def test_out_of_memory_before_an_attempt_starts_counts_as_a_failed_attempt():
+    from fake_broker import FakeBroker, FakeClock
+
+    clock = FakeClock()
+    broker = FakeBroker(clock)
+    events = []
+    s = _session(broker, clock, events)
+    opened = s._open
+
+    def no_memory(action, now):
+        s._open = opened
+        raise MemoryError
+
+    s._open = no_memory
+    s.step()  # Start: the supervisor wants an attempt, the heap says no
+    assert s.sup.state == "connecting" and not broker.connects
+    for _ in range(100):  # stuck "connecting" with nothing open would never get there
+        s.step()
+        if s.state == "ready":
+            break
+    assert ("connect_failed" in [n for n, _ in events]) and broker.connects == ["core-b"]

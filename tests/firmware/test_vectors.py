@@ -43,3 +43,27 @@ def test_vectors_give_the_same_answers_in_micropython(file):
     failures = [r for r in out["results"] if not r["ok"]]
     assert failures == [], "MicroPython disagrees with the vectors:\n" + "\n".join(map(repr, failures))
     assert {r["name"]: r["got"] for r in out["results"]} == cpython
+
+
+def test_supervisor_scenarios_give_the_same_traces_from_the_firmware_build(tmp_path):
+    # tests/unit/supervisor_scenarios.py against the .mpy files a board gets (agent/core/supervisor.mpy
+    # and events.mpy from `python firmware/build.py`), not the sources: the board's connection logic is
+    # the supervisor's. retry.py is not shipped (boards have no OTA retry), so it comes as source.
+    from tests.firmware.test_build import _build_module
+    from tests.unit import supervisor_scenarios
+
+    files = {"/lib/" + path: str(tmp_path / path) for path, _ in _build_module().build(str(tmp_path))}
+    for board_only in ("/lib/net.mpy", "/lib/main.py"):  # no sockets in the WebAssembly port; the boot stub
+        files.pop(board_only)
+    assert "/lib/agent/core/supervisor.mpy" in files and "/lib/agent/core/events.mpy" in files
+    files["/lib/agent/core/retry.py"] = os.path.join(micropython.REPO, "agent", "core", "retry.py")
+    files["/scenarios/supervisor_scenarios.py"] = supervisor_scenarios.__file__
+    out = micropython.run(
+        "import json, sys\n"
+        "sys.path.append('/scenarios')\n"
+        "import supervisor_scenarios\n"
+        "from agent.core import supervisor\n"
+        "print('@@RESULT ' + json.dumps({'from': supervisor.__file__, 'traces': supervisor_scenarios.run_all()}))\n",
+        files, sources=False)
+    assert out["from"] == "/lib/agent/core/supervisor.mpy"
+    assert out["traces"] == json.loads(json.dumps(supervisor_scenarios.run_all()))

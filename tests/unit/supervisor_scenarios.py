@@ -48,9 +48,10 @@ def _show(action):
 class Driver:
     """Feeds events, keeps the trace; no I/O."""
 
-    def __init__(self, endpoints, discovery=False, token=False, prefix="dev"):
+    def __init__(self, endpoints, discovery=False, token=False, prefix="dev", heartbeat=None):
         refresher = TokenRefresher(Backoff(1, 8), 10) if token else None
-        self.sup = sv.Supervisor(endpoints, Backoff(1, 8), Topics(prefix), lambda: 0.5, refresher, discovery)
+        self.sup = sv.Supervisor(endpoints, Backoff(1, 8), Topics(prefix), lambda: 0.5, refresher, discovery,
+                                 heartbeat)
         self.trace = []
 
     def feed(self, event, now):
@@ -191,6 +192,22 @@ def token_schedule():
     return d.trace
 
 
+def heartbeat():
+    # the firmware's heartbeat: a 117 line on s/us when the session comes up, then every interval
+    d = Driver([A], token=True, heartbeat=90)
+    d.feed(sv.Start(), 0)
+    d.feed(sv.Connected(d.epoch), 1)
+    d.trace.append("deadline=%s" % d.sup.deadline())  # the token timeout comes first
+    d.feed(sv.Message(d.epoch, "dev/s/dat", ("71," + jwt(1, 1001)).encode()), 2)
+    d.trace.append("deadline=%s" % d.sup.deadline())
+    d.feed(sv.Tick(), 90)
+    d.feed(sv.Tick(), 91)
+    d.feed(sv.Disconnected(d.epoch, "drop"), 100)
+    d.trace.append("deadline=%s" % d.sup.deadline())  # the reconnect, not the old session's heartbeat
+    d.feed(sv.Tick(), 181)
+    return d.trace
+
+
 def retry_decisions():
     out = []
     r = Retry(Backoff(10, 40), attempts=3)
@@ -207,7 +224,7 @@ def retry_decisions():
 
 SCENARIOS = ("failover", "round_backoff", "rediscovery", "discovery_first", "renewal_proven",
              "renewal_disproven", "renewal_staged_while_offline", "stale_events", "messages", "token_schedule",
-             "retry_decisions")
+             "heartbeat", "retry_decisions")
 
 
 def run_all():

@@ -120,6 +120,21 @@ def test_token_is_asked_at_once_refreshed_at_half_life_and_retried_on_timeout_or
     assert actions_of(t, 1064) == ["Publish epoch=1 topic=dev/s/uat payload= qos=1"]
 
 
+def test_heartbeat_goes_out_when_the_session_comes_up_and_every_interval_while_it_lasts():
+    t = scenarios.heartbeat()
+    assert actions_of(t, 1)[-1] == "Publish epoch=1 topic=dev/s/us payload=117,3 qos=1"  # 2 x 90 s in minutes
+    assert "deadline=91" in t
+    assert actions_of(t, 90) == []
+    assert actions_of(t, 91) == ["Publish epoch=1 topic=dev/s/us payload=117,3 qos=1"]
+    assert "deadline=100.5" in t  # a dropped session's heartbeat is not a timer any more
+    assert actions_of(t, 181) == ["Connect epoch=3 endpoint=a.example"]
+
+
+def test_a_heartbeat_that_is_not_positive_is_refused():
+    with pytest.raises(CoreError, match="heartbeat"):
+        sv.Supervisor([scenarios.A], Backoff(1, 2), Topics(""), lambda: 0.5, heartbeat=0)
+
+
 def test_retry_decisions_follow_retryable_and_the_attempt_limit():
     # the OTA download loop, renewal and boot decide by these, never by message text
     assert scenarios.retry_decisions() == [105.0, 210.0, 320.0, None, None, 39.6]
@@ -148,3 +163,29 @@ def test_the_scenarios_give_the_same_traces_in_micropython():
         {"/scenarios/supervisor_scenarios.py": os.path.join(here, "supervisor_scenarios.py")})
     assert out["impl"] == "micropython"
     assert out["traces"] == json.loads(json.dumps(scenarios.run_all()))
+
+
+def test_the_type_stub_lists_every_event_with_its_fields_in_order():
+    # agent/core/events.pyi gives mypy the fields the shared __init__ sets at run time
+    import ast
+    from pathlib import Path
+
+    from agent.core import events
+
+    stub = ast.parse(Path(events.__file__).with_suffix(".pyi").read_text())
+    typed = {}
+    for node in stub.body:
+        if isinstance(node, ast.ClassDef) and node.name != "_Value":
+            typed[node.name] = tuple(n.target.id for n in node.body
+                                     if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+    real = {name: cls.FIELDS for name, cls in vars(events).items()
+            if isinstance(cls, type) and issubclass(cls, events._Value) and cls is not events._Value}
+    assert typed == real
+
+
+def test_an_event_with_a_missing_or_extra_field_is_refused():
+    with pytest.raises(CoreError, match=r"Message\.payload"):
+        sv.Message(1, "t")
+    with pytest.raises(CoreError, match="at most 1"):
+        sv.Connected(1, 2)
+    assert sv.Publish(1, "t", b"").qos == 1 and sv.Disconnected(3).reason == ""
