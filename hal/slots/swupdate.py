@@ -137,10 +137,16 @@ class SwupdateSlots(CommandSlots):
         if outcome.returncode == 0:
             return True
         said = " ".join(outcome.tail)
-        ok = VERDICT_OK in said and VERDICT_FAILED not in said
+        errors = [line for line in outcome.tail if ERROR_RE.search(line)]
+        # the success line counts only when nothing went wrong before it: an ERROR line means SWUpdate
+        # refused something, whatever it printed afterwards (seen once in CI, cause not found)
+        ok = VERDICT_OK in said and VERDICT_FAILED not in said and not errors
         if ok:
             log.warning("swupdate exited with status %d after reporting success (its shutdown race): installed",
                         outcome.returncode)
+        elif VERDICT_OK in said:
+            log.error("swupdate exited with status %d and reported success, but also: %s; treated as refused",
+                      outcome.returncode, " | ".join(errors or outcome.tail[-5:]))
         return ok
 
     def _failure(self, argv: list[str], outcome: Outcome) -> str:

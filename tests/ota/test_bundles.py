@@ -178,6 +178,9 @@ def test_swupdate_verdict_line_decides_when_its_exit_status_is_the_shutdown_race
     assert slots._succeeded(Outcome(1, ["[INFO ] : SWUPDATE running :  Installation in progress", done]))
     assert not slots._succeeded(Outcome(1, ["[ERROR] : SWUPDATE failed [1] Installation failed !", failed]))
     assert not slots._succeeded(Outcome(1, ["[INFO ] : No SWUPDATE running :  Waiting for requests..."]))
+    # a success line after an ERROR is not a success (a refused bundle once came out "installed" in CI)
+    refused = "[ERROR] : SWUPDATE failed [0] ERROR : Authentication of all signatures failed"
+    assert not slots._succeeded(Outcome(1, [refused, done]))
     reason = slots._failure(["swupdate"], Outcome(1, ["[ERROR] : SWUPDATE failed [1] Installation failed !",
                                                       "[ERROR] : SWUPDATE failed [0] ERROR : SWUpdate *failed* !"]))
     assert reason == "SWUpdate refused the bundle (exit status 1): Installation failed !"
