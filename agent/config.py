@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent.core import defaults
+from agent.core.topics import client_id as core_client_id
 from agent.errors import ConfigError
 from provisioning.tomlfmt import format_value as format_value  # `tether config get` prints with it
 from provisioning.tomlfmt import to_toml as to_toml  # the lab and the tests write device configs with it
@@ -220,7 +221,7 @@ class Config(NamedTuple):
 
     @property
     def client_id(self) -> str:
-        return self.mqtt.client_id_prefix + self.device.id
+        return core_client_id(self.device.id, self.mqtt.client_id_prefix)
 
     @property
     def topic_prefix(self) -> str:

@@ -6,8 +6,6 @@ own id (``<id>/s/us``) so the broker's pattern ACL can keep devices apart.
 
 from agent.core.errors import ParameterError, describe
 
-DEFAULT_CLIENT_ID_PREFIX = "d:"
-
 
 def check_topic_part(value, field):
     """Return ``value`` if it can sit in a topic name: text without MQTT wildcards (``+ #``), NUL or
@@ -44,8 +42,9 @@ class Topics:
         return self.prefix + "/" + name if self.prefix else name
 
 
-def client_id(device_id, prefix=DEFAULT_CLIENT_ID_PREFIX):
-    """The MQTT client id ``<prefix><device_id>``; ParameterError for an empty id or one with ``:``
+def client_id(device_id, prefix):
+    """The MQTT client id ``<prefix><device_id>`` (the prefix's default is defaults.CLIENT_ID_PREFIX:
+    Cumulocity wants ``d:``); ParameterError for an empty id or one with ``:``
     (the device id is the certificate CN, which DESIGN.md forbids ``:`` in)."""
     if not isinstance(device_id, str) or not device_id:
         raise ParameterError("device_id", "expected a non-empty id, got %s" % describe(device_id))

@@ -61,6 +61,6 @@ def test_topics_sit_under_the_prefix():
 
 
 def test_client_id_gets_prefix_and_refuses_colons():
-    assert client_id("dev1") == "d:dev1"
+    assert client_id("dev1", "d:") == "d:dev1"
     with pytest.raises(ParameterError):
-        client_id("a:b")
+        client_id("a:b", "d:")
