@@ -115,11 +115,7 @@ class Renewal(Component):
 
     def tick(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        if self.fatal or (self._worker is not None and self._worker.is_alive()):
-            return
-        if self.state().get("state") == "staged":
-            return  # the supervisor proves it on the next connect
-        due = self.due_at()
+        due = self.wake_at(now)  # None while a worker runs, a pair is staged (the supervisor proves it) or fatal
         if due is None or now < due:
             return
         self._worker = threading.Thread(target=self._renew, name="renewal", daemon=True)

@@ -151,55 +151,57 @@ class Session:
 
     def _network_loop(self) -> None:
         sock = self.client.socket()
+        if sock is None:
+            self._lost("connection lost (the broker closed it or the network dropped)")
+            return
         with selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ)
-            if sock is not None:
-                selector.register(sock, selectors.EVENT_READ)
-            watching = selectors.EVENT_READ
+            selector.register(sock, selectors.EVENT_READ)
             while not self._closing.is_set():
                 try:
-                    if sock is None:
-                        raise ConnectionResetError("no socket")
-                    want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client.want_write() else 0)
-                    if want != watching:
-                        selector.modify(sock, want)
-                        watching = want
-                    # TLS may hold decrypted bytes the kernel no longer reports as readable
-                    buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-                    ready = selector.select(0 if buffered else self._misc_every)
-                    readable = buffered
-                    for key, _events in ready:
-                        if key.fileobj is self._wake_r:
-                            with contextlib.suppress(BlockingIOError):
-                                self._wake_r.recv(4096)
-                        else:
-                            readable = True
-                    if self._closing.is_set():
-                        return
-                    rc = self.client.loop_read() if readable else mqtt.MQTT_ERR_SUCCESS
-                    if rc == mqtt.MQTT_ERR_SUCCESS and self.client.want_write():
-                        rc = self.client.loop_write()
-                    if rc == mqtt.MQTT_ERR_SUCCESS:
-                        rc = self.client.loop_misc()
+                    rc = self._turn(selector, sock)
                 except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
-                    rc = mqtt.MQTT_ERR_CONN_LOST
-                    reason = describe_tls_failure(exc)
-                else:
-                    if "SSL" in self._last_error or "alert" in self._last_error:
-                        reason = describe_alert(self._last_error)
-                    elif rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN, mqtt.MQTT_ERR_NO_CONN):
-                        reason = "connection lost (the broker closed it or the network dropped)"
-                    else:
-                        reason = mqtt.error_string(rc)
-                if rc != mqtt.MQTT_ERR_SUCCESS:
-                    if not self._closing.is_set():
-                        if not self._connack.is_set():
-                            # refused during or right after the handshake (TLS 1.3 checks our certificate late)
-                            self._connack_rc = f"connection closed before CONNACK: {reason}"
-                            self._connack.set()
-                        else:
-                            self._report_down(reason)
+                    self._lost(describe_tls_failure(exc))
                     return
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    if "SSL" in self._last_error or "alert" in self._last_error:
+                        self._lost(describe_alert(self._last_error))
+                    elif rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN, mqtt.MQTT_ERR_NO_CONN):
+                        self._lost("connection lost (the broker closed it or the network dropped)")
+                    else:
+                        self._lost(mqtt.error_string(rc))
+                    return
+
+    def _turn(self, selector: selectors.BaseSelector, sock: Any) -> Any:
+        """Sleep until something is due, then let paho read, write and keep the session alive."""
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client.want_write() else 0)
+        if want != selector.get_key(sock).events:
+            selector.modify(sock, want)
+        # TLS may hold decrypted bytes the kernel no longer reports as readable
+        readable = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        for key, _events in selector.select(0 if readable else self._misc_every):
+            if key.fileobj is self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+            else:
+                readable = True
+        if self._closing.is_set():
+            return mqtt.MQTT_ERR_SUCCESS
+        rc = self.client.loop_read() if readable else mqtt.MQTT_ERR_SUCCESS
+        if rc == mqtt.MQTT_ERR_SUCCESS and self.client.want_write():
+            rc = self.client.loop_write()
+        return self.client.loop_misc() if rc == mqtt.MQTT_ERR_SUCCESS else rc
+
+    def _lost(self, reason: str) -> None:
+        """The network loop ends: before CONNACK the waiting connect() learns why, after it the runtime."""
+        if self._closing.is_set():
+            return
+        if not self._connack.is_set():
+            # refused during or right after the handshake (TLS 1.3 checks our certificate late)
+            self._connack_rc = f"connection closed before CONNACK: {reason}"
+            self._connack.set()
+        else:
+            self._report_down(reason)
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self.client.subscribe(topic, qos)

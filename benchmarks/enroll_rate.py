@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
+from procstat import tree_cpu_seconds  # noqa: E402  (benchmarks/procstat.py)
 
 from hal.keys.file import generate  # noqa: E402
 from lab.procs import Proc, read_port_file, wait_until  # noqa: E402
@@ -143,7 +144,7 @@ def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], c
             live = multiprocessing.Process(target=live_page, args=(console_port, ca_file, directory / "operator", stop))
             live.start()
         jobs = [(d, o, b) for d, o, b, _ in devices]
-        server_cpu = sum(_tree_cpu(proc.pid) for proc in procs_)
+        server_cpu = sum(tree_cpu_seconds(proc.pid) for proc in procs_)
         queue: multiprocessing.Queue = multiprocessing.Queue()
         procs = [multiprocessing.Process(target=client, args=(ports[i % stations], ca_file, jobs[i::clients], queue))
                  for i in range(clients)]
@@ -152,7 +153,7 @@ def run_station(directory: Path, devices: list[tuple[str, str, bytes, bytes]], c
             p.start()
         results = [queue.get() for _ in procs]
         elapsed = time.perf_counter() - start
-        server_cpu = sum(_tree_cpu(proc.pid) for proc in procs_) - server_cpu
+        server_cpu = sum(tree_cpu_seconds(proc.pid) for proc in procs_) - server_cpu
         for p in procs:
             p.join()
     finally:
@@ -179,22 +180,6 @@ def ledger_rows_per_device(directory: Path, db: str | None) -> dict[str, int]:
         return counts
     finally:
         ledger.close()
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by `pid` and its children (the station's workers)."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
 
 
 def _cacerts_ok(port: int, ca_file: str) -> bool:

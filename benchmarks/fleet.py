@@ -41,44 +41,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from procstat import cpu_seconds, rss_kb, tree_cpu_seconds  # noqa: E402  (benchmarks/procstat.py)
+
 TRUST_DOMAIN = "fleet.tether"
 
 
-def rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def cpu_tree_s(pid: int) -> float:
-    """CPU seconds of a process and every live descendant (the station's workers are its children)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += cpu_s(p)
-        todo.extend(children.get(p, []))
-    return total
+    return cpu_seconds(f"/proc/{pid}/stat")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -262,7 +231,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
 
         def cpu_now() -> dict[str, float]:
             # who spends the storm's CPU: the simulated devices, the station, the broker, the token service
-            return {"devices": sum(cpu_s(p.pid) for p in procs), "station": cpu_tree_s(bed.station.pid),
+            return {"devices": sum(cpu_s(p.pid) for p in procs), "station": tree_cpu_seconds(bed.station.pid),
                     "broker": cpu_s(broker_pid), "tokens": cpu_s(os.getpid())}
 
         cpu0 = cpu_now()

@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from procstat import cpu_seconds  # noqa: E402  (benchmarks/procstat.py)
+
 from lab.core import Lab, LabSettings  # noqa: E402
 from lab.procs import Proc, wait_until  # noqa: E402
 
@@ -181,8 +183,7 @@ def _cpu_and_wakeups(pid: int) -> tuple[float, int]:
     cpu, switches = 0.0, 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            cpu += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+            cpu += cpu_seconds(task / "stat")
             for line in (task / "status").read_text().splitlines():
                 if line.startswith("voluntary_ctxt_switches:"):
                     switches += int(line.split()[1])
