@@ -11,16 +11,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import config as configmod
 from agent.core.errors import CoreError
 from agent.errors import AgentError, ConfigError
+from agent.ota.cli import add_ota_commands
 from hal.about import VersionAction
 from hal.errors import TetherError
-
-if TYPE_CHECKING:
-    from agent.runtime import Runtime
 
 Handler = Callable[[argparse.Namespace, configmod.Config], int]
 COMMANDS: dict[str, Handler] = {}
@@ -174,73 +172,21 @@ def setup_logging(verbose: bool) -> None:
 
 @command("run")
 def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.runtime import Runtime
+    from agent.compose import build
 
     setup_logging(args.verbose)
-    runtime = Runtime(config)
-    for attach in COMPONENTS:
-        attach(runtime)
-    return runtime.run()
+    return build(config).run()
 
 
 @command("check")
 def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.check import check
+    from agent.check import check, print_step
 
     if args.verbose:
         setup_logging(True)
-    return check(config)
-
-
-def attach_renewal(runtime: Runtime) -> None:
-    """Certificate renewal over EST when [est] url is set; the supervisor proves the renewed pair."""
-    if not runtime.config.est.url:
-        return
-    from agent.core.supervisor import RenewalStaged
-    from agent.renewal import Renewal
-
-    runtime.renewal = Renewal(runtime.config, runtime.identity,
-                              runtime.token.current if runtime.token else lambda: None,
-                              staged=lambda chain, key: runtime.post(RenewalStaged(chain, key)),
-                              call_soon=runtime.call_soon)
-    runtime.components.append(runtime.renewal)
-
-
-def attach_ota(runtime: Runtime) -> None:
-    """Firmware operations (515) on the session, reported in SmartREST on the upstream topic."""
-    from agent.ota.component import LazyOta
-
-    def publish(line: str) -> None:
-        if runtime.publish(runtime.topics.upstream, line, 1) is None:
-            raise AgentError("offline")  # OtaAgent keeps the report and sends it at the next session
-
-    def updater() -> Any:
-        from agent.ota.agent import OtaAgent
-
-        tokens = runtime.token
-        if tokens is None:
-            return OtaAgent(runtime.config, publish, lambda: None, runtime.request_restart)
-
-        def refresh() -> str | None:  # on the OTA worker thread: blocks it, never the control loop
-            return tokens.force_refresh(runtime.config.token.timeout)
-
-        return OtaAgent(runtime.config, publish, tokens.current, runtime.request_restart, refresh_token=refresh)
-
-    runtime.components.append(LazyOta(runtime.config, updater))
-
-
-# Runtime components (renewal, OTA, outbox) register a function that attaches them.
-COMPONENTS: list[Callable[[Runtime], None]] = [attach_renewal, attach_ota]
-
-
-def attach_outbox(runtime: Runtime) -> None:
-    if runtime.config.outbox.enabled:
-        from agent.publish_api import attach  # sqlite3 loads only when the outbox is enabled
-
-        attach(runtime)
-
-
-COMPONENTS.append(attach_outbox)
+    result = check(config, on_step=print_step)
+    print(f"{'PASS' if result.passed else 'FAIL'}: {result.device}", flush=True)
+    return result.exit_code
 
 
 @command("publish")
@@ -343,19 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg.add_parser("set", help="set a value (written to config.d/99-set-by-tether.toml)")
     p.add_argument("key")
     p.add_argument("value")
-    for extend in EXTENSIONS:
-        extend(sub)
+    for add_commands in EXTENSIONS:
+        COMMANDS.update(add_commands(sub))
     return parser
 
 
-def _ota_commands(sub: Any) -> None:
-    from agent.ota.cli import add_ota_commands
-
-    add_ota_commands(sub)
-
-
-# Features with their own command modules add their sub-commands here.
-EXTENSIONS: list[Callable[[Any], None]] = [_ota_commands]
+# Features with their own command modules: each adds its sub-commands to the parser and returns
+# their handlers by command name.
+EXTENSIONS: list[Callable[[Any], dict[str, Handler]]] = [add_ota_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

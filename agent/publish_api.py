@@ -230,16 +230,6 @@ def _parse(line: bytes) -> tuple[str, bytes, int] | str:
     return request["topic"], payload, qos
 
 
-def attach(runtime: Any) -> None:
-    """Give `runtime` an outbox component and serve the publish socket (agent.cli COMPONENTS)."""
-    from agent.outbox import Outbox
-
-    outbox = Outbox(runtime.config, runtime.publish, wake=lambda: runtime.post(None), status=runtime.status)
-    server = PublishServer(socket_path(runtime.config), outbox)
-    runtime.components += [outbox, server]
-    server.try_start()  # a failure must not stop the agent: the session and identity matter more
-
-
 # -- client (device applications, `tether publish`) -------------------------------------------------------
 class Publisher:
     """A device application's handle on the agent's outbox, through the local socket.

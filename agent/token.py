@@ -24,9 +24,11 @@ TOKEN_FILE = "token.jwt"  # noqa: S105 (a file name, not a secret)
 
 
 class TokenService:
-    """The adopted token. `wanted()` is set by the runtime: it posts a TokenWanted to the loop."""
+    """The adopted token. `wanted()` (given by the composition root) posts a TokenWanted to the loop:
+    a consumer was refused with the current token."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 wanted: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.clock = clock
         self.path = Path(config.state_dir) / TOKEN_FILE
@@ -34,7 +36,7 @@ class TokenService:
         self._token: str | None = None
         self._expires_at = 0.0
         self.refreshes = 0
-        self.wanted: Callable[[], None] = lambda: None
+        self.wanted = wanted
 
     def adopted(self, token: str, schedule: Any) -> None:
         """The supervisor adopted `token` (a TokenSchedule in `schedule`): persist and publish it."""

@@ -67,14 +67,14 @@ def read_json(path: Path) -> Any:
 def worker(spec_file: str) -> int:
     import logging
 
+    from agent.compose import build
     from agent.config import load
-    from agent.runtime import Runtime
 
     spec = json.loads(Path(spec_file).read_text())
     stats_file, go_file = Path(spec["stats"]), Path(spec["go"])
     logging.basicConfig(level=logging.WARNING, filename=spec["log"],
                         format="%(asctime)s %(threadName)s %(name)s %(message)s")
-    runtimes = [Runtime(load(c)) for c in spec["configs"]]
+    runtimes = [build(load(c)) for c in spec["configs"]]
     enrolled_at: list[float | None] = [None] * len(runtimes)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

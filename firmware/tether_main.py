@@ -13,7 +13,7 @@ A missing or bad file or setting prints one line, ``tether: cannot start: <file>
 main() returns to the REPL instead of rebooting into the same failure.
 
 While running, each session event is one line on the console, ``tether: <event> <detail>``
-(listed in session.py's docstring; the decisions behind them are agent/core/supervisor.py's), the
+(listed in session.py's docstring; the decisions behind them are agent/core/connection.py's), the
 only log a bare board has; tests read them too.
 """
 
@@ -29,7 +29,7 @@ CONFIG_FILE = "tether.json"
 # bytecode does not sit in a small heap next to the supervisor's: first, once the configuration is
 # parsed and the connector made, parsing and ordering endpoints, checking topics and the client id,
 # the defaults board_config read and the TLS setup; then, once the session is built, the SmartREST
-# helpers of the Linux agent's OTA (a board has none), the supervisor's re-export list and start()
+# helpers of the Linux agent's OTA (a board has none) and start()
 # itself. The supervisor, the driver and the run loop use none of it (tests/firmware/
 # test_session.py runs its cycles without it).
 PARSING_ONLY = (
@@ -43,7 +43,6 @@ BUILDING_ONLY = (
     ("agent.core.smartrest", ("FirmwareOperation", "parse_firmware_operation", "firmware_executing",
                               "firmware_successful", "firmware_failed", "firmware_installed",
                               "supported_operations")),
-    ("agent.core.supervisor", ("__all__",)),
     ("tether_main", ("build_session", "start", "drop_setup_code", "PARSING_ONLY", "BUILDING_ONLY")),
 )
 
@@ -75,11 +74,11 @@ def build_session(config, connect, clock, wait, rand, on_event, parsed=None):
     from session import Session
 
     from agent.core.backoff import Backoff
-    from agent.core.supervisor import Supervisor
+    from agent.core.connection import Connection
     from agent.core.token_schedule import TokenRefresher
 
     base, cap = config["backoff_base"], config["backoff_cap"]
-    supervisor = Supervisor(endpoints, Backoff(base, cap), topics, rand,
+    supervisor = Connection(endpoints, Backoff(base, cap), topics, rand,
                             TokenRefresher(Backoff(base, cap), config["token_timeout"]),
                             heartbeat=config["heartbeat_interval"])
     return Session(client_id, supervisor, connect, clock, wait, on_event, keepalive=config["keepalive"],
