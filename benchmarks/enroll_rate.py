@@ -33,6 +33,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import subprocess
@@ -235,6 +236,42 @@ def openssl_batch(directory: Path, devices: list[tuple[str, str, bytes, bytes]])
             "count": len(devices), "cpu": cpu / len(devices)}
 
 
+def floor(directory: Path, seconds: float = 3.0) -> dict[str, float]:
+    """What this machine's OpenSSL needs for the same cryptography, in ms per operation: one ECDSA P-256
+    signature and verification (`openssl speed`), and one TLS handshake as a server with the station's own
+    certificate and key (`openssl s_server`, timed by its CPU while `openssl s_time -new` connects)."""
+    speed = subprocess.run(["openssl", "speed", "-seconds", "1", "ecdsap256"], capture_output=True, text=True,
+                           check=True).stdout
+    line = next(x for x in speed.splitlines() if "nistp256" in x).split()
+    sign_s, verify_s = float(line[-2]), float(line[-1])
+    port_probe = socket.socket()
+    port_probe.bind(("127.0.0.1", 0))
+    port = port_probe.getsockname()[1]
+    port_probe.close()
+    server = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert",
+                               str(directory / "server.pem"), "-key", str(directory / "server.key"), "-www", "-quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _connects(port), 10, "openssl s_server listening")
+        cpu0 = tree_cpu_seconds(server.pid)
+        done = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(int(seconds)),
+                               "-CAfile", str(directory / "ca.pem")], capture_output=True, text=True, check=True).stdout
+        cpu = tree_cpu_seconds(server.pid) - cpu0
+    finally:
+        server.kill()
+        server.wait()
+    connections = int(next(x for x in done.splitlines() if "connections in" in x).split()[0])
+    return {"sign_ms": 1000 / sign_s, "verify_ms": 1000 / verify_s, "handshake_ms": cpu * 1000 / connections}
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def _pct(sorted_values: list[float], p: int) -> float:
     if not sorted_values:
         return float("nan")
@@ -287,6 +324,7 @@ def main() -> int:
                     side()
         load_after = os.getloadavg()[0]
         rows = ledger_rows_per_device(directory / "station", args.db)
+        machine = floor(directory / "station")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     ledger = (f"one PostgreSQL ledger ({args.db.split('@')[-1]})" if args.db and "://" in args.db
@@ -314,6 +352,12 @@ def main() -> int:
     openssl_cpu = [r["cpu"] for r in signed]
     print(f"CPU per enrollment: station {mmm(station_cpu, 1000, '.2f')} ms (target <= 1.0 ms, TLS handshake "
           f"included) + clients {mmm(client_cpu, 1000, '.2f')} ms; openssl {mmm(openssl_cpu, 1000, '.2f')} ms")
+    # the same cryptography with nothing around it: a TLS handshake as server, a CSR signature checked, a
+    # certificate signed
+    least = machine["handshake_ms"] + machine["verify_ms"] + machine["sign_ms"]
+    print(f"floor on this machine: openssl s_server handshake {machine['handshake_ms']:.3f} ms CPU, ECDSA P-256 "
+          f"verify {machine['verify_ms']:.3f} ms, sign {machine['sign_ms']:.3f} ms: {least:.3f} ms per enrollment; "
+          f"station / floor {statistics.median(station_cpu) * 1000 / least:.1f}x")
     issued = sum(1 for d, *_ in devices if rows.get(d, 0) >= 1)
     doubled = sorted(d for d, n in rows.items() if n > 1)
     print(f"ledger: {issued} of {len(devices)} devices hold a certificate; devices with more than one row: "
