@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent.config import Config
+from agent.enroll import enroll
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
 from hal import storage
@@ -53,7 +54,6 @@ def _enroll(identity: DeviceIdentity) -> Any:
         _, why = chain_state(identity)
         raise AgentError(f"{why}; and no [est] url is configured: install a chain with `tether chain install "
                          "FILE` or set [est] url to the provisioning station")
-    from agent.enroll import enroll
 
     return enroll(config, identity)
 

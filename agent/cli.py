@@ -15,10 +15,18 @@ from typing import Any
 
 from agent import config as configmod
 from agent.core.errors import CoreError
+from agent.core.jwt import decode_claims
+from agent.enroll import enroll_waiting
 from agent.errors import AgentError, ConfigError
+from agent.identity import DeviceIdentity
 from agent.ota.cli import add_ota_commands
+from agent.publish_api import publish_command
+from agent.status import read_runtime_status
+from agent.token import TOKEN_FILE
+from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
+from hal.keys import BACKENDS, key_backend
 
 Handler = Callable[[argparse.Namespace, configmod.Config], int]
 COMMANDS: dict[str, Handler] = {}
@@ -37,11 +45,8 @@ def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
     OpenSSL reads OPENSSL_CONF once, when `ssl` is first imported, so it cannot be set later in the
     same process (DESIGN.md "Keys"). systemd sets it through `Environment=`; by hand we re-exec once.
     """
-    from hal.keys import key_backend
-
     if not key_backend(config.key_uri.scheme).ssl_env_at_start:
         return
-    from agent.identity import DeviceIdentity
 
     env = DeviceIdentity(config).keystore.tls_env()
     if all(os.environ.get(k) == v for k, v in env.items()):
@@ -54,8 +59,6 @@ def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
 # -- identity ------------------------------------------------------------------------------------------
 @command("keygen")
 def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.identity import DeviceIdentity
-
     if args.backend and args.backend != config.key_uri.scheme:
         configmod.set_value(Path(config.sources[0]), "keys.uri", f"{args.backend}:")
         config = configmod.load(config.sources[0])
@@ -75,9 +78,6 @@ def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
 def cmd_csr(args: argparse.Namespace, config: configmod.Config) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from agent.identity import DeviceIdentity
-    from hal import storage
-
     identity = DeviceIdentity(config)
     if not identity.has_key():
         raise AgentError("no device key yet: run `tether keygen` first")
@@ -92,7 +92,6 @@ def cmd_csr(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("chain install")
 def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.identity import DeviceIdentity
     from provisioning.certs import load_certificates
 
     try:
@@ -112,8 +111,6 @@ def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int
 def cmd_enroll(args: argparse.Namespace, config: configmod.Config) -> int:
     import time
 
-    from agent.enroll import enroll_waiting
-
     if not args.wait >= 0:
         raise AgentError(f"--wait must be >= 0 seconds, got {args.wait}")
     facts = enroll_waiting(config, otp_file=args.otp_file, wait=args.wait)
@@ -125,9 +122,6 @@ def cmd_enroll(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("status")
 def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.identity import DeviceIdentity
-    from agent.status import read_runtime_status
-
     status = DeviceIdentity(config).status()
     status.update(read_runtime_status(config))
     if args.json:
@@ -172,7 +166,7 @@ def setup_logging(verbose: bool) -> None:
 
 @command("run")
 def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.compose import build
+    from agent.compose import build  # loads ssl: only after ensure_tls_env (see ALLOWED in test_imports)
 
     setup_logging(args.verbose)
     return build(config).run()
@@ -180,7 +174,7 @@ def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("check")
 def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.check import check, print_step
+    from agent.check import check, print_step  # loads ssl: only after ensure_tls_env
 
     if args.verbose:
         setup_logging(True)
@@ -191,19 +185,12 @@ def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("publish")
 def cmd_publish(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.publish_api import publish_command
-
     return publish_command(args, config)
 
 
 @command("token")
 def cmd_token(args: argparse.Namespace, config: configmod.Config) -> int:
     import time
-
-    from agent.core.errors import CoreError
-    from agent.core.jwt import decode_claims
-    from agent.token import TOKEN_FILE
-    from hal import storage
 
     data = storage.read_bytes(config.state_dir / TOKEN_FILE)
     if data is None:
@@ -251,8 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", help=f"TOML config file (default: $TETHER_CONFIG or "
                         f"{configmod.DEFAULT_CONFIG})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from hal.keys import BACKENDS
 
     p = sub.add_parser("keygen", help="create the device key in the key store [keys] uri names")
     p.add_argument("--backend", choices=tuple(BACKENDS), help="key store (saved to the config as [keys] uri "

@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent.core import defaults
+from agent.core.endpoints import parse_endpoint
+from agent.core.errors import CoreError
+from agent.core.topics import Topics, check_topic_part
 from agent.core.topics import client_id as core_client_id
 from agent.errors import ConfigError
+from hal import storage
+from hal.errors import KeyStoreError
+from hal.keys import BACKENDS, KeyUri, parse_key_uri
+from provisioning.errors import ProvisioningError
+from provisioning.identity import check_device_id
 from provisioning.tomlfmt import format_value as format_value  # `tether config get` prints with it
 from provisioning.tomlfmt import to_toml as to_toml  # the lab and the tests write device configs with it
 
@@ -215,8 +223,6 @@ class Config(NamedTuple):
     @property
     def key_uri(self) -> KeyUri:
         """Where the device's keys live (hal.keys.KeyUri): `[keys] uri`, or its older spelling, after load."""
-        from hal.keys import parse_key_uri
-
         return parse_key_uri(self.keys.uri or f"{self.keys.backend}:")
 
     @property
@@ -230,8 +236,6 @@ class Config(NamedTuple):
     @property
     def topics(self) -> Any:
         """Every MQTT topic the device uses (agent.core.topics.Topics; checked at load)."""
-        from agent.core.topics import Topics
-
         return Topics(self.topic_prefix, self.token.request_topic, self.token.response_topic)
 
     @property
@@ -323,9 +327,6 @@ def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], fil
     the options the URI leaves out, for the backend that declares them. Relative paths in the URI resolve
     against the file that set it. ConfigError names the file, `[keys]` and the key.
     """
-    from hal.errors import KeyStoreError
-    from hal.keys import BACKENDS, KeyUri, parse_key_uri
-
     def rank(key: str) -> int:
         return files.index(origins[("keys", key)]) if ("keys", key) in origins else -1
 
@@ -396,11 +397,6 @@ def _check_url(url: str, schemes: tuple[str, ...], where: str) -> None:
 def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | None = None) -> None:
     """Checks that the types cannot express, parsing values into what the agent uses (topics,
     renewal threshold, URLs). Every error names the file that set the key, the section and the key."""
-    from agent.core.errors import CoreError
-    from agent.core.topics import check_topic_part
-    from provisioning.errors import ProvisioningError
-    from provisioning.identity import check_device_id
-
     def where(section: str, key: str) -> str:
         return f"{(origins or {}).get((section, key), path)}: [{section}] {key}"
 
@@ -420,7 +416,6 @@ def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | 
     for section, key, url in (("est", "url", config.est.url), ("discovery", "url", config.discovery.url)):
         if url:
             _check_url(url, ("https",), where(section, key))
-    from agent.core.endpoints import parse_endpoint
 
     for i, url in enumerate(config.endpoints.urls):
         try:
@@ -490,8 +485,6 @@ def set_value(base: Path, dotted: str, text: str) -> Path:
     The value is parsed as TOML when it is a TOML literal, as a string otherwise, and the result is
     validated by loading the whole configuration before the drop-in is replaced.
     """
-    from hal import storage
-
     section, key = _split_key(dotted)
     try:
         value: Any = tomllib.loads(f"v = {text}")["v"]

@@ -22,8 +22,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, read_secret_file
+from agent.core.backoff import Backoff
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, DeviceIdentity
+from hal import storage
+from provisioning.errors import EnrollmentError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -44,7 +47,6 @@ def pending_csr(identity: DeviceIdentity) -> tuple[x509.CertificateSigningReques
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from hal import storage
     from provisioning.certs import common_name, same_public_key
 
     path = identity.certstore.path(PENDING_CSR)
@@ -91,7 +93,6 @@ def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str |
     fails, PolicyError when the answer is not an acceptable chain for this device; nothing is
     removed in those cases, so the same call can be repeated.
     """
-    from hal import storage
     from provisioning.certstore import chain_facts
     from provisioning.est.client import EstClient
 
@@ -124,8 +125,6 @@ def retry_delay(exc: BaseException, config: Config, fallback: float) -> float | 
     answering `Retry-After: 0` cannot make a device hammer it); without one, `fallback`. None for an
     EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR.
     """
-    from provisioning.errors import EnrollmentError
-
     if not isinstance(exc, EnrollmentError):
         return fallback
     if not exc.retryable:
@@ -163,9 +162,6 @@ def enroll_waiting(config: Config, *, otp_file: str | None = None, wait: float =
     Any other failure is raised at once (a one-shot command reports; `tether run` retries). When
     the next wait would pass `wait`, the last EnrollmentError is raised with that said.
     """
-    from agent.core.backoff import Backoff
-    from provisioning.errors import EnrollmentError
-
     backoff = Backoff(1.0, max(config.est.retry_after_max, 1.0))
     deadline = clock() + wait
     while True:

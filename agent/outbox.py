@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
+from hal import storage
 
 log = logging.getLogger("tether.outbox")
 DB_FILE = "outbox.sqlite"
@@ -116,7 +117,6 @@ class OutboxStore:
             if _corrupt(exc):  # not a database, or a malformed one: keep it for a post-mortem, start empty
                 if getattr(self, "_db", None) is not None:
                     self._db.close()
-                from hal import storage
 
                 for suffix in ("-wal", "-shm", ""):  # the database last: its -wal belongs with it
                     storage.set_aside(Path(f"{path}{suffix}"), str(exc), "starting with an empty outbox")

@@ -33,6 +33,7 @@ from typing import Any
 from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
+from agent.outbox import OutboxError
 
 log = logging.getLogger("tether.outbox")
 SOCKET_FILE = "publish.sock"
@@ -184,8 +185,6 @@ class PublishServer(Component):
 
     def handle(self, lines: Sequence[bytes]) -> list[dict[str, Any]]:
         """One reply per request line, in order; the well-formed ones are queued together."""
-        from agent.outbox import OutboxError
-
         parsed: list[tuple[str, bytes, int] | str] = [_parse(line) for line in lines]
         items = [p for p in parsed if not isinstance(p, str)]
         try:

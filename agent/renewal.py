@@ -31,6 +31,7 @@ from agent.component import Component
 from agent.config import Config
 from agent.core.backoff import Backoff
 from agent.core.retry import Retry
+from agent.enroll import retry_delay
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, NEXT_KEY_LABEL, DeviceIdentity
 from hal import storage
@@ -180,8 +181,6 @@ class Renewal(Component):
         station's Retry-After); a fatal one (revoked, CSR refused, no token to present) stops renewal
         until the agent restarts. Logged before the state is written: whoever sees the error recorded
         finds its log line."""
-        from agent.enroll import retry_delay
-
         now = self.clock()
         at = self.retry.after(error is None or error.retryable, now, self.rand())
         if at is not None and error is not None:

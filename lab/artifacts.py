@@ -24,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from hal.storage import write_json
+from lab.jws import JwtRejected, verify_jwt
 from lab.procs import LabError
 
 log = logging.getLogger(__name__)
@@ -239,7 +241,6 @@ class ArtifactServer:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return False
-        from lab.jws import JwtRejected, verify_jwt
 
         try:
             verify_jwt(token.strip(), self.jwt_key)
@@ -275,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         raise LabError(f"artifact server cannot start on {args.host}:{args.port}: {exc}") from exc
     print(f"serving {args.root} on {server.url()}", flush=True)
     if args.port_file:
-        from hal.storage import write_json
-
         write_json(args.port_file, {"https": server.port})
     try:
         threading.Event().wait()

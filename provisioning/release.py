@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hal import storage
+from hal.keys.file import generate
+from hal.keys.file import to_pem as key_to_pem
 from provisioning import authority, bundles
 from provisioning.certs import load_certificates, same_public_key, serial_of, subject_of, to_pem
 from provisioning.errors import PemError, ReleaseError
@@ -115,9 +117,6 @@ def create_release_signer(issuer: authority.Issuer, directory: Path, *, chain: S
     up to the station root), so a device can build the path to its trust anchor. Raises ReleaseError if
     a key exists and `overwrite` is false: replacing it silently would orphan releases in flight.
     """
-    from hal.keys.file import generate
-    from hal.keys.file import to_pem as key_to_pem
-
     directory = Path(directory)
     key_file, cert_file = directory / KEY_FILE, directory / CERT_FILE
     if key_file.exists() and not overwrite:

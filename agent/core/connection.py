@@ -264,7 +264,7 @@ class Connection:
     #   already failed; a Connected there cannot happen and raises.
     # - Message, Acked, TokenWanted without a live session: a consumer's 401 or a late packet of
     #   this epoch while the next attempt is prepared; there is nothing to do with them.
-    TRANSITIONS = {
+    TRANSITIONS = {  # type: dict
         Start: (_start, (IDLE,), (STOPPED,)),
         Stop: (_stop, (IDLE, WAITING, CONNECTING, ONLINE), (STOPPED,)),
         Tick: (_tick, (WAITING, ONLINE), (IDLE, CONNECTING, STOPPED)),
@@ -276,8 +276,9 @@ class Connection:
         TokenWanted: (_token_wanted, (ONLINE,), (IDLE, WAITING, CONNECTING, STOPPED)),
     }
     # what handle() can return: every driver's ``perform`` has a handler for each (a test checks)
-    ACTIONS = (Connect, Close, WaitUntil, Subscribe, Publish, SessionUp, SessionDown, AttemptFailed, Backoff,
-               Operation, Deliver, Delivered, TokenAdopted, Problem)
+    ACTIONS = (  # type: tuple
+        Connect, Close, WaitUntil, Subscribe, Publish, SessionUp, SessionDown, AttemptFailed, Backoff,
+        Operation, Deliver, Delivered, TokenAdopted, Problem)
 
     # -- hooks the supervisor fills in (discovery, renewal proof) ----------------------------------
     def _begin(self, now, out):

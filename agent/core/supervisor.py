@@ -116,7 +116,7 @@ class Supervisor(Connection):
 
     # Connection.TRANSITIONS with the DISCOVERING state (only Stop acts there; everything else a
     # session or a timer says is about no attempt while discovery is asked) and two more events.
-    TRANSITIONS = {
+    TRANSITIONS = {  # type: dict
         Start: (_C._start, (IDLE,), (STOPPED,)),
         Stop: (_C._stop, _ALIVE, (STOPPED,)),
         Tick: (_C._tick, (WAITING, ONLINE), (IDLE, CONNECTING, DISCOVERING, STOPPED)),
@@ -131,7 +131,8 @@ class Supervisor(Connection):
         # a pair staged at any time is proven by the next attempt (at once when a session is up)
         RenewalStaged: (_renewal_staged, _ALIVE, (STOPPED,)),
     }
-    ACTIONS = Connection.ACTIONS + (ProveCandidate, Promote, Disprove, Rediscover)
+    ACTIONS = Connection.ACTIONS + (  # type: tuple
+        ProveCandidate, Promote, Disprove, Rediscover)
 
     # -- the hooks of Connection -------------------------------------------------------------------
     def _begin(self, now, out):

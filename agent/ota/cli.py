@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from agent.ota.status import read_status
+
 BAR_WIDTH = 30
 
 
@@ -56,8 +58,6 @@ def render(status: dict[str, Any], tty: bool) -> str:
 
 
 def cmd_ota_status(args: argparse.Namespace, config: Any) -> int:
-    from agent.ota.status import read_status
-
     status = read_status(config)
     if args.json:
         print(json.dumps(status, indent=1, sort_keys=True))

@@ -21,8 +21,12 @@ from pathlib import Path
 from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
+from hal.keys.file import generate
+from provisioning.errors import PolicyError, ProvisioningError
+from provisioning.identity import check_device_id
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import KINDS, REASONS
+from provisioning.station.otp import new_otp, otp_hash
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {}
@@ -157,9 +161,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @command("otp")
 def cmd_otp(args: argparse.Namespace) -> int:
-    from provisioning.identity import check_device_id
-    from provisioning.station.otp import new_otp, otp_hash
-
     station = _station(args)
     device_id = check_device_id(args.device_id, "DEVICE_ID", station.settings.reserved)
     ttl = args.ttl if args.ttl is not None else station.settings.otp_ttl
@@ -322,8 +323,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from provisioning.certs import common_name, load_csr, to_pem
-    from provisioning.errors import PolicyError, ProvisioningError
-    from provisioning.identity import check_device_id
 
     station = _station(args)
     data = storage.read_bytes(args.csr_file)
@@ -350,8 +349,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 @command("issue")
 def cmd_issue(args: argparse.Namespace) -> int:
-    from hal.keys.file import generate
-    from provisioning.identity import check_device_id
     from provisioning.station.export import write_device_bundle
 
     station = _station(args)
@@ -377,7 +374,6 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 @command("server-cert")
 def cmd_server_cert(args: argparse.Namespace) -> int:
-    from hal.keys.file import generate
     from provisioning.station.ca import default_server_names
     from provisioning.station.export import write_server_bundle
 
