@@ -11,7 +11,7 @@ from provisioning.station.ca import Station, init_station
 from provisioning.station.console import events
 from provisioning.station.console.batches import expand
 from provisioning.station.console.security import Caller, Denied
-from provisioning.station.console.store import ConsoleStore
+from provisioning.station.console.store import READ, ConsoleStore
 from provisioning.station.console.web import Console
 from provisioning.station.errors import StationError
 from tests.pki import TRUST_DOMAIN
@@ -23,8 +23,9 @@ def _exercise(station: Station, db: str | None) -> None:
         store = ConsoleStore(ledger)
         ConsoleStore(ledger)  # idempotent: a second start finds its tables
         store.add_operator("ab12", "eve", "admin", 100, 10**10, b"der")
-        store.audit("eve", "export", "crl.pem", "127.0.0.1", now=150)
-        assert [(a.who, a.action, a.detail, a.at) for a in store.audit_log()] == [("eve", "export", "crl.pem", 150)]
+        store.audit("eve", "export", "crl.pem", "127.0.0.1", READ, now=150)
+        assert [(a.who, a.action, a.detail, a.at, a.kind) for a in store.audit_log().entries] == \
+            [("eve", "export", "crl.pem", 150, READ)]
         batch = store.create_batch("d-{1..3}", ["d-1", "d-2", "d-3"], 200, 10**10, "eve")
         store.add_batch_otps(batch, [("d-1", "aa" * 32), ("d-2", "bb" * 32)], 200, 10**10)
         got = store.batch(batch)
