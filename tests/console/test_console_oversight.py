@@ -191,6 +191,13 @@ def test_the_consoles_crl_is_the_clis_with_superseded_certificates_and_reason_co
     assert console[old.serial] == (now - 8 * DAY + 7 * DAY, "superseded")
     assert console[stolen.serial][1] == "keyCompromise"
 
+    # the device pages say what the CRL says
+    page, _ = body_and_status(admin.curl(url + "/devices/crl-renewed"))
+    history = table_rows(page, "history")
+    assert any(old.serial in r and "(superseded)" in r for r in history), history
+    page, _ = body_and_status(admin.curl(url + "/devices/crl-stolen"))
+    assert any(stolen.serial in r and "(keyCompromise)" in r for r in table_rows(page, "history"))
+
     cli_file = tmp_path / "cli-crl.pem"
     console_station.cli("crl", "--out", str(cli_file))
     assert crl_entries(x509.load_pem_x509_crl(cli_file.read_bytes())) == console

@@ -26,7 +26,7 @@ from provisioning.station.console.security import HEADERS, Caller, Csrf, Denied,
 from provisioning.station.console.store import ADMIN, AUDIT_KINDS, READ, REFUSED, Batch, ConsoleStore
 from provisioning.station.errors import StationError
 from provisioning.station.export import c8y_bulk_csv
-from provisioning.station.ledger import REASONS
+from provisioning.station.ledger import REASONS, Row
 
 HERE = Path(__file__).parent
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
@@ -46,6 +46,12 @@ class Response:
 
 def _iso(ts: int | None) -> str:
     return "-" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _status(row: Row, now: int) -> str:
+    """A certificate's state as the CRL would give it now (a superseded one past its grace included)."""
+    gone = row.revocation(now)
+    return "valid" if gone is None else f"revoked {_iso(gone[0])} ({gone[1]})"
 
 
 def _date(text: str, field_name: str) -> int | None:
@@ -71,6 +77,7 @@ class Console:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                       undefined=jinja2.StrictUndefined)
         self.env.filters["iso"] = _iso
+        self.env.filters["status"] = _status
         self.static = {p.name: p.read_bytes() for p in (HERE / "static").iterdir() if p.suffix in STATIC_TYPES}
 
     # -- plumbing ------------------------------------------------------------------------------------
