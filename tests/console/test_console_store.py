@@ -113,11 +113,18 @@ def test_an_audit_table_from_before_kinds_is_classified_when_opened(tmp_path: Pa
         ledger.close()
 
 
-def test_audit_pages_filter_by_operator_and_kind(tmp_path: Path) -> None:
-    station = init_station(tmp_path / "st", TRUST_DOMAIN)
-    ledger = station.open_ledger()
+def test_audit_pages_filter_by_operator_and_kind_on_sqlite(tmp_path: Path) -> None:
+    _audit_pages(init_station(tmp_path / "st", TRUST_DOMAIN), None)
+
+
+def test_audit_pages_filter_by_operator_and_kind_on_postgresql(tmp_path: Path, postgres: str) -> None:
+    _audit_pages(init_station(tmp_path / "st", TRUST_DOMAIN, ledger=postgres), postgres)
+
+
+def _audit_pages(station: Station, db: str | None) -> None:
+    ledger = station.open_ledger(db)
     try:
-        store = ConsoleStore(ledger)
+        store = ConsoleStore(ledger, audit_keep=3)
         for i in range(5):
             store.audit("alice (admin, serial ab)", "revoke", f"d-{i}", "127.0.0.1", ADMIN, now=i)
             store.audit("alicia (readonly, serial cd)", "export", f"e-{i}", "127.0.0.1", READ, now=i)
@@ -134,5 +141,10 @@ def test_audit_pages_filter_by_operator_and_kind(tmp_path: Path) -> None:
         with pytest.raises(StationError, match="audit kind 'nope'"):
             store.audit("x", "y", "z", "127.0.0.1", "nope")
         assert len(store.audit_log(limit=100).entries) == 11
+        store._migrate_audit()  # a second start classifies nothing twice
+        with ledger._transaction() as q:
+            store._prune_audit(q, 0)  # keeps the newest 3 exports and every admin row
+        assert [a.detail for a in store.audit_log(READ).entries] == ["e-4", "e-3", "e-2"]
+        assert len(store.audit_log(ADMIN).entries) == 6
     finally:
         ledger.close()
