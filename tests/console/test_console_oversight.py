@@ -112,6 +112,13 @@ def test_the_audit_filters_refuse_bad_values_naming_the_field(console_station: C
         assert status == 400 and reason in page, (query, page[-600:])
 
 
+def test_no_operator_may_be_named_like_the_command_line_in_the_audit_trail(
+        tmp_path: Path, console_station: ConsoleStation) -> None:
+    out = console_station.cli("operator", "add", "cli", "--out", str(tmp_path / "cli"), check=False)
+    assert out.returncode == 1 and "operator NAME 'cli': reserved for the command line" in out.stderr
+    assert "cli" not in console_station.cli("operator", "list").stdout.split()
+
+
 def test_a_live_stream_ends_when_its_operator_is_revoked(tmp_path: Path, console_station: ConsoleStation) -> None:
     erin = console_station.operator("erin", "readonly", tmp_path / "erin")
     ctx = ssl.create_default_context(cafile=str(erin.station_ca))

@@ -143,7 +143,7 @@ def _audit_pages(station: Station, db: str | None) -> None:
         assert len(store.audit_log(limit=100).entries) == 11
         store._migrate_audit()  # a second start classifies nothing twice
         with ledger._transaction() as q:
-            store._prune_audit(q, 0)  # keeps the newest 3 exports and every admin row
+            store._prune_audit(q)  # keeps the newest 3 exports and every admin row
         assert [a.detail for a in store.audit_log(READ).entries] == ["e-4", "e-3", "e-2"]
         assert len(store.audit_log(ADMIN).entries) == 6
     finally:

@@ -20,6 +20,7 @@ from provisioning.station.errors import StationError
 from provisioning.station.ledger import Ledger, Row, serial_hex
 
 ROLES = ("admin", "readonly")
+CLI_NAME = "cli"  # the audit trail's name for the command line (`cli USER@HOST`), never an operator's
 # actions that change something (kind `admin`), for classifying rows written before the kind column
 _ADMIN_ACTIONS = ("revoke", "batch create", "batch csv", "batch labels", "operator add", "operator revoke")
 
@@ -199,9 +200,9 @@ class ConsoleStore:
             if kind != ADMIN:
                 last = int(q("SELECT MAX(id) FROM console_audit", ())[0][0])
                 if last % _PRUNE_EVERY == 0:
-                    self._prune_audit(q, last)
+                    self._prune_audit(q)
 
-    def _prune_audit(self, q: Any, last: int) -> None:
+    def _prune_audit(self, q: Any) -> None:
         """Drop the `read` and `refused` rows older than the newest `audit_keep` of them (admin rows stay)."""
         edge = q("SELECT id FROM console_audit WHERE kind != ? ORDER BY id DESC LIMIT 1 OFFSET ?",
                  (ADMIN, self.audit_keep))
@@ -221,7 +222,7 @@ class ConsoleStore:
             params.append(kind)
         if operator:
             # `who` is "NAME (role, serial …)" for an operator and "cli USER@HOST" for the command line
-            prefix = operator + " " if operator == "cli" else operator + " ("
+            prefix = operator + " " if operator == CLI_NAME else operator + " ("
             sql += " AND substr(who, 1, ?) = ?"
             params += [len(prefix), prefix]
         if before is not None:

@@ -23,7 +23,7 @@ from provisioning.station.ca import Station
 from provisioning.station.console import batches
 from provisioning.station.console.operators import check_name
 from provisioning.station.console.security import HEADERS, Caller, Csrf, Denied, reauthorize, require_admin
-from provisioning.station.console.store import ADMIN, AUDIT_KINDS, READ, REFUSED, Batch, ConsoleStore
+from provisioning.station.console.store import ADMIN, AUDIT_KINDS, CLI_NAME, READ, REFUSED, Batch, ConsoleStore
 from provisioning.station.errors import StationError
 from provisioning.station.export import c8y_bulk_csv
 from provisioning.station.ledger import REASONS, Row
@@ -196,7 +196,7 @@ class Console:
         kind, operator, before = query.get("kind", ""), query.get("operator", "").strip(), query.get("before", "")
         if kind and kind not in AUDIT_KINDS:
             raise Denied(400, f"kind {kind!r}: expected one of {', '.join(AUDIT_KINDS)}")
-        if operator and operator != "cli":
+        if operator and operator != CLI_NAME:
             try:
                 check_name(operator)
             except StationError as exc:
