@@ -22,7 +22,7 @@ import ipaddress
 import itertools
 import socket
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +41,7 @@ from provisioning.errors import PemError, ProvisioningError
 from provisioning.identity import RESERVED_IDS, check_trust_domain
 from provisioning.policy import ChainPolicy
 from provisioning.station.errors import StationError
-from provisioning.station.ledger import DEFAULT_MAX_VALID, DEFAULT_SUPERSEDE_GRACE, Ledger
+from provisioning.station.ledger import DEFAULT_MAX_VALID, DEFAULT_SUPERSEDE_GRACE, Ledger, Row
 from provisioning.tomlfmt import render_pairs
 
 SETTINGS, ROOT, ROOT_KEY, ISSUING, ISSUING_KEY, CHAIN = (
@@ -213,6 +213,15 @@ class Station:
         storage.atomic_write(self.path(SERVER), certs_pem([row.certificate, self.issuer.cert]), storage.PUBLIC_MODE)
         return self.path(SERVER), self.path(SERVER_KEY)
 
+    def ledger_crl(self, ledger: Ledger, now: int, days: int | None = None) -> x509.CertificateRevocationList:
+        """The CRL of everything `ledger` counts as revoked at `now`: the one code path behind
+        `tether-station crl` and the console's export, so both list the same entries with the same reasons.
+
+        Reads only: a superseded certificate whose grace period has ended is listed (reason superseded,
+        revoked at the end of its grace) whether or not some write has swept it into a revoked row yet.
+        """
+        return self.crl(revocations(ledger.rows(), now), days)
+
     def crl(self, revoked: Sequence[tuple[str, int] | tuple[str, int, str | None]],
             days: int | None = None) -> x509.CertificateRevocationList:
         """A CRL signed by the issuing CA listing (serial hex, revoked at[, reason]) (RFC 5280 section 5);
@@ -235,6 +244,17 @@ class Station:
                 entry = entry.add_extension(x509.CRLReason(x509.ReasonFlags(why[0])), critical=False)
             builder = builder.add_revoked_certificate(entry.build())
         return builder.sign(self.issuer.key, hashes.SHA256())
+
+
+def revocations(rows: Iterable[Row], now: int) -> list[tuple[str, int, str]]:
+    """(serial, revoked at, reason) of each row revoked at `now` (`Row.revocation`: recorded revocations
+    and superseded certificates past their grace period alike), in the order given."""
+    out = []
+    for row in rows:
+        gone = row.revocation(now)
+        if gone is not None:
+            out.append((row.serial, *gone))
+    return out
 
 
 def _names(cert: x509.Certificate) -> set[str]:

@@ -225,13 +225,11 @@ def cmd_crl(args: argparse.Namespace) -> int:
     station = _station(args)
     ledger = station.open_ledger(args.db)
     try:
-        ledger.sweep(_now())  # superseded certificates whose grace period ended belong on the CRL
-        revoked = [(r.serial, r.revoked_at, r.revoke_reason) for r in ledger.rows() if r.revoked_at is not None]
+        crl = station.ledger_crl(ledger, _now(), args.days)  # the console's export calls the same
     finally:
         ledger.close()
-    crl = station.crl(revoked, args.days)
     _out(args.out, crl.public_bytes(Encoding.DER if args.format == "der" else Encoding.PEM))
-    print(f"CRL with {len(revoked)} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+    print(f"CRL with {len(crl)} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
           file=sys.stderr)
     return 0
 
@@ -254,7 +252,7 @@ def cmd_export_c8y(args: argparse.Namespace) -> int:
 @command("operator add")
 def cmd_operator_add(args: argparse.Namespace) -> int:
     from provisioning.station.console.operators import add_operator
-    from provisioning.station.console.store import ConsoleStore
+    from provisioning.station.console.store import ADMIN, ConsoleStore
 
     station = _station(args)
     password = None
@@ -267,7 +265,8 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
     try:
         store = ConsoleStore(ledger)
         issued = add_operator(station, store, args.name, args.role, Path(args.out), _now(), password)
-        store.audit(_cli_who(), "operator add", f"{issued.name} ({issued.role}), serial {issued.serial}", "cli")
+        store.audit(_cli_who(), "operator add", f"{issued.name} ({issued.role}), serial {issued.serial}", "cli",
+                    ADMIN)
     finally:
         ledger.close()
     print(f"operator {issued.name} ({issued.role}), serial {issued.serial}: "
@@ -279,7 +278,7 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
 
 @command("operator revoke")
 def cmd_operator_revoke(args: argparse.Namespace) -> int:
-    from provisioning.station.console.store import ConsoleStore
+    from provisioning.station.console.store import ADMIN, ConsoleStore
 
     station = _station(args)
     ledger = station.open_ledger(args.db)
@@ -287,7 +286,7 @@ def cmd_operator_revoke(args: argparse.Namespace) -> int:
         store = ConsoleStore(ledger)
         revoked = store.revoke_operator(args.name, _now())
         store.audit(_cli_who(), "operator revoke", f"{args.name}: serial(s) {', '.join(o.serial for o in revoked)}",
-                    "cli")
+                    "cli", ADMIN)
     finally:
         ledger.close()
     print(f"revoked {len(revoked)} console certificate(s) of operator {args.name}")

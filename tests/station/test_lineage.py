@@ -98,7 +98,7 @@ def test_an_unused_successor_supersedes_its_predecessor_after_the_grace_period(
     enroll(ledger, pki, "dev-1", NOW + 10, predecessor=first)
     assert state(ledger, first, NOW + 10 + GRACE - 1) is None
     assert state(ledger, first, NOW + 10 + GRACE) == (NOW + 10 + GRACE, "superseded")
-    ledger.sweep(NOW + 10 + GRACE)  # what `tether-station crl` does before listing
+    ledger.sweep(NOW + 10 + GRACE)  # the next write records it (a CRL lists it before that: Station.ledger_crl)
     row = ledger.get(first)
     assert row is not None and (row.revoked_at, row.revoke_reason) == (NOW + 10 + GRACE, "superseded")
     # revoking the superseded certificate for compromise still reaches its lineage

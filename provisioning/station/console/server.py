@@ -22,8 +22,8 @@ from typing import Any
 
 from provisioning.station.ca import Station
 from provisioning.station.console.operators import console_server_cert, operator_ca
-from provisioning.station.console.security import Denied, identify
-from provisioning.station.console.store import ConsoleStore
+from provisioning.station.console.security import Denied, holder, identify
+from provisioning.station.console.store import REFUSED, ConsoleStore
 from provisioning.station.errors import StationError
 
 log = logging.getLogger("tether.station.console")
@@ -74,9 +74,9 @@ class ConsoleHandler(BaseHTTPRequestHandler):
         app = self.server.app
         address = self.client_address[0]
         caller = None
+        serial: int | None = None
         try:
             der = self.connection.getpeercert(binary_form=True)
-            serial = None
             if der is not None:
                 from cryptography import x509
 
@@ -85,8 +85,8 @@ class ConsoleHandler(BaseHTTPRequestHandler):
             response = app.handle(caller, method, self.path, form)
         except Denied as denied:
             if denied.status in (401, 403):
-                who = caller.who if caller else "unknown certificate"
-                app.store.audit(who, f"{method} {self.path.split('?')[0]}", denied.reason, address, "refused")
+                who = caller.who if caller else holder(app.store, serial, address)
+                app.store.audit(who, f"{method} {self.path.split('?')[0]}", denied.reason, address, REFUSED)
             response = app.error_page(caller, denied)
         except Exception:  # a bug costs this request only
             log.exception("%s %s %s failed", address, method, self.path)
