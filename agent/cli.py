@@ -22,7 +22,6 @@ from agent.identity import DeviceIdentity
 from agent.ota.cli import add_ota_commands
 from agent.publish_api import publish_command
 from agent.status import read_runtime_status
-from agent.token import TOKEN_FILE
 from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
@@ -192,14 +191,14 @@ def cmd_publish(args: argparse.Namespace, config: configmod.Config) -> int:
 def cmd_token(args: argparse.Namespace, config: configmod.Config) -> int:
     import time
 
-    data = storage.read_bytes(config.state_dir / TOKEN_FILE)
+    data = storage.read_bytes(config.state.token)
     if data is None:
-        raise AgentError(f"no token yet in {config.state_dir / TOKEN_FILE}: is `tether run` connected?")
+        raise AgentError(f"no token yet in {config.state.token}: is `tether run` connected?")
     token = data.decode().strip()
     try:
         claims = decode_claims(token)
     except CoreError as exc:
-        raise AgentError(f"{config.state_dir / TOKEN_FILE}: {exc}") from None
+        raise AgentError(f"{config.state.token}: {exc}") from None
     left = claims["exp"] - time.time()
     if args.json:
         print(json.dumps({"token": token, "expires_at": claims["exp"], "issued_at": claims.get("iat"),

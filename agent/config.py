@@ -19,6 +19,7 @@ from agent.core.errors import CoreError
 from agent.core.topics import Topics, check_topic_part
 from agent.core.topics import client_id as core_client_id
 from agent.errors import ConfigError
+from agent.state import StateDir
 from hal import storage
 from hal.errors import KeyStoreError
 from hal.keys import BACKENDS, KeyUri, parse_key_uri
@@ -212,13 +213,18 @@ class Config(NamedTuple):
         return Path(self.device.state_dir)
 
     @property
+    def state(self) -> StateDir:
+        """Every path under the state directory (agent/state.py: the one place that names them)."""
+        return StateDir(self.device.state_dir)
+
+    @property
     def keys_dir(self) -> Path:
         """The key store's directory: the key URI's, or `<state_dir>/keys`."""
-        return Path(self.key_uri.directory or self.state_dir / "keys")
+        return Path(self.key_uri.directory or self.state.keys)
 
     @property
     def certs_dir(self) -> Path:
-        return self.state_dir / "certs"
+        return self.state.certs
 
     @property
     def key_uri(self) -> KeyUri:

@@ -35,7 +35,6 @@ from agent.errors import AgentError
 from hal import storage
 
 log = logging.getLogger("tether.outbox")
-DB_FILE = "outbox.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused, so id order is queue order
@@ -245,7 +244,7 @@ class Outbox(Component):
                  status: Callable[..., None] = lambda **_: None) -> None:
         self.config = config
         self.prefix = config.topic_prefix
-        self.path = config.state_dir / DB_FILE
+        self.path = config.state.outbox
         self.send = send
         self.wake = wake
         self.status = status

@@ -36,7 +36,6 @@ from agent.errors import AgentError
 from agent.outbox import OutboxError
 
 log = logging.getLogger("tether.outbox")
-SOCKET_FILE = "publish.sock"
 MAX_LINE = 4 << 20   # a base64 line for a ~3 MiB payload; longer lines close the connection
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; longer paths are reached through /proc/self/fd
 
@@ -51,7 +50,7 @@ class PublishError(AgentError):
 
 
 def socket_path(config: Config) -> Path:
-    return Path(config.outbox.socket) if config.outbox.socket else config.state_dir / SOCKET_FILE
+    return Path(config.outbox.socket) if config.outbox.socket else config.state.publish_socket
 
 
 @contextlib.contextmanager

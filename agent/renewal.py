@@ -34,11 +34,10 @@ from agent.core.retry import Retry
 from agent.enroll import retry_delay
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, NEXT_KEY_LABEL, DeviceIdentity
-from hal import storage
+from agent.state import Record
 from hal.errors import TetherError
 
 log = logging.getLogger("tether.renewal")
-STATE_FILE = "renewal.json"
 STAGED_CHAIN = "chain.next.pem"
 _UNKNOWN = object()  # due_at not computed since the chain or the state last changed
 
@@ -61,7 +60,8 @@ class Renewal(Component):
         self.call_soon = call_soon
         self.clock = clock
         self.rand = rand
-        self.path = config.state_dir / STATE_FILE
+        self.record = Record(config.state.renewal, then="no renewal in progress")
+        self.path = self.record.path
         self.retry = Retry(Backoff(min(config.renewal.retry, 60.0), max(config.renewal.retry, 60.0) * 12))
         self._worker: threading.Thread | None = None
         self.fatal: str | None = None
@@ -73,12 +73,12 @@ class Renewal(Component):
         # this object is the file's only writer, so it is read once and then kept in memory: the
         # runtime ticks every second and must not read two files each time
         if self._state is None:
-            self._state = storage.read_json(self.path)
+            self._state = self.record.load() or {}
         return self._state
 
     def _save(self, **fields: Any) -> None:
         state = {**self.state(), **fields, "updated_at": int(self.clock())}
-        storage.write_json(self.path, state)
+        self.record.save(state)
         self._state = state
         self._due = _UNKNOWN
 

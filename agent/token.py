@@ -13,14 +13,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from agent.config import Config
 from hal import storage
 
 log = logging.getLogger(__name__)
-TOKEN_FILE = "token.jwt"  # noqa: S105 (a file name, not a secret)
 
 
 class TokenService:
@@ -31,7 +29,7 @@ class TokenService:
                  wanted: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.clock = clock
-        self.path = Path(config.state_dir) / TOKEN_FILE
+        self.path = config.state.token
         self._changed = threading.Condition()
         self._token: str | None = None
         self._expires_at = 0.0

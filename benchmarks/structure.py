@@ -142,9 +142,10 @@ def measure() -> dict[str, object]:
         local_project += len(project)
         if project:
             local_where[str(path.relative_to(ROOT))] = len(project)
+        state_dir_class = "class StateDir" in text  # agent/state.py names every path under the root
         for i, line in enumerate(text.splitlines(), 1):
             code = line.split("#", 1)[0]
-            if STATE_PATH.search(code):
+            if STATE_PATH.search(code) or (state_dir_class and re.search(r"self\.root\s*/", code)):
                 state_paths.append(f"{path.relative_to(ROOT)}:{i}")
         if not name.startswith("agent.core") and own_feed_loops(tree):
             drivers.append(str(path.relative_to(ROOT)))
@@ -165,6 +166,7 @@ def measure() -> dict[str, object]:
         "function_local_project_imports_by_file": dict(sorted(local_where.items())),
         "import_cycles": found,
         "state_path_builders": state_paths,
+        "modules_building_state_paths": sorted({p.split(":")[0] for p in state_paths}),
         "supervisor_drivers_with_own_loop": drivers,
     }
 
@@ -183,7 +185,8 @@ def main() -> int:
     print(f"function-local imports: {figures['function_local_imports']} "
           f"({figures['function_local_imports_of_project_modules']} load project modules)")
     print(f"import cycles: {len(figures['import_cycles'])} {figures['import_cycles'] or ''}")
-    print(f"places that build a state path: {len(figures['state_path_builders'])}")
+    print(f"places that build a state path: {len(figures['modules_building_state_paths'])} module(s) "
+          f"{figures['modules_building_state_paths']}, {len(figures['state_path_builders'])} line(s)")
     print(f"supervisor drivers with their own loop: {len(figures['supervisor_drivers_with_own_loop'])} "
           f"{figures['supervisor_drivers_with_own_loop'] or ''}")
     return 0

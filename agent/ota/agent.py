@@ -58,7 +58,7 @@ class OtaAgent:
         self.refresh_token = refresh_token
         self.request_restart = request_restart
         self.clock = clock
-        self.store = StateStore(config.state_dir / "ota")
+        self.store = StateStore(config.state.ota)
         self.hosts = HostPolicy.from_config(config)  # ConfigError now, not at the first update
         self.slots: SlotBackend = open_configured(config, progress=self._install_progress, floor=self._floor)
         self._lock = threading.RLock()

@@ -38,7 +38,7 @@ def describe(state: OtaState, installed: Installed, slots: SlotBackend | None, r
 
 def read_status(config: Any) -> dict[str, Any]:
     """The status from the files in the state directory, as the running agent would report it."""
-    store = StateStore(config.state_dir / "ota")
+    store = StateStore(config.state.ota)
 
     try:
         slots: SlotBackend | None = open_configured(config)

@@ -20,6 +20,7 @@ small example, so deleting a rule from `violations` fails a test.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,3 +280,18 @@ def test_a_component_constructed_outside_the_composition_root_is_caught() -> Non
     assert [str(v) for v in constructions(files)] == [
         "agent/publish_api.py:3: `outbox.Outbox(...)`: only the composition root (agent/compose.py) constructs "
         "components"]
+
+
+STATE_PATH = re.compile(r"state_dir\)?\s*/")
+
+
+def state_path_builders(files: Mapping[str, str]) -> list[str]:
+    """`file:line` of every path joined onto the state directory outside agent/state.py."""
+    return [f"{path}:{i}" for path, source in sorted(files.items()) if path != "agent/state.py"
+            for i, line in enumerate(source.splitlines(), 1) if STATE_PATH.search(line.split("#", 1)[0])]
+
+
+def test_only_agent_state_names_the_files_of_the_state_directory() -> None:
+    assert state_path_builders(repository_modules()) == []
+    assert state_path_builders({"agent/token.py": 'path = Path(config.state_dir) / "token.jwt"  # why\n'}) == \
+        ["agent/token.py:1"]
