@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from lab.procs import wait_until
+from provisioning.station.ca import Station
 from provisioning.station.console import events
 from provisioning.station.console.store import ConsoleStore
+from provisioning.station.errors import StationError
 from provisioning.station.ledger import Ledger
 from provisioning.station.refusals import OTHERS, RefusalRecorder
 from tests.security.stationbed import Client, post_enroll, set_settings
@@ -143,3 +145,10 @@ def test_a_real_station_prunes_old_refusal_records(station_dir: Path) -> None:
             station.proc.stop()
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("key", ["events_per_address", "events_window", "events_max_age", "events_max_rows"])
+def test_a_bound_below_1_is_refused_naming_the_setting(station_dir: Path, key: str) -> None:
+    set_settings(station_dir, **{key: 0})
+    with pytest.raises(StationError, match=rf"station.toml: {key} must be at least 1, got 0$"):
+        Station(station_dir)
