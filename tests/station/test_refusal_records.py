@@ -152,3 +152,18 @@ def test_a_bound_below_1_is_refused_naming_the_setting(station_dir: Path, key: s
     set_settings(station_dir, **{key: 0})
     with pytest.raises(StationError, match=rf"station.toml: {key} must be at least 1, got 0$"):
         Station(station_dir)
+
+
+def test_an_events_table_from_before_summaries_gains_the_refusals_column(ledger: Ledger) -> None:
+    serial = "BIGSERIAL PRIMARY KEY" if ledger.is_postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    with ledger._transaction() as q:  # the table as the console's first release made it
+        q(f"CREATE TABLE est_events (id {serial}, at BIGINT NOT NULL, operation TEXT NOT NULL, "
+          "device_id TEXT NOT NULL, status INTEGER NOT NULL, reason TEXT NOT NULL, address TEXT NOT NULL)", ())
+        q("INSERT INTO est_events (at, operation, device_id, status, reason, address) VALUES (?, ?, ?, ?, ?, ?)",
+          (int(T0), "simpleenroll", "old", 401, "before", "10.0.0.1"))
+    now = [T0]
+    record = recorder(ledger, now, per_address=1)
+    for _ in range(3):
+        record.record("simpleenroll", "new", 401, "after", "10.0.0.2")
+    record.flush(everything=True)
+    assert [(e[1], e[4]) for e in rows(ledger)] == [("old", 1), ("new", 1), ("new", 2)]
