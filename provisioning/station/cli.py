@@ -173,8 +173,8 @@ def cmd_otp(args: argparse.Namespace) -> int:
     finally:
         ledger.close()
     print(otp)  # stdout carries only the password: factory scripts capture it
-    print(f"one-time password for {device_id}, valid until {_iso(now + ttl)} (a new one also unlocks a "
-          "device locked after wrong guesses; older unused ones stay valid unless locked)", file=sys.stderr)
+    print(f"one-time password for {device_id}, valid until {_iso(now + ttl)} (it admits the device again after "
+          "a revocation; passwords issued before a revocation stay void)", file=sys.stderr)
     return 0
 
 
@@ -214,6 +214,41 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         inherited = f", issued from {row.predecessor}" if row.predecessor else ""
         print(f"revoked serial {row.serial} ({row.subject}{inherited}): {row.revoke_reason}")
     print(f"{len(rows)} certificate(s) revoked; publish a new CRL: tether-station crl --out FILE", file=sys.stderr)
+    for device_id in sorted({r.device_id for r in rows if r.kind == "device"}):
+        print(f"device {device_id} is barred: neither its bootstrap certificate nor a one-time password issued "
+              f"before now enrolls it; admit it again with `tether-station otp {device_id}` (a new password) or "
+              f"`tether-station readmit {device_id}` (its bootstrap certificate)", file=sys.stderr)
+    return 0
+
+
+@command("readmit")
+def cmd_readmit(args: argparse.Namespace) -> int:
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        bar = ledger.readmit(args.device_id)
+    finally:
+        ledger.close()
+    print(f"device {bar.device_id} readmitted: its bootstrap certificate enrolls it again (barred since "
+          f"{_iso(bar.barred_at)}, {bar.reason}); passwords issued before the revocation stay void")
+    return 0
+
+
+@command("ledger barred")
+def cmd_ledger_barred(args: argparse.Namespace) -> int:
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        bars = ledger.bars()
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps([{"device_id": b.device_id, "barred_at": b.barred_at, "reason": b.reason} for b in bars],
+                         indent=1))
+        return 0
+    print(f"{'device':<24} {'barred at':<20} reason")
+    for b in bars:
+        print(f"{b.device_id:<24} {_iso(b.barred_at):<20} {b.reason}")
     return 0
 
 
@@ -492,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("serial", metavar="SERIAL", nargs="?")
     p.add_argument("--device", metavar="ID", help="revoke every certificate of this device")
     p.add_argument("--reason", default="unspecified", choices=REASONS, help="CRL reason (default unspecified)")
+    p = ledger.add_parser("barred", parents=[common], help="list devices an operator revoked and has not "
+                          "admitted again")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("readmit", parents=[common], help="let a revoked device's bootstrap certificate enroll it "
+                       "again (a new `otp` admits it by password instead)")
+    p.add_argument("device_id", metavar="DEVICE_ID")
     p = sub.add_parser("crl", parents=[common], help="write a CRL signed by the issuing CA")
     p.add_argument("--out", help="file (default: stdout)")
     p.add_argument("--format", choices=("pem", "der"), default="pem")

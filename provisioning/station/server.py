@@ -100,16 +100,19 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: 
 def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledger: str | None,
             threads: int, limits: Limits) -> int:
     led = station.open_ledger(ledger)
-    server = EstServer(sock, Enrollment(station, led), context, threads, limits)
+    enrollment = Enrollment(station, led)
+    server = EstServer(sock, enrollment, context, threads, limits)
 
     def stop(signum: int, frame: Any) -> None:
         server.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    enrollment.refusals.start()  # summaries and retention of refusal records, in this process
     try:
         server.serve()
     finally:
+        enrollment.refusals.stop()
         sock.close()
         led.close()
     return 0
