@@ -25,6 +25,7 @@ from provisioning.station.console.operators import console_server_cert, operator
 from provisioning.station.console.security import Denied, identify
 from provisioning.station.console.store import ConsoleStore
 from provisioning.station.errors import StationError
+from provisioning.tlsserver import restrict_key_exchange
 
 log = logging.getLogger("tether.station.console")
 
@@ -186,7 +187,7 @@ class ConsoleService:
             certfile, keyfile = console_server_cert(station, host, store)
         finally:
             led.close()
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx = restrict_key_exchange(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # as the EST port: see tlsserver
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(certfile), str(keyfile))
         from provisioning.certs import to_pem
