@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         stream=sys.stderr)
 
     for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0),
-                          ("max_connections", 0), ("handshake_cpu", 0)):
+                          ("max_connections", 0), ("handshake_cpu", 0), ("console_max_connections", 0)):
         if getattr(args, option) < least:
             raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be "
                                f"{'positive' if least else 'zero (no cap) or more'}")
@@ -143,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.console:
         from provisioning.station.console.server import ConsoleService, parse_address
 
-        console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db)
+        console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db,
+                                 handshake_cpu=args.handshake_cpu, max_connections=args.console_max_connections)
         print(f"tether-station: console on {console.url} (operator certificates: tether-station operator add)",
               flush=True)
 
@@ -476,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--console", metavar="HOST:PORT", help="also serve the operators' web console there "
                    "(HTTPS, operator client certificates; off unless given; e.g. 127.0.0.1:8444)")
     p.add_argument("--console-remote", action="store_true", help="allow --console on a non-loopback address")
+    p.add_argument("--console-max-connections", type=int, default=128, help="connections the console holds "
+                   "(a thread each); past that the oldest one still shaking hands or waiting for a request is "
+                   "closed to make room (default 128, 0 = no cap); --handshake-cpu applies to the console too")
     p.add_argument("--port-file", metavar="FILE", help="once listening, write the bound ports there as JSON, "
                    '{"est": PORT, "console": PORT} (for --listen HOST:0: the kernel picks the port)')
     op = sub.add_parser("operator", help="console operators (client certificates)").add_subparsers(

@@ -153,9 +153,9 @@ def test_enrollment_and_cacerts_stay_fast_with_1000_idle_and_200_trickling_conne
 LONG_DEADLINE, WAIT_CLOSE = "600", 20.0
 
 
-def closed_by_station(sock: socket.socket) -> bool:
-    """Waits up to WAIT_CLOSE for the station to close `sock` (EOF or reset) without sending a byte."""
-    sock.settimeout(WAIT_CLOSE)
+def closed_by_station(sock: socket.socket, wait: float = WAIT_CLOSE) -> bool:
+    """Waits up to `wait` seconds for the station to close `sock` (EOF or reset) without sending a byte."""
+    sock.settimeout(wait)
     try:
         return sock.recv(1) == b""
     except TimeoutError:
@@ -246,7 +246,8 @@ def test_serve_refuses_limits_that_would_close_every_connection(station_dir: Pat
     for option, value, why in (("--request-timeout", "0", "must be positive"), ("--idle-timeout", "-1", "positive"),
                                ("--max-per-client", "-1", "zero (no cap) or more"),
                                ("--max-connections", "-1", "zero (no cap) or more"),
-                               ("--handshake-cpu", "-0.5", "zero (no cap) or more")):
+                               ("--handshake-cpu", "-0.5", "zero (no cap) or more"),
+                               ("--console-max-connections", "-2", "zero (no cap) or more")):
         out = station_cli("serve", "--dir", str(station_dir), "--listen", "127.0.0.1:0", option, value, check=False)
         assert out.returncode == 1 and option in out.stderr and why in out.stderr, out.stderr
 
