@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import _ssl
 import ctypes
+import functools
 import ssl
 import sys
 
@@ -66,18 +67,33 @@ def set_groups_list(ctx: ssl.SSLContext, groups: str) -> None:
 
 def _ssl_ctx(ctx: ssl.SSLContext) -> tuple[ctypes.CDLL, int]:
     """The libssl that `_ssl` is linked against, and `ctx`'s SSL_CTX pointer, checked."""
-    header = object.__basicsize__
-    if sys.implementation.name != "cpython" or _ssl._SSLContext.__basicsize__ < header + ctypes.sizeof(ctypes.c_void_p):
-        raise TlsSetupError(f"cannot find the SSL_CTX of a {sys.implementation.name} SSLContext: "
-                            "the key-exchange groups cannot be restricted on this interpreter")
+    lib = _libssl()
+    return lib, _verified(lib, _read_pointer(ctx), ctx)
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
     # dlsym on the extension's handle also searches what it was linked with: the same libssl, not another
     lib = ctypes.CDLL(getattr(_ssl, "__file__", None))
     lib.SSL_CTX_get_options.restype = ctypes.c_uint64
     lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
     lib.SSL_CTX_ctrl.restype = ctypes.c_long
     lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
-    pointer = ctypes.c_void_p.from_address(id(ctx) + header).value
+    return lib
+
+
+def _read_pointer(ctx: ssl.SSLContext) -> int | None:
+    """The word after the object header of `ctx`: PySSLContext's `SSL_CTX *ctx` on CPython."""
+    header = object.__basicsize__
+    if sys.implementation.name != "cpython" or _ssl._SSLContext.__basicsize__ < header + ctypes.sizeof(ctypes.c_void_p):
+        raise TlsSetupError(f"cannot find the SSL_CTX of a {sys.implementation.name} SSLContext: "
+                            "the key-exchange groups cannot be restricted on this interpreter")
+    return ctypes.c_void_p.from_address(id(ctx) + header).value
+
+
+def _verified(lib: ctypes.CDLL, pointer: int | None, ctx: ssl.SSLContext) -> int:
+    """`pointer`, once OpenSSL has answered for it with the options Python reports for `ctx`."""
     if not pointer or lib.SSL_CTX_get_options(pointer) != ctx.options:
         raise TlsSetupError("the SSL_CTX read from the SSLContext does not answer with its options: this "
                             "interpreter lays out SSLContext differently, so the key-exchange groups cannot be set")
-    return lib, pointer
+    return pointer

@@ -18,6 +18,7 @@ import pytest
 
 from lab.artifacts import ArtifactServer
 from lab.discovery import DiscoveryServer
+from provisioning import tlsserver
 from provisioning.tlsserver import TlsSetupError, restrict_key_exchange, set_groups_list
 from tests.console.conftest import ConsoleStation, Operator, start_console_station
 from tests.pki import Pki
@@ -106,3 +107,16 @@ def test_a_groups_list_openssl_refuses_is_an_error_not_a_default() -> None:
     with pytest.raises(TlsSetupError, match="refused the groups list 'no-such-group'"):
         set_groups_list(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), "no-such-group")
 
+
+
+def test_a_pointer_that_is_not_the_contexts_own_ssl_ctx_is_never_written_through() -> None:
+    # what a CPython with another SSLContext layout would hand over: some other context's SSL_CTX
+    # (here one whose options differ), or no pointer at all
+    ours, other = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    other.options |= ssl.OP_NO_TICKET
+    lib = tlsserver._libssl()
+    with pytest.raises(TlsSetupError, match="lays out SSLContext differently"):
+        tlsserver._verified(lib, tlsserver._read_pointer(other), ours)
+    with pytest.raises(TlsSetupError, match="lays out SSLContext differently"):
+        tlsserver._verified(lib, None, ours)
+    assert tlsserver._verified(lib, tlsserver._read_pointer(ours), ours) == tlsserver._read_pointer(ours)
