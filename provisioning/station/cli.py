@@ -130,18 +130,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
 
-    for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0)):
+    for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0),
+                          ("max_connections", 0), ("handshake_cpu", 0), ("console_max_connections", 0)):
         if getattr(args, option) < least:
             raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be "
                                f"{'positive' if least else 'zero (no cap) or more'}")
     limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
-                    max_per_client=args.max_per_client)
+                    max_per_client=args.max_per_client, max_connections=args.max_connections,
+                    handshake_cpu=args.handshake_cpu)
     station = _station(args)
     console = None
     if args.console:
         from provisioning.station.console.server import ConsoleService, parse_address
 
-        console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db)
+        console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db,
+                                 handshake_cpu=args.handshake_cpu, max_connections=args.console_max_connections)
         print(f"tether-station: console on {console.url} (operator certificates: tether-station operator add)",
               flush=True)
 
@@ -498,10 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "for its next request (default 5)")
     p.add_argument("--max-per-client", type=int, default=64, help="connections one client address may hold "
                    "per worker process; more are closed at accept (default 64, 0 = no cap)")
+    p.add_argument("--max-connections", type=int, default=2048, help="connections one worker process holds "
+                   "(about 31 KB each); past that the oldest one still shaking hands or reading a request is "
+                   "closed to make room (default 2048, 0 = no cap)")
+    p.add_argument("--handshake-cpu", type=float, default=0.1, help="CPU seconds per second one client (IPv4 "
+                   "address or IPv6 /64) may make a worker spend on TLS handshakes, 30 s of it at once; past "
+                   "that its new connections are closed at accept (default 0.1, 0 = no budget)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--console", metavar="HOST:PORT", help="also serve the operators' web console there "
                    "(HTTPS, operator client certificates; off unless given; e.g. 127.0.0.1:8444)")
     p.add_argument("--console-remote", action="store_true", help="allow --console on a non-loopback address")
+    p.add_argument("--console-max-connections", type=int, default=128, help="connections the console holds "
+                   "(a thread each); past that the oldest one still shaking hands or waiting for a request is "
+                   "closed to make room (default 128, 0 = no cap); --handshake-cpu applies to the console too")
     p.add_argument("--port-file", metavar="FILE", help="once listening, write the bound ports there as JSON, "
                    '{"est": PORT, "console": PORT} (for --listen HOST:0: the kernel picks the port)')
     op = sub.add_parser("operator", help="console operators (client certificates)").add_subparsers(
