@@ -27,6 +27,7 @@ from typing import Any
 from hal.storage import write_json
 from lab.jws import JwtRejected, verify_jwt
 from lab.procs import LabError
+from provisioning.tlsserver import restrict_key_exchange
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class ArtifactServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> ArtifactServer:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx = restrict_key_exchange(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # as the station's (see tlsserver)
         ctx.load_cert_chain(str(self.certfile), str(self.keyfile))
         httpd = _Server((self.host, self.port), _Handler)
         httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
