@@ -3,9 +3,10 @@
     python benchmarks/structure.py [--json]
 
 Prints: the largest module and class (lines); function-local imports (all, and those that load the
-project's own modules); import cycles between project modules (any import, at the top or in a
-function); places that build a path under the state directory; supervisor drivers that run their own
-feed loop (a ``while`` around ``<supervisor>.handle(...)`` outside agent/core).
+project's own modules); import cycles between project modules (any import that runs, at the top or in
+a function; `if TYPE_CHECKING:` imports are for the type checker and do not count); places that build
+a path under the state directory; supervisor drivers that run their own feed loop (a ``while`` around
+``<supervisor>.handle(...)`` outside agent/core).
 """
 
 from __future__ import annotations
@@ -150,8 +151,10 @@ def measure() -> dict[str, object]:
         if not name.startswith("agent.core") and own_feed_loops(tree):
             drivers.append(str(path.relative_to(ROOT)))
         edges = set()
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import | ast.ImportFrom):
+            if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in typing_only:
                 for target in imported_names(node, name):
                     if target in mods and target != name:
                         edges.add(target)
