@@ -177,7 +177,11 @@ class Gate:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed: nothing listens, so connections are refused
-            upstream = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()  # the broker itself is gone (teardown): the client sees a closed connection
+                continue
             with self.lock:
                 self.admitted += 1
                 self.sockets += [client, upstream]
