@@ -243,6 +243,22 @@ def test_root_on_another_users_state_directory_is_told_the_command_to_use(
     assert planted_unchanged("fifo", planted, bed)
 
 
+@pytest.mark.tpm
+def test_root_is_refused_a_keys_directory_of_another_user_outside_its_state(bed: Bed, softtpm: SoftTpm) -> None:
+    keys = bed.base / "tpm-keys"
+    device = bed.base / "device"
+    config = write_config(device, "dev-tpm", keys={"uri": f"tpm:{keys}", "tcti": softtpm.tcti})
+    TpmKeyStore(keys, tcti=softtpm.tcti).create("device")
+    chown_tree(keys)  # the state directory stays root's: only the keys directory is the other user's
+
+    done = run_tether("check", config=config, timeout=60)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{keys} belongs to nobody (uid {NOBODY})" in done.stderr, done.stderr
+    assert done.stderr.strip().endswith(f"runuser -u nobody -- tether --config {config} check"), done.stderr
+    assert not (device / "state").exists() or not any((device / "state").iterdir())
+
+
 def test_root_on_its_own_state_directory_is_not_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path, "dev-own", est={"url": ""})
     done = run_tether("check", config=config, timeout=60)
