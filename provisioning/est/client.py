@@ -40,6 +40,7 @@ from requests.structures import CaseInsensitiveDict
 from provisioning.certs import issued_by, load_certificates, same_public_key, subject_of
 from provisioning.errors import EnrollmentError, PemError
 from provisioning.est.pkcs7 import certificate_blobs
+from provisioning.weburl import UrlError, parse_https_url
 
 WELL_KNOWN = "/.well-known/est"
 LABEL = re.compile(r"[A-Za-z0-9._~-]+")  # one path segment of RFC 3986 unreserved characters
@@ -126,12 +127,14 @@ def est_base(url: str, label: str = "") -> str:
     well-known path is added after it. Raises EnrollmentError (not retryable) for a URL that is not
     https, a label that is not one RFC 3986 unreserved path segment, or two different labels.
     """
-    if not url.startswith("https://"):
-        raise EnrollmentError(f"EST URL {url!r} must start with https:// (RFC 7030 requires TLS)", retryable=False)
+    try:  # the one URL rule (provisioning/weburl.py): requests connects to the host and port approved here
+        approved = parse_https_url(url)
+    except UrlError as exc:
+        raise EnrollmentError(f"EST URL {exc}", retryable=False) from None
     if label and not LABEL.fullmatch(label):
         raise EnrollmentError(f"EST label {label!r} must be one path segment of letters, digits and '._~-' "
                               "(RFC 7030 3.2.2)", retryable=False)
-    parts = urlsplit(url)
+    parts = urlsplit(str(approved))
     if parts.query or parts.fragment:
         raise EnrollmentError(f"EST URL {url!r} must not carry a query or fragment", retryable=False)
     path = parts.path.rstrip("/")
@@ -146,7 +149,7 @@ def est_base(url: str, label: str = "") -> str:
         raise EnrollmentError(f"EST URL {url!r} names label {url_label!r} but the label {label!r} is configured "
                               "too: keep one", retryable=False)
     chosen = url_label or label
-    base = f"https://{parts.netloc}{prefix}{WELL_KNOWN}"
+    base = f"https://{approved.netloc}{prefix}{WELL_KNOWN}"
     return f"{base}/{chosen}" if chosen else base
 
 
