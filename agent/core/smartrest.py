@@ -10,6 +10,14 @@ from agent.core.errors import SmartRestError, describe
 
 MAX_LINE_CHARS = 16384
 FIRMWARE = "c8y_Firmware"
+# Field names of the templates we read, for errors that say which field ("515.version").
+FIELD_NAMES = {"71": ("token",), "515": ("serial", "name", "version", "url")}
+# Refused in every field (issue 22, item 8): C0 and C1 controls and DEL (escape sequences that rewrite an
+# operator's terminal, forged log lines), and the marks that reorder or hide text (Trojan Source,
+# CVE-2021-42574: U+202A..U+202E embeddings and overrides, U+2066..U+2069 isolates, U+200E/U+200F and
+# U+061C direction marks, U+2028/U+2029 separators that some viewers break lines at). Compared character
+# by character: MicroPython has no unicodedata and no str.isprintable.
+_HIDDEN = "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
 
 def split_lines(payload, max_chars=MAX_LINE_CHARS):
@@ -39,7 +47,8 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
     """Split one SmartREST line into its fields (str list, template id first), undoing quoting.
 
     Raises SmartRestError naming the template id and field position for unterminated quotes,
-    text after a closing quote, or a line over ``max_chars``.
+    text after a closing quote, a line over ``max_chars``, or a control or bidirectional character
+    in a field (named like ``515.version`` for the templates in FIELD_NAMES).
     """
     if not isinstance(line, str):
         raise SmartRestError("line", "expected text, got %s" % type(line).__name__)
@@ -66,7 +75,9 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
                     continue
                 i = q + 1
                 break
-            fields.append("".join(chunks))
+            value = "".join(chunks)
+            _check_text(fields, value)
+            fields.append(value)
             if i < n and line[i] != ",":
                 raise SmartRestError(where, "text after closing quote: %s" % describe(line[i:i + 20]))
         else:
@@ -75,6 +86,7 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
             value = line[i:end]
             if '"' in value:
                 raise SmartRestError(where, "quote inside an unquoted field: %s" % describe(value))
+            _check_text(fields, value)
             fields.append(value)
             i = end
         if i >= n:
@@ -83,6 +95,23 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
         if i == n:
             fields.append("")
             return fields
+
+
+def _field_name(fields):
+    """``515.version`` for a known template's field, else ``<template> field <n>``."""
+    if not fields:
+        return "template"
+    names = FIELD_NAMES.get(fields[0], ())
+    n = len(fields)
+    return "%s.%s" % (fields[0], names[n - 1]) if n <= len(names) else "%s field %d" % (fields[0], n)
+
+
+def _check_text(fields, value):
+    """SmartRestError naming the field if ``value`` holds a control or bidi character (see _HIDDEN)."""
+    for ch in value:
+        if ch < " " or "\x7f" <= ch <= "\x9f" or ch in _HIDDEN:
+            kind = "control" if ch < " " or ch <= "\x9f" else "bidirectional or line-separator"
+            raise SmartRestError(_field_name(fields), "%s character U+%04X is not allowed in a field" % (kind, ord(ch)))
 
 
 def _quote(value, always=False):
