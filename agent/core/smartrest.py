@@ -106,19 +106,28 @@ def _field_name(fields):
     return "%s.%s" % (fields[0], names[n - 1]) if n <= len(names) else "%s field %d" % (fields[0], n)
 
 
+def _refused(ch):
+    return ch < " " or "\x7f" <= ch <= "\x9f" or ch in _HIDDEN
+
+
 def _check_text(fields, value):
     """SmartRestError naming the field if ``value`` holds a control or bidi character (see _HIDDEN)."""
     for ch in value:
-        if ch < " " or "\x7f" <= ch <= "\x9f" or ch in _HIDDEN:
-            kind = "control" if ch < " " or ch <= "\x9f" else "bidirectional or line-separator"
+        if _refused(ch):
+            kind = "control" if ch <= "\x9f" else "bidirectional or line-separator"
             raise SmartRestError(_field_name(fields), "%s character U+%04X is not allowed in a field" % (kind, ord(ch)))
 
 
 def _quote(value, always=False):
     if not isinstance(value, str):
         value = str(value)
-    # A line break would end the SmartREST message early; flatten it.
+    # A line break would end the SmartREST message early; flatten it. Any other character parse_line
+    # refuses becomes U+FFFD, so every line we send parses back (and sends no escape sequence upstream).
     value = value.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    for ch in value:
+        if _refused(ch):
+            value = "".join("\ufffd" if _refused(c) else c for c in value)
+            break
     if always or "," in value or '"' in value or value != value.strip():
         return '"' + value.replace('"', '""') + '"'
     return value
@@ -126,7 +135,8 @@ def _quote(value, always=False):
 
 def format_line(template_id, *fields):
     """Format a SmartREST line from a template id and field values (str() of non-strings),
-    quoting where needed and flattening line breaks to spaces."""
+    quoting where needed, flattening line breaks to spaces and other characters that ``parse_line``
+    refuses to U+FFFD."""
     return ",".join([_quote(template_id)] + [_quote(f) for f in fields])
 
 
