@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from cryptography import x509
@@ -47,6 +47,8 @@ LABEL = re.compile(r"[A-Za-z0-9._~-]+")  # one path segment of RFC 3986 unreserv
 _PKCS7_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-certificates")
 CSR_TYPE = "application/pkcs10"
 MAX_RESPONSE = 1 << 20
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
 _REASON_LIMIT = 2000
 
 
@@ -261,6 +263,27 @@ class EstClient:
                               status=status, retry_after=after)
 
     def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str] | None) -> _Answer:
+        """One request, following redirects within the EST server's origin only (RFC 7030 3.2.1: a device
+        has no user to ask about another origin), each hop read by the one URL rule. EnrollmentError (not
+        retryable) for a redirect elsewhere, a hop the rule refuses, or more than MAX_REDIRECTS."""
+        origin = parse_https_url(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            answer = self._send(method, url, body, headers)
+            location = answer.headers.get("Location") if answer.status in REDIRECTS else None
+            if not location:
+                return answer
+            try:
+                hop = parse_https_url(urljoin(url, location))
+            except UrlError as exc:
+                raise EnrollmentError(f"{url}: HTTP {answer.status} redirect refused: {exc}", retryable=False) from None
+            if (hop.host, hop.port) != (origin.host, origin.port):
+                raise EnrollmentError(f"{url}: HTTP {answer.status} redirect to another origin ({hop.netloc}) refused: "
+                                      "the device's credentials stay with the EST server it was given (RFC 7030 "
+                                      "3.2.1)", retryable=False)
+            url = str(hop)
+        raise EnrollmentError(f"{url}: more than {MAX_REDIRECTS} redirects", retryable=False)
+
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str] | None) -> _Answer:
         # Plain data out, so no error raised later holds the `requests` response (and through it the
         # socket) alive in its traceback.
         headers = dict(headers or {})
@@ -271,7 +294,7 @@ class EstClient:
             headers["Authorization"] = f"Bearer {self.auth.token}"
         try:
             with self.session.request(method, url, data=body, headers=headers, auth=auth, timeout=self.timeout,
-                                      verify=self.ca_file or True) as response:
+                                      verify=self.ca_file or True, allow_redirects=False) as response:
                 return _Answer(response.status_code, response.reason, CaseInsensitiveDict(response.headers),
                                response.content)
         except requests.exceptions.SSLError as exc:
@@ -279,6 +302,8 @@ class EstClient:
             # failure (a station restarting mid-handshake, a reset) is worth another try
             untrusted = _caused_by(exc, ssl.SSLCertVerificationError)
             raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=not untrusted) from None
+        except UnicodeDecodeError:  # requests reads a redirect's Location as UTF-8 even when not following it
+            raise EnrollmentError(f"{url}: the server's redirect Location is not UTF-8", retryable=False) from None
         except (requests.RequestException, OSError) as exc:
             raise EnrollmentError(f"{url}: {type(exc).__name__}: {exc}", retryable=True) from None
 

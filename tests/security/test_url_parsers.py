@@ -189,3 +189,25 @@ def test_a_redirect_location_that_is_not_utf8_is_a_download_error_not_an_interna
     trusted = servers("127.0.0.1", redirect_to="https://127.0.0.1:1/\x9b31m")  # byte 0x9b on the wire
     failure = update(device, trusted.url("app/1.1.0/"))
     assert "the server's redirect Location is not UTF-8" in failure and "internal error" not in failure, failure
+
+
+@pytest.mark.parametrize("hop", ["https://localhost:{decoy}\\@127.0.0.1:{trusted}", "https://localhost:{decoy}"])
+def test_the_est_client_does_not_follow_a_redirect_to_another_origin_with_the_password(
+        pki: Pki, servers: Callable[..., Recorder], hop: str) -> None:
+    decoy = servers("localhost")
+    station = servers("127.0.0.1")
+    station.redirect_to = hop.format(decoy=port(decoy), trusted=port(station))
+    with pytest.raises(EnrollmentError) as refused:
+        EstClient(station.url(), str(pki.ca_chain_file), auth=BasicAuth("dev-1", "otp-secret")).cacerts()
+    assert "redirect" in str(refused.value) and refused.value.retryable is False, refused.value
+    assert [path for path, _ in station.requests] == ["/.well-known/est/cacerts"]
+    assert decoy.requests == [], f"the decoy got {decoy.tokens()}"
+
+
+def test_the_est_client_follows_redirects_within_its_origin_a_bounded_number_of_times(
+        pki: Pki, servers: Callable[..., Recorder]) -> None:
+    station = servers("127.0.0.1")
+    station.redirect_to = station.url("moved")  # every path redirects again, on the same host and port
+    with pytest.raises(EnrollmentError, match="more than 5 redirects"):
+        EstClient(station.url(), str(pki.ca_chain_file), auth=BasicAuth("dev-1", "otp-secret")).cacerts()
+    assert len(station.requests) == 6 and all(auth and auth.startswith("Basic ") for auth in station.tokens())
