@@ -10,13 +10,12 @@ from agent.core.errors import SmartRestError, describe
 
 MAX_LINE_CHARS = 16384
 FIRMWARE = "c8y_Firmware"
-# Field names of the templates we read, for errors that say which field ("515.version").
-FIELD_NAMES = {"71": ("token",), "515": ("serial", "name", "version", "url")}
-# Refused in every field (issue 22, item 8): C0 and C1 controls and DEL (escape sequences that rewrite an
-# operator's terminal, forged log lines), and the marks that reorder or hide text (Trojan Source,
-# CVE-2021-42574: U+202A..U+202E embeddings and overrides, U+2066..U+2069 isolates, U+200E/U+200F and
-# U+061C direction marks, U+2028/U+2029 separators that some viewers break lines at). Compared character
-# by character: MicroPython has no unicodedata and no str.isprintable.
+# Field names for errors such as "515.version: control character U+001B ..."
+_NAMES = {"71": ("token",), "515": ("serial", "name", "version", "url")}
+# Refused in every field (issue 22, item 8): C0, DEL and C1 controls (escape sequences that rewrite an
+# operator's terminal, forged log lines) and the marks that reorder or hide text (Trojan Source,
+# CVE-2021-42574): U+061C, U+200E/F, U+2028/9, U+202A..E, U+2066..9. MicroPython has no unicodedata and no
+# str.isprintable, so this is a list; keep the code small, a 96 KB board loads it (tests/firmware).
 _HIDDEN = "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
 
@@ -48,7 +47,7 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
 
     Raises SmartRestError naming the template id and field position for unterminated quotes,
     text after a closing quote, a line over ``max_chars``, or a control or bidirectional character
-    in a field (named like ``515.version`` for the templates in FIELD_NAMES).
+    in a field (named like ``515.version`` for the templates in _NAMES).
     """
     if not isinstance(line, str):
         raise SmartRestError("line", "expected text, got %s" % type(line).__name__)
@@ -75,9 +74,7 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
                     continue
                 i = q + 1
                 break
-            value = "".join(chunks)
-            _check_text(fields, value)
-            fields.append(value)
+            fields.append("".join(chunks))
             if i < n and line[i] != ",":
                 raise SmartRestError(where, "text after closing quote: %s" % describe(line[i:i + 20]))
         else:
@@ -86,9 +83,15 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
             value = line[i:end]
             if '"' in value:
                 raise SmartRestError(where, "quote inside an unquoted field: %s" % describe(value))
-            _check_text(fields, value)
             fields.append(value)
             i = end
+        ch = _hidden(fields[-1])
+        if ch:
+            names = _NAMES.get(fields[0], ())
+            k = len(fields) - 1
+            raise SmartRestError("%s.%s" % (fields[0], names[k - 1]) if 0 < k <= len(names) else where,
+                                 "%s character U+%04X is not allowed in a field"
+                                 % ("control" if ch <= "\x9f" else "bidirectional or line-separator", ord(ch)))
         if i >= n:
             return fields
         i += 1  # skip the comma
@@ -97,27 +100,13 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
             return fields
 
 
-def _field_name(fields):
-    """``515.version`` for a known template's field, else ``<template> field <n>``."""
-    if not fields:
-        return "template"
-    names = FIELD_NAMES.get(fields[0], ())
-    n = len(fields)
-    return "%s.%s" % (fields[0], names[n - 1]) if n <= len(names) else "%s field %d" % (fields[0], n)
-
-
-def _refused(ch):
-    return ch < " " or "\x7f" <= ch <= "\x9f" or ch in _HIDDEN
-
-
-def _check_text(fields, value):
-    """SmartRestError naming the field if ``value`` holds a control or bidi character (see _HIDDEN)."""
-    if not value or (min(value) >= " " and max(value) < "\x7f"):
-        return  # printable ASCII (a JWT, a URL, a version): min/max run in C, on MicroPython too
-    for ch in value:
-        if _refused(ch):
-            kind = "control" if ch <= "\x9f" else "bidirectional or line-separator"
-            raise SmartRestError(_field_name(fields), "%s character U+%04X is not allowed in a field" % (kind, ord(ch)))
+def _hidden(value):
+    """The first control or bidi character (see _HIDDEN) in ``value``, or None."""
+    if value and (min(value) < " " or max(value) > "~"):  # min/max run in C: printable ASCII passes at once
+        for ch in value:
+            if ch < " " or "\x7f" <= ch <= "\x9f" or ch in _HIDDEN:
+                return ch
+    return None
 
 
 def _quote(value, always=False):
@@ -126,10 +115,8 @@ def _quote(value, always=False):
     # A line break would end the SmartREST message early; flatten it. Any other character parse_line
     # refuses becomes U+FFFD, so every line we send parses back (and sends no escape sequence upstream).
     value = value.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-    for ch in value:
-        if _refused(ch):
-            value = "".join("\ufffd" if _refused(c) else c for c in value)
-            break
+    if _hidden(value):
+        value = "".join("\ufffd" if _hidden(c) else c for c in value)
     if always or "," in value or '"' in value or value != value.strip():
         return '"' + value.replace('"', '""') + '"'
     return value

@@ -73,7 +73,7 @@ def test_smartrest_parsers_raise_only_smartrest_errors(line):
 def test_formatted_lines_parse_back_to_the_same_fields(fields):
     parsed = smartrest.parse_line(smartrest.format_line(*fields))
     flattened = [f.replace("\r\n", " ").replace("\r", " ").replace("\n", " ") for f in fields]
-    assert parsed == ["".join("\ufffd" if smartrest._refused(c) else c for c in f) for f in flattened]
+    assert parsed == ["".join("\ufffd" if smartrest._hidden(c) else c for c in f) for f in flattened]
 
 
 HOSTILE = "515,dev1fw.1\"x\x00\x07\t\x1b[\x7f\x85\x9b\u061c\u200b\u200e\u200f\u2028\u202a\u202e\u2066\u2069\ufffdü"
