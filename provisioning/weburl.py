@@ -13,7 +13,7 @@ So this module accepts only an authority that every parser reads the same way: a
 letters, digits, `-` and `_` in non-empty labels, a dotted-quad IPv4 address or a bracketed IPv6 address
 without a zone, and an optional decimal port 1..65535. Everything else is refused with a one-line reason.
 Callers connect to the approved `host` and `port`, or to `str(url)`, which is rebuilt from them; the
-differential property test (tests/security/test_url_parsers.py) holds this rule against
+differential property test (tests/fuzz/test_fuzz_urls.py) holds this rule against
 `requests.PreparedRequest` and urllib3's `parse_url` on random authority-confusing strings.
 """
 
