@@ -156,7 +156,7 @@ def build_key(flavour: Flavour) -> str:
     if flavour.frozen:
         files += frozen_sources()
     for path in files:
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:20]
 
 

@@ -121,7 +121,7 @@ def rules_broken(imp: Import, firmware_own: frozenset[str]) -> Iterator[str]:
     if _within(source, STATION) and top == "agent":
         yield "the station (provisioning/station) never imports agent"
     board_name = source.split(".", 1)[1] if here == "firmware" else source
-    if (here == "firmware" and imp.file not in HOST_TOOLS or _within(source, CORE)) \
+    if ((here == "firmware" and imp.file not in HOST_TOOLS) or _within(source, CORE)) \
             and imp.target in SETUP and board_name not in SETUP and imp.file != SETUP_LOADER:
         yield (f"setup module {imp.target!r} is imported only by setup modules and {SETUP_LOADER}, "
                "which drops them once the session is built")
