@@ -273,3 +273,19 @@ def test_each_deployment_runs_the_firmware_from_where_a_board_does(
     assert where == WHERE[name], done.stdout + done.stderr
     assert wide == ("False" if name.endswith("-32") else "True")
     assert ("tether_main.mpy" in listing) is (name == "mpy-64")
+
+
+def test_a_stale_mpy_on_the_filesystem_shadows_the_romfs_image(tmp_path: Path, deployments: Any) -> None:
+    # what docs/firmware.md warns of when switching a board from .mpy files to ROMFS: '' (the
+    # filesystem) comes before /rom on sys.path, so a leftover tether_main.mpy is what runs
+    deploy = deployments("romfs-64")
+    root = deploy.board_dir(tmp_path / "board", tmp_path / "none", {})
+    stale = unix_port.build(tmp_path / "old-mpy-build")
+    (root / "tether_main.mpy").write_bytes((stale / "tether_main.mpy").read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = "import sys, tether_main; print(tether_main.__file__, sys.path)"
+    done = subprocess.run([*deploy.argv(deploy.heapsize, "-c"), script], cwd=root, capture_output=True,
+                          text=True, timeout=30, check=False,
+                          env={**env, **deploy.env(), "MICROPYPATH": ".frozen"})
+    assert done.stdout.startswith("tether_main.mpy "), done.stdout + done.stderr
+    assert done.stdout.index("'/rom'") > done.stdout.index("''"), done.stdout
