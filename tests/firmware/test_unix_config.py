@@ -48,6 +48,7 @@ CONFIG_CASES = [
     ("{not json", "tether.json: not valid JSON"),
     ("[1]", "tether.json: expected a JSON object"),
     ({**GOOD, "keepalve": 5}, "tether.json: keepalve: unknown key (known: "),
+    ({**GOOD, "k\u001b[2J": 5}, "tether.json: 'k\\x1b[2J': unknown key (known: "),  # escaped, not sent to the terminal
     ({**GOOD, "keepalive": "60"}, "tether.json: keepalive: expected int, got '60'"),
     ({**GOOD, "keepalive": 0}, "tether.json: keepalive: must be within 1..65535, got 0"),
     # bounds (issue 22 item 10): each of these used to pass load_config, then crash or hang the loop

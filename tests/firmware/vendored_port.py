@@ -215,6 +215,8 @@ def ensure(name: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building the same entry
         if program.is_file():
             return program
+        for leftover in CACHE.glob(".build-*"):  # a build killed half way (we hold the lock)
+            shutil.rmtree(leftover, ignore_errors=True)
         started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=CACHE, prefix=".build-") as tmp:
             work = Path(tmp)
