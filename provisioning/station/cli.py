@@ -21,9 +21,11 @@ from pathlib import Path
 from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
+from provisioning.station import extras
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import KINDS, REASONS
 
+log = logging.getLogger("tether.station")
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {}
 
@@ -138,21 +140,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_per_client=args.max_per_client)
     station = _station(args)
     console = None
-    if args.console:
+    if args.console and (absent := extras.missing(extras.CONSOLE)):
+        log.warning(extras.off_because(f"--console {args.console}", absent))
+    elif args.console:
         from provisioning.station.console.server import ConsoleService, parse_address
 
         console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db)
         print(f"tether-station: console on {console.url} (operator certificates: tether-station operator add)",
               flush=True)
+    metrics, recorder, metrics_dir = _metrics(args, station)
 
     def ready(bound: int) -> None:
         print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
               f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
         if args.port_file:  # for scripts and tests that listen on port 0: every socket listens by now
-            storage.write_json(args.port_file, {"est": bound, **({"console": console.port} if console else {})})
+            storage.write_json(args.port_file, {"est": bound, **({"console": console.port} if console else {}),
+                                                **({"metrics": metrics.port} if metrics else {})})
 
-    return serve(station, host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
-                 limits=limits, ready=ready, console=console)
+    try:
+        return serve(station, host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
+                     limits=limits, ready=ready, console=console, metrics=metrics, recorder=recorder)
+    finally:
+        if metrics_dir is not None:
+            from provisioning.station.metrics import stop_multiprocess
+
+            stop_multiprocess(metrics_dir)
+
+
+def _metrics(args: argparse.Namespace, station: object):  # type: ignore[no-untyped-def]
+    """(MetricsService, recorder, value directory) for --metrics, or (None, None, None) when off."""
+    if not args.metrics:
+        return None, None, None
+    from provisioning.station.metrics_server import MetricsService, parse_metrics_address
+
+    host, port = parse_metrics_address(args.metrics)  # a bad address is an error even without the extra
+    if args.metrics_expiring_days < 1:
+        raise StationError(f"--metrics-expiring-days {args.metrics_expiring_days}: must be 1 or more days")
+    if absent := extras.missing(extras.METRICS):
+        log.warning(extras.off_because(f"--metrics {args.metrics}", absent))
+        return None, None, None
+    from provisioning.station.metrics import start_multiprocess, stop_multiprocess
+
+    counting, directory = start_multiprocess(os.environ.get("RUNTIME_DIRECTORY"))
+    try:
+        service = MetricsService(station, host, port, counting, directory, ledger=args.db,  # type: ignore[arg-type]
+                                 expiring_days=args.metrics_expiring_days)
+    except BaseException:
+        stop_multiprocess(directory)
+        raise
+    print(f"tether-station: metrics on {service.url} (loopback only)", flush=True)
+    return service, counting, directory
 
 
 @command("otp")
@@ -467,8 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--console", metavar="HOST:PORT", help="also serve the operators' web console there "
                    "(HTTPS, operator client certificates; off unless given; e.g. 127.0.0.1:8444)")
     p.add_argument("--console-remote", action="store_true", help="allow --console on a non-loopback address")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="also serve Prometheus metrics at "
+                   "http://HOST:PORT/metrics (loopback only, plain HTTP; off unless given; e.g. 127.0.0.1:9464)")
+    p.add_argument("--metrics-expiring-days", type=int, default=30, metavar="N", help="certificates expiring "
+                   "within N days are counted as expiring (default 30)")
     p.add_argument("--port-file", metavar="FILE", help="once listening, write the bound ports there as JSON, "
-                   '{"est": PORT, "console": PORT} (for --listen HOST:0: the kernel picks the port)')
+                   '{"est": PORT, "console": PORT, "metrics": PORT} (for HOST:0: the kernel picks the port)')
     op = sub.add_parser("operator", help="console operators (client certificates)").add_subparsers(
         dest="sub", required=True)
     p = op.add_parser("add", parents=[common], help="issue a console certificate: NAME.p12 for the browser")

@@ -1,0 +1,169 @@
+"""The station's Prometheus metrics (issue 28 item 3), scraped from a real `tether-station serve --metrics`
+with prometheus-client's own text parser while real devices enroll, retry, guess wrong and get refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hal.keys.file import generate
+from lab.procs import wait_until
+from provisioning.csr import build_csr
+from provisioning.errors import EnrollmentError
+from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
+from provisioning.station.supervisor import RestartBudget
+from tests.pki import TRUST_DOMAIN, key_pem
+from tests.security.stationbed import set_settings
+from tests.station.conftest import RunningStation, serve_station, station_cli
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+def metered(station_dir: Path) -> Iterator[tuple[RunningStation, int]]:
+    # two wrong guesses lock an OTP, and no rate limit gets in the way of the test making them
+    set_settings(station_dir, otp_max_failures=2, otp_failure_burst=1000)
+    argv = ["--workers", "2", "--log-level", "info", "--metrics", "127.0.0.1:0"]
+    proc, ports = serve_station(station_dir, argv)
+    running = RunningStation(station_dir, ports["est"], proc, None, argv)
+    try:
+        wait_until(running.serving, 20, "tether-station serve", describe=lambda: proc.tail())
+        yield running, ports["metrics"]
+    finally:
+        proc.stop()
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_counters_and_gauges_move_with_real_enrollments_and_refusals(tmp_path: Path,
+                                                                    metered: tuple[RunningStation, int]) -> None:
+    station, port = metered
+    before = scrape(port)
+    assert value(before, "tether_station_ledger_up") == 1
+    otp = station.otp("metric-dev")
+    station.otp("waiting-dev")  # stays open
+    assert delta(before, scrape(port), "tether_station_otps", state="open") == 2
+
+    key = generate("ec-p256")
+    csr = build_csr(key, "metric-dev", TRUST_DOMAIN)
+    with EstClient(station.url, str(station.ca_file), auth=BasicAuth("metric-dev", otp)) as c:
+        chain = c.simpleenroll(csr)
+        c.simpleenroll(csr)  # a retry: the same certificate
+    with EstClient(station.url, str(station.ca_file), auth=BasicAuth("waiting-dev", "wrong-password")) as c, \
+            pytest.raises(EnrollmentError) as wrong:
+        c.simpleenroll(build_csr(generate("ec-p256"), "waiting-dev", TRUST_DOMAIN))
+    assert wrong.value.status == 401
+    # a revoked device that tries to renew: refused 403
+    from provisioning.certs import to_pem
+
+    cert_file, key_file = tmp_path / "dev.pem", tmp_path / "dev.key"
+    cert_file.write_bytes(to_pem(chain))
+    key_file.write_bytes(key_pem(key))
+    station.cli("revoke", "--device", "metric-dev")
+    with EstClient(station.url, str(station.ca_file), auth=ClientCertAuth(str(cert_file), str(key_file))) as c, \
+            pytest.raises(EnrollmentError) as revoked:
+        c.simplereenroll(build_csr(key, "metric-dev", TRUST_DOMAIN))
+    assert revoked.value.status == 403
+
+    after = scrape(port)
+    enrollments = "tether_station_enrollments_total"
+    assert delta(before, after, enrollments, method="otp", outcome="issued") == 1
+    assert delta(before, after, enrollments, method="otp", outcome="retry") == 1
+    assert delta(before, after, enrollments, method="otp", outcome="refused") == 1
+    assert delta(before, after, enrollments, method="reenroll", outcome="refused") == 1
+    assert delta(before, after, "tether_station_refusals_total", reason="unauthenticated") == 1
+    assert delta(before, after, "tether_station_refusals_total", reason="forbidden") == 1
+    # the latency histogram saw the two answers that carried a certificate, in its +Inf bucket and count
+    assert delta(before, after, "tether_station_enrollment_seconds_count", method="otp") == 2
+    assert delta(before, after, "tether_station_enrollment_seconds_bucket", method="otp", le="+Inf") == 2
+    assert value(after, "tether_station_enrollment_seconds_sum", method="otp") > 0
+    assert value(after, "tether_station_otps", state="open") == 1  # waiting-dev's; metric-dev's was used
+    assert value(after, "tether_station_certificates", kind="device", state="revoked") == 1
+    assert value(after, "tether_station_certificates", kind="device", state="valid") == 0
+
+
+def test_a_locked_otp_and_an_expiring_certificate_show_in_the_gauges(metered: tuple[RunningStation, int]) -> None:
+    station, port = metered
+    station.otp("guessed-dev")
+    for attempt in range(2):  # otp_max_failures = 2 (the fixture)
+        with EstClient(station.url, str(station.ca_file), auth=BasicAuth("guessed-dev", f"no-{attempt}")) as c, \
+                pytest.raises(EnrollmentError):
+            c.simpleenroll(build_csr(generate("ec-p256"), "guessed-dev", TRUST_DOMAIN))
+    station.cli("issue", "short-dev", "--days", "3", "--out", str(station.directory / "short"))
+    samples = scrape(port)
+    assert value(samples, "tether_station_otps", state="locked") == 1
+    assert value(samples, "tether_station_otps", state="open") == 0
+    assert value(samples, "tether_station_certificates", kind="device", state="expiring") == 1
+    assert value(samples, "tether_station_certificates", kind="device", state="valid") == 1
+
+
+def _est_workers(station: RunningStation) -> list[int]:
+    """The serve process' children that hold the EST listening socket (the metrics process closed it)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == station.port and fields[3] == "0A":  # LISTEN
+                inodes.add(fields[9])
+    pid = station.proc.popen.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    found = []
+    for child in map(int, children):
+        fds = Path(f"/proc/{child}/fd")
+        links = {os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()}
+        if any(f"socket:[{inode}]" in links for inode in inodes):
+            found.append(child)
+    return found
+
+
+def test_a_killed_worker_is_restarted_counted_and_enrollment_goes_on(metered: tuple[RunningStation, int]) -> None:
+    station, port = metered
+    workers = _est_workers(station)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    wait_until(lambda: value(scrape(port), "tether_station_worker_restarts_total", role="est") == 1, 20,
+               "the restart counted", describe=lambda: station.proc.tail())
+    wait_until(lambda: len(_est_workers(station)) == 2, 20, "two EST workers again",
+               describe=lambda: station.proc.tail())
+    assert workers[0] not in _est_workers(station)
+    assert "restarted as" in station.proc.tail()
+    with EstClient(station.url, str(station.ca_file), auth=BasicAuth("after-dev", station.otp("after-dev"))) as c:
+        c.simpleenroll(build_csr(generate("ec-p256"), "after-dev", TRUST_DOMAIN))
+    assert value(scrape(port), "tether_station_enrollments_total", method="otp", outcome="issued") == 1
+
+
+def test_metrics_off_loopback_are_refused_in_one_line(station_dir: Path) -> None:
+    out = station_cli("serve", "--dir", str(station_dir), "--listen", "127.0.0.1:0", "--metrics", "0.0.0.0:9464",
+                      check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "tether-station: error: --metrics '0.0.0.0:9464': metrics are served on loopback only (plain HTTP, no "
+        "client certificates); scrape through a local Prometheus agent or an SSH tunnel"]
+
+
+def test_restart_budget_allows_five_restarts_a_minute() -> None:
+    budget = RestartBudget(limit=5, window=60.0)
+    assert budget.allows([], 0.0)
+    assert budget.allows([1.0, 2.0, 3.0, 4.0], 5.0)
+    assert not budget.allows([1.0, 2.0, 3.0, 4.0, 5.0], 6.0)
+    assert budget.allows([1.0, 2.0, 3.0, 4.0, 5.0], 61.5)  # the first fell out of the window
