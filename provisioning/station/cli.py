@@ -8,6 +8,7 @@ Tether error (message on stderr), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -123,8 +124,11 @@ def cmd_cloud_aws(args: argparse.Namespace) -> int:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
+    from provisioning.station import service
     from provisioning.station.server import Limits, serve
 
+    settings = service.resolve(vars(args), args.config)
+    args = argparse.Namespace(**{**vars(args), **dataclasses.asdict(settings), "workers": settings.worker_count})
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
@@ -490,23 +494,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--code", required=True, help="the registration code (aws iot get-registration-code)")
     p.add_argument("--out", required=True, help="PEM file to write (- for stdout)")
     p = sub.add_parser("serve", parents=[common], help="EST enrollment server over HTTPS")
-    p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
-    p.add_argument("--threads", type=int, default=8, help="requests each worker computes at once (default 8; "
+    # defaults live in provisioning.station.service.DEFAULTS: an option given here beats --config's file
+    p.add_argument("--config", metavar="FILE", help="read these options from FILE's [serve] table first "
+                   "(the service's /etc/tether/station.toml); options given here win")
+    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8443)")
+    p.add_argument("--workers", type=int, help="processes (default: CPU count)")
+    p.add_argument("--threads", type=int, help="requests each worker computes at once (default 8; "
                    "idle and slow connections do not hold one)")
-    p.add_argument("--request-timeout", type=float, default=10.0, help="seconds for the TLS handshake and one "
+    p.add_argument("--request-timeout", type=float, help="seconds for the TLS handshake and one "
                    "whole request, however slowly it arrives (default 10; then 408)")
-    p.add_argument("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may wait "
+    p.add_argument("--idle-timeout", type=float, help="seconds a kept-alive connection may wait "
                    "for its next request (default 5)")
-    p.add_argument("--max-per-client", type=int, default=64, help="connections one client address may hold "
+    p.add_argument("--max-per-client", type=int, help="connections one client address may hold "
                    "per worker process; more are closed at accept (default 64, 0 = no cap)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     p.add_argument("--console", metavar="HOST:PORT", help="also serve the operators' web console there "
                    "(HTTPS, operator client certificates; off unless given; e.g. 127.0.0.1:8444)")
-    p.add_argument("--console-remote", action="store_true", help="allow --console on a non-loopback address")
+    p.add_argument("--console-remote", action="store_true", default=None,
+                   help="allow --console on a non-loopback address")
     p.add_argument("--metrics", metavar="HOST:PORT", help="also serve Prometheus metrics at "
                    "http://HOST:PORT/metrics (loopback only, plain HTTP; off unless given; e.g. 127.0.0.1:9464)")
-    p.add_argument("--metrics-expiring-days", type=int, default=30, metavar="N", help="certificates expiring "
+    p.add_argument("--metrics-expiring-days", type=int, metavar="N", help="certificates expiring "
                    "within N days are counted as expiring (default 30)")
     p.add_argument("--port-file", metavar="FILE", help="once listening, write the bound ports there as JSON, "
                    '{"est": PORT, "console": PORT, "metrics": PORT} (for HOST:0: the kernel picks the port)')
