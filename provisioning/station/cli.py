@@ -288,6 +288,32 @@ def cmd_export_c8y(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- backup ---------------------------------------------------------------------------------------------
+@command("backup")
+def cmd_backup(args: argparse.Namespace) -> int:
+    from provisioning.station.backup import backup
+
+    station = _station(args)
+    result = backup(station.directory, args.db or station.settings.ledger, Path(args.out))
+    ledger = "and a copy of the SQLite ledger" if result.ledger == "sqlite" else "(not the ledger)"
+    print(f"backed up {result.files} file(s) of {station.directory} {ledger} to {result.archive} (mode 0600: "
+          "it holds the CA keys)")
+    if result.postgres_hint:
+        print(f"tether-station: {result.postgres_hint}", file=sys.stderr)
+    return 0
+
+
+@command("restore")
+def cmd_restore(args: argparse.Namespace) -> int:
+    from provisioning.station.backup import restore
+
+    written, aside = restore(Path(args.archive), _dir(args), force=args.force)
+    print(f"restored {written} file(s) into {_dir(args)}")
+    if aside is not None:
+        print(f"the directory that was there is kept as {aside}", file=sys.stderr)
+    return 0
+
+
 # -- console operators (provisioning.station.console) ---------------------------------------------------
 @command("operator add")
 def cmd_operator_add(args: argparse.Namespace) -> int:
@@ -518,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "within N days are counted as expiring (default 30)")
     p.add_argument("--port-file", metavar="FILE", help="once listening, write the bound ports there as JSON, "
                    '{"est": PORT, "console": PORT, "metrics": PORT} (for HOST:0: the kernel picks the port)')
+    p = sub.add_parser("backup", parents=[common], help="archive the station directory and its SQLite ledger "
+                       "(online; for PostgreSQL it prints the pg_dump to run)")
+    p.add_argument("--out", required=True, help="archive to write (.tar.gz, mode 0600)")
+    p = sub.add_parser("restore", parents=[common], help="restore a backup archive into --dir (empty or new)")
+    p.add_argument("archive", metavar="ARCHIVE")
+    p.add_argument("--force", action="store_true", help="restore over a non-empty --dir, which is set aside as "
+                   "DIR.before-restore-TIME (never deleted)")
     op = sub.add_parser("operator", help="console operators (client certificates)").add_subparsers(
         dest="sub", required=True)
     p = op.add_parser("add", parents=[common], help="issue a console certificate: NAME.p12 for the browser")
