@@ -48,6 +48,11 @@ SETTINGS, ROOT, ROOT_KEY, ISSUING, ISSUING_KEY, CHAIN = (
 SERVER, SERVER_KEY, LEDGER, RELEASE = "server.pem", "server.key", "ledger.sqlite", "release"
 
 
+# settings older stations wrote that no longer do anything: otp_max_failures locked a device's password
+# after that many wrong guesses from anyone (issue 22 item 5)
+_RETIRED = frozenset({"otp_max_failures"})
+
+
 @dataclass(frozen=True)
 class Settings:
     """station.toml. `ledger` is a path relative to DIR or a postgresql:// URL."""
@@ -61,9 +66,12 @@ class Settings:
     crl_days: int = 7
     max_valid_certs: int = DEFAULT_MAX_VALID        # valid certificates one device may hold at once
     supersede_grace: int = DEFAULT_SUPERSEDE_GRACE  # s a re-enrolled certificate lives if its successor is unused
-    otp_max_failures: int = 10      # wrong guesses that lock a device's one-time password
-    otp_failure_burst: int = 5      # wrong guesses per device id or client address before 429 ...
-    otp_failure_window: int = 60    # ... within this many seconds
+    otp_failure_burst: int = 5      # wrong guesses from one client address before 429 ...
+    otp_failure_window: int = 60    # ... within this many seconds (the 429 ends when it has passed)
+    events_per_address: int = 10    # refused requests from one address recorded one by one per ...
+    events_window: int = 60         # ... this many seconds; the rest become one summary row
+    events_max_age: int = 30 * 24 * 3600  # refusal records older than this many seconds are deleted
+    events_max_rows: int = 100_000  # and only the newest this many are kept
     reserved_ids: str = ",".join(RESERVED_IDS)  # comma-separated ids never issued to devices
     bootstrap_ca: str = ""        # PEM file of CAs whose client certificates may enroll (factory bootstrap)
     encrypted_keys: bool = False
@@ -86,6 +94,8 @@ class Settings:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise StationError(f"{path}: cannot read the station settings: {exc}") from None
         known = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key in _RETIRED.intersection(data):
+            del data[key]  # written by an older station: accepted, without effect
         for key, value in data.items():
             if key not in known:
                 raise StationError(f"{path}: unknown setting {key!r}; known: {', '.join(known)}")
@@ -97,7 +107,8 @@ class Settings:
             check_trust_domain(settings.trust_domain, f"{path}: trust_domain")
         except ProvisioningError as exc:
             raise StationError(str(exc)) from None
-        for key in ("max_valid_certs", "otp_max_failures", "otp_failure_burst", "otp_failure_window"):
+        for key in ("max_valid_certs", "otp_failure_burst", "otp_failure_window", "events_per_address",
+                    "events_window", "events_max_age", "events_max_rows"):
             if getattr(settings, key) < 1:
                 raise StationError(f"{path}: {key} must be at least 1, got {getattr(settings, key)}")
         if settings.supersede_grace < 0:

@@ -8,7 +8,8 @@ that crashes or is restarted loses nothing: its file stays and its counts keep a
 never go backwards. The directory is made fresh at every start (counters restart at zero, which
 Prometheus' rate() expects) and removed at exit.
 
-The gauges (open and locked one-time passwords; certificates valid, expiring, revoked) are not counted
+The gauges (one-time passwords open, expired and voided; barred devices; certificates valid, expiring,
+revoked) are not counted
 at all: they are read from the ledger at each scrape, so they are right whichever station (or the
 console, or the command line) changed the ledger.
 
@@ -172,14 +173,21 @@ def stop_multiprocess(directory: str) -> None:
 
 # -- the ledger's gauges ------------------------------------------------------------------------------------
 def ledger_gauges(ledger: Ledger, now: int, expiring_days: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], int]:
-    """{(name, labels): value} for the ledger's state at `now`: one-time passwords open (unused, unlocked,
-    unexpired) and locked (unused); certificates by kind that are valid (unexpired, not revoked or
-    superseded), expiring within `expiring_days`, and revoked (what the CRL lists)."""
+    """{(name, labels): value} for the ledger's state at `now`: one-time passwords unused and open (usable),
+    expired, or voided (the device was revoked after it was issued); devices barred (revoked, not yet
+    readmitted); certificates by kind that are valid (unexpired, not revoked or superseded), expiring
+    within `expiring_days`, and revoked (what the CRL lists).
+
+    A password is no longer locked by wrong guesses (issue 22 item 5 retired that: a device id is printed
+    on its label, so anyone could lock it out); guessing shows as refusals{reason="rate_limited"}."""
     soon = now + expiring_days * 86400
     with ledger._transaction(write=False) as q:
-        otps = q("SELECT COALESCE(SUM(CASE WHEN used_at IS NULL AND locked_at IS NULL AND expires_at >= ? "
-                 "THEN 1 ELSE 0 END), 0), COALESCE(SUM(CASE WHEN used_at IS NULL AND locked_at IS NOT NULL "
-                 "THEN 1 ELSE 0 END), 0) FROM otps", (now,))
+        otps = q("SELECT "
+                 "COALESCE(SUM(CASE WHEN voided_at IS NULL AND expires_at >= ? THEN 1 ELSE 0 END), 0), "
+                 "COALESCE(SUM(CASE WHEN voided_at IS NULL AND expires_at < ? THEN 1 ELSE 0 END), 0), "
+                 "COALESCE(SUM(CASE WHEN voided_at IS NOT NULL THEN 1 ELSE 0 END), 0) "
+                 "FROM otps WHERE used_at IS NULL", (now, now))
+        barred = q("SELECT COUNT(*) FROM device_bars", ())
         certs = q("SELECT kind, "
                   "SUM(CASE WHEN revoked_at IS NULL AND (supersede_at IS NULL OR supersede_at > ?) AND not_after > ? "
                   "THEN 1 ELSE 0 END), "
@@ -189,7 +197,9 @@ def ledger_gauges(ledger: Ledger, now: int, expiring_days: int) -> dict[tuple[st
                   "FROM certs GROUP BY kind", (now, now, now, now, soon, now))
     found: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {
         ("otps", (("state", "open"),)): int(otps[0][0]),
-        ("otps", (("state", "locked"),)): int(otps[0][1]),
+        ("otps", (("state", "expired"),)): int(otps[0][1]),
+        ("otps", (("state", "voided"),)): int(otps[0][2]),
+        ("barred_devices", ()): int(barred[0][0]),
     }
     for kind in ("device", "server", "service"):
         for state in ("valid", "expiring", "revoked"):
@@ -213,8 +223,10 @@ class LedgerCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        otps = GaugeMetricFamily(f"{PREFIX}otps", "One-time passwords: open (unused, unexpired) and locked "
-                                 "(after too many wrong guesses)", labels=["state"])
+        otps = GaugeMetricFamily(f"{PREFIX}otps", "Unused one-time passwords: open (usable), expired, voided (the "
+                                 "device was revoked after it was issued)", labels=["state"])
+        barred = GaugeMetricFamily(f"{PREFIX}barred_devices", "Devices revoked and not readmitted: neither their "
+                                   "bootstrap certificate nor an older one-time password enrolls them")
         certs = GaugeMetricFamily(f"{PREFIX}certificates", f"Certificates in the ledger by kind: valid, expiring "
                                   f"within {self.expiring_days} days (also counted as valid), revoked",
                                   labels=["kind", "state"])
@@ -226,7 +238,8 @@ class LedgerCollector:
             up.add_metric([], 0)
             yield up
             return
+        families = {"otps": otps, "barred_devices": barred, "certificates": certs}
         for (name, labels), value in sorted(values.items()):
-            (otps if name == "otps" else certs).add_metric([v for _, v in labels], value)
+            families[name].add_metric([v for _, v in labels], value)
         up.add_metric([], 1)
-        yield from (otps, certs, up)
+        yield from (*families.values(), up)

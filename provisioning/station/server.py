@@ -26,6 +26,7 @@ from provisioning.station.errors import StationError
 from provisioning.station.loop import DEFAULT_THREADS, EstServer, Limits
 from provisioning.station.metrics import MeasuredEnrollment, Recorder, Silent
 from provisioning.station.supervisor import ESSENTIAL, Supervisor
+from provisioning.tlsserver import restrict_key_exchange
 
 __all__ = ["DEFAULT_THREADS", "EstServer", "Limits", "serve", "tls_context"]
 
@@ -33,8 +34,9 @@ __all__ = ["DEFAULT_THREADS", "EstServer", "Limits", "serve", "tls_context"]
 def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext:
     """Server TLS: the station's certificate; client certificates optional, verified against the
     station's CA chain (re-enrollment: the issuing CA is trusted here, so a client that sends its
-    leaf alone verifies) and the bootstrap CAs (first enrollment without an OTP)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf alone verifies) and the bootstrap CAs (first enrollment without an OTP). Key exchange over
+    elliptic curves only (`tlsserver`: no finite-field key share to compute before authentication)."""
+    ctx = restrict_key_exchange(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile, keyfile)
     ctx.load_verify_locations(cadata=to_pem([*station.ca_chain, *station.bootstrap_cas]).decode())  # ends at the root
@@ -125,9 +127,11 @@ def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledg
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    enrollment.refusals.start()  # summaries and retention of refusal records, in this process
     try:
         server.serve()
     finally:
+        enrollment.refusals.stop()
         sock.close()
         led.close()
     return 0

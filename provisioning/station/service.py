@@ -32,9 +32,12 @@ class ServeSettings:
     request_timeout: float = 10.0
     idle_timeout: float = 5.0
     max_per_client: int = 64
+    max_connections: int = 2048
+    handshake_cpu: float = 0.1
     log_level: str = "info"
     console: str | None = None             # HOST:PORT, off when unset
     console_remote: bool = False
+    console_max_connections: int = 128
     metrics: str | None = None             # HOST:PORT on loopback, off when unset
     metrics_expiring_days: int = 30
     db: str | None = None                  # ledger URL or path; else DIR/station.toml's

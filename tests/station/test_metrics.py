@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from lab.procs import wait_until
 from provisioning.csr import build_csr
 from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
+from provisioning.station.metrics import ledger_gauges
 from provisioning.station.supervisor import RestartBudget
 from tests.pki import TRUST_DOMAIN, key_pem
 from tests.security.stationbed import set_settings
@@ -27,8 +29,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 @pytest.fixture
 def metered(station_dir: Path) -> Iterator[tuple[RunningStation, int]]:
-    # two wrong guesses lock an OTP, and no rate limit gets in the way of the test making them
-    set_settings(station_dir, otp_max_failures=2, otp_failure_burst=1000)
+    set_settings(station_dir, otp_failure_burst=1000)  # no rate limit in the way of the test's wrong guesses
     argv = ["--workers", "2", "--log-level", "info", "--metrics", "127.0.0.1:0"]
     proc, ports = serve_station(station_dir, argv)
     running = RunningStation(station_dir, ports["est"], proc, None, argv)
@@ -99,22 +100,33 @@ def test_counters_and_gauges_move_with_real_enrollments_and_refusals(tmp_path: P
     assert value(after, "tether_station_enrollment_seconds_sum", method="otp") > 0
     assert value(after, "tether_station_otps", state="open") == 1  # waiting-dev's; metric-dev's was used
     assert value(after, "tether_station_certificates", kind="device", state="revoked") == 1
+    assert value(after, "tether_station_barred_devices") == 1
     assert value(after, "tether_station_certificates", kind="device", state="valid") == 0
 
 
-def test_a_locked_otp_and_an_expiring_certificate_show_in_the_gauges(metered: tuple[RunningStation, int]) -> None:
+def test_voided_and_expired_otps_barred_devices_and_expiring_certificates_show_in_the_gauges(
+        metered: tuple[RunningStation, int]) -> None:
     station, port = metered
-    station.otp("guessed-dev")
-    for attempt in range(2):  # otp_max_failures = 2 (the fixture)
-        with EstClient(station.url, str(station.ca_file), auth=BasicAuth("guessed-dev", f"no-{attempt}")) as c, \
-                pytest.raises(EnrollmentError):
-            c.simpleenroll(build_csr(generate("ec-p256"), "guessed-dev", TRUST_DOMAIN))
+    with EstClient(station.url, str(station.ca_file), auth=BasicAuth("gone-dev", station.otp("gone-dev"))) as c:
+        c.simpleenroll(build_csr(generate("ec-p256"), "gone-dev", TRUST_DOMAIN))
+    station.otp("gone-dev")  # a second password, unused when the device is revoked: voided
+    station.cli("revoke", "--device", "gone-dev")
+    station.otp("open-dev")
     station.cli("issue", "short-dev", "--days", "3", "--out", str(station.directory / "short"))
     samples = scrape(port)
-    assert value(samples, "tether_station_otps", state="locked") == 1
-    assert value(samples, "tether_station_otps", state="open") == 0
+    assert value(samples, "tether_station_otps", state="voided") == 1
+    assert value(samples, "tether_station_otps", state="open") == 1
+    assert value(samples, "tether_station_barred_devices") == 1
     assert value(samples, "tether_station_certificates", kind="device", state="expiring") == 1
     assert value(samples, "tether_station_certificates", kind="device", state="valid") == 1
+    assert value(samples, "tether_station_certificates", kind="device", state="revoked") == 1
+    # two days on (the clock is the function's input): open-dev's password (1 day) has expired
+    ledger = station.ledger()
+    try:
+        later = ledger_gauges(ledger, int(time.time()) + 2 * 86400, 30)
+    finally:
+        ledger.close()
+    assert later[("otps", (("state", "expired"),))] == 1 and later[("otps", (("state", "open"),))] == 0
 
 
 def _est_workers(station: RunningStation) -> list[int]:

@@ -313,9 +313,11 @@ class ConsoleStore:
         minute = now - 60
         with self.ledger._transaction(write=False) as q:
             issued = int(q("SELECT COUNT(*) FROM certs WHERE kind = 'device' AND issued_at >= ?", (minute,))[0][0])
-            refused = int(q("SELECT COUNT(*) FROM est_events WHERE at >= ?", (minute,))[0][0])
-            otp_failures = int(q("SELECT COUNT(*) FROM est_events WHERE status = 401 AND operation = 'simpleenroll' "
-                                 "AND reason LIKE ?", ("%one-time password%",))[0][0])  # psycopg reads % in SQL
+            # a summary row stands for `refusals` refusals (provisioning/station/refusals.py)
+            refused = int(q("SELECT COALESCE(SUM(refusals), 0) FROM est_events WHERE at >= ?", (minute,))[0][0])
+            otp_failures = int(q("SELECT COALESCE(SUM(refusals), 0) FROM est_events WHERE status = 401 "
+                                 "AND operation = 'simpleenroll' AND reason LIKE ?",
+                                 ("%one-time password%",))[0][0])  # psycopg reads % in SQL
             lockouts = self._lockouts(q)
         return {"issued_per_min": issued, "refused_per_min": refused, "otp_failures": otp_failures,
                 "lockouts": lockouts if lockouts is not None else -1}
