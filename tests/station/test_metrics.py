@@ -3,6 +3,7 @@ with prometheus-client's own text parser while real devices enroll, retry, guess
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -129,39 +130,52 @@ def test_voided_and_expired_otps_barred_devices_and_expiring_certificates_show_i
     assert later[("otps", (("state", "expired"),))] == 1 and later[("otps", (("state", "open"),))] == 0
 
 
-def _est_workers(station: RunningStation) -> list[int]:
-    """The serve process' children that hold the EST listening socket (the metrics process closed it)."""
+def children_listening_on(station: RunningStation, port: int) -> list[int]:
+    """The serve process' children that hold the listening socket of `port` (EST workers share theirs; the
+    console and metrics processes close it and hold their own)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == station.port and fields[3] == "0A":  # LISTEN
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
                 inodes.add(fields[9])
     pid = station.proc.popen.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     found = []
-    for child in map(int, children):
-        fds = Path(f"/proc/{child}/fd")
-        links = {os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()}
-        if any(f"socket:[{inode}]" in links for inode in inodes):
-            found.append(child)
+    for child in map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()):
+        with contextlib.suppress(FileNotFoundError):  # a child that just exited
+            links = {os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()}
+            if any(f"socket:[{inode}]" in links for inode in inodes):
+                found.append(child)
     return found
 
 
 def test_a_killed_worker_is_restarted_counted_and_enrollment_goes_on(metered: tuple[RunningStation, int]) -> None:
     station, port = metered
-    workers = _est_workers(station)
+    workers = children_listening_on(station, station.port)
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: value(scrape(port), "tether_station_worker_restarts_total", role="est") == 1, 20,
                "the restart counted", describe=lambda: station.proc.tail())
-    wait_until(lambda: len(_est_workers(station)) == 2, 20, "two EST workers again",
+    wait_until(lambda: len(children_listening_on(station, station.port)) == 2, 20, "two EST workers again",
                describe=lambda: station.proc.tail())
-    assert workers[0] not in _est_workers(station)
+    assert workers[0] not in children_listening_on(station, station.port)
     assert "restarted as" in station.proc.tail()
     with EstClient(station.url, str(station.ca_file), auth=BasicAuth("after-dev", station.otp("after-dev"))) as c:
         c.simpleenroll(build_csr(generate("ec-p256"), "after-dev", TRUST_DOMAIN))
     assert value(scrape(port), "tether_station_enrollments_total", method="otp", outcome="issued") == 1
+
+
+def test_a_dead_side_process_stays_off_and_est_goes_on(metered: tuple[RunningStation, int]) -> None:
+    station, port = metered
+    (metrics,) = children_listening_on(station, port)
+    os.kill(metrics, signal.SIGKILL)
+    wait_until(lambda: "metrics process" in station.proc.tail(), 20, "the metrics process' death logged",
+               describe=lambda: station.proc.tail())
+    assert f"metrics process {metrics} exited with -9; it stays off, EST enrollment goes on" in station.proc.tail()
+    assert station.proc.alive() and station.serving()
+    with EstClient(station.url, str(station.ca_file), auth=BasicAuth("on-dev", station.otp("on-dev"))) as c:
+        c.simpleenroll(build_csr(generate("ec-p256"), "on-dev", TRUST_DOMAIN))
+    assert len(children_listening_on(station, station.port)) == 2
 
 
 def test_metrics_off_loopback_are_refused_in_one_line(station_dir: Path) -> None:
