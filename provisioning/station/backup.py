@@ -89,7 +89,7 @@ def backup(directory: Path, ledger_location: str, out: Path, now: float | None =
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # 0600 from the start
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
             for name, path in files:
                 data = path.read_bytes()
                 digests[name] = hashlib.sha256(data).hexdigest()
