@@ -99,6 +99,10 @@ def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str |
         raise AgentError(f"{config.sources[0] if config.sources else 'config'}: [est] url is not set "
                          "(https://station:8443)")
     identity = identity or DeviceIdentity(config)
+    if config.enroll.method == "tpm-attestation":  # no credentials carried: the TPM proves itself
+        from agent.attest import enroll_attested
+
+        return enroll_attested(config, identity)
     auth, kind, used_file = _credentials(config, otp, otp_file)
     if identity.ensure_key():
         log.info("created device key in the %s key store", config.keys.backend)
