@@ -88,6 +88,22 @@ class TpmAttester:
         self._context.__exit__(None, None, None)
 
     # -- EK --------------------------------------------------------------------------------------------
+    def _nv_indices(self) -> set[int]:
+        """The NV indices defined in the EK certificate range (asking first keeps the TSS from logging an
+        error for every absent one)."""
+        from tpm2_pytss import TPM2_CAP
+
+        found: set[int] = set()
+        more, start = True, 0x01C00000
+        while more:
+            more, data = self._ectx.get_capability(TPM2_CAP.HANDLES, start, 64)
+            handles = [int(h) for h in data.data.handles]
+            found.update(h for h in handles if h < 0x01C10000)
+            if not handles or handles[-1] >= 0x01C10000:
+                break
+            start = handles[-1] + 1
+        return found
+
     def _nv_read(self, index: int) -> bytes | None:
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
         from tpm2_pytss.utils import NoSuchIndex, NVReadEK
@@ -106,11 +122,12 @@ class TpmAttester:
         from tpm2_pytss.utils import NVReadEK, create_ek_template
 
         tried = []
+        defined = self._nv_indices()
         for kind, index, handle, template in EK_PROFILES:
             if self.choice not in ("auto", kind):
                 continue
             tried.append(f"0x{index:08x}")
-            cert = self._nv_read(index)
+            cert = self._nv_read(index) if index in defined else None
             if not cert:
                 continue
             cert = _der_only(cert)

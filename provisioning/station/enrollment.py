@@ -95,6 +95,7 @@ class Enrollment:
                                         window=settings.events_window, max_age=settings.events_max_age,
                                         max_rows=settings.events_max_rows, clock=clock)
         station.issuer  # noqa: B018 - load (and decrypt) the CA key now, not in the first request
+        station.ek_trust  # noqa: B018 - and the TPM makers' roots: a missing ek_roots file stops `serve` here
 
     @cached_property
     def attestation(self) -> Attestation:
