@@ -9,10 +9,10 @@ the ledger's migrated columns):
   ek_allowlist       EK digests an operator registered, with the batch and optionally the one device id
                      the EK may enroll
 
-At most one unanswered challenge per EK is kept (a new start replaces it), so anyone holding a
-trusted EK certificate cannot fill the table; answered ones stay as the record of which credential
-issued which certificate (a replay is refused by it). Uses the ledger's transaction and issuing
-internals, as the console's tables do.
+At most `MAX_OPEN_PER_EK` unanswered challenges per EK are kept (a new start for the same EK and AK
+replaces the earlier one), so anyone holding a trusted EK certificate cannot fill the table; answered
+ones stay as the record of which credential issued which certificate (a replay is refused by it).
+Uses the ledger's transaction and issuing internals, as the console's tables do.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ _TABLES = ("""CREATE TABLE IF NOT EXISTS attest_challenges (
            """CREATE TABLE IF NOT EXISTS ek_allowlist (
     ek_digest TEXT PRIMARY KEY, batch TEXT NOT NULL, device_id TEXT, added_at BIGINT NOT NULL)""",
            "CREATE INDEX IF NOT EXISTS certs_by_ek ON certs (ek_digest)")
+MAX_OPEN_PER_EK = 4  # unanswered challenges kept per EK (bounds the rows one public EK certificate can add)
 _CHALLENGE = ("id, device_id, ek_digest, ak_public, nonce, secret_digest, created_at, expires_at, used_at, "
               "csr_fingerprint, serial")
 
@@ -131,13 +132,20 @@ class AttestStore:
     # -- challenges --------------------------------------------------------------------------------------
     def open(self, device_id: str, ek_digest: str, ak_public: bytes, nonce: bytes, secret_digest: str,
              now: int, ttl: int) -> Challenge:
-        """Record a new challenge; any unanswered one for the same EK is dropped (it can no longer
-        enroll), and so are unanswered ones that expired."""
+        """Record a new challenge. An unanswered one for the same EK and AK is dropped (the device asked
+        again; its AK is derived again from the same seed, so a retry is the same pair), and so are
+        unanswered ones that expired, and the oldest beyond `MAX_OPEN_PER_EK` for this EK. EK certificates
+        are not secret: keying the replacement on the AK too means someone holding a device's EK
+        certificate but not its TPM cannot cancel the device's challenge with a start of their own."""
         challenge = Challenge(secrets.token_hex(16), device_id, ek_digest, ak_public, nonce, secret_digest, now,
                               now + ttl, None, None, None)
         with self.ledger._transaction() as q:
-            q("DELETE FROM attest_challenges WHERE used_at IS NULL AND (ek_digest = ? OR expires_at < ?)",
-              (ek_digest, now))
+            q("DELETE FROM attest_challenges WHERE used_at IS NULL AND ((ek_digest = ? AND ak_public = ?) "
+              "OR expires_at < ?)", (ek_digest, ak_public.hex(), now))
+            stale = q("SELECT id FROM attest_challenges WHERE used_at IS NULL AND ek_digest = ? "
+                      "ORDER BY created_at DESC, id LIMIT 100 OFFSET ?", (ek_digest, MAX_OPEN_PER_EK - 1))
+            for (old,) in stale:
+                q("DELETE FROM attest_challenges WHERE id = ?", (old,))
             q(f"INSERT INTO attest_challenges ({_CHALLENGE}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
               (challenge.id, device_id, ek_digest, ak_public.hex(), nonce.hex(), secret_digest, now, now + ttl,
                None, None, None))

@@ -249,3 +249,38 @@ def test_one_devices_attestation_cannot_enroll_another_device(device: Device, tp
     assert [(d, s) for d, s, _ in refusals(device.station, "attest/simpleenroll")] == [("dev-b", 403)]
     assert [(d, s) for d, s, _ in refusals(device.station, "attest/start")] == [("dev-b", 403)]
     assert device.station.rows("dev-b") == []
+
+
+def test_a_start_by_someone_holding_only_the_ek_certificate_does_not_cancel_the_devices_challenge(
+        device: Device, tpm: TpmAttester) -> None:
+    challenge = device.challenge(tpm)
+    # EK certificates are public: anyone can send this EK with an AK of their own
+    other_ak = tpm2.marshal_public(ec.generate_private_key(ec.SECP256R1()).public_key(),
+                                   tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.RESTRICTED
+                                   | tpm2.SIGN | tpm2.USER_WITH_AUTH, scheme=tpm2.ALG_ECDSA)
+    for _ in range(5):
+        assert device.start(tpm, ak_public=other_ak).status_code == 200
+    secret = tpm.activate(challenge["credential_blob"], challenge["encrypted_secret"])
+    issued = device.enroll(secret, device.csr(device.certify(tpm, challenge["nonce"])))
+    assert issued.status_code == 200, issued.text
+
+
+def test_an_ak_that_is_not_a_restricted_signing_key_is_refused(device: Device, tpm: TpmAttester) -> None:
+    # an unrestricted key signs any digest, so a "TPMS_ATTEST" it signed could have been written by anyone
+    loose = tpm2.marshal_public(ec.generate_private_key(ec.SECP256R1()).public_key(),
+                                tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.SIGN
+                                | tpm2.USER_WITH_AUTH, scheme=tpm2.ALG_ECDSA)
+    refused = device.start(tpm, ak_public=loose)
+    assert refused.status_code == 403 and "lacks restricted" in refused.text
+    assert refusals(device.station, "attest/start") == [("dev-a", 403, refused.text.strip())]
+
+
+def test_an_ek_public_area_that_is_not_the_certificates_key_is_refused(device: Device, tpm: TpmAttester) -> None:
+    assert tpm.endorsement is not None
+    other = tpm2.marshal_public(ec.generate_private_key(ec.SECP384R1()).public_key(),
+                                tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.RESTRICTED
+                                | tpm2.DECRYPT, symmetric=(tpm2.ALG_AES, 256, tpm2.ALG_CFB))
+    doc = {"device_id": "dev-a", "ek_certificate": base64.b64encode(tpm.endorsement.certificate).decode(),
+           "ek_public": base64.b64encode(other).decode(), "ak_public": base64.b64encode(tpm.ak_public).decode()}
+    refused = device.post("start", json.dumps(doc).encode(), "application/json")
+    assert refused.status_code == 403 and "is not the key of the EK certificate" in refused.text
