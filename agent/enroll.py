@@ -126,14 +126,18 @@ def retry_delay(exc: BaseException, config: Config, fallback: float) -> float | 
     A station that asked for a delay (`Retry-After` on 202/503) gets it, capped at
     `[est] retry_after_max`, and never less than `fallback` (the caller's backoff, so a station
     answering `Retry-After: 0` cannot make a device hammer it); without one, `fallback`. None for an
-    EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR.
+    EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR
+    (with `[enroll] method = "tpm-attestation"`: `[est] retry_after_max`, as nothing on the device can change).
     """
     from provisioning.errors import EnrollmentError
 
     if not isinstance(exc, EnrollmentError):
         return fallback
     if not exc.retryable:
-        return None
+        # attested enrollment carries no credential a person could replace on the device: what the station
+        # refused (an EK not yet on its allow-list, a barred device) is fixed at the station, so ask again
+        # after the longest wait a station may ask for
+        return config.est.retry_after_max if config.enroll.method == "tpm-attestation" else None
     if exc.retry_after is None:
         return fallback
     ceiling = config.est.retry_after_max
