@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from lab.mosquitto import BrokerFiles, Mosquitto
 from lab.swtpm import SoftTpm
 from provisioning.attest.verify import ek_digest
 from provisioning.station.attestation import TPM_FIXED, TPM_RESIDENCY
 from tests.attest.conftest import TCTI, attest_config
 from tests.conftest import run_tether, write_config
-from tests.station.conftest import RunningStation
+from tests.station.conftest import RunningStation, station_cli
 
 
 def ek_digests(station: RunningStation, device_id: str) -> list[str | None]:
@@ -37,6 +38,26 @@ def test_first_boot_enrolls_by_attestation_with_no_otp(tmp_path: Path, attest_st
     assert {p.policy_identifier for p in policies} == {TPM_RESIDENCY, TPM_FIXED}
     [digest] = ek_digests(attest_station, "dev-att")
     assert digest is not None and digest.startswith("sha256:")
+
+
+def test_tether_check_first_boot_enrolls_by_attestation_and_connects_with_the_tpm_key(
+        tmp_path: Path, attest_station: RunningStation, attested_tpm: SoftTpm) -> None:
+    out_dir = tmp_path / "broker-cert"
+    station_cli("server-cert", "--dir", str(attest_station.directory), "--dns", "localhost", "--ip", "127.0.0.1",
+                "--out", str(out_dir))
+    broker = Mosquitto(tmp_path / "broker", BrokerFiles(attest_station.directory / "ca-chain.pem",
+                                                        out_dir / "server.pem", out_dir / "server.key")).start()
+    try:
+        config = attest_config(tmp_path, attest_station, endpoints={"urls": [f"mqtts://localhost:{broker.port}"]},
+                               token={"enabled": False},
+                               mqtt={"backoff_base": 0.2, "backoff_cap": 1.0, "connect_timeout": 3.0})
+        out = run_tether("check", config=config)
+        assert out.returncode == 0, out.stdout + out.stderr
+        for step in ("key", "enroll", "connect"):
+            assert f"ok   {step}" in out.stdout
+        assert len(attest_station.rows("dev-att")) == 1
+    finally:
+        broker.stop()
 
 
 def test_the_ledger_names_the_ek_of_the_tpm(tmp_path: Path, attest_station: RunningStation,
