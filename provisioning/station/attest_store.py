@@ -123,6 +123,20 @@ class AttestStore:
                   (digest,))
         return str(found[0][0]) if found else None
 
+    def enrolled_otherwise(self, device_id: str, digest: str) -> str | None:
+        """How `device_id` already enrolled if not with this EK ("EK sha256:..", or "a one-time password or
+        bootstrap certificate"); None when it never did, or only with this EK."""
+        with self.ledger._transaction(write=False) as q:
+            return self._enrolled_otherwise(q, device_id, digest)
+
+    @staticmethod
+    def _enrolled_otherwise(q: Any, device_id: str, digest: str) -> str | None:
+        found = q("SELECT ek_digest FROM certs WHERE device_id = ? AND kind = 'device' AND (ek_digest IS NULL OR "
+                  "ek_digest != ?) ORDER BY issued_at DESC LIMIT 1", (device_id, digest))
+        if not found:
+            return None
+        return f"EK {found[0][0]}" if found[0][0] else "a one-time password or bootstrap certificate"
+
     def ek_of_devices(self) -> dict[str, str]:
         """device id -> the EK digest of its newest attested certificate (console, exports)."""
         with self.ledger._transaction(write=False) as q:
@@ -157,13 +171,15 @@ class AttestStore:
                       (secret_digest,))
         return Challenge.of(found[0]) if found else None
 
-    def issue(self, challenge: Challenge, csr_fingerprint: str, now: int,
-              sign: Callable[[], x509.Certificate]) -> tuple[Row, bool]:
+    def issue(self, challenge: Challenge, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate],
+              *, replaces: bool = False) -> tuple[Row, bool]:
         """Spend `challenge` on the certificate `sign()` makes; (row, reused).
 
         In one transaction, so two requests with one credential cannot both issue: the challenge must be
         unanswered (a retry with the same CSR gets the certificate issued the first time), not expired,
-        the device not barred by an operator's revocation, and the EK not bound to another device.
+        the device not barred by an operator's revocation, the EK not bound to another device, and the
+        device not enrolled before in another way (another EK, a password) unless `replaces` (the
+        operator bound this EK to this device id on the allow-list: a replaced TPM).
         """
         ledger = self.ledger
         with ledger._transaction() as q:
@@ -192,11 +208,19 @@ class AttestStore:
             bound = self._device_of_ek(q, current.ek_digest)
             if bound is not None and bound != current.device_id:
                 raise Refusal(403, ek_bound_reason(current.ek_digest, bound, current.device_id))
+            other = None if replaces else self._enrolled_otherwise(q, current.device_id, current.ek_digest)
+            if other is not None:
+                raise Refusal(403, device_bound_reason(current.device_id, other, current.ek_digest))
             row, _ = ledger._issue(q, current.device_id, csr_fingerprint, now, sign, "device", False, None)
             q("UPDATE certs SET ek_digest = ? WHERE serial = ?", (current.ek_digest, row.serial))
             q("UPDATE attest_challenges SET used_at = ?, csr_fingerprint = ?, serial = ? WHERE id = ?",
               (now, csr_fingerprint, row.serial, current.id))
             return row, False
+
+
+def device_bound_reason(device_id: str, other: str, digest: str) -> str:
+    return (f"device {device_id!r} already enrolled with {other}: EK {digest} cannot take its identity over; if "
+            f"its TPM was replaced, bind the new EK to it (`tether-station attest allow --device {device_id}`)")
 
 
 def ek_bound_reason(digest: str, bound: str, asked: str) -> str:

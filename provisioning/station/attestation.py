@@ -33,7 +33,7 @@ from provisioning.attest.verify import check_ak, check_certify, check_ek_public,
 from provisioning.certs import load_csr
 from provisioning.errors import PemError, ProvisioningError
 from provisioning.identity import check_device_id
-from provisioning.station.attest_store import AttestStore, ek_bound_reason
+from provisioning.station.attest_store import AttestStore, device_bound_reason, ek_bound_reason
 from provisioning.station.ca import Station
 from provisioning.station.errors import Refusal
 from provisioning.station.ledger import Ledger, barred_reason
@@ -131,9 +131,15 @@ class Attestation:
                            "encrypted_secret": base64.b64encode(credential.encrypted_secret).decode(),
                            "nonce": base64.b64encode(nonce).decode(), "expires_at": challenge.expires_at}).encode()
 
+    def _replaces(self, digest: str, device_id: str) -> bool:
+        """True when the operator bound this EK to this device id on the allow-list (a replaced TPM)."""
+        entry = self.store.allowed(digest)
+        return entry is not None and entry.device_id == device_id
+
     def _check_ek(self, digest: str, device_id: str) -> None:
-        """The allow-list (when kept), an EK bound to another device, a barred device: refused at start,
-        so no credential is made for them (issuance checks the last two again in its transaction)."""
+        """The allow-list (when kept), an EK bound to another device, a device that enrolled before in
+        another way, a barred device: refused at start, so no credential is made for them (issuance checks
+        the last three again in its transaction)."""
         if self.station.settings.ek_allowlist:
             entry = self.store.allowed(digest)
             if entry is None:
@@ -145,6 +151,9 @@ class Attestation:
         bound = self.store.device_of_ek(digest)
         if bound is not None and bound != device_id:
             raise Refusal(403, ek_bound_reason(digest, bound, device_id))
+        other = None if self._replaces(digest, device_id) else self.store.enrolled_otherwise(device_id, digest)
+        if other is not None:  # any genuine TPM could otherwise take over an enrolled device's identity
+            raise Refusal(403, device_bound_reason(device_id, other, digest))
         bar = self.store.ledger.bar(device_id)
         if bar is not None:
             raise Refusal(403, barred_reason(bar))
@@ -188,4 +197,5 @@ class Attestation:
         def sign() -> x509.Certificate:
             return self.station.device_cert(csr.public_key(), user, extensions=[ATTESTED_POLICIES])
 
-        return self.store.issue(challenge, fingerprint, int(self.clock()), sign)
+        return self.store.issue(challenge, fingerprint, int(self.clock()), sign,
+                                replaces=self._replaces(challenge.ek_digest, user))

@@ -284,3 +284,48 @@ def test_an_ek_public_area_that_is_not_the_certificates_key_is_refused(device: D
            "ek_public": base64.b64encode(other).decode(), "ak_public": base64.b64encode(tpm.ak_public).decode()}
     refused = device.post("start", json.dumps(doc).encode(), "application/json")
     assert refused.status_code == 403 and "is not the key of the EK certificate" in refused.text
+
+
+def test_a_genuine_tpm_cannot_take_over_a_device_that_enrolled_another_way(tmp_path: Path, device: Device,
+                                                                           tpm: TpmAttester) -> None:
+    from provisioning.csr import build_csr as plain_csr
+    from provisioning.est.client import BasicAuth, EstClient
+    from tests.pki import TRUST_DOMAIN
+
+    station = device.station
+    with EstClient(station.url, str(station.ca_file), auth=BasicAuth("dev-a", station.otp("dev-a"))) as client:
+        client.simpleenroll(plain_csr(ec.generate_private_key(ec.SECP256R1()), "dev-a", TRUST_DOMAIN))
+    refused = device.start(tpm)
+    assert refused.status_code == 403
+    assert "already enrolled with a one-time password or bootstrap certificate" in refused.text
+    assert refusals(station, "attest/start") == [("dev-a", 403, refused.text.strip())]
+    # another TPM's EK recorded for the device: the same
+    ledger = station.ledger()
+    with ledger._transaction() as q:
+        q("UPDATE certs SET ek_digest = ? WHERE device_id = 'dev-a'", ("sha256:" + "00" * 32,))
+    ledger.close()
+    refused = device.start(tpm)
+    assert refused.status_code == 403 and f"already enrolled with EK sha256:{'00' * 32}" in refused.text
+    # the operator says this TPM replaces the old one: bound on the allow-list, it enrolls
+    assert tpm.endorsement is not None
+    digest = ek_digest(x509.load_der_x509_certificate(tpm.endorsement.certificate))
+    station.cli("attest", "allow", "--batch", "repair", "--device", "dev-a", digest)
+    challenge = device.challenge(tpm)
+    secret = tpm.activate(challenge["credential_blob"], challenge["encrypted_secret"])
+    assert device.enroll(secret, device.csr(device.certify(tpm, challenge["nonce"]))).status_code == 200
+
+
+def test_a_device_enrolled_another_way_during_the_challenge_is_refused_at_issuance(device: Device,
+                                                                                  tpm: TpmAttester) -> None:
+    from provisioning.csr import build_csr as plain_csr
+    from provisioning.est.client import BasicAuth, EstClient
+    from tests.pki import TRUST_DOMAIN
+
+    challenge = device.challenge(tpm)  # open before the device id was taken
+    station = device.station
+    with EstClient(station.url, str(station.ca_file), auth=BasicAuth("dev-a", station.otp("dev-a"))) as client:
+        client.simpleenroll(plain_csr(ec.generate_private_key(ec.SECP256R1()), "dev-a", TRUST_DOMAIN))
+    secret = tpm.activate(challenge["credential_blob"], challenge["encrypted_secret"])
+    refused = device.enroll(secret, device.csr(device.certify(tpm, challenge["nonce"])))
+    assert refused.status_code == 403 and "already enrolled with a one-time password" in refused.text
+    assert len(station.rows("dev-a")) == 1
