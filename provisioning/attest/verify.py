@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -78,6 +79,12 @@ class EkTrust:
 
     def check(self, ek: x509.Certificate, now: float) -> list[x509.Certificate]:
         """The chain EK .. root; AttestError naming the certificate when no trusted maker issued it."""
+        try:
+            return self._check(ek, now)
+        except (ValueError, UnsupportedAlgorithm) as exc:  # extensions and keys are parsed lazily
+            raise AttestError(f"EK certificate {_describe(ek)}: unreadable: {exc}") from None
+
+    def _check(self, ek: x509.Certificate, now: float) -> list[x509.Certificate]:
         if not self.roots:
             raise AttestError("the station trusts no TPM maker: set ek_roots in station.toml to a PEM file of EK "
                               "root (and intermediate) certificates")
