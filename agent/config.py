@@ -58,6 +58,11 @@ class EstSection(NamedTuple):
     retry_after_max: float = 600.0  # ceiling on the wait a station asks for with Retry-After (202, 503)
 
 
+class EnrollSection(NamedTuple):
+    method: str = "otp"            # otp (one-time password or [est] bootstrap_cert) | tpm-attestation
+    ek: str = "auto"               # tpm-attestation: which EK certificate to use: auto | rsa | ecc
+
+
 class EndpointsSection(NamedTuple):
     urls: tuple[str, ...] = ()  # mqtts://host:port, tried in order
     ca_file: str = ""              # CA for the brokers in `urls`
@@ -130,6 +135,7 @@ SECTIONS: dict[str, type] = {
     "keys": KeysSection,
     "identity": IdentitySection,
     "est": EstSection,
+    "enroll": EnrollSection,
     "endpoints": EndpointsSection,
     "discovery": DiscoverySection,
     "mqtt": MqttSection,
@@ -147,6 +153,7 @@ PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", 
              ("outbox", "socket")}
 
 CHOICES = {("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
+           ("enroll", "method"): ("otp", "tpm-attestation"), ("enroll", "ek"): ("auto", "rsa", "ecc"),
            ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
            ("ota", "slots"): ("directory", "uboot", "swupdate", "rauc", "command"),
            ("ota", "untrusted_hosts"): ("refuse", "no-token"),
@@ -190,6 +197,7 @@ class Config(NamedTuple):
     keys: KeysSection = KeysSection()
     identity: IdentitySection = IdentitySection()
     est: EstSection = EstSection()
+    enroll: EnrollSection = EnrollSection()
     endpoints: EndpointsSection = EndpointsSection()
     discovery: DiscoverySection = DiscoverySection()
     mqtt: MqttSection = MqttSection()

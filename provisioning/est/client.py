@@ -227,6 +227,11 @@ class EstClient:
         """Re-enroll with the current credentials (mTLS or bearer); returns the chain leaf .. root."""
         return self._enroll("simplereenroll", csr)
 
+    def post(self, operation: str, body: bytes, content_type: str) -> bytes:
+        """POST `body` to `<base>/<operation>` (an extension such as attest/start); the 200/201 answer's
+        body, EnrollmentError for any other status."""
+        return self._request("POST", operation, body, {"Content-Type": content_type})[1]
+
     def _enroll(self, operation: str, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
         body = base64.encodebytes(csr.public_bytes(Encoding.DER))
         response, content = self._request("POST", operation, body, {"Content-Type": CSR_TYPE,
