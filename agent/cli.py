@@ -172,10 +172,16 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
 def setup_logging(verbose: bool) -> None:
     import logging
 
+    from provisioning.printable import EscapeOutsideInput
+
     # journald adds its own timestamps; elsewhere the log carries them
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    # One filter on the handler, so every record is escaped whichever logger it comes from (ours, paho's,
+    # urllib3's): a 515, a redirect or a broker's reason text never writes an escape sequence raw.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(EscapeOutsideInput())
 
 
 @command("run")
