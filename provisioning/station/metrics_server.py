@@ -125,13 +125,14 @@ class MetricsService:
 
         led = self.station.open_ledger(self.ledger_location)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.directory)
 
         def ledger_error(exc: BaseException) -> None:
             log.warning("metrics: the ledger did not answer: %s", exc)
             self.counting.ledger_errors.labels("scrape").inc()
 
+        # collected in this order: the ledger's gauges first, so an error they meet is in the same scrape's counters
         registry.register(LedgerCollector(led, self.expiring_days, on_error=ledger_error))
+        MultiProcessCollector(registry, path=self.directory)
         server = _MetricsHTTPServer(self.sock, registry)
 
         def stop(signum: int, frame: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +20,8 @@ from lab.procs import wait_until
 from provisioning.csr import build_csr
 from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
-from provisioning.station.metrics import ledger_gauges
+from provisioning.station.errors import Refusal, StationError
+from provisioning.station.metrics import is_ledger_error, ledger_gauges, method_of, reason_of
 from provisioning.station.supervisor import RestartBudget
 from tests.pki import TRUST_DOMAIN, key_pem
 from tests.security.stationbed import set_settings
@@ -193,3 +195,35 @@ def test_restart_budget_allows_five_restarts_a_minute() -> None:
     assert budget.allows([1.0, 2.0, 3.0, 4.0], 5.0)
     assert not budget.allows([1.0, 2.0, 3.0, 4.0, 5.0], 6.0)
     assert budget.allows([1.0, 2.0, 3.0, 4.0, 5.0], 61.5)  # the first fell out of the window
+
+
+def test_a_ledger_that_cannot_answer_shows_as_ledger_up_zero_and_a_counted_error(
+        metered: tuple[RunningStation, int]) -> None:
+    station, port = metered
+    assert value(scrape(port), "tether_station_ledger_up") == 1
+    with sqlite3.connect(station.directory / "ledger.sqlite") as db:  # a table the gauges read goes missing
+        db.execute("ALTER TABLE device_bars RENAME TO device_bars_gone")
+    samples = scrape(port)  # the scrape itself still answers 200
+    assert value(samples, "tether_station_ledger_up") == 0
+    assert value(samples, "tether_station_ledger_errors_total", where="scrape") == 1
+    assert "metrics: the ledger did not answer" in station.proc.tail()
+
+
+def test_labels_are_a_fixed_set() -> None:
+    from provisioning.station.enrollment import ENROLL, REENROLL, Request
+
+    assert method_of(Request(REENROLL, "", b"", basic=("d", "p"))) == "reenroll"
+    assert method_of(Request(ENROLL, "", b"", basic=("d", "p"))) == "otp"
+    assert method_of(Request(ENROLL, "", b"", peer_der=b"x")) == "bootstrap"
+    assert method_of(Request(ENROLL, "", b"")) == "none"
+    assert [reason_of(Refusal(s, "any words")) for s in (400, 401, 403, 415, 429, 503, 418)] == [
+        "malformed_csr", "unauthenticated", "forbidden", "wrong_content_type", "rate_limited", "unavailable",
+        "status_418"]
+    try:
+        try:
+            raise sqlite3.OperationalError("database is locked")
+        except sqlite3.Error as exc:
+            raise StationError("ledger write failed") from exc
+    except StationError as wrapped:
+        assert is_ledger_error(wrapped)
+    assert not is_ledger_error(ValueError("a bug, not the ledger"))
