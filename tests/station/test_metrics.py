@@ -227,3 +227,18 @@ def test_labels_are_a_fixed_set() -> None:
     except StationError as wrapped:
         assert is_ledger_error(wrapped)
     assert not is_ledger_error(ValueError("a bug, not the ledger"))
+
+
+def test_an_enrollment_the_ledger_fails_counts_as_an_error_and_a_ledger_error(
+        metered: tuple[RunningStation, int]) -> None:
+    station, port = metered
+    otp = station.otp("unlucky-dev")
+    with sqlite3.connect(station.directory / "ledger.sqlite") as db:  # the issuance table goes missing
+        db.execute("ALTER TABLE certs RENAME TO certs_gone")
+    with EstClient(station.url, str(station.ca_file), auth=BasicAuth("unlucky-dev", otp)) as c, \
+            pytest.raises(EnrollmentError) as failed:
+        c.simpleenroll(build_csr(generate("ec-p256"), "unlucky-dev", TRUST_DOMAIN))
+    assert failed.value.status == 500
+    samples = scrape(port)
+    assert value(samples, "tether_station_enrollments_total", method="otp", outcome="error") == 1
+    assert value(samples, "tether_station_ledger_errors_total", where="enrollment") == 1
