@@ -223,7 +223,7 @@ class EstClient:
         return self._enroll("simplereenroll", csr)
 
     def _enroll(self, operation: str, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
-        body = base64.encodebytes(csr.public_bytes(Encoding.DER))
+        body = base64.b64encode(csr.public_bytes(Encoding.DER))  # one line (RFC 8951 3.1); servers differ
         response, content = self._request("POST", operation, body, {"Content-Type": CSR_TYPE,
                                                                      "Content-Transfer-Encoding": "base64"})
         certs = self._certs(response, content, operation)

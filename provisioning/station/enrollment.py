@@ -96,8 +96,8 @@ class Enrollment:
 
     @property
     def csrattrs_body(self) -> bytes:
-        """GET /csrattrs: what the station wants in a CSR (RFC 7030 4.5), base64 DER."""
-        return base64.encodebytes(CSR_ATTRS)
+        """GET /csrattrs: what the station wants in a CSR (RFC 7030 4.5), base64 DER on one line (RFC 8951)."""
+        return base64.b64encode(CSR_ATTRS)
 
     def handle(self, req: Request) -> Answer:
         """Enroll or re-enroll; raise Refusal(status, why) for anything the station will not sign."""
