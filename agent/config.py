@@ -435,7 +435,8 @@ def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | 
     if not config.device.id:
         raise ConfigError(f"{path}: [device] id is required (the device id: CN and MQTT client id)")
     try:
-        check_device_id(config.device.id, f"{path}: [device] id")
+        # the id was given out already: a limit found later (BROKER_LIMITS) must not lock the device out
+        check_device_id(config.device.id, f"{path}: [device] id", carried_by=())
     except ProvisioningError as exc:
         raise ConfigError(str(exc)) from None
     if config.mqtt.keepalive < 5 or config.mqtt.keepalive > 65535:

@@ -106,3 +106,26 @@ def test_offline_signing_refuses_a_csr_for_a_reserved_id(station_dir: Path, tmp_
     path.write_bytes(csr.public_bytes(Encoding.PEM))
     out = station_cli("sign", str(path), "--dir", str(station_dir), check=False)
     assert out.returncode == 1 and "reserved" in out.stderr and "BEGIN CERTIFICATE" not in out.stdout
+
+
+def test_an_id_rabbitmq_cannot_carry_gets_no_otp_and_no_certificate_and_the_reason_says_why(
+        station: RunningStation) -> None:
+    """Issue 26: RabbitMQ's MQTT plugin reads '.' as a topic level separator, so device 'a.b' would
+    get no token or operation there and device 'a' could read its topics (tests/integration/
+    test_rabbitmq.py shows it on the real broker): the station gives out no such id."""
+    out = station.cli("otp", "pump.7", check=False)
+    assert out.returncode == 1 and out.stdout == "", out.stderr
+    assert "DEVICE_ID: 'pump.7' contains '.', which RabbitMQ" in out.stderr and "\n" not in out.stderr.strip()
+    answer = post_enroll(station, "pump.7", "some-password", body=csr_body("pump-7"))
+    assert answer.status == 401 and "RabbitMQ" in answer.body, answer
+    assert [r for r in station.ledger().rows() if r.device_id == "pump.7"] == []
+
+
+def test_a_device_that_already_holds_a_dotted_id_still_loads_its_config(tmp_path: Path) -> None:
+    """Ids with '.' were given out before the RabbitMQ limit was known; such a device keeps working on
+    the brokers that carry it (mosquitto, amqtt), so the agent does not refuse its own id."""
+    out = run_tether("config", "show", config=write_config(tmp_path, "pump.7"))
+    assert out.returncode == 0, out.stderr
+    with pytest.raises(ProvisioningError, match="RabbitMQ"):
+        check_device_id("pump.7", "DEVICE_ID")
+    assert check_device_id("pump.7", "DEVICE_ID", carried_by=("mosquitto", "amqtt")) == "pump.7"
