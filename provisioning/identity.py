@@ -14,8 +14,9 @@ from provisioning.errors import ProvisioningError
 
 MAX_DEVICE_ID = 64
 _ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-# The lab's service identities (lab/mosquitto.py SERVICES): the broker's ACL lets them read and write
-# every device's topics, so a device must never get a certificate with one of these CNs.
+# The station's default reserved ids (station.toml reserved_ids, where an operator adds observers): the
+# lab's brokers let exactly the configured ones read and write every device's topics (lab/core.py
+# Lab.services), so a device must never get a certificate with one of these CNs.
 RESERVED_IDS = ("tether-token-service", "tether-ota-service")
 # What a supported broker cannot carry in a device id, which is the first topic level of every device
 # topic (docs/device.md "Brokers"): characters, and why. mosquitto and amqtt carry every id below.

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from lab.core import Lab
-from lab.mosquitto import SERVICES
 from provisioning.errors import ProvisioningError
 from provisioning.identity import RESERVED_IDS, check_device_id
 from tests.conftest import REPO, run_tether, write_config
@@ -28,8 +27,24 @@ def test_the_rule_refuses_each_bad_id_naming_where_and_why(device_id: str) -> No
         check_device_id(device_id, "DEVICE_ID")
 
 
-def test_the_lab_services_the_broker_trusts_are_exactly_the_reserved_ids() -> None:
-    assert set(SERVICES) == set(RESERVED_IDS) and SERVICES
+def test_the_lab_brokers_trust_exactly_the_station_s_configured_reserved_ids(tmp_path: Path) -> None:
+    """Issue 26 item 4: an observer that reads device topics is a reserved id in station.toml, not a
+    name in code; the lab's mosquitto ACL and its RabbitMQ auth answers both follow the setting."""
+    from lab.rabbitauth import Decider
+
+    lab = Lab(tmp_path / "lab")
+    station_cli("init", "--dir", str(lab.station_dir))
+    assert lab.services == set(RESERVED_IDS)
+    set_settings(lab.station_dir, reserved_ids="tether-token-service,tether-ota-service,fleet-observer")
+    assert lab.services == {"tether-token-service", "tether-ota-service", "fleet-observer"}
+    broker = lab._start_broker(0)  # the ACL the lab's mosquitto really runs with
+    try:
+        assert "user fleet-observer\ntopic readwrite #" in (broker.directory / f"{broker.name}.acl").read_text()
+    finally:
+        broker.stop()
+    read_all = {"username": "fleet-observer", "vhost": "/", "name": "amq.topic", "routing_key": "#"}
+    assert Decider(services=lab.services).answer("topic", read_all) == "allow"
+    assert Decider(services=set(RESERVED_IDS)).answer("topic", read_all) == "deny"
 
 
 @pytest.mark.parametrize("device_id", [".", "..", "tether-ota-service"])
