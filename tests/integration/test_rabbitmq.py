@@ -21,7 +21,7 @@ import pytest
 from agent.tls import client_context
 from hal.keys import TlsKey
 from lab.core import Lab, LabSettings, station_cli
-from lab.procs import wait_until
+from lab.procs import port_open, wait_until
 from lab.rabbitmq import RABBITMQ_SERVER
 from tests.agent_bed import Agent
 
@@ -35,6 +35,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with Lab(tmp_path_factory.mktemp("rabbit") / "lab", LabSettings(brokers=2, broker="rabbitmq",
                                                                     token_lifetime=600)) as running:
         yield running
+
+
+def test_the_debian_package_left_no_system_node_or_epmd_running(lab: Lab) -> None:
+    """scripts/install-deps.sh keeps rabbitmq-server's service and epmd from starting: nothing holds
+    RabbitMQ's or epmd's standard ports, and the lab's epmd and nodes listen on loopback ports of their own."""
+    for port in (4369, 5672, 25672):
+        assert not port_open("127.0.0.1", port), f"something listens on {port}: a system RabbitMQ or epmd?"
+    assert lab.cluster.epmd_port not in (0, 4369) and port_open("127.0.0.1", lab.cluster.epmd_port)
 
 
 @dataclass
@@ -179,6 +187,40 @@ def test_rabbitmq_reads_a_dot_in_a_topic_as_a_level_so_the_station_gives_out_no_
     assert observer.messages == [("pump/7/s/us", b"hello")]
     out = station_cli("otp", "pump-7", *lab.station_args())
     assert out.strip()  # a '-' is fine
+
+
+def test_an_ota_job_sent_through_the_cluster_is_installed_and_committed(lab: Lab) -> None:
+    """`tether-lab ota` against the cluster: the 515 goes to one node and reaches the device on either;
+    it downloads with its token, installs to the other slot, restarts and commits."""
+    import sys
+
+    from lab.demo import Supervisor, read_json
+    from lab.ota import publish_release, send_update
+    from tests.conftest import REPO
+
+    config = lab.device("rmq-ota")
+    state = config.parent / "state"
+    agent = Supervisor([sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
+                       config.parent / "agent.log", {"PYTHONPATH": str(REPO)})
+    try:
+        def online() -> bool:
+            agent.poll()
+            status = read_json(state / "status.json") or {}
+            return status.get("session") == "online" and bool((status.get("token") or {}).get("present"))
+
+        wait_until(online, 90, "rmq-ota online with a token", describe=lambda: agent.tail(20))
+        release = publish_release(lab, "rmq-app", "1.1.0", b"#!/bin/sh\necho 'rmq app 1.1.0'\n" * 64)
+        send_update(lab, "rmq-ota", release)
+
+        def committed() -> bool:
+            agent.poll()
+            return (read_json(state / "ota" / "state.json") or {}).get("state") == "committed"
+
+        wait_until(committed, 120, "the update committed", describe=lambda: (read_json(state / "ota" / "state.json"),
+                                                                              agent.tail(20)))
+    finally:
+        agent.stop()
+    assert agent.restarts == 1
 
 
 def test_the_device_fails_over_when_its_node_stops_and_tokens_keep_coming(lab: Lab, device: Agent) -> None:
