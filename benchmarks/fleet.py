@@ -118,6 +118,7 @@ def worker(spec_file: str) -> int:
             "refreshes": [t.refreshes for t in tokens],
             "threads": threading.active_count(),
             "outbox_pending": sum(o.store.count for o in outboxes if o.store is not None),
+            "ports": [r.session.endpoint.port for r in runtimes if r.session is not None],
             "marks": sorted(marks_done),
         })
 
@@ -424,6 +425,7 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
         if wait("the messages queued before the kill", lambda: delivered("before") >= n, 300) is None:
             return {"failover_why": f"only {delivered('before')}/{n} messages before the kill"}
         node_kb = bed.broker_kb()
+        on_victim = sum(1 for w in sample() for port in w.get("ports", []) if port == bed.ports[0])
         bed.cluster.kill_node(0)
         killed = time.monotonic()
         (step_dir / "mark-after").touch()
@@ -439,7 +441,7 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
         with lock:
             received = sum(seen.values())
             distinct = len(seen)
-        return {"failover_dropped": n - min_online if dropped is not None else 0,
+        return {"failover_dropped": n - min_online if dropped is not None else 0, "failover_on_victim": on_victim,
                 "failover_online_s": all_online,
                 "failover_delivered_s": None if all_delivered is None else time.monotonic() - killed,
                 "failover_lost": 2 * n - distinct, "failover_duplicates": received - distinct,
@@ -530,7 +532,8 @@ def main() -> int:
                 return "never" if r.get(key) is None else f"{r[key]:.1f} s"
             print(f"failover N={r['n']} ({bed.kind}, node 1 killed with SIGKILL): "
                   + (r["failover_why"] if "failover_why" in r else
-                     f"{r['failover_dropped']} devices dropped, every device online again after "
+                     f"{r['failover_on_victim']} devices on it (at least {r['failover_dropped']} seen offline at "
+                     f"once), every device online again after "
                      f"{secs('failover_online_s')}, every outbox message delivered after "
                      f"{secs('failover_delivered_s')}: {r['failover_lost']} lost, {r['failover_duplicates']} "
                      f"duplicates; cluster RSS {r['cluster_kb_per_connection']:.0f} KB per connection "
