@@ -189,7 +189,9 @@ class Bed:
                                                "--port-file", str(root / "station.ports.json"),
                                                "--workers", str(station_workers), "--log-level", "warning",
                                                # every simulated device comes from 127.0.0.1: no per-address cap
-                                               "--max-per-client", "0"],
+                                               # and no per-address handshake budget; 4,000 devices at once
+                                               "--max-per-client", "0", "--handshake-cpu", "0",
+                                               "--max-connections", "0"],
                             root / "station.log", cwd=REPO)
         self.port = read_port_file(root / "station.ports.json", self.station)["est"]
         from agent.tls import client_context

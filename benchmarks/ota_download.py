@@ -1,12 +1,16 @@
 """OTA download-and-verify throughput vs curl + sha256sum, and the agent's peak RSS growth while downloading.
 
-    python benchmarks/ota_download.py [--size-mb 50] [--runs 3] [--swupdate]
+    python benchmarks/ota_download.py [--size-mb 50] [--pairs 10] [--swupdate]
 
 Both clients fetch the same signed release from the lab's artifact server (a separate process, HTTPS on
 loopback, bearer JWT checked) and trust the same CA file. The agent side runs in a child process doing
 what the updater does: fetch manifest, signature and signer chain, verify them, stream the payload to
-disk while hashing, compare size and SHA-256. Peak RSS growth is VmHWM after the download minus VmRSS
-before it, with the high-water mark reset through /proc/self/clear_refs once imports and TLS are warm.
+disk while hashing, compare size and SHA-256. The manual side is one shell pipeline, `curl | tee FILE |
+sha256sum && sync FILE`, hashing while it downloads and flushing the file to disk at the end, as the agent
+does before anything installs from it. Both are timed the same way, as whole processes from spawn to exit
+(interpreter start, imports and TLS included on our side, bash and three process starts on the other), in
+interleaved pairs (benchmarks/pairs.py); medians, never the best run. Peak RSS growth is VmHWM after the
+download minus VmRSS after the release's signature check, the high-water mark reset through /proc/self/clear_refs.
 Targets (issue 6): >= 0.8x curl's rate; < 5 MB peak RSS growth.
 
 `--swupdate` (issue 15) makes the payload a signed `.swu` holding one raw image of --size-mb, and adds
@@ -22,7 +26,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +34,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import pairs as pairs_  # noqa: E402  (benchmarks/pairs.py)
 
 
 def _vm(field: str) -> int:
@@ -54,7 +59,6 @@ def child(args: argparse.Namespace) -> None:
     hosts = HostPolicy((HostRule(urlsplit(args.url).hostname or ""),))  # the token goes to the server we measure
     http = HttpSettings(ca_file=args.ca, bearer=Bearer(lambda: token), timeout=30, hosts=hosts)
     base = otarelease.release_base(args.url)
-    fetch_small(base + "manifest.json", http)  # warm: imports, TLS, certificate parsing (a connection of its own)
     anchors = otarelease.load_anchors(args.anchor)
     op = Operation("dev", "bench", "1.0.0", args.url)
     dest = Path(args.dest)
@@ -66,19 +70,18 @@ def child(args: argparse.Namespace) -> None:
         slots.prepare("b")
         dest = slots.stage("b")
     dest.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not every kernel allows it; then VmHWM includes the warm-up
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    rss_before = _vm("VmRSS")
-    start = time.perf_counter()
     with open_session() as session:  # as the updater does: one TLS connection for the whole release
         files = [fetch_small(base + n, http, session=session) for n in ("manifest.json", "manifest.sig", "signer.pem")]
         manifest = otarelease.check_release(*files, anchors, op, Installed(version="0.0.0", floor="0.0.0"))
+        # the memory the download itself costs: imports, TLS and the signature check are done by now
+        with contextlib.suppress(OSError):  # not every kernel allows it; then VmHWM includes them
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        rss_before = _vm("VmRSS")
         fetched = fetch_payload(base + "payload", dest, manifest["size"], http, session=session)
     ok = fetched.size == manifest["size"] and fetched.sha256 == manifest["sha256"]
     if ok and slots is not None:
         slots.install("b", "bench", "1.0.0")
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "ok": ok, "rss_before": rss_before, "hwm_after": _vm("VmHWM")}))
+    print(json.dumps({"ok": ok, "rss_before": rss_before, "hwm_after": _vm("VmHWM")}))
 
 
 def swupdate_setup(work: Path, pki: Any, image: Path) -> list[str]:
@@ -116,7 +119,7 @@ def swupdate_setup(work: Path, pki: Any, image: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=50)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=10, help="interleaved pairs (at least 10)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--swupdate", action="store_true", help="a .swu, installed with swupdate -i on both sides")
     for name in ("url", "ca", "token", "anchor", "dest", "install", "env-config"):
@@ -151,6 +154,8 @@ def main() -> int:
         else:
             sign_release(work / "signer", "bench", "1.0.0", payload, work / "www" / "bench" / "1.0.0")
         size = (work / "www" / "bench" / "1.0.0" / "payload").stat().st_size
+        mb = size / 1e6
+        what = " + swupdate -i" if args.swupdate else ""
         key = ec.generate_private_key(ec.SECP256R1())
         (work / "jwt.pub").write_bytes(key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
@@ -164,48 +169,46 @@ def main() -> int:
         try:
             port = read_port_file(work / "ports.json", server)["https"]
             url = f"https://127.0.0.1:{port}/bench/1.0.0/"
-            curl_times, agent_runs = [], []
-            for _ in range(args.runs):
-                out = work / "curl.out"
-                start = time.perf_counter()
-                subprocess.run(["curl", "-sSf", "--cacert", str(pki.ca_chain_file), "-H",
-                                f"Authorization: Bearer {token}", "-o", str(out), url + "payload"], check=True)
-                subprocess.run(["sha256sum", str(out)], check=True, capture_output=True)
-                if install:
-                    done = subprocess.run([*install, "-e", "stable,b", "-N", "0.0.0", "-i", str(out)],
-                                          capture_output=True, text=True, check=False)
-                    if done.returncode != 0 and "SWUpdate was successful" not in done.stdout + done.stderr:
-                        print(f"swupdate by hand failed:\n{done.stdout}{done.stderr}", file=sys.stderr)
-                        return 1
-                curl_times.append(time.perf_counter() - start)
+            out = work / "curl.out"
+            # the manual side as one pipeline, hashing while it downloads, as the agent does
+            curl = shlex.join(["curl", "-sSf", "--cacert", str(pki.ca_chain_file), "-H",
+                               f"Authorization: Bearer {token}", url + "payload"])
+            # then flushed to disk, as the agent does before anything may install from it (coreutils sync FILE)
+            curl += f" | tee {shlex.quote(str(out))} | sha256sum && sync {shlex.quote(str(out))}"
+            if install:
+                curl += (f" && {shlex.join([*install, '-e', 'stable,b', '-N', '0.0.0', '-i', str(out)])}"
+                         " > /dev/null 2>&1")
+            extra = (["--install", shlex.join(install) + " -e stable,{slot} -N {floor} -i {file}", "--env-config",
+                      str(work / "fw_env.config")] if install else [])
+            agent = [sys.executable, __file__, "--child", "--url", url, "--ca", str(pki.ca_chain_file), "--token",
+                     str(work / "token"), "--anchor", str(pki.root_file), "--dest",
+                     str(work / ("slots" if install else "agent.out")), *extra]
+            agent_runs: list[dict[str, Any]] = []
+
+            def manual() -> dict[str, float]:
+                figures, _ = pairs_.whole_process(["bash", "-o", "pipefail", "-c", curl])
                 out.unlink()
-                extra = (["--install", shlex.join(install) + " -e stable,{slot} -N {floor} -i {file}", "--env-config",
-                          str(work / "fw_env.config")] if install else [])
-                proc = subprocess.run([sys.executable, __file__, "--child", "--url", url, "--ca",
-                                       str(pki.ca_chain_file), "--token", str(work / "token"), "--anchor",
-                                       str(pki.root_file), "--dest", str(work / ("slots" if install else "agent.out")),
-                                       *extra], check=True, capture_output=True, text=True, cwd=REPO)
-                run = json.loads(proc.stdout)
+                return {**figures, "rate": mb / figures["seconds"]}
+
+            def ours() -> dict[str, float]:
+                figures, stdout = pairs_.whole_process(agent, cwd=REPO)
+                run = json.loads(stdout)
                 if not run["ok"]:
-                    print("agent download did not verify", file=sys.stderr)
-                    return 1
+                    raise SystemExit("agent download did not verify")
                 agent_runs.append(run)
+                return {**figures, "rate": mb / figures["seconds"]}
+
+            result = pairs_.run((f"curl | tee | sha256sum{what}", f"agent download+verify{what}"), manual, ours,
+                                args.pairs)
         finally:
             server.stop()
-    curl_best = min(curl_times)
-    agent_best = min(r["seconds"] for r in agent_runs)
     growth = max(max(r["hwm_after"] - r["rss_before"], 0) for r in agent_runs)
-    mb = size / 1e6
-    what = " + swupdate -i" if args.swupdate else ""
-    print(f"payload                {mb:.1f} MB{' .swu' if args.swupdate else ''} over loopback HTTPS, "
-          f"best of {args.runs}")
-    print(f"curl + sha256sum{what:14s} {curl_best:.3f} s  {mb / curl_best:8.1f} MB/s")
-    print(f"agent download+verify{' +install' if args.swupdate else ''}  {agent_best:.3f} s  "
-          f"{mb / agent_best:8.1f} MB/s")
-    print(f"ratio agent/curl       {curl_best / agent_best:.2f}x   (target >= 0.80x)")
+    print(f"payload {mb:.1f} MB{' .swu' if args.swupdate else ''} over loopback HTTPS; both timed as whole "
+          "processes (start, imports, TLS, download while hashing, verify" + (", install" if install else "") + ")")
+    pairs_.report(result, {"seconds": ("time s", 1, ".3f"), "rate": ("MB/s", 1, ".1f"), "cpu": ("CPU s", 1, ".3f")})
+    print(f"median rate ratio agent/manual {result.median_ratio('rate'):.2f}x (target >= 0.80x)")
     print(f"agent peak RSS growth  {growth / 1e6:.2f} MB (worst run; target < 5 MB)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,15 +1,16 @@
 """Runtime figures for the README (issue 9), each side by side with its baseline in one run.
 
-1. Start-up: process start to CONNACK (and exit) and peak RSS, `tether check` with credentials in
-   place and a file key, against a minimal script that only does a paho-mqtt mTLS connect and one
-   QoS 1 publish. Target: at most 1.25x the floor in time and in peak RSS.
+1. Start-up: process start to CONNACK, CPU and peak RSS, `tether run` with credentials in place and a
+   file key, against a minimal paho-mqtt mTLS client, in interleaved pairs (benchmarks/pairs.py), both
+   from one clean venv holding the product's wheel (benchmarks/product_venv.py), both clocks stopped at
+   the line each prints after CONNACK. Targets (issue 24): <= 1.15x in time and CPU, <= 1.10x in RSS.
 2. First boot: keygen + CSR + EST enroll + connect on loopback, file key and TPM key. Targets: < 1 s
    and < 2 s.
 3. Failover: after the active broker dies, connected to the next one. Target: < 2 s.
 4. Idle: an online agent with nothing to do, wakeups per second and CPU seconds per hour, next to
-   the bare client (paho's loop_start wakes once a second).
+   the bare client (paho's loop wakes once a second), both over the same window.
 
-    python benchmarks/runtime.py [--runs N] [--no-tpm] [--idle-seconds S]
+    python benchmarks/runtime.py [--pairs N] [--runs N] [--no-tpm] [--idle-seconds S] [--only SECTION]
 """
 
 from __future__ import annotations
@@ -17,25 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import pairs as pairs_  # noqa: E402  (benchmarks/pairs.py)
 from procstat import cpu_seconds  # noqa: E402  (benchmarks/procstat.py)
+from product_venv import product_venv  # noqa: E402
 
 from lab.core import Lab, LabSettings  # noqa: E402
 from lab.procs import Proc, wait_until  # noqa: E402
+from lab.swtpm import SoftTpm  # noqa: E402
 
 BARE = r'''
-import ssl, sys, threading
+import ssl, sys
 import paho.mqtt.client as mqtt
 host, port, ca, cert, key, cid = sys.argv[1:7]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -45,15 +47,11 @@ ctx.load_cert_chain(cert, key)
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid)
 c.tls_set_context(ctx)
 c.on_connect = lambda *a: print("CONNACK", flush=True)
-done = threading.Event()
-c.on_publish = lambda *a: done.set()
 c.connect(host, int(port))
-c.loop_start()
-c.publish(f"{cid}/bench", b"x", qos=1)
-done.wait(10)
-c.disconnect()
-c.loop_stop()
+c.loop_forever()
 '''
+# The floor: paho-mqtt doing the same mTLS connect, with its own network thread, nothing else. Its clock
+# stops where Tether's does: at the line each prints once CONNACK has been read.
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
@@ -69,69 +67,35 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, fl
         return elapsed, int(Path(rss.name).read_text() or 0) / 1024
 
 
-def compile_bytecode() -> None:
-    """Write .pyc files first, as `pip install` does on a device: with PYTHONDONTWRITEBYTECODE set
-    (as on some CI machines) every run would otherwise recompile the agent from source while paho,
-    installed by pip, loads its bytecode: an unfair comparison."""
-    import compileall
-
-    for package in ("agent", "hal", "provisioning"):
-        compileall.compile_dir(REPO / package, quiet=1)
-
-
-def until_connack(argv: list[str], connected: Callable[[subprocess.Popen[bytes]], bool],
-                  stop: bool) -> tuple[float, float]:
-    """(seconds from spawn to CONNACK, peak RSS in MB at exit) of one child process."""
-    with tempfile.NamedTemporaryFile(prefix="rss-") as rss:
-        probe = {"PYTHONPATH": f"{REPO / 'benchmarks' / 'rss_probe'}{os.pathsep}{REPO}", "TETHER_RSS_OUT": rss.name}
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-                                env={**os.environ, **probe})
-        while not connected(proc):
-            if proc.poll() is not None:
-                raise SystemExit(f"{' '.join(argv[:5])} exited with {proc.returncode} before connecting")
-        elapsed = time.perf_counter() - start
-        if stop:
-            proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=20)
-        return elapsed, int(Path(rss.name).read_text() or 0) / 1024
-
-
-def startup(lab: Lab, runs: int) -> None:
-    """`tether run` (the boot-time service, all components attached) against the floor."""
-    compile_bytecode()
+def startup(lab: Lab, pairs: int) -> None:
+    """`tether run` (the boot-time service, every component) against the bare paho client, both run by
+    the same clean interpreter from the product's wheel, both clocks stopped at CONNACK."""
+    venv = product_venv()
     config = lab.device("bench-start", manual_endpoints=True,
                         extra={"token": {"enabled": False}, "discovery": {"url": ""}})
-    subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(config), "check"], check=True,
-                   capture_output=True, cwd=REPO)
-    state = config.parent / "state"
+    subprocess.run([str(venv / "bin" / "tether"), "--config", str(config), "check"], check=True,
+                   capture_output=True, cwd=config.parent)
     host, port = lab.broker_urls[0].removeprefix("mqtts://").split(":")
-    bare = [sys.executable, "-c", BARE, host, port, str(lab.ca_file), str(state / "certs" / "chain.pem"),
-            str(state / "keys" / "device.key.pem"), "bench-start"]
-    tether = [sys.executable, "-m", "agent.cli", "--config", str(config), "run"]
-
-    def bare_connected(proc: subprocess.Popen[bytes]) -> bool:
-        assert proc.stdout is not None
-        return proc.stdout.readline().startswith(b"CONNACK")
-
-    def run_online(proc: subprocess.Popen[bytes]) -> bool:
-        # logged right after CONNACK; reading the pipe blocks, so the measurement takes no CPU from the agent
-        assert proc.stderr is not None
-        return b"session: connected" in proc.stderr.readline()
-
-    names = ("bare paho mTLS connect + publish", "tether run (all components)")
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-    for _ in range(runs):
-        results[names[0]].append(until_connack(bare, bare_connected, stop=False))
-        results[names[1]].append(until_connack(tether, run_online, stop=True))
-    print("\n== start-up: process start to CONNACK, peak RSS (file key, credentials in place)")
-    print(f"{'':36} {'median s':>9} {'peak RSS MB':>12}")
-    med = {}
-    for name, values in results.items():
-        med[name] = (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
-        print(f"{name:36} {med[name][0]:9.3f} {med[name][1]:12.1f}")
-    base, ours = med[names[0]], med[names[1]]
-    print(f"{'ratio (target <= 1.25)':36} {ours[0] / base[0]:9.2f} {ours[1] / base[1]:12.2f}")
+    # a second identity for the bare client: one certificate twice would make the two evict each other
+    bare_config = lab.device("bench-start-bare", manual_endpoints=True,
+                             extra={"token": {"enabled": False}, "discovery": {"url": ""}})
+    subprocess.run([str(venv / "bin" / "tether"), "--config", str(bare_config), "check"], check=True,
+                   capture_output=True, cwd=bare_config.parent)
+    bare_state = bare_config.parent / "state"
+    bare = [str(venv / "bin" / "python"), "-c", BARE, host, port, str(lab.ca_file),
+            str(bare_state / "certs" / "chain.pem"), str(bare_state / "keys" / "device.key.pem"), "bench-start-bare"]
+    tether = [str(venv / "bin" / "tether"), "--config", str(config), "run"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    result = pairs_.run(("bare paho-mqtt mTLS connect", "tether run (every component)"),
+                        lambda: pairs_.until_line(bare, b"CONNACK", cwd=config.parent, env=env),
+                        lambda: pairs_.until_line(tether, b"session: connected", stream="stderr",
+                                                  cwd=config.parent, env=env),
+                        pairs)
+    print("\n== start-up: process start to CONNACK (file key, credentials in place, broker with TCP_NODELAY)")
+    print(f"both from {venv} (the wheel, as a device installs it)")
+    pairs_.report(result, {"seconds": ("time ms", 1000, ".0f"), "cpu": ("CPU ms", 1000, ".0f"),
+                           "rss_mb": ("peak RSS MB", 1, ".1f")},
+                  target={"seconds": 1.15, "cpu": 1.15, "rss_mb": 1.10})
 
 
 def first_boot(lab: Lab, runs: int, tpm_env: dict[str, str] | None, tcti: str | None) -> None:
@@ -205,8 +169,7 @@ def idle(lab: Lab, seconds: float) -> None:
                        capture_output=True, cwd=REPO)
     state, bare_state = config.parent / "state", bare_config.parent / "state"
     host, port = lab.broker_urls[0].removeprefix("mqtts://").split(":")
-    bare_idle = BARE.replace("done.wait(10)", "done.wait(10)\nimport time; print('IDLE', flush=True); "
-                                               "time.sleep(1e6)")
+    bare_idle = BARE.replace('print("CONNACK"', 'print("CONNACK IDLE"')  # loop_forever: paho's 1 s select
     bare = Proc("bare-idle", [sys.executable, "-c", bare_idle, host, port, str(lab.ca_file),
                               str(bare_state / "certs" / "chain.pem"), str(bare_state / "keys" / "device.key.pem"),
                               "bench-idle-bare"], config.parent / "bare.log", cwd=REPO)
@@ -217,14 +180,15 @@ def idle(lab: Lab, seconds: float) -> None:
         wait_until(lambda: "IDLE" in (config.parent / "bare.log").read_text(), 20, "the bare client online")
         wait_until(lambda: b'"online"' in status_file.read_bytes() if status_file.exists() else False, 20,
                    "the agent online")
-        rows = []
-        for name, proc in (("bare paho (loop_start)", bare), ("tether run (idle, online)", agent)):
-            cpu0, sw0 = _cpu_and_wakeups(proc.pid)
-            t0 = time.monotonic()
-            time.sleep(seconds)  # the measurement window itself, not a wait for something
-            cpu1, sw1 = _cpu_and_wakeups(proc.pid)
-            dt = time.monotonic() - t0
-            rows.append((name, (sw1 - sw0) / dt, (cpu1 - cpu0) / dt * 3600))
+        # both in the same window, so whatever else the machine does falls on both alike
+        procs = (("bare paho (loop_forever)", bare), ("tether run (idle, online)", agent))
+        before = [_cpu_and_wakeups(proc.pid) for _, proc in procs]
+        t0 = time.monotonic()
+        time.sleep(seconds)  # the measurement window itself, not a wait for something
+        after = [_cpu_and_wakeups(proc.pid) for _, proc in procs]
+        dt = time.monotonic() - t0
+        rows = [(name, (a[1] - b[1]) / dt, (a[0] - b[0]) / dt * 3600)
+                for (name, _), b, a in zip(procs, before, after, strict=True)]
     finally:
         agent.stop()
         bare.stop()
@@ -236,22 +200,30 @@ def idle(lab: Lab, seconds: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=10, help="runs of first boot and failover")
+    parser.add_argument("--pairs", type=int, default=12, help="interleaved start-up pairs (at least 10)")
+    parser.add_argument("--only", choices=("startup", "boot", "failover", "idle"), help="one section only")
     parser.add_argument("--no-tpm", action="store_true")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="length of the idle measurement")
     args = parser.parse_args()
+
+    def want(section: str) -> bool:
+        return args.only in (None, section)
+
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp, \
             Lab(Path(tmp) / "lab", LabSettings(brokers=2)) as lab:
-        startup(lab, args.runs)
-        print("\n== first boot and failover")
-        first_boot(lab, args.runs, None, None)
-        if not args.no_tpm:
-            from lab.swtpm import SoftTpm
-
-            with SoftTpm(Path(tmp) / "tpm") as tpm:
-                first_boot(lab, args.runs, tpm.env, tpm.tcti)
-        failover(lab, args.runs)
-        idle(lab, args.idle_seconds)
+        if want("startup"):
+            startup(lab, args.pairs)
+        if want("boot"):
+            print("\n== first boot")
+            first_boot(lab, args.runs, None, None)
+            if not args.no_tpm:
+                with SoftTpm(Path(tmp) / "tpm") as tpm:
+                    first_boot(lab, args.runs, tpm.env, tpm.tcti)
+        if want("failover"):
+            failover(lab, args.runs)
+        if want("idle"):
+            idle(lab, args.idle_seconds)
     return 0
 
 

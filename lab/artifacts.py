@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.procs import LabError
+from provisioning.tlsserver import restrict_key_exchange
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class ArtifactServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> ArtifactServer:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx = restrict_key_exchange(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # as the station's (see tlsserver)
         ctx.load_cert_chain(str(self.certfile), str(self.keyfile))
         httpd = _Server((self.host, self.port), _Handler)
         httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)

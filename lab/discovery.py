@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from provisioning.tlsserver import restrict_key_exchange
+
 Document = dict[str, Any] | bytes | Callable[[str], tuple[int, bytes]]
 
 
@@ -38,7 +40,7 @@ class DiscoveryServer:
         self.document: Document = document
         self.requests: list[str] = []
         self.host = host
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx = restrict_key_exchange(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # as the station's (see tlsserver)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(certfile), str(keyfile))
         ctx.load_verify_locations(cafile=str(client_ca))

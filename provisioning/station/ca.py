@@ -22,7 +22,7 @@ import ipaddress
 import itertools
 import socket
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,11 +41,16 @@ from provisioning.errors import PemError, ProvisioningError
 from provisioning.identity import RESERVED_IDS, check_trust_domain
 from provisioning.policy import ChainPolicy
 from provisioning.station.errors import StationError
-from provisioning.station.ledger import DEFAULT_MAX_VALID, DEFAULT_SUPERSEDE_GRACE, Ledger
+from provisioning.station.ledger import DEFAULT_MAX_VALID, DEFAULT_SUPERSEDE_GRACE, Ledger, Row
 
 SETTINGS, ROOT, ROOT_KEY, ISSUING, ISSUING_KEY, CHAIN = (
     "station.toml", "ca.pem", "root.key", "issuing.pem", "issuing.key", "ca-chain.pem")
 SERVER, SERVER_KEY, LEDGER, RELEASE = "server.pem", "server.key", "ledger.sqlite", "release"
+
+
+# settings older stations wrote that no longer do anything: otp_max_failures locked a device's password
+# after that many wrong guesses from anyone (issue 22 item 5)
+_RETIRED = frozenset({"otp_max_failures"})
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,12 @@ class Settings:
     crl_days: int = 7
     max_valid_certs: int = DEFAULT_MAX_VALID        # valid certificates one device may hold at once
     supersede_grace: int = DEFAULT_SUPERSEDE_GRACE  # s a re-enrolled certificate lives if its successor is unused
-    otp_max_failures: int = 10      # wrong guesses that lock a device's one-time password
-    otp_failure_burst: int = 5      # wrong guesses per device id or client address before 429 ...
-    otp_failure_window: int = 60    # ... within this many seconds
+    otp_failure_burst: int = 5      # wrong guesses from one client address before 429 ...
+    otp_failure_window: int = 60    # ... within this many seconds (the 429 ends when it has passed)
+    events_per_address: int = 10    # refused requests from one address recorded one by one per ...
+    events_window: int = 60         # ... this many seconds; the rest become one summary row
+    events_max_age: int = 30 * 24 * 3600  # refusal records older than this many seconds are deleted
+    events_max_rows: int = 100_000  # and only the newest this many are kept
     reserved_ids: str = ",".join(RESERVED_IDS)  # comma-separated ids never issued to devices
     bootstrap_ca: str = ""        # PEM file of CAs whose client certificates may enroll (factory bootstrap)
     reenroll_password_file: str = ""  # file (0600) of a password re-enrollment asks too, besides mTLS
@@ -87,6 +95,8 @@ class Settings:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise StationError(f"{path}: cannot read the station settings: {exc}") from None
         known = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key in _RETIRED.intersection(data):
+            del data[key]  # written by an older station: accepted, without effect
         for key, value in data.items():
             if key not in known:
                 raise StationError(f"{path}: unknown setting {key!r}; known: {', '.join(known)}")
@@ -98,7 +108,8 @@ class Settings:
             check_trust_domain(settings.trust_domain, f"{path}: trust_domain")
         except ProvisioningError as exc:
             raise StationError(str(exc)) from None
-        for key in ("max_valid_certs", "otp_max_failures", "otp_failure_burst", "otp_failure_window"):
+        for key in ("max_valid_certs", "otp_failure_burst", "otp_failure_window", "events_per_address",
+                    "events_window", "events_max_age", "events_max_rows"):
             if getattr(settings, key) < 1:
                 raise StationError(f"{path}: {key} must be at least 1, got {getattr(settings, key)}")
         if settings.supersede_grace < 0:
@@ -234,6 +245,15 @@ class Station:
         storage.atomic_write(self.path(SERVER), certs_pem([row.certificate, self.issuer.cert]), storage.PUBLIC_MODE)
         return self.path(SERVER), self.path(SERVER_KEY)
 
+    def ledger_crl(self, ledger: Ledger, now: int, days: int | None = None) -> x509.CertificateRevocationList:
+        """The CRL of everything `ledger` counts as revoked at `now`: the one code path behind
+        `tether-station crl` and the console's export, so both list the same entries with the same reasons.
+
+        Reads only: a superseded certificate whose grace period has ended is listed (reason superseded,
+        revoked at the end of its grace) whether or not some write has swept it into a revoked row yet.
+        """
+        return self.crl(revocations(ledger.rows(), now), days)
+
     def crl(self, revoked: Sequence[tuple[str, int] | tuple[str, int, str | None]],
             days: int | None = None) -> x509.CertificateRevocationList:
         """A CRL signed by the issuing CA listing (serial hex, revoked at[, reason]) (RFC 5280 section 5);
@@ -256,6 +276,17 @@ class Station:
                 entry = entry.add_extension(x509.CRLReason(x509.ReasonFlags(why[0])), critical=False)
             builder = builder.add_revoked_certificate(entry.build())
         return builder.sign(self.issuer.key, hashes.SHA256())
+
+
+def revocations(rows: Iterable[Row], now: int) -> list[tuple[str, int, str]]:
+    """(serial, revoked at, reason) of each row revoked at `now` (`Row.revocation`: recorded revocations
+    and superseded certificates past their grace period alike), in the order given."""
+    out = []
+    for row in rows:
+        gone = row.revocation(now)
+        if gone is not None:
+            out.append((row.serial, *gone))
+    return out
 
 
 def _names(cert: x509.Certificate) -> set[str]:

@@ -130,18 +130,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
 
-    for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0)):
+    for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0),
+                          ("max_connections", 0), ("handshake_cpu", 0), ("console_max_connections", 0)):
         if getattr(args, option) < least:
             raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be "
                                f"{'positive' if least else 'zero (no cap) or more'}")
     limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
-                    max_per_client=args.max_per_client)
+                    max_per_client=args.max_per_client, max_connections=args.max_connections,
+                    handshake_cpu=args.handshake_cpu)
     station = _station(args)
     console = None
     if args.console:
         from provisioning.station.console.server import ConsoleService, parse_address
 
-        console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db)
+        console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db,
+                                 handshake_cpu=args.handshake_cpu, max_connections=args.console_max_connections)
         print(f"tether-station: console on {console.url} (operator certificates: tether-station operator add)",
               flush=True)
 
@@ -173,8 +176,8 @@ def cmd_otp(args: argparse.Namespace) -> int:
     finally:
         ledger.close()
     print(otp)  # stdout carries only the password: factory scripts capture it
-    print(f"one-time password for {device_id}, valid until {_iso(now + ttl)} (a new one also unlocks a "
-          "device locked after wrong guesses; older unused ones stay valid unless locked)", file=sys.stderr)
+    print(f"one-time password for {device_id}, valid until {_iso(now + ttl)} (it admits the device again after "
+          "a revocation; passwords issued before a revocation stay void)", file=sys.stderr)
     return 0
 
 
@@ -214,6 +217,41 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         inherited = f", issued from {row.predecessor}" if row.predecessor else ""
         print(f"revoked serial {row.serial} ({row.subject}{inherited}): {row.revoke_reason}")
     print(f"{len(rows)} certificate(s) revoked; publish a new CRL: tether-station crl --out FILE", file=sys.stderr)
+    for device_id in sorted({r.device_id for r in rows if r.kind == "device"}):
+        print(f"device {device_id} is barred: neither its bootstrap certificate nor a one-time password issued "
+              f"before now enrolls it; admit it again with `tether-station otp {device_id}` (a new password) or "
+              f"`tether-station readmit {device_id}` (its bootstrap certificate)", file=sys.stderr)
+    return 0
+
+
+@command("readmit")
+def cmd_readmit(args: argparse.Namespace) -> int:
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        bar = ledger.readmit(args.device_id)
+    finally:
+        ledger.close()
+    print(f"device {bar.device_id} readmitted: its bootstrap certificate enrolls it again (barred since "
+          f"{_iso(bar.barred_at)}, {bar.reason}); passwords issued before the revocation stay void")
+    return 0
+
+
+@command("ledger barred")
+def cmd_ledger_barred(args: argparse.Namespace) -> int:
+    station = _station(args)
+    ledger = station.open_ledger(args.db)
+    try:
+        bars = ledger.bars()
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps([{"device_id": b.device_id, "barred_at": b.barred_at, "reason": b.reason} for b in bars],
+                         indent=1))
+        return 0
+    print(f"{'device':<24} {'barred at':<20} reason")
+    for b in bars:
+        print(f"{b.device_id:<24} {_iso(b.barred_at):<20} {b.reason}")
     return 0
 
 
@@ -224,13 +262,11 @@ def cmd_crl(args: argparse.Namespace) -> int:
     station = _station(args)
     ledger = station.open_ledger(args.db)
     try:
-        ledger.sweep(_now())  # superseded certificates whose grace period ended belong on the CRL
-        revoked = [(r.serial, r.revoked_at, r.revoke_reason) for r in ledger.rows() if r.revoked_at is not None]
+        crl = station.ledger_crl(ledger, _now(), args.days)  # the console's export calls the same
     finally:
         ledger.close()
-    crl = station.crl(revoked, args.days)
     _out(args.out, crl.public_bytes(Encoding.DER if args.format == "der" else Encoding.PEM))
-    print(f"CRL with {len(revoked)} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+    print(f"CRL with {len(crl)} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
           file=sys.stderr)
     return 0
 
@@ -253,7 +289,7 @@ def cmd_export_c8y(args: argparse.Namespace) -> int:
 @command("operator add")
 def cmd_operator_add(args: argparse.Namespace) -> int:
     from provisioning.station.console.operators import add_operator
-    from provisioning.station.console.store import ConsoleStore
+    from provisioning.station.console.store import ADMIN, ConsoleStore
 
     station = _station(args)
     password = None
@@ -266,7 +302,8 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
     try:
         store = ConsoleStore(ledger)
         issued = add_operator(station, store, args.name, args.role, Path(args.out), _now(), password)
-        store.audit(_cli_who(), "operator add", f"{issued.name} ({issued.role}), serial {issued.serial}", "cli")
+        store.audit(_cli_who(), "operator add", f"{issued.name} ({issued.role}), serial {issued.serial}", "cli",
+                    ADMIN)
     finally:
         ledger.close()
     print(f"operator {issued.name} ({issued.role}), serial {issued.serial}: "
@@ -278,7 +315,7 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
 
 @command("operator revoke")
 def cmd_operator_revoke(args: argparse.Namespace) -> int:
-    from provisioning.station.console.store import ConsoleStore
+    from provisioning.station.console.store import ADMIN, ConsoleStore
 
     station = _station(args)
     ledger = station.open_ledger(args.db)
@@ -286,7 +323,7 @@ def cmd_operator_revoke(args: argparse.Namespace) -> int:
         store = ConsoleStore(ledger)
         revoked = store.revoke_operator(args.name, _now())
         store.audit(_cli_who(), "operator revoke", f"{args.name}: serial(s) {', '.join(o.serial for o in revoked)}",
-                    "cli")
+                    "cli", ADMIN)
     finally:
         ledger.close()
     print(f"revoked {len(revoked)} console certificate(s) of operator {args.name}")
@@ -464,10 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "for its next request (default 5)")
     p.add_argument("--max-per-client", type=int, default=64, help="connections one client address may hold "
                    "per worker process; more are closed at accept (default 64, 0 = no cap)")
+    p.add_argument("--max-connections", type=int, default=2048, help="connections one worker process holds "
+                   "(about 31 KB each); past that the oldest one still shaking hands or reading a request is "
+                   "closed to make room (default 2048, 0 = no cap)")
+    p.add_argument("--handshake-cpu", type=float, default=0.1, help="CPU seconds per second one client (IPv4 "
+                   "address or IPv6 /64) may make a worker spend on TLS handshakes, 30 s of it at once; past "
+                   "that its new connections are closed at accept (default 0.1, 0 = no budget)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--console", metavar="HOST:PORT", help="also serve the operators' web console there "
                    "(HTTPS, operator client certificates; off unless given; e.g. 127.0.0.1:8444)")
     p.add_argument("--console-remote", action="store_true", help="allow --console on a non-loopback address")
+    p.add_argument("--console-max-connections", type=int, default=128, help="connections the console holds "
+                   "(a thread each); past that the oldest one still shaking hands or waiting for a request is "
+                   "closed to make room (default 128, 0 = no cap); --handshake-cpu applies to the console too")
     p.add_argument("--port-file", metavar="FILE", help="once listening, write the bound ports there as JSON, "
                    '{"est": PORT, "console": PORT} (for --listen HOST:0: the kernel picks the port)')
     op = sub.add_parser("operator", help="console operators (client certificates)").add_subparsers(
@@ -493,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("serial", metavar="SERIAL", nargs="?")
     p.add_argument("--device", metavar="ID", help="revoke every certificate of this device")
     p.add_argument("--reason", default="unspecified", choices=REASONS, help="CRL reason (default unspecified)")
+    p = ledger.add_parser("barred", parents=[common], help="list devices an operator revoked and has not "
+                          "admitted again")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("readmit", parents=[common], help="let a revoked device's bootstrap certificate enroll it "
+                       "again (a new `otp` admits it by password instead)")
+    p.add_argument("device_id", metavar="DEVICE_ID")
     p = sub.add_parser("crl", parents=[common], help="write a CRL signed by the issuing CA")
     p.add_argument("--out", help="file (default: stdout)")
     p.add_argument("--format", choices=("pem", "der"), default="pem")

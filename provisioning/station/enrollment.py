@@ -28,7 +28,8 @@ from provisioning.station.ca import Station
 from provisioning.station.errors import Refusal
 from provisioning.station.ledger import Ledger, Row, revoked_reason, serial_hex
 from provisioning.station.otp import MAX_OTP_LENGTH, otp_hash
-from provisioning.station.ratelimit import FailureLimiter
+from provisioning.station.ratelimit import FailureLimiter, address_key
+from provisioning.station.refusals import RefusalRecorder
 
 # server.py logs through the same logger: the filter escapes outside input in all of its lines
 log: logging.Logger = escape_logger("tether.station")
@@ -85,9 +86,14 @@ class Enrollment:
         self.clock = clock
         settings = station.settings
         self.reserved = settings.reserved
-        self.otp_max_failures = settings.otp_max_failures
-        self.guesses_by_device = FailureLimiter(settings.otp_failure_burst, settings.otp_failure_window)
+        # keyed by client address only: a device id is printed on its label, so a limit (or a lock) per
+        # id would let anyone on the line stop a device by guessing at it, and with 128 random bits
+        # per password it protects nothing (issue 22 item 5)
         self.guesses_by_client = FailureLimiter(settings.otp_failure_burst, settings.otp_failure_window)
+        # what a refusal leaves in the ledger (routes.py records each one; server.py runs its sweeps)
+        self.refusals = RefusalRecorder(ledger, per_address=settings.events_per_address,
+                                        window=settings.events_window, max_age=settings.events_max_age,
+                                        max_rows=settings.events_max_rows, clock=clock)
         station.issuer  # noqa: B018 - load (and decrypt) the CA key now, not in the first request
         station.reenroll_password  # noqa: B018 - a missing or readable password file fails `serve` at start
 
@@ -140,6 +146,8 @@ class Enrollment:
 
         if digest is not None:
             row, reused = self.ledger.issue_with_otp(device_id, digest, fingerprint, now, sign)
+        elif predecessor is None:  # a factory bootstrap certificate: refused while the device is barred
+            row, reused = self.ledger.issue_with_bootstrap(device_id, fingerprint, now, sign)
         else:
             row, reused = self.ledger.issue(device_id, fingerprint, now, sign, predecessor=predecessor)
         return Answer([row.certificate, *self.station.ca_chain], row, reused)
@@ -152,7 +160,7 @@ class Enrollment:
                 device_id = check_device_id(user, "HTTP Basic user (the device id)", self.reserved)
             except ProvisioningError as exc:
                 raise Refusal(401, str(exc)) from None
-            self._check_guess_rate(device_id, req.client)
+            self._check_guess_rate(req.client)
             if not password or len(password) > MAX_OTP_LENGTH:
                 raise Refusal(401, f"HTTP Basic password must be the one-time password for {device_id!r}")
             digest = otp_hash(device_id, password)
@@ -174,11 +182,12 @@ class Enrollment:
                            "`tether-station otp`) or a client certificate from the bootstrap CA")
 
     def _precheck_otp(self, device_id: str, digest: str, client: str = "") -> None:
-        """Refuse unknown (counted as a wrong guess) and expired passwords before any CSR work; the
-        transaction decides the rest (locked, used)."""
+        """Refuse unknown (counted against the client's address) and expired passwords before any CSR
+        work; the transaction decides the rest (voided by a revocation, used)."""
         found = self.ledger.find_otp(digest)
         if found is None or found.device_id != device_id:
-            self._wrong_guess(device_id, client)
+            if client:
+                self.guesses_by_client.failed(address_key(client), self.clock())
             raise Refusal(401, f"one-time password is not valid for device {device_id!r} (unknown or mistyped; "
                                "ask the station operator for a new one)")
         if found.used_at is None and found.expires_at < int(self.clock()):
@@ -218,25 +227,13 @@ class Enrollment:
                                "station's re-enrollment password (station.toml reenroll_password_file)")
 
     # -- password guessing ---------------------------------------------------------------------------
-    def _check_guess_rate(self, device_id: str, client: str) -> None:
-        """429 with Retry-After while this device id or this client address has failed too often."""
-        now = self.clock()
-        for key, limiter, what in ((device_id, self.guesses_by_device, f"device {device_id!r}"),
-                                   (client, self.guesses_by_client, f"client {client}")):
-            wait = limiter.retry_after(key, now) if key else None
-            if wait is not None:
-                raise Refusal(429, f"too many wrong one-time passwords for {what}; retry in {wait} s",
-                              retry_after=wait)
-
-    def _wrong_guess(self, device_id: str, client: str) -> None:
-        now = self.clock()
-        self.guesses_by_device.failed(device_id, now)
-        if client:
-            self.guesses_by_client.failed(client, now)
-        locked = self.ledger.otp_failed(device_id, int(now), self.otp_max_failures)
-        if locked is not None:  # only the request that crossed the limit gets here: one line per lockout
-            log.warning("one-time password of device %s locked after %d wrong guesses (last from %s); "
-                        "issue a new one with `tether-station otp %s`", device_id, locked, client or "?", device_id)
+    def _check_guess_rate(self, client: str) -> None:
+        """429 with Retry-After while this client's address (an IPv6 client's /64) has failed too often;
+        the wait ends when its oldest counted failure leaves the window, so no lock outlives it."""
+        wait = self.guesses_by_client.retry_after(address_key(client), self.clock()) if client else None
+        if wait is not None:
+            raise Refusal(429, f"too many wrong one-time passwords from client {client}; retry in {wait} s",
+                          retry_after=wait)
 
 
 def _no_san_uri(csr: x509.CertificateSigningRequest) -> bool:

@@ -58,18 +58,20 @@ CREATE TABLE IF NOT EXISTS otps (
     used_at BIGINT,
     csr_fingerprint TEXT,
     serial TEXT REFERENCES certs (serial),
-    locked_at BIGINT
+    locked_at BIGINT,
+    voided_at BIGINT
 );
-CREATE TABLE IF NOT EXISTS otp_failures (
+CREATE TABLE IF NOT EXISTS device_bars (
     device_id TEXT PRIMARY KEY,
-    failures INTEGER NOT NULL
+    barred_at BIGINT NOT NULL,
+    reason TEXT NOT NULL
 );
 """
 
 # Columns added after the first release: (table, column, type). A ledger made before them is
 # migrated when it is opened (ALTER TABLE ... ADD COLUMN works alike in SQLite and PostgreSQL).
 _ADDED_COLUMNS = (("certs", "predecessor", "TEXT"), ("certs", "revoke_reason", "TEXT"),
-                  ("certs", "supersede_at", "BIGINT"), ("otps", "locked_at", "BIGINT"))
+                  ("certs", "supersede_at", "BIGINT"), ("otps", "locked_at", "BIGINT"), ("otps", "voided_at", "BIGINT"))
 
 # Interpolated into SQL below: constants only, never input (hence the S608 waivers).
 _ROW_COLUMNS = ("serial, device_id, subject, kind, not_before, not_after, csr_fingerprint, issued_at, "
@@ -138,7 +140,18 @@ class Otp:
     used_at: int | None
     csr_fingerprint: str | None
     serial: str | None
-    locked_at: int | None = None    # locked after too many wrong guesses for its device
+    locked_at: int | None = None    # set by older stations (per-id lockout, issue 22 item 5): ignored
+    voided_at: int | None = None    # the device was revoked before this password was used
+
+
+@dataclass(frozen=True)
+class Bar:
+    """An operator revoked `device_id` at `barred_at`: no bootstrap certificate and no one-time password
+    issued before then enrolls it again (see `Ledger.readmit`)."""
+
+    device_id: str
+    barred_at: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -179,13 +192,25 @@ class Ledger:
         self._writer = threading.Lock()
         self._lock_fd: int | None = None
         with self._transaction() as q:
+            had_bars = self._has_table(q, "device_bars")
             for statement in _SCHEMA.format(blob=self.dialect.blob).split(";"):
                 if statement.strip():
                     q(statement, ())
-        self._migrate()
+        self._migrate(bar_revoked=not had_bars)
 
-    def _migrate(self) -> None:
-        """Add the columns a ledger from an older station lacks, then the index that needs them."""
+    def _has_table(self, q: Query, table: str) -> bool:
+        if self.is_postgres:
+            return bool(q("SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() "
+                          "AND table_name = ?", (table,)))
+        return bool(q("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)))
+
+    def _migrate(self, bar_revoked: bool) -> None:
+        """Add the columns a ledger from an older station lacks, then the index that needs them.
+
+        `bar_revoked` (the ledger had no `device_bars` yet): stations before it let an operator-revoked
+        device back in through its bootstrap certificate or an older password, so every device whose
+        newest certificate an operator revoked is barred now, as `revoke` would have done.
+        """
         with self._connection() as conn:
             present: dict[str, set[str]] = {}
             for table in {t for t, _, _ in _ADDED_COLUMNS}:
@@ -197,6 +222,23 @@ class Ledger:
                 if column not in present[table]:
                     q(f"ALTER TABLE {table} ADD COLUMN {column} {kind}", ())
             q("CREATE INDEX IF NOT EXISTS certs_by_predecessor ON certs (predecessor)", ())
+            if bar_revoked:
+                self._bar_revoked_devices(q)
+
+    def _bar_revoked_devices(self, q: Query) -> None:
+        """Bar each device whose newest certificate was revoked by an operator (not superseded) and
+        that holds no certificate issued since; its unused passwords from before are void. (A revoked
+        row without a reason comes from a station older than reasons: only operators revoked then.)"""
+        operator = "c.revoked_at IS NOT NULL AND COALESCE(c.revoke_reason, 'unspecified') != ?"
+        found = q(f"SELECT c.device_id, MAX(c.revoked_at) FROM certs c WHERE c.kind = 'device' AND {operator} "  # noqa: S608
+                  "GROUP BY c.device_id", (SUPERSEDED,))
+        for device_id, revoked_at in found:
+            if q("SELECT 1 FROM certs WHERE device_id = ? AND kind = 'device' AND issued_at > ?",
+                 (device_id, int(revoked_at))):
+                continue
+            reason = q(f"SELECT COALESCE(c.revoke_reason, 'unspecified') FROM certs c WHERE c.device_id = ? "  # noqa: S608
+                       f"AND c.revoked_at = ? AND {operator}", (device_id, int(revoked_at), SUPERSEDED))[0][0]
+            self._bar(q, device_id, int(revoked_at), str(reason))
 
     def __repr__(self) -> str:
         where = self.location.split("@")[-1] if self.is_postgres else self.location  # no password in logs
@@ -308,47 +350,21 @@ class Ledger:
 
     # -- one-time passwords --------------------------------------------------------------------------
     def add_otp(self, device_id: str, digest: str, now: int, expires_at: int) -> None:
-        """Store a new OTP for `device_id`; a new OTP also clears the device's count of failed guesses."""
+        """Store a new OTP for `device_id`. It works even for a barred (revoked) device: a password the
+        operator issues after the revocation is the new credential that lets the device back in."""
         with self._transaction() as q:
             q("INSERT INTO otps (digest, device_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
               (digest, device_id, now, expires_at))
-            q("DELETE FROM otp_failures WHERE device_id = ?", (device_id,))
 
     def find_otp(self, digest: str) -> Otp | None:
         with self._transaction(write=False) as q:
-            found = q("SELECT digest, device_id, created_at, expires_at, used_at, csr_fingerprint, serial, locked_at "
-                      "FROM otps WHERE digest = ?", (digest,))
+            found = q("SELECT digest, device_id, created_at, expires_at, used_at, csr_fingerprint, serial, locked_at, "
+                      "voided_at FROM otps WHERE digest = ?", (digest,))
         if not found:
             return None
-        d, device, created, expires, used, fp, serial, locked = found[0]
+        d, device, created, expires, used, fp, serial, locked, voided = found[0]
         return Otp(d, device, int(created), int(expires), None if used is None else int(used), fp, serial,
-                   None if locked is None else int(locked))
-
-    def otp_failed(self, device_id: str, now: int, max_failures: int) -> int | None:
-        """Count a wrong OTP for `device_id`; lock its unused OTPs at the `max_failures`th.
-
-        Returns the failure count when this call locked them (exactly once per lockout, so the caller
-        logs it once), else None. Failures are counted only while the device has an OTP that could
-        be guessed, so guesses at made-up device ids leave no rows behind.
-        """
-        with self._transaction() as q:
-            if self.dialect.lock_device:
-                q(self.dialect.lock_device, (device_id,))
-            open_otps = q("SELECT digest FROM otps WHERE device_id = ? AND used_at IS NULL AND locked_at IS NULL",
-                          (device_id,))
-            if not open_otps:
-                return None
-            found = q("SELECT failures FROM otp_failures WHERE device_id = ?", (device_id,))
-            failures = (int(found[0][0]) if found else 0) + 1
-            if found:
-                q("UPDATE otp_failures SET failures = ? WHERE device_id = ?", (failures, device_id))
-            else:
-                q("INSERT INTO otp_failures (device_id, failures) VALUES (?, ?)", (device_id, failures))
-            if failures < max_failures:
-                return None
-            q("UPDATE otps SET locked_at = ? WHERE device_id = ? AND used_at IS NULL AND locked_at IS NULL",
-              (now, device_id))
-            return failures
+                   None if locked is None else int(locked), None if voided is None else int(voided))
 
     # -- issuing -------------------------------------------------------------------------------------
     def issue_with_otp(self, device_id: str, digest: str, csr_fingerprint: str, now: int,
@@ -356,19 +372,19 @@ class Ledger:
         """Consume the OTP `digest` of `device_id` and record the certificate `sign()` makes.
 
         Returns (row, reused): a retry with the same OTP and the same CSR gets the row issued the
-        first time and `reused=True`, without signing again. Raises Refusal(401) for an unknown,
-        expired or already used (with another CSR) password, Refusal(403) for a locked one; nothing
-        is written then.
+        first time and `reused=True`, without signing again (unless that certificate is revoked by now).
+        Raises Refusal(401) for an unknown, expired or already used (with another CSR) password,
+        Refusal(403) for one issued before an operator revoked the device; nothing is written then.
         """
         with self._transaction() as q:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
-            found = q(f"SELECT device_id, expires_at, used_at, csr_fingerprint, serial, locked_at FROM otps "  # noqa: S608
+            found = q(f"SELECT device_id, expires_at, used_at, csr_fingerprint, serial, voided_at FROM otps "  # noqa: S608
                       f"WHERE digest = ?{self.dialect.for_update}", (digest,))
             if not found or found[0][0] != device_id:
                 raise Refusal(401, f"one-time password is not valid for device {device_id!r} (unknown or "
                                    "mistyped; ask the station operator for a new one)")
-            _, expires_at, used_at, used_for, serial, locked_at = found[0]
+            _, expires_at, used_at, used_for, serial, voided_at = found[0]
             if used_at is not None:
                 if used_for == csr_fingerprint:
                     row = self._get(q, serial)
@@ -378,8 +394,8 @@ class Ledger:
                                        "which has been revoked; ask for a new one-time password")
                 raise Refusal(401, f"one-time password for {device_id!r} was already used for another CSR "
                                    "(a retry must send the same CSR); ask for a new one-time password")
-            if locked_at is not None:
-                raise Refusal(403, otp_locked_reason(device_id))
+            if voided_at is not None:
+                raise Refusal(403, otp_voided_reason(device_id, int(voided_at)))
             if int(expires_at) < now:
                 raise Refusal(401, f"one-time password for {device_id!r} expired {now - int(expires_at)} s ago; "
                                    "ask for a new one-time password")
@@ -403,29 +419,51 @@ class Ledger:
         with self._transaction() as q:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
+            return self._issue(q, device_id, csr_fingerprint, now, sign, kind, reuse, predecessor)
+
+    def _issue(self, q: Query, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate],
+               kind: str, reuse: bool, predecessor: str | None) -> tuple[Row, bool]:
+        self._sweep(q, now)
+        if predecessor is not None:
+            before = self._get(q, predecessor)
+            if before is None:
+                raise Refusal(403, f"certificate serial {predecessor} is not in the ledger")
+            gone = before.revocation(now)
+            if gone is not None:
+                raise Refusal(403, revoked_reason(before, *gone))
+        if reuse:
+            found = q(f"SELECT {_ROW_COLUMNS} FROM certs WHERE device_id = ? AND csr_fingerprint = ? "  # noqa: S608
+                      "AND revoked_at IS NULL AND not_after > ? ORDER BY issued_at DESC",
+                      (device_id, csr_fingerprint, now))
+            reusable = [r for r in map(self._row, found) if r.revocation(now) is None]
+            if reusable:
+                return reusable[0], True
+        row = self._insert(q, device_id, kind, csr_fingerprint, now, sign(), predecessor)
+        if predecessor is not None:
+            q("UPDATE certs SET supersede_at = ? WHERE serial = ? AND supersede_at IS NULL",
+              (now + self.supersede_grace, predecessor))
             self._sweep(q, now)
-            if predecessor is not None:
-                before = self._get(q, predecessor)
-                if before is None:
-                    raise Refusal(403, f"certificate serial {predecessor} is not in the ledger")
-                gone = before.revocation(now)
-                if gone is not None:
-                    raise Refusal(403, revoked_reason(before, *gone))
-            if reuse:
-                found = q(f"SELECT {_ROW_COLUMNS} FROM certs WHERE device_id = ? AND csr_fingerprint = ? "  # noqa: S608
-                          "AND revoked_at IS NULL AND not_after > ? ORDER BY issued_at DESC",
-                          (device_id, csr_fingerprint, now))
-                reusable = [r for r in map(self._row, found) if r.revocation(now) is None]
-                if reusable:
-                    return reusable[0], True
-            row = self._insert(q, device_id, kind, csr_fingerprint, now, sign(), predecessor)
-            if predecessor is not None:
-                q("UPDATE certs SET supersede_at = ? WHERE serial = ? AND supersede_at IS NULL",
-                  (now + self.supersede_grace, predecessor))
-                self._sweep(q, now)
-            if kind == "device":
-                self._cap(q, row, now)
-            return row, False
+        if kind == "device":
+            self._cap(q, row, now)
+        return row, False
+
+    def issue_with_bootstrap(self, device_id: str, csr_fingerprint: str, now: int,
+                             sign: Callable[[], x509.Certificate]) -> tuple[Row, bool]:
+        """`issue` for a device that authenticated with a factory bootstrap certificate.
+
+        Refusal(403) if an operator revoked the device and has not re-admitted it (checked in the
+        issuing transaction, so a revocation racing this request wins): the bootstrap certificate
+        outlives every certificate the station issued, so without this a revoked device (or whoever
+        holds its bootstrap key) would enroll again at once. A crash-retry of a barred device is
+        refused too, not answered with its revoked certificate.
+        """
+        with self._transaction() as q:
+            if self.dialect.lock_device:
+                q(self.dialect.lock_device, (device_id,))
+            bar = self._get_bar(q, device_id)
+            if bar is not None:
+                raise Refusal(403, barred_reason(bar))
+            return self._issue(q, device_id, csr_fingerprint, now, sign, "device", True, None)
 
     def _insert(self, q: Query, device_id: str, kind: str, csr_fingerprint: str, now: int,
                 cert: x509.Certificate, predecessor: str | None = None) -> Row:
@@ -513,6 +551,7 @@ class Ledger:
             if not done:
                 raise StationError(f"serial {key} ({row.subject}) and every certificate issued from it are "
                                    f"already revoked (since {row.revoked_at})")
+            self._bar_revoked(q, done, now, reason)
         return done
 
     def revoke_device(self, device_id: str, now: int, reason: str = "unspecified") -> list[Row]:
@@ -528,7 +567,51 @@ class Ledger:
             done = self._revoke_lineage(q, serials, now, reason)
             if not done:
                 raise StationError(f"every certificate of device {device_id!r} is already revoked")
+            self._bar_revoked(q, done, now, reason)
         return done
+
+    # -- barred devices ------------------------------------------------------------------------------
+    def _bar_revoked(self, q: Query, revoked: list[Row], now: int, reason: str) -> None:
+        for device_id in sorted({r.device_id for r in revoked if r.kind == "device"}):
+            self._bar(q, device_id, now, reason)
+
+    @staticmethod
+    def _bar(q: Query, device_id: str, now: int, reason: str) -> None:
+        """Bar `device_id` from first enrollment (bootstrap certificate) and void its unused passwords:
+        an operator's revocation holds until the operator issues a new credential."""
+        q("INSERT INTO device_bars (device_id, barred_at, reason) VALUES (?, ?, ?) ON CONFLICT (device_id) "
+          "DO UPDATE SET barred_at = excluded.barred_at, reason = excluded.reason", (device_id, now, reason))
+        q("UPDATE otps SET voided_at = ? WHERE device_id = ? AND used_at IS NULL AND voided_at IS NULL",
+          (now, device_id))
+
+    @staticmethod
+    def _get_bar(q: Query, device_id: str) -> Bar | None:
+        found = q("SELECT device_id, barred_at, reason FROM device_bars WHERE device_id = ?", (device_id,))
+        return Bar(found[0][0], int(found[0][1]), found[0][2]) if found else None
+
+    def bar(self, device_id: str) -> Bar | None:
+        """The bar on `device_id`, if an operator revoked it and has not re-admitted it."""
+        with self._transaction(write=False) as q:
+            return self._get_bar(q, device_id)
+
+    def bars(self) -> list[Bar]:
+        """Every barred device, oldest bar first."""
+        with self._transaction(write=False) as q:
+            found = q("SELECT device_id, barred_at, reason FROM device_bars ORDER BY barred_at, device_id", ())
+        return [Bar(d, int(at), r) for d, at, r in found]
+
+    def readmit(self, device_id: str) -> Bar:
+        """Lift the bar on `device_id`: its bootstrap certificate enrolls it again. Passwords voided by
+        the revocation stay void. Returns the bar lifted; StationError if the device is not barred."""
+        with self._transaction() as q:
+            if self.dialect.lock_device:
+                q(self.dialect.lock_device, (device_id,))
+            bar = self._get_bar(q, device_id)
+            if bar is None:
+                raise StationError(f"device {device_id!r} is not barred in the ledger {self!r} (only a device an "
+                                   "operator revoked is; see `tether-station ledger barred`)")
+            q("DELETE FROM device_bars WHERE device_id = ?", (device_id,))
+        return bar
 
     def _revoke_lineage(self, q: Query, serials: list[str], now: int, reason: str) -> list[Row]:
         done: list[Row] = []
@@ -566,9 +649,16 @@ def revoked_reason(row: Row, when: int, why: str) -> str:
             "re-enroll: the device must enroll again with a new one-time password")
 
 
-def otp_locked_reason(device_id: str) -> str:
-    return (f"one-time password for {device_id!r} is locked after too many wrong guesses; the operator must "
-            f"issue a new one (`tether-station otp {device_id}`)")
+def otp_voided_reason(device_id: str, when: int) -> str:
+    return (f"one-time password for {device_id!r} was issued before the device was revoked (at {when}); the "
+            f"operator must issue a new one (`tether-station otp {device_id}`)")
+
+
+def barred_reason(bar: Bar) -> str:
+    """The refusal for a bootstrap-certificate enrollment of a device an operator revoked."""
+    return (f"device {bar.device_id!r} was revoked ({bar.reason}) at {bar.barred_at}: its bootstrap certificate "
+            f"no longer enrolls it; the operator must issue a new one-time password (`tether-station otp "
+            f"{bar.device_id}`) or re-admit the bootstrap certificate (`tether-station readmit {bar.device_id}`)")
 
 
 def device_of(cert: x509.Certificate) -> str:

@@ -6,7 +6,11 @@ threads that sign certificates (issue 13: 200 idle connections used to delay `ca
 The loop accepts, runs the TLS handshake and reads each request whole (`wire.RequestReader`), within
 one deadline per request (not per `recv`); only complete requests go to the pool, where
 `routes.respond` decides. Each client address may hold `max_per_client` connections per worker
-process; more are closed at accept.
+process; more are closed at accept. A worker holds at most `max_connections` (about 31 KB each);
+past that the oldest connection still shaking hands or reading makes room (`admission.oldest_waiting`
+says why not refuse the newcomer). Each peer may make a worker spend `handshake_cpu` CPU seconds per
+second on TLS handshakes (`admission.HandshakeBudget`, measured with the loop thread's CPU clock);
+a peer over its budget has new connections closed at accept until it has paid the debt back.
 
 Every request that was read gets a status line: a body shorter than its Content-Length is answered
 408 when the deadline passes (400 when the client half-closes), and after any answer that ends the
@@ -27,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from provisioning.station.admission import HandshakeBudget, oldest_waiting, peer_key
 from provisioning.station.enrollment import Enrollment
 from provisioning.station.routes import Response, respond, text
 from provisioning.station.wire import BadRequest, HttpRequest, RequestReader
@@ -39,18 +44,25 @@ LINGER = 2.0           # ... for at most this long
 STOP_GRACE = 2.0
 DEFAULT_THREADS = 8    # requests one worker computes at once (signing holds the GIL: more buys nothing)
 TICK = 0.25            # how often deadlines are checked
+HANDSHAKE_BURST = 30.0  # a peer's handshake budget holds this many seconds' worth of `handshake_cpu`
+FULL_LOG_EVERY = 10.0   # seconds between log lines about a full connection table
 
 
 @dataclass(frozen=True)
 class Limits:
     """Per-connection limits. `request_timeout` covers the handshake and one whole request (head and
     body), however slowly it trickles; `idle_timeout` is how long a kept-alive connection may wait
-    for its next request; `max_per_client` caps the connections one address holds (0 = no cap)."""
+    for its next request; `max_per_client` caps the connections one address holds (0 = no cap);
+    `max_connections` those one worker holds (0 = no cap); `handshake_cpu` is the CPU seconds per
+    second one peer (IPv4 address, IPv6 /64) may make a worker spend on TLS handshakes, with
+    HANDSHAKE_BURST seconds of it available at once (0 = no budget)."""
 
     request_timeout: float = 10.0
     idle_timeout: float = 5.0
     max_per_client: int = 64
     max_body: int = MAX_BODY
+    max_connections: int = 2048   # x ~31 KB: 64 MB per worker at most
+    handshake_cpu: float = 0.1    # 10% of a core: ~200 X25519 handshakes/s, after a 3 CPU-second burst
 
 
 class _Conn:
@@ -60,6 +72,7 @@ class _Conn:
         "deadline",
         "drained",
         "idle",
+        "key",
         "mask",
         "out",
         "peer",
@@ -72,6 +85,7 @@ class _Conn:
     def __init__(self, sock: ssl.SSLSocket, addr: str, deadline: float, max_body: int) -> None:
         self.sock = sock
         self.addr = addr
+        self.key = peer_key(addr)  # what the handshake budget is kept for
         self.state = "handshake"   # handshake -> read -> busy -> write -> read ... | linger
         self.deadline = deadline
         self.reader = RequestReader(max_body)
@@ -98,6 +112,10 @@ class EstServer:
         self.conns: dict[int, _Conn] = {}
         self.per_client: collections.Counter[str] = collections.Counter()
         self.capped: set[str] = set()   # addresses whose refusal was logged (once until they drop below the cap)
+        self.budget = HandshakeBudget(limits.handshake_cpu, limits.handshake_cpu * HANDSHAKE_BURST)
+        self.overdrawn: set[str] = set()  # peers whose budget refusal was logged (once until allowed again)
+        self._full_since_log = 0        # connections closed or refused for a full table since the last log line
+        self._full_logged_at = -FULL_LOG_EVERY
         self.done: queue.SimpleQueue[tuple[_Conn, Response, bool]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -181,6 +199,12 @@ class EstServer:
                     log.warning("%s holds %d connections already (max_per_client); closing new ones", addr, cap)
                 raw.close()
                 continue
+            if not self._within_budget(addr):
+                raw.close()
+                continue
+            if not self._room():
+                raw.close()
+                continue
             raw.setblocking(False)
             try:
                 tls = self.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
@@ -203,7 +227,38 @@ class EstServer:
         elif conn.state == "linger":
             self._drain(conn)
 
+    def _within_budget(self, addr: str) -> bool:
+        key = peer_key(addr)
+        now = time.monotonic()
+        if self.budget.allows(key, now):
+            self.overdrawn.discard(key)
+            return True
+        if key not in self.overdrawn:
+            if len(self.overdrawn) > 4096:
+                self.overdrawn.clear()  # bounded; a peer then gets one more log line
+            self.overdrawn.add(key)
+            log.warning("%s spent its TLS handshake CPU budget (handshake_cpu %.3g s/s); closing its new "
+                        "connections for %.1f s", key, self.limits.handshake_cpu, self.budget.wait(key, now))
+        return False
+
+    def _room(self) -> bool:
+        """True if a new connection may be held, after closing the oldest waiting one if need be."""
+        cap = self.limits.max_connections
+        if not cap or len(self.conns) < cap:
+            return True
+        victim = oldest_waiting(self.conns.values())
+        if victim is not None:
+            self._close(victim)
+        self._full_since_log += 1
+        now = time.monotonic()
+        if now - self._full_logged_at >= FULL_LOG_EVERY:
+            log.warning("this worker holds %d connections (max_connections): %d oldest waiting ones closed or "
+                        "new ones refused since the last such line", cap, self._full_since_log)
+            self._full_since_log, self._full_logged_at = 0, now
+        return victim is not None
+
     def _handshake(self, conn: _Conn) -> None:
+        start = time.thread_time()  # OpenSSL runs in this thread: its CPU is what the peer made us spend
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -216,6 +271,8 @@ class EstServer:
             log.info("%s TLS handshake failed: %s", conn.addr, exc)
             self._close(conn)
             return
+        finally:
+            self.budget.charge(conn.key, time.thread_time() - start, time.monotonic())
         conn.peer = conn.sock.getpeercert(binary_form=True)
         conn.state = "read"
         self._read(conn)  # the first request may have arrived with the handshake's last flight

@@ -1,17 +1,33 @@
-"""How often one key (a device id, a client address) may fail before it has to wait: pure, clock given.
+"""How often one key (a client address) may fail before it has to wait: pure, clock given.
 
 Each key may fail `burst` times within `window` seconds; the next attempt inside the window is
-answered 429 with Retry-After: the seconds until the oldest of those failures leaves the window. The
-table is bounded (`max_keys`, oldest key dropped first), so guesses from many addresses cannot grow
-it without limit. One limiter lives in each station worker process; with W workers a key can fail
-up to W x `burst` times per window, and the ledger's lockout (station.toml otp_max_failures) is the
-bound that holds across workers and restarts.
+answered 429 with Retry-After: the seconds until the oldest of those failures leaves the window, so
+every wait ends by itself. The table is bounded (`max_keys`, oldest key dropped first), so guesses
+from many addresses cannot grow it without limit. One limiter lives in each station worker process;
+with W workers a key can fail up to W x `burst` times per window. Nothing is keyed on what a client
+claims (a device id): that would let one client's failures hold up another.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections import OrderedDict, deque
+
+
+def address_key(client: str) -> str:
+    """The key a client address is limited under: an IPv4 address as it is (an IPv4-mapped IPv6
+    address as its IPv4 address), an IPv6 address as its /64, since one host usually holds a whole /64
+    and could otherwise spread its attempts over 2**64 addresses. Anything else is used as given."""
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class FailureLimiter:

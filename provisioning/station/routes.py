@@ -86,7 +86,8 @@ def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_d
                       client=client)
         answer = enrollment.handle(req)
     except Refusal as refusal:
-        events.record(enrollment.ledger, req, refusal, client)  # the console's live page; never raises
+        # the console's live page, bounded per address (provisioning/station/refusals.py); never raises
+        enrollment.refusals.record(operation, events.device_of_request(req), refusal.status, refusal.reason, client)
         log.info("%s %s refused %d: %s", client, operation, refusal.status,
                  "; ".join(line.strip() for line in refusal.reason.splitlines()))
         return text(refusal.status, refusal.reason, refusal.headers)

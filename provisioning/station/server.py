@@ -24,6 +24,7 @@ from provisioning.station.ca import Station
 from provisioning.station.enrollment import Enrollment
 from provisioning.station.errors import StationError
 from provisioning.station.loop import DEFAULT_THREADS, EstServer, Limits
+from provisioning.tlsserver import restrict_key_exchange
 
 __all__ = ["DEFAULT_THREADS", "EstServer", "Limits", "serve", "tls_context"]
 
@@ -31,8 +32,9 @@ __all__ = ["DEFAULT_THREADS", "EstServer", "Limits", "serve", "tls_context"]
 def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext:
     """Server TLS: the station's certificate; client certificates optional, verified against the
     station's CA chain (re-enrollment: the issuing CA is trusted here, so a client that sends its
-    leaf alone verifies) and the bootstrap CAs (first enrollment without an OTP)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf alone verifies) and the bootstrap CAs (first enrollment without an OTP). Key exchange over
+    elliptic curves only (`tlsserver`: no finite-field key share to compute before authentication)."""
+    ctx = restrict_key_exchange(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile, keyfile)
     ctx.load_verify_locations(cadata=to_pem([*station.ca_chain, *station.bootstrap_cas]).decode())  # ends at the root
@@ -100,16 +102,19 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: 
 def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledger: str | None,
             threads: int, limits: Limits) -> int:
     led = station.open_ledger(ledger)
-    server = EstServer(sock, Enrollment(station, led), context, threads, limits)
+    enrollment = Enrollment(station, led)
+    server = EstServer(sock, enrollment, context, threads, limits)
 
     def stop(signum: int, frame: Any) -> None:
         server.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    enrollment.refusals.start()  # summaries and retention of refusal records, in this process
     try:
         server.serve()
     finally:
+        enrollment.refusals.stop()
         sock.close()
         led.close()
     return 0

@@ -9,7 +9,14 @@ with the status to answer. Bodies come with `Content-Length` or `Transfer-Encodi
   `-1`, ` 5 5`): 400, since a proxy in front may have read another length (request smuggling);
 - `Content-Length` together with `Transfer-Encoding`, or a coding other than `chunked`: 400 / 501;
 - a head over MAX_HEAD bytes: 431; a body over the cap: 413, decided from the head when the length
-  is announced, so the refusal goes out before the body is read.
+  is announced, so the refusal goes out before the body is read;
+- HTTP/1.1 without `Host`, more than one `Host`, or one that is not `host[:port]`: 400 (RFC 9112 3.2);
+- a chunk line that is not exactly `HEX[;name[=value]]...` CRLF (RFC 9112 7.1): whitespace after the
+  size, a bare LF or NUL or any control character in an extension: 400. RFC 9112 lets a recipient
+  skip whitespace before `;` (BWS); we refuse it with the rest, because a proxy in front that reads
+  the line otherwise would frame another body (no EST client sends chunk extensions at all);
+- trailer fields held to the rules of header fields (a bare LF or control character: 400) and to the
+  head's size and count limits (431).
 """
 
 from __future__ import annotations
@@ -19,10 +26,15 @@ from dataclasses import dataclass, field
 
 MAX_HEAD = 16 * 1024   # request line and headers; EST requests carry a handful of short headers
 MAX_HEADERS = 64
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/1\.([01])")
+_TOKEN_TEXT = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 5.6.2
+_TOKEN = re.compile(_TOKEN_TEXT)
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN_TEXT + rb") (\S+) HTTP/1\.([01])")
 _DIGITS = re.compile(r"[0-9]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,8}")
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'  # RFC 9110 5.6.4
+_CHUNK_EXT = re.compile(rb"(?:;" + _TOKEN_TEXT + rb"(?:=(?:" + _TOKEN_TEXT + rb"|" + _QUOTED + rb"))?)*")
+# RFC 9110 7.2 / RFC 3986 3.2.2: reg-name or IPv4 or [IP-literal], then an optional port
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
 
 class BadRequest(Exception):
@@ -78,6 +90,8 @@ class RequestReader:
     _body: bytearray = field(default_factory=bytearray)
     _chunk_left: int = -1              # chunked: bytes left in the current chunk, -1 between chunks
     _trailers: bool = False            # chunked: last chunk seen, reading the trailer section
+    _trailer_bytes: int = 0            # chunked: size of the trailer section so far
+    _trailer_fields: int = 0
 
     @property
     def started(self) -> bool:
@@ -106,7 +120,7 @@ class RequestReader:
             return None
         request = HttpRequest(self.head, body)
         self.head, self._length, self._chunked, self._body = None, None, False, bytearray()
-        self._chunk_left, self._trailers = -1, False
+        self._chunk_left, self._trailers, self._trailer_bytes, self._trailer_fields = -1, False, 0, 0
         return request
 
     # -- framing (RFC 9112 section 6) -----------------------------------------------------------------
@@ -154,16 +168,30 @@ class RequestReader:
                 del self.buffer[:end + 2]
                 if not line:
                     return bytes(self._body)
-                continue  # trailer fields carry nothing the station uses
+                # trailer fields carry nothing the station uses, but a proxy in front reads them as
+                # fields: anything it might split differently (a bare LF) ends the request here
+                self._trailer_bytes += end + 2
+                self._trailer_fields += 1
+                if self._trailer_bytes > MAX_HEAD:
+                    raise BadRequest(431, f"chunked trailer larger than {MAX_HEAD} bytes")
+                if self._trailer_fields > MAX_HEADERS:
+                    raise BadRequest(431, f"more than {MAX_HEADERS} trailer fields")
+                _field(line, "trailer")
+                continue
             if self._chunk_left < 0:
                 end = self.buffer.find(b"\r\n")
                 if end < 0:
                     if len(self.buffer) > 1024:
                         raise BadRequest(400, "chunk size line longer than 1024 bytes")
                     return None
-                size = bytes(self.buffer[:end]).split(b";", 1)[0].strip(b" \t")
+                line = bytes(self.buffer[:end])
+                size = line.partition(b";")[0]
                 if not _HEX.fullmatch(size):
-                    raise BadRequest(400, f"chunk size {size[:20]!r} is not a hexadecimal number")
+                    raise BadRequest(400, f"chunk size {size[:20]!r} is not a hexadecimal number (RFC 9112 7.1: "
+                                          "no whitespace around it)")
+                if not _CHUNK_EXT.fullmatch(line[len(size):]):
+                    raise BadRequest(400, f"chunk extension {line[len(size):][:40]!r} is not ';name[=value]' "
+                                          "(RFC 9112 7.1: no whitespace, bare LF or control characters)")
                 del self.buffer[:end + 2]
                 self._chunk_left = int(size, 16)
                 if self._chunk_left == 0:
@@ -192,15 +220,26 @@ def parse_head(raw: bytes) -> Head:
         raise BadRequest(400, f"malformed request line {lines[0][:80]!r}; expected 'METHOD /path HTTP/1.1'")
     if len(lines) - 1 > MAX_HEADERS:
         raise BadRequest(431, f"more than {MAX_HEADERS} header fields")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name):
-            # also catches obsolete line folding and whitespace before the colon (RFC 9112 5.1, 5.2)
-            raise BadRequest(400, f"malformed header line {line[:80]!r}")
-        text = value.strip(b" \t").decode("latin-1")
-        if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
-            raise BadRequest(400, f"control character in header {name.decode()!r}")
-        headers.append((name.decode("ascii").lower(), text))
-    return Head(match.group(1).decode("ascii"), match.group(2).decode("latin-1"), "1." + match.group(3).decode(),
-                tuple(headers))
+    headers = [_field(line, "header") for line in lines[1:]]
+    version = "1." + match.group(3).decode()
+    hosts = [value for name, value in headers if name == "host"]
+    if len(hosts) > 1:
+        raise BadRequest(400, f"Host given {len(hosts)} times; send it once (RFC 9112 3.2)")
+    if not hosts and version == "1.1":
+        raise BadRequest(400, "HTTP/1.1 request without a Host header (RFC 9112 3.2)")
+    if hosts and not _HOST.fullmatch(hosts[0]):
+        raise BadRequest(400, f"Host {hosts[0][:80]!r} is not host[:port] (RFC 9112 3.2)")
+    return Head(match.group(1).decode("ascii"), match.group(2).decode("latin-1"), version, tuple(headers))
+
+
+def _field(line: bytes, kind: str) -> tuple[str, str]:
+    """One field line (RFC 9112 5): (lowercase name, value without surrounding whitespace); raises
+    BadRequest(400) naming `kind` ("header" or "trailer")."""
+    name, sep, value = line.partition(b":")
+    if not sep or not _TOKEN.fullmatch(name):
+        # also catches obsolete line folding and whitespace before the colon (RFC 9112 5.1, 5.2)
+        raise BadRequest(400, f"malformed {kind} line {line[:80]!r}")
+    text = value.strip(b" \t").decode("latin-1")
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+        raise BadRequest(400, f"control character in {kind} {name.decode()!r}")
+    return name.decode("ascii").lower(), text

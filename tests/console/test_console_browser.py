@@ -173,3 +173,15 @@ def test_readonly_operator_sees_pages_but_is_refused_an_admin_action(
     driver.get(console_station.console_url + "/exports")
     screenshot(driver, "exports")
     assert console_station.rows("ro-dev-1")[0].revoked_at is None
+
+
+def test_the_live_page_of_an_operator_revoked_while_watching_stops_and_says_why(
+        tmp_path: Path, console_station: ConsoleStation, browser: Any) -> None:
+    frank = console_station.operator("frank", "readonly", tmp_path / "frank")
+    driver = browser(frank)
+    driver.get(console_station.console_url + "/live")
+    wait_for(driver, "the live stream to connect", lambda d: text_of(d, "#stream-state") == "live")
+    console_station.cli("operator", "revoke", "frank")
+    wait_for(driver, "the page to say its stream was closed",
+             lambda d: text_of(d, "#stream-state").startswith("closed: "))
+    assert "frank's certificate was revoked" in text_of(driver, "#stream-state")

@@ -72,14 +72,69 @@ def test_a_device_certificate_from_the_issuing_ca_is_not_an_operator(tmp_path: P
     assert run.returncode != 0 and run.stdout == "", run.stdout
 
 
+# The policy every console response carries, directive by directive (written out here, not imported, so
+# a change to the console's constant has to be made twice to pass)
+EXPECTED_CSP = {
+    "default-src": ["'none'"], "script-src": ["'self'"], "style-src": ["'self'"], "img-src": ["'self'"],
+    "connect-src": ["'self'"], "form-action": ["'self'"], "frame-ancestors": ["'none'"], "base-uri": ["'none'"],
+}
+
+
+def csp_directives(header: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy header as {directive: [sources]} (CSP Level 3, section 2.2.1: split on
+    ';', the first token names the directive, case-insensitively); a repeated directive is an error here
+    (a browser ignores the repeat, so it can only hide what the policy means)."""
+    out: dict[str, list[str]] = {}
+    for part in header.split(";"):
+        tokens = part.split()
+        if not tokens:
+            continue
+        name = tokens[0].lower()
+        assert name not in out, f"directive {name} given twice in {header!r}"
+        out[name] = tokens[1:]
+    return out
+
+
+def assert_strict_csp(headers: list[str]) -> None:
+    """Exactly one CSP header, and every directive exactly as expected: nothing added, dropped or widened."""
+    assert len(headers) == 1, f"expected one Content-Security-Policy header, got {headers}"
+    assert csp_directives(headers[0]) == EXPECTED_CSP
+
+
+def response_headers(run: subprocess.CompletedProcess[str], name: str) -> list[str]:
+    """The values of header `name` in `curl -D -` output."""
+    return [line.split(":", 1)[1].strip() for line in run.stdout.splitlines()
+            if line.lower().startswith(name.lower() + ":")]
+
+
 def test_every_page_carries_a_strict_content_security_policy(console_station: ConsoleStation, admin: Operator) -> None:
-    for path in ("/live", "/devices", "/batches", "/exports", "/audit", "/nope"):
+    for path in ("/live", "/devices", "/batches", "/exports", "/audit", "/audit?kind=admin", "/nope",
+                 "/static/console.css", "/static/live.js", "/exports/ca-chain.pem"):
         run = admin.curl(console_station.console_url + path, "-D", "-", "-o", "/dev/null")
-        headers = run.stdout.lower()
-        assert "content-security-policy: default-src 'none'; script-src 'self'; style-src 'self'" in headers, path
-        assert "x-frame-options: deny" in headers and "cache-control: no-store" in headers
+        assert_strict_csp(response_headers(run, "Content-Security-Policy"))
+        assert response_headers(run, "X-Frame-Options") == ["DENY"], path
+        assert response_headers(run, "X-Content-Type-Options") == ["nosniff"], path
+        assert response_headers(run, "Referrer-Policy") == ["no-referrer"], path
+        if not path.startswith("/static/"):  # the stylesheet and scripts may be cached a few minutes
+            assert response_headers(run, "Cache-Control") == ["no-store"], path
     page, _ = body_and_status(admin.curl(console_station.console_url + "/live"))
     assert "<script>" not in page and " style=" not in page and "onclick" not in page
+
+
+@pytest.mark.parametrize("widened", [
+    "style-src 'self' 'unsafe-inline'",           # appended to a directive: a prefix check passed this
+    "style-src 'self'; style-src 'unsafe-inline'",  # repeated
+    "style-src 'self' https:",
+    "style-src 'self'; report-uri /x",             # added
+])
+def test_the_csp_check_refuses_a_widened_policy(widened: str) -> None:
+    strict = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+              "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+    assert_strict_csp([strict])
+    with pytest.raises(AssertionError):
+        assert_strict_csp([strict.replace("style-src 'self'", widened)])
+    with pytest.raises(AssertionError):  # dropped
+        assert_strict_csp([strict.replace("; frame-ancestors 'none'", "")])
 
 
 def test_a_form_without_its_csrf_token_changes_nothing(console_station: ConsoleStation, admin: Operator) -> None:

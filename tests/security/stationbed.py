@@ -46,14 +46,49 @@ def csr_body(device_id: str) -> bytes:
 def post_enroll(station: RunningStation, user: str, password: str, body: bytes | None = None,
                 source: str = "127.0.0.1") -> Reply:
     """POST simpleenroll with HTTP Basic from the loopback address `source` (127.0.0.0/8 is all local)."""
-    ctx = ssl.create_default_context(cafile=str(station.ca_file))
-    conn = http.client.HTTPSConnection("127.0.0.1", station.port, context=ctx, timeout=20, source_address=(source, 0))
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    try:
-        conn.request("POST", ENROLL, body=body if body is not None else csr_body(user),
-                     headers={"Content-Type": "application/pkcs10", "Authorization": f"Basic {token}"})
-        answer = conn.getresponse()
-        headers = {k.lower(): v for k, v in answer.getheaders()}
-        return Reply(answer.status, headers, answer.read().decode(errors="replace"))
-    finally:
-        conn.close()
+    with Client(station, source) as client:
+        return client.enroll(user, password, body)
+
+
+def post_enroll_with_cert(station: RunningStation, cert: tuple[Path, Path], body: bytes,
+                          source: str = "127.0.0.1") -> Reply:
+    """POST simpleenroll authenticated by the TLS client certificate `cert` (chain file, key file)."""
+    with Client(station, source, cert) as client:
+        return client.post(body, {})
+
+
+class Client:
+    """One kept-alive HTTPS connection to the station from the loopback address `source` (opened again
+    if the station closed it), for sending many requests without a handshake each."""
+
+    def __init__(self, station: RunningStation, source: str = "127.0.0.1",
+                 cert: tuple[Path, Path] | None = None) -> None:
+        self.ctx = ssl.create_default_context(cafile=str(station.ca_file))
+        if cert is not None:
+            self.ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        self.station, self.source = station, source
+        self.conn: http.client.HTTPSConnection | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def enroll(self, user: str, password: str, body: bytes | None = None) -> Reply:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return self.post(body if body is not None else csr_body(user), {"Authorization": f"Basic {token}"})
+
+    def post(self, body: bytes, headers: dict[str, str]) -> Reply:
+        if self.conn is None:
+            self.conn = http.client.HTTPSConnection("127.0.0.1", self.station.port, context=self.ctx, timeout=20,
+                                                    source_address=(self.source, 0))
+        self.conn.request("POST", ENROLL, body=body, headers={"Content-Type": "application/pkcs10", **headers})
+        answer = self.conn.getresponse()
+        reply = Reply(answer.status, {k.lower(): v for k, v in answer.getheaders()},
+                      answer.read().decode(errors="replace"))
+        if reply.headers.get("connection", "").lower() == "close":
+            self.conn.close()
+            self.conn = None
+        return reply

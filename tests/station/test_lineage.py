@@ -14,7 +14,7 @@ from cryptography import x509
 from hal.keys.file import generate
 from provisioning import authority
 from provisioning.station.errors import Refusal, StationError
-from provisioning.station.ledger import Ledger
+from provisioning.station.ledger import Bar, Ledger
 from tests.pki import TRUST_DOMAIN, Pki
 
 NOW = 1_800_000_000
@@ -98,7 +98,7 @@ def test_an_unused_successor_supersedes_its_predecessor_after_the_grace_period(
     enroll(ledger, pki, "dev-1", NOW + 10, predecessor=first)
     assert state(ledger, first, NOW + 10 + GRACE - 1) is None
     assert state(ledger, first, NOW + 10 + GRACE) == (NOW + 10 + GRACE, "superseded")
-    ledger.sweep(NOW + 10 + GRACE)  # what `tether-station crl` does before listing
+    ledger.sweep(NOW + 10 + GRACE)  # the next write records it (a CRL lists it before that: Station.ledger_crl)
     row = ledger.get(first)
     assert row is not None and (row.revoked_at, row.revoke_reason) == (NOW + 10 + GRACE, "superseded")
     # revoking the superseded certificate for compromise still reaches its lineage
@@ -175,3 +175,61 @@ def test_a_ledger_from_before_lineage_is_migrated_and_keeps_its_rows(backend: st
     finally:
         ledger.close()
     Ledger(location).close()  # opening a migrated ledger again changes nothing
+
+
+def test_a_revoked_device_is_barred_from_the_bootstrap_path_and_its_older_passwords_are_void(
+        make_ledger: Callable[..., Ledger], pki: Pki) -> None:
+    ledger = make_ledger()
+    first, reused = ledger.issue_with_bootstrap("dev-1", "fp-a", NOW, signer(pki, "dev-1"))
+    assert not reused
+    retry, reused = ledger.issue_with_bootstrap("dev-1", "fp-a", NOW + 1, signer(pki, "dev-1"))
+    assert reused and retry.serial == first.serial  # a crash-retry gets the same certificate
+    ledger.add_otp("dev-1", "spare", NOW + 2, NOW + 10**6)
+    ledger.add_otp("dev-2", "other", NOW + 2, NOW + 10**6)
+
+    ledger.revoke_device("dev-1", NOW + 5, "keyCompromise")
+    assert ledger.bars() == [Bar("dev-1", NOW + 5, "keyCompromise")]
+    for fingerprint in ("fp-a", "fp-b"):  # the crash-retry and a fresh key: neither is answered
+        with pytest.raises(Refusal, match=r"device 'dev-1' was revoked \(keyCompromise\)") as refused:
+            ledger.issue_with_bootstrap("dev-1", fingerprint, NOW + 6, signer(pki, "dev-1"))
+        assert refused.value.status == 403
+    with pytest.raises(Refusal, match="issued before the device was revoked") as void:
+        ledger.issue_with_otp("dev-1", "spare", "fp-c", NOW + 6, signer(pki, "dev-1"))
+    assert void.value.status == 403
+    assert [r.serial for r in ledger.rows("device")] == [first.serial]
+    # another device's password is untouched; a password issued after the revocation admits dev-1
+    assert not ledger.issue_with_otp("dev-2", "other", "fp-d", NOW + 6, signer(pki, "dev-2"))[1]
+    ledger.add_otp("dev-1", "fresh", NOW + 7, NOW + 10**6)
+    assert not ledger.issue_with_otp("dev-1", "fresh", "fp-e", NOW + 7, signer(pki, "dev-1"))[1]
+    with pytest.raises(Refusal, match="was revoked"):  # the bootstrap path stays shut
+        ledger.issue_with_bootstrap("dev-1", "fp-f", NOW + 8, signer(pki, "dev-1"))
+
+    assert ledger.readmit("dev-1") == Bar("dev-1", NOW + 5, "keyCompromise")
+    assert ledger.bar("dev-1") is None
+    assert not ledger.issue_with_bootstrap("dev-1", "fp-f", NOW + 9, signer(pki, "dev-1"))[1]
+    with pytest.raises(StationError, match="device 'dev-1' is not barred"):
+        ledger.readmit("dev-1")
+
+
+def test_a_ledger_from_before_bars_bars_the_devices_an_operator_revoked(make_ledger: Callable[..., Ledger],
+                                                                       pki: Pki) -> None:
+    ledger = make_ledger(max_valid=1)
+    stolen = enroll(ledger, pki, "stolen")
+    enroll(ledger, pki, "renewed")
+    enroll(ledger, pki, "renewed", NOW + 1)  # the first is superseded: no operator revoked anything
+    gone = enroll(ledger, pki, "back")
+    enroll(ledger, pki, "back", NOW + 20)  # revoked at NOW + 10, enrolled again since
+    ledger.add_otp("stolen", "spare", NOW, NOW + 10**6)
+    with ledger._transaction() as q:  # what an older station's `revoke` left: revoked rows, no bars
+        q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ?", (NOW + 10, "keyCompromise", stolen))
+        q("UPDATE certs SET revoked_at = ?, revoke_reason = NULL WHERE serial = ?", (NOW + 10, gone))
+        q("DROP TABLE device_bars", ())
+        q("UPDATE otps SET voided_at = NULL", ())
+    ledger.close()
+
+    reopened = make_ledger()
+    assert reopened.bars() == [Bar("stolen", NOW + 10, "keyCompromise")]
+    with pytest.raises(Refusal, match="issued before the device was revoked"):
+        reopened.issue_with_otp("stolen", "spare", "fp", NOW + 30, signer(pki, "stolen"))
+    reopened.readmit("stolen")
+    assert make_ledger().bars() == []  # bars are made once, when the table is new: a readmit holds

@@ -148,8 +148,25 @@ def test_enrollment_and_cacerts_stay_fast_with_1000_idle_and_200_trickling_conne
     assert statistics.median(enroll_times) < GOAL_ENROLL * BOUND, figures
 
 
+# every connection the station does not close itself stays open this long: a test that waits WAIT_CLOSE for
+# the station to close one fails for sure (not by timing luck) if the station only lets its deadline pass
+LONG_DEADLINE, WAIT_CLOSE = "600", 20.0
+
+
+def closed_by_station(sock: socket.socket, wait: float = WAIT_CLOSE) -> bool:
+    """Waits up to `wait` seconds for the station to close `sock` (EOF or reset) without sending a byte."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
 def test_connections_over_the_per_client_cap_are_closed_at_accept(station_dir: Path) -> None:
-    station = start_station(station_dir, workers=1, extra=["--max-per-client", "3"])
+    station = start_station(station_dir, workers=1, extra=["--max-per-client", "3", "--request-timeout",
+                                                           LONG_DEADLINE])
     ctx = ssl.create_default_context(cafile=str(station.ca_file))
     held: list[ssl.SSLSocket] = []
     try:
@@ -158,7 +175,8 @@ def test_connections_over_the_per_client_cap_are_closed_at_accept(station_dir: P
             held.append(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
         with socket.create_connection(("127.0.0.1", station.port), timeout=30,
                                       source_address=("127.0.3.1", 0)) as fourth:
-            assert fourth.recv(1) == b""  # closed by the station without a byte
+            # closed by the station at once, without a byte: its request deadline is ten minutes away
+            assert closed_by_station(fourth)
         assert station.serving()  # another address is served meanwhile
         held.pop().close()
 
@@ -178,9 +196,58 @@ def test_connections_over_the_per_client_cap_are_closed_at_accept(station_dir: P
     assert "max_per_client" in (station_dir / "serve.log").read_text()
 
 
+def test_a_full_worker_closes_its_oldest_waiting_connection_to_serve_a_new_one(station_dir: Path) -> None:
+    # issue 22 item 7: connections from many addresses, each under the per-client cap, are capped in total
+    station = start_station(station_dir, workers=1, extra=["--max-connections", "6", "--request-timeout",
+                                                           LONG_DEADLINE])
+    ctx = ssl.create_default_context(cafile=str(station.ca_file))
+    held: list[ssl.SSLSocket] = []
+    try:
+        for i in range(6):  # one per address; handshaken, so accepted in this order
+            raw = socket.create_connection(("127.0.0.1", station.port), timeout=30,
+                                           source_address=(f"127.0.6.{i + 1}", 0))
+            held.append(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+        assert station.serving()  # a seventh connection is served ...
+        assert closed_by_station(held[0])  # ... in the room the oldest idle one left
+        assert all(is_open(tls) for tls in held[1:])
+    finally:
+        for tls in held:
+            tls.close()
+        station.proc.stop()
+    assert "max_connections" in (station_dir / "serve.log").read_text()
+
+
+def test_a_client_over_its_handshake_cpu_budget_is_closed_at_accept_and_others_are_served(
+        station_dir: Path) -> None:
+    # issue 22 item 4: 0.001 CPU s/s with 30 s of it at once is 30 ms of handshakes, a few dozen; the
+    # budget refills by 1 ms per second, far slower than one handshake a millisecond or more of CPU
+    station = start_station(station_dir, workers=1, extra=["--handshake-cpu", "0.001"])
+    ctx = ssl.create_default_context(cafile=str(station.ca_file))
+    refused_after = None
+    try:
+        for n in range(1000):
+            raw = socket.create_connection(("127.0.0.1", station.port), timeout=30, source_address=("127.0.7.1", 0))
+            try:
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1").close()
+            except OSError:  # closed before the handshake: EOF or reset, whichever the client sees
+                refused_after = n
+                break
+            finally:
+                raw.close()
+        assert refused_after is not None, "1000 handshakes and none refused"
+        assert refused_after >= 5, f"refused after only {refused_after} handshakes"
+        assert station.serving()  # another address is served meanwhile (only 127.0.0.1 is charged there)
+    finally:
+        station.proc.stop()
+    assert "handshake CPU budget" in (station_dir / "serve.log").read_text()
+
+
 def test_serve_refuses_limits_that_would_close_every_connection(station_dir: Path) -> None:
     for option, value, why in (("--request-timeout", "0", "must be positive"), ("--idle-timeout", "-1", "positive"),
-                               ("--max-per-client", "-1", "zero (no cap) or more")):
+                               ("--max-per-client", "-1", "zero (no cap) or more"),
+                               ("--max-connections", "-1", "zero (no cap) or more"),
+                               ("--handshake-cpu", "-0.5", "zero (no cap) or more"),
+                               ("--console-max-connections", "-2", "zero (no cap) or more")):
         out = station_cli("serve", "--dir", str(station_dir), "--listen", "127.0.0.1:0", option, value, check=False)
         assert out.returncode == 1 and option in out.stderr and why in out.stderr, out.stderr
 

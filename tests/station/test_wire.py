@@ -74,7 +74,6 @@ def csr_body(device_id: str = "wire-dev") -> bytes:
     ("Content-Length: 5, 900\r\n", b"given 2 times"),
     ("Content-Length: +5\r\n", b"not a decimal number"),
     ("Content-Length: 0_5\r\n", b"not a decimal number"),
-    ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"together"),
 ])
 def test_ambiguous_content_length_is_refused_with_400(station: RunningStation, headers: str, why: bytes) -> None:
     with connect(station) as tls:
@@ -82,6 +81,16 @@ def test_ambiguous_content_length_is_refused_with_400(station: RunningStation, h
         half_close(tls)
         answer = read_answer(tls)
     assert status_of(answer) == 400 and why in answer, answer
+
+
+def test_content_length_with_valid_chunked_framing_is_refused_400(station: RunningStation) -> None:
+    # both framings are valid on their own (5 bytes; one 5-byte chunk and the last chunk), so only the rule
+    # against having both refuses it: without it the request would reach the routes (401 for dev:pw)
+    with connect(station) as tls:
+        tls.sendall(head("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n") + b"5\r\nhello\r\n0\r\n\r\n")
+        half_close(tls)
+        answer = read_answer(tls)
+    assert status_of(answer) == 400 and b"together" in answer, answer
 
 
 def test_body_shorter_than_content_length_is_answered_408_after_the_request_deadline(
@@ -156,6 +165,30 @@ def test_chunked_enrollment_body_is_read(station: RunningStation) -> None:
     assert len(station.rows("chunk-dev")) == 1
 
 
+def test_lenient_framing_is_refused_400_over_the_wire(station: RunningStation) -> None:
+    # issue 22 item 11: each of these used to reach the routes (and its OTP check) as a request
+    otp = station.otp("strict-dev")
+    body = csr_body("strict-dev")
+    auth = base64.b64encode(f"strict-dev:{otp}".encode()).decode()
+    chunked = f"{len(body):x}".encode()
+    cases = {
+        "bare LF in a chunk extension": (b"Host: x\r\n", chunked + b";a\nb\r\n" + body + b"\r\n0\r\n\r\n"),
+        "NUL in a chunk extension": (b"Host: x\r\n", chunked + b";a\x00\r\n" + body + b"\r\n0\r\n\r\n"),
+        "space after the chunk size": (b"Host: x\r\n", chunked + b" \r\n" + body + b"\r\n0\r\n\r\n"),
+        "bare LF in a trailer": (b"Host: x\r\n", chunked + b"\r\n" + body + b"\r\n0\r\nX: a\nb\r\n\r\n"),
+        "no Host": (b"", chunked + b"\r\n" + body + b"\r\n0\r\n\r\n"),
+    }
+    for case, (host, framed) in cases.items():
+        request = (f"POST {ENROLL} HTTP/1.1\r\nContent-Type: application/pkcs10\r\nConnection: close\r\n"
+                   f"Authorization: Basic {auth}\r\nTransfer-Encoding: chunked\r\n").encode() + host + b"\r\n" + framed
+        with connect(station) as tls:
+            tls.sendall(request)
+            answer = read_answer(tls)
+        assert status_of(answer) == 400, (case, answer)
+    assert station.rows("strict-dev") == []  # none of them was served; the password is unspent
+    assert station.serving()
+
+
 def test_keep_alive_serves_two_requests_on_one_connection(station: RunningStation) -> None:
     get = b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: x\r\n\r\n"
     with connect(station) as tls:
@@ -174,7 +207,7 @@ def read(data: bytes, max_body: int = 100) -> bytes | None:
 
 def test_reader_decodes_chunks_fed_one_byte_at_a_time() -> None:
     reader = RequestReader(100)
-    raw = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\nGET"
+    raw = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\nGET"
     got = None
     for i in range(len(raw)):
         reader.feed(raw[i:i + 1])
@@ -184,21 +217,36 @@ def test_reader_decodes_chunks_fed_one_byte_at_a_time() -> None:
 
 
 @pytest.mark.parametrize(("raw", "status"), [
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n", 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n65\r\n", 413),
-    (b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", 413),
-    (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\n folded: value\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nName : value\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n65\r\n", 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\n folded: value\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nName : value\r\n\r\n", 400),
     (b"BAD\r\n\r\n", 400),
     (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n", 431),
-    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(65)) + b"\r\n", 431),
-    (b"GET / HTTP/1.1\r\nX-Evil: a\x1bb\r\n\r\n", 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 1100, 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"T" * 17000, 431),
-    (b"POST / HTTP/1.1\r\nContent-Length: 0000000000000000001\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(65)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Evil: a\x1bb\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 1100, 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"T" * 17000, 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0000000000000000001\r\n\r\n", 400),
+    # issue 22 item 11: what a lenient reader frames differently from a proxy in front
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;a\nb\r\nabc\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;a\x00\r\nabc\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3 ;a\r\nabc\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX: a\nb\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nno colon\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+     + b"".join(b"T-%d: y\r\n" % i for i in range(65)) + b"\r\n", 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+     + b"".join(b"T: " + b"y" * 1000 + b"\r\n" for _ in range(17)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: evil/x@y\r\n\r\n", 400),
 ])
 def test_reader_refuses_bad_framing_with_its_status(raw: bytes, status: int) -> None:
     with pytest.raises(BadRequest) as refused:
@@ -206,7 +254,19 @@ def test_reader_refuses_bad_framing_with_its_status(raw: bytes, status: int) -> 
     assert refused.value.status == status
 
 
+@pytest.mark.parametrize("raw", [
+    b"GET / HTTP/1.0\r\n\r\n",  # HTTP/1.0 has no Host requirement
+    b"GET / HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost:\r\n\r\n",  # RFC 9112 3.2: empty when the target has no authority
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;a=b;c;d=\"q \\\" t\"\r\nz\r\n0\r\nT: v\r\n\r\n",
+])
+def test_reader_accepts_what_rfc_9112_allows(raw: bytes) -> None:
+    reader = RequestReader(100)
+    reader.feed(raw)
+    assert reader.next() is not None
+
+
 def test_reader_waits_for_the_whole_body() -> None:
-    assert read(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc") is None
-    assert read(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde") == b"abcde"
-    assert read(b"GET / HTTP/1.1\r\n\r\n") == b""
+    assert read(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabc") is None
+    assert read(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde") == b"abcde"
+    assert read(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""

@@ -2,19 +2,19 @@
 
 Kept apart from the console's web code so the EST server can call `record_refusal` without importing
 Jinja2 or segno. A refusal is one short INSERT; an issuance writes nothing here (the `certs` row is the
-event), so the enrollment path stays as fast as before.
+event), so the enrollment path stays as fast as before. How many refusals are written one by one, the
+summary rows that stand for the rest (`refusals` > 1) and the table's retention are decided by
+`provisioning.station.refusals`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from provisioning.station.enrollment import Request
-    from provisioning.station.errors import Refusal
 
 log = logging.getLogger("tether.station")
 
@@ -22,7 +22,7 @@ MAX_REASON = 500
 
 _SQLITE_TABLE = """CREATE TABLE IF NOT EXISTS est_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at BIGINT NOT NULL, operation TEXT NOT NULL, device_id TEXT NOT NULL,
-    status INTEGER NOT NULL, reason TEXT NOT NULL, address TEXT NOT NULL)"""
+    status INTEGER NOT NULL, reason TEXT NOT NULL, address TEXT NOT NULL, refusals INTEGER NOT NULL DEFAULT 1)"""
 _POSTGRES_TABLE = _SQLITE_TABLE.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
 # ledgers whose table is known to exist (a cache that saves one statement per refusal, nothing more)
 _READY: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -35,7 +35,18 @@ def ensure_table(ledger: Any) -> None:
     with ledger._transaction() as q:
         q(_POSTGRES_TABLE if ledger.is_postgres else _SQLITE_TABLE, ())
         q("CREATE INDEX IF NOT EXISTS est_events_by_time ON est_events (at)", ())
+        # how many refusals the row stands for (a summary row, > 1); tables from before it gain it here
+        if "refusals" not in _columns(q, ledger.is_postgres):
+            q("ALTER TABLE est_events ADD COLUMN refusals INTEGER NOT NULL DEFAULT 1", ())
     _READY.add(ledger)
+
+
+def _columns(q: Any, postgres: bool) -> set[str]:
+    if postgres:
+        found = q("SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+                  "AND table_name = 'est_events'", ())
+        return {str(r[0]) for r in found}
+    return {str(r[1]) for r in q("PRAGMA table_info(est_events)", ())}
 
 
 def device_of_request(req: Request) -> str:
@@ -54,21 +65,16 @@ def device_of_request(req: Request) -> str:
     return "?"
 
 
-def record(ledger: Any, req: Request, refusal: Refusal, address: str) -> None:
-    """The one call the EST server makes for each refusal (see `record_refusal`)."""
-    record_refusal(ledger, int(time.time()), req.operation, device_of_request(req), refusal.status,
-                   refusal.reason, address)
-
-
 def record_refusal(ledger: Any, at: int, operation: str, device_id: str, status: int, reason: str,
-                   address: str) -> None:
-    """Write one refused EST request. Never raises: a refusal must reach the device even when the
-    ledger cannot take the record (the failure is logged)."""
+                   address: str, refusals: int = 1) -> None:
+    """Write one refused EST request (or, with `refusals` > 1, a row standing for that many). Never
+    raises: a refusal must reach the device even when the ledger cannot take the record (logged)."""
     try:
         ensure_table(ledger)
         with ledger._transaction() as q:
-            q("INSERT INTO est_events (at, operation, device_id, status, reason, address) VALUES (?, ?, ?, ?, ?, ?)",
-              (at, operation, device_id[:200], status, reason[:MAX_REASON], address))
+            q("INSERT INTO est_events (at, operation, device_id, status, reason, address, refusals) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+              (at, operation, device_id[:200], status, reason[:MAX_REASON], address, refusals))
     except Exception:  # the device's answer matters more than the console's record
         log.exception("could not record the refusal of %r in the ledger", device_id[:200])
         _READY.discard(ledger)

@@ -29,7 +29,7 @@ from provisioning.authority import Issuer
 from provisioning.certs import load_certificates
 from provisioning.certs import to_pem as certs_pem
 from provisioning.station.ca import Station
-from provisioning.station.console.store import ROLES, ConsoleStore
+from provisioning.station.console.store import CLI_NAME, ROLES, ConsoleStore
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import serial_hex
 
@@ -46,6 +46,8 @@ def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise StationError(f"operator NAME {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
                            "letter or digit")
+    if name == CLI_NAME:
+        raise StationError(f"operator NAME {name!r}: reserved for the command line's rows in the audit trail")
     return name
 
 

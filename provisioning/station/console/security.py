@@ -66,6 +66,21 @@ def identify(store: ConsoleStore, serial: int | None, address: str, now: int) ->
     return Caller(operator, address)
 
 
+def holder(store: ConsoleStore, serial: int | None, address: str) -> str:
+    """Who to name in the audit trail for a refused certificate: the operator it was issued to (revoked
+    or expired ones too, so their attempts can be found under their name), else the bare serial."""
+    if serial is None:
+        return "no certificate"
+    operator = store.operator(serial_hex(serial))
+    return Caller(operator, address).who if operator else f"unknown certificate (serial {serial_hex(serial)})"
+
+
+def reauthorize(store: ConsoleStore, caller: Caller, now: int) -> Caller:
+    """`caller` asked again of the ledger (Denied if the operator was revoked or has expired since):
+    for a response that outlives its request, such as the live page's event stream."""
+    return identify(store, int(caller.operator.serial, 16), caller.address, now)
+
+
 def require_admin(caller: Caller, action: str) -> None:
     if not caller.is_admin:
         raise Denied(403, f"{action} needs the admin role; operator {caller.operator.name} is {caller.operator.role}")

@@ -20,6 +20,9 @@ from provisioning.station.errors import StationError
 from provisioning.station.ledger import Ledger, Row, serial_hex
 
 ROLES = ("admin", "readonly")
+CLI_NAME = "cli"  # the audit trail's name for the command line (`cli USER@HOST`), never an operator's
+# actions that change something (kind `admin`), for classifying rows written before the kind column
+_ADMIN_ACTIONS = ("revoke", "batch create", "batch csv", "batch labels", "operator add", "operator revoke")
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS console_operators (
@@ -27,7 +30,7 @@ CREATE TABLE IF NOT EXISTS console_operators (
     not_after BIGINT NOT NULL, revoked_at BIGINT, cert_der {blob} NOT NULL);
 CREATE TABLE IF NOT EXISTS console_audit (
     id {serial_pk}, at BIGINT NOT NULL, who TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL,
-    address TEXT NOT NULL, outcome TEXT NOT NULL);
+    address TEXT NOT NULL, outcome TEXT NOT NULL, kind TEXT);
 CREATE TABLE IF NOT EXISTS console_batches (
     id {serial_pk}, pattern TEXT NOT NULL, total INTEGER NOT NULL, made INTEGER NOT NULL,
     created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, created_by TEXT NOT NULL);
@@ -36,6 +39,14 @@ CREATE TABLE IF NOT EXISTS console_batch_devices (
 CREATE INDEX IF NOT EXISTS certs_by_issued_at ON certs (issued_at);
 CREATE INDEX IF NOT EXISTS console_audit_by_time ON console_audit (at)
 """
+
+# What an audit row records. `admin` rows (something changed: revocations, batches and their hand-overs,
+# operators added or revoked) are never pruned and have a view of their own, so no amount of other
+# traffic (exports, refused requests, even from a revoked operator) can push them out of sight.
+AUDIT_KINDS = ("admin", "read", "refused")
+ADMIN, READ, REFUSED = AUDIT_KINDS
+AUDIT_KEEP = 100_000   # newest `read` and `refused` rows kept; older ones are pruned (admin rows never are)
+_PRUNE_EVERY = 1000    # prune when a row id is a multiple of this: one DELETE per thousand rows
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,15 @@ class AuditEntry:
     detail: str
     address: str
     outcome: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    """Audit rows newest first; `older` is the cursor of the next page (None on the last one)."""
+
+    entries: list[AuditEntry]
+    older: int | None
 
 
 @dataclass(frozen=True)
@@ -96,8 +116,9 @@ class LiveEvent:
 class ConsoleStore:
     """The console's view of one ledger. Cheap to make; creates its tables on first use."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, audit_keep: int = AUDIT_KEEP) -> None:
         self.ledger = ledger
+        self.audit_keep = audit_keep
         blob = ledger.dialect.blob
         serial_pk = "BIGSERIAL PRIMARY KEY" if ledger.is_postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
         with ledger._transaction() as q:
@@ -105,6 +126,7 @@ class ConsoleStore:
                 if statement.strip():
                     q(statement, ())
         events.ensure_table(ledger)
+        self._migrate_audit()
         self.cert_columns = self._columns("certs")
         self.otp_columns = self._columns("otps")
 
@@ -114,6 +136,17 @@ class ConsoleStore:
                 found = q("SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,))
                 return {str(r[0]) for r in found}
             return {str(r[1]) for r in q(f"PRAGMA table_info({table})", ())}
+
+    def _migrate_audit(self) -> None:
+        """A console_audit table from before `kind` gets the column, its rows classified as they are now."""
+        missing = "kind" not in self._columns("console_audit")
+        with self.ledger._transaction() as q:
+            if missing:
+                q("ALTER TABLE console_audit ADD COLUMN kind TEXT", ())
+            marks = ", ".join("?" for _ in _ADMIN_ACTIONS)
+            q(f"UPDATE console_audit SET kind = CASE WHEN outcome != 'ok' THEN ? WHEN action IN ({marks}) "  # noqa: S608 - placeholders only
+              "THEN ? ELSE ? END WHERE kind IS NULL", (REFUSED, *_ADMIN_ACTIONS, ADMIN, READ))
+            q("CREATE INDEX IF NOT EXISTS console_audit_by_kind ON console_audit (kind, id)", ())
 
     @property
     def predecessor_column(self) -> str | None:
@@ -154,17 +187,53 @@ class ConsoleStore:
         return found
 
     # -- audit ---------------------------------------------------------------------------------------
-    def audit(self, who: str, action: str, detail: str, address: str, outcome: str = "ok",
-              now: int | None = None) -> None:
+    def audit(self, who: str, action: str, detail: str, address: str, kind: str, now: int | None = None) -> None:
+        """Write one audit row of `kind` (AUDIT_KINDS; a `refused` row has the outcome "refused").
+        Every thousandth row prunes `read` and `refused` rows beyond the newest `audit_keep`."""
+        if kind not in AUDIT_KINDS:
+            raise StationError(f"audit kind {kind!r}: expected one of {', '.join(AUDIT_KINDS)}")
+        outcome = "refused" if kind == REFUSED else "ok"
         with self.ledger._transaction() as q:
-            q("INSERT INTO console_audit (at, who, action, detail, address, outcome) VALUES (?, ?, ?, ?, ?, ?)",
-              (int(time.time()) if now is None else now, who, action, detail[:1000], address, outcome))
+            q("INSERT INTO console_audit (at, who, action, detail, address, outcome, kind) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+              (int(time.time()) if now is None else now, who, action, detail[:1000], address, outcome, kind))
+            if kind != ADMIN:
+                last = int(q("SELECT MAX(id) FROM console_audit", ())[0][0])
+                if last % _PRUNE_EVERY == 0:
+                    self._prune_audit(q)
 
-    def audit_log(self, limit: int = 200) -> list[AuditEntry]:
+    def _prune_audit(self, q: Any) -> None:
+        """Drop the `read` and `refused` rows older than the newest `audit_keep` of them (admin rows stay)."""
+        edge = q("SELECT id FROM console_audit WHERE kind != ? ORDER BY id DESC LIMIT 1 OFFSET ?",
+                 (ADMIN, self.audit_keep))
+        if edge:
+            q("DELETE FROM console_audit WHERE kind != ? AND id <= ?", (ADMIN, int(edge[0][0])))
+
+    def audit_log(self, kind: str = "", operator: str = "", before: int | None = None,
+                  limit: int = 100) -> AuditPage:
+        """Audit rows newest first: of one `kind` (all when empty), by one `operator` name (the console
+        operator or "cli" for the command line; all when empty), with ids below the cursor `before`."""
+        if kind and kind not in AUDIT_KINDS:
+            raise StationError(f"kind {kind!r}: expected one of {', '.join(AUDIT_KINDS)}")
+        sql = "SELECT id, at, who, action, detail, address, outcome, kind FROM console_audit WHERE 1 = 1"
+        params: list[Any] = []
+        if kind:
+            sql += " AND kind = ?"
+            params.append(kind)
+        if operator:
+            # `who` is "NAME (role, serial …)" for an operator and "cli USER@HOST" for the command line
+            prefix = operator + " " if operator == CLI_NAME else operator + " ("
+            sql += " AND substr(who, 1, ?) = ?"
+            params += [len(prefix), prefix]
+        if before is not None:
+            sql += " AND id < ?"
+            params.append(before)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit + 1)
         with self.ledger._transaction(write=False) as q:
-            found = q("SELECT id, at, who, action, detail, address, outcome FROM console_audit "
-                      "ORDER BY id DESC LIMIT ?", (limit,))
-        return [AuditEntry(int(i), int(a), w, ac, d, ad, o) for i, a, w, ac, d, ad, o in found]
+            found = q(sql, params)
+        entries = [AuditEntry(int(i), int(a), w, ac, d, ad, o, k) for i, a, w, ac, d, ad, o, k in found[:limit]]
+        return AuditPage(entries, entries[-1].id if len(found) > limit else None)
 
     # -- devices -------------------------------------------------------------------------------------
     def search(self, prefix: str = "", serial: str = "", since: int | None = None, until: int | None = None,
@@ -209,14 +278,15 @@ class ConsoleStore:
         preds = {s: p for s, p in found}
         return [(r, preds.get(r.serial)) for r in self._rows([s for s, _ in found])]
 
-    def revoke(self, serials: Iterable[str], now: int) -> list[Row]:
-        """Revoke each serial not yet revoked (the ledger's own `revoke`, so whatever it also revokes,
-        such as certificates issued from it, goes with it); returns what this call revoked."""
+    def revoke(self, serials: Iterable[str], now: int, reason: str = "unspecified") -> list[Row]:
+        """Revoke each serial not yet revoked for `reason` (one of `ledger.REASONS`; the ledger's own
+        `revoke`, so whatever it also revokes, such as certificates issued from it, goes with it);
+        returns what this call revoked."""
         done = []
         for s in serials:
             row = self.ledger.get(s)
             if row is not None and row.revoked_at is None:
-                done.extend(self.ledger.revoke(s, now))
+                done.extend(self.ledger.revoke(s, now, reason))
         return done
 
     # -- live ----------------------------------------------------------------------------------------
@@ -243,9 +313,11 @@ class ConsoleStore:
         minute = now - 60
         with self.ledger._transaction(write=False) as q:
             issued = int(q("SELECT COUNT(*) FROM certs WHERE kind = 'device' AND issued_at >= ?", (minute,))[0][0])
-            refused = int(q("SELECT COUNT(*) FROM est_events WHERE at >= ?", (minute,))[0][0])
-            otp_failures = int(q("SELECT COUNT(*) FROM est_events WHERE status = 401 AND operation = 'simpleenroll' "
-                                 "AND reason LIKE ?", ("%one-time password%",))[0][0])  # psycopg reads % in SQL
+            # a summary row stands for `refusals` refusals (provisioning/station/refusals.py)
+            refused = int(q("SELECT COALESCE(SUM(refusals), 0) FROM est_events WHERE at >= ?", (minute,))[0][0])
+            otp_failures = int(q("SELECT COALESCE(SUM(refusals), 0) FROM est_events WHERE status = 401 "
+                                 "AND operation = 'simpleenroll' AND reason LIKE ?",
+                                 ("%one-time password%",))[0][0])  # psycopg reads % in SQL
             lockouts = self._lockouts(q)
         return {"issued_per_min": issued, "refused_per_min": refused, "otp_failures": otp_failures,
                 "lockouts": lockouts if lockouts is not None else -1}

@@ -21,14 +21,18 @@ import jinja2
 from provisioning.certs import to_pem
 from provisioning.station.ca import Station
 from provisioning.station.console import batches
-from provisioning.station.console.security import HEADERS, Caller, Csrf, Denied, require_admin
-from provisioning.station.console.store import Batch, ConsoleStore
+from provisioning.station.console.operators import check_name
+from provisioning.station.console.security import HEADERS, Caller, Csrf, Denied, reauthorize, require_admin
+from provisioning.station.console.store import ADMIN, AUDIT_KINDS, CLI_NAME, READ, REFUSED, Batch, ConsoleStore
 from provisioning.station.errors import StationError
 from provisioning.station.export import c8y_bulk_csv
+from provisioning.station.ledger import REASONS, Row
 
 HERE = Path(__file__).parent
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 LIVE_WINDOW = 3600  # the live page opens with the last hour
+AUDIT_PAGE = 100    # audit rows per page
+ADMIN_RECENT = 20   # the latest admin actions, above every audit page
 
 
 @dataclass
@@ -42,6 +46,12 @@ class Response:
 
 def _iso(ts: int | None) -> str:
     return "-" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _status(row: Row, now: int) -> str:
+    """A certificate's state as the CRL would give it now (a superseded one past its grace included)."""
+    gone = row.revocation(now)
+    return "valid" if gone is None else f"revoked {_iso(gone[0])} ({gone[1]})"
 
 
 def _date(text: str, field_name: str) -> int | None:
@@ -67,6 +77,7 @@ class Console:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                       undefined=jinja2.StrictUndefined)
         self.env.filters["iso"] = _iso
+        self.env.filters["status"] = _status
         self.static = {p.name: p.read_bytes() for p in (HERE / "static").iterdir() if p.suffix in STATIC_TYPES}
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -98,7 +109,8 @@ class Console:
         handlers: dict[tuple[str, str, int], Callable[..., Response]] = {
             ("GET", "", 1): lambda: Response(303, headers={"Location": "/live"}),
             ("GET", "live", 1): lambda: self.live(caller),
-            ("GET", "live", 2): lambda: self.live_stream(query) if parts[1] == "stream" else self._missing(path),
+            ("GET", "live", 2): lambda: self.live_stream(caller, query) if parts[1] == "stream"
+            else self._missing(path),
             ("GET", "devices", 1): lambda: self.devices(caller, query),
             ("GET", "devices", 2): lambda: self.device(caller, parts[1]),
             ("GET", "devices", 3): lambda: self.confirm_revoke(caller, parts[1], query) if parts[2] == "revoke"
@@ -113,9 +125,7 @@ class Console:
             ("POST", "batches", 3): lambda: self.batch_take(caller, self._int(parts[1]), parts[2]),
             ("GET", "exports", 1): lambda: self.render(caller, "exports.html", page="exports"),
             ("GET", "exports", 2): lambda: self.export(caller, parts[1]),
-            ("GET", "audit", 1): lambda: self.render(caller, "audit.html", page="audit",
-                                                     entries=self.store.audit_log(),
-                                                     operators=self.store.operators()),
+            ("GET", "audit", 1): lambda: self.audit(caller, query),
         }
         handler = handlers.get(route)
         if handler is None:
@@ -144,7 +154,10 @@ class Console:
         return self.render(caller, "live.html", page="live", events=self.store.live(now - LIVE_WINDOW, 50),
                            counters=self.store.counters(now), since=now)
 
-    def live_stream(self, query: dict[str, str]) -> Response:
+    def live_stream(self, caller: Caller, query: dict[str, str]) -> Response:
+        """Server-sent events for the live page, for as long as `caller` stays an operator: the ledger
+        is asked again before every tick's events, and a revoked (or expired) operator's stream gets
+        one `denied` event and ends, as every request of theirs would from then on."""
         try:
             since = int(query.get("since", ""))
         except ValueError:
@@ -156,6 +169,14 @@ class Console:
             yield b"retry: 2000\n\n"
             while not self.stopping():
                 now = int(self.clock())
+                try:
+                    reauthorize(self.store, caller, now)
+                except Denied as denied:
+                    self.store.audit(caller.who, "GET /live/stream", f"stream closed: {denied.reason}",
+                                     caller.address, REFUSED)
+                    closing = json.dumps({"status": denied.status, "reason": denied.reason})
+                    yield f"event: denied\ndata: {closing}\n\n".encode()
+                    return
                 for event in reversed(self.store.live(cursor)):
                     if event.key not in seen:
                         seen[event.key] = event.at
@@ -167,6 +188,30 @@ class Console:
 
         return Response(200, content_type="text/event-stream", headers={"Cache-Control": "no-store"},
                         stream=events())
+
+    # -- audit ---------------------------------------------------------------------------------------
+    def audit(self, caller: Caller, query: dict[str, str]) -> Response:
+        """The audit trail, filtered by kind and operator, a page at a time (cursor `before`: the rows
+        older than that row id), under the latest admin actions, which no other traffic can push away."""
+        kind, operator, before = query.get("kind", ""), query.get("operator", "").strip(), query.get("before", "")
+        if kind and kind not in AUDIT_KINDS:
+            raise Denied(400, f"kind {kind!r}: expected one of {', '.join(AUDIT_KINDS)}")
+        if operator and operator != CLI_NAME:
+            try:
+                check_name(operator)
+            except StationError as exc:
+                raise Denied(400, str(exc)) from None
+        if before and not before.isdigit():
+            raise Denied(400, f"before {before!r}: expected a row number (follow the page's 'older' link)")
+        page = self.store.audit_log(kind, operator, int(before) if before else None, AUDIT_PAGE)
+        filters = {k: v for k, v in (("kind", kind), ("operator", operator)) if v}
+        newest = "/audit" + ("?" + urllib.parse.urlencode(filters) if filters else "")
+        older = None if page.older is None else \
+            "/audit?" + urllib.parse.urlencode({**filters, "before": str(page.older)})
+        return self.render(caller, "audit.html", page="audit", entries=page.entries, older=older, newest=newest,
+                           admin_actions=self.store.audit_log(ADMIN, limit=ADMIN_RECENT).entries,
+                           kinds=AUDIT_KINDS, kind=kind, operator=operator, paged=bool(before),
+                           operators=self.store.operators())
 
     # -- devices -------------------------------------------------------------------------------------
     def devices(self, caller: Caller, query: dict[str, str]) -> Response:
@@ -198,16 +243,19 @@ class Console:
         require_admin(caller, "revoking")
         serial = query.get("serial") or None
         return self.render(caller, "confirm.html", page="devices", device_id=device_id, serial=serial or "",
-                           targets=self._targets(device_id, serial))
+                           targets=self._targets(device_id, serial), reasons=REASONS)
 
     def revoke(self, caller: Caller, device_id: str, form: dict[str, str]) -> Response:
         require_admin(caller, "revoking")
         serial = form.get("serial") or None
+        reason = form.get("reason") or "unspecified"
+        if reason not in REASONS:
+            raise Denied(400, f"reason {reason!r}: expected one of {', '.join(REASONS)}")
         targets = self._targets(device_id, serial)
-        done = self.store.revoke([r.serial for r in targets], int(self.clock()))
+        done = self.store.revoke([r.serial for r in targets], int(self.clock()), reason)
         what = f"{device_id}: " + (f"serial {serial}" if serial else "whole device") + \
-            f"; revoked {', '.join(r.serial for r in done) or 'nothing new'}"
-        self.store.audit(caller.who, "revoke", what, caller.address)
+            f" ({reason}); revoked {', '.join(r.serial for r in done) or 'nothing new'}"
+        self.store.audit(caller.who, "revoke", what, caller.address, ADMIN)
         return Response(303, headers={"Location": f"/devices/{urllib.parse.quote(device_id)}"})
 
     # -- batches -------------------------------------------------------------------------------------
@@ -225,7 +273,7 @@ class Console:
             raise Denied(400, f"ttl_hours {form.get('ttl_hours')!r}: expected a whole number of hours") from None
         except StationError as exc:
             raise Denied(400, str(exc)) from None
-        self.store.audit(caller.who, "batch create", f"batch {batch_id}: {pattern}", caller.address)
+        self.store.audit(caller.who, "batch create", f"batch {batch_id}: {pattern}", caller.address, ADMIN)
         return Response(303, headers={"Location": f"/batches/{batch_id}"})
 
     def _batch(self, batch_id: int) -> Batch:
@@ -253,10 +301,10 @@ class Console:
         try:
             pairs = self.batches.take(batch_id, caller.operator.serial, form)
         except StationError as exc:
-            self.store.audit(caller.who, f"batch {form}", f"batch {batch_id}: {exc}", caller.address, "refused")
+            self.store.audit(caller.who, f"batch {form}", f"batch {batch_id}: {exc}", caller.address, REFUSED)
             raise Denied(410, str(exc)) from None
         self.store.audit(caller.who, f"batch {form}", f"batch {batch_id}: {len(pairs)} passwords handed over",
-                         caller.address)
+                         caller.address, ADMIN)
         if form == "csv":
             return Response(200, batches.to_csv(pairs).encode(), "text/csv; charset=utf-8",
                             {"Content-Disposition": f'attachment; filename="batch-{batch_id}.csv"'})
@@ -269,7 +317,7 @@ class Console:
         if name == "crl.pem":
             from cryptography.hazmat.primitives.serialization import Encoding
 
-            crl = self.station.crl([(r.serial, r.revoked_at) for r in rows if r.revoked_at is not None])
+            crl = self.station.ledger_crl(self.store.ledger, int(self.clock()))  # as `tether-station crl`
             data, kind = crl.public_bytes(Encoding.PEM), "application/x-pem-file"
         elif name == "c8y-bulk.csv":
             data, kind = c8y_bulk_csv(rows).encode(), "text/csv; charset=utf-8"
@@ -279,7 +327,7 @@ class Console:
             data, kind = to_pem(self.station.ca_chain), "application/x-pem-file"
         else:
             raise Denied(404, f"no export {name!r}")
-        self.store.audit(caller.who, "export", name, caller.address)
+        self.store.audit(caller.who, "export", name, caller.address, READ)
         return Response(200, data, kind, {"Content-Disposition": f'attachment; filename="{name}"'})
 
 

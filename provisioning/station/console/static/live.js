@@ -10,6 +10,11 @@
   function cell(text) { const td = document.createElement("td"); td.textContent = text; return td; }
   source.addEventListener("open", () => { state.textContent = "live"; });
   source.addEventListener("error", () => { state.textContent = "reconnecting…"; });
+  // the console ends the stream of an operator revoked while watching; do not knock again
+  source.addEventListener("denied", (msg) => {
+    source.close();
+    state.textContent = "closed: " + JSON.parse(msg.data).reason;
+  });
   source.addEventListener("enrollment", (msg) => {
     const e = JSON.parse(msg.data);
     if (seen.has(e.key)) { return; }
