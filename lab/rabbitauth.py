@@ -26,6 +26,7 @@ leaves a `.` in an MQTT topic as it is: `a.b/s/us` becomes `a.b.s.us` and reache
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ class AuthServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # RabbitMQ's HTTP client keeps the connection for the next question
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 form = parse_qs(self.rfile.read(length).decode(), keep_blank_values=True)
@@ -139,8 +142,18 @@ class AuthServer:
             def log_message(self, *args: Any) -> None:
                 pass  # every answer is kept in `answers`; denials are logged by `record`
 
-        self.httpd = ThreadingHTTPServer((host, 0), Handler)
-        self.httpd.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 1024  # a cluster booting under thousands of devices asks all at once
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # typically a node that gave up waiting and closed the connection (its device retries):
+                # one line instead of socketserver's traceback on stderr
+                kind, exc, _ = sys.exc_info()
+                log.warning("rabbitmq auth: answering %s failed: %s: %s", client_address,
+                            kind.__name__ if kind else "?", exc)
+
+        self.httpd = Server((host, 0), Handler)
         self.port = int(self.httpd.server_address[1])
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="rabbit-auth", daemon=True)
 
