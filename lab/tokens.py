@@ -84,6 +84,7 @@ class TokenService:
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"+/{request}", 1)
         self.connected = threading.Event()
+        self._stopping = False
         self.client.on_subscribe = lambda *a: self.connected.set()
         if fallbacks:
             self.client.on_disconnect = self._next_endpoint
@@ -91,7 +92,9 @@ class TokenService:
 
     def _next_endpoint(self, client: Any, *args: Any) -> None:
         """The connection dropped (or a reconnect failed): paho's loop reconnects to whatever
-        `connect_async` set last."""
+        `connect_async` set last. Not after `stop`: its DISCONNECT calls this too."""
+        if self._stopping:
+            return
         self._endpoints.append(self._endpoints.pop(0))
         self.host, self.port = self._endpoints[0]
         log.info("token service: connection lost; trying %s:%d next", self.host, self.port)
@@ -125,5 +128,6 @@ class TokenService:
         return self.requests_from(device)
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
