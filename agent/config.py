@@ -60,6 +60,11 @@ class EstSection(NamedTuple):
     reenroll_password_file: str = ""  # file (0600) of that password; empty: re-enroll with mTLS alone
 
 
+class EnrollSection(NamedTuple):
+    method: str = "otp"            # otp (one-time password or [est] bootstrap_cert) | tpm-attestation
+    ek: str = "auto"               # tpm-attestation: which EK certificate to use: auto | rsa | ecc
+
+
 class EndpointsSection(NamedTuple):
     urls: tuple[str, ...] = ()  # mqtts://host:port, tried in order
     ca_file: str = ""              # CA for the brokers in `urls`
@@ -132,6 +137,7 @@ SECTIONS: dict[str, type] = {
     "keys": KeysSection,
     "identity": IdentitySection,
     "est": EstSection,
+    "enroll": EnrollSection,
     "endpoints": EndpointsSection,
     "discovery": DiscoverySection,
     "mqtt": MqttSection,
@@ -150,6 +156,7 @@ PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", 
              ("outbox", "socket")}
 
 CHOICES = {("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
+           ("enroll", "method"): ("otp", "tpm-attestation"), ("enroll", "ek"): ("auto", "rsa", "ecc"),
            ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
            ("ota", "slots"): ("directory", "uboot", "swupdate", "rauc", "command"),
            ("ota", "untrusted_hosts"): ("refuse", "no-token"),
@@ -193,6 +200,7 @@ class Config(NamedTuple):
     keys: KeysSection = KeysSection()
     identity: IdentitySection = IdentitySection()
     est: EstSection = EstSection()
+    enroll: EnrollSection = EnrollSection()
     endpoints: EndpointsSection = EndpointsSection()
     discovery: DiscoverySection = DiscoverySection()
     mqtt: MqttSection = MqttSection()
@@ -382,18 +390,15 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     return config
 
 
-def _check_url(url: str, schemes: tuple[str, ...], where: str) -> None:
-    import urllib.parse
+def _check_url(url: str, where: str) -> None:
+    """An https URL by the one rule every client connects by (provisioning/weburl.py); ConfigError naming
+    the key and the reason otherwise."""
+    from provisioning.weburl import UrlError, parse_https_url
 
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {url!r} is not a URL: {exc}") from None
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ConfigError(f"{where}: {url!r} must be {' or '.join(s + '://host[:port]' for s in schemes)}")
-    if port == 0:
-        raise ConfigError(f"{where}: {url!r}: port 0 is not a port")
+        parse_https_url(url)
+    except UrlError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | None = None) -> None:
@@ -422,7 +427,7 @@ def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | 
             raise ConfigError(f"{where(section, key)}: must not be empty")
     for section, key, url in (("est", "url", config.est.url), ("discovery", "url", config.discovery.url)):
         if url:
-            _check_url(url, ("https",), where(section, key))
+            _check_url(url, where(section, key))
     from agent.core.endpoints import parse_endpoint
 
     for i, url in enumerate(config.endpoints.urls):

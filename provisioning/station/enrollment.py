@@ -24,6 +24,7 @@ from provisioning.certs import common_name, issued_by, load_csr, pkcs7_certs_onl
 from provisioning.errors import PemError, PolicyError, ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.printable import escape_logger
+from provisioning.station.attestation import Attestation
 from provisioning.station.ca import Station
 from provisioning.station.errors import Refusal
 from provisioning.station.ledger import Ledger, Row, revoked_reason, serial_hex
@@ -96,6 +97,12 @@ class Enrollment:
                                         max_rows=settings.events_max_rows, clock=clock)
         station.issuer  # noqa: B018 - load (and decrypt) the CA key now, not in the first request
         station.reenroll_password  # noqa: B018 - a missing or readable password file fails `serve` at start
+        station.ek_trust  # noqa: B018 - and the TPM makers' roots: a missing ek_roots file stops `serve` here
+
+    @cached_property
+    def attestation(self) -> Attestation:
+        """Attested enrollment (TPM); its tables are created on first use."""
+        return Attestation(self.station, self.ledger, self.clock, self.check_csr)
 
     @cached_property
     def cacerts_body(self) -> bytes:
@@ -125,14 +132,7 @@ class Enrollment:
             csr = load_csr(req.body, "request body")
         except PemError as exc:
             raise Refusal(400, f"malformed CSR: {exc}") from None
-        try:
-            self.station.policy.check_csr(csr, device_id)
-        except PolicyError as exc:
-            # a CSR with no SAN URI (only CN=<id>, what most EST clients make) is fine: the station
-            # writes the SPIFFE ID itself from the authenticated id; a SAN naming anything else is not
-            left = [v for v in exc.violations if not (v.rule == "spiffe-id" and _no_san_uri(csr))]
-            if left:
-                raise Refusal(403, str(PolicyError(left, what=f"CSR for {device_id}"))) from None
+        self.check_csr(csr, device_id)
         if peer is not None and req.operation == REENROLL and csr.subject != peer.subject:
             raise Refusal(403, f"re-enrollment must keep the subject: the client certificate is for "
                                f"{subject_of(peer)!r}, the CSR asks for {csr.subject.rfc4514_string()!r}")
@@ -151,6 +151,17 @@ class Enrollment:
         else:
             row, reused = self.ledger.issue(device_id, fingerprint, now, sign, predecessor=predecessor)
         return Answer([row.certificate, *self.station.ca_chain], row, reused)
+
+    def check_csr(self, csr: x509.CertificateSigningRequest, device_id: str) -> None:
+        """Refusal(403) unless the identity policy lets `device_id` have this CSR signed."""
+        try:
+            self.station.policy.check_csr(csr, device_id)
+        except PolicyError as exc:
+            # a CSR with no SAN URI (only CN=<id>, what most EST clients make) is fine: the station
+            # writes the SPIFFE ID itself from the authenticated id; a SAN naming anything else is not
+            left = [v for v in exc.violations if not (v.rule == "spiffe-id" and _no_san_uri(csr))]
+            if left:
+                raise Refusal(403, str(PolicyError(left, what=f"CSR for {device_id}"))) from None
 
     # -- authentication ------------------------------------------------------------------------------
     def _authenticate_enroll(self, req: Request) -> tuple[str, str | None, x509.Certificate | None]:
