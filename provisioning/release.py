@@ -31,9 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hal import storage
-from provisioning import authority
+from hal.keys.file import generate
+from hal.keys.file import to_pem as key_to_pem
+from provisioning import authority, bundles
 from provisioning.certs import load_certificates, same_public_key, serial_of, subject_of, to_pem
-from provisioning.errors import PemError, ProvisioningError
+from provisioning.errors import PemError, ReleaseError
 from provisioning.policy import ChainPolicy, extension
 
 MANIFEST = "manifest.json"
@@ -48,10 +50,6 @@ MAX_MANIFEST = 64 * 1024
 VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,7}(-[0-9A-Za-z]+(\.[0-9A-Za-z]+)*)?$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHUNK = 1 << 20
-
-
-class ReleaseError(ProvisioningError):
-    """A release cannot be signed, or a release failed verification; the message says which check."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +117,6 @@ def create_release_signer(issuer: authority.Issuer, directory: Path, *, chain: S
     up to the station root), so a device can build the path to its trust anchor. Raises ReleaseError if
     a key exists and `overwrite` is false: replacing it silently would orphan releases in flight.
     """
-    from hal.keys.file import generate
-    from hal.keys.file import to_pem as key_to_pem
-
     directory = Path(directory)
     key_file, cert_file = directory / KEY_FILE, directory / CERT_FILE
     if key_file.exists() and not overwrite:
@@ -192,8 +187,6 @@ def sign_bundle(release_dir: Path, name: str, version: str, fmt: str, source: Pa
     Raises ReleaseError (a BundleError) naming what is missing or inconsistent.
     """
     import tempfile
-
-    from provisioning import bundles
 
     if not VERSION_RE.match(version):
         raise ReleaseError(f"version {version!r} is not a dotted version (e.g. 1.4.0 or 1.4.0-rc1)")

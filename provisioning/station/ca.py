@@ -43,6 +43,7 @@ from provisioning.identity import RESERVED_IDS, check_trust_domain
 from provisioning.policy import ChainPolicy
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import DEFAULT_MAX_VALID, DEFAULT_SUPERSEDE_GRACE, Ledger, Row
+from provisioning.tomlfmt import render_pairs
 
 SETTINGS, ROOT, ROOT_KEY, ISSUING, ISSUING_KEY, CHAIN = (
     "station.toml", "ca.pem", "root.key", "issuing.pem", "issuing.key", "ca-chain.pem")
@@ -84,8 +85,6 @@ class Settings:
 
     def render(self) -> bytes:
         """station.toml's text (the one TOML writer escapes every string, so any value reads back)."""
-        from provisioning.tomlfmt import render_pairs
-
         return ("# tether-station settings; edit with care, restart `serve` to apply\n"
                 + render_pairs(dataclasses.asdict(self))).encode()
 

@@ -22,9 +22,14 @@ from pathlib import Path
 from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
-from provisioning.station import extras
+from hal.keys.file import generate
+from provisioning.errors import PolicyError, ProvisioningError
+from provisioning.identity import check_device_id
+from provisioning.station import extras, service
+from provisioning.station.backup import backup, restore
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import KINDS, REASONS
+from provisioning.station.otp import new_otp, otp_hash
 
 log = logging.getLogger("tether.station")
 Handler = Callable[[argparse.Namespace], int]
@@ -124,7 +129,6 @@ def cmd_cloud_aws(args: argparse.Namespace) -> int:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
-    from provisioning.station import service
     from provisioning.station.server import Limits, serve
 
     settings = service.resolve(vars(args), args.config)
@@ -201,9 +205,6 @@ def _metrics(args: argparse.Namespace, station: object):  # type: ignore[no-unty
 
 @command("otp")
 def cmd_otp(args: argparse.Namespace) -> int:
-    from provisioning.identity import check_device_id
-    from provisioning.station.otp import new_otp, otp_hash
-
     station = _station(args)
     device_id = check_device_id(args.device_id, "DEVICE_ID", station.settings.reserved)
     ttl = args.ttl if args.ttl is not None else station.settings.otp_ttl
@@ -403,8 +404,6 @@ def cmd_export_c8y(args: argparse.Namespace) -> int:
 # -- backup ---------------------------------------------------------------------------------------------
 @command("backup")
 def cmd_backup(args: argparse.Namespace) -> int:
-    from provisioning.station.backup import backup
-
     station = _station(args)
     result = backup(station.directory, args.db or station.settings.ledger, Path(args.out))
     ledger = "and a copy of the SQLite ledger" if result.ledger == "sqlite" else "(not the ledger)"
@@ -417,8 +416,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 @command("restore")
 def cmd_restore(args: argparse.Namespace) -> int:
-    from provisioning.station.backup import restore
-
     written, aside = restore(Path(args.archive), _dir(args), force=args.force)
     print(f"restored {written} file(s) into {_dir(args)}")
     if aside is not None:
@@ -500,8 +497,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from provisioning.certs import common_name, load_csr, to_pem
-    from provisioning.errors import PolicyError, ProvisioningError
-    from provisioning.identity import check_device_id
 
     station = _station(args)
     data = storage.read_bytes(args.csr_file)
@@ -528,8 +523,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 @command("issue")
 def cmd_issue(args: argparse.Namespace) -> int:
-    from hal.keys.file import generate
-    from provisioning.identity import check_device_id
     from provisioning.station.export import write_device_bundle
 
     station = _station(args)
@@ -555,7 +548,6 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 @command("server-cert")
 def cmd_server_cert(args: argparse.Namespace) -> int:
-    from hal.keys.file import generate
     from provisioning.station.ca import default_server_names
     from provisioning.station.export import write_server_bundle
 
