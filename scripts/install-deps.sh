@@ -9,7 +9,8 @@
 # build-essential + gcc-multilib so the firmware tests build the unix port from ../shared/vendor
 # the way boards are built: frozen, 32-bit (-m32) and 64-bit, and with a ROMFS partition,
 # python3-venv for the project's venv and for the .deb's /opt/tether (built by Debian's python3),
-# systemd for systemd-analyze/systemd-sysusers (the unit's checks; nothing is started under it).
+# systemd for systemd-analyze/systemd-sysusers (the unit's checks; nothing is started under it),
+# softhsm2 for the station's PKCS#11 key tests (a software token in a temporary directory).
 # Python packages go into the project's virtual environment (VENV, default .venv), never into the
 # system interpreter, pinned by requirements-test.txt (refresh it with `make lock`).
 set -euo pipefail
@@ -21,7 +22,7 @@ SUDO=""
 
 PKGS="mosquitto mosquitto-clients swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-dev
       libtss2-tcti-tabrmd0 dbus libubootenv-tool swupdate rauc squashfs-tools cpio postgresql openssl curl
-      pkg-config python3-venv systemd chromium chromium-driver libnss3-tools build-essential gcc-multilib"
+      pkg-config python3-venv systemd chromium chromium-driver libnss3-tools build-essential gcc-multilib softhsm2"
 # The machine may carry Node.js from another source (with npm bundled): take Debian's only if absent.
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 missing=""
@@ -38,7 +39,7 @@ fi
 # The lock pins every test dependency (-c: a package added to pyproject.toml but not yet locked still
 # installs, and tests/unit/test_packaging.py fails until `make lock` is run).
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c requirements-test.txt \
-  -e '.[tpm,station,test]'
+  -e '.[tpm,station,hsm,test]'
 
 if [ -f firmware/package.json ]; then
   (cd firmware && npm ci --no-audit --no-fund --silent)

@@ -43,7 +43,7 @@ def test_key_uris_parse_and_print_back(text: str, expected: KeyUri) -> None:
 
 
 @pytest.mark.parametrize("text,reason", [
-    ("hsm:", "unknown key backend 'hsm': known schemes are file:, tpm:"),
+    ("hsm:", "unknown key backend 'hsm': known schemes are file:, pkcs11:, tpm:"),
     ("/var/lib/keys", "is not a key URI: expected <scheme>:"),
     ("tpm:?colour=blue", "the tpm backend takes no option 'colour'; it takes tcti, parent_handle"),
     ("file:?tcti=x", "the file backend takes no option 'tcti'; it takes passphrase_file"),
@@ -112,9 +112,12 @@ def test_effective_config_round_trips_with_its_key_uri(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("keys,message", [
-    ('uri = "hsm:"', "[keys] uri: unknown key backend 'hsm': known schemes are file:, tpm:"),
+    ('uri = "hsm:"', "[keys] uri: unknown key backend 'hsm': known schemes are file:, pkcs11:, tpm:"),
     ('uri = "tpm:?tcit=x"', "[keys] uri: 'tpm:?tcit=x': the tpm backend takes no option 'tcit'"),
-    ('backend = "pkcs11"', "[keys] backend: unknown key backend 'pkcs11': known schemes are file:, tpm:"),
+    ('backend = "pkcs11"', "[keys] backend: pkcs11: keys sign for the station only; a device key needs a backend "
+                           "`ssl` can use for mutual TLS: file:, tpm:"),
+    ('uri = "pkcs11:token=t?pin-value=1234"', "[keys] uri: 'pkcs11:token=t?pin-value=1234': the pkcs11 backend "
+                                              "takes no option 'pin-value'"),
     ('uri = "keys"', "[keys] uri: 'keys' is not a key URI"),
     ('uri = "file:a%00b"', "[keys] uri: 'file:a%00b': a key URI cannot contain a NUL character"),
     ('backend = "tpm"\ntcti = "a\\u0000b"', "[keys] tcti: a value cannot contain a NUL character"),
@@ -133,7 +136,7 @@ def test_cli_reports_a_bad_key_uri_in_one_line(tmp_path: Path) -> None:
     done = run_tether("status", config=path)
     assert done.returncode == 1
     assert done.stderr == (f"tether: configuration error: {path}: [keys] uri: unknown key backend 'hsm': "
-                           "known schemes are file:, tpm:\n")
+                           "known schemes are file:, pkcs11:, tpm:\n")
 
 
 # -- a new backend is one registry entry plus its module ---------------------------------------------------
@@ -168,7 +171,7 @@ def test_a_registered_backend_is_accepted_by_config_cli_and_identity(tmp_path: P
     assert isinstance(store, ToyKeyStore) and store.colour == "blue" and store.directory == Path("/toys")
     assert load(device(tmp_path, 'backend = "toy"', "older.toml")).key_uri.scheme == "toy"
     assert build_parser().parse_args(["keygen", "--backend", "toy"]).backend == "toy"
-    with pytest.raises(KeyStoreError, match="known schemes are file:, toy:, tpm:"):
+    with pytest.raises(KeyStoreError, match="known schemes are file:, pkcs11:, toy:, tpm:"):
         parse_key_uri("hsm:")
 
 
