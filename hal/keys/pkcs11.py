@@ -130,6 +130,8 @@ class Pkcs11KeyStore:
             raise TokenUnavailable(f"{self.where}: cannot reach the token: {_reason(exc)}") from None
         try:
             self._session = token.open(rw=True, user_pin=self._pin)
+        except p11.UserAlreadyLoggedIn:  # login is per process (PKCS#11 v2.40 5.6): another store of ours did it
+            self._session = token.open(rw=True)
         except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange):
             raise KeyStoreError(f"{self.where}: the token refused the user PIN (CKR_PIN_INCORRECT); check the "
                                 f"pin-source file or {PIN_ENV}") from None
