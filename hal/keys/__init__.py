@@ -112,8 +112,9 @@ def parse_key_uri(text: str) -> KeyUri:
         name, eq, value = item.partition("=")
         if not eq or not name:
             raise KeyStoreError(f"{text!r}: option {item!r} is not <option>=<value>")
-        if name not in backend.options:
-            raise KeyStoreError(f"{text!r}: the {scheme} backend takes no option {name!r}; it takes "
+        if name not in backend.options:  # its value is not echoed: it may be a secret (RFC 7512 pin-value)
+            shown = text.replace(item, f"{name}=...")
+            raise KeyStoreError(f"{shown!r}: the {scheme} backend takes no option {name!r}; it takes "
                                 f"{', '.join(backend.options) or 'none'}")
         if name in options:
             raise KeyStoreError(f"{text!r}: option {name!r} is given twice")
