@@ -20,6 +20,7 @@ was opened initialises the library again before its first signature (PKCS#11 v2.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from contextlib import AbstractContextManager, nullcontext
@@ -75,6 +76,8 @@ class Pkcs11KeyStore:
         if unknown:
             raise KeyStoreError(f"pkcs11 key store: unknown option(s) {', '.join(sorted(unknown))}")
         self.where = f"pkcs11:{directory}"
+        if importlib.util.find_spec("pkcs11") is None:
+            raise KeyStoreError(f"{self.where}: python-pkcs11 is not installed: pip install 'tether[hsm]'")
         attrs = parse_path(str(directory), self.where)
         self.token_label = attrs["token"]
         self.prefix = attrs.get("object") or DEFAULT_OBJECT
