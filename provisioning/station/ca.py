@@ -78,6 +78,7 @@ class Settings:
     events_max_rows: int = 100_000  # and only the newest this many are kept
     reserved_ids: str = ",".join(RESERVED_IDS)  # comma-separated ids never issued to devices
     bootstrap_ca: str = ""        # PEM file of CAs whose client certificates may enroll (factory bootstrap)
+    reenroll_password_file: str = ""  # file (0600) of a password re-enrollment asks too, besides mTLS
     ek_roots: str = ""            # PEM file of TPM makers' EK root and intermediate CAs (attested enrollment)
     ek_allowlist: bool = False    # attested enrollment only for EKs registered with `attest allow`
     attest_ttl: int = 300         # seconds a TPM credential challenge stays open
@@ -232,6 +233,25 @@ class Station:
             return []
         path = self.directory / self.settings.bootstrap_ca
         return load_certificates(_read(path, "bootstrap CA file"), str(path))
+
+    @cached_property
+    def reenroll_password(self) -> str | None:
+        """The password `simplereenroll` demands in HTTP Basic besides the client certificate (RFC 7030
+        3.2.3, as libest's estserver does), or None. The file must be private (0600): it is a secret."""
+        if not self.settings.reenroll_password_file:
+            return None
+        path = self.directory / self.settings.reenroll_password_file
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise StationError(f"{SETTINGS} reenroll_password_file: cannot read {path}: {exc.strerror}") from None
+        if st.st_mode & 0o077:
+            raise StationError(f"{SETTINGS} reenroll_password_file: {path} is readable by others (mode "
+                               f"{st.st_mode & 0o777:04o}); chmod 600 {path}")
+        lines = _read(path, "re-enrollment password").decode("utf-8", "replace").splitlines()
+        if not lines or not lines[0].strip():
+            raise StationError(f"{SETTINGS} reenroll_password_file: {path} is empty")
+        return lines[0].strip()
 
     @cached_property
     def ek_trust(self) -> EkTrust:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -95,6 +96,7 @@ class Enrollment:
                                         window=settings.events_window, max_age=settings.events_max_age,
                                         max_rows=settings.events_max_rows, clock=clock)
         station.issuer  # noqa: B018 - load (and decrypt) the CA key now, not in the first request
+        station.reenroll_password  # noqa: B018 - a missing or readable password file fails `serve` at start
         station.ek_trust  # noqa: B018 - and the TPM makers' roots: a missing ek_roots file stops `serve` here
 
     @cached_property
@@ -109,8 +111,8 @@ class Enrollment:
 
     @property
     def csrattrs_body(self) -> bytes:
-        """GET /csrattrs: what the station wants in a CSR (RFC 7030 4.5), base64 DER."""
-        return base64.encodebytes(CSR_ATTRS)
+        """GET /csrattrs: what the station wants in a CSR (RFC 7030 4.5), base64 DER on one line (RFC 8951)."""
+        return base64.b64encode(CSR_ATTRS)
 
     def handle(self, req: Request) -> Answer:
         """Enroll or re-enroll; raise Refusal(status, why) for anything the station will not sign."""
@@ -220,8 +222,20 @@ class Enrollment:
             raise Refusal(403, revoked_reason(row, *gone))
         if row.kind != "device":
             raise Refusal(403, f"{subject_of(peer)} is a {row.kind} certificate, not a device certificate")
+        self._check_reenroll_password(req, row.device_id)
         self.ledger.presented(row.serial, int(self.clock()))  # the device uses it: its predecessor is done
         return row.device_id, peer
+
+    def _check_reenroll_password(self, req: Request, device_id: str) -> None:
+        """With station.toml reenroll_password_file, re-enrollment also wants HTTP Basic (user: the device
+        id, password: that file's), as RFC 7030 3.2.3 allows and libest's estserver does by default."""
+        expected = self.station.reenroll_password
+        if expected is None:
+            return
+        user, password = req.basic or ("", "")
+        if user != device_id or not hmac.compare_digest(password.encode(), expected.encode()):
+            raise Refusal(401, f"re-enrollment of {device_id!r} also needs HTTP Basic with the device id and the "
+                               "station's re-enrollment password (station.toml reenroll_password_file)")
 
     # -- password guessing ---------------------------------------------------------------------------
     def _check_guess_rate(self, client: str) -> None:
