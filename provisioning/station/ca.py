@@ -152,14 +152,19 @@ ROOT_LABEL, ISSUING_LABEL, RELEASE_LABEL = "root", "issuing", "release"
 TOKEN_RETRY_AFTER = 5  # s a client waits when the token does not answer (503)
 
 
-def open_token(uri: str, directory: Path) -> Any:
-    """The key store `uri` (station.toml's `keys`) names; StationError when it cannot be opened."""
-    from hal.keys import open_key_uri
+def open_token(uri: str, directory: Path, where: str) -> Any:
+    """The PKCS#11 token `uri` (station.toml's `keys`, or init's --keys) names; StationError starting
+    with `where` when it is no pkcs11: URI or cannot be opened."""
+    from hal.keys import open_key_uri, parse_key_uri
 
     try:
-        return open_key_uri(uri, directory)
+        parsed = parse_key_uri(uri)
+        if parsed.scheme != "pkcs11":
+            raise KeyStoreError(f"{uri!r}: the station keeps CA keys in files (the default) or in a PKCS#11 token "
+                                "(pkcs11:token=...); other key stores are for devices")
+        return open_key_uri(parsed, directory)
     except KeyStoreError as exc:
-        raise StationError(f"keys: {exc}") from None
+        raise StationError(f"{where}: {exc}") from None
 
 
 @contextmanager
@@ -198,7 +203,7 @@ class Station:
     @cached_property
     def key_store(self) -> Any:
         """The token of `settings.keys` (only for a station whose keys are not files)."""
-        return open_token(self.settings.keys, self.directory)
+        return open_token(self.settings.keys, self.directory, f"{self.path(SETTINGS)}: keys")
 
     def token_key(self, label: str) -> Any:
         """The handle of the token key `label`; StationError (one line) for a wrong PIN or a missing key."""
@@ -428,9 +433,7 @@ def init_station(directory: str | Path, trust_domain: str = "tether.local", pass
         if ca_import is not None:
             raise StationError("--keys with --import: put an imported CA key into the token with the token's own "
                                "tools; init makes new keys only")
-        store = open_token(keys, target)
-        if store.backend == "file":
-            raise StationError(f"--keys {keys}: file keys are the default; give a pkcs11: URI or leave --keys out")
+        store = open_token(keys, target, "--keys")
     storage.ensure_dir(target, 0o700)
 
     def new_key(label: str) -> Any:

@@ -191,3 +191,11 @@ def check_token_goes_away_and_comes_back(hsm: SoftHsm, hsm_station: RunningStati
     wait_until(hsm_station.serving, 10, "the station still serving")
     log = (hsm_station.directory / "serve.log").read_text()
     assert "restarted as" not in log and "Traceback" not in log, "no worker died of the missing token"
+
+
+@pytest.mark.parametrize("uri", ["file:", "tpm:", "pkcs11:object=ca?module-path=/usr/lib/softhsm/libsofthsm2.so"])
+def test_init_refuses_keys_that_are_no_token_and_writes_nothing(tmp_path: Path, uri: str) -> None:
+    done = station_cli("init", "--dir", str(tmp_path / "st"), "--keys", uri, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("tether-station: error: --keys: ") and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "st").exists()
