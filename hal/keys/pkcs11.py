@@ -153,6 +153,10 @@ class Pkcs11KeyStore:
         except p11.NoSuchKey:
             return None
 
+    def label_of(self, label: str) -> str:
+        """The token object's CKA_LABEL for `label`: `<object>-<label>`."""
+        return self._label(label)
+
     def _label(self, label: str) -> str:
         return f"{self.prefix}-{check_label(label)}"
 

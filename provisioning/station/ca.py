@@ -434,6 +434,14 @@ def init_station(directory: str | Path, trust_domain: str = "tether.local", pass
             raise StationError("--keys with --import: put an imported CA key into the token with the token's own "
                                "tools; init makes new keys only")
         store = open_token(keys, target, "--keys")
+        try:  # log in and look before anything is written: a wrong PIN or a taken label leaves no trace
+            taken = [store.label_of(label) for label in (ROOT_LABEL, ISSUING_LABEL, RELEASE_LABEL)
+                     if store.exists(label)]
+        except KeyStoreError as exc:
+            raise StationError(f"--keys: {exc}") from None
+        if taken:
+            raise StationError(f"--keys: the token holds {', '.join(taken)} already (another station's keys?); "
+                               "give this station another object= prefix")
     storage.ensure_dir(target, 0o700)
 
     def new_key(label: str) -> Any:

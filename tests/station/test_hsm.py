@@ -199,3 +199,16 @@ def test_init_refuses_keys_that_are_no_token_and_writes_nothing(tmp_path: Path, 
     assert done.returncode == 1
     assert done.stderr.startswith("tether-station: error: --keys: ") and len(done.stderr.splitlines()) == 1
     assert not (tmp_path / "st").exists()
+
+
+def test_init_with_a_wrong_pin_or_a_taken_prefix_writes_nothing(tmp_path: Path, hsm: SoftHsm,
+                                                                hsm_station_dir: Path) -> None:
+    again = station_cli("init", "--dir", str(tmp_path / "second"), "--keys", hsm.key_uri(), check=False)
+    assert again.returncode == 1
+    assert again.stderr == ("tether-station: error: --keys: the token holds ca-root, ca-issuing already (another "
+                            "station's keys?); give this station another object= prefix\n")
+    hsm.pin_file.write_text("000000\n")
+    wrong = station_cli("init", "--dir", str(tmp_path / "third"), "--keys", hsm.key_uri("other"), check=False)
+    assert wrong.returncode == 1 and len(wrong.stderr.splitlines()) == 1
+    assert "the token refused the user PIN (CKR_PIN_INCORRECT)" in wrong.stderr
+    assert not (tmp_path / "second").exists() and not (tmp_path / "third").exists()
