@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="create the device key in the key store [keys] uri names")
-    p.add_argument("--backend", choices=tuple(BACKENDS), help="key store (saved to the config as [keys] uri "
+    p.add_argument("--backend", choices=tuple(s for s, b in BACKENDS.items() if b.device),
+                   help="key store (saved to the config as [keys] uri "
                    "= \"<backend>:\"; options such as the TPM's tcti stay as configured)")
     p.add_argument("--force", action="store_true", help="replace an existing key")
     # Commands that write the state, or act with it as the agent, run as the state's owner only

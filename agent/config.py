@@ -358,6 +358,10 @@ def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], fil
     except KeyStoreError as exc:
         raise ConfigError(f"{origin}: [keys] {key}: {exc}") from None
     backend = BACKENDS[uri.scheme]
+    if not backend.device:
+        raise ConfigError(f"{origin}: [keys] {key}: {uri.scheme}: keys sign for the station only; a device key "
+                          f"needs a backend `ssl` can use for mutual TLS: "
+                          f"{', '.join(s + ':' for s, b in sorted(BACKENDS.items()) if b.device)}")
     options = dict(uri.options)
     for name in backend.path_options:
         if options.get(name) and not os.path.isabs(options[name]):
