@@ -35,6 +35,7 @@ from cryptography import x509
 
 from hal import storage
 from hal.errors import KeyStoreError
+from hal.keys import open_key_uri, parse_key_uri
 from hal.keys.file import generate, load_pem, to_pem
 from provisioning import authority
 from provisioning.attest.verify import EkTrust
@@ -154,8 +155,6 @@ TOKEN_RETRY_AFTER = 5  # s a client waits when the token does not answer (503)
 def open_token(uri: str, directory: Path, where: str) -> Any:
     """The PKCS#11 token `uri` (station.toml's `keys`, or init's --keys) names; StationError starting
     with `where` when it is no pkcs11: URI or cannot be opened."""
-    from hal.keys import open_key_uri, parse_key_uri
-
     try:
         parsed = parse_key_uri(uri)
         if parsed.scheme != "pkcs11":
