@@ -13,11 +13,11 @@ SQLite database, the publish socket) take only their path from here.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hal import storage
+from hal.value import Value
 
 
 class StateDir:
@@ -66,6 +66,11 @@ class StateDir:
         return self.root / "ota"
 
     @property
+    def ota_state(self) -> Path:
+        """The updater's state (agent/ota/machine.py StateStore): present while an update is in progress."""
+        return self.ota / "state.json"
+
+    @property
     def slots(self) -> Path:
         return self.root / "slots"
 
@@ -78,8 +83,7 @@ class StateDir:
         return self.root / "publish.sock"
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(Value):
     """One JSON record file: `path`, the `version` this agent writes, and what its owner does when
     the file has to be set aside (`then`, for the log line)."""
 

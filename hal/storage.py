@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ TEMP_ATTEMPTS = 5  # fresh random names tried when one is taken (only another wr
 
 def _temp_suffix() -> str:
     """Random part of a temp file's name: unguessable, so nobody can plant a file where we will write."""
-    return secrets.token_hex(8)
+    return os.urandom(8).hex()  # what secrets.token_hex(8) returns, without importing secrets (hmac, random)
 
 
 def _is_secret(mode: int) -> bool:
