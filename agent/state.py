@@ -84,12 +84,14 @@ class StateDir:
 
 
 class Record(Value):
-    """One JSON record file: `path`, the `version` this agent writes, and what its owner does when
-    the file has to be set aside (`then`, for the log line)."""
+    """One JSON record file: `path`, the `version` this agent writes, what its owner does when the
+    file has to be set aside (`then`, for the log line), and whether a save must survive a power cut
+    (`durable`: fsync of the file and its directory; not for a volatile file the next update rewrites)."""
 
     path: Path
     version: int = 1
     then: str = "starting from empty"
+    durable: bool = True
 
     def load(self) -> dict[str, Any] | None:
         """The record's fields (without `version`), or None when the file is absent or was set aside."""
@@ -114,5 +116,5 @@ class Record(Value):
         return value
 
     def save(self, fields: dict[str, Any], mode: int = storage.PUBLIC_MODE) -> None:
-        """Write `fields` with this record's version, atomically."""
-        storage.write_json(self.path, {**fields, "version": self.version}, mode)
+        """Write `fields` with this record's version, atomically (and durably if `durable`)."""
+        storage.write_json(self.path, {**fields, "version": self.version}, mode, durable=self.durable)
