@@ -20,11 +20,14 @@ from agent.enroll import enroll_waiting
 from agent.errors import AgentError, ConfigError
 from agent.identity import DeviceIdentity
 from agent.publish_api import publish_command
+from agent.state_owner import require_own_state
 from agent.status import read_runtime_status
+from agent.textfile import render
 from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
 from hal.keys import BACKENDS, key_backend
+from provisioning.printable import EscapeOutsideInput
 
 Handler = Callable[[argparse.Namespace, configmod.Config], int]
 COMMANDS: dict[str, Handler] = {}
@@ -122,8 +125,12 @@ def cmd_enroll(args: argparse.Namespace, config: configmod.Config) -> int:
 def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
     status = DeviceIdentity(config).status()
     status.update(read_runtime_status(config))
-    if args.json:
+    if args.json or args.format == "json":
         print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    if args.format == "prometheus":  # node_exporter's textfile collector (docs/device.md)
+
+        sys.stdout.write(render(status))
         return 0
     print(f"device      {status['device_id']}")
     key = status["key"]
@@ -160,6 +167,10 @@ def setup_logging(verbose: bool) -> None:
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    # One filter on the handler, so every record is escaped whichever logger it comes from (ours, paho's,
+    # urllib3's): a 515, a redirect or a broker's reason text never writes an escape sequence raw.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(EscapeOutsideInput())
 
 
 @command("run")
@@ -234,6 +245,8 @@ def _add_keygen(sub: Any) -> None:
     p.add_argument("--backend", choices=tuple(BACKENDS), help="key store (saved to the config as [keys] uri "
                    "= \"<backend>:\"; options such as the TPM's tcti stay as configured)")
     p.add_argument("--force", action="store_true", help="replace an existing key")
+    # Commands that write the state, or act with it as the agent, run as the state's owner only
+    p.set_defaults(own_state=True)
 
 
 def _add_csr(sub: Any) -> None:
@@ -245,6 +258,7 @@ def _add_chain(sub: Any) -> None:
     chain = sub.add_parser("chain", help="certificate chain").add_subparsers(dest="sub", required=True)
     p = chain.add_parser("install", help="check a chain (leaf, intermediates, root) and store it")
     p.add_argument("file")
+    p.set_defaults(own_state=True)
 
 
 def _add_enroll(sub: Any) -> None:
@@ -253,19 +267,21 @@ def _add_enroll(sub: Any) -> None:
     p.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
                    help="while the station answers 202/503 with Retry-After, ask again for up to this long in all "
                         "(each wait capped at [est] retry_after_max; default 3600; 0: do not wait)")
-    p.set_defaults(needs_tls=True)
+    p.set_defaults(needs_tls=True, own_state=True)
 
 
 def _add_status(sub: Any) -> None:
     p = sub.add_parser("status", help="device id, key, chain, session and token state")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument("--format", choices=("text", "json", "prometheus"), default="text",
+                   help="prometheus: the text format node_exporter's textfile collector reads")
 
 
 def _add_service(name: str, text: str) -> Callable[[Any], None]:
     def add(sub: Any) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--verbose", "-v", action="store_true")
-        p.set_defaults(needs_tls=True)
+        p.set_defaults(needs_tls=True, own_state=True)
     return add
 
 
@@ -352,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.command + (f" {args.sub}" if getattr(args, "sub", None) else "")
     try:
         config = configmod.load(args.config)
+        if getattr(args, "own_state", False):
+            require_own_state(config, argv)
         if getattr(args, "needs_tls", False):
             ensure_tls_env(config, argv)
         return COMMANDS[name](args, config)

@@ -36,11 +36,12 @@ if TYPE_CHECKING:
     from agent.ota.agent import OtaAgent
 
 
-def build(config: Config, *, components: bool = True, rand: Callable[[], float] = random.random,
-          clock: Callable[[], float] = time.time) -> Runtime:
+def build(config: Config, *, components: bool = True, publish_socket: bool = True,
+          rand: Callable[[], float] = random.random, clock: Callable[[], float] = time.time) -> Runtime:
     """The runtime for `config` with every component it configures. `components=False` gives the
     bare runtime `tether check` drives once (no renewal, OTA or publish socket beside a running
-    agent's)."""
+    agent's); `publish_socket=False` keeps the outbox without its local socket (the fleet benchmark
+    runs thousands of agents in one process)."""
     loop = ControlLoop(StatusFile(config))
     link = SessionLink()
     identity = DeviceIdentity(config)
@@ -57,9 +58,11 @@ def build(config: Config, *, components: bool = True, rand: Callable[[], float] 
         parts.append(ota_component(config, link.publish, token, loop.request_restart))
         if config.outbox.enabled:
             outbox = Outbox(config, link.publish, wake=lambda: loop.post(None), status=loop.status)
-            server = PublishServer(socket_path(config), outbox)
-            parts += [outbox, server]
-            server.try_start()  # a failure must not stop the agent: the session and identity matter more
+            parts.append(outbox)
+            if publish_socket:
+                server = PublishServer(socket_path(config), outbox)
+                parts.append(server)
+                server.try_start()  # a failure must not stop the agent: the session and identity matter more
     return Runtime(config, loop=loop, link=link, identity=identity, discovery=Discovery(config), token=token,
                    renewal=renewal, components=parts, rand=rand, clock=clock)
 

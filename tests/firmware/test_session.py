@@ -12,16 +12,13 @@ SUPPORT = {"/lib/" + name: os.path.join(HERE, name)
 # Imports and the baseline happen in separate top-level calls, so the port's deferred collection
 # has run before the baseline is read.
 SETUP = "import gc, json, sys\nimport session_cycle\ngc.collect()\n"
-# Once the session is built, the code a board drops in start() goes too (tether_main.PARSING_ONLY,
-# BUILDING_ONLY): the cycle must not need any of it.
+# Once the session is built, the setup modules go, as tether_main.main() drops them on a board
+# (tether_main.SETUP_MODULES); the cycle then runs without them in sys.modules.
 LOOP = ("if 'cycle' not in globals():\n"
         "    cycle = session_cycle.Cycle(gc.mem_alloc())\n"
         "    import tether_main\n"
-        "    drop, building = tether_main.drop_setup_code, tether_main.BUILDING_ONLY\n"
-        "    drop(tether_main.PARSING_ONLY)\n"
-        "    drop(building)\n"
-        "    del drop, building\n"
-        "    cycle.dropped = not hasattr(tether_main, 'start')\n"
+        "    tether_main.drop_setup_modules()\n"
+        "    cycle.dropped = not [m for m in tether_main.SETUP_MODULES if m in sys.modules]\n"
         "done = cycle.advance()\n")
 FINISH = ("r = cycle.result()\nr['impl'] = sys.implementation.name\nr['dropped'] = cycle.dropped\n"
           "print('@@RESULT ' + json.dumps(r))\n")
@@ -74,8 +71,8 @@ def test_bad_token_line_is_reported_and_requested_again_with_backoff():
     while len(broker.token_requests) < 2:
         s.step()
     errors = [str(d) for n, d in events if n == "token_error"]
-    assert errors[0] == ("rejected an answer: token: expected 3 dot-separated segments, got 1; keeping the "
-                         "current token, asking again at 1700000001.0")
+    assert errors[0] == ("rejected an answer: expected 3 dot-separated segments, got 1; keeping the "
+                         "current token, asking again in 1.0 s")
     # Retry after 0.5 * 2 s of backoff, not at once and not never.
     assert broker.token_requests[1] - broker.token_requests[0] == 1
     assert s.token() is None
@@ -86,7 +83,7 @@ def _check_token_answers(r):
     assert len([line for line in r["board"] if line.startswith("refused: ")]) == 4, r["board"]
     assert r["board"][:3] == [
         "request@1700000000",
-        "refused: rejected an answer: payload: not UTF-8; keeping the current token, asking again at 1700000000.5",
+        "refused: rejected an answer: payload: not UTF-8; keeping the current token, asking again in 0.5 s",
         "request@1700000000.5"]
     assert r["board"][-1].startswith("adopted: ")
 

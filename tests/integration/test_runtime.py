@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.events import Acked, Disconnected
 from lab.discovery import DiscoveryServer, greengrass_document
 from lab.mosquitto import BrokerFiles, Mosquitto
 from lab.procs import wait_until
@@ -81,6 +82,24 @@ def test_last_good_endpoint_is_tried_first_on_next_boot(tmp_path: Path, pki: Pki
     a.start()  # core A is back, but B worked last
     second = start_agent(agents, config)
     second.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
+
+
+def test_a_last_good_endpoint_a_drop_in_removed_is_not_dialled(tmp_path: Path, pki: Pki,
+                                                               broker_factory: Callable[..., Mosquitto],
+                                                               agents: list[Agent]) -> None:
+    a, b = broker_factory("core-a"), broker_factory("core-b")
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN, endpoints={"urls": [f"mqtts://localhost:{b.port}",
+                                                                                   f"mqtts://localhost:{a.port}"]})
+    agent = start_agent(agents, config)
+    agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
+    agent.terminate()
+    dropins = config.parent / "config.d"
+    dropins.mkdir()
+    (dropins / "50-move-off-core-b.toml").write_text(f'[endpoints]\nurls = ["mqtts://localhost:{a.port}"]\n')
+    second = start_agent(agents, config)  # core B still runs and worked last, but is no longer configured
+    second.wait_status(session="online", endpoint=f"mqtts://localhost:{a.port}")
+    assert f"the last good endpoint mqtts://localhost:{b.port} is no longer configured" in second.log()
+    assert f"localhost:{b.port}" not in second.log().split("no longer configured", 1)[1]
 
 
 def test_handshake_refusal_reason_is_logged_and_in_status(tmp_path: Path, pki: Pki, agents: list[Agent]) -> None:
@@ -274,9 +293,22 @@ def test_in_process_runtime_fails_over_between_real_brokers(tmp_path: Path, pki:
                                 endpoints={"urls": [f"mqtts://localhost:{a.port}", f"mqtts://localhost:{b.port}"]})
     with InProcess(config) as agent:
         agent.wait_status(session="online", endpoint=f"mqtts://localhost:{a.port}")
+        supervisor = agent.runtime.supervisor
+        assert supervisor is not None
+        on_a = supervisor.epoch
         a.kill()
         agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
-        assert agent.runtime.supervisor is not None and agent.runtime.supervisor.dropped >= 0
+        on_b = supervisor.epoch
+        assert on_b > on_a
+        # Late news of a's dead session (its close, a PUBACK) must be dropped, not end b's session: b's
+        # packet ids restart at 1, so a stale acknowledgement would otherwise pass for one of b's.
+        dropped = supervisor.dropped
+        agent.runtime.post(Disconnected(on_a, "a's connection closed late"))
+        agent.runtime.post(Acked(on_a, 1))
+        wait_until(lambda: supervisor.dropped >= dropped + 2, 10, "the two stale events to be dropped",
+                   describe=lambda: f"dropped {supervisor.dropped}, state {supervisor.state}, status {agent.status()}")
+        assert supervisor.epoch == on_b and supervisor.state == "online"
+        assert agent.status()["session"] == "online" and agent.status()["endpoint"] == f"mqtts://localhost:{b.port}"
     assert agent.result == [0]
 
 

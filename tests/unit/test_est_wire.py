@@ -43,7 +43,9 @@ def test_est_base_reaches_the_labelled_ca(url: str, label: str, base: str) -> No
 
 
 @pytest.mark.parametrize("url,label,message", [
-    ("http://st", "", "must start with https://"),
+    ("http://st", "", "only https:// is fetched"),
+    ("https://evil\\@st/", "", "a backslash in the host part is refused"),
+    ("https://dev-1:otp@st/", "", "user info (user@ or user:password@) before the host is refused"),
     ("https://st", "a/b", "EST label 'a/b' must be one path segment"),
     ("https://st", "a b", "EST label 'a b' must be one path segment"),
     ("https://st/.well-known/est/a/b", "", "'a/b' after /.well-known/est must be one label segment"),
@@ -127,6 +129,14 @@ def test_retry_delay_never_goes_below_the_backoff(config: Config) -> None:
 def test_retry_delay_is_none_for_a_refusal(config: Config) -> None:
     assert retry_delay(EnrollmentError("OTP spent", retryable=False, status=403), config, 1.0) is None
     assert retry_delay(ConfigError("other errors keep the backoff"), config, 1.5) == 1.5
+
+
+def test_an_attested_device_asks_again_after_a_refusal_at_the_longest_wait(tmp_path: Path) -> None:
+    # nothing on the device can change (no password file to replace): the operator fixes it at the station
+    path = tmp_path / "t.toml"
+    path.write_text('[device]\nid = "dev-1"\n[est]\nretry_after_max = 60\n[enroll]\nmethod = "tpm-attestation"\n')
+    refusal = EnrollmentError("EK not on the allow-list", retryable=False, status=403)
+    assert retry_delay(refusal, load(path), 1.0) == 60
 
 
 # -- [est] configuration -----------------------------------------------------------------------------------
