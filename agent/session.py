@@ -156,7 +156,12 @@ class Session:
             self._lost("connection lost (the broker closed it or the network dropped)")
             return
         with selectors.DefaultSelector() as selector:
-            selector.register(sock, selectors.EVENT_READ)
+            try:
+                # a socket the broker closed right after the handshake has no descriptor left
+                selector.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError) as exc:
+                self._lost(describe_tls_failure(exc))
+                return
             while not self._connack.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
