@@ -22,7 +22,6 @@ from agent.identity import DeviceIdentity
 from agent.publish_api import publish_command
 from agent.state_owner import require_own_state
 from agent.status import read_runtime_status
-from agent.textfile import render
 from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
@@ -129,6 +128,7 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
     if args.format == "prometheus":  # node_exporter's textfile collector (docs/device.md)
+        from agent.textfile import render
 
         sys.stdout.write(render(status))
         return 0
@@ -229,7 +229,9 @@ def cmd_config_show(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("config get")
 def cmd_config_get(args: argparse.Namespace, config: configmod.Config) -> int:
-    print(configmod.format_value(configmod.get_value(config, args.key)))
+    from provisioning.tomlfmt import format_value
+
+    print(format_value(configmod.get_value(config, args.key)))
     return 0
 
 

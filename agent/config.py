@@ -26,8 +26,6 @@ from hal.keys import BACKENDS, KeyUri, parse_key_uri
 from hal.value import Value
 from provisioning.errors import ProvisioningError
 from provisioning.identity import check_device_id
-from provisioning.tomlfmt import format_value as format_value  # `tether config get` prints with it
-from provisioning.tomlfmt import to_toml as to_toml  # the lab and the tests write device configs with it
 from provisioning.weburl import UrlError, parse_https_url
 
 if typing.TYPE_CHECKING:
@@ -492,6 +490,8 @@ def read_private_secret(path: str, what: str, key: str) -> bytes:
 
 def render(config: Config) -> str:
     """The effective configuration as TOML (`tether config show`), written by the one TOML writer."""
+    from provisioning.tomlfmt import to_toml  # the TOML writer: `config show` and `config set` only
+
     return to_toml(config.as_dict(), f"effective configuration from: {', '.join(config.sources)}")
 
 
@@ -529,6 +529,8 @@ def set_value(base: Path, dotted: str, text: str) -> Path:
     target = base.parent / "config.d" / SET_FILE
     current = _read_toml(target) if target.exists() else {}
     current.setdefault(section, {})[key] = value
+    from provisioning.tomlfmt import to_toml
+
     body = to_toml(current, "written by `tether config set`; later files in config.d/ override it")
     storage.ensure_dir(target.parent, 0o755)
     old = storage.read_bytes(target)

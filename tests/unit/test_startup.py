@@ -31,7 +31,8 @@ from tests.unit.test_layers import REPO
 # loaded by none of `tether run`'s modules: each was measured on its start-up path (docs/reliability.md)
 NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "agent.ota.agent",
                 "agent.ota.machine", "agent.ota.cli", "agent.outbox_store", "agent.bearer", "cryptography",
-                "queue", "agent.attest", "hal.keys.tpm_attest")
+                "queue", "agent.attest", "hal.keys.tpm_attest", "agent.textfile",
+                "provisioning.tomlfmt")
 
 
 def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Path) -> None:
