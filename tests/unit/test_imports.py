@@ -27,6 +27,7 @@ NO_SOCKETS = "net needs sockets; the board's setup checks run in tests on ports 
 COMMAND_ONLY = "one command's module, loaded when that command runs: `tether run` starts without it"
 OTA_ONLY = "loaded on the OTA path only (a 515 operation, or update state on disk): `tether run` starts without it"
 SQLITE_ONLY = "opens SQLite: loaded when the outbox has something in it or something to queue"
+DOCUMENT_ONLY = "the discovery document's parser: loaded when a document is fetched or a cached one is read"
 ATTEST_ONLY = "TPM attestation: loaded when enrolling with [enroll] method = tpm-attestation only"
 ALLOWED: dict[tuple[str, str], str] = {
     ("agent/cli.py", "agent.compose"): AFTER_TLS_ENV,
@@ -38,6 +39,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/compose.py", "agent.ota.agent"): OTA_ONLY,
     ("agent/outbox.py", "agent.outbox_store"): SQLITE_ONLY,
     ("agent/enroll.py", "agent.attest"): ATTEST_ONLY,
+    ("agent/discovery.py", "agent.core.discovery"): DOCUMENT_ONLY,
     ("agent/cli.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certstore"): ON_DEMAND,

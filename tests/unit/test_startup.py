@@ -32,7 +32,7 @@ from tests.unit.test_layers import REPO
 NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "agent.ota.agent",
                 "agent.ota.machine", "agent.ota.cli", "agent.outbox_store", "agent.bearer", "cryptography",
                 "queue", "agent.attest", "hal.keys.tpm_attest", "agent.textfile",
-                "provisioning.tomlfmt")
+                "provisioning.tomlfmt", "agent.core.discovery")
 
 
 def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Path) -> None:
