@@ -241,7 +241,8 @@ def openssl_batch(directory: Path, devices: list[tuple[str, str, bytes, bytes]])
 def floor(directory: Path, seconds: float = 3.0) -> dict[str, float]:
     """What this machine's OpenSSL needs for the same cryptography, in ms per operation: one ECDSA P-256
     signature and verification (`openssl speed`), and one TLS handshake as a server with the station's own
-    certificate and key (`openssl s_server`, timed by its CPU while `openssl s_time -new` connects)."""
+    certificate and key and its TLS settings (`openssl s_server`, timed by its CPU while `openssl s_time
+    -new` connects)."""
     speed = subprocess.run(["openssl", "speed", "-seconds", "1", "ecdsap256"], capture_output=True, text=True,
                            check=True).stdout
     line = next(x for x in speed.splitlines() if "nistp256" in x).split()
@@ -250,8 +251,10 @@ def floor(directory: Path, seconds: float = 3.0) -> dict[str, float]:
     port_probe.bind(("127.0.0.1", 0))
     port = port_probe.getsockname()[1]
     port_probe.close()
+    # the station's TLS settings (server.tls_context): no tickets, no session cache, EC groups X25519 first
     server = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert",
-                               str(directory / "server.pem"), "-key", str(directory / "server.key"), "-www", "-quiet"],
+                               str(directory / "server.pem"), "-key", str(directory / "server.key"), "-www", "-quiet",
+                               "-num_tickets", "0", "-no_cache", "-groups", "X25519:P-256:P-384"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: _connects(port), 10, "openssl s_server listening")
