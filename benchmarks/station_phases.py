@@ -38,7 +38,7 @@ from enroll_rate import TRUST_DOMAIN, prepare  # noqa: E402  (benchmarks/enroll_
 
 import provisioning.station.enrollment as enrollment_module  # noqa: E402
 import provisioning.station.routes as routes_module  # noqa: E402
-from provisioning import authority, certs, policy  # noqa: E402
+from provisioning import certs, policy  # noqa: E402
 from provisioning.station import ledger as ledger_module  # noqa: E402
 from provisioning.station.ca import init_station  # noqa: E402
 from provisioning.station.enrollment import Enrollment  # noqa: E402
@@ -89,7 +89,8 @@ def instrument(phases: Phases, enrollment: Enrollment) -> None:
                         ("name_violations", "policy (key, names)")):
         object.__setattr__(pol, name, phases.wrap(phase, getattr(pol, name)))  # a frozen dataclass
     policy.common_name = phases.wrap("policy (key, names)", policy.common_name)
-    authority.build = phases.wrap("signing", authority.build)
+    station = enrollment.station
+    station.device_cert = phases.wrap("signing", station.device_cert)  # type: ignore[method-assign]
     answer_body = enrollment_module.Answer.body
     enrollment_module.Answer.body = property(phases.wrap("PKCS#7 answer", answer_body.fget))  # type: ignore[method-assign, assignment]
     ledger_module.Row.certificate = property(  # type: ignore[method-assign, assignment]
