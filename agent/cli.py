@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from agent import config as configmod
 from agent.core.errors import CoreError
 from agent.errors import AgentError, ConfigError
+from agent.state_owner import require_own_state
 from hal.about import VersionAction
 from hal.errors import TetherError
 
@@ -166,10 +167,16 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
 def setup_logging(verbose: bool) -> None:
     import logging
 
+    from provisioning.printable import EscapeOutsideInput
+
     # journald adds its own timestamps; elsewhere the log carries them
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    # One filter on the handler, so every record is escaped whichever logger it comes from (ours, paho's,
+    # urllib3's): a 515, a redirect or a broker's reason text never writes an escape sequence raw.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(EscapeOutsideInput())
 
 
 @command("run")
@@ -312,24 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=tuple(BACKENDS), help="key store (saved to the config as [keys] uri "
                    "= \"<backend>:\"; options such as the TPM's tcti stay as configured)")
     p.add_argument("--force", action="store_true", help="replace an existing key")
+    # Commands that write the state, or act with it as the agent, run as the state's owner only
+    p.set_defaults(own_state=True)
     p = sub.add_parser("csr", help="print (or write) a CSR for the device key")
     p.add_argument("--out", help="write the PEM CSR here instead of stdout")
     chain = sub.add_parser("chain", help="certificate chain").add_subparsers(dest="sub", required=True)
     p = chain.add_parser("install", help="check a chain (leaf, intermediates, root) and store it")
     p.add_argument("file")
+    p.set_defaults(own_state=True)
     p = sub.add_parser("enroll", help="enroll over EST (one-time password or bootstrap certificate), store the chain")
     p.add_argument("--otp-file", help="file holding the one-time password (default: [est] otp_file); removed after use")
     p.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
                    help="while the station answers 202/503 with Retry-After, ask again for up to this long in all "
                         "(each wait capped at [est] retry_after_max; default 3600; 0: do not wait)")
-    p.set_defaults(needs_tls=True)
+    p.set_defaults(needs_tls=True, own_state=True)
     p = sub.add_parser("status", help="device id, key, chain, session and token state")
     p.add_argument("--json", action="store_true")
     for name, text in (("run", "the boot-time service: enroll if needed, connect, stay connected"),
                        ("check", "enroll if needed, connect once, fetch a token; print each step")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--verbose", "-v", action="store_true")
-        p.set_defaults(needs_tls=True)
+        p.set_defaults(needs_tls=True, own_state=True)
     p = sub.add_parser("publish", help="queue a message in the agent's outbox (delivered at least once)")
     p.add_argument("topic", help='relative to the device prefix, or absolute under it with a leading "/"')
     p.add_argument("payload", nargs="?", help="the message (omit with --lines)")
@@ -364,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.command + (f" {args.sub}" if getattr(args, "sub", None) else "")
     try:
         config = configmod.load(args.config)
+        if getattr(args, "own_state", False):
+            require_own_state(config, argv)
         if getattr(args, "needs_tls", False):
             ensure_tls_env(config, argv)
         return COMMANDS[name](args, config)

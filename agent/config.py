@@ -379,18 +379,15 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     return config
 
 
-def _check_url(url: str, schemes: tuple[str, ...], where: str) -> None:
-    import urllib.parse
+def _check_url(url: str, where: str) -> None:
+    """An https URL by the one rule every client connects by (provisioning/weburl.py); ConfigError naming
+    the key and the reason otherwise."""
+    from provisioning.weburl import UrlError, parse_https_url
 
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {url!r} is not a URL: {exc}") from None
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ConfigError(f"{where}: {url!r} must be {' or '.join(s + '://host[:port]' for s in schemes)}")
-    if port == 0:
-        raise ConfigError(f"{where}: {url!r}: port 0 is not a port")
+        parse_https_url(url)
+    except UrlError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | None = None) -> None:
@@ -419,7 +416,7 @@ def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | 
             raise ConfigError(f"{where(section, key)}: must not be empty")
     for section, key, url in (("est", "url", config.est.url), ("discovery", "url", config.discovery.url)):
         if url:
-            _check_url(url, ("https",), where(section, key))
+            _check_url(url, where(section, key))
     from agent.core.endpoints import parse_endpoint
 
     for i, url in enumerate(config.endpoints.urls):

@@ -21,9 +21,11 @@ from agent.core.endpoints import Endpoint
 from agent.core.errors import CoreError
 from agent.errors import AgentError
 from hal import storage
+from provisioning.weburl import UrlError, parse_https_url
 
 log = logging.getLogger(__name__)
 CACHE_FILE = "discovery.json"
+DEFAULT_PORT = 8443  # Greengrass discovery's port
 
 
 class DiscoveryError(AgentError):
@@ -34,14 +36,16 @@ def fetch(config: Config, context: ssl.SSLContext) -> bytes:
     """The raw discovery document for this device, read with a size cap; DiscoveryError otherwise."""
     import http.client  # only when discovery runs: keeps the start-up path light
 
-    url = urllib.parse.urlsplit(config.discovery.url)
-    if url.scheme != "https" or not url.hostname:
-        raise DiscoveryError(f"[discovery] url {config.discovery.url!r}: expected https://host[:port]")
+    try:  # the one URL rule, and the connection goes to the very host and port it approved
+        url = parse_https_url(config.discovery.url)
+    except UrlError as exc:
+        raise DiscoveryError(f"[discovery] url: {exc}") from None
+    port = url.port if url.explicit_port else DEFAULT_PORT
     thing = urllib.parse.quote(config.discovery.thing or config.device.id, safe="")
-    path = f"{url.path.rstrip('/')}/greengrass/discover/thing/{thing}"
-    where = f"discovery {url.hostname}:{url.port or 8443}{path}"
-    conn = http.client.HTTPSConnection(url.hostname, url.port or 8443, context=context,
-                                       timeout=config.discovery.timeout)
+    prefix = url.rest.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    path = f"{prefix}/greengrass/discover/thing/{thing}"
+    where = f"discovery {url.host}:{port}{path}"
+    conn = http.client.HTTPSConnection(url.host, port, context=context, timeout=config.discovery.timeout)
     try:
         conn.request("GET", path, headers={"Accept": "application/json"})
         response = conn.getresponse()

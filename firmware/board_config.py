@@ -1,10 +1,12 @@
-"""Reading tether.json and the DER credentials, with the one-line errors docs/firmware.md promises.
+"""Reading tether.json and the DER credentials, with the one-line errors docs/firmware.md promises,
+and making the TLS context from them.
 
-Runs once at start: tether_main imports it, builds the TLS context and unloads it again
-(``del sys.modules``), so none of this code stays in a small heap while the session runs.
+A setup module (tether_main.SETUP_MODULES): tether_main calls ``load()`` once at start, then drops
+it whole before the supervisor's code is imported, so none of this code shares a small heap with it.
 """
 
 import json
+import sys
 
 from agent.core import defaults
 from agent.core.errors import CoreError, ParameterError
@@ -28,14 +30,99 @@ DEFAULTS = {
     "max_packet": 8192,
     "heap_report": False,
 }
-# Smallest accepted value of each numeric setting (all are seconds except max_packet, bytes).
-# Those whose default is a float take any number; the others (keepalive, max_packet) integers.
-MINIMUM = {"keepalive": 1, "heartbeat_interval": 1, "token_timeout": 1, "backoff_base": 1,
-           "backoff_cap": 1, "connect_timeout": 1, "max_packet": 256}
+# Accepted range of each numeric setting (all are seconds except max_packet, bytes), checked so that
+# a value in tether.json cannot crash or stall the loop later: keepalive is a 16-bit field of
+# CONNECT (MQTT 3.1.1 section 3.1.2.10), and a timeout of 1e400 (infinity to json) would wait
+# forever. Those whose default is a float take any number; the others (keepalive, max_packet) integers.
+RANGE = {"keepalive": (1, 65535), "heartbeat_interval": (1, 86400), "token_timeout": (1, 3600),
+         "backoff_base": (1, 3600), "backoff_cap": (1, 86400), "connect_timeout": (1, 300),
+         "max_packet": (256, 65536)}
+# Longest accepted text setting; every character must be printable ASCII (no NUL, no control
+# character that would end up in a client id, topic or path). device_id has its own rule.
+TEXT_LIMIT = {"topic_prefix": 128, "client_id_prefix": 32, "cred_dir": 128}
+MAX_ENDPOINTS = 8
+MAX_URL_CHARS = 255
+# tether.json is read whole: a larger file is refused before it is parsed, not out of memory.
+MAX_CONFIG_BYTES = 4096
+
+# THE device-id rule of provisioning/identity.py check_device_id, in MicroPython: the id is the
+# certificate CN, the MQTT client id, a topic level and a directory name. Both are tested against
+# one table (tests/firmware/vectors/device_ids.json).
+MAX_DEVICE_ID = 64
+DEVICE_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+RESERVED_IDS = ("tether-token-service", "tether-ota-service")
+
+
+def _shown(value, limit=40):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def device_id_problem(device_id):
+    """Why ``device_id`` cannot be a device id (the reason text), or None if it can."""
+    if not isinstance(device_id, str) or not device_id:
+        return "must be a non-empty string, got %s" % _shown(device_id)
+    if len(device_id) > MAX_DEVICE_ID:
+        return "%d characters, at most %d allowed" % (len(device_id), MAX_DEVICE_ID)
+    if ":" in device_id:
+        return "contains ':', which Cumulocity forbids in a certificate CN (the MQTT client id separator)"
+    for ch in device_id:
+        if ch not in DEVICE_ID_CHARS:
+            return "contains %s; use letters, digits, '.', '_' and '-'" % _shown(ch)
+    if device_id in (".", ".."):
+        return "%s is not a valid SPIFFE ID path segment (nor a safe directory name)" % _shown(device_id)
+    if device_id in RESERVED_IDS:
+        return "%s is reserved for a service identity" % _shown(device_id)
+    return None
+
+
+def _text_problem(value, limit):
+    if len(value) > limit:
+        return "%d characters, at most %d allowed" % (len(value), limit)
+    for ch in value:
+        if not " " < ch < "\x7f":
+            return "contains %s; printable ASCII only" % _shown(ch)
+    return None
+
+
+def _check(path, key, value):
+    """ParameterError naming ``path`` and ``key`` unless ``value`` is within the key's bounds."""
+    problem = None
+    if key in RANGE:
+        low, high = RANGE[key]
+        if not low <= value <= high:  # also false for NaN
+            problem = "must be within %r..%r, got %s" % (low, high, _shown(value))
+    elif key == "device_id":
+        problem = device_id_problem(value)
+    elif key in TEXT_LIMIT:
+        problem = _text_problem(value, TEXT_LIMIT[key])
+    elif key == "endpoints":
+        if len(value) > MAX_ENDPOINTS:
+            problem = "%d URLs, at most %d allowed" % (len(value), MAX_ENDPOINTS)
+        for i, url in enumerate(value):
+            if not isinstance(url, str):
+                raise ParameterError("%s: endpoints[%d]" % (path, i), "expected str, got %s" % _shown(url))
+            reason = _text_problem(url, MAX_URL_CHARS)
+            if reason:
+                raise ParameterError("%s: endpoints[%d]" % (path, i), reason)
+    if problem:
+        raise ParameterError(path + ": " + key, problem)
 
 
 class CredentialError(CoreError):
     """A credential file that is missing, not DER, or not what the TLS stack can use."""
+
+
+def load(path=CONFIG_FILE):
+    """``(config, TLS context)`` from ``path`` and the DER files in its ``cred_dir``; raises
+    CoreError (a bad file or setting) or OSError (no usable TLS) with a one-line message."""
+    config = load_config(path)
+    creds = load_credentials(config["cred_dir"])
+    # Imported here, not at the top: net needs sockets, which the checks above do not (they run
+    # in tests on ports without them).
+    import net
+
+    return config, make_tls_context(net, creds, config["cred_dir"])
 
 
 def load_config(path=CONFIG_FILE, opener=open):
@@ -46,10 +133,12 @@ def load_config(path=CONFIG_FILE, opener=open):
     """
     try:
         with opener(path) as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except OSError:
         raise ParameterError(path, "missing; write it with at least device_id and endpoints "
                                 "(docs/firmware.md)") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ParameterError(path, "larger than %d bytes" % MAX_CONFIG_BYTES)
     try:
         local = json.loads(text)
     except ValueError:
@@ -59,14 +148,14 @@ def load_config(path=CONFIG_FILE, opener=open):
     config = dict(DEFAULTS)
     for key, value in local.items():
         if key not in DEFAULTS:
-            raise ParameterError(path + ": " + key, "unknown key (known: %s)" % ", ".join(sorted(DEFAULTS)))
+            shown = _shown(key) if _text_problem(key, 40) else key
+            raise ParameterError(path + ": " + shown, "unknown key (known: %s)" % ", ".join(sorted(DEFAULTS)))
         default = DEFAULTS[key]
         expected = str if default is None else type(default)
         if type(value) is not expected and not (expected is float and type(value) is int):
-            raise ParameterError(path + ": " + key, "expected %s, got %r" % (
-                "number" if expected is float else expected.__name__, value))
-        if key in MINIMUM and value < MINIMUM[key]:
-            raise ParameterError(path + ": " + key, "must be >= %r, got %r" % (MINIMUM[key], value))
+            raise ParameterError(path + ": " + key, "expected %s, got %s" % (
+                "number" if expected is float else expected.__name__, _shown(value)))
+        _check(path, key, value)
         config[key] = value
     if not config["device_id"]:
         raise ParameterError(path + ": device_id", "required (the certificate CN)")
@@ -142,11 +231,28 @@ def load_credentials(cred_dir, opener=open):
     return creds
 
 
+def tls_context(net, cert_der, key_der, ca_der):
+    """A MicroPython SSLContext presenting the device certificate and key (DER) and trusting
+    ``ca_der`` only; ValueError from mbedTLS when a credential does not parse, OSError when this
+    port has no TLS or cannot verify (net.QUIRKS)."""
+    ssl = net.ssl
+    if ssl is None:
+        raise OSError("this MicroPython build has no ssl module; a TLS-capable firmware is required")
+    if not net.quirks()["verify"]:
+        raise OSError("%s cannot verify broker certificates; refusing unverified TLS" % sys.platform)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(cert_der, key_der)
+    ctx.load_verify_locations(cadata=ca_der)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 def make_tls_context(net, creds, cred_dir):
-    """The TLS context for ``creds``; CredentialError naming the file the TLS stack refused."""
+    """The TLS context for ``creds`` over ``net`` (firmware/net.py: its ssl module and quirks);
+    CredentialError naming the file the TLS stack refused."""
     base = cred_dir.rstrip("/") + "/"
     try:
-        return net.tls_context(creds["device.crt.der"], creds["device.key.der"], creds["ca.crt.der"])
+        return tls_context(net, creds["device.crt.der"], creds["device.key.der"], creds["ca.crt.der"])
     except ValueError as exc:
         # MicroPython's ssl says "invalid key" or "invalid cert"; load_verify_locations runs
         # after load_cert_chain, so an invalid cert once the key passed is the CA file.

@@ -21,6 +21,7 @@ SHIPPED = (
     "firmware/session.py",
     "firmware/net.py",
     "firmware/board_config.py",
+    "firmware/board_setup.py",
     "firmware/tether_main.py",
 )
 # Copied as source, not compiled: boards run only main.py (and boot.py) from the filesystem.

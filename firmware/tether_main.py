@@ -1,8 +1,8 @@
-"""The agent on a board: load config and credentials from flash, then run the session forever.
+"""The agent on a board: set up once, drop the setup code, then run the session forever.
 
 Boards run only ``main.py``; the one ``python firmware/build.py`` writes is a two-line stub that
-imports this module (compiled to ``tether_main.mpy``) and calls ``main()``. The module cannot be
-called ``main`` itself: the stub would then import itself.
+imports this module (frozen into the image, from a ROMFS partition, or ``tether_main.mpy``) and
+calls ``main()``. The module cannot be called ``main`` itself: the stub would then import itself.
 
 Files on flash (the working directory, normally ``/``):
 - ``tether.json``: overrides for board_config.DEFAULTS; at least ``device_id`` and ``endpoints``.
@@ -24,78 +24,14 @@ import time
 
 from agent.core.errors import CoreError
 
-CONFIG_FILE = "tether.json"
-# Code a running board never calls again. Like board_config it is dropped during start(), so its
-# bytecode does not sit in a small heap next to the supervisor's: first, once the configuration is
-# parsed and the connector made, parsing and ordering endpoints, checking topics and the client id,
-# the defaults board_config read and the TLS setup; then, once the session is built, the SmartREST
-# helpers of the Linux agent's OTA (a board has none), the supervisor's re-export list and start()
-# itself. The supervisor, the driver and the run loop use none of it (tests/firmware/
-# test_session.py runs its cycles without it).
-PARSING_ONLY = (
-    ("agent.core.endpoints", ("parse_endpoint", "order_endpoints", "is_unlikely", "_ipv4")),
-    ("agent.core.topics", ("client_id", "check_topic_part")),
-    ("agent.core", ("defaults",)),
-    ("net", ("QUIRKS", "quirks", "tls_context", "connector")),
-    ("tether_main", ("parse_config",)),
-)
-BUILDING_ONLY = (
-    ("agent.core.smartrest", ("FirmwareOperation", "parse_firmware_operation", "firmware_executing",
-                              "firmware_successful", "firmware_failed", "firmware_installed",
-                              "supported_operations")),
-    ("agent.core.supervisor", ("__all__",)),
-    ("tether_main", ("build_session", "start", "drop_setup_code", "PARSING_ONLY", "BUILDING_ONLY")),
-)
+# Modules that run once, in start(), and are then dropped whole: their code does not sit in a small
+# heap next to the supervisor's. Only this module imports them (tests/unit/test_layers.py).
+SETUP_MODULES = ("board_setup", "board_config", "agent.core.defaults")
 
 
 def _rand():
     # random.random() is an optional extra on some ports; getrandbits is always there.
     return random.getrandbits(24) / 16777216
-
-
-def parse_config(config):
-    """``(endpoints in order, Topics, client id)`` for ``config``; CoreError for a bad endpoint URL,
-    topic prefix or device id."""
-    from agent.core.endpoints import order_endpoints, parse_endpoint
-    from agent.core.topics import Topics, client_id
-
-    eps = [parse_endpoint(u, field="%s: endpoints[%d]" % (CONFIG_FILE, i))
-           for i, u in enumerate(config["endpoints"])]
-    device = config["device_id"]
-    return (order_endpoints(eps), Topics(config["topic_prefix"].replace("{id}", device)),
-            client_id(device, config["client_id_prefix"]))
-
-
-def build_session(config, connect, clock, wait, rand, on_event, parsed=None):
-    """The supervisor for ``config`` and the Session that drives it over ``connect``; raises
-    CoreError for bad endpoint URLs or topic prefixes. ``parsed``: parse_config(config), if done."""
-    endpoints, topics, client_id = parsed or parse_config(config)
-    # Imported here, after start() has unloaded the setup code, so a small heap holds the
-    # runtime's bytecode without the holes setup leaves behind.
-    from session import Session
-
-    from agent.core.backoff import Backoff
-    from agent.core.supervisor import Supervisor
-    from agent.core.token_schedule import TokenRefresher
-
-    base, cap = config["backoff_base"], config["backoff_cap"]
-    supervisor = Supervisor(endpoints, Backoff(base, cap), topics, rand,
-                            TokenRefresher(Backoff(base, cap), config["token_timeout"]),
-                            heartbeat=config["heartbeat_interval"])
-    return Session(client_id, supervisor, connect, clock, wait, on_event, keepalive=config["keepalive"],
-                   connect_timeout=config["connect_timeout"], max_packet=config["max_packet"])
-
-
-def drop_setup_code(names):
-    """Remove ``names`` (PARSING_ONLY or BUILDING_ONLY) from their modules: on a board, in start()
-    only, never in a process that builds another session."""
-    for module_name, attrs in names:
-        module = sys.modules.get(module_name)
-        for attr in attrs:
-            if module is not None and hasattr(module, attr):
-                delattr(module, attr)
-    sys.modules.pop("agent.core.defaults", None)
-    gc.collect()
 
 
 def _detail(detail):
@@ -136,38 +72,39 @@ class Console:
                 self.heap_peak = used
 
 
-def start():
-    """Config, credentials, TLS context and Session; CoreError or OSError with a one-line message."""
+def drop_setup_modules():
+    """Forget SETUP_MODULES (their code and globals go with the next collection)."""
+    for name in SETUP_MODULES:
+        sys.modules.pop(name, None)
+    gc.collect()
+
+
+def _load():
+    # Each setup step in a function of its own, so no frame of main() keeps a setup module alive.
     import board_config
 
-    try:
-        config = board_config.load_config(CONFIG_FILE)
-        creds = board_config.load_credentials(config["cred_dir"])
-        import net
+    return board_config.load()
 
-        ctx = board_config.make_tls_context(net, creds, config["cred_dir"])
-        del creds
-    finally:
-        # Setup code runs once: unloaded, its bytecode does not sit in a small heap for good.
-        del board_config
-        sys.modules.pop("board_config", None)
-        gc.collect()
-    console = Console(config["heap_report"])
-    connect = net.connector(ctx, config["connect_timeout"])
-    parsed = parse_config(config)
-    drop_setup_code(PARSING_ONLY)
-    session = build_session(config, connect, time.time, time.sleep, _rand, console.event, parsed)
-    drop_setup_code(BUILDING_ONLY)
-    return session, console
+
+def _build(config, ctx, console):
+    import board_setup
+
+    return board_setup.start(config, ctx, time.time, time.sleep, _rand, console)
 
 
 def main():
-    """Load everything, then step the session forever; returns only on a setup error."""
+    """Set up, then step the session forever; returns only on a setup error."""
+    console = Console()
     try:
-        session, console = start()
+        config, ctx = _load()
+        drop_setup_modules()  # the file checks go before the supervisor's code comes in
+        session = _build(config, ctx, console)
     except (CoreError, OSError, MemoryError) as exc:
         print("tether: cannot start:", exc if not isinstance(exc, MemoryError) else "out of memory while loading")
         return
+    finally:
+        drop_setup_modules()
+    del config, ctx
     while True:
         session.step()
         console.sample()

@@ -39,6 +39,18 @@ class BrokerFiles:
     crlfile: Path | None = None
 
 
+OPENSSL_EC_GROUPS = """\
+# written by tether lab: elliptic-curve key exchange only, for mosquitto's TLS listener
+openssl_conf = tether_lab
+[tether_lab]
+ssl_conf = tether_lab_ssl
+[tether_lab_ssl]
+system_default = tether_lab_tls
+[tether_lab_tls]
+Groups = X25519:P-256:P-384
+"""
+
+
 class Mosquitto:
     """One mosquitto process on a loopback port, with its config, log and (optionally) ACL.
 
@@ -104,8 +116,15 @@ class Mosquitto:
         self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / f"{self.name}.conf"
         conf.write_text(self.config_text())
+        # mosquitto (2.0.11) has no option for TLS key-exchange groups and OpenSSL 3.0 offers finite-field
+        # ones: an ffdhe8192 ClientHello costs the broker ~140 ms of CPU before any authentication. The
+        # lab's brokers get the station's rule (X25519, P-256, P-384) through OpenSSL's own configuration,
+        # a file of ours next to the broker's config; a production broker needs the same (docs/device.md).
+        groups = self.directory / f"{self.name}-openssl.cnf"
+        groups.write_text(OPENSSL_EC_GROUPS)
         # mosquitto buffers stdout when it is a file; its own log file is flushed per line
-        self.proc = Proc(self.name, ["mosquitto", "-c", str(conf)], self.directory / f"{self.name}.log")
+        self.proc = Proc(self.name, ["mosquitto", "-c", str(conf)], self.directory / f"{self.name}.log",
+                         env={"OPENSSL_CONF": str(groups)})
         try:
             # logged once every listener is bound; a port already taken ends it with "Address already in use"
             self.proc.wait_output(" running\n", timeout)

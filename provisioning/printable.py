@@ -3,8 +3,9 @@
 A device id, a CSR subject or an HTTP header can carry CR/LF (forged log lines), ANSI escape
 sequences (rewriting an operator's terminal) or bidirectional overrides. `printable` escapes them the
 way `repr` would, without the quotes, and escapes the backslash too so an escaped line cannot be
-mistaken for a forged one. `EscapeOutsideInput` applies it to every argument of a log record, so a
-logger that carries it cannot print outside input raw whatever the call site forgets.
+mistaken for a forged one. `EscapeOutsideInput` applies it to every argument of a log record (and to a
+traceback, line by line), so a logger or handler that carries it cannot print outside input raw whatever
+the call site forgets. The station puts it on its logger, the agent on its log handler (agent/cli.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class EscapeOutsideInput(logging.Filter):
             record.args = tuple(_safe(a) for a in record.args)
         elif isinstance(record.msg, str):
             record.msg = printable(record.msg)
+        if record.exc_info and not record.exc_text:
+            # a traceback keeps its lines, but the exception's message is outside input like any other
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = "\n".join(printable(line) for line in text.splitlines())
         return True
 
 

@@ -6,6 +6,8 @@
 # PostgreSQL for the shared-ledger tests, chromium + chromium-driver + libnss3-tools for the station
 # console's browser tests, node for the MicroPython (WebAssembly) firmware tests
 # (MicroPython's unix port for the network firmware tests comes from pip, extra `test`),
+# build-essential + gcc-multilib so the firmware tests build the unix port from ../shared/vendor
+# the way boards are built: frozen, 32-bit (-m32) and 64-bit, and with a ROMFS partition,
 # python3-venv for the project's venv and for the .deb's /opt/tether (built by Debian's python3),
 # systemd for systemd-analyze/systemd-sysusers (the unit's checks; nothing is started under it).
 # Python packages go into the project's virtual environment (VENV, default .venv), never into the
@@ -19,7 +21,7 @@ SUDO=""
 
 PKGS="mosquitto mosquitto-clients swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-dev
       libtss2-tcti-tabrmd0 dbus libubootenv-tool swupdate rauc squashfs-tools cpio postgresql openssl curl
-      pkg-config python3-venv systemd chromium chromium-driver libnss3-tools"
+      pkg-config python3-venv systemd chromium chromium-driver libnss3-tools build-essential gcc-multilib"
 # The machine may carry Node.js from another source (with npm bundled): take Debian's only if absent.
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 missing=""

@@ -10,6 +10,13 @@ from agent.core.errors import SmartRestError, describe
 
 MAX_LINE_CHARS = 16384
 FIRMWARE = "c8y_Firmware"
+# Field names for errors such as "515.version: control character U+001B ..."
+_NAMES = {"71": ("token",), "515": ("serial", "name", "version", "url")}
+# Refused in every field (issue 22, item 8): C0, DEL and C1 controls (escape sequences that rewrite an
+# operator's terminal, forged log lines) and the marks that reorder or hide text (Trojan Source,
+# CVE-2021-42574): U+061C, U+200E/F, U+2028/9, U+202A..E, U+2066..9. MicroPython has no unicodedata and no
+# str.isprintable, so this is a list; keep the code small, a 96 KB board loads it (tests/firmware).
+_HIDDEN = "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
 
 def split_lines(payload, max_chars=MAX_LINE_CHARS):
@@ -39,7 +46,8 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
     """Split one SmartREST line into its fields (str list, template id first), undoing quoting.
 
     Raises SmartRestError naming the template id and field position for unterminated quotes,
-    text after a closing quote, or a line over ``max_chars``.
+    text after a closing quote, a line over ``max_chars``, or a control or bidirectional character
+    in a field (named like ``515.version`` for the templates in _NAMES).
     """
     if not isinstance(line, str):
         raise SmartRestError("line", "expected text, got %s" % type(line).__name__)
@@ -77,6 +85,13 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
                 raise SmartRestError(where, "quote inside an unquoted field: %s" % describe(value))
             fields.append(value)
             i = end
+        ch = _hidden(fields[-1])
+        if ch:
+            names = _NAMES.get(fields[0], ())
+            k = len(fields) - 1
+            raise SmartRestError("%s.%s" % (fields[0], names[k - 1]) if 0 < k <= len(names) else where,
+                                 "%s character U+%04X is not allowed in a field"
+                                 % ("control" if ch <= "\x9f" else "bidirectional or line-separator", ord(ch)))
         if i >= n:
             return fields
         i += 1  # skip the comma
@@ -85,11 +100,23 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
             return fields
 
 
+def _hidden(value):
+    """The first control or bidi character (see _HIDDEN) in ``value``, or None."""
+    if value and (min(value) < " " or max(value) > "~"):  # min/max run in C: printable ASCII passes at once
+        for ch in value:
+            if ch < " " or "\x7f" <= ch <= "\x9f" or ch in _HIDDEN:
+                return ch
+    return None
+
+
 def _quote(value, always=False):
     if not isinstance(value, str):
         value = str(value)
-    # A line break would end the SmartREST message early; flatten it.
+    # A line break would end the SmartREST message early; flatten it. Any other character parse_line
+    # refuses becomes U+FFFD, so every line we send parses back (and sends no escape sequence upstream).
     value = value.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    if _hidden(value):
+        value = "".join("\ufffd" if _hidden(c) else c for c in value)
     if always or "," in value or '"' in value or value != value.strip():
         return '"' + value.replace('"', '""') + '"'
     return value
@@ -97,7 +124,8 @@ def _quote(value, always=False):
 
 def format_line(template_id, *fields):
     """Format a SmartREST line from a template id and field values (str() of non-strings),
-    quoting where needed and flattening line breaks to spaces."""
+    quoting where needed, flattening line breaks to spaces and other characters that ``parse_line``
+    refuses to U+FFFD."""
     return ",".join([_quote(template_id)] + [_quote(f) for f in fields])
 
 

@@ -74,6 +74,7 @@ class OtaAgent:
         try:
             op = smartrest.parse_firmware_operation(line)
         except SmartRestError as exc:
+            log.warning("OTA: refused a malformed firmware operation: %s", exc)
             self._publish(smartrest.firmware_failed(f"malformed firmware operation: {exc}"))
             return True
         with self._lock:

@@ -21,7 +21,8 @@ from urllib.parse import urljoin
 from agent.bearer import Bearer
 from agent.core.backoff import Backoff
 from agent.ota.errors import DownloadError
-from agent.ota.hosts import HostPolicy
+from agent.ota.hosts import HostPolicy, approve
+from provisioning.weburl import HttpsUrl
 
 log = logging.getLogger(__name__)
 
@@ -87,37 +88,42 @@ def _describe(exc: Exception, timeout: float) -> str:
 
 def _get(getter: Callable[..., Any], url: str, http: HttpSettings, extra: dict[str, str] | None = None) -> Any:
     """GET `url` (streamed), following redirects here rather than in `requests`, so every hop is checked
-    (https only) and gets the token only when its own host is trusted. Returns the final response.
+    (https only, an authority every parser reads alike: agent/ota/hosts.approve) and gets the token only
+    when its own host is trusted. Each request goes to the URL rebuilt from the approved host and port,
+    never to the string as received. Returns the final response.
 
     A 401 from a host that got the token is answered by `http.bearer`: one fresh token, the same request
     (Range included) sent again. A second 401 raises a DownloadError naming the host, not retryable.
     """
-    from urllib.parse import urlsplit
-
     for _ in range(MAX_REDIRECTS + 1):
-        def send(token: str | None, url: str = url) -> Any:
-            return getter(url, headers={**http.headers(token), **(extra or {})}, stream=True,
-                          timeout=http.timeout, verify=http.verify, allow_redirects=False)
+        target = approve(url)  # DownloadError when `url` is refused outright
 
-        if http.hosts.allows_token(url):  # DownloadError when `url` is refused outright
-            sent = http.bearer.send(send, lambda r: int(r.status_code), lambda r: r.close(), f"GET {url}")
+        def send(token: str | None, target: HttpsUrl = target) -> Any:
+            try:
+                return getter(str(target), headers={**http.headers(token), **(extra or {})}, stream=True,
+                              timeout=http.timeout, verify=http.verify, allow_redirects=False)
+            except UnicodeDecodeError:  # requests decodes a redirect's Location as UTF-8 even when not following it
+                raise DownloadError(f"GET {target}: the server's redirect Location is not UTF-8") from None
+
+        if http.hosts.allows_token(target):  # DownloadError when the host is refused
+            sent = http.bearer.send(send, lambda r: int(r.status_code), lambda r: r.close(), f"GET {target}")
             resp = sent.response
             if resp.status_code == 401 and sent.refreshed:
                 resp.close()
-                raise DownloadError(f"GET {url}: HTTP 401 again with a freshly issued device token: "
-                                    f"{urlsplit(url).hostname} does not accept this device's token", retryable=False)
+                raise DownloadError(f"GET {target}: HTTP 401 again with a freshly issued device token: "
+                                    f"{target.host} does not accept this device's token", retryable=False)
             if resp.status_code == 401 and http.bearer.can_refresh:
                 resp.close()  # the token service did not answer in time: the session may be down
-                raise DownloadError(f"GET {url}: HTTP 401 and no fresh device token came from the token "
+                raise DownloadError(f"GET {target}: HTTP 401 and no fresh device token came from the token "
                                     "service", retryable=True)
         else:
-            log.info("GET %s without the device token: the host is not in %s", url, http.hosts.source)
+            log.info("GET %s without the device token: the host is not in %s", target, http.hosts.source)
             resp = send(None)
         location = resp.headers.get("Location") if resp.status_code in REDIRECTS else None
         if not location:
             return resp
         resp.close()
-        url = urljoin(url, location)
+        url = urljoin(str(target), location)
         log.info("redirected to %s", url)
     raise DownloadError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
 

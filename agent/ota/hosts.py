@@ -12,35 +12,36 @@ Now (issue 13, item 5):
 
 Entries are a host name or address (`artifacts.example.com`, `10.0.0.5`, `[fd00::5]`), optionally with a
 port (`artifacts.example.com:8443`, then only that port), or `*.example.com` for every name below it.
+
+Hosts are read by `provisioning.weburl`, the rule the download connects by (issue 22, item 1): a URL
+whose authority parsers could read differently (`https://attacker\\@trusted/`, a zone id, a user name,
+a control character) is refused outright, and `agent/ota/download.py` connects to the very host and
+port approved here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
+from agent.core.endpoints import SCHEME, parse_endpoint
+from agent.core.errors import CoreError
 from agent.errors import ConfigError
 from agent.ota.errors import DownloadError
+from provisioning.weburl import HttpsUrl, UrlError, parse_host_port, parse_https_url
 
 REFUSE = "refuse"
 NO_TOKEN = "no-token"  # noqa: S105 - a policy name, not a password
 DEFAULT_PORT = 443
 
 
-def _url_host(url: str) -> tuple[str, int]:
-    """(lower-case host, port) of an https URL; DownloadError for another scheme or no host."""
+def approve(url: str) -> HttpsUrl:
+    """The host and port `url` connects to; DownloadError (not retryable) naming the URL and the reason
+    for another scheme, no host, or an authority that parsers could read differently."""
     try:
-        parts = urlsplit(url)
-        port = parts.port or DEFAULT_PORT
-    except ValueError as exc:
-        raise DownloadError(f"artifact URL {url!r} refused: {exc}") from exc
-    if parts.scheme.lower() != "https":
-        raise DownloadError(f"artifact URL {url!r} refused: only https:// is fetched (over {parts.scheme or 'no'}:// "
-                            "the device token and the release would travel in clear text)")
-    if not parts.hostname:
-        raise DownloadError(f"artifact URL {url!r} refused: it names no host")
-    return parts.hostname.lower(), port
+        return parse_https_url(url)
+    except UrlError as exc:
+        raise DownloadError(f"artifact URL {url!a} refused: {exc.reason}") from None
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,14 @@ class HostRule:
 
     @classmethod
     def parse(cls, entry: str, where: str) -> HostRule:
-        text = entry.strip().lower()
+        text = entry.strip()
         wildcard = text.startswith("*.")
         try:
-            parts = urlsplit("//" + (text[2:] if wildcard else text))
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {entry!r} is not a host[:port] ({exc})") from None
-        if (not text or "://" in text or "*" in text[2 if wildcard else 0:] or not parts.hostname
-                or parts.path or parts.query or parts.fragment or parts.username):
+            host, port = parse_host_port(text[2:] if wildcard else text)
+        except UrlError as exc:
             raise ConfigError(f"{where}: {entry!r} is not a host: write a host name or address, optionally "
-                              "with :port, or *.domain (no scheme, path or user)")
-        return cls(("*." if wildcard else "") + parts.hostname, port)
+                              f"with :port, or *.domain (no scheme, path or user): {exc.reason}") from None
+        return cls(("*." if wildcard else "") + host, port)
 
     def matches(self, host: str, port: int) -> bool:
         if self.port is not None and self.port != port:
@@ -100,28 +97,32 @@ class HostPolicy:
         return cls(tuple(HostRule(h) for h in platform_hosts(config)), untrusted,
                    "the platform's hosts ([endpoints] urls, [discovery] url; [ota] artifact_hosts is empty)")
 
-    def allows_token(self, url: str) -> bool:
+    def allows_token(self, url: HttpsUrl | str) -> bool:
         """True: fetch `url` with the token; False: fetch it without. DownloadError (not retryable) when
-        `url` is not https or its host is not trusted and untrusted hosts are refused."""
-        host, port = _url_host(url)
-        if any(rule.matches(host, port) for rule in self.trusted):
+        `url` is refused by `approve`, or its host is not trusted and untrusted hosts are refused."""
+        url = approve(url) if isinstance(url, str) else url
+        if any(rule.matches(url.host, url.port) for rule in self.trusted):
             return True
         if self.untrusted == NO_TOKEN:
             return False
         trusted = ", ".join(map(str, self.trusted)) or "none"
-        raise DownloadError(f"artifact host {host} ({url}) is not trusted with the device token: trusted by "
+        raise DownloadError(f"artifact host {url.host} ({url}) is not trusted with the device token: trusted by "
                             f"{self.source}: {trusted}; add it to [ota] artifact_hosts, or set [ota] "
                             f"untrusted_hosts = \"{NO_TOKEN}\" to download from it without the token")
 
 
 def platform_hosts(config: Any) -> list[str]:
-    """Hosts of the MQTT endpoints and of the discovery service, lower case, in config order."""
+    """Hosts of the MQTT endpoints and of the discovery service, lower case, in config order; a URL that
+    does not parse adds nothing (config.validate and the session report it)."""
     hosts: list[str] = []
     for url in (*config.endpoints.urls, config.discovery.url):
         try:
-            host = urlsplit(url).hostname if url else None
-        except ValueError:
-            host = None  # the session reports a malformed endpoint; it just trusts nothing here
-        if host and host not in hosts:
+            if url.startswith(SCHEME):  # mqtts://, read by the endpoint parser, then by the one host rule
+                host = parse_host_port(parse_endpoint(url).url().removeprefix(SCHEME))[0]
+            else:
+                host = parse_https_url(url).host
+        except (CoreError, UrlError):
+            continue
+        if host not in hosts:
             hosts.append(host)
     return hosts

@@ -2,14 +2,16 @@
 
 The blob's private part is wrapped by the TPM's storage root key: copied to another machine it is
 useless. Signing happens inside the TPM; `ssl` uses the key through the tpm2-openssl provider, which
-needs `OPENSSL_CONF` and `TPM2OPENSSL_TCTI` in the environment before `ssl` is first imported
-(see DESIGN.md "Keys"). Every TPM call goes through a resource manager (`/dev/tpmrm0` or tpm2-abrmd):
-straight to the TPM its three transient slots fill up.
+needs `OPENSSL_CONF` (the read-only `openssl-tpm2.cnf` shipped next to this module) and
+`TPM2OPENSSL_TCTI` in the environment before `ssl` is first imported (see DESIGN.md "Keys"). Every
+TPM call goes through a resource manager (`/dev/tpmrm0` or tpm2-abrmd): straight to the TPM its three
+transient slots fill up.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,30 +30,49 @@ if TYPE_CHECKING:
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 TPM_ALGORITHMS = ("ec-p256", "rsa-2048")
 
-# `default_properties` makes OpenSSL prefer the provider that holds the key for every operation
-# on it; `tpm2.digest!=yes` keeps hashing in the default provider. Without that line the TLS
-# handshake fails with "EVP lib" (tried on OpenSSL 3.0 + tpm2-openssl 1.1).
-OPENSSL_CONF_TEXT = """\
-# Written by Tether: lets OpenSSL (and so Python's ssl) use TSS2 PRIVATE KEY files.
-openssl_conf = openssl_init
+# The OpenSSL configuration that activates the tpm2 provider: a constant, so it ships read-only in the
+# package. It was written into the keys directory, which the agent user owns, and root running `tether`
+# then handed OpenSSL a file that user could swap for one loading any module (issue 22, item 2).
+SHIPPED_OPENSSL_CONF = Path(__file__).with_name("openssl-tpm2.cnf")
 
-[openssl_init]
-providers = provider_sect
-alg_section = evp_properties
 
-[provider_sect]
-default = default_sect
-tpm2 = tpm2_sect
+def trusted_openssl_conf(path: Path) -> Path:
+    """`path` with symlinks resolved, once only root or this process's user can change what it names.
 
-[default_sect]
-activate = 1
-
-[tpm2_sect]
-activate = 1
-
-[evp_properties]
-default_properties = ?provider=tpm2,tpm2.digest!=yes
-"""
+    OpenSSL opens the file itself, later, and loads any module it names into this process: so the file
+    and every directory above it must be owned by root or by us and writable by nobody else (a sticky
+    directory such as /tmp counts as safe: others cannot replace what they do not own in it). Checking
+    the bytes would not do: a FIFO or a swap between two opens serves the check one file and OpenSSL
+    another. Raises KeyStoreError naming the first component that fails and why.
+    """
+    real = Path(os.path.realpath(path))
+    me = os.geteuid()
+    for part in (*reversed(real.parents), real):
+        try:
+            st = os.lstat(part)
+        except OSError as exc:
+            raise KeyStoreError(f"{path}: cannot check the OpenSSL configuration for TPM keys: {part}: "
+                                f"{exc.strerror}; reinstall tether") from None
+        is_file = part == real
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        sticky_dir = not is_file and st.st_mode & stat.S_ISVTX
+        if stat.S_ISLNK(st.st_mode):
+            problem = "was replaced by a symlink while it was checked"
+        elif is_file and not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif not is_file and not stat.S_ISDIR(st.st_mode):
+            problem = "is not a directory"
+        elif st.st_uid not in (0, me):
+            problem = f"is owned by uid {st.st_uid}"
+        elif writable and not sticky_dir:
+            problem = f"can be written by {'other users' if st.st_mode & stat.S_IWOTH else 'its group'} " \
+                      f"(mode {stat.S_IMODE(st.st_mode):04o})"
+        else:
+            continue
+        raise KeyStoreError(f"{path}: refusing the OpenSSL configuration for TPM keys: {part} {problem}, so "
+                            f"another user could make this process (uid {me}) load their code; install tether "
+                            "where only root (or this user) can write")
+    return real
 
 
 PERSISTENT_RANGE = range(0x81000000, 0x82000000)  # TPM2_HT_PERSISTENT handles
@@ -201,11 +222,11 @@ class TpmKeyStore:
                 ectx.flush_context(handle)
 
     def openssl_conf(self) -> Path:
-        """Write (once) and return the OpenSSL configuration that activates the tpm2 provider."""
-        path = self.directory / "openssl-tpm2.cnf"
-        if storage.read_bytes(path) != OPENSSL_CONF_TEXT.encode():
-            storage.atomic_write(path, OPENSSL_CONF_TEXT.encode(), storage.PUBLIC_MODE)
-        return path
+        """The shipped OpenSSL configuration that activates the tpm2 provider, once it is trusted.
+
+        Never a file in `directory`: that belongs to the agent user, and root runs this too.
+        """
+        return trusted_openssl_conf(SHIPPED_OPENSSL_CONF)
 
     def tls_key(self, label: str) -> TlsKey:
         path = self.path(label)

@@ -7,9 +7,9 @@
 Slot "a" is `<class>.0` and "b" is `<class>.1`. Everything goes through the `rauc` command line, which
 talks to the RAUC service on the system D-Bus (`DBUS_SYSTEM_BUS_ADDRESS` picks another bus):
 - `active()`: the slot `rauc status --output-format=json` reports as booted;
-- `install()`: `rauc install FILE` (RAUC verifies the bundle's CMS signature against its keyring, writes
-  the inactive slot and makes it primary): output lines `NN% text` become progress, a failure's reason
-  is RAUC's own last line;
+- `install()`: `rauc install FILE` (RAUC verifies the bundle's CMS signature against its keyring and its
+  `compatible`, writes the inactive slot and makes it primary): output lines `NN% text` become progress,
+  a failure's reason is RAUC's own `LastError:` line;
 - `switch()`: checks that RAUC made the slot primary (`rauc status mark-active` if not);
 - `commit()`: `rauc status mark-good booted`; `rollback(slot)`: `mark-active` the good slot, then
   `mark-bad` the other.
@@ -43,6 +43,20 @@ def _rauc() -> str:
     if path is None:
         raise SlotError("rauc is not installed: install the Debian package rauc (and run its service)")
     return path
+
+
+def refusal(tail: list[str]) -> str:
+    """RAUC's reason for a failed `rauc install`, from the last lines it printed.
+
+    `rauc install` (1.8, Debian's) ends a failure with `LastError: <reason>` (e.g. "Installation error:
+    Compatible mismatch: Expected 'x' but bundle manifest has 'y'") and then a summary line, "Installing
+    `FILE` failed", that names no reason; so the LastError line wins, then any line saying failed/error.
+    """
+    for line in reversed(tail):
+        if line.startswith("LastError:"):
+            return line.partition(":")[2].strip()
+    failed = [t for t in tail if "failed" in t.lower() or "error" in t.lower()]
+    return (failed or tail or ["no output"])[-1]
 
 
 class RaucSlots:
@@ -151,9 +165,7 @@ class RaucSlots:
 
         outcome = run_streaming([_rauc(), "install", str(self.stage(slot))], line, env=dict(os.environ))
         if outcome.returncode != 0:
-            failed = [t for t in outcome.tail if "failed" in t.lower() or "error" in t.lower()]
-            raise SlotError(f"RAUC refused the bundle (exit status {outcome.returncode}): "
-                            f"{(failed or [outcome.last_line])[-1]}")
+            raise SlotError(f"RAUC refused the bundle (exit status {outcome.returncode}): {refusal(outcome.tail)}")
         primary = self.primary()
         if primary != slot:
             raise SlotError(f"RAUC installed {name} {version} but made {primary or 'no slot'} primary, "

@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from cryptography import x509
@@ -40,12 +40,15 @@ from requests.structures import CaseInsensitiveDict
 from provisioning.certs import issued_by, load_certificates, same_public_key, subject_of
 from provisioning.errors import EnrollmentError, PemError
 from provisioning.est.pkcs7 import certificate_blobs
+from provisioning.weburl import UrlError, parse_https_url
 
 WELL_KNOWN = "/.well-known/est"
 LABEL = re.compile(r"[A-Za-z0-9._~-]+")  # one path segment of RFC 3986 unreserved characters
 _PKCS7_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-certificates")
 CSR_TYPE = "application/pkcs10"
 MAX_RESPONSE = 1 << 20
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
 _REASON_LIMIT = 2000
 
 
@@ -126,12 +129,14 @@ def est_base(url: str, label: str = "") -> str:
     well-known path is added after it. Raises EnrollmentError (not retryable) for a URL that is not
     https, a label that is not one RFC 3986 unreserved path segment, or two different labels.
     """
-    if not url.startswith("https://"):
-        raise EnrollmentError(f"EST URL {url!r} must start with https:// (RFC 7030 requires TLS)", retryable=False)
+    try:  # the one URL rule (provisioning/weburl.py): requests connects to the host and port approved here
+        approved = parse_https_url(url)
+    except UrlError as exc:
+        raise EnrollmentError(f"EST URL {exc}", retryable=False) from None
     if label and not LABEL.fullmatch(label):
         raise EnrollmentError(f"EST label {label!r} must be one path segment of letters, digits and '._~-' "
                               "(RFC 7030 3.2.2)", retryable=False)
-    parts = urlsplit(url)
+    parts = urlsplit(str(approved))
     if parts.query or parts.fragment:
         raise EnrollmentError(f"EST URL {url!r} must not carry a query or fragment", retryable=False)
     path = parts.path.rstrip("/")
@@ -146,7 +151,7 @@ def est_base(url: str, label: str = "") -> str:
         raise EnrollmentError(f"EST URL {url!r} names label {url_label!r} but the label {label!r} is configured "
                               "too: keep one", retryable=False)
     chosen = url_label or label
-    base = f"https://{parts.netloc}{prefix}{WELL_KNOWN}"
+    base = f"https://{approved.netloc}{prefix}{WELL_KNOWN}"
     return f"{base}/{chosen}" if chosen else base
 
 
@@ -258,6 +263,27 @@ class EstClient:
                               status=status, retry_after=after)
 
     def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str] | None) -> _Answer:
+        """One request, following redirects within the EST server's origin only (RFC 7030 3.2.1: a device
+        has no user to ask about another origin), each hop read by the one URL rule. EnrollmentError (not
+        retryable) for a redirect elsewhere, a hop the rule refuses, or more than MAX_REDIRECTS."""
+        origin = parse_https_url(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            answer = self._send(method, url, body, headers)
+            location = answer.headers.get("Location") if answer.status in REDIRECTS else None
+            if not location:
+                return answer
+            try:
+                hop = parse_https_url(urljoin(url, location))
+            except UrlError as exc:
+                raise EnrollmentError(f"{url}: HTTP {answer.status} redirect refused: {exc}", retryable=False) from None
+            if (hop.host, hop.port) != (origin.host, origin.port):
+                raise EnrollmentError(f"{url}: HTTP {answer.status} redirect to another origin ({hop.netloc}) refused: "
+                                      "the device's credentials stay with the EST server it was given (RFC 7030 "
+                                      "3.2.1)", retryable=False)
+            url = str(hop)
+        raise EnrollmentError(f"{url}: more than {MAX_REDIRECTS} redirects", retryable=False)
+
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str] | None) -> _Answer:
         # Plain data out, so no error raised later holds the `requests` response (and through it the
         # socket) alive in its traceback.
         headers = dict(headers or {})
@@ -268,7 +294,7 @@ class EstClient:
             headers["Authorization"] = f"Bearer {self.auth.token}"
         try:
             with self.session.request(method, url, data=body, headers=headers, auth=auth, timeout=self.timeout,
-                                      verify=self.ca_file or True) as response:
+                                      verify=self.ca_file or True, allow_redirects=False) as response:
                 return _Answer(response.status_code, response.reason, CaseInsensitiveDict(response.headers),
                                response.content)
         except requests.exceptions.SSLError as exc:
@@ -276,6 +302,8 @@ class EstClient:
             # failure (a station restarting mid-handshake, a reset) is worth another try
             untrusted = _caused_by(exc, ssl.SSLCertVerificationError)
             raise EnrollmentError(f"{url}: TLS failed: {exc}", retryable=not untrusted) from None
+        except UnicodeDecodeError:  # requests reads a redirect's Location as UTF-8 even when not following it
+            raise EnrollmentError(f"{url}: the server's redirect Location is not UTF-8", retryable=False) from None
         except (requests.RequestException, OSError) as exc:
             raise EnrollmentError(f"{url}: {type(exc).__name__}: {exc}", retryable=True) from None
 

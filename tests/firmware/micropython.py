@@ -18,7 +18,7 @@ HERE = os.path.join(REPO, "tests", "firmware")
 PACKAGE = os.path.join(REPO, "firmware", "node_modules", "@micropython", "micropython-webassembly-pyscript")
 RUNNER = os.path.join(HERE, "run_micropython.mjs")
 RESULT_MARK = "@@RESULT "
-FIRMWARE_MODULES = ("mqtt_codec.py", "session.py", "board_config.py", "tether_main.py")
+FIRMWARE_MODULES = ("mqtt_codec.py", "session.py", "board_config.py", "board_setup.py", "tether_main.py")
 
 
 class MicroPythonUnavailable(AssertionError):

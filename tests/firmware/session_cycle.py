@@ -10,7 +10,7 @@ after imports, before the session exists).
 import gc
 
 import board_config
-import tether_main
+import board_setup
 from fake_broker import FakeBroker, FakeClock
 from session import READY
 
@@ -19,12 +19,12 @@ LIFETIME = 3600
 
 
 def board(connect, clock, on_event, rand=None, **settings):
-    """The Session tether_main builds for a tether.json with ``settings`` (board_config.DEFAULTS
+    """The Session board_setup builds for a tether.json with ``settings`` (board_config.DEFAULTS
     for the rest; device ``dev1``, client id ``d:dev1``, topics under ``dev1``)."""
     config = dict(board_config.DEFAULTS)
     config.update({"device_id": "dev1", "endpoints": ["mqtts://core-b"], "client_id_prefix": "d:"})
     config.update(settings)
-    return tether_main.build_session(config, connect, clock, clock.wait, rand or (lambda: 0.5), on_event)
+    return board_setup.build_session(config, connect, clock, clock.wait, rand or (lambda: 0.5), on_event)
 
 
 class Cycle:

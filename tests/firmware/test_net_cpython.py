@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import board_config
+import board_setup
 import net
 import pytest
-import tether_main
 from session import READY, Session
 
 from agent.core.endpoints import parse_endpoint
@@ -33,14 +33,14 @@ def _context(pki: Pki, device_id: str, cafile: Path) -> ssl.SSLContext:
 def _session(connect, url: str, events: list) -> Session:
     config = {**board_config.DEFAULTS, "device_id": "dev1", "endpoints": [url], "backoff_cap": 2, "token_timeout": 5,
               "keepalive": 30, "connect_timeout": 3}
-    session: Session = tether_main.build_session(config, connect, time.time, time.sleep, lambda: 0.5,
+    session: Session = board_setup.build_session(config, connect, time.time, time.sleep, lambda: 0.5,
                                                  lambda name, detail: events.append((name, detail)))
     return session
 
 
 def test_cpython_ssl_context_drives_the_session_to_ready(pki: Pki, broker: Mosquitto) -> None:
     events: list = []
-    s = _session(net.connector(_context(pki, "dev1", pki.root_file), 3), f"mqtts://localhost:{broker.port}", events)
+    s = _session(net.Connector(_context(pki, "dev1", pki.root_file), 3), f"mqtts://localhost:{broker.port}", events)
     deadline = time.monotonic() + 20
     while s.state != READY:
         assert time.monotonic() < deadline, events
@@ -52,7 +52,7 @@ def test_cpython_ssl_context_drives_the_session_to_ready(pki: Pki, broker: Mosqu
 
 def test_wrong_ca_is_a_verify_transport_error(pki: Pki, broker: Mosquitto, tmp_path: Path) -> None:
     other = Pki.create(tmp_path / "other", name="Other")
-    transport = net.connector(_context(pki, "dev1", other.root_file), 3)(parse_endpoint(f"mqtts://localhost:{broker.port}"))
+    transport = net.Connector(_context(pki, "dev1", other.root_file), 3)(parse_endpoint(f"mqtts://localhost:{broker.port}"))
     with pytest.raises(net.TransportError) as caught:
         transport.send(b"\x10\x00")
     assert caught.value.kind == "verify" and caught.value.retryable
@@ -67,7 +67,7 @@ def test_a_silent_server_costs_one_send_deadline(pki: Pki) -> None:
         port = server.getsockname()[1]
         accepted: list[socket.socket] = []
         threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True).start()
-        transport = net.connector(_context(pki, "dev1", pki.root_file), 1)(parse_endpoint(f"mqtts://localhost:{port}"))
+        transport = net.Connector(_context(pki, "dev1", pki.root_file), 1)(parse_endpoint(f"mqtts://localhost:{port}"))
         with pytest.raises(net.TransportError) as caught:
             transport.send(b"\x10\x00")
         assert caught.value.kind == "timeout"
@@ -80,7 +80,7 @@ def test_connection_refused_is_a_connect_transport_error(pki: Pki) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: refused
         with pytest.raises(net.TransportError) as caught:
-            net.connector(_context(pki, "dev1", pki.root_file), 1)(parse_endpoint(f"mqtts://localhost:{port}"))
+            net.Connector(_context(pki, "dev1", pki.root_file), 1)(parse_endpoint(f"mqtts://localhost:{port}"))
     assert caught.value.kind == "connect"
 
 

@@ -12,16 +12,13 @@ SUPPORT = {"/lib/" + name: os.path.join(HERE, name)
 # Imports and the baseline happen in separate top-level calls, so the port's deferred collection
 # has run before the baseline is read.
 SETUP = "import gc, json, sys\nimport session_cycle\ngc.collect()\n"
-# Once the session is built, the code a board drops in start() goes too (tether_main.PARSING_ONLY,
-# BUILDING_ONLY): the cycle must not need any of it.
+# Once the session is built, the setup modules go, as tether_main.main() drops them on a board
+# (tether_main.SETUP_MODULES); the cycle then runs without them in sys.modules.
 LOOP = ("if 'cycle' not in globals():\n"
         "    cycle = session_cycle.Cycle(gc.mem_alloc())\n"
         "    import tether_main\n"
-        "    drop, building = tether_main.drop_setup_code, tether_main.BUILDING_ONLY\n"
-        "    drop(tether_main.PARSING_ONLY)\n"
-        "    drop(building)\n"
-        "    del drop, building\n"
-        "    cycle.dropped = not hasattr(tether_main, 'start')\n"
+        "    tether_main.drop_setup_modules()\n"
+        "    cycle.dropped = not [m for m in tether_main.SETUP_MODULES if m in sys.modules]\n"
         "done = cycle.advance()\n")
 FINISH = ("r = cycle.result()\nr['impl'] = sys.implementation.name\nr['dropped'] = cycle.dropped\n"
           "print('@@RESULT ' + json.dumps(r))\n")

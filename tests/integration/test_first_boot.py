@@ -6,8 +6,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +51,8 @@ def station_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[M
 
 
 def device_config(tmp_path: Path, station: RunningStation, broker: Mosquitto, device_id: str = "dev-001",
-                  **sections: dict[str, object]) -> Path:
+                  port: int | None = None, **sections: dict[str, object]) -> Path:
+    """A device of `station` whose endpoint is `broker` (or `port` on localhost, a relay in front of it)."""
     otp_file = tmp_path / f"{device_id}.otp"
     otp_file.write_text(station.otp(device_id) + "\n")
     otp_file.chmod(0o600)
@@ -58,7 +61,7 @@ def device_config(tmp_path: Path, station: RunningStation, broker: Mosquitto, de
     return write_config(tmp_path / device_id, device_id,
                         est={"url": station.url, "ca_file": str(station.ca_file), "otp_file": str(otp_file)},
                         identity={"ca_file": str(station.ca_file)},
-                        endpoints={"urls": [f"mqtts://localhost:{broker.port}"]}, **sections)
+                        endpoints={"urls": [f"mqtts://localhost:{port or broker.port}"]}, **sections)
 
 
 def test_first_boot_enrolls_stores_chain_and_connects(tmp_path: Path, station: RunningStation,
@@ -129,33 +132,125 @@ def test_expired_certificate_recovers_through_the_bootstrap_path(tmp_path: Path,
     assert identity.chain_problems() == []
 
 
+class Gate:
+    """A TCP relay in front of the broker that admits `admit` connections and then refuses new ones
+    (nothing listens on its port) until `open()`; connections already admitted keep working.
+
+    It holds back the session that would prove a renewed pair without touching the one in use: the
+    proving attempt meets a refused connection (unreachable, which says nothing about the pair).
+    """
+
+    def __init__(self, target: int, admit: int = 1) -> None:
+        self.target, self.admit, self.admitted = target, admit, 0
+        self.port = 0
+        self.listener: socket.socket | None = None
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def start(self) -> Gate:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def open(self) -> None:
+        """Admit every connection from now on, on the same port."""
+        with self.lock:
+            self.admit = -1
+        self.start()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            for sock in self.sockets:
+                sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: nothing listens, so connections are refused
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()  # the broker itself is gone (teardown): the client sees a closed connection
+                continue
+            with self.lock:
+                self.admitted += 1
+                self.sockets += [client, upstream]
+                full = self.admitted == self.admit
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            if full:
+                with self.lock:
+                    listener.close()
+                    self.listener = None
+                return
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # either side closed
+
+
 @pytest.mark.parametrize("new_key", [False, True], ids=["same-key", "new-key"])
 def test_renewal_is_promoted_only_after_a_session_with_the_new_pair(
         tmp_path: Path, day_station: RunningStation, station_broker: Mosquitto, new_key: bool) -> None:
     station = day_station
+    gate = Gate(station_broker.port, admit=1).start()  # the first session passes; the proving one waits
     # device certificates live 1 day from 60 s before issue: 86330 s before expiry is 10 s after issue
-    config = device_config(tmp_path, station, station_broker, renewal={"threshold": "86330s", "new_key": new_key})
+    config = device_config(tmp_path, station, station_broker, port=gate.port,
+                           renewal={"threshold": "86330s", "new_key": new_key})
     agent = Agent(config)
     try:
-        first = agent.wait_status(session="online")
+        agent.wait_status(session="online")
         certs = tmp_path / "dev-001" / "state" / "certs"
+        chain = (certs / "chain.pem").read_bytes()
         first_serial = json.loads((certs / "chain.json").read_text())["serial"]
         keyfile = tmp_path / "dev-001" / "state" / "keys" / "device.key.pem"
         first_key = keyfile.read_bytes()
-        wait_until(lambda: json.loads((certs / "chain.json").read_text())["serial"] != first_serial, 40,
-                   "the renewed certificate to be promoted",
-                   describe=lambda: f"renewal.json {(certs.parent / 'renewal.json').read_text()}; status.json "
-                                    f"{agent.status()}")
-        status = agent.wait_status(session="online")
-        assert status["connected_at"] >= first["connected_at"]
-        assert (certs / "chain.prev.pem").exists() and not (certs / "chain.next.pem").exists()
-        assert (keyfile.read_bytes() != first_key) is new_key
+        renewal = certs.parent / "renewal.json"
+
+        # renewed and staged, and a session with it tried and held back at least once (a second try began)
+        wait_until(lambda: agent.log().count("session: proving the renewed certificate") >= 2, 60,
+                   "two attempts to prove the renewed certificate",
+                   describe=lambda: f"renewal.json {renewal.read_text() if renewal.exists() else None}; "
+                                    f"log:\n{agent.log()[-3000:]}")
+        assert json.loads(renewal.read_text())["state"] == "staged"
+        assert (certs / "chain.next.pem").exists()
+        assert (certs / "chain.pem").read_bytes() == chain, "promoted before any session worked with the new pair"
+        assert json.loads((certs / "chain.json").read_text())["serial"] == first_serial
+        assert keyfile.read_bytes() == first_key
+        assert "renewal: new certificate promoted" not in agent.log()
         assert len(station.rows("dev-001")) == 2
+
+        gate.open()  # the broker is reachable again: the next attempt proves the pair
+        wait_until(lambda: json.loads((certs / "chain.json").read_text())["serial"] != first_serial, 60,
+                   "the renewed certificate to be promoted",
+                   describe=lambda: f"renewal.json {renewal.read_text()}; status.json {agent.status()}")
+        agent.wait_status(session="online")
+        assert gate.admitted >= 2  # the first session, then the one that proved the new pair
+        assert (certs / "chain.pem").read_bytes() != chain
+        assert (certs / "chain.prev.pem").read_bytes() == chain
+        assert not (certs / "chain.next.pem").exists()
+        assert (keyfile.read_bytes() != first_key) is new_key
         wait_until(lambda: "renewal: new certificate promoted" in agent.log(), 10, "the promotion log line")
         identity = DeviceIdentity(load(config))
         assert identity.chain_problems() == []
     finally:
         agent.stop()
+        gate.close()
 
 
 def test_failed_renewal_keeps_the_current_pair_and_retries(tmp_path: Path, day_station: RunningStation,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.events import Acked, Disconnected
 from lab.discovery import DiscoveryServer, greengrass_document
 from lab.mosquitto import BrokerFiles, Mosquitto
 from lab.procs import wait_until
@@ -278,9 +279,22 @@ def test_in_process_runtime_fails_over_between_real_brokers(tmp_path: Path, pki:
                                 endpoints={"urls": [f"mqtts://localhost:{a.port}", f"mqtts://localhost:{b.port}"]})
     with InProcess(config) as agent:
         agent.wait_status(session="online", endpoint=f"mqtts://localhost:{a.port}")
+        supervisor = agent.runtime.supervisor
+        assert supervisor is not None
+        on_a = supervisor.epoch
         a.kill()
         agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
-        assert agent.runtime.supervisor is not None and agent.runtime.supervisor.dropped >= 0
+        on_b = supervisor.epoch
+        assert on_b > on_a
+        # Late news of a's dead session (its close, a PUBACK) must be dropped, not end b's session: b's
+        # packet ids restart at 1, so a stale acknowledgement would otherwise pass for one of b's.
+        dropped = supervisor.dropped
+        agent.runtime.post(Disconnected(on_a, "a's connection closed late"))
+        agent.runtime.post(Acked(on_a, 1))
+        wait_until(lambda: supervisor.dropped >= dropped + 2, 10, "the two stale events to be dropped",
+                   describe=lambda: f"dropped {supervisor.dropped}, state {supervisor.state}, status {agent.status()}")
+        assert supervisor.epoch == on_b and supervisor.state == "online"
+        assert agent.status()["session"] == "online" and agent.status()["endpoint"] == f"mqtts://localhost:{b.port}"
     assert agent.result == [0]
 
 

@@ -264,11 +264,12 @@ class RaucBed(Bed):
     def service_log(self) -> str:
         return "".join(p.log.read_text() for p in self.procs if p.log.exists() and p.name.startswith("rauc"))
 
-    def raucb_source(self, name: str, image: bytes) -> Path:
+    def raucb_source(self, name: str, image: bytes, compatible: str = "tether-test") -> Path:
+        """A bundle source; `compatible` other than the system's makes RAUC itself refuse the bundle."""
         src = self.tmp / name
         src.mkdir()
         (src / "rootfs.img").write_bytes(image)
-        (src / "manifest.raucm").write_text("[update]\ncompatible=tether-test\nversion=@@VERSION@@\n\n"
+        (src / "manifest.raucm").write_text(f"[update]\ncompatible={compatible}\nversion=@@VERSION@@\n\n"
                                             "[bundle]\nformat=plain\n\n[image.rootfs]\nfilename=rootfs.img\n")
         return src
 

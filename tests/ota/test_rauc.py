@@ -70,6 +70,22 @@ def test_tampered_raucb_never_reaches_rauc(rauc_bed: Callable[..., RaucBed], rel
     assert bed.env()["tether_slot"] == "a"
 
 
+def test_a_bundle_rauc_itself_refuses_fails_with_raucs_reason(rauc_bed: Callable[..., RaucBed]) -> None:
+    # Signed by the release key and intact, so every check of ours passes; but built for another board,
+    # which only RAUC knows: its refusal (exit status 1) must be the operation's reason, in its own words.
+    bed = rauc_bed()
+    url = bed.publish("1.1.0", "raucb", bed.raucb_source("src", os.urandom(50_000), compatible="another-board"))
+    assert run_to_restart(bed, url, "1.1.0") == "failed", bed.device.lines
+    failures = bed.device.failures()
+    assert len(failures) == 1, bed.device.lines
+    reason = parse_line(failures[0])[2]
+    assert "RAUC refused the bundle (exit status 1)" in reason, reason
+    assert "another-board" in reason and "tether-test" in reason, reason  # RAUC's compatible mismatch
+    assert "installing" in bed.service_log()  # RAUC got the request: the refusal is its own
+    assert bed.image("b").read_bytes() == b"factory b" and bed.env()["tether_slot"] == "a"
+    assert bed.device.state()["slots"]["active"] == "a"
+
+
 def test_raucb_downgrade_is_refused_before_the_download(rauc_bed: Callable[..., RaucBed],
                                                         releases: Releases) -> None:
     bed = rauc_bed()

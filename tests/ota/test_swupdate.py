@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.core.smartrest import parse_line
-from lab.procs import Proc
+from lab.procs import Proc, wait_until
 from provisioning.release import create_release_signer
 from tests.ota.conftest import Releases, op_line
 from tests.ota.frameworks import Bed, hold_script, start_updater, swupdate_source, wait_for
@@ -153,4 +153,8 @@ def test_swu_goes_through_a_running_swupdate_daemon_with_swupdate_client(
     url = bed.publish("1.1.0", "swu", swupdate_source(bed, "src", image))
     assert run_to_restart(bed, url, "1.1.0") == "restarting", bed.device.lines
     assert bed.image("b").read_bytes() == image and bed.env()["tether_slot"] == "b"
-    assert "Installation in progress" in daemon.log.read_text() or "successful" in daemon.log.read_text()
+    # SWUpdate's own verdict, its first: "Installation in progress" is logged before a failure too
+    verdict = wait_until(lambda: next((line for line in daemon.log.read_text().splitlines()
+                                       if "SWUPDATE successful" in line or "SWUPDATE failed" in line), None),
+                         30, "SWUpdate's verdict in the daemon's log", describe=daemon.log.read_text)
+    assert "SWUPDATE successful !" in str(verdict) and "SWUPDATE failed" not in daemon.log.read_text(), verdict

@@ -11,7 +11,9 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 LOCK = REPO / "requirements-test.txt"
+SHIPPED_CONF = REPO / "hal" / "keys" / "openssl-tpm2.cnf"
+# Where the installed package's TPM OpenSSL configuration is, once the agent's own trust check accepts it
+TRUSTED_CONF = "from hal.keys import tpm; print(tpm.trusted_openssl_conf(tpm.SHIPPED_OPENSSL_CONF))"
 
 
 def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -54,6 +59,15 @@ def test_wheel_and_sdist_build_and_pass_twine_check(dist: Path) -> None:
     assert (dist / f"tether-{VERSION}.tar.gz").is_file()
 
 
+def test_wheel_and_sdist_carry_the_tpm_providers_openssl_configuration(dist: Path) -> None:
+    # TPM keys need it, and it must come from the package, never from the agent's writable state
+    with zipfile.ZipFile(dist / f"tether-{VERSION}-py3-none-any.whl") as wheel:
+        assert wheel.read("hal/keys/openssl-tpm2.cnf") == SHIPPED_CONF.read_bytes()
+    with tarfile.open(dist / f"tether-{VERSION}.tar.gz") as sdist:
+        member = sdist.extractfile(f"tether-{VERSION}/hal/keys/openssl-tpm2.cnf")
+        assert member is not None and member.read() == SHIPPED_CONF.read_bytes()
+
+
 def test_wheel_installs_into_a_clean_venv_and_every_command_answers(dist: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)])
@@ -62,6 +76,8 @@ def test_wheel_installs_into_a_clean_venv_and_every_command_answers(dist: Path, 
     for command in ("tether", "tether-station", "tether-lab"):
         assert "usage:" in run([str(venv / "bin" / command), "--help"]).stdout
         assert run([str(venv / "bin" / command), "--version"]).stdout.strip() == f"{command} {VERSION}"
+    trusted = run([str(venv / "bin/python"), "-c", TRUSTED_CONF], cwd=tmp_path).stdout.strip()
+    assert trusted.startswith(str(venv.resolve())) and trusted.endswith("/hal/keys/openssl-tpm2.cnf"), trusted
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +104,9 @@ def test_deb_installs_the_agent_its_user_and_a_unit_systemd_accepts(installed_de
     assert state.stat().st_mode & 0o777 == 0o700
     unit = Path("/lib/systemd/system/tether.service")
     assert "ExecStart=/opt/tether/bin/tether " in unit.read_text()
+    # the TPM provider's OpenSSL configuration: root's, read-only, and accepted by the agent as such
+    trusted = Path(run(["/opt/tether/bin/python", "-c", TRUSTED_CONF], cwd="/").stdout.strip())
+    assert trusted.is_relative_to("/opt/tether") and trusted.stat().st_uid == 0, trusted
     run(["systemd-analyze", "verify", str(unit)])
     assert Path("/etc/tether/tether.toml").read_text().startswith("# /etc/tether/tether.toml")
     listed = run(["dpkg-query", "-W", "-f=${Conffiles}", "tether"]).stdout

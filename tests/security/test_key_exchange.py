@@ -2,7 +2,8 @@
 
 An ffdhe8192 key share cost the station about 115 ms of CPU per ClientHello (X25519: 0.75 ms). Every
 server context (the station's EST port and console, the lab's discovery and artifact servers) now
-offers X25519, P-256 and P-384 only, and TLS 1.2 only ECDHE suites. The client is OpenSSL's own
+offers X25519, P-256 and P-384 only, and TLS 1.2 only ECDHE suites. The lab's mosquitto, which has no
+option for it, gets the same groups through an OpenSSL configuration file of the lab's. The client is OpenSSL's own
 `s_client`, which can offer any group; "Server Temp Key" in its output is the group the server chose.
 """
 
@@ -13,11 +14,13 @@ import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from lab.artifacts import ArtifactServer
 from lab.discovery import DiscoveryServer
+from lab.mosquitto import BrokerFiles, Mosquitto
 from provisioning import tlsserver
 from provisioning.tlsserver import TlsSetupError, restrict_key_exchange, set_groups_list
 from tests.console.conftest import ConsoleStation, Operator, start_console_station
@@ -34,6 +37,15 @@ class Servers:
         self.station, self.operator = station, operator
         self.ports = {"est": station.port, "console": station.console_port, "lab-discovery": discovery.port,
                       "lab-artifacts": artifacts.port}
+        self.device: tuple[Path, Path] | None = None
+
+    def client_cert(self, server: str) -> list[str]:
+        """The client certificate a server asks for: an operator's for the console, a device's for the broker."""
+        if server == "console":
+            return ["-cert", str(self.operator.cert), "-key", str(self.operator.key)]
+        if server == "lab-mosquitto" and self.device is not None:
+            return ["-cert", str(self.device[0]), "-key", str(self.device[1])]
+        return []
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +60,15 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     artifacts = ArtifactServer(www, certfile, keyfile).start()
     try:
         operator = station.operator("kx-admin", "admin", tmp_path_factory.mktemp("op") / "out")
-        yield Servers(station, operator, discovery, artifacts)
+        broker = Mosquitto(tmp_path_factory.mktemp("broker"), BrokerFiles(pki.ca_chain_file, certfile, keyfile),
+                           acl=None).start()
+        try:
+            servers = Servers(station, operator, discovery, artifacts)
+            servers.ports["lab-mosquitto"] = broker.port
+            servers.device = pki.device_files("kx-device")
+            yield servers
+        finally:
+            broker.stop()
     finally:
         artifacts.stop()
         discovery.stop()
@@ -69,7 +89,10 @@ def chosen_group(output: str) -> str | None:
     return match.group(1) if match else None
 
 
-@pytest.mark.parametrize("server", ["est", "console", "lab-discovery", "lab-artifacts"])
+SERVERS = ["est", "console", "lab-discovery", "lab-artifacts", "lab-mosquitto"]
+
+
+@pytest.mark.parametrize("server", SERVERS)
 @pytest.mark.parametrize("option", ["-groups", "-curves"])
 def test_a_client_offering_only_finite_field_groups_is_refused(servers: Servers, server: str, option: str) -> None:
     for group in FINITE_FIELD:
@@ -77,10 +100,9 @@ def test_a_client_offering_only_finite_field_groups_is_refused(servers: Servers,
         assert chosen_group(output) is None and "handshake failure" in output, (server, group, output)
 
 
-@pytest.mark.parametrize("server", ["est", "console", "lab-discovery", "lab-artifacts"])
+@pytest.mark.parametrize("server", SERVERS)
 def test_elliptic_curve_groups_are_served(servers: Servers, server: str) -> None:
-    client_cert = ["-cert", str(servers.operator.cert), "-key", str(servers.operator.key)] \
-        if server == "console" else []
+    client_cert = servers.client_cert(server)
     for group, name in CURVES.items():
         output = s_client(servers.ports[server], "-groups", group, *client_cert)
         assert chosen_group(output) == name, (server, group, output)

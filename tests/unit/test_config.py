@@ -82,9 +82,9 @@ def test_config_set_validates_and_keeps_the_old_value_on_error(tmp_path: Path) -
     ("renewal", 'threshold = "100%"', "[renewal] threshold: lifetime percentage must be between 0 and 100"),
     ("renewal", 'threshold = "0d"', "[renewal] threshold: time before expiry must be positive"),
     ("renewal", "retry = -1.0", "[renewal] retry: must be > 0"),
-    ("est", 'url = "http://station:8443"', "[est] url: 'http://station:8443' must be https://host[:port]"),
-    ("discovery", 'url = "https://:8443"', "[discovery] url: 'https://:8443' must be https://host[:port]"),
-    ("discovery", 'url = "https://h:99999"', "[discovery] url: 'https://h:99999' is not a URL"),
+    ("est", 'url = "http://station:8443"', "[est] url: 'http://station:8443': only https:// is fetched, got http://"),
+    ("discovery", 'url = "https://:8443"', "[discovery] url: 'https://:8443': the URL names no host"),
+    ("discovery", 'url = "https://h:99999"', "'https://h:99999': port '99999' is not a number 1..65535"),
     ("endpoints", 'urls = ["mqtts://a:1", "tcp://b"]', "[endpoints] urls: urls[1]"),
 ])
 def test_values_are_parsed_at_load_and_errors_name_the_file_that_set_them(

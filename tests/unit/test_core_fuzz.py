@@ -71,5 +71,20 @@ def test_smartrest_parsers_raise_only_smartrest_errors(line):
 @FUZZ
 @given(st.lists(st.text(max_size=30), min_size=1, max_size=5))
 def test_formatted_lines_parse_back_to_the_same_fields(fields):
-    fields = [f.replace("\r", " ").replace("\n", " ") for f in fields]
-    assert smartrest.parse_line(smartrest.format_line(*fields)) == fields
+    parsed = smartrest.parse_line(smartrest.format_line(*fields))
+    flattened = [f.replace("\r\n", " ").replace("\r", " ").replace("\n", " ") for f in fields]
+    assert parsed == ["".join("\ufffd" if smartrest._hidden(c) else c for c in f) for f in flattened]
+
+
+HOSTILE = "515,dev1fw.1\"x\x00\x07\t\x1b[\x7f\x85\x9b\u061c\u200b\u200e\u200f\u2028\u202a\u202e\u2066\u2069\ufffdü"
+
+
+@FUZZ
+@given(st.text(alphabet=HOSTILE, max_size=60))
+def test_no_field_that_parse_line_accepts_holds_a_control_or_bidi_character(line):
+    try:
+        fields = smartrest.parse_line(line)
+    except CoreError as exc:
+        assert isinstance(exc, smartrest.SmartRestError)
+        return
+    assert not [c for f in fields for c in f if c < " " or "\x7f" <= c <= "\x9f" or c in smartrest._HIDDEN], fields

@@ -64,3 +64,14 @@ def test_client_id_gets_prefix_and_refuses_colons():
     assert client_id("dev1", "d:") == "d:dev1"
     with pytest.raises(ParameterError):
         client_id("a:b", "d:")
+
+
+def test_a_formatted_line_carries_no_control_or_bidi_character_and_parses_back():
+    line = smartrest.firmware_failed("GET https://h/\x1b[2J\u202eexe: refused\x00")
+    assert line == '502,c8y_Firmware,"GET https://h/\ufffd[2J\ufffdexe: refused\ufffd"'
+    assert smartrest.parse_line(line)[2] == "GET https://h/\ufffd[2J\ufffdexe: refused\ufffd"
+
+
+def test_a_control_character_in_a_field_is_refused_naming_the_field():
+    with pytest.raises(SmartRestError, match=r"515\.version: control character U\+001B is not allowed in a field"):
+        smartrest.parse_firmware_operation("515,dev1,tether,1.2.0\x1b[2J,https://h/fw")

@@ -43,7 +43,9 @@ def test_est_base_reaches_the_labelled_ca(url: str, label: str, base: str) -> No
 
 
 @pytest.mark.parametrize("url,label,message", [
-    ("http://st", "", "must start with https://"),
+    ("http://st", "", "only https:// is fetched"),
+    ("https://evil\\@st/", "", "a backslash in the host part is refused"),
+    ("https://dev-1:otp@st/", "", "user info (user@ or user:password@) before the host is refused"),
     ("https://st", "a/b", "EST label 'a/b' must be one path segment"),
     ("https://st", "a b", "EST label 'a b' must be one path segment"),
     ("https://st/.well-known/est/a/b", "", "'a/b' after /.well-known/est must be one label segment"),

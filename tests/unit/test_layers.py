@@ -8,7 +8,11 @@ at module level or inside a function (a late import is still a dependency), and 
    to its right;
 2. `agent/core` imports nothing outside itself, and of the rest only modules MicroPython has;
 3. `firmware` (what goes onto a board) imports only `agent/core`, its own modules and MicroPython's;
-4. the station (`provisioning/station`) never imports `agent`.
+4. the station (`provisioning/station`) never imports `agent`;
+5. setup-only modules (SETUP: the firmware's config, credentials and session building, and the
+   defaults they read) are imported only by each other and by `firmware/tether_main.py`, which drops
+   them whole once the session is built; the code that runs after that (the session, the transport,
+   the codec, the rest of agent/core) never imports them, so dropping them cannot break it.
 
 A failure names file, line, the import and the rule it breaks. Each rule is also shown to catch a
 small example, so deleting a rule from `violations` fails a test.
@@ -27,6 +31,9 @@ LAYERS = ("hal", "provisioning", "agent", "lab")  # each imports only itself and
 SCANNED = (*LAYERS, "firmware")
 CORE = "agent.core"
 STATION = "provisioning.station"
+# rule 5: setup modules as a board imports them, and the one runtime module allowed to load them
+SETUP = frozenset({"board_config", "board_setup", "agent.core.defaults"})
+SETUP_LOADER = "firmware/tether_main.py"
 # host-side tools in firmware/: they build the board image and never run on a board
 HOST_TOOLS = frozenset({"firmware/build.py", "firmware/manifest.py"})
 # modules built into MicroPython (the unix port's `help('modules')` and the boards' network/machine) that
@@ -113,6 +120,11 @@ def rules_broken(imp: Import, firmware_own: frozenset[str]) -> Iterator[str]:
         yield f"firmware imports only agent/core, its own modules and MicroPython's; {top!r} is none of these"
     if _within(source, STATION) and top == "agent":
         yield "the station (provisioning/station) never imports agent"
+    board_name = source.split(".", 1)[1] if here == "firmware" else source
+    if ((here == "firmware" and imp.file not in HOST_TOOLS) or _within(source, CORE)) \
+            and imp.target in SETUP and board_name not in SETUP and imp.file != SETUP_LOADER:
+        yield (f"setup module {imp.target!r} is imported only by setup modules and {SETUP_LOADER}, "
+               "which drops them once the session is built")
 
 
 def violations(files: Mapping[str, str]) -> list[Violation]:
@@ -199,6 +211,23 @@ def test_firmware_importing_beyond_agent_core_its_own_and_micropython_is_caught(
         "modules and MicroPython's; 'agent' is none of these",
         "firmware/session.py:5: `import paho.mqtt.client`: firmware imports only agent/core, its own modules and "
         "MicroPython's; 'paho' is none of these",
+    ]
+
+
+def test_runtime_firmware_importing_a_setup_module_is_caught() -> None:
+    found = broken({"firmware/session.py": "import board_config\n",
+                    "firmware/net.py": "def f():\n    import board_setup\n",
+                    "agent/core/retry.py": "from agent.core import defaults\n",
+                    "agent/core/defaults.py": "",
+                    # allowed: setup modules among themselves, and the loader that drops them
+                    "firmware/board_setup.py": "import board_config\nfrom agent.core import defaults\n",
+                    "firmware/board_config.py": "from agent.core import defaults\n",
+                    "firmware/tether_main.py": "def _start():\n    import board_setup\n"})
+    rule = "is imported only by setup modules and firmware/tether_main.py, which drops them once the session is built"
+    assert found == [
+        f"agent/core/retry.py:1: `from agent.core import defaults`: setup module 'agent.core.defaults' {rule}",
+        f"firmware/net.py:2: `import board_setup`: setup module 'board_setup' {rule}",
+        f"firmware/session.py:1: `import board_config`: setup module 'board_config' {rule}",
     ]
 
 

@@ -1,0 +1,1 @@
+# The standard variant with a ROMFS segment (mpconfigvariant.h); no frozen firmware.
