@@ -42,9 +42,11 @@ lock-upgrade:
 dist:
 	bash scripts/build-dist.sh dist
 
-# The device package: dist/tether_<version>_all.deb (see docs/device.md).
+# The device package dist/tether_<version>_all.deb (docs/device.md) and the station's,
+# dist/tether-station_<version>_all.deb (docs/station.md).
 deb: dist
 	bash scripts/build-deb.sh dist
+	bash scripts/build-deb-station.sh dist
 
 # Every figure in the README; the fleet ramp is shortened here (`python benchmarks/fleet.py` for the full one).
 bench:

@@ -133,8 +133,13 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
 
     status = DeviceIdentity(config).status()
     status.update(read_runtime_status(config))
-    if args.json:
+    if args.json or args.format == "json":
         print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    if args.format == "prometheus":  # node_exporter's textfile collector (docs/device.md)
+        from agent.textfile import render
+
+        sys.stdout.write(render(status))
         return 0
     print(f"device      {status['device_id']}")
     key = status["key"]
@@ -334,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(each wait capped at [est] retry_after_max; default 3600; 0: do not wait)")
     p.set_defaults(needs_tls=True, own_state=True)
     p = sub.add_parser("status", help="device id, key, chain, session and token state")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument("--format", choices=("text", "json", "prometheus"), default="text",
+                   help="prometheus: the text format node_exporter's textfile collector reads")
     for name, text in (("run", "the boot-time service: enroll if needed, connect, stay connected"),
                        ("check", "enroll if needed, connect once, fetch a token; print each step")):
         p = sub.add_parser(name, help=text)

@@ -56,6 +56,13 @@ class EstSection(NamedTuple):
     timeout: float = 10.0
     label: str = ""                # RFC 7030 3.2.2 CA label: /.well-known/est/<label>/simpleenroll
     retry_after_max: float = 600.0  # ceiling on the wait a station asks for with Retry-After (202, 503)
+    reenroll_username: str = ""    # HTTP Basic user on re-enrollment besides mTLS; default: the device id
+    reenroll_password_file: str = ""  # file (0600) of that password; empty: re-enroll with mTLS alone
+
+
+class EnrollSection(NamedTuple):
+    method: str = "otp"            # otp (one-time password or [est] bootstrap_cert) | tpm-attestation
+    ek: str = "auto"               # tpm-attestation: which EK certificate to use: auto | rsa | ecc
 
 
 class EndpointsSection(NamedTuple):
@@ -130,6 +137,7 @@ SECTIONS: dict[str, type] = {
     "keys": KeysSection,
     "identity": IdentitySection,
     "est": EstSection,
+    "enroll": EnrollSection,
     "endpoints": EndpointsSection,
     "discovery": DiscoverySection,
     "mqtt": MqttSection,
@@ -142,11 +150,13 @@ SECTIONS: dict[str, type] = {
 # keys holding file paths: resolved relative to the file that set them
 PATH_KEYS = {("device", "state_dir"), ("keys", "passphrase_file"), ("identity", "ca_file"), ("est", "ca_file"),
              ("est", "otp_file"), ("est", "bootstrap_cert"), ("est", "bootstrap_key"), ("endpoints", "ca_file"),
+             ("est", "reenroll_password_file"),
              ("discovery", "ca_file"), ("ota", "slots_dir"),
              ("ota", "uboot_env_config"), ("ota", "trust_anchor"), ("ota", "ca_file"),
              ("outbox", "socket")}
 
 CHOICES = {("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
+           ("enroll", "method"): ("otp", "tpm-attestation"), ("enroll", "ek"): ("auto", "rsa", "ecc"),
            ("mqtt", "protocol"): ("3.1.1", "5"), ("renewal", "auth"): ("mtls", "bearer"),
            ("ota", "slots"): ("directory", "uboot", "swupdate", "rauc", "command"),
            ("ota", "untrusted_hosts"): ("refuse", "no-token"),
@@ -190,6 +200,7 @@ class Config(NamedTuple):
     keys: KeysSection = KeysSection()
     identity: IdentitySection = IdentitySection()
     est: EstSection = EstSection()
+    enroll: EnrollSection = EnrollSection()
     endpoints: EndpointsSection = EndpointsSection()
     discovery: DiscoverySection = DiscoverySection()
     mqtt: MqttSection = MqttSection()
@@ -429,7 +440,8 @@ def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | 
     if not config.device.id:
         raise ConfigError(f"{path}: [device] id is required (the device id: CN and MQTT client id)")
     try:
-        check_device_id(config.device.id, f"{path}: [device] id")
+        # the id was given out already: a limit found later (BROKER_LIMITS) must not lock the device out
+        check_device_id(config.device.id, f"{path}: [device] id", carried_by=())
     except ProvisioningError as exc:
         raise ConfigError(str(exc)) from None
     if config.mqtt.keepalive < 5 or config.mqtt.keepalive > 65535:
@@ -457,6 +469,18 @@ def read_secret_file(path: str, what: str) -> bytes:
     if not lines or not lines[0].strip():
         raise ConfigError(f"{path}: the {what} file is empty")
     return lines[0].strip()
+
+
+def read_private_secret(path: str, what: str, key: str) -> bytes:
+    """`read_secret_file` for a secret kept on the device: refused when others may read the file
+    (ConfigError naming `key`), so the setting cannot quietly rely on a world-readable password."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{key}: {path} is readable by others (mode {mode & 0o777:04o}); chmod 600 {path}")
+    return read_secret_file(path, what)
 
 
 def render(config: Config) -> str:

@@ -99,6 +99,10 @@ def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str |
         raise AgentError(f"{config.sources[0] if config.sources else 'config'}: [est] url is not set "
                          "(https://station:8443)")
     identity = identity or DeviceIdentity(config)
+    if config.enroll.method == "tpm-attestation":  # no credentials carried: the TPM proves itself
+        from agent.attest import enroll_attested
+
+        return enroll_attested(config, identity)
     auth, kind, used_file = _credentials(config, otp, otp_file)
     if identity.ensure_key():
         log.info("created device key in the %s key store", config.keys.backend)
@@ -122,14 +126,18 @@ def retry_delay(exc: BaseException, config: Config, fallback: float) -> float | 
     A station that asked for a delay (`Retry-After` on 202/503) gets it, capped at
     `[est] retry_after_max`, and never less than `fallback` (the caller's backoff, so a station
     answering `Retry-After: 0` cannot make a device hammer it); without one, `fallback`. None for an
-    EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR.
+    EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR
+    (with `[enroll] method = "tpm-attestation"`: `[est] retry_after_max`, as nothing on the device can change).
     """
     from provisioning.errors import EnrollmentError
 
     if not isinstance(exc, EnrollmentError):
         return fallback
     if not exc.retryable:
-        return None
+        # attested enrollment carries no credential a person could replace on the device: what the station
+        # refused (an EK not yet on its allow-list, a barred device) is fixed at the station, so ask again
+        # after the longest wait a station may ask for
+        return config.est.retry_after_max if config.enroll.method == "tpm-attestation" else None
     if exc.retry_after is None:
         return fallback
     ceiling = config.est.retry_after_max

@@ -118,8 +118,13 @@ class Runtime:
         last_good = load_last_good(self.config)
         if last_good is not None:
             # the last good endpoint decides the order; its CA comes from the fresh list, which may
-            # carry a rotated one
-            last_good = next((e for e in candidates if e == last_good), last_good)
+            # carry a rotated one. One the configuration (a drop-in) or discovery no longer names is not
+            # dialled at all: the operator removed it.
+            known = next((e for e in candidates if e == last_good), None)
+            if known is None:
+                log.info("endpoints: the last good endpoint %s is no longer configured or discovered; "
+                         "not trying it", last_good.url())
+            last_good = known
         return order_endpoints(candidates, last_good, demote_unlikely=not self.config.endpoints.allow_unlikely)
 
     def rediscover(self, why: str) -> list[Endpoint] | None:

@@ -156,7 +156,12 @@ class Session:
             return
         with selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ)
-            selector.register(sock, selectors.EVENT_READ)
+            try:
+                # a socket the broker closed right after the handshake has no descriptor left
+                selector.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError) as exc:
+                self._lost(describe_tls_failure(exc))
+                return
             while not self._closing.is_set():
                 try:
                     rc = self._turn(selector, sock)

@@ -43,7 +43,9 @@ class TokenService:
             self._token, self._expires_at = token, float(schedule.expires_at())
             self.refreshes += 1
             self._changed.notify_all()
-        log.info("token: received, expires at %.0f, refresh at %.0f", schedule.expires_at(), schedule.refresh_at())
+        now = self.clock()
+        log.info("token: received, expires %s, refresh %s", _when(schedule.expires_at(), now),
+                 _when(schedule.refresh_at(), now))
 
     def current(self) -> str | None:
         """The valid token, or None."""
@@ -66,3 +68,11 @@ class TokenService:
             self.wanted()
             self._changed.wait_for(lambda: self.refreshes > before, timeout)
         return self.current()
+
+
+def _when(at: float, now: float) -> str:
+    """A moment for a log line people read: `in 5 min (2026-12-07T00:15:00Z)`, never an epoch float."""
+    delay = at - now
+    ahead = f"in {delay:.0f} s" if abs(delay) < 120 else f"in {delay / 60:.0f} min" if abs(delay) < 7200 \
+        else f"in {delay / 3600:.1f} h"
+    return f"{ahead} ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(at))})"

@@ -3,6 +3,14 @@
 Usage (from the repository root):
     python benchmarks/fleet.py                       # ramp 50, 100, 200, 400, 800, 1600 devices
     python benchmarks/fleet.py --steps 50,100 --hold 20 --token-lifetime 10 --budget 600
+    python benchmarks/fleet.py --broker rabbitmq --steps 4000 --max 4000 --hold 120 --token-lifetime 120
+
+With `--broker rabbitmq` the devices connect to a 2-node RabbitMQ cluster (lab/rabbitmq.py, Debian's
+rabbitmq-server) instead of one mosquitto, half of them listing node 1 first and half node 2, each
+with its outbox enabled. After the hold, every device queues a message in its outbox, node 1 is killed
+(SIGKILL), every device queues a second one, and the script reports how long until every device is
+online again and every message reached an observer subscribed on node 2 (none lost, duplicates
+counted), and the cluster's memory per connection.
 
 Everything is real: one mosquitto with mutual TLS and the lab ACL (`lab.mosquitto`), one
 `tether-station serve` (EST, two worker processes), the lab token service (`lab.tokens`, ES256 JWTs).
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -41,9 +50,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from procstat import cpu_seconds, rss_kb, tree_cpu_seconds  # noqa: E402  (benchmarks/procstat.py)
+from procstat import cpu_seconds, rss_kb, tree_cpu_seconds, tree_rss_kb  # noqa: E402  (benchmarks/procstat.py)
 
 TRUST_DOMAIN = "fleet.tether"
+OBSERVER = "tether-fleet-observer"  # a reserved id (station.toml) that may read every device's topics
+MARKS = ("before", "after")         # the outbox messages of the failover: queued before and after the kill
 
 
 def cpu_s(pid: int) -> float:
@@ -75,6 +86,14 @@ def worker(spec_file: str) -> int:
     logging.basicConfig(level=logging.WARNING, filename=spec["log"],
                         format="%(asctime)s %(threadName)s %(name)s %(message)s")
     runtimes = [Runtime(load(c)) for c in spec["configs"]]
+    outboxes: list[Any] = []
+    if spec.get("outbox"):
+        from agent.outbox import Outbox
+
+        for r in runtimes:  # what agent.publish_api.attach does, without 4,000 local sockets
+            outboxes.append(Outbox(r.config, r.publish, wake=functools.partial(r.post, None), status=r.status))
+            r.components.append(outboxes[-1])
+    marks_done: set[str] = set()
     enrolled_at: list[float | None] = [None] * len(runtimes)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -98,7 +117,18 @@ def worker(spec_file: str) -> int:
             "token_ok": sum(t.current() is not None for t in tokens),
             "refreshes": [t.refreshes for t in tokens],
             "threads": threading.active_count(),
+            "outbox_pending": sum(o.store.count for o in outboxes if o.store is not None),
+            "ports": [r.session.endpoint.port for r in runtimes if r.session is not None],
+            "marks": sorted(marks_done),
         })
+
+    def queue_marks() -> None:
+        """Each mark file the bench touches: every device queues one message `<mark>` in its outbox."""
+        for mark in MARKS:
+            if mark not in marks_done and (go_file.parent / f"mark-{mark}").exists():
+                for o in outboxes:
+                    o.publish("fleet", mark.encode(), 1)  # <id>/fleet: relative to the device's prefix
+                marks_done.add(mark)
 
     report(ready=True)
     while not go_file.exists() and not stopping.is_set():
@@ -107,7 +137,8 @@ def worker(spec_file: str) -> int:
                for i, r in enumerate(runtimes)]
     for t in threads:
         t.start()
-    while not stopping.wait(1.0):
+    while not stopping.wait(0.2 if (go_file.parent / "mark-before").exists() else 1.0):
+        queue_marks()
         report(ready=True)
     for r in runtimes:
         r.stop()
@@ -119,22 +150,40 @@ def worker(spec_file: str) -> int:
 
 # -- the bed: station, broker, token service --------------------------------------------------------------
 class Bed:
-    def __init__(self, root: Path, station_workers: int, token_lifetime: float) -> None:
+    def __init__(self, root: Path, station_workers: int, token_lifetime: float, broker: str = "mosquitto") -> None:
         from lab.mosquitto import BrokerFiles, Mosquitto
         from lab.procs import Proc, read_port_file
         from lab.tokens import SERVICE_ID, JwtSigner, TokenService
 
         self.root = root
+        self.kind = broker
         self.station_dir = root / "station"
         self.cli("init", "--trust-domain", TRUST_DOMAIN)
+        settings = self.station_dir / "station.toml"
+        settings.write_text(settings.read_text().replace('reserved_ids = "', f'reserved_ids = "{OBSERVER},'))
         self.cli("server-cert", "--dns", "localhost", "--ip", "127.0.0.1", "--out", str(root / "broker-cert"))
         self.cli("issue", SERVICE_ID, "--service", "--out", str(root / "token-service"))
-        self.broker = Mosquitto(root / "broker", BrokerFiles(self.station_dir / "ca-chain.pem",
-                                                             root / "broker-cert" / "server.pem",
-                                                             root / "broker-cert" / "server.key"),
-                                # the token service is one subscriber taking every device's s/uat: at
-                                # mosquitto's default of 1,000 queued messages a storm loses requests
-                                extra="max_keepalive 120\nmax_queued_messages 100000").start()
+        self.cli("issue", OBSERVER, "--service", "--out", str(root / "observer"))
+        files = BrokerFiles(self.station_dir / "ca-chain.pem", root / "broker-cert" / "server.pem",
+                            root / "broker-cert" / "server.key")
+        self.broker: Any = None
+        self.cluster: Any = None
+        self.auth: Any = None
+        if broker == "rabbitmq":
+            from lab.rabbitauth import AuthServer, Decider
+            from lab.rabbitmq import RabbitCluster
+            from provisioning.station.ca import Station
+
+            self.auth = AuthServer(Decider(services=Station(self.station_dir).settings.reserved)).start()
+            self.cluster = RabbitCluster(root / "rabbitmq", files, f"http://127.0.0.1:{self.auth.port}/auth").start()
+            self.ports = [n.mqtt_port for n in self.cluster.nodes]
+        else:
+            self.broker = Mosquitto(root / "broker", files,
+                                    # the token service is one subscriber taking every device's s/uat: at
+                                    # mosquitto's default of 1,000 queued messages a storm loses requests
+                                    extra="max_keepalive 120\nmax_queued_messages 100000").start()
+            self.ports = [self.broker.port]
+        self.idle_broker_kb = self.broker_kb()
         self.station = Proc("tether-station", [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir",
                                                str(self.station_dir), "--listen", "127.0.0.1:0",
                                                "--port-file", str(root / "station.ports.json"),
@@ -151,7 +200,20 @@ class Bed:
         ctx = client_context(root / "token-service" / "device.pem", TlsKey(str(root / "token-service" / "device.key")),
                              cafile=str(self.station_dir / "ca.pem"))
         signer = JwtSigner.load_or_create(root / "jwt.key")
-        self.tokens = TokenService("localhost", self.broker.port, ctx, signer, token_lifetime).start()
+        self.tokens = TokenService("localhost", self.ports[0], ctx, signer, token_lifetime,
+                                   fallbacks=tuple(("localhost", p) for p in self.ports[1:])).start()
+
+    def broker_pids(self) -> list[int]:
+        if self.cluster is not None:
+            return [n.proc.pid for n in self.cluster.nodes if n.alive()]
+        return [self.broker.proc.pid] if self.broker.proc else []
+
+    def broker_kb(self) -> int:
+        """Resident memory of the broker (every node of the cluster, its Erlang VM included)."""
+        return sum(tree_rss_kb(pid) for pid in self.broker_pids())
+
+    def broker_cpu(self) -> float:
+        return sum(tree_cpu_seconds(pid) for pid in self.broker_pids())
 
     def cli(self, *args: str) -> str:
         out = subprocess.run([sys.executable, "-m", "provisioning.station.cli", *args, "--dir", str(self.station_dir)],
@@ -170,7 +232,8 @@ class Bed:
         configs = []
         try:
             now = int(time.time())
-            for device_id in ids:
+            for index, device_id in enumerate(ids):
+                first = index % len(self.ports)
                 d = directory / device_id
                 d.mkdir(parents=True)
                 otp = new_otp()
@@ -181,7 +244,9 @@ class Bed:
                     "est": {"url": f"https://127.0.0.1:{self.port}", "ca_file": str(self.station_dir / "ca.pem"),
                             "otp_file": str(d / "otp"), "timeout": 60.0},
                     "identity": {"ca_file": str(self.station_dir / "ca.pem")},
-                    "endpoints": {"urls": [f"mqtts://localhost:{self.broker.port}"]},
+                    # a cluster's devices spread over its nodes: each lists them from a different one
+                    "endpoints": {"urls": [f"mqtts://localhost:{p}" for p in self.ports[first:] + self.ports[:first]]},
+                    "outbox": {"enabled": self.cluster is not None},
                     "mqtt": {"keepalive": 60, "backoff_base": 0.5, "backoff_cap": 5.0, "connect_timeout": 20.0},
                     "token": {"timeout": 15.0},
                 }
@@ -195,7 +260,11 @@ class Bed:
         with contextlib.suppress(Exception):
             self.tokens.stop()
         self.station.stop()
-        self.broker.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.auth.stop()
 
 
 # -- one step of the ramp ---------------------------------------------------------------------------------
@@ -210,7 +279,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         spec = step_dir / f"worker-{w}.json"
         stats.append(step_dir / f"worker-{w}.stats.json")
         write_json(spec, {"configs": configs[w::workers], "stats": str(stats[-1]), "go": str(go),
-                          "log": str(step_dir / f"worker-{w}.log")})
+                          "log": str(step_dir / f"worker-{w}.log"), "outbox": bed.cluster is not None})
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(spec)], cwd=REPO,
                                       stdin=subprocess.DEVNULL, start_new_session=True))
     result: dict[str, Any] = {"n": n, "held": False, "why": ""}
@@ -229,12 +298,11 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
                 return result
             time.sleep(0.1)
         baseline = sum(rss_kb(p.pid) for p in procs)
-        broker_pid = bed.broker.proc.pid if bed.broker.proc else 0
 
         def cpu_now() -> dict[str, float]:
             # who spends the storm's CPU: the simulated devices, the station, the broker, the token service
             return {"devices": sum(cpu_s(p.pid) for p in procs), "station": tree_cpu_seconds(bed.station.pid),
-                    "broker": cpu_s(broker_pid), "tokens": cpu_s(os.getpid())}
+                    "broker": bed.broker_cpu(), "tokens": cpu_s(os.getpid())}
 
         cpu0 = cpu_now()
         go.touch()
@@ -261,11 +329,13 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         result["online_s"] = time.time() - t0
         if args.hold == 0:  # storm only
             result["held"] = True
+            if bed.cluster is not None:
+                result.update(failover(bed, n, step_dir, sample, total))
             return result
         # hold: stay online, keep refreshing
         time.sleep(1.5)  # let every worker write a fresh sample
         start = [r for w in sample() for r in w.get("refreshes", [])]
-        cpu_start = (sum(cpu_s(p.pid) for p in procs), cpu_s(broker_pid), time.monotonic())
+        cpu_start = (sum(cpu_s(p.pid) for p in procs), bed.broker_cpu(), time.monotonic())
         hold_end = time.monotonic() + args.hold
         min_online, min_token = n, n
         while time.monotonic() < hold_end:
@@ -281,11 +351,12 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         held_s = time.monotonic() - cpu_start[2]
         # the fleet's idle cost: CPU the device processes and the broker used while holding, in % of one core
         result.update(agents_cpu=100 * (sum(cpu_s(p.pid) for p in procs) - cpu_start[0]) / held_s,
-                      broker_cpu=100 * (cpu_s(broker_pid) - cpu_start[1]) / held_s)
+                      broker_cpu=100 * (bed.broker_cpu() - cpu_start[1]) / held_s)
         result.update(min_online=min_online, min_token=min_token, refreshes=sum(per_device),
                       least_refreshes=min(per_device) if per_device else 0,
                       rss_mb=rss / 1024, rss_per_device_kb=rss / n, marginal_kb=(rss - baseline) / n,
-                      broker_kb=rss_kb(bed.broker.proc.pid) / n if bed.broker.proc else 0,
+                      broker_kb=bed.broker_kb() / n,
+                      broker_marginal_kb=(bed.broker_kb() - bed.idle_broker_kb) / n,
                       threads=total(s, "threads"))
         if min_online < n or min_token < n:
             result["why"] = f"during the hold: as few as {min_online}/{n} online, {min_token}/{n} with a token"
@@ -293,6 +364,8 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
             result["why"] = "a device did not refresh its token during the hold"
         else:
             result["held"] = True
+        if result["held"] and bed.cluster is not None:
+            result.update(failover(bed, n, step_dir, sample, total))
         return result
     finally:
         for p in procs:
@@ -304,6 +377,80 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
+
+
+def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[str, Any]:
+    """Kill RabbitMQ node 1 under the held fleet with one outbox message per device queued before and one
+    after: how long until every device is online again, and whether every message reached the observer."""
+    import paho.mqtt.client as mqtt
+
+    from agent.tls import client_context
+    from hal.keys import TlsKey
+
+    seen: dict[tuple[str, bytes], int] = {}
+    lock = threading.Lock()
+
+    def got(client: Any, userdata: Any, msg: Any) -> None:
+        with lock:
+            key = (msg.topic, bytes(msg.payload))
+            seen[key] = seen.get(key, 0) + 1
+
+    observer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=OBSERVER)
+    observer.tls_set_context(client_context(bed.root / "observer" / "device.pem",
+                                            TlsKey(str(bed.root / "observer" / "device.key")),
+                                            cafile=str(bed.station_dir / "ca.pem")))
+    observer.max_inflight_messages_set(1000)
+    subscribed = threading.Event()
+    observer.on_message = got
+    observer.on_subscribe = lambda *a: subscribed.set()
+    observer.on_connect = lambda c, *a: c.subscribe("+/fleet", 1)
+    observer.connect("localhost", bed.ports[1], keepalive=60)  # on the node that stays
+    observer.loop_start()
+
+    def delivered(mark: str) -> int:
+        with lock:
+            return sum(1 for (_, payload) in seen if payload == mark.encode())
+
+    def wait(what: str, done: Any, timeout: float) -> float | None:
+        start = time.monotonic()
+        while not done():
+            if time.monotonic() - start > timeout:
+                print(f"   failover: gave up waiting for {what} after {timeout:.0f} s", flush=True)
+                return None
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    try:
+        if not subscribed.wait(30):
+            return {"failover_why": "the observer could not subscribe"}
+        (step_dir / "mark-before").touch()
+        if wait("the messages queued before the kill", lambda: delivered("before") >= n, 300) is None:
+            return {"failover_why": f"only {delivered('before')}/{n} messages before the kill"}
+        node_kb = bed.broker_kb()
+        on_victim = sum(1 for w in sample() for port in w.get("ports", []) if port == bed.ports[0])
+        bed.cluster.kill_node(0)
+        killed = time.monotonic()
+        (step_dir / "mark-after").touch()
+        # the workers report every 0.2 s now: see the drop, then every device back
+        dropped = wait("devices to notice", lambda: total(sample(), "online") < n, 10)
+        min_online = n
+        while (online := total(sample(), "online")) < n and time.monotonic() - killed < 600:
+            min_online = min(min_online, online)
+            time.sleep(0.1)
+        all_online = time.monotonic() - killed if online >= n else None
+        all_delivered = wait("every message", lambda: delivered("before") >= n and delivered("after") >= n
+                             and total(sample(), "outbox_pending") == 0, 600)
+        with lock:
+            received = sum(seen.values())
+            distinct = len(seen)
+        return {"failover_dropped": n - min_online if dropped is not None else 0, "failover_on_victim": on_victim,
+                "failover_online_s": all_online,
+                "failover_delivered_s": None if all_delivered is None else time.monotonic() - killed,
+                "failover_lost": 2 * n - distinct, "failover_duplicates": received - distinct,
+                "cluster_kb_per_connection": node_kb / n}
+    finally:
+        observer.disconnect()
+        observer.loop_stop()
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -334,6 +481,8 @@ def main() -> int:
     p.add_argument("--station-workers", type=int, default=2)
     p.add_argument("--budget", type=float, default=900.0, help="stop ramping after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
+    p.add_argument("--broker", choices=("mosquitto", "rabbitmq"), default="mosquitto",
+                   help="one mosquitto, or a 2-node RabbitMQ cluster with a node killed after the hold")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -348,7 +497,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="tether-fleet-"))
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    bed = Bed(root, args.station_workers, args.token_lifetime)
+    bed = Bed(root, args.station_workers, args.token_lifetime, args.broker)
     try:
         for n in steps:
             if time.monotonic() - started > args.budget:
@@ -379,6 +528,18 @@ def main() -> int:
                   ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()) +
                   f"; sum {sum(cpu.values()):.1f} on {os.cpu_count()} CPUs = at least "
                   f"{sum(cpu.values()) / (os.cpu_count() or 1):.1f} s of wall time")
+    for r in results:
+        if "failover_online_s" in r or "failover_why" in r:
+            def secs(key: str, r: dict[str, Any] = r) -> str:
+                return "never" if r.get(key) is None else f"{r[key]:.1f} s"
+            print(f"failover N={r['n']} ({bed.kind}, node 1 killed with SIGKILL): "
+                  + (r["failover_why"] if "failover_why" in r else
+                     f"{r['failover_on_victim']} devices on it (at least {r['failover_dropped']} seen offline at "
+                     f"once), every device online again after "
+                     f"{secs('failover_online_s')}, every outbox message delivered after "
+                     f"{secs('failover_delivered_s')}: {r['failover_lost']} lost, {r['failover_duplicates']} "
+                     f"duplicates; cluster RSS {r['cluster_kb_per_connection']:.0f} KB per connection "
+                     f"(both nodes; {r.get('broker_marginal_kb', 0):.0f} KB above the idle cluster)"), flush=True)
     print(f"\nlargest N held: {held[-1]['n'] if held else 0}")
     if len(held) >= 2:  # the per-device cost without the fixed cost of interpreters and imports
         a, b = held[-2], held[-1]

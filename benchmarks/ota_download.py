@@ -3,9 +3,10 @@
     python benchmarks/ota_download.py [--size-mb 50] [--pairs 10] [--swupdate]
 
 Both clients fetch the same signed release from the lab's artifact server (a separate process, HTTPS on
-loopback, bearer JWT checked) and trust the same CA file. The agent side runs in a child process doing
-what the updater does: fetch manifest, signature and signer chain, verify them, stream the payload to
-disk while hashing, compare size and SHA-256. The manual side is one shell pipeline, `curl | tee FILE |
+loopback, bearer JWT checked) and trust the same CA file. The agent side runs in a child process (the
+product's wheel in a clean venv, benchmarks/product_venv.py, as a device installs it) doing what the
+updater does: fetch manifest, signature and signer chain, verify them, stream the payload to disk while
+hashing, compare size and SHA-256. The manual side is one shell pipeline, `curl | tee FILE |
 sha256sum && sync FILE`, hashing while it downloads and flushing the file to disk at the end, as the agent
 does before anything installs from it. Both are timed the same way, as whole processes from spawn to exit
 (interpreter start, imports and TLS included on our side, bash and three process starts on the other), in
@@ -33,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if "--child" not in sys.argv:  # the child runs the agent as a device installs it (product_venv), not the checkout
+    sys.path.insert(0, str(REPO))
 
 import pairs as pairs_  # noqa: E402  (benchmarks/pairs.py)
+from product_venv import product_venv  # noqa: E402
 
 
 def _vm(field: str) -> int:
@@ -180,8 +183,9 @@ def main() -> int:
                          " > /dev/null 2>&1")
             extra = (["--install", shlex.join(install) + " -e stable,{slot} -N {floor} -i {file}", "--env-config",
                       str(work / "fw_env.config")] if install else [])
-            agent = [sys.executable, __file__, "--child", "--url", url, "--ca", str(pki.ca_chain_file), "--token",
-                     str(work / "token"), "--anchor", str(pki.root_file), "--dest",
+            # the agent's side from the product's wheel in a clean venv, bytecode compiled by pip as on a device
+            agent = [str(product_venv() / "bin" / "python"), __file__, "--child", "--url", url, "--ca",
+                     str(pki.ca_chain_file), "--token", str(work / "token"), "--anchor", str(pki.root_file), "--dest",
                      str(work / ("slots" if install else "agent.out")), *extra]
             agent_runs: list[dict[str, Any]] = []
 
@@ -191,7 +195,7 @@ def main() -> int:
                 return {**figures, "rate": mb / figures["seconds"]}
 
             def ours() -> dict[str, float]:
-                figures, stdout = pairs_.whole_process(agent, cwd=REPO)
+                figures, stdout = pairs_.whole_process(agent, cwd=work)
                 run = json.loads(stdout)
                 if not run["ok"]:
                     raise SystemExit("agent download did not verify")

@@ -16,8 +16,8 @@ def cpu_seconds(stat: str | Path) -> float:
         return 0.0
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and every live descendant (a station's workers are its children)."""
+def tree(pid: int) -> list[int]:
+    """`pid` and every live descendant (a station's workers, a RabbitMQ node's Erlang VM under its script)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -26,12 +26,22 @@ def tree_cpu_seconds(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0.0, [pid]
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
-        total += cpu_seconds(f"/proc/{p}/stat")
+        found.append(p)
         todo.extend(children.get(p, []))
-    return total
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and every live descendant."""
+    return sum(cpu_seconds(f"/proc/{p}/stat") for p in tree(pid))
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory of a process and every live descendant, in KB."""
+    return sum(rss_kb(p) for p in tree(pid))
 
 
 def rss_kb(pid: int) -> int:

@@ -1,6 +1,7 @@
 """`tether-lab`: run the local core (up / down / serve), make lab devices, check a device, send OTA.
 
-    tether-lab up --dir DIR [--brokers N] [--token-lifetime S]   start in the background
+    tether-lab up --dir DIR [--brokers N] [--broker mosquitto|rabbitmq] [--token-lifetime S]
+                                                                  start in the background
     tether-lab down --dir DIR                                     stop everything `up` started
     tether-lab device --dir DIR ID [--tpm-tcti T]                 config + one-time password for a device
     tether-lab check DEVICE_CONFIG                                end-of-line check of a provisioned unit
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from hal.about import VersionAction
 from hal.errors import TetherError
-from lab.core import Lab, LabSettings, wait_ready
+from lab.core import BROKER_KINDS, Lab, LabSettings, wait_ready
 from lab.procs import LabError, wait_until
 
 
@@ -33,19 +34,24 @@ def lab_dir(value: str | None) -> Path:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the lab in the foreground until SIGTERM, restarting brokers or the station if they die."""
-    lab = Lab(lab_dir(args.dir), LabSettings(brokers=args.brokers, token_lifetime=args.token_lifetime))
+    lab = Lab(lab_dir(args.dir), LabSettings(brokers=args.brokers, broker=args.broker,
+                                             token_lifetime=args.token_lifetime))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     lab.start()
-    print(f"lab up in {lab.dir}: station {lab.station_url}, brokers "
-          f"{', '.join(b.url for b in lab.brokers)}, discovery {lab.discovery.url}", flush=True)
+    print(f"lab up in {lab.dir}: station {lab.station_url}, {args.broker} "
+          f"{', '.join(lab.broker_urls)}, discovery {lab.discovery.url}", flush=True)
     try:
         while not stop.wait(1.0):
             for i, broker in enumerate(lab.brokers):
                 if broker.proc and not broker.proc.alive():
                     print(f"lab: {broker.name} exited; restarting it on port {broker.port}", flush=True)
                     lab.restart_broker(i)
+            for node in lab.cluster.nodes if lab.cluster is not None else ():
+                if node.proc and not node.alive():
+                    print(f"lab: RabbitMQ node {node.name} exited; starting it again", flush=True)
+                    lab.cluster.start_node(node.index)
             if lab.station and not lab.station.alive():
                 print("lab: the station exited; restarting it", flush=True)
                 lab._start_station()
@@ -65,9 +71,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         state.unlink()
     log = open(directory / "lab.log", "ab")  # noqa: SIM115 (handed to the detached child)
     subprocess.Popen([sys.executable, "-m", "lab.cli", "serve", "--dir", str(directory), "--brokers",
-                      str(args.brokers), "--token-lifetime", str(args.token_lifetime)],
+                      str(args.brokers), "--broker", args.broker, "--token-lifetime", str(args.token_lifetime)],
                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    info = wait_ready(directory, 60)
+    info = wait_ready(directory, 60 if args.broker == "mosquitto" else 600)  # RabbitMQ nodes boot one by one
     print(json.dumps(info, indent=2))
     print(f"device config: tether-lab device --dir {directory} ID  (then: tether --config "
           f"{directory}/devices/ID/tether.toml run)", file=sys.stderr)
@@ -129,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("up", "start the lab in the background"), ("serve", "run the lab in the foreground")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--dir", help="lab directory (default: $TETHER_LAB_DIR)")
-        p.add_argument("--brokers", type=int, default=2)
+        p.add_argument("--brokers", type=int, default=2, help="mosquitto brokers, or RabbitMQ cluster nodes")
+        p.add_argument("--broker", choices=BROKER_KINDS, default="mosquitto",
+                       help="mosquitto brokers, or one RabbitMQ cluster (Debian's rabbitmq-server)")
         p.add_argument("--token-lifetime", type=float, default=3600.0, help="JWT lifetime in seconds")
     p = sub.add_parser("down", help="stop the lab")
     p.add_argument("--dir")

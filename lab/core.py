@@ -1,14 +1,17 @@
 """`Lab`: a local core that speaks the clouds' wire formats, built from the station's credentials.
 
 One object starts, on loopback and free ports: the station (`tether-station serve`, fresh CA), N
-mosquitto brokers (mTLS required, `use_identity_as_username`, per-device ACL), a Greengrass-shaped
+mosquitto brokers (mTLS required, `use_identity_as_username`, per-device ACL) or, with
+`broker="rabbitmq"`, a RabbitMQ cluster of N nodes (lab/rabbitmq.py, per-device isolation answered
+by lab/rabbitauth.py), a Greengrass-shaped
 discovery service over mTLS, a token service answering `<id>/s/uat` with `71,<jwt>`, and an HTTPS
 artifact server that checks the bearer token (OTA). It writes a device configuration pointing at all
 of them. The demo, the end-to-end tests, `tether-lab up` and the factory's end-of-line check use it.
 
 Layout of the lab directory:
   station/            the station (CA, ledger, server certificate)
-  brokers/core-N/     broker config, log, server certificate
+  brokers/core-N/     broker config, log, server certificate (mosquitto)
+  brokers/rabbitmq/   the RabbitMQ cluster: node-N/ (config, database, log), epmd, cookie
   services/           certificates of the lab's own services, the JWT signing key
   artifacts/          releases served to devices
   devices/<id>/       device configs (tether.toml), one-time passwords, state
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.mosquitto import BrokerFiles, Mosquitto
+from lab.mosquitto import BrokerFiles, Mosquitto, acl_text
 from lab.procs import LabError, Proc, read_port_file, wait_until
 
 TRUST_DOMAIN = "lab.tether"
@@ -41,9 +44,13 @@ def station_cli(*args: str, cwd: Path | None = None) -> str:
     return done.stdout
 
 
+BROKER_KINDS = ("mosquitto", "rabbitmq")
+
+
 @dataclass
 class LabSettings:
-    brokers: int = 2
+    brokers: int = 2                # mosquitto brokers, or RabbitMQ cluster nodes
+    broker: str = "mosquitto"       # one of BROKER_KINDS
     token_lifetime: float = 3600.0
     trust_domain: str = TRUST_DOMAIN
     station_workers: int = 1
@@ -57,6 +64,8 @@ class Lab:
         self.station: Proc | None = None
         self.station_port = 0
         self.brokers: list[Mosquitto] = []
+        self.cluster: Any = None    # lab.rabbitmq.RabbitCluster with broker="rabbitmq"
+        self.auth: Any = None       # its lab.rabbitauth.AuthServer
         self.discovery: Any = None
         self.tokens: Any = None
         self.artifacts: Any = None
@@ -95,7 +104,23 @@ class Lab:
     @property
     def broker_urls(self) -> list[str]:
         # `localhost` matches the DNS SAN of the brokers' certificates
-        return self._attached.get("brokers") or [b.url.replace("127.0.0.1", "localhost") for b in self.brokers]
+        return self._attached.get("brokers") or [url.replace("127.0.0.1", "localhost") for url in self._urls()]
+
+    def _urls(self) -> list[str]:
+        return self.cluster.urls if self.cluster is not None else [b.url for b in self.brokers]
+
+    @property
+    def clustered(self) -> bool:
+        """One broker cluster (every node routes every message) rather than separate brokers."""
+        return (self._attached.get("broker") or self.settings.broker) == "rabbitmq"
+
+    @property
+    def services(self) -> frozenset[str]:
+        """The identities the brokers let address every device's topics (the lab's token and OTA services,
+        any observer): the station's reserved ids (station.toml reserved_ids), which it never gives a device."""
+        from provisioning.station.ca import SETTINGS, Settings
+
+        return Settings.read(self.station_dir / SETTINGS).reserved
 
     @property
     def discovery_url(self) -> str:
@@ -115,8 +140,13 @@ class Lab:
         if not (self.station_dir / "station.toml").exists():
             station_cli("init", "--dir", str(self.station_dir), "--trust-domain", self.settings.trust_domain)
         self._start_station()
-        for i in range(self.settings.brokers):
-            self.brokers.append(self._start_broker(i))
+        if self.settings.broker not in BROKER_KINDS:
+            raise LabError(f"broker {self.settings.broker!r}: not one of {', '.join(BROKER_KINDS)}")
+        if self.settings.broker == "rabbitmq":
+            self._start_rabbitmq()
+        else:
+            for i in range(self.settings.brokers):
+                self.brokers.append(self._start_broker(i))
         self._start_tokens()
         self._start_discovery()
         self._start_artifacts()
@@ -141,8 +171,23 @@ class Lab:
         crl = self.dir / "station.crl.pem"
         broker = Mosquitto(self.dir / "brokers" / name, BrokerFiles(self.ca_chain_file, certfile, keyfile,
                                                                      crl if crl.exists() else None),
-                           name=name, port=port)
+                           name=name, port=port, acl=acl_text(tuple(sorted(self.services))))
         return broker.start()
+
+    def _start_rabbitmq(self) -> None:
+        from lab.rabbitauth import AuthServer, Decider
+        from lab.rabbitmq import RabbitCluster
+
+        certfile, keyfile = self._server_cert("broker-rabbitmq")
+        self.auth = AuthServer(Decider(services=self.services)).start()
+        self.cluster = RabbitCluster(self.dir / "brokers" / "rabbitmq", BrokerFiles(self.ca_chain_file, certfile,
+                                                                                    keyfile),
+                                     f"http://127.0.0.1:{self.auth.port}/auth", nodes_wanted=self.settings.brokers)
+        try:
+            self.cluster.start()
+        except BaseException:
+            self.auth.stop()
+            raise
 
     def restart_broker(self, index: int) -> Mosquitto:
         """Start a killed broker again on its port (tests and the supervisor)."""
@@ -158,19 +203,25 @@ class Lab:
 
         certfile, keyfile = self._service_cert(SERVICE_ID)
         signer = JwtSigner.load_or_create(self.dir / "services" / "jwt.key")
-        # every core answers token requests, as each would in the field
-        self.token_services = [
-            TokenService("localhost", broker.port, client_context(certfile, TlsKey(str(keyfile)),
-                                                                  cafile=str(self.ca_file)),
-                         signer, self.settings.token_lifetime).start()
-            for broker in self.brokers]
+        ports = [int(url.rsplit(":", 1)[1]) for url in self._urls()]
+
+        def service(port: int, fallbacks: tuple[tuple[str, int], ...] = ()) -> TokenService:
+            context = client_context(certfile, TlsKey(str(keyfile)), cafile=str(self.ca_file))
+            return TokenService("localhost", port, context, signer, self.settings.token_lifetime,
+                                fallbacks=fallbacks).start()
+
+        if self.clustered:  # a cluster routes each request to every subscriber: one service, moving between nodes
+            self.token_services = [service(ports[0], tuple(("localhost", p) for p in ports[1:]))]
+        else:  # every core answers token requests, as each would in the field
+            self.token_services = [service(port) for port in ports]
         self.tokens = self.token_services[0]
 
     def _start_discovery(self) -> None:
         from lab.discovery import DiscoveryServer, greengrass_document
 
         certfile, keyfile = self._server_cert("discovery")
-        document = greengrass_document([("127.0.0.1", b.port) for b in self.brokers], [self.ca_file.read_text()])
+        endpoints = [("127.0.0.1", int(url.rsplit(":", 1)[1])) for url in self._urls()]
+        document = greengrass_document(endpoints, [self.ca_file.read_text()])
         self.discovery = DiscoveryServer(certfile, keyfile, self.ca_chain_file, document).start()
 
     def _start_artifacts(self) -> None:
@@ -184,7 +235,8 @@ class Lab:
 
     def write_state(self) -> None:
         state = {"pid": os.getpid(), "station": self.station_url, "station_dir": str(self.station_dir),
-                 "brokers": self.broker_urls, "discovery": self.discovery_url, "artifacts": self.artifacts.url(),
+                 "broker": self.settings.broker, "brokers": self.broker_urls, "discovery": self.discovery_url,
+                 "artifacts": self.artifacts.url(),
                  "token_lifetime": self.settings.token_lifetime, "ready": True}
         (self.dir / "lab.json").write_text(json.dumps(state, indent=2))
 
@@ -197,6 +249,10 @@ class Lab:
                     print(f"lab: stopping {type(service).__name__}: {exc}", file=sys.stderr)
         for broker in self.brokers:
             broker.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self.auth is not None:
+            self.auth.stop()
         if self.station:
             self.station.stop()
         state = self.dir / "lab.json"

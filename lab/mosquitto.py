@@ -14,14 +14,13 @@ from pathlib import Path
 from lab.procs import Proc, start_on_free_port
 from provisioning.identity import RESERVED_IDS
 
-# the service identities the ACL trusts with every device's topics: exactly the ids the station
-# (and the agent, and `tether-lab device`) refuse to give a device
-SERVICES = RESERVED_IDS
 
-
-def acl_text(services: tuple[str, ...] = SERVICES) -> str:
+def acl_text(services: tuple[str, ...] = RESERVED_IDS) -> str:
     """Every device reads and writes only under its own id (its certificate CN, the MQTT user);
-    the lab's own services (token, OTA) may address any device."""
+    `services` (the lab's token and OTA services, observers) may address any device. The lab passes
+    the station's reserved ids (station.toml reserved_ids, `Lab.services`): exactly the ids the station
+    never gives a device, so adding an observer is configuration. The default (the station's default
+    reserved ids) is for brokers the tests start without a station."""
     lines = ["# written by tether lab", "pattern readwrite %u/#"]
     for service in services:
         lines += [f"user {service}", "topic readwrite #"]

@@ -16,6 +16,45 @@ from pathlib import Path
 from lab.procs import LabError, Proc, start_on_free_port, wait_until
 
 
+class EkCa:
+    """swtpm's local CA (`swtpm_localca`) in its own directory: the "TPM maker" of test TPMs.
+
+    `manufacture(state)` does what a maker's line does: `swtpm_setup --create-ek-cert
+    --create-platform-cert` makes the TPM's RSA 2048 and ECC EKs (persistent at 0x81010001 and, with
+    swtpm 0.7, P-384 at 0x81010016) and writes their certificates, signed by this CA, into NV.
+    `roots_pem` is what a station that trusts this maker is given (root and issuing CA).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ca = self.directory / "ca"
+        ca.mkdir(exist_ok=True)
+        self.localca_conf = self.directory / "swtpm-localca.conf"
+        self.localca_conf.write_text(f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"
+                                     f"issuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n")
+        options = self.directory / "swtpm-localca.options"
+        options.write_text("--platform-manufacturer Tether\n--platform-version 2.1\n--platform-model swtpm\n")
+        self.setup_conf = self.directory / "swtpm_setup.conf"
+        self.setup_conf.write_text(f"create_certs_tool = /usr/bin/swtpm_localca\n"
+                                   f"create_certs_tool_config = {self.localca_conf}\n"
+                                   f"create_certs_tool_options = {options}\nactive_pcr_banks = sha256\n")
+        self.ca = ca
+
+    def manufacture(self, state: Path, timeout: float = 120.0) -> None:
+        """Give the TPM state in `state` its EKs and EK certificates (the first call also makes the CA)."""
+        state.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--create-ek-cert",
+                              "--create-platform-cert", "--config", str(self.setup_conf), "--overwrite"],
+                             capture_output=True, text=True, check=False, timeout=timeout)
+        if out.returncode != 0:
+            raise LabError(f"swtpm_setup failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+
+    @property
+    def roots_pem(self) -> bytes:
+        return (self.ca / "swtpm-localca-rootca-cert.pem").read_bytes() + (self.ca / "issuercert.pem").read_bytes()
+
+
 class SoftTpm:
     """swtpm + dbus-daemon + tpm2-abrmd; `tcti` is what the key store and tpm2-openssl use."""
 

@@ -66,8 +66,13 @@ class TokenService:
 
     def __init__(self, host: str, port: int, context: Any, signer: JwtSigner, lifetime: float,
                  request: str = "s/uat", response: str = "s/dat",
-                 mangle: Callable[[str, str], str | None] | None = None) -> None:
+                 mangle: Callable[[str, str], str | None] | None = None,
+                 fallbacks: tuple[tuple[str, int], ...] = ()) -> None:
+        """`fallbacks`: more nodes of the same cluster (RabbitMQ), dialled in turn when the connection
+        drops. A cluster routes every request to every subscriber, so it gets one token service that
+        moves between its nodes; separate brokers (mosquitto) get one each."""
         self.host, self.port = host, port
+        self._endpoints = [(host, port), *fallbacks]
         self.signer = signer
         self.lifetime = lifetime
         self.request, self.response = request, response
@@ -79,7 +84,21 @@ class TokenService:
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"+/{request}", 1)
         self.connected = threading.Event()
+        self._stopping = False
         self.client.on_subscribe = lambda *a: self.connected.set()
+        if fallbacks:
+            self.client.on_disconnect = self._next_endpoint
+            self.client.on_connect_fail = self._next_endpoint  # the next node was down too
+
+    def _next_endpoint(self, client: Any, *args: Any) -> None:
+        """The connection dropped (or a reconnect failed): paho's loop reconnects to whatever
+        `connect_async` set last. Not after `stop`: its DISCONNECT calls this too."""
+        if self._stopping:
+            return
+        self._endpoints.append(self._endpoints.pop(0))
+        self.host, self.port = self._endpoints[0]
+        log.info("token service: connection lost; trying %s:%d next", self.host, self.port)
+        client.connect_async(self.host, self.port, keepalive=30)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         device = msg.topic.split("/", 1)[0]
@@ -109,5 +128,6 @@ class TokenService:
         return self.requests_from(device)
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()

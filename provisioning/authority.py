@@ -56,7 +56,7 @@ def build(subject: x509.Name, public_key: Any, issuer: Issuer | None, signing_ke
           lifetime: dt.timedelta = dt.timedelta(days=365), serial: int | None = None,
           usage: x509.KeyUsage | None = None, eku: Sequence[x509.ObjectIdentifier] = (),
           sans: Sequence[x509.GeneralName] = (), bc_critical: bool = True, include_bc: bool = True,
-          crl_url: str | None = None) -> x509.Certificate:
+          crl_url: str | None = None, extensions: Sequence[x509.ExtensionType] = ()) -> x509.Certificate:
     """One certificate. `issuer=None` makes it self-signed with `signing_key`.
 
     The knobs exist so tests can build certificates that break one rule at a time.
@@ -85,6 +85,8 @@ def build(subject: x509.Name, public_key: Any, issuer: Issuer | None, signing_ke
     if crl_url:
         point = x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)
         builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     return builder.sign(signing_key, hashes.SHA256())
 
 
@@ -106,14 +108,16 @@ def intermediate_ca(parent: Issuer, public_key: Any, cn: str = "Tether Issuing C
 def device_cert(issuer: Issuer, public_key: Any, device_id: str, trust_domain: str, *,
                 lifetime: dt.timedelta = dt.timedelta(days=365), extra_sans: Sequence[x509.GeneralName] = (),
                 not_before: dt.datetime | None = None, crl_url: str | None = None,
-                serial: int | None = None) -> x509.Certificate:
-    """Device certificate: CN = device id, CA:false, digitalSignature, clientAuth, SPIFFE ID first.
-    (`DeviceTemplate` writes the same certificate for a station's many devices, cheaper.)"""
+                serial: int | None = None, extensions: Sequence[x509.ExtensionType] = ()) -> x509.Certificate:
+    """Device certificate: CN = device id, CA:false, digitalSignature, clientAuth, SPIFFE ID first;
+    `extensions` (non-critical) such as the certificate policies of a TPM-attested key.
+    (`DeviceTemplate` writes the same certificate, without `extensions`, for a station's many devices.)"""
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id(trust_domain, device_id))]
     sans += [s for s in extra_sans if s != sans[0]]
     return build(name(device_id), public_key, issuer, issuer.key, ca=False, lifetime=lifetime,
                  not_before=not_before, usage=_usage(digital_signature=True),
-                 eku=[ExtendedKeyUsageOID.CLIENT_AUTH], sans=sans, crl_url=crl_url, serial=serial)
+                 eku=[ExtendedKeyUsageOID.CLIENT_AUTH], sans=sans, crl_url=crl_url, serial=serial,
+                 extensions=extensions)
 
 
 class DeviceTemplate:

@@ -145,9 +145,13 @@ def _pkcs7_certificates(der: bytes, where: str) -> list[x509.Certificate]:
 
 
 def pkcs7_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
-    """Base64 DER PKCS#7 certs-only, the body of an EST certificate response (RFC 7030 4.1.3, 4.2.3)."""
+    """Base64 DER PKCS#7 certs-only, the body of an EST certificate response (RFC 7030 4.1.3, 4.2.3).
+
+    One line, no line breaks: RFC 7030's verified erratum 5904 and RFC 8951 section 3.1 read HTTP's
+    base64 as without CRLFs, and clients whose decoder does not skip whitespace could not parse the
+    76-character lines `base64.encodebytes` wrote (issue 26). Readers here accept both forms."""
     der = pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER)
-    return base64.encodebytes(der)
+    return base64.b64encode(der)
 
 
 def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:

@@ -21,7 +21,7 @@ def build_csr(signer: Any, device_id: str, trust_domain: str, *, dns: Sequence[s
     `signer` is what `KeyStore.signer()` yields (a file key or a TPM-backed key): the signature is
     the proof of possession the station checks. Raises ProvisioningError for a bad id, domain or IP.
     """
-    check_device_id(device_id)
+    check_device_id(device_id, carried_by=())  # the station decides which ids it gives out
     check_trust_domain(trust_domain)
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, device_id)]
     if organization:

@@ -14,18 +14,31 @@ from provisioning.errors import ProvisioningError
 
 MAX_DEVICE_ID = 64
 _ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-# The lab's service identities (lab/mosquitto.py SERVICES): the broker's ACL lets them read and write
-# every device's topics, so a device must never get a certificate with one of these CNs.
+# The station's default reserved ids (station.toml reserved_ids, where an operator adds observers): the
+# lab's brokers let exactly the configured ones read and write every device's topics (lab/core.py
+# Lab.services), so a device must never get a certificate with one of these CNs.
 RESERVED_IDS = ("tether-token-service", "tether-ota-service")
+# What a supported broker cannot carry in a device id, which is the first topic level of every device
+# topic (docs/device.md "Brokers"): characters, and why. mosquitto and amqtt carry every id below.
+BROKER_LIMITS: dict[str, tuple[str, str]] = {
+    "rabbitmq": (".", "RabbitMQ's MQTT plugin (3.10) reads as a topic level separator: 'a.b/s/us' reaches "
+                      "subscribers as 'a/b/s/us', among device 'a's topics"),
+}
+BROKERS = ("mosquitto", "rabbitmq", "amqtt")
 
 
-def check_device_id(device_id: object, where: str = "device id", reserved: Collection[str] = RESERVED_IDS) -> str:
-    """Return `device_id` if it can be a CN, an MQTT client id, a topic level, a SPIFFE path segment
-    and a directory name; else raise ProvisioningError naming `where` and the rule.
+def check_device_id(device_id: object, where: str = "device id", reserved: Collection[str] = RESERVED_IDS,
+                    carried_by: Collection[str] = BROKERS) -> str:
+    """Return `device_id` if it can be a CN, an MQTT client id, a topic level on every broker in
+    `carried_by`, a SPIFFE path segment and a directory name; else raise ProvisioningError naming
+    `where` and the rule.
 
     Cumulocity forbids ':' in the CN (it is the client id separator); '/', '+' and '#' would break
     the per-device topic prefix the broker's ACL relies on; SPIFFE forbids the path segments '.' and
-    '..' (which are also directory traversal); `reserved` names belong to services.
+    '..' (which are also directory traversal); `reserved` names belong to services; BROKER_LIMITS
+    says what a broker cannot carry. Whoever gives out ids (station, lab) checks against every
+    supported broker; a device checking the id it already holds passes `carried_by=()`, so a device
+    enrolled before a limit was known keeps working on the brokers that carry it.
     """
     if not isinstance(device_id, str) or not device_id:
         raise ProvisioningError(f"{where}: must be a non-empty string, got {device_id!r}")
@@ -41,6 +54,11 @@ def check_device_id(device_id: object, where: str = "device id", reserved: Colle
     if device_id in (".", ".."):
         raise ProvisioningError(f"{where}: {device_id!r} is not a valid SPIFFE ID path segment (nor a safe "
                                 "directory name)")
+    for broker, (chars, why) in BROKER_LIMITS.items():
+        found = sorted(set(device_id) & set(chars)) if broker in carried_by else []
+        if found:
+            raise ProvisioningError(f"{where}: {device_id!r} contains {''.join(found)!r}, which {why}; use "
+                                    "letters, digits, '_' and '-'")
     if device_id in reserved:
         raise ProvisioningError(f"{where}: {device_id!r} is reserved for a service identity (station.toml "
                                 "reserved_ids); choose another device id")

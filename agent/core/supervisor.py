@@ -337,8 +337,8 @@ class Supervisor:
     def _token_timers(self, now, out):
         refresher = self.refresher
         if refresher.timed_out(now, self._rand()):
-            out.append(Problem("token", "%s; asking again at %s (the current token stays in use while valid)"
-                               % (refresher.last_error, refresher.next_event_at())))
+            out.append(Problem("token", "%s; asking again in %s (the current token stays in use while valid)"
+                               % (_reason(refresher.last_error, "token"), _seconds(refresher.next_event_at() - now))))
         if refresher.due(now):
             self._request_token(now, out)
 
@@ -346,6 +346,20 @@ class Supervisor:
         for token, result in adopt_token_lines(self.refresher, payload, now, self._rand()):
             if token is None:
                 out.append(Problem("token", "rejected an answer: %s; keeping the current token, asking again "
-                                   "at %s" % (result, self.refresher.next_event_at())))
+                                   "in %s" % (_reason(result, "token"),
+                                              _seconds(self.refresher.next_event_at() - now))))
             else:
                 out.append(TokenAdopted(token, result))
+
+
+def _reason(error, what):
+    """An error's text without a leading field that repeats ``what``: Problems are logged as
+    ``what: detail``, and ``token: token: no response`` says the same thing twice."""
+    if isinstance(error, CoreError) and error.field == what:
+        return error.reason
+    return str(error)
+
+
+def _seconds(delay):
+    """A delay as people read it in a log line (device clocks may be unset: never an epoch)."""
+    return "%.1f s" % max(0.0, delay) if delay < 10 else "%d s" % round(delay)

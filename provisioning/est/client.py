@@ -27,7 +27,7 @@ import re
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -57,7 +57,7 @@ class BasicAuth:
     """HTTP Basic: the device id and a one-time password (first enrollment)."""
 
     username: str
-    password: str
+    password: str = field(repr=False)  # never in a log line or a traceback's repr
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,15 @@ class ClientCertAuth:
     """Mutual TLS with a certificate chain file and its key file.
 
     `key_file` may be a TSS2 PEM of a TPM key: OpenSSL loads it through the tpm2 provider when
-    OPENSSL_CONF was in the environment before `ssl` was imported (DESIGN.md "Keys").
+    OPENSSL_CONF was in the environment before `ssl` was imported (DESIGN.md "Keys"). `basic` adds
+    HTTP Basic on top, for servers that want a password after TLS client authentication too (RFC 7030
+    3.2.3; libest's estserver as shipped).
     """
 
     cert_file: str
     key_file: str
-    password: bytes | None = None
+    password: bytes | None = field(default=None, repr=False)
+    basic: BasicAuth | None = None
 
 
 @dataclass(frozen=True)
@@ -227,8 +230,13 @@ class EstClient:
         """Re-enroll with the current credentials (mTLS or bearer); returns the chain leaf .. root."""
         return self._enroll("simplereenroll", csr)
 
+    def post(self, operation: str, body: bytes, content_type: str) -> bytes:
+        """POST `body` to `<base>/<operation>` (an extension such as attest/start); the 200/201 answer's
+        body, EnrollmentError for any other status."""
+        return self._request("POST", operation, body, {"Content-Type": content_type})[1]
+
     def _enroll(self, operation: str, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
-        body = base64.encodebytes(csr.public_bytes(Encoding.DER))
+        body = base64.b64encode(csr.public_bytes(Encoding.DER))  # one line (RFC 8951 3.1); servers differ
         response, content = self._request("POST", operation, body, {"Content-Type": CSR_TYPE,
                                                                      "Content-Transfer-Encoding": "base64"})
         certs = self._certs(response, content, operation)
@@ -288,8 +296,9 @@ class EstClient:
         # socket) alive in its traceback.
         headers = dict(headers or {})
         auth: Any = None
-        if isinstance(self.auth, BasicAuth):
-            auth = (self.auth.username, self.auth.password)
+        basic = self.auth.basic if isinstance(self.auth, ClientCertAuth) else self.auth
+        if isinstance(basic, BasicAuth):
+            auth = (basic.username, basic.password)
         elif isinstance(self.auth, BearerAuth):
             headers["Authorization"] = f"Bearer {self.auth.token}"
         try:

@@ -34,6 +34,7 @@ from hal import storage
 from hal.errors import KeyStoreError
 from hal.keys.file import generate, load_pem, to_pem
 from provisioning import authority
+from provisioning.attest.verify import EkTrust
 from provisioning.authority import DeviceTemplate, Issuer
 from provisioning.certs import issued_by, load_certificates, same_public_key, serial_of, subject_of
 from provisioning.certs import to_pem as certs_pem
@@ -74,6 +75,10 @@ class Settings:
     events_max_rows: int = 100_000  # and only the newest this many are kept
     reserved_ids: str = ",".join(RESERVED_IDS)  # comma-separated ids never issued to devices
     bootstrap_ca: str = ""        # PEM file of CAs whose client certificates may enroll (factory bootstrap)
+    reenroll_password_file: str = ""  # file (0600) of a password re-enrollment asks too, besides mTLS
+    ek_roots: str = ""            # PEM file of TPM makers' EK root and intermediate CAs (attested enrollment)
+    ek_allowlist: bool = False    # attested enrollment only for EKs registered with `attest allow`
+    attest_ttl: int = 300         # seconds a TPM credential challenge stays open
     encrypted_keys: bool = False
     imported: bool = False
 
@@ -108,7 +113,7 @@ class Settings:
         except ProvisioningError as exc:
             raise StationError(str(exc)) from None
         for key in ("max_valid_certs", "otp_failure_burst", "otp_failure_window", "events_per_address",
-                    "events_window", "events_max_age", "events_max_rows"):
+                    "events_window", "events_max_age", "events_max_rows", "attest_ttl"):
             if getattr(settings, key) < 1:
                 raise StationError(f"{path}: {key} must be at least 1, got {getattr(settings, key)}")
         if settings.supersede_grace < 0:
@@ -188,6 +193,33 @@ class Station:
         path = self.directory / self.settings.bootstrap_ca
         return load_certificates(_read(path, "bootstrap CA file"), str(path))
 
+    @cached_property
+    def reenroll_password(self) -> str | None:
+        """The password `simplereenroll` demands in HTTP Basic besides the client certificate (RFC 7030
+        3.2.3, as libest's estserver does), or None. The file must be private (0600): it is a secret."""
+        if not self.settings.reenroll_password_file:
+            return None
+        path = self.directory / self.settings.reenroll_password_file
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise StationError(f"{SETTINGS} reenroll_password_file: cannot read {path}: {exc.strerror}") from None
+        if st.st_mode & 0o077:
+            raise StationError(f"{SETTINGS} reenroll_password_file: {path} is readable by others (mode "
+                               f"{st.st_mode & 0o777:04o}); chmod 600 {path}")
+        lines = _read(path, "re-enrollment password").decode("utf-8", "replace").splitlines()
+        if not lines or not lines[0].strip():
+            raise StationError(f"{SETTINGS} reenroll_password_file: {path} is empty")
+        return lines[0].strip()
+
+    @cached_property
+    def ek_trust(self) -> EkTrust:
+        """The TPM makers this station trusts for attested enrollment (empty when ek_roots is unset)."""
+        if not self.settings.ek_roots:
+            return EkTrust(())
+        path = self.directory / self.settings.ek_roots
+        return EkTrust.of(load_certificates(_read(path, "EK root certificates file (ek_roots)"), str(path)))
+
     def open_ledger(self, location: str | None = None) -> Ledger:
         """The ledger named by `location` (a --db option) or by the settings."""
         where = location or self.settings.ledger
@@ -198,13 +230,16 @@ class Station:
 
     # -- issuing -------------------------------------------------------------------------------------
     def device_cert(self, public_key: Any, device_id: str, sans: Sequence[x509.GeneralName] = (),
-                    days: int | None = None) -> x509.Certificate:
+                    days: int | None = None, extensions: Sequence[x509.ExtensionType] = ()) -> x509.Certificate:
         """A device certificate for `public_key`: from the template when nothing but the defaults is
-        asked for (every EST enrollment), else built field by field (same certificate either way)."""
-        if not sans and days in (None, self.settings.device_days) and self.device_template is not None:
+        asked for (every EST enrollment without attestation), else built field by field (the same
+        certificate either way)."""
+        if not sans and not extensions and days in (None, self.settings.device_days) \
+                and self.device_template is not None:
             return self.device_template.sign(public_key, device_id)
         return authority.device_cert(self.issuer, public_key, device_id, self.settings.trust_domain,
-                                     lifetime=dt.timedelta(days=days or self.settings.device_days), extra_sans=sans)
+                                     lifetime=dt.timedelta(days=days or self.settings.device_days), extra_sans=sans,
+                                     extensions=extensions)
 
     def server_cert(self, public_key: Any, cn: str, dns: Sequence[str], ips: Sequence[str],
                     days: int | None = None) -> x509.Certificate:

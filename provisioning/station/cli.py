@@ -8,6 +8,7 @@ Tether error (message on stderr), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -21,9 +22,11 @@ from pathlib import Path
 from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
+from provisioning.station import extras
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import KINDS, REASONS
 
+log = logging.getLogger("tether.station")
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {}
 
@@ -121,8 +124,11 @@ def cmd_cloud_aws(args: argparse.Namespace) -> int:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
+    from provisioning.station import service
     from provisioning.station.server import Limits, serve
 
+    settings = service.resolve(vars(args), args.config)
+    args = argparse.Namespace(**{**vars(args), **dataclasses.asdict(settings), "workers": settings.worker_count})
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
@@ -140,22 +146,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     handshake_cpu=args.handshake_cpu)
     station = _station(args)
     console = None
-    if args.console:
+    if args.console and (absent := extras.missing(extras.CONSOLE)):
+        log.warning(extras.off_because(f"--console {args.console}", absent))
+    elif args.console:
         from provisioning.station.console.server import ConsoleService, parse_address
 
         console = ConsoleService(station, *parse_address(args.console, args.console_remote), ledger=args.db,
                                  handshake_cpu=args.handshake_cpu, max_connections=args.console_max_connections)
         print(f"tether-station: console on {console.url} (operator certificates: tether-station operator add)",
               flush=True)
+    metrics, recorder, metrics_dir = _metrics(args, station)
 
     def ready(bound: int) -> None:
         print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
               f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
         if args.port_file:  # for scripts and tests that listen on port 0: every socket listens by now
-            storage.write_json(args.port_file, {"est": bound, **({"console": console.port} if console else {})})
+            storage.write_json(args.port_file, {"est": bound, **({"console": console.port} if console else {}),
+                                                **({"metrics": metrics.port} if metrics else {})})
 
-    return serve(station, host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
-                 limits=limits, ready=ready, console=console)
+    try:
+        return serve(station, host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
+                     limits=limits, ready=ready, console=console, metrics=metrics, recorder=recorder)
+    finally:
+        if metrics_dir is not None:
+            from provisioning.station.metrics import stop_multiprocess
+
+            stop_multiprocess(metrics_dir)
+
+
+def _metrics(args: argparse.Namespace, station: object):  # type: ignore[no-untyped-def]
+    """(MetricsService, recorder, value directory) for --metrics, or (None, None, None) when off."""
+    if not args.metrics:
+        return None, None, None
+    from provisioning.station.metrics_server import MetricsService, parse_metrics_address
+
+    host, port = parse_metrics_address(args.metrics)  # a bad address is an error even without the extra
+    if args.metrics_expiring_days < 1:
+        raise StationError(f"--metrics-expiring-days {args.metrics_expiring_days}: must be 1 or more days")
+    if absent := extras.missing(extras.METRICS):
+        log.warning(extras.off_because(f"--metrics {args.metrics}", absent))
+        return None, None, None
+    from provisioning.station.metrics import start_multiprocess, stop_multiprocess
+
+    counting, directory = start_multiprocess(os.environ.get("RUNTIME_DIRECTORY"))
+    try:
+        service = MetricsService(station, host, port, counting, directory, ledger=args.db,  # type: ignore[arg-type]
+                                 expiring_days=args.metrics_expiring_days)
+    except BaseException:
+        stop_multiprocess(directory)
+        raise
+    print(f"tether-station: metrics on {service.url} (loopback only)", flush=True)
+    return service, counting, directory
 
 
 @command("otp")
@@ -255,6 +296,80 @@ def cmd_ledger_barred(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- attested enrollment: the EK allow-list ----------------------------------------------------------------
+def _ek_digests(args: argparse.Namespace) -> list[str]:
+    import re
+
+    from provisioning.attest.verify import ek_digest
+    from provisioning.certs import load_certificates
+
+    digests = []
+    for value in args.digest:
+        text = value.strip().lower()
+        text = text if text.startswith("sha256:") else f"sha256:{text}"
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
+            raise StationError(f"EK digest {value!r}: expected sha256:<64 hex digits> (the SHA-256 of the EK's "
+                               "SubjectPublicKeyInfo, as `tether-station ledger list` and the console show it)")
+        digests.append(text)
+    for path in args.ek_cert or []:
+        data = storage.read_bytes(path)
+        if data is None:
+            raise StationError(f"{path}: no such EK certificate file")
+        digests += [ek_digest(c) for c in load_certificates(data, path)]
+    if not digests:
+        raise StationError("name at least one EK: a digest or --ek-cert FILE")
+    return digests
+
+
+def _attest_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from provisioning.station.attest_store import AttestStore
+
+    return AttestStore(_station(args).open_ledger(args.db))
+
+
+@command("attest allow")
+def cmd_attest_allow(args: argparse.Namespace) -> int:
+    digests = _ek_digests(args)
+    if args.device and len(digests) != 1:
+        raise StationError(f"--device binds one EK to one device id; {len(digests)} EKs given")
+    store = _attest_store(args)
+    try:
+        store.allow([(d, args.device) for d in digests], args.batch, _now())
+    finally:
+        store.ledger.close()
+    for digest in digests:
+        print(f"allowed {digest} (batch {args.batch}{', device ' + args.device if args.device else ''})")
+    return 0
+
+
+@command("attest list")
+def cmd_attest_list(args: argparse.Namespace) -> int:
+    store = _attest_store(args)
+    try:
+        rows = store.allow_list(args.batch)
+    finally:
+        store.ledger.close()
+    for row in rows:
+        print(f"{row.ek_digest}  {row.batch}  {row.device_id or '-'}  {_iso(row.added_at)}")
+    return 0
+
+
+@command("attest remove")
+def cmd_attest_remove(args: argparse.Namespace) -> int:
+    if bool(args.digest) == bool(args.batch):
+        raise StationError("name one EK digest or --batch NAME")
+    store = _attest_store(args)
+    try:
+        digest = _ek_digests(argparse.Namespace(digest=[args.digest], ek_cert=None))[0] if args.digest else None
+        n = store.disallow(digest, args.batch)
+    finally:
+        store.ledger.close()
+    if n == 0:
+        raise StationError(f"nothing to remove: {args.digest or 'batch ' + args.batch} is not on the EK allow-list")
+    print(f"removed {n} EK(s) from the allow-list")
+    return 0
+
+
 @command("crl")
 def cmd_crl(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
@@ -282,6 +397,32 @@ def cmd_export_c8y(args: argparse.Namespace) -> int:
     finally:
         ledger.close()
     _out(args.out, text.encode())
+    return 0
+
+
+# -- backup ---------------------------------------------------------------------------------------------
+@command("backup")
+def cmd_backup(args: argparse.Namespace) -> int:
+    from provisioning.station.backup import backup
+
+    station = _station(args)
+    result = backup(station.directory, args.db or station.settings.ledger, Path(args.out))
+    ledger = "and a copy of the SQLite ledger" if result.ledger == "sqlite" else "(not the ledger)"
+    print(f"backed up {result.files} file(s) of {station.directory} {ledger} to {result.archive} (mode 0600: "
+          "it holds the CA keys)")
+    if result.postgres_hint:
+        print(f"tether-station: {result.postgres_hint}", file=sys.stderr)
+    return 0
+
+
+@command("restore")
+def cmd_restore(args: argparse.Namespace) -> int:
+    from provisioning.station.backup import restore
+
+    written, aside = restore(Path(args.archive), _dir(args), force=args.force)
+    print(f"restored {written} file(s) into {_dir(args)}")
+    if aside is not None:
+        print(f"the directory that was there is kept as {aside}", file=sys.stderr)
     return 0
 
 
@@ -491,31 +632,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--code", required=True, help="the registration code (aws iot get-registration-code)")
     p.add_argument("--out", required=True, help="PEM file to write (- for stdout)")
     p = sub.add_parser("serve", parents=[common], help="EST enrollment server over HTTPS")
-    p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default 127.0.0.1:8443)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
-    p.add_argument("--threads", type=int, default=8, help="requests each worker computes at once (default 8; "
+    # defaults live in provisioning.station.service.DEFAULTS: an option given here beats --config's file
+    p.add_argument("--config", metavar="FILE", help="read these options from FILE's [serve] table first "
+                   "(the service's /etc/tether/station.toml); options given here win")
+    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8443)")
+    p.add_argument("--workers", type=int, help="processes (default: CPU count)")
+    p.add_argument("--threads", type=int, help="requests each worker computes at once (default 8; "
                    "idle and slow connections do not hold one)")
-    p.add_argument("--request-timeout", type=float, default=10.0, help="seconds for the TLS handshake and one "
+    p.add_argument("--request-timeout", type=float, help="seconds for the TLS handshake and one "
                    "whole request, however slowly it arrives (default 10; then 408)")
-    p.add_argument("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may wait "
+    p.add_argument("--idle-timeout", type=float, help="seconds a kept-alive connection may wait "
                    "for its next request (default 5)")
-    p.add_argument("--max-per-client", type=int, default=64, help="connections one client address may hold "
+    p.add_argument("--max-per-client", type=int, help="connections one client address may hold "
                    "per worker process; more are closed at accept (default 64, 0 = no cap)")
-    p.add_argument("--max-connections", type=int, default=2048, help="connections one worker process holds "
+    p.add_argument("--max-connections", type=int, help="connections one worker process holds "
                    "(about 31 KB each); past that the oldest one still shaking hands or reading a request is "
                    "closed to make room (default 2048, 0 = no cap)")
-    p.add_argument("--handshake-cpu", type=float, default=0.1, help="CPU seconds per second one client (IPv4 "
+    p.add_argument("--handshake-cpu", type=float, help="CPU seconds per second one client (IPv4 "
                    "address or IPv6 /64) may make a worker spend on TLS handshakes, 30 s of it at once; past "
                    "that its new connections are closed at accept (default 0.1, 0 = no budget)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     p.add_argument("--console", metavar="HOST:PORT", help="also serve the operators' web console there "
                    "(HTTPS, operator client certificates; off unless given; e.g. 127.0.0.1:8444)")
-    p.add_argument("--console-remote", action="store_true", help="allow --console on a non-loopback address")
-    p.add_argument("--console-max-connections", type=int, default=128, help="connections the console holds "
+    p.add_argument("--console-remote", action="store_true", default=None,
+                   help="allow --console on a non-loopback address")
+    p.add_argument("--console-max-connections", type=int, help="connections the console holds "
                    "(a thread each); past that the oldest one still shaking hands or waiting for a request is "
                    "closed to make room (default 128, 0 = no cap); --handshake-cpu applies to the console too")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="also serve Prometheus metrics at "
+                   "http://HOST:PORT/metrics (loopback only, plain HTTP; off unless given; e.g. 127.0.0.1:9464)")
+    p.add_argument("--metrics-expiring-days", type=int, metavar="N", help="certificates expiring "
+                   "within N days are counted as expiring (default 30)")
     p.add_argument("--port-file", metavar="FILE", help="once listening, write the bound ports there as JSON, "
-                   '{"est": PORT, "console": PORT} (for --listen HOST:0: the kernel picks the port)')
+                   '{"est": PORT, "console": PORT, "metrics": PORT} (for HOST:0: the kernel picks the port)')
+    p = sub.add_parser("backup", parents=[common], help="archive the station directory and its SQLite ledger "
+                       "(online; for PostgreSQL it prints the pg_dump to run)")
+    p.add_argument("--out", required=True, help="archive to write (.tar.gz, mode 0600)")
+    p = sub.add_parser("restore", parents=[common], help="restore a backup archive into --dir (empty or new)")
+    p.add_argument("archive", metavar="ARCHIVE")
+    p.add_argument("--force", action="store_true", help="restore over a non-empty --dir, which is set aside as "
+                   "DIR.before-restore-TIME (never deleted)")
     op = sub.add_parser("operator", help="console operators (client certificates)").add_subparsers(
         dest="sub", required=True)
     p = op.add_parser("add", parents=[common], help="issue a console certificate: NAME.p12 for the browser")
@@ -545,6 +701,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("readmit", parents=[common], help="let a revoked device's bootstrap certificate enroll it "
                        "again (a new `otp` admits it by password instead)")
     p.add_argument("device_id", metavar="DEVICE_ID")
+    attest = sub.add_parser("attest", help="attested enrollment: the EK allow-list (station.toml ek_allowlist)"
+                            ).add_subparsers(dest="sub", required=True)
+    p = attest.add_parser("allow", parents=[common], help="register EKs (by digest or EK certificate) for a batch")
+    p.add_argument("digest", nargs="*", metavar="DIGEST", help="sha256:<hex> of the EK's public key")
+    p.add_argument("--ek-cert", action="append", metavar="FILE", help="an EK certificate (PEM or DER; repeat)")
+    p.add_argument("--batch", required=True, help="the batch the EKs belong to")
+    p.add_argument("--device", metavar="ID", help="the one device id this EK may enroll")
+    p = attest.add_parser("list", parents=[common], help="list the EK allow-list")
+    p.add_argument("--batch")
+    p = attest.add_parser("remove", parents=[common], help="remove one EK, or a whole batch, from the allow-list")
+    p.add_argument("digest", nargs="?", metavar="DIGEST")
+    p.add_argument("--batch")
+    p.set_defaults(ek_cert=None)
     p = sub.add_parser("crl", parents=[common], help="write a CRL signed by the issuing CA")
     p.add_argument("--out", help="file (default: stdout)")
     p.add_argument("--format", choices=("pem", "der"), default="pem")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from provisioning.certs import common_name, issued_by, load_csr, pkcs7_certs_onl
 from provisioning.errors import PemError, PolicyError, ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.printable import escape_logger
+from provisioning.station.attestation import Attestation
 from provisioning.station.ca import Station
 from provisioning.station.errors import Refusal
 from provisioning.station.ledger import Ledger, Row, revoked_reason, serial_hex
@@ -97,6 +99,13 @@ class Enrollment:
                                         max_rows=settings.events_max_rows, clock=clock)
         station.issuer  # noqa: B018 - load (and decrypt) the CA key now, not in the first request
         station.device_template  # noqa: B018 - and encode (and check) the device certificate template
+        station.reenroll_password  # noqa: B018 - a missing or readable password file fails `serve` at start
+        station.ek_trust  # noqa: B018 - and the TPM makers' roots: a missing ek_roots file stops `serve` here
+
+    @cached_property
+    def attestation(self) -> Attestation:
+        """Attested enrollment (TPM); its tables are created on first use."""
+        return Attestation(self.station, self.ledger, self.clock, self.check_csr)
 
     @cached_property
     def cacerts_body(self) -> bytes:
@@ -105,8 +114,8 @@ class Enrollment:
 
     @property
     def csrattrs_body(self) -> bytes:
-        """GET /csrattrs: what the station wants in a CSR (RFC 7030 4.5), base64 DER."""
-        return base64.encodebytes(CSR_ATTRS)
+        """GET /csrattrs: what the station wants in a CSR (RFC 7030 4.5), base64 DER on one line (RFC 8951)."""
+        return base64.b64encode(CSR_ATTRS)
 
     def handle(self, req: Request) -> Answer:
         """Enroll or re-enroll; raise Refusal(status, why) for anything the station will not sign."""
@@ -126,14 +135,7 @@ class Enrollment:
             csr = load_csr(req.body, "request body")
         except PemError as exc:
             raise Refusal(400, f"malformed CSR: {exc}") from None
-        try:
-            self.station.policy.check_csr(csr, device_id)
-        except PolicyError as exc:
-            # a CSR with no SAN URI (only CN=<id>, what most EST clients make) is fine: the station
-            # writes the SPIFFE ID itself from the authenticated id; a SAN naming anything else is not
-            left = [v for v in exc.violations if not (v.rule == "spiffe-id" and _no_san_uri(csr))]
-            if left:
-                raise Refusal(403, str(PolicyError(left, what=f"CSR for {device_id}"))) from None
+        self.check_csr(csr, device_id)
         if peer is not None and req.operation == REENROLL and csr.subject != peer.subject:
             raise Refusal(403, f"re-enrollment must keep the subject: the client certificate is for "
                                f"{subject_of(peer)!r}, the CSR asks for {csr.subject.rfc4514_string()!r}")
@@ -152,6 +154,17 @@ class Enrollment:
         else:
             row, reused = self.ledger.issue(device_id, fingerprint, now, sign, predecessor=predecessor)
         return Answer([row.certificate, *self.station.ca_chain], row, reused)
+
+    def check_csr(self, csr: x509.CertificateSigningRequest, device_id: str) -> None:
+        """Refusal(403) unless the identity policy lets `device_id` have this CSR signed."""
+        try:
+            self.station.policy.check_csr(csr, device_id)
+        except PolicyError as exc:
+            # a CSR with no SAN URI (only CN=<id>, what most EST clients make) is fine: the station
+            # writes the SPIFFE ID itself from the authenticated id; a SAN naming anything else is not
+            left = [v for v in exc.violations if not (v.rule == "spiffe-id" and _no_san_uri(csr))]
+            if left:
+                raise Refusal(403, str(PolicyError(left, what=f"CSR for {device_id}"))) from None
 
     # -- authentication ------------------------------------------------------------------------------
     def _authenticate_enroll(self, req: Request) -> tuple[str, str | None, x509.Certificate | None]:
@@ -212,8 +225,20 @@ class Enrollment:
             raise Refusal(403, revoked_reason(row, *gone))
         if row.kind != "device":
             raise Refusal(403, f"{subject_of(peer)} is a {row.kind} certificate, not a device certificate")
+        self._check_reenroll_password(req, row.device_id)
         self.ledger.presented(row.serial, int(self.clock()))  # the device uses it: its predecessor is done
         return row.device_id, peer
+
+    def _check_reenroll_password(self, req: Request, device_id: str) -> None:
+        """With station.toml reenroll_password_file, re-enrollment also wants HTTP Basic (user: the device
+        id, password: that file's), as RFC 7030 3.2.3 allows and libest's estserver does by default."""
+        expected = self.station.reenroll_password
+        if expected is None:
+            return
+        user, password = req.basic or ("", "")
+        if user != device_id or not hmac.compare_digest(password.encode(), expected.encode()):
+            raise Refusal(401, f"re-enrollment of {device_id!r} also needs HTTP Basic with the device id and the "
+                               "station's re-enrollment password (station.toml reenroll_password_file)")
 
     # -- password guessing ---------------------------------------------------------------------------
     def _check_guess_rate(self, client: str) -> None:

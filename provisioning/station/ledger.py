@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS device_bars (
 # Columns added after the first release: (table, column, type). A ledger made before them is
 # migrated when it is opened (ALTER TABLE ... ADD COLUMN works alike in SQLite and PostgreSQL).
 _ADDED_COLUMNS = (("certs", "predecessor", "TEXT"), ("certs", "revoke_reason", "TEXT"),
-                  ("certs", "supersede_at", "BIGINT"), ("otps", "locked_at", "BIGINT"), ("otps", "voided_at", "BIGINT"))
+                  ("certs", "supersede_at", "BIGINT"), ("otps", "locked_at", "BIGINT"), ("otps", "voided_at", "BIGINT"),
+                  ("certs", "ek_digest", "TEXT"))  # ek_digest: the TPM's EK, for attested enrollments
 
 # Interpolated into SQL below: constants only, never input (hence the S608 waivers).
 _ROW_COLUMNS = ("serial, device_id, subject, kind, not_before, not_after, csr_fingerprint, issued_at, "

@@ -11,6 +11,8 @@ import binascii
 import logging
 from dataclasses import dataclass, field
 
+from provisioning.certs import pkcs7_certs_only
+from provisioning.station import attestation
 from provisioning.station.console import events
 from provisioning.station.enrollment import ENROLL, REENROLL, Enrollment, Request
 from provisioning.station.errors import Refusal
@@ -59,6 +61,8 @@ def respond(enrollment: Enrollment, request: HttpRequest, peer_der: bytes | None
     operation = path.removeprefix(PREFIX) if path.startswith(PREFIX) else None
     if method not in ("GET", "POST"):
         return text(501, f"method {method} is not implemented; EST uses GET and POST", close=True)
+    if operation == attestation.CACERTS and method == "GET":  # the "attest" label's CA is this one
+        operation = "cacerts"
     if operation == "cacerts" and method == "GET":
         return Response(200, enrollment.cacerts_body, PKCS7_TYPE)
     if operation == "csrattrs" and method == "GET":
@@ -68,11 +72,14 @@ def respond(enrollment: Enrollment, request: HttpRequest, peer_der: bytes | None
                          f"on the device and send its CSR to {PREFIX}{ENROLL}")
     if operation in (ENROLL, REENROLL) and method == "POST":
         return _enroll(enrollment, request, operation, peer_der, client)
-    if operation in ("cacerts", "csrattrs", ENROLL, REENROLL):
-        return text(405, f"{path} does not take {method}", {"Allow": "POST" if operation in (ENROLL, REENROLL)
-                                                              else "GET"})
+    if operation in (attestation.START, attestation.ENROLL) and method == "POST":
+        return _attest(enrollment, request, operation, client)
+    posts = (ENROLL, REENROLL, attestation.START, attestation.ENROLL)
+    if operation in ("cacerts", "csrattrs", *posts):
+        return text(405, f"{path} does not take {method}", {"Allow": "POST" if operation in posts else "GET"})
     return text(404, f"no such EST resource {path!r}; the station serves {PREFIX}cacerts, {PREFIX}csrattrs, "
-                     f"{PREFIX}{ENROLL} and {PREFIX}{REENROLL}")
+                     f"{PREFIX}{ENROLL}, {PREFIX}{REENROLL}, {PREFIX}{attestation.START} and "
+                     f"{PREFIX}{attestation.ENROLL}")
 
 
 def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_der: bytes | None,
@@ -97,6 +104,30 @@ def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_d
     log.info("%s %s issued serial %s to %s%s", client, operation, answer.row.serial, answer.row.device_id,
              " (retry, same certificate)" if answer.reused else "")
     return Response(200, answer.body, PKCS7_TYPE)
+
+
+def _attest(enrollment: Enrollment, request: HttpRequest, operation: str, client: str) -> Response:
+    """Attested enrollment (docs/station.md "Attested enrollment"): refusals are recorded like EST's."""
+    head = request.head
+    content_type = (head.get("content-type") or "").split(";")[0].strip().lower()
+    basic = basic_credentials(head.get("authorization"))
+    try:
+        if operation == attestation.START:
+            return Response(200, enrollment.attestation.start(content_type, request.body), attestation.JSON_TYPE)
+        row, reused = enrollment.attestation.enroll(content_type, request.body, basic)
+    except Refusal as refusal:
+        device = attestation.claimed_device(request.body) if operation == attestation.START else \
+            (basic[0] if basic and basic[0] else "?")
+        enrollment.refusals.record(operation, device, refusal.status, refusal.reason, client)
+        log.info("%s %s refused %d: %s", client, operation, refusal.status,
+                 "; ".join(line.strip() for line in refusal.reason.splitlines()))
+        return text(refusal.status, refusal.reason, refusal.headers)
+    except Exception:  # a bug or a ledger outage must cost one request, never the server
+        log.exception("%s %s failed", client, operation)
+        return text(500, "internal error in the station; the operator's log has the details")
+    log.info("%s %s issued serial %s to %s (TPM-attested)%s", client, operation, row.serial, row.device_id,
+             " (retry, same certificate)" if reused else "")
+    return Response(200, pkcs7_certs_only([row.certificate]), PKCS7_TYPE)
 
 
 def basic_credentials(value: str | None) -> tuple[str, str] | None:

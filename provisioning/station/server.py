@@ -16,14 +16,16 @@ import os
 import signal
 import socket
 import ssl
-import sys
 from typing import Any
 
+from hal import systemd
 from provisioning.certs import to_pem
 from provisioning.station.ca import Station
 from provisioning.station.enrollment import Enrollment
 from provisioning.station.errors import StationError
 from provisioning.station.loop import DEFAULT_THREADS, EstServer, Limits
+from provisioning.station.metrics import MeasuredEnrollment, Recorder, Silent
+from provisioning.station.supervisor import ESSENTIAL, Supervisor
 from provisioning.tlsserver import no_resumption, restrict_key_exchange
 
 __all__ = ["DEFAULT_THREADS", "EstServer", "Limits", "serve", "tls_context"]
@@ -59,14 +61,18 @@ def _raise_fd_limit() -> None:
 
 
 def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: int = DEFAULT_THREADS,
-          ledger: str | None = None, limits: Limits | None = None, ready: Any = None, console: Any = None) -> int:
+          ledger: str | None = None, limits: Limits | None = None, ready: Any = None, console: Any = None,
+          metrics: Any = None, recorder: Recorder | None = None) -> int:
     """Serve EST on host:port until SIGTERM/SIGINT; returns the exit status.
 
     `ready(port)` is called once the socket listens (the CLI prints the URL); `console`, a bound
-    `console.server.ConsoleService`, is forked beside the workers and supervised with them. Raises StationError
-    when the address cannot be bound or the CA material is unusable.
+    `console.server.ConsoleService`, and `metrics`, a bound `metrics_server.MetricsService`, are forked
+    beside the workers; `recorder` counts every enrollment (metrics.Silent when None).
+    `supervisor.Supervisor` watches them all. systemd gets READY=1 once the socket listens and the
+    workers run. Raises StationError when the address cannot be bound or the CA material is unusable.
     """
     limits = limits or Limits()
+    recorder = recorder or Silent()
     led = station.open_ledger(ledger)
     try:
         certfile, keyfile = station.ensure_server_cert(host, led)
@@ -80,30 +86,41 @@ def serve(station: Station, host: str, port: int, *, workers: int = 1, threads: 
         sock = socket.create_server((host, port), family=family, backlog=1024)
     except OSError as exc:
         raise StationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    bound = sock.getsockname()[1]
     if ready is not None:
-        ready(sock.getsockname()[1])
-    children: set[int] = set()
-    if console is not None:  # console.ConsoleService: its own process, sharing only the ledger
-        children.add(console.spawn(close=sock))
-    if workers <= 1 and not children:
-        return _worker(station, sock, context, ledger, threads, limits)
-    for _ in range(max(1, workers)):
+        ready(bound)
+    supervisor = Supervisor(on_restart=recorder.restart)
+    for side, role in ((console, "console"), (metrics, "metrics")):
+        if side is not None:  # its own process, sharing only the ledger
+            supervisor.add(side.spawn(close=sock), role)
+    if workers <= 1 and not supervisor.children:
+        systemd.notify(f"READY=1\nSTATUS=EST on port {bound}, 1 worker")
+        return _worker(station, sock, context, ledger, threads, limits, recorder)
+
+    def start_worker() -> int:
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = _worker(station, sock, context, ledger, threads, limits)
+                code = _worker(station, sock, context, ledger, threads, limits, recorder)
             finally:
                 os._exit(code)
-        children.add(pid)
-    sock.close()
-    return _supervise(children)
+        return pid
+
+    for _ in range(max(1, workers)):
+        supervisor.add(start_worker(), ESSENTIAL, start=start_worker)
+    systemd.notify(f"READY=1\nSTATUS=EST on port {bound}, {max(1, workers)} worker(s)")
+    try:
+        return supervisor.run()
+    finally:
+        sock.close()  # kept open until now: a restarted worker inherits it
 
 
 def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledger: str | None,
-            threads: int, limits: Limits) -> int:
+            threads: int, limits: Limits, recorder: Recorder) -> int:
     led = station.open_ledger(ledger)
-    enrollment = Enrollment(station, led)
+    enrollment = Enrollment(station, led) if isinstance(recorder, Silent) else MeasuredEnrollment(station, led,
+                                                                                                  recorder)
     server = EstServer(sock, enrollment, context, threads, limits)
 
     def stop(signum: int, frame: Any) -> None:
@@ -119,27 +136,3 @@ def _worker(station: Station, sock: socket.socket, context: ssl.SSLContext, ledg
         sock.close()
         led.close()
     return 0
-
-
-def _supervise(children: set[int]) -> int:
-    """Wait for the workers; on SIGTERM/SIGINT, or when one dies, stop them all."""
-    def forward(signum: int, frame: Any) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    while children:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:
-            break
-        children.discard(pid)
-        if os.waitstatus_to_exitcode(code) != 0:
-            print(f"tether-station: worker {pid} exited with {os.waitstatus_to_exitcode(code)}; stopping",
-                  file=sys.stderr)
-            status = 1
-            forward(signal.SIGTERM, None)
-    return status

@@ -16,8 +16,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from lab.mosquitto import SERVICES, Mosquitto, acl_text
+from lab.mosquitto import Mosquitto, acl_text
 from lab.procs import LabError, port_open, wait_until
+from provisioning.identity import RESERVED_IDS
 from tests.pki import Pki
 
 SUBSCRIBER = "fault-subscriber"
@@ -35,7 +36,7 @@ def keeping_broker(broker_factory: Callable[..., Mosquitto], directory: Path, na
     """
     store = directory / f"{name}-db"
     store.mkdir(parents=True, exist_ok=True)
-    return broker_factory(name, acl=acl_text((*SERVICES, SUBSCRIBER)),
+    return broker_factory(name, acl=acl_text((*RESERVED_IDS, SUBSCRIBER)),
                           extra=f"persistence true\npersistence_location {store}/\nmax_queued_messages 0\n"
                                 f"max_inflight_messages {BROKER_INFLIGHT}")
 

@@ -71,8 +71,8 @@ def test_bad_token_line_is_reported_and_requested_again_with_backoff():
     while len(broker.token_requests) < 2:
         s.step()
     errors = [str(d) for n, d in events if n == "token_error"]
-    assert errors[0] == ("rejected an answer: token: expected 3 dot-separated segments, got 1; keeping the "
-                         "current token, asking again at 1700000001.0")
+    assert errors[0] == ("rejected an answer: expected 3 dot-separated segments, got 1; keeping the "
+                         "current token, asking again in 1.0 s")
     # Retry after 0.5 * 2 s of backoff, not at once and not never.
     assert broker.token_requests[1] - broker.token_requests[0] == 1
     assert s.token() is None
@@ -83,7 +83,7 @@ def _check_token_answers(r):
     assert len([line for line in r["board"] if line.startswith("refused: ")]) == 4, r["board"]
     assert r["board"][:3] == [
         "request@1700000000",
-        "refused: rejected an answer: payload: not UTF-8; keeping the current token, asking again at 1700000000.5",
+        "refused: rejected an answer: payload: not UTF-8; keeping the current token, asking again in 0.5 s",
         "request@1700000000.5"]
     assert r["board"][-1].startswith("adopted: ")
 

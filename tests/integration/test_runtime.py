@@ -81,6 +81,24 @@ def test_last_good_endpoint_is_tried_first_on_next_boot(tmp_path: Path, pki: Pki
     second.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
 
 
+def test_a_last_good_endpoint_a_drop_in_removed_is_not_dialled(tmp_path: Path, pki: Pki,
+                                                               broker_factory: Callable[..., Mosquitto],
+                                                               agents: list[Agent]) -> None:
+    a, b = broker_factory("core-a"), broker_factory("core-b")
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN, endpoints={"urls": [f"mqtts://localhost:{b.port}",
+                                                                                   f"mqtts://localhost:{a.port}"]})
+    agent = start_agent(agents, config)
+    agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}")
+    agent.terminate()
+    dropins = config.parent / "config.d"
+    dropins.mkdir()
+    (dropins / "50-move-off-core-b.toml").write_text(f'[endpoints]\nurls = ["mqtts://localhost:{a.port}"]\n')
+    second = start_agent(agents, config)  # core B still runs and worked last, but is no longer configured
+    second.wait_status(session="online", endpoint=f"mqtts://localhost:{a.port}")
+    assert f"the last good endpoint mqtts://localhost:{b.port} is no longer configured" in second.log()
+    assert f"localhost:{b.port}" not in second.log().split("no longer configured", 1)[1]
+
+
 def test_handshake_refusal_reason_is_logged_and_in_status(tmp_path: Path, pki: Pki, agents: list[Agent]) -> None:
     other = Pki.create(tmp_path / "other-pki", "Other")
     certfile, keyfile = other.server_files("stranger")

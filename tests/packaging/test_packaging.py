@@ -7,17 +7,22 @@ the installed commands. The .deb test needs root and dpkg, as CI has.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import tarfile
 import tomllib
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from lab.procs import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -126,3 +131,116 @@ def test_deb_purge_keeps_device_keys_unless_asked(installed_deb: Path) -> None:
     run(["dpkg", "--purge", "tether"], env={**os.environ, "TETHER_PURGE_STATE": "yes"})
     assert not Path("/var/lib/tether").exists()
     assert subprocess.run(["id", "tether"], capture_output=True, check=False).returncode != 0
+
+
+# -- the station's package (issue 28 item 2) ------------------------------------------------------------------
+STATION_DATA = Path("/var/lib/tether-station")
+
+
+@pytest.fixture(scope="module")
+def installed_station_deb(dist: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.fail("the .deb test installs a package: run it as root (CI does)", pytrace=False)
+    done = run(["bash", str(REPO / "scripts/build-deb-station.sh"), str(dist)],
+               env={**os.environ, "PYTHON": sys.executable})
+    deb = Path(done.stdout.strip().splitlines()[-1])
+    assert deb.name == f"tether-station_{VERSION}_all.deb"
+    run(["dpkg", "-i", str(deb)])
+    try:
+        yield deb
+    finally:
+        subprocess.run(["dpkg", "--purge", "tether-station"], capture_output=True, check=False,
+                       env={**os.environ, "TETHER_STATION_PURGE_DATA": "1"})
+
+
+def test_station_deb_installs_the_station_its_user_unit_and_commented_config(installed_station_deb: Path) -> None:
+    assert run(["/usr/bin/tether-station", "--version"]).stdout.strip() == f"tether-station {VERSION}"
+    # the `station` extra is in the venv: console, metrics and PostgreSQL work from the package
+    run(["/opt/tether-station/bin/python", "-c", "import jinja2, segno, psycopg, prometheus_client"])
+    user = run(["getent", "passwd", "tether-station"]).stdout.strip().split(":")
+    assert int(user[2]) != 0 and user[5:] == ["/var/lib/tether-station", "/usr/sbin/nologin"]
+    assert STATION_DATA.stat().st_mode & 0o777 == 0o700
+    assert (STATION_DATA.stat().st_uid, STATION_DATA.stat().st_gid) == (int(user[2]), int(user[3]))
+    unit = Path("/lib/systemd/system/tether-station.service")
+    exec_start = "ExecStart=/opt/tether-station/bin/tether-station serve --config /etc/tether/station.toml"
+    assert exec_start in unit.read_text()
+    run(["systemd-analyze", "verify", str(unit)])
+    sysusers = Path("/usr/lib/sysusers.d/tether-station.conf")
+    assert sysusers.stat().st_mode & 0o777 == 0o644 and "u tether-station " in sysusers.read_text()
+    config = Path("/etc/tether/station.toml")
+    assert config.read_text().startswith("# /etc/tether/station.toml") and config.stat().st_mode & 0o777 == 0o644
+    assert "/etc/tether/station.toml" in run(["dpkg-query", "-W", "-f=${Conffiles}", "tether-station"]).stdout
+    # the shipped config is valid as it is: serve reads it, and stops at the missing CA with one line
+    out = subprocess.run(["/usr/bin/tether-station", "serve", "--config", str(config), "--dir", "/nonexistent"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 1 and out.stderr.startswith("tether-station: error: /nonexistent: not a station"), \
+        out.stderr
+
+
+def test_station_runs_from_the_package_as_its_user(installed_station_deb: Path) -> None:
+    as_station = ["runuser", "-u", "tether-station", "--"]
+    run([*as_station, "/usr/bin/tether-station", "init", "--dir", str(STATION_DATA), "--trust-domain",
+         "factory.example"])
+    for key in ("issuing.key", "root.key"):
+        st = (STATION_DATA / key).stat()
+        assert st.st_mode & 0o777 == 0o600 and st.st_uid == int(run(["id", "-u", "tether-station"]).stdout)
+    otp = run([*as_station, "/usr/bin/tether-station", "otp", "pkg-dev", "--dir", str(STATION_DATA)]).stdout.strip()
+    assert len(otp) >= 16
+
+
+def test_station_deb_purge_keeps_the_ca_and_ledger_unless_asked(installed_station_deb: Path) -> None:
+    ledger = STATION_DATA / "ledger.sqlite"
+    if not ledger.exists():  # run alone: make the state a purge must keep
+        run(["runuser", "-u", "tether-station", "--", "/usr/bin/tether-station", "init", "--dir", str(STATION_DATA)])
+    key = (STATION_DATA / "issuing.key").read_bytes()
+    done = run(["dpkg", "--purge", "tether-station"])
+    assert "kept /var/lib/tether-station (the CA keys and the ledger)" in done.stderr
+    assert not Path("/opt/tether-station").exists() and not Path("/usr/bin/tether-station").exists()
+    assert not Path("/etc/tether/station.toml").exists()  # a conffile goes with purge
+    assert (STATION_DATA / "issuing.key").read_bytes() == key, "purge touched the CA key without being asked"
+    assert ledger.is_file()
+    assert subprocess.run(["id", "tether-station"], capture_output=True, check=False).returncode == 0, \
+        "the user that owns the kept files was removed"
+    run(["dpkg", "-i", str(installed_station_deb)])
+    assert (STATION_DATA / "issuing.key").read_bytes() == key, "reinstall lost the kept CA"
+    run(["dpkg", "--purge", "tether-station"], env={**os.environ, "TETHER_STATION_PURGE_DATA": "1"})
+    assert not STATION_DATA.exists()
+    assert subprocess.run(["id", "tether-station"], capture_output=True, check=False).returncode != 0
+
+
+# -- the wheel without the `station` extra ---------------------------------------------------------------------
+def test_without_the_station_extra_the_console_is_one_line_and_est_keeps_serving(dist: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", "-c", str(LOCK),
+         str(dist / f"tether-{VERSION}-py3-none-any.whl")])
+    assert subprocess.run([str(venv / "bin/python"), "-c", "import jinja2"], capture_output=True,
+                          check=False).returncode != 0, "this venv must lack the station extra"
+    station = tmp_path / "station"
+    run([str(venv / "bin/tether-station"), "init", "--dir", str(station)])
+    ports, log = tmp_path / "ports.json", tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(venv / "bin/tether-station"), "serve", "--dir", str(station), "--listen",
+                                 "127.0.0.1:0", "--workers", "2", "--console", "127.0.0.1:0", "--metrics",
+                                 "127.0.0.1:0", "--port-file", str(ports)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: ports.exists() or proc.poll() is not None, 60, "the station's port file",
+                   describe=log.read_text)
+        assert proc.poll() is None, log.read_text()
+        est = json.loads(ports.read_text())
+        assert set(est) == {"est"}, est  # neither the console nor the metrics opened a port
+        ctx = ssl.create_default_context(cafile=str(station / "ca.pem"))
+        with urllib.request.urlopen(f"https://127.0.0.1:{est['est']}/.well-known/est/cacerts", context=ctx,
+                                    timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log.read_text()
+    assert "Traceback" not in text and "No module named" not in text, text
+    lines = [line for line in text.splitlines() if " off: it needs " in line]
+    assert len(lines) == 2, text
+    assert lines[0].endswith("--console 127.0.0.1:0 off: it needs jinja2, segno (not installed; "
+                             "pip install 'tether[station]'); EST enrollment is served without it"), lines
+    assert lines[1].endswith("--metrics 127.0.0.1:0 off: it needs prometheus_client (not installed; "
+                             "pip install 'tether[station]'); EST enrollment is served without it"), lines

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from lab.core import Lab
-from lab.mosquitto import SERVICES
 from provisioning.errors import ProvisioningError
 from provisioning.identity import RESERVED_IDS, check_device_id
 from tests.conftest import REPO, run_tether, write_config
@@ -28,8 +27,24 @@ def test_the_rule_refuses_each_bad_id_naming_where_and_why(device_id: str) -> No
         check_device_id(device_id, "DEVICE_ID")
 
 
-def test_the_lab_services_the_broker_trusts_are_exactly_the_reserved_ids() -> None:
-    assert set(SERVICES) == set(RESERVED_IDS) and SERVICES
+def test_the_lab_brokers_trust_exactly_the_station_s_configured_reserved_ids(tmp_path: Path) -> None:
+    """Issue 26 item 4: an observer that reads device topics is a reserved id in station.toml, not a
+    name in code; the lab's mosquitto ACL and its RabbitMQ auth answers both follow the setting."""
+    from lab.rabbitauth import Decider
+
+    lab = Lab(tmp_path / "lab")
+    station_cli("init", "--dir", str(lab.station_dir))
+    assert lab.services == set(RESERVED_IDS)
+    set_settings(lab.station_dir, reserved_ids="tether-token-service,tether-ota-service,fleet-observer")
+    assert lab.services == {"tether-token-service", "tether-ota-service", "fleet-observer"}
+    broker = lab._start_broker(0)  # the ACL the lab's mosquitto really runs with
+    try:
+        assert "user fleet-observer\ntopic readwrite #" in (broker.directory / f"{broker.name}.acl").read_text()
+    finally:
+        broker.stop()
+    read_all = {"username": "fleet-observer", "vhost": "/", "name": "amq.topic", "routing_key": "#"}
+    assert Decider(services=lab.services).answer("topic", read_all) == "allow"
+    assert Decider(services=set(RESERVED_IDS)).answer("topic", read_all) == "deny"
 
 
 @pytest.mark.parametrize("device_id", [".", "..", "tether-ota-service"])
@@ -106,3 +121,26 @@ def test_offline_signing_refuses_a_csr_for_a_reserved_id(station_dir: Path, tmp_
     path.write_bytes(csr.public_bytes(Encoding.PEM))
     out = station_cli("sign", str(path), "--dir", str(station_dir), check=False)
     assert out.returncode == 1 and "reserved" in out.stderr and "BEGIN CERTIFICATE" not in out.stdout
+
+
+def test_an_id_rabbitmq_cannot_carry_gets_no_otp_and_no_certificate_and_the_reason_says_why(
+        station: RunningStation) -> None:
+    """Issue 26: RabbitMQ's MQTT plugin reads '.' as a topic level separator, so device 'a.b' would
+    get no token or operation there and device 'a' could read its topics (tests/integration/
+    test_rabbitmq.py shows it on the real broker): the station gives out no such id."""
+    out = station.cli("otp", "pump.7", check=False)
+    assert out.returncode == 1 and out.stdout == "", out.stderr
+    assert "DEVICE_ID: 'pump.7' contains '.', which RabbitMQ" in out.stderr and "\n" not in out.stderr.strip()
+    answer = post_enroll(station, "pump.7", "some-password", body=csr_body("pump-7"))
+    assert answer.status == 401 and "RabbitMQ" in answer.body, answer
+    assert [r for r in station.ledger().rows() if r.device_id == "pump.7"] == []
+
+
+def test_a_device_that_already_holds_a_dotted_id_still_loads_its_config(tmp_path: Path) -> None:
+    """Ids with '.' were given out before the RabbitMQ limit was known; such a device keeps working on
+    the brokers that carry it (mosquitto, amqtt), so the agent does not refuse its own id."""
+    out = run_tether("config", "show", config=write_config(tmp_path, "pump.7"))
+    assert out.returncode == 0, out.stderr
+    with pytest.raises(ProvisioningError, match="RabbitMQ"):
+        check_device_id("pump.7", "DEVICE_ID")
+    assert check_device_id("pump.7", "DEVICE_ID", carried_by=("mosquitto", "amqtt")) == "pump.7"

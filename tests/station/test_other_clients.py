@@ -36,18 +36,23 @@ def curl(station: RunningStation, cwd: Path, path: str, *args: str, out: str = "
     return int(code)
 
 
-def cn_only_csr(cwd: Path, device_id: str, key: str = "device.key", *extra: str) -> None:
-    """openssl req: a new P-256 key (unless `key` exists) and a CSR with only CN=<id>, base64 DER in csr.b64."""
+def cn_only_csr(cwd: Path, device_id: str, key: str = "device.key", *extra: str, one_line: bool = False) -> None:
+    """openssl req: a new P-256 key (unless `key` exists) and a CSR with only CN=<id>, base64 DER in csr.b64
+    (in 64-character lines, or on one line with `one_line`, as RFC 8951 clients send it)."""
     keyopts = ["-key", key] if (cwd / key).exists() else ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
                                                            "-nodes", "-keyout", key]
     run(tool("openssl"), "req", "-new", *keyopts, "-subj", f"/CN={device_id}", *extra, "-outform", "DER",
         "-out", "csr.der", cwd=cwd)
-    run(tool("openssl"), "base64", "-in", "csr.der", "-out", "csr.b64", cwd=cwd)
+    run(tool("openssl"), "base64", *(["-A"] if one_line else []), "-in", "csr.der", "-out", "csr.b64", cwd=cwd)
 
 
 def certs_in(cwd: Path, answer: str, pem: str) -> int:
-    """openssl: base64 PKCS#7 answer -> PEM certificates in `pem`; returns how many."""
-    run(tool("openssl"), "base64", "-d", "-in", answer, "-out", answer + ".der", cwd=cwd)
+    """openssl: base64 PKCS#7 answer -> PEM certificates in `pem`; returns how many.
+
+    `openssl base64 -d -A` reads the base64 as one line, the way decoders that do not skip whitespace
+    do (issue 26): it turns a body wrapped in lines into nothing, and `pkcs7` then fails. RFC 7030's
+    erratum 5904 and RFC 8951 say EST bodies carry no line breaks."""
+    run(tool("openssl"), "base64", "-d", "-A", "-in", answer, "-out", answer + ".der", cwd=cwd)
     run(tool("openssl"), "pkcs7", "-inform", "DER", "-in", answer + ".der", "-print_certs", "-out", pem, cwd=cwd)
     return (cwd / pem).read_text().count("-----BEGIN CERTIFICATE-----")
 
@@ -83,6 +88,26 @@ def test_curl_and_openssl_enroll_a_cn_only_csr_chunked_and_reenroll_with_the_lea
     assert len(station.rows("curl-dev")) == 2
 
 
+def test_answers_are_one_line_base64_and_a_client_that_failed_to_read_one_gets_the_same_certificate_again(
+        tmp_path: Path, station: RunningStation) -> None:
+    """A client sends its CSR on one line, decodes strictly, and (having failed to parse the answer,
+    as such clients did when the station wrapped it) asks again with the same CSR and one-time
+    password: the station, which keeps issuance idempotent, answers with the same certificate."""
+    otp = station.otp("oneline-dev")
+    cn_only_csr(tmp_path, "oneline-dev", one_line=True)
+    assert b"\n" not in (tmp_path / "csr.b64").read_bytes().rstrip(b"\n")
+    for answer in ("first", "again"):
+        status = curl(station, tmp_path, "simpleenroll", "--user", f"oneline-dev:{otp}", "-H",
+                      "Content-Type: application/pkcs10", "--data-binary", "@csr.b64", out=answer)
+        assert status == 200, (tmp_path / answer).read_text(errors="replace")
+        assert b"\n" not in (tmp_path / answer).read_bytes().strip()
+        assert certs_in(tmp_path, answer, answer + ".pem") == 1
+    assert (tmp_path / "first.pem").read_text() == (tmp_path / "again.pem").read_text()
+    assert len(station.rows("oneline-dev")) == 1
+    assert curl(station, tmp_path, "cacerts", out="cacerts") == 200
+    assert b"\n" not in (tmp_path / "cacerts").read_bytes().strip()
+
+
 def test_dns_and_ip_sans_of_a_csr_are_not_copied(tmp_path: Path, station: RunningStation) -> None:
     otp = station.otp("san-dev")
     cn_only_csr(tmp_path, "san-dev", "device.key", "-addext", "subjectAltName=DNS:bank.example,IP:10.0.0.1")
@@ -105,7 +130,7 @@ def test_a_csr_whose_san_names_another_device_is_still_refused(tmp_path: Path, s
 def test_csrattrs_says_what_the_station_wants_and_serverkeygen_is_a_readable_501(
         tmp_path: Path, station: RunningStation) -> None:
     assert curl(station, tmp_path, "csrattrs", out="attrs") == 200
-    run(tool("openssl"), "base64", "-d", "-in", "attrs", "-out", "attrs.der", cwd=tmp_path)
+    run(tool("openssl"), "base64", "-d", "-A", "-in", "attrs", "-out", "attrs.der", cwd=tmp_path)
     parsed = run(tool("openssl"), "asn1parse", "-inform", "DER", "-in", "attrs.der", cwd=tmp_path)
     for wanted in ("commonName", "ecdsa-with-SHA256", "id-ecPublicKey", "prime256v1"):
         assert wanted in parsed, parsed

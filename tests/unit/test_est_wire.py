@@ -131,6 +131,14 @@ def test_retry_delay_is_none_for_a_refusal(config: Config) -> None:
     assert retry_delay(ConfigError("other errors keep the backoff"), config, 1.5) == 1.5
 
 
+def test_an_attested_device_asks_again_after_a_refusal_at_the_longest_wait(tmp_path: Path) -> None:
+    # nothing on the device can change (no password file to replace): the operator fixes it at the station
+    path = tmp_path / "t.toml"
+    path.write_text('[device]\nid = "dev-1"\n[est]\nretry_after_max = 60\n[enroll]\nmethod = "tpm-attestation"\n')
+    refusal = EnrollmentError("EK not on the allow-list", retryable=False, status=403)
+    assert retry_delay(refusal, load(path), 1.0) == 60
+
+
 # -- [est] configuration -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body,message", [

@@ -114,7 +114,8 @@ def test_token_is_asked_at_once_refreshed_at_half_life_and_retried_on_timeout_or
     assert "deadline=1050.0" in t or "deadline=1050" in t
     assert actions_of(t, 1049) == []
     assert actions_of(t, 1050) == ["Publish epoch=1 topic=dev/s/uat payload= qos=1"]
-    assert actions_of(t, 1060)[0].startswith("Problem what=token detail=token: no response within 10 s")
+    assert actions_of(t, 1060)[0].startswith("Problem what=token detail=no response within 10 s; asking again in "
+                                             "0.5 s (the current token")
     assert actions_of(t, 1060.5) == ["Publish epoch=1 topic=dev/s/uat payload= qos=1"]
     assert actions_of(t, 1061)[0].startswith("Problem what=token detail=rejected an answer: 71.token")
     assert actions_of(t, 1064) == ["Publish epoch=1 topic=dev/s/uat payload= qos=1"]

@@ -278,6 +278,16 @@ class ConsoleStore:
         preds = {s: p for s, p in found}
         return [(r, preds.get(r.serial)) for r in self._rows([s for s, _ in found])]
 
+    def ek_digests(self, device_id: str | None = None) -> dict[str, str]:
+        """serial -> EK digest of each TPM-attested certificate (of `device_id`, if given)."""
+        with self.ledger._transaction(write=False) as q:
+            if device_id is None:
+                found = q("SELECT serial, ek_digest FROM certs WHERE ek_digest IS NOT NULL", ())
+            else:
+                found = q("SELECT serial, ek_digest FROM certs WHERE device_id = ? AND ek_digest IS NOT NULL",
+                          (device_id,))
+        return {str(serial): str(digest) for serial, digest in found}
+
     def revoke(self, serials: Iterable[str], now: int, reason: str = "unspecified") -> list[Row]:
         """Revoke each serial not yet revoked for `reason` (one of `ledger.REASONS`; the ledger's own
         `revoke`, so whatever it also revokes, such as certificates issued from it, goes with it);

@@ -228,7 +228,8 @@ class Console:
         if not history:
             raise Denied(404, f"device {device_id!r} has no certificate in the ledger")
         return self.render(caller, "device.html", page="devices", device_id=device_id, history=history,
-                           has_predecessor=self.store.predecessor_column is not None)
+                           has_predecessor=self.store.predecessor_column is not None,
+                           attested=self.store.ek_digests(device_id))
 
     def _targets(self, device_id: str, serial: str | None) -> list[Any]:
         rows = [r for r, _ in self.store.history(device_id) if r.revoked_at is None]
@@ -322,7 +323,7 @@ class Console:
         elif name == "c8y-bulk.csv":
             data, kind = c8y_bulk_csv(rows).encode(), "text/csv; charset=utf-8"
         elif name == "ledger.csv":
-            data, kind = _ledger_csv(rows).encode(), "text/csv; charset=utf-8"
+            data, kind = _ledger_csv(rows, self.store.ek_digests()).encode(), "text/csv; charset=utf-8"
         elif name == "ca-chain.pem":
             data, kind = to_pem(self.station.ca_chain), "application/x-pem-file"
         else:
@@ -331,15 +332,17 @@ class Console:
         return Response(200, data, kind, {"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-def _ledger_csv(rows: list[Any]) -> str:
+def _ledger_csv(rows: list[Any], ek_digests: dict[str, str]) -> str:
+    """The ledger as CSV; `ek_digest` names the TPM's EK for a TPM-attested certificate, else empty."""
     import csv
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("serial", "device_id", "subject", "kind", "not_before", "not_after", "issued_at",
-                     "revoked_at", "csr_fingerprint"))
+                     "revoked_at", "csr_fingerprint", "ek_digest"))
     for r in rows:
         writer.writerow((r.serial, r.device_id, r.subject, r.kind, _iso(r.not_before), _iso(r.not_after),
-                         _iso(r.issued_at), "" if r.revoked_at is None else _iso(r.revoked_at), r.csr_fingerprint))
+                         _iso(r.issued_at), "" if r.revoked_at is None else _iso(r.revoked_at), r.csr_fingerprint,
+                         ek_digests.get(r.serial, "")))
     return buf.getvalue()

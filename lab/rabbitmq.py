@@ -1,0 +1,220 @@
+"""A RabbitMQ cluster from Debian's `rabbitmq-server` (3.10, `rabbitmq_mqtt`) on loopback, mutual TLS.
+
+Each node is `/usr/lib/rabbitmq/bin/rabbitmq-server` (the script under Debian's /usr/sbin wrapper, which
+would switch to the `rabbitmq` user and its /var/lib/rabbitmq), with everything it keeps in the
+cluster's directory and nothing shared with a system RabbitMQ or another test:
+- its own node name (`tether-<tag>-<n>@localhost`), Erlang cookie (`HOME/.erlang.cookie`, 0400) and
+  distribution port bound to 127.0.0.1 (`inet_dist_use_interface`);
+- its own epmd, started here on its own port (`ERL_EPMD_PORT`) and address (127.0.0.1), stopped here:
+  an epmd started by Erlang itself would outlive the nodes and hold port 4369;
+- no AMQP listener; MQTT over TLS only, on a port picked for it.
+
+Devices log in with their certificate (`mqtt.ssl_cert_login`, `ssl_cert_login_from = common_name`);
+who may do what is answered by the lab's `rabbitmq_auth_backend_http` server (lab/rabbitauth.py).
+Node 1 starts first; the others join it (`classic_config`) once it runs. A node stopped with `stop` or
+`kill` starts again on its ports with `start_node` and rejoins from its own database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab.mosquitto import BrokerFiles
+from lab.procs import LabError, Proc, kernel_ports, port_open, wait_until
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+EPMD = "epmd"
+PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl", "rabbitmq_auth_backend_http", "rabbitmq_auth_backend_cache")
+# How long a node keeps an answer of the HTTP backend. Without the cache every connection costs about ten
+# HTTP requests and every publish one: 4,000 devices connecting at once made ~40,000 requests in a minute
+# and the nodes timed out waiting (benchmarks/fleet.py). Answers are per user, vhost, resource or routing
+# key and client id, so a cached `allow` for one device never answers for another.
+AUTH_CACHE_MS = 60_000
+STARTED = "Server startup complete"
+# Each MQTT session's subscriptions live in a queue `mqtt-subscription-<client id>qos0|1` on the node the
+# device first connected to. When that node dies, 3.10 keeps the queue's record and refuses to declare
+# it elsewhere ("home node ... is down or inaccessible"), so the device is dropped right after CONNACK on
+# every other node until its node comes back. Mirroring those queues on every node (a classic mirrored
+# queue policy) promotes a mirror instead, and the device's next CONNECT on a surviving node works.
+# Quorum queues (`mqtt.durable_queue_type`) would need a majority: 2 of 2 nodes, no failover at all.
+DEFINITIONS = {
+    "vhosts": [{"name": "/"}],
+    "policies": [{"vhost": "/", "name": "tether-mqtt-sessions-on-every-node", "pattern": "^mqtt-subscription-",
+                  "apply-to": "queues", "priority": 0,
+                  "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}],
+}
+
+
+def require_rabbitmq() -> None:
+    if not os.path.exists(RABBITMQ_SERVER) or shutil.which(EPMD) is None:
+        raise LabError(f"{RABBITMQ_SERVER} (or epmd) is missing: install Debian's rabbitmq-server "
+                       "(scripts/install-deps.sh does)")
+
+
+@dataclass
+class RabbitNode:
+    index: int
+    name: str             # Erlang node name, tether-<tag>-<n>@localhost
+    directory: Path
+    mqtt_port: int
+    dist_port: int
+    proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.mqtt_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+
+@dataclass
+class RabbitCluster:
+    """`nodes` RabbitMQ nodes in one cluster. `auth_url(question)` gives the HTTP auth backend's URL for
+    one of `user`, `vhost`, `resource`, `topic`."""
+
+    directory: Path
+    files: BrokerFiles
+    auth_base: str                     # http://127.0.0.1:PORT/auth
+    nodes_wanted: int = 2
+    start_timeout: float = 180.0       # a node boots in ~10 s alone, ~30 s on a busy 2-core machine
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    nodes: list[RabbitNode] = field(default_factory=list)
+    epmd_port: int = 0
+    epmd: Proc | None = None
+
+    # -- layout ----------------------------------------------------------------------------------------
+    @property
+    def home(self) -> Path:
+        return self.directory / "home"  # HOME of every node and CLI: the cluster's cookie is here
+
+    def env(self, node: RabbitNode) -> dict[str, str]:
+        base = node.directory
+        return {
+            "HOME": str(self.home),
+            "ERL_EPMD_PORT": str(self.epmd_port), "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODENAME": node.name, "RABBITMQ_USE_LONGNAME": "false",
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),  # .conf is added
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"), "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_PID_FILE": str(base / "rabbit.pid"), "RABBITMQ_DIST_PORT": str(node.dist_port),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_LOGS": "-",  # to stdout, which Proc writes to the node's log
+            "RABBITMQ_ALLOW_INPUT": "",  # no interactive shell on stdin
+        }
+
+    def config_text(self, node: RabbitNode) -> str:
+        lines = [
+            f"# written by tether lab for {node.name}",
+            "listeners.tcp = none",
+            "mqtt.listeners.tcp = none",
+            f"mqtt.listeners.ssl.default = 127.0.0.1:{node.mqtt_port}",
+            "mqtt.allow_anonymous = false",
+            "mqtt.ssl_cert_login = true",
+            "ssl_cert_login_from = common_name",
+            "mqtt.vhost = /",
+            "mqtt.exchange = amq.topic",
+            f"ssl_options.cacertfile = {self.files.cafile}",
+            f"ssl_options.certfile = {self.files.certfile}",
+            f"ssl_options.keyfile = {self.files.keyfile}",
+            "ssl_options.verify = verify_peer",
+            "ssl_options.fail_if_no_peer_cert = true",
+            "ssl_options.versions.1 = tlsv1.3",
+            "ssl_options.versions.2 = tlsv1.2",
+            "auth_backends.1 = cache",
+            "auth_cache.cached_backend = http",
+            f"auth_cache.cache_ttl = {AUTH_CACHE_MS}",
+            "auth_http.http_method = post",
+            *(f"auth_http.{q}_path = {self.auth_base}/{q}" for q in ("user", "vhost", "resource", "topic")),
+            "log.console = true", "log.console.level = info", "log.file = false",
+            "cluster_partition_handling = ignore",
+            # 4,000 devices on one node of a shared machine: keep the memory alarm from blocking publishers
+            "vm_memory_high_watermark.relative = 0.8",
+            "disk_free_limit.absolute = 50MB",
+        ]
+        lines.append(f"load_definitions = {node.directory / 'definitions.json'}")
+        if node.index > 0:
+            lines += ["cluster_formation.peer_discovery_backend = classic_config",
+                      f"cluster_formation.classic_config.nodes.1 = {self.nodes[0].name}"]
+        return "\n".join(lines) + "\n"
+
+    # -- start / stop --------------------------------------------------------------------------------
+    def start(self) -> RabbitCluster:
+        require_rabbitmq()
+        self.home.mkdir(parents=True, exist_ok=True)
+        cookie = self.home / ".erlang.cookie"
+        if not cookie.exists():
+            fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(20).upper())
+        self._start_epmd()
+        ports = kernel_ports()
+        for i in range(self.nodes_wanted):
+            directory = self.directory / f"node-{i + 1}"
+            self.nodes.append(RabbitNode(i, f"tether-{self.tag}-{i + 1}@localhost", directory, next(ports),
+                                         next(ports)))
+        try:
+            for node in self.nodes:
+                self.start_node(node.index)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_epmd(self) -> None:
+        """Our own epmd on a free loopback port (another epmd may hold 4369: the system's, another test's)."""
+        tried = []
+        for port in itertools.islice(kernel_ports(), 3):
+            tried.append(port)
+            epmd = Proc("epmd", [EPMD, "-port", str(port), "-address", "127.0.0.1"], self.directory / "epmd.log")
+            wait_until(lambda: port_open("127.0.0.1", port) or not epmd.alive(), 10,  # noqa: B023 - called here
+                       f"epmd on port {port}", describe=epmd.tail)
+            if epmd.alive():
+                self.epmd, self.epmd_port = epmd, port
+                return
+        raise LabError(f"epmd could not listen on loopback ports {tried}; see {self.directory / 'epmd.log'}")
+
+    def start_node(self, index: int) -> RabbitNode:
+        """Start node `index` (again) on its ports and wait for "Server startup complete"."""
+        node = self.nodes[index]
+        node.directory.mkdir(parents=True, exist_ok=True)
+        (node.directory / "rabbitmq.conf").write_text(self.config_text(node))
+        (node.directory / "advanced.config").write_text("[].\n")
+        (node.directory / "definitions.json").write_text(json.dumps(DEFINITIONS, indent=2))
+        (node.directory / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+        node.proc = Proc(node.name, [RABBITMQ_SERVER], node.directory / "node.log",
+                         env={**os.environ, **self.env(node)})
+        try:
+            node.proc.wait_output(STARTED, self.start_timeout)
+        except BaseException:
+            node.proc.stop()
+            raise
+        return node
+
+    def stop_node(self, index: int) -> None:
+        node = self.nodes[index]
+        if node.proc is not None:
+            node.proc.stop(timeout=60)
+
+    def kill_node(self, index: int) -> None:
+        node = self.nodes[index]
+        if node.proc is not None:
+            node.proc.kill()
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.proc is not None:
+                node.proc.stop(timeout=60)
+        if self.epmd is not None:
+            self.epmd.stop()
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
