@@ -83,7 +83,8 @@ _DATA_CONTENT = tlv(SEQUENCE, bytes.fromhex("06092a864886f70d010701"))
 
 
 def pkcs7_certs_only(certificates: Sequence[bytes]) -> bytes:
-    """Base64 DER PKCS#7 certs-only of DER certificates, in the order given (for one certificate,
-    byte for byte what `cryptography`'s `pkcs7.serialize_certificates` writes)."""
+    """Base64 DER PKCS#7 certs-only of DER certificates, in the order given, on one line as
+    `certs.pkcs7_certs_only` writes it (RFC 8951 3.1); for one certificate the DER is byte for byte
+    what `cryptography`'s `pkcs7.serialize_certificates` writes."""
     signed = tlv(SEQUENCE, _VERSION_1_NO_DIGESTS + _DATA_CONTENT + tlv(0xA0, b"".join(certificates)) + tlv(SET, b""))
-    return base64.encodebytes(tlv(SEQUENCE, _SIGNED_DATA + tlv(0xA0, signed)))
+    return base64.b64encode(tlv(SEQUENCE, _SIGNED_DATA + tlv(0xA0, signed)))
