@@ -29,7 +29,7 @@ unit:
 	$(PYTHON) -m pytest -q tests/unit
 
 # Pin a dependency added to pyproject.toml (existing pins stay); `make lock-upgrade` moves every pin.
-LOCK_ARGS = -q --extra tpm --extra station --extra test --strip-extras --no-emit-index-url --no-emit-find-links
+LOCK_ARGS = -q --extra tpm --extra station --extra hsm --extra test --strip-extras --no-emit-index-url --no-emit-find-links
 lock:
 	[ -x $(VENV)/bin/pip-compile ] || $(PYTHON) -m pip install -q pip-tools
 	$(VENV)/bin/pip-compile $(LOCK_ARGS) -o requirements-test.txt pyproject.toml

@@ -21,6 +21,9 @@ from typing import Any
 from agent.config import Config
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, DeviceIdentity
+from hal.errors import KeyStoreError
+from hal.keys.tpm_attest import attester
+from provisioning.errors import EnrollmentError
 
 log = logging.getLogger("tether.enroll")
 
@@ -29,8 +32,6 @@ JSON_TYPE = "application/json"
 
 
 def _decode(answer: bytes, url: str) -> dict[str, bytes]:
-    from provisioning.errors import EnrollmentError
-
     try:
         doc = json.loads(answer)
         return {key: base64.b64decode(doc[key], validate=True)
@@ -48,8 +49,6 @@ def enroll_attested(config: Config, identity: DeviceIdentity) -> dict[str, Any]:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    from hal.errors import KeyStoreError
-    from hal.keys.tpm_attest import attester
     from provisioning.attest.evidence import TpmCertify, build_csr
     from provisioning.certstore import chain_facts
     from provisioning.est.client import BasicAuth, EstClient

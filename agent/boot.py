@@ -13,16 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent.config import Config
+from agent.enroll import enroll
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
-from hal import storage
+from agent.state import Record
 
 log = logging.getLogger(__name__)
-BOOT_FILE = "boot.json"
 
 
 def chain_state(identity: DeviceIdentity, now: float | None = None) -> tuple[bool, str]:
@@ -53,7 +52,6 @@ def _enroll(identity: DeviceIdentity) -> Any:
         _, why = chain_state(identity)
         raise AgentError(f"{why}; and no [est] url is configured: install a chain with `tether chain install "
                          "FILE` or set [est] url to the provisioning station")
-    from agent.enroll import enroll
 
     return enroll(config, identity)
 
@@ -72,18 +70,18 @@ class BootSequence:
                  report: Callable[[str, float, str], None] | None = None) -> None:
         self.config = config
         self.identity = identity or DeviceIdentity(config)
-        self.path = Path(config.state_dir) / BOOT_FILE
+        self.record_file = Record(config.state.boot, then="starting the boot record afresh")
         self.report = report or (lambda step, seconds, what: None)
 
     def record(self, **fields: Any) -> None:
-        storage.write_json(self.path, {**self.read(), **fields, "updated_at": int(time.time())})
+        self.record_file.save({**self.read(), **fields, "updated_at": int(time.time())})
 
     def read(self) -> dict[str, Any]:
-        return storage.read_json(self.path)
+        return self.record_file.load() or {}
 
     def run(self) -> None:
         """Bring the device to "key and valid chain"; raise AgentError (or a TetherError) if it cannot."""
-        storage.ensure_dir(self.config.state_dir)
+        self.config.state.ensure()
         acted = False
         for step in STEPS:
             if step.done(self.identity):

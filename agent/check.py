@@ -1,7 +1,8 @@
-"""`tether check`: the same code path as `tether run`, once, printing each step with its timing.
+"""`tether check`: the same code path as `tether run`, once, as typed steps with their timing.
 
-Installers, support staff, the factory's end-of-line test and the benchmarks use it: exit 0 when the
-device enrolled (if needed), connected to an endpoint and (if enabled) received a token.
+Installers, support staff, the factory's end-of-line test (lab/eol.py reads the steps, not printed
+text) and the benchmarks use it: it passes when the device enrolled (if needed), connected to an
+endpoint and (if enabled) received a token. The CLI prints each step as it finishes (`print_step`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import queue
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
+from agent.compose import build
 from agent.config import Config
 from agent.core import supervisor as sv
 from agent.core.endpoints import Endpoint
@@ -19,101 +23,150 @@ from agent.session import ConnectError
 from hal.errors import TetherError
 
 
-class Timeline:
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
+@dataclass(frozen=True)
+class Step:
+    """One step of the check: `name` (boot steps, identity, discovery, endpoints, connect, token),
+    whether it went `ok`, how long it took (`ms`, None when not timed), what happened (`detail`) and
+    when it finished (`at_ms`, since the check started)."""
+
+    name: str
+    ok: bool
+    ms: float | None
+    detail: str
+    at_ms: float = 0.0
+
+
+@dataclass
+class CheckResult:
+    """The steps in order and the verdict. A failed connection attempt does not fail the check once a
+    later endpoint connects (the device fails over the same way)."""
+
+    device: str
+    steps: list[Step] = field(default_factory=list)
+    passed: bool = True
+
+    def step(self, name: str) -> Step | None:
+        """The last step called `name`, or None."""
+        return next((s for s in reversed(self.steps) if s.name == name), None)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+
+class _Recorder:
+    def __init__(self, result: CheckResult, on_step: Callable[[Step], None] | None) -> None:
+        self.result = result
+        self.on_step = on_step
         self.start = time.monotonic()
-        self.ok = True
 
-    def step(self, name: str, ok: bool, detail: str, seconds: float | None = None) -> None:
-        self.ok = self.ok and ok
-        took = f"{seconds * 1000:7.0f} ms" if seconds is not None else " " * 10
-        at = (time.monotonic() - self.start) * 1000
-        print(f"{at:7.0f} ms  {'ok ' if ok else 'FAIL'}  {name:<10} {took}  {detail}", file=self.out, flush=True)
+    def __call__(self, name: str, ok: bool, detail: str, seconds: float | None = None) -> None:
+        step = Step(name, ok, None if seconds is None else seconds * 1000, detail,
+                    (time.monotonic() - self.start) * 1000)
+        self.result.steps.append(step)
+        self.result.passed = self.result.passed and ok
+        if self.on_step is not None:
+            self.on_step(step)
 
 
-def check(config: Config, out: TextIO = sys.stdout, token_timeout: float | None = None) -> int:
-    """Boot, connect to the first reachable endpoint, fetch a token; print a timeline; 0 or 1."""
-    line = Timeline(out)
-    runtime = Runtime(config)
+def print_step(step: Step, out: TextIO = sys.stdout) -> None:
+    """One timeline line: when, ok/FAIL, the step, how long it took, what happened."""
+    took = f"{step.ms:7.0f} ms" if step.ms is not None else " " * 10
+    print(f"{step.at_ms:7.0f} ms  {'ok ' if step.ok else 'FAIL'}  {step.name:<10} {took}  {step.detail}",
+          file=out, flush=True)
+
+
+def check(config: Config, on_step: Callable[[Step], None] | None = None,
+          token_timeout: float | None = None) -> CheckResult:
+    """Boot, connect to the first reachable endpoint, fetch a token. Each step is handed to
+    `on_step` as it finishes; the result holds them all and the verdict."""
+    result = CheckResult(config.device.id)
+    record = _Recorder(result, on_step)
+    runtime = build(config, components=False)
     try:
-        runtime.boot(once=True, report=lambda step, s, what: line.step(step, True, what, s))
+        runtime.boot(once=True, report=lambda step, s, what: record(step, True, what, s))
     except TetherError as exc:
-        line.step("boot", False, str(exc))
-        return 1
+        record("boot", False, str(exc))
+        return result
     problems = runtime.identity.chain_problems()  # check may parse X.509; the run path does not
-    line.step("identity", not problems, "; ".join(problems) or
-              f"key ({config.keys.backend}) and chain in place for {config.device.id}, policy passed")
+    record("identity", not problems, "; ".join(problems) or
+           f"key ({config.keys.backend}) and chain in place for {config.device.id}, policy passed")
     if problems:
-        return 1
+        return result
     found = None
     if runtime.discovery.enabled:
         t = time.monotonic()
         found = runtime.rediscover("tether check")
-        line.step("discovery", found is not None, f"{len(found)} endpoint(s)" if found is not None
-                  else "failed; using cached and manual endpoints (see log)", time.monotonic() - t)
+        record("discovery", found is not None, f"{len(found)} endpoint(s)" if found is not None
+               else "failed; using cached and manual endpoints (see log)", time.monotonic() - t)
     try:
         endpoints = runtime.endpoint_list(found)
     except TetherError as exc:
-        line.step("endpoints", False, str(exc))
-        return 1
+        record("endpoints", False, str(exc))
+        return result
     if not endpoints:
-        line.step("endpoints", False, "no endpoint: set [endpoints] urls or [discovery] url")
-        return 1
-    return _connect_once(runtime, endpoints, line, token_timeout or config.token.timeout, out)
+        record("endpoints", False, "no endpoint: set [endpoints] urls or [discovery] url")
+        return result
+    _connect_once(runtime, endpoints, record, token_timeout or config.token.timeout)
+    return result
 
 
-def _connect_once(runtime: Runtime, endpoints: list[Endpoint], line: Timeline, token_timeout: float,
-                  out: TextIO) -> int:
+def _connect_once(runtime: Runtime, endpoints: list[Endpoint], record: _Recorder, token_timeout: float) -> None:
     """One round of the supervisor over `endpoints` (no backoff, no re-discovery), then the token."""
     config = runtime.config
     runtime.supervisor = supervisor = runtime.new_supervisor(endpoints, discovery=False)
     gave_up = False
 
-    def drive(event: object) -> None:
-        nonlocal gave_up
-        pending = [event]
-        while pending:
-            for action in supervisor.handle(pending.pop(0), time.time()):
-                if isinstance(action, sv.Connect):
-                    t = time.monotonic()
-                    try:
-                        runtime.session = runtime.connect(action.endpoint, epoch=action.epoch)
-                    except TetherError as exc:
-                        line.step("connect", False, str(exc), time.monotonic() - t)
-                        kind = exc.kind if isinstance(exc, ConnectError) else sv.REFUSED
-                        pending.append(sv.ConnectFailed(action.epoch, kind, str(exc)))
-                        continue
-                    line.step("connect", True, f"{action.endpoint.url()} as {config.client_id} (mTLS, MQTT "
-                              f"{config.mqtt.protocol})", time.monotonic() - t)
-                    line.ok = True  # an earlier endpoint failing is fine once one works
-                    pending.append(sv.Connected(action.epoch))
-                elif isinstance(action, sv.Backoff | sv.WaitUntil):
-                    gave_up = True
-                elif not isinstance(action, sv.AttemptFailed | sv.SessionUp | sv.SessionDown):
-                    runtime.perform(action)
+    def attempt(action: sv.Connect, now: float) -> Any:
+        t = time.monotonic()
+        try:
+            runtime.session = runtime.connect(action.endpoint, epoch=action.epoch)
+        except TetherError as exc:
+            record("connect", False, str(exc), time.monotonic() - t)
+            kind = exc.kind if isinstance(exc, ConnectError) else sv.REFUSED
+            return sv.ConnectFailed(action.epoch, kind, str(exc))
+        record("connect", True, f"{action.endpoint.url()} as {config.client_id} (mTLS, MQTT "
+               f"{config.mqtt.protocol})", time.monotonic() - t)
+        record.result.passed = True  # an earlier endpoint failing is fine once one works
+        return sv.Connected(action.epoch)
 
-    drive(sv.Start())
+    def give_up(action: Any, now: float) -> None:
+        nonlocal gave_up
+        gave_up = True
+
+    def nothing(action: Any, now: float) -> None:
+        return None
+
+    # the runtime's own handlers, except: one round only (a backoff means every endpoint failed),
+    # connection attempts become steps, and status.json is the running agent's, not the check's
+    perform = runtime.actions()
+    perform.update({sv.Connect: attempt, sv.Backoff: give_up, sv.WaitUntil: give_up, sv.AttemptFailed: nothing,
+                    sv.SessionUp: nothing, sv.SessionDown: nothing})
+
+    def feed(event: object) -> None:
+        sv.drive(supervisor, event, time.time, perform)
+
+    feed(sv.Start())
     if gave_up or runtime.session is None:
-        return 1
+        record.result.passed = False
+        return
     try:
-        if runtime.token and supervisor.refresher is not None:
+        refresher = supervisor.token_refresher()
+        if runtime.token and refresher is not None:
             t = time.monotonic()
             deadline = time.monotonic() + token_timeout
-            while runtime.token.current() is None and time.monotonic() < deadline and supervisor.state == sv.ONLINE:
+            while runtime.token.current() is None and time.monotonic() < deadline and supervisor.online():
                 try:
                     event = runtime.events.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     event = sv.Tick()
                 if event is not None:
-                    drive(event)
-            token = runtime.token.status(supervisor.refresher)
-            line.step("token", token.get("present", False),
-                      f"expires at {time.strftime('%H:%M:%S', time.localtime(token['expires_at']))}"
-                      if token.get("present") else f"no token: {token.get('last_error') or 'timed out'}",
-                      time.monotonic() - t)
+                    feed(event)
+            token = runtime.token.status(refresher)
+            record("token", token.get("present", False),
+                   f"expires at {time.strftime('%H:%M:%S', time.localtime(token['expires_at']))}"
+                   if token.get("present") else f"no token: {token.get('last_error') or 'timed out'}",
+                   time.monotonic() - t)
     finally:
         if runtime.session is not None:
             runtime.session.close()
-    print(f"{'PASS' if line.ok else 'FAIL'}: {config.device.id}", file=out)
-    return 0 if line.ok else 1

@@ -11,17 +11,24 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import config as configmod
 from agent.core.errors import CoreError
+from agent.core.jwt import decode_claims
+from agent.enroll import enroll_waiting
 from agent.errors import AgentError, ConfigError
+from agent.identity import DeviceIdentity
+from agent.ota.cli import add_ota_commands
+from agent.publish_api import publish_command
 from agent.state_owner import require_own_state
+from agent.status import read_runtime_status
+from agent.textfile import render
+from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
-
-if TYPE_CHECKING:
-    from agent.runtime import Runtime
+from hal.keys import BACKENDS, key_backend
+from provisioning.printable import EscapeOutsideInput
 
 Handler = Callable[[argparse.Namespace, configmod.Config], int]
 COMMANDS: dict[str, Handler] = {}
@@ -40,11 +47,8 @@ def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
     OpenSSL reads OPENSSL_CONF once, when `ssl` is first imported, so it cannot be set later in the
     same process (DESIGN.md "Keys"). systemd sets it through `Environment=`; by hand we re-exec once.
     """
-    from hal.keys import key_backend
-
     if not key_backend(config.key_uri.scheme).ssl_env_at_start:
         return
-    from agent.identity import DeviceIdentity
 
     env = DeviceIdentity(config).keystore.tls_env()
     if all(os.environ.get(k) == v for k, v in env.items()):
@@ -57,8 +61,6 @@ def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
 # -- identity ------------------------------------------------------------------------------------------
 @command("keygen")
 def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.identity import DeviceIdentity
-
     if args.backend and args.backend != config.key_uri.scheme:
         configmod.set_value(Path(config.sources[0]), "keys.uri", f"{args.backend}:")
         config = configmod.load(config.sources[0])
@@ -78,9 +80,6 @@ def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
 def cmd_csr(args: argparse.Namespace, config: configmod.Config) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from agent.identity import DeviceIdentity
-    from hal import storage
-
     identity = DeviceIdentity(config)
     if not identity.has_key():
         raise AgentError("no device key yet: run `tether keygen` first")
@@ -95,7 +94,6 @@ def cmd_csr(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("chain install")
 def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.identity import DeviceIdentity
     from provisioning.certs import load_certificates
 
     try:
@@ -115,8 +113,6 @@ def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int
 def cmd_enroll(args: argparse.Namespace, config: configmod.Config) -> int:
     import time
 
-    from agent.enroll import enroll_waiting
-
     if not args.wait >= 0:
         raise AgentError(f"--wait must be >= 0 seconds, got {args.wait}")
     facts = enroll_waiting(config, otp_file=args.otp_file, wait=args.wait)
@@ -128,16 +124,12 @@ def cmd_enroll(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("status")
 def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.identity import DeviceIdentity
-    from agent.status import read_runtime_status
-
     status = DeviceIdentity(config).status()
     status.update(read_runtime_status(config))
     if args.json or args.format == "json":
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
     if args.format == "prometheus":  # node_exporter's textfile collector (docs/device.md)
-        from agent.textfile import render
 
         sys.stdout.write(render(status))
         return 0
@@ -172,8 +164,6 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
 def setup_logging(verbose: bool) -> None:
     import logging
 
-    from provisioning.printable import EscapeOutsideInput
-
     # journald adds its own timestamps; elsewhere the log carries them
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -186,79 +176,25 @@ def setup_logging(verbose: bool) -> None:
 
 @command("run")
 def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.runtime import Runtime
+    from agent.compose import build  # loads ssl: only after ensure_tls_env (see ALLOWED in test_imports)
 
     setup_logging(args.verbose)
-    runtime = Runtime(config)
-    for attach in COMPONENTS:
-        attach(runtime)
-    return runtime.run()
+    return build(config).run()
 
 
 @command("check")
 def cmd_check(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.check import check
+    from agent.check import check, print_step  # loads ssl: only after ensure_tls_env
 
     if args.verbose:
         setup_logging(True)
-    return check(config)
-
-
-def attach_renewal(runtime: Runtime) -> None:
-    """Certificate renewal over EST when [est] url is set; the supervisor proves the renewed pair."""
-    if not runtime.config.est.url:
-        return
-    from agent.core.supervisor import RenewalStaged
-    from agent.renewal import Renewal
-
-    runtime.renewal = Renewal(runtime.config, runtime.identity,
-                              runtime.token.current if runtime.token else lambda: None,
-                              staged=lambda chain, key: runtime.post(RenewalStaged(chain, key)),
-                              call_soon=runtime.call_soon)
-    runtime.components.append(runtime.renewal)
-
-
-def attach_ota(runtime: Runtime) -> None:
-    """Firmware operations (515) on the session, reported in SmartREST on the upstream topic."""
-    from agent.ota.component import LazyOta
-
-    def publish(line: str) -> None:
-        if runtime.publish(runtime.topics.upstream, line, 1) is None:
-            raise AgentError("offline")  # OtaAgent keeps the report and sends it at the next session
-
-    def updater() -> Any:
-        from agent.ota.agent import OtaAgent
-
-        tokens = runtime.token
-        if tokens is None:
-            return OtaAgent(runtime.config, publish, lambda: None, runtime.request_restart)
-
-        def refresh() -> str | None:  # on the OTA worker thread: blocks it, never the control loop
-            return tokens.force_refresh(runtime.config.token.timeout)
-
-        return OtaAgent(runtime.config, publish, tokens.current, runtime.request_restart, refresh_token=refresh)
-
-    runtime.components.append(LazyOta(runtime.config, updater))
-
-
-# Runtime components (renewal, OTA, outbox) register a function that attaches them.
-COMPONENTS: list[Callable[[Runtime], None]] = [attach_renewal, attach_ota]
-
-
-def attach_outbox(runtime: Runtime) -> None:
-    if runtime.config.outbox.enabled:
-        from agent.publish_api import attach  # sqlite3 loads only when the outbox is enabled
-
-        attach(runtime)
-
-
-COMPONENTS.append(attach_outbox)
+    result = check(config, on_step=print_step)
+    print(f"{'PASS' if result.passed else 'FAIL'}: {result.device}", flush=True)
+    return result.exit_code
 
 
 @command("publish")
 def cmd_publish(args: argparse.Namespace, config: configmod.Config) -> int:
-    from agent.publish_api import publish_command
-
     return publish_command(args, config)
 
 
@@ -266,19 +202,14 @@ def cmd_publish(args: argparse.Namespace, config: configmod.Config) -> int:
 def cmd_token(args: argparse.Namespace, config: configmod.Config) -> int:
     import time
 
-    from agent.core.errors import CoreError
-    from agent.core.jwt import decode_claims
-    from agent.token import TOKEN_FILE
-    from hal import storage
-
-    data = storage.read_bytes(config.state_dir / TOKEN_FILE)
+    data = storage.read_bytes(config.state.token)
     if data is None:
-        raise AgentError(f"no token yet in {config.state_dir / TOKEN_FILE}: is `tether run` connected?")
+        raise AgentError(f"no token yet in {config.state.token}: is `tether run` connected?")
     token = data.decode().strip()
     try:
         claims = decode_claims(token)
     except CoreError as exc:
-        raise AgentError(f"{config.state_dir / TOKEN_FILE}: {exc}") from None
+        raise AgentError(f"{config.state.token}: {exc}") from None
     left = claims["exp"] - time.time()
     if args.json:
         print(json.dumps({"token": token, "expires_at": claims["exp"], "issued_at": claims.get("iat"),
@@ -318,10 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{configmod.DEFAULT_CONFIG})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from hal.keys import BACKENDS
-
     p = sub.add_parser("keygen", help="create the device key in the key store [keys] uri names")
-    p.add_argument("--backend", choices=tuple(BACKENDS), help="key store (saved to the config as [keys] uri "
+    p.add_argument("--backend", choices=tuple(s for s, b in BACKENDS.items() if b.device),
+                   help="key store (saved to the config as [keys] uri "
                    "= \"<backend>:\"; options such as the TPM's tcti stay as configured)")
     p.add_argument("--force", action="store_true", help="replace an existing key")
     # Commands that write the state, or act with it as the agent, run as the state's owner only
@@ -360,19 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg.add_parser("set", help="set a value (written to config.d/99-set-by-tether.toml)")
     p.add_argument("key")
     p.add_argument("value")
-    for extend in EXTENSIONS:
-        extend(sub)
+    for add_commands in EXTENSIONS:
+        COMMANDS.update(add_commands(sub))
     return parser
 
 
-def _ota_commands(sub: Any) -> None:
-    from agent.ota.cli import add_ota_commands
-
-    add_ota_commands(sub)
-
-
-# Features with their own command modules add their sub-commands here.
-EXTENSIONS: list[Callable[[Any], None]] = [_ota_commands]
+# Features with their own command modules: each adds its sub-commands to the parser and returns
+# their handlers by command name.
+EXTENSIONS: list[Callable[[Any], dict[str, Handler]]] = [add_ota_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

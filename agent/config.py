@@ -14,10 +14,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent.core import defaults
+from agent.core.endpoints import parse_endpoint
+from agent.core.errors import CoreError
+from agent.core.topics import Topics, check_topic_part
 from agent.core.topics import client_id as core_client_id
 from agent.errors import ConfigError
+from agent.state import StateDir
+from hal import storage
+from hal.errors import KeyStoreError
+from hal.keys import BACKENDS, KeyUri, parse_key_uri
+from provisioning.errors import ProvisioningError
+from provisioning.identity import check_device_id
 from provisioning.tomlfmt import format_value as format_value  # `tether config get` prints with it
 from provisioning.tomlfmt import to_toml as to_toml  # the lab and the tests write device configs with it
+from provisioning.weburl import UrlError, parse_https_url
 
 if typing.TYPE_CHECKING:
     from hal.keys import KeyUri
@@ -215,19 +225,22 @@ class Config(NamedTuple):
         return Path(self.device.state_dir)
 
     @property
+    def state(self) -> StateDir:
+        """Every path under the state directory (agent/state.py: the one place that names them)."""
+        return StateDir(self.device.state_dir)
+
+    @property
     def keys_dir(self) -> Path:
         """The key store's directory: the key URI's, or `<state_dir>/keys`."""
-        return Path(self.key_uri.directory or self.state_dir / "keys")
+        return Path(self.key_uri.directory or self.state.keys)
 
     @property
     def certs_dir(self) -> Path:
-        return self.state_dir / "certs"
+        return self.state.certs
 
     @property
     def key_uri(self) -> KeyUri:
         """Where the device's keys live (hal.keys.KeyUri): `[keys] uri`, or its older spelling, after load."""
-        from hal.keys import parse_key_uri
-
         return parse_key_uri(self.keys.uri or f"{self.keys.backend}:")
 
     @property
@@ -241,8 +254,6 @@ class Config(NamedTuple):
     @property
     def topics(self) -> Any:
         """Every MQTT topic the device uses (agent.core.topics.Topics; checked at load)."""
-        from agent.core.topics import Topics
-
         return Topics(self.topic_prefix, self.token.request_topic, self.token.response_topic)
 
     @property
@@ -334,9 +345,6 @@ def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], fil
     the options the URI leaves out, for the backend that declares them. Relative paths in the URI resolve
     against the file that set it. ConfigError names the file, `[keys]` and the key.
     """
-    from hal.errors import KeyStoreError
-    from hal.keys import BACKENDS, KeyUri, parse_key_uri
-
     def rank(key: str) -> int:
         return files.index(origins[("keys", key)]) if ("keys", key) in origins else -1
 
@@ -350,6 +358,10 @@ def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], fil
     except KeyStoreError as exc:
         raise ConfigError(f"{origin}: [keys] {key}: {exc}") from None
     backend = BACKENDS[uri.scheme]
+    if not backend.device:
+        raise ConfigError(f"{origin}: [keys] {key}: {uri.scheme}: keys sign for the station only; a device key "
+                          f"needs a backend `ssl` can use for mutual TLS: "
+                          f"{', '.join(s + ':' for s, b in sorted(BACKENDS.items()) if b.device)}")
     options = dict(uri.options)
     for name in backend.path_options:
         if options.get(name) and not os.path.isabs(options[name]):
@@ -393,8 +405,6 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 def _check_url(url: str, where: str) -> None:
     """An https URL by the one rule every client connects by (provisioning/weburl.py); ConfigError naming
     the key and the reason otherwise."""
-    from provisioning.weburl import UrlError, parse_https_url
-
     try:
         parse_https_url(url)
     except UrlError as exc:
@@ -404,11 +414,6 @@ def _check_url(url: str, where: str) -> None:
 def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | None = None) -> None:
     """Checks that the types cannot express, parsing values into what the agent uses (topics,
     renewal threshold, URLs). Every error names the file that set the key, the section and the key."""
-    from agent.core.errors import CoreError
-    from agent.core.topics import check_topic_part
-    from provisioning.errors import ProvisioningError
-    from provisioning.identity import check_device_id
-
     def where(section: str, key: str) -> str:
         return f"{(origins or {}).get((section, key), path)}: [{section}] {key}"
 
@@ -428,7 +433,6 @@ def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | 
     for section, key, url in (("est", "url", config.est.url), ("discovery", "url", config.discovery.url)):
         if url:
             _check_url(url, where(section, key))
-    from agent.core.endpoints import parse_endpoint
 
     for i, url in enumerate(config.endpoints.urls):
         try:
@@ -511,8 +515,6 @@ def set_value(base: Path, dotted: str, text: str) -> Path:
     The value is parsed as TOML when it is a TOML literal, as a string otherwise, and the result is
     validated by loading the whole configuration before the drop-in is replaced.
     """
-    from hal import storage
-
     section, key = _split_key(dotted)
     try:
         value: Any = tomllib.loads(f"v = {text}")["v"]

@@ -9,22 +9,20 @@ The last good document is kept in the state directory so an offline boot can sti
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 import urllib.parse
-from pathlib import Path
 
 from agent.config import Config
 from agent.core.discovery import parse_discovery
 from agent.core.endpoints import Endpoint
 from agent.core.errors import CoreError
 from agent.errors import AgentError
+from agent.state import Record
 from hal import storage
 from provisioning.weburl import UrlError, parse_https_url
 
 log = logging.getLogger(__name__)
-CACHE_FILE = "discovery.json"
 DEFAULT_PORT = 8443  # Greengrass discovery's port
 
 
@@ -75,7 +73,7 @@ class Discovery:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.cache = Path(config.state_dir) / CACHE_FILE
+        self.cache = config.state.discovery_cache
 
     @property
     def enabled(self) -> bool:
@@ -104,20 +102,23 @@ class Discovery:
         return endpoints
 
 
+def _last_good(config: Config) -> Record:
+    return Record(config.state.last_good, then="trying endpoints in their configured order")
+
+
 def save_last_good(config: Config, endpoint: Endpoint) -> None:
-    data = {"host": endpoint.host, "port": endpoint.port, "ca": endpoint.ca, "source": endpoint.source}
-    storage.atomic_write(Path(config.state_dir) / "last-good.json", json.dumps(data).encode(), storage.PUBLIC_MODE)
+    _last_good(config).save({"host": endpoint.host, "port": endpoint.port, "ca": endpoint.ca,
+                             "source": endpoint.source})
 
 
 def load_last_good(config: Config) -> Endpoint | None:
-    data = storage.read_bytes(Path(config.state_dir) / "last-good.json")
-    if data is None:
+    record = _last_good(config)
+    d = record.load()
+    if d is None:
         return None
     try:
-        d = json.loads(data)
         return Endpoint(d["host"], d["port"], d.get("ca"), "manual" if d.get("source") == "last-good"
                         else d.get("source", "manual"))
-    except (ValueError, KeyError, TypeError, CoreError) as exc:
-        storage.set_aside(Path(config.state_dir) / "last-good.json", f"unreadable: {exc}",
-                          "trying endpoints in their configured order")
+    except (KeyError, TypeError, CoreError) as exc:
+        storage.set_aside(record.path, f"unreadable: {exc}", record.then)
         return None

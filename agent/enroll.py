@@ -21,9 +21,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from agent.attest import enroll_attested
 from agent.config import Config, read_secret_file
+from agent.core.backoff import Backoff
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, DeviceIdentity
+from hal import storage
+from provisioning.errors import EnrollmentError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -44,7 +48,6 @@ def pending_csr(identity: DeviceIdentity) -> tuple[x509.CertificateSigningReques
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from hal import storage
     from provisioning.certs import common_name, same_public_key
 
     path = identity.certstore.path(PENDING_CSR)
@@ -91,7 +94,6 @@ def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str |
     fails, PolicyError when the answer is not an acceptable chain for this device; nothing is
     removed in those cases, so the same call can be repeated.
     """
-    from hal import storage
     from provisioning.certstore import chain_facts
     from provisioning.est.client import EstClient
 
@@ -100,7 +102,6 @@ def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str |
                          "(https://station:8443)")
     identity = identity or DeviceIdentity(config)
     if config.enroll.method == "tpm-attestation":  # no credentials carried: the TPM proves itself
-        from agent.attest import enroll_attested
 
         return enroll_attested(config, identity)
     auth, kind, used_file = _credentials(config, otp, otp_file)
@@ -129,8 +130,6 @@ def retry_delay(exc: BaseException, config: Config, fallback: float) -> float | 
     EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR
     (with `[enroll] method = "tpm-attestation"`: `[est] retry_after_max`, as nothing on the device can change).
     """
-    from provisioning.errors import EnrollmentError
-
     if not isinstance(exc, EnrollmentError):
         return fallback
     if not exc.retryable:
@@ -171,9 +170,6 @@ def enroll_waiting(config: Config, *, otp_file: str | None = None, wait: float =
     Any other failure is raised at once (a one-shot command reports; `tether run` retries). When
     the next wait would pass `wait`, the last EnrollmentError is raised with that said.
     """
-    from agent.core.backoff import Backoff
-    from provisioning.errors import EnrollmentError
-
     backoff = Backoff(1.0, max(config.est.retry_after_max, 1.0))
     deadline = clock() + wait
     while True:

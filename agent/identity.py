@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.errors import AgentError
+from hal.keys import open_key_uri
+from provisioning.chainfacts import read_facts
+from provisioning.errors import ProvisioningError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -34,8 +37,6 @@ class DeviceIdentity:
 
     @cached_property
     def keystore(self) -> KeyStore:
-        from hal.keys import open_key_uri
-
         return open_key_uri(self.config.key_uri, self.config.keys_dir)
 
     @cached_property
@@ -82,8 +83,6 @@ class DeviceIdentity:
 
     def chain_problems(self, now: dt.datetime | None = None) -> list[str]:
         """Why the stored chain cannot be used (empty list when it can); no chain is a problem too."""
-        from provisioning.errors import ProvisioningError
-
         try:
             chain = self.certstore.load()
         except ProvisioningError as exc:
@@ -97,8 +96,6 @@ class DeviceIdentity:
     def chain_facts(self) -> dict[str, object] | None:
         """Facts of the stored chain from chain.json; rebuilt from chain.pem (parsing X.509, logged)
         when chain.json is missing, corrupt or describes another chain.pem. None without a chain."""
-        from provisioning.chainfacts import read_facts
-
         facts = read_facts(self.config.certs_dir)
         if facts is None and (self.config.certs_dir / "chain.pem").exists():
             log.info("chain.json does not describe chain.pem (a cut between their writes, or an upgrade): "

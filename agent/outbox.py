@@ -32,9 +32,9 @@ from typing import Any, NamedTuple
 from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
+from hal import storage
 
 log = logging.getLogger("tether.outbox")
-DB_FILE = "outbox.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused, so id order is queue order
@@ -116,7 +116,6 @@ class OutboxStore:
             if _corrupt(exc):  # not a database, or a malformed one: keep it for a post-mortem, start empty
                 if getattr(self, "_db", None) is not None:
                     self._db.close()
-                from hal import storage
 
                 for suffix in ("-wal", "-shm", ""):  # the database last: its -wal belongs with it
                     storage.set_aside(Path(f"{path}{suffix}"), str(exc), "starting with an empty outbox")
@@ -245,7 +244,7 @@ class Outbox(Component):
                  status: Callable[..., None] = lambda **_: None) -> None:
         self.config = config
         self.prefix = config.topic_prefix
-        self.path = config.state_dir / DB_FILE
+        self.path = config.state.outbox
         self.send = send
         self.wake = wake
         self.status = status

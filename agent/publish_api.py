@@ -33,9 +33,9 @@ from typing import Any
 from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
+from agent.outbox import OutboxError
 
 log = logging.getLogger("tether.outbox")
-SOCKET_FILE = "publish.sock"
 MAX_LINE = 4 << 20   # a base64 line for a ~3 MiB payload; longer lines close the connection
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; longer paths are reached through /proc/self/fd
 
@@ -50,7 +50,7 @@ class PublishError(AgentError):
 
 
 def socket_path(config: Config) -> Path:
-    return Path(config.outbox.socket) if config.outbox.socket else config.state_dir / SOCKET_FILE
+    return Path(config.outbox.socket) if config.outbox.socket else config.state.publish_socket
 
 
 @contextlib.contextmanager
@@ -184,8 +184,6 @@ class PublishServer(Component):
 
     def handle(self, lines: Sequence[bytes]) -> list[dict[str, Any]]:
         """One reply per request line, in order; the well-formed ones are queued together."""
-        from agent.outbox import OutboxError
-
         parsed: list[tuple[str, bytes, int] | str] = [_parse(line) for line in lines]
         items = [p for p in parsed if not isinstance(p, str)]
         try:
@@ -228,16 +226,6 @@ def _parse(line: bytes) -> tuple[str, bytes, int] | str:
     else:
         return "payload must be a string (or use payload_b64 for bytes)"
     return request["topic"], payload, qos
-
-
-def attach(runtime: Any) -> None:
-    """Give `runtime` an outbox component and serve the publish socket (agent.cli COMPONENTS)."""
-    from agent.outbox import Outbox
-
-    outbox = Outbox(runtime.config, runtime.publish, wake=lambda: runtime.post(None), status=runtime.status)
-    server = PublishServer(socket_path(runtime.config), outbox)
-    runtime.components += [outbox, server]
-    server.try_start()  # a failure must not stop the agent: the session and identity matter more
 
 
 # -- client (device applications, `tether publish`) -------------------------------------------------------

@@ -31,13 +31,14 @@ from agent.component import Component
 from agent.config import Config, read_private_secret
 from agent.core.backoff import Backoff
 from agent.core.retry import Retry
+from agent.enroll import retry_delay
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, NEXT_KEY_LABEL, DeviceIdentity
-from hal import storage
+from agent.state import Record
 from hal.errors import TetherError
+from provisioning.errors import EnrollmentError
 
 log = logging.getLogger("tether.renewal")
-STATE_FILE = "renewal.json"
 STAGED_CHAIN = "chain.next.pem"
 _UNKNOWN = object()  # due_at not computed since the chain or the state last changed
 
@@ -60,7 +61,8 @@ class Renewal(Component):
         self.call_soon = call_soon
         self.clock = clock
         self.rand = rand
-        self.path = config.state_dir / STATE_FILE
+        self.record = Record(config.state.renewal, then="no renewal in progress")
+        self.path = self.record.path
         self.retry = Retry(Backoff(min(config.renewal.retry, 60.0), max(config.renewal.retry, 60.0) * 12))
         self._worker: threading.Thread | None = None
         self.fatal: str | None = None
@@ -72,12 +74,12 @@ class Renewal(Component):
         # this object is the file's only writer, so it is read once and then kept in memory: the
         # runtime ticks every second and must not read two files each time
         if self._state is None:
-            self._state = storage.read_json(self.path)
+            self._state = self.record.load() or {}
         return self._state
 
     def _save(self, **fields: Any) -> None:
         state = {**self.state(), **fields, "updated_at": int(self.clock())}
-        storage.write_json(self.path, state)
+        self.record.save(state)
         self._state = state
         self._due = _UNKNOWN
 
@@ -143,7 +145,6 @@ class Renewal(Component):
 
         Touches only chain.next.pem and the next key, never renewal.json: the control loop records
         the outcome."""
-        from provisioning.errors import EnrollmentError
         from provisioning.est.client import BearerAuth, ClientCertAuth, EstClient
 
         if not self.config.est.url:
@@ -203,8 +204,6 @@ class Renewal(Component):
         station's Retry-After); a fatal one (revoked, CSR refused, no token to present) stops renewal
         until the agent restarts. Logged before the state is written: whoever sees the error recorded
         finds its log line."""
-        from agent.enroll import retry_delay
-
         now = self.clock()
         at = self.retry.after(error is None or error.retryable, now, self.rand())
         if at is not None and error is not None:

@@ -25,6 +25,7 @@ from agent import systemd
 from agent.boot import BootSequence
 from agent.component import Component
 from agent.config import Config
+from agent.control import RESTART_EXIT, Call, ControlLoop, SessionLink, publish_on
 from agent.core import supervisor as sv
 from agent.core.backoff import Backoff
 from agent.core.endpoints import Endpoint, order_endpoints, parse_endpoint
@@ -32,73 +33,68 @@ from agent.core.errors import CoreError
 from agent.core.retry import Retry
 from agent.core.token_schedule import TokenRefresher
 from agent.discovery import Discovery, DiscoveryError, load_last_good, save_last_good
+from agent.enroll import credentials_stamp, retry_delay
 from agent.errors import AgentError, ConfigError
 from agent.identity import KEY_LABEL, DeviceIdentity
+from agent.renewal import Renewal
 from agent.session import ConnectError, Session
-from agent.status import StatusFile
 from agent.tls import client_context
 from agent.token import TokenService
 from hal.errors import TetherError
+from provisioning.errors import EnrollmentError
 
 log = logging.getLogger("tether")
-RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched slots
+__all__ = ["RESTART_EXIT", "Runtime"]
 CREDENTIALS_POLL = 2.0  # seconds between looks at the credential files after the station refused them
 MAX_SLEEP = 60.0  # the longest the control loop sleeps without an event or a deadline
 
 
-class Call:
-    """A function a worker thread hands to the control loop to run there."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.fn = fn
-
-
 class Runtime:
-    """The agent's control loop. `run()` until SIGTERM; `tether check` uses its pieces once."""
+    """The agent's control loop. `run()` until SIGTERM; `tether check` uses its pieces once. Built by
+    agent/compose.py, which makes every part and hands it in."""
 
-    def __init__(self, config: Config, *, rand: Callable[[], float] = random.random,
+    def __init__(self, config: Config, *, loop: ControlLoop, link: SessionLink, identity: DeviceIdentity,
+                 discovery: Discovery, token: TokenService | None, renewal: Renewal | None,
+                 components: list[Component], rand: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.identity = DeviceIdentity(config)
-        self.events: queue.Queue[Any] = queue.Queue()
-        self.stopping = threading.Event()
+        self.loop = loop
+        self.link = link
+        self.identity = identity
+        self.discovery = discovery
+        self.token = token
+        self.renewal = renewal  # also in components; the supervisor's Promote and Disprove go to it
+        self.components = components
         self.rand = rand
         self.clock = clock
-        self.discovery = Discovery(config)
         self.topics = config.topics
-        self.token = TokenService(config, clock=clock) if config.token.enabled else None
-        if self.token:
-            self.token.wanted = lambda: self.post(sv.TokenWanted())
-        self.components: list[Component] = []
-        self.renewal: Any = None  # agent.renewal.Renewal when [est] url is set (also in components)
         self.supervisor: sv.Supervisor | None = None
         self.session: Session | None = None
-        self.status_file = StatusFile(config)
         self.ready_sent = False
         self._contexts: dict[tuple[str | None, str, str], ssl.SSLContext] = {}
         self._token_status: dict[str, Any] = {}
-        self.exit_code = 0
+        self._perform = self.actions()
 
-    # -- posting to the loop (any thread) ----------------------------------------------------------
+    # -- the loop's inbox (any thread) -------------------------------------------------------------
+    @property
+    def events(self) -> queue.Queue[Any]:
+        return self.loop.events
+
+    @property
+    def stopping(self) -> threading.Event:
+        return self.loop.stopping
+
     def post(self, event: Any) -> None:
         """Queue a supervisor event (network thread, signal handler, worker)."""
-        self.events.put(event)
+        self.loop.post(event)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the control loop: how workers hand back results without sharing state."""
-        self.events.put(Call(fn))
+        self.loop.call_soon(fn)
 
     def status(self, **fields: Any) -> None:
-        """Merge `fields` into status.json. The control loop is its only writer: other threads post."""
-        if self.status_file.owner is not None and threading.current_thread() is not self.status_file.owner:
-            self.call_soon(lambda: self.status(**fields))
-            return
-        try:
-            self.status_file.update(**fields)
-        except TetherError as exc:  # a full disk must not take the session down
-            log.warning("cannot write status: %s", exc)
+        """Merge `fields` into status.json (from the control loop; other threads' writes are posted)."""
+        self.loop.status(**fields)
 
     # -- endpoints ---------------------------------------------------------------------------------
     def manual_endpoints(self) -> list[Endpoint]:
@@ -171,9 +167,6 @@ class Runtime:
         station refused (a spent one-time password, a revoked device) waits for new credentials; any
         other fatal error (no [est] url, a refused chain, bad configuration) is raised. The error decides
         (its `retryable`, the station's Retry-After), never its text. False if stopped first."""
-        from agent.enroll import credentials_stamp, retry_delay
-        from provisioning.errors import EnrollmentError
-
         sequence = BootSequence(self.config, self.identity, report)
         retry = Retry(Backoff(self.config.mqtt.backoff_base, max(self.config.mqtt.backoff_cap, 1.0)))
         while not self.stopping.is_set():
@@ -214,7 +207,7 @@ class Runtime:
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> int:
-        self.status_file.owner = threading.current_thread()
+        self.loop.status_file.owner = threading.current_thread()
         self._install_signals()
         if not self.boot():
             return 0
@@ -252,7 +245,7 @@ class Runtime:
         systemd.notify("STOPPING=1")
         self.status(session="stopped", endpoint=None)
         log.info("stopped")
-        return self.exit_code
+        return self.loop.exit_code
 
     def _wait(self, watchdog: float | None) -> Any:
         """The next event, or None once the earliest deadline (supervisor, components, watchdog) has come.
@@ -273,79 +266,33 @@ class Runtime:
     def feed(self, event: Any) -> None:
         """Hand `event` to the supervisor and perform what it asks, until it asks nothing more."""
         assert self.supervisor is not None
-        pending = [event]
-        while pending:
-            actions = self.supervisor.handle(pending.pop(0), self.clock())
-            for action in actions:
-                follow = self.perform(action)
-                if follow is not None:
-                    pending.append(follow)
-        if self.token is not None and self.supervisor.refresher is not None:
-            token_status = self.token.status(self.supervisor.refresher)
+        sv.drive(self.supervisor, event, self.clock, self._perform)
+        refresher = self.supervisor.token_refresher()
+        if self.token is not None and refresher is not None:
+            token_status = self.token.status(refresher)
             if token_status != self._token_status:
                 self._token_status = token_status
                 self.status(token=token_status)
 
-    def perform(self, action: Any) -> Any:
-        """Do one action; return the event it produced (a connection attempt's outcome), if any."""
-        if isinstance(action, sv.Connect | sv.ProveCandidate):
-            return self._attempt(action)
-        if isinstance(action, sv.Subscribe | sv.Publish):
-            session = self.session
-            if session is not None and session.epoch == action.epoch:
-                if isinstance(action, sv.Subscribe):
-                    session.subscribe(action.topic, action.qos)
-                else:
-                    self._publish(session, action.topic, action.payload, action.qos)
-            return None
-        if isinstance(action, sv.SessionUp):
-            self._session_up(action.endpoint)
-        elif isinstance(action, sv.SessionDown):
-            self._session_down(action.reason)
-        elif isinstance(action, sv.Close):
-            self._close(action.epoch)
-        elif isinstance(action, sv.Operation):
-            if not any(c.on_operation(action.line) for c in self.components):
-                log.info("operation: no handler for %r", action.line[:60])
-        elif isinstance(action, sv.Delivered):
-            for c in self.components:
-                c.on_acked(action.mid)
-        elif isinstance(action, sv.TokenAdopted):
-            if self.token is not None:
-                try:
-                    self.token.adopted(action.token, action.schedule)
-                except TetherError as exc:  # the token is in memory; local applications read the file
-                    log.warning("token: cannot store it: %s", exc)
-        elif isinstance(action, sv.AttemptFailed):
-            log.warning("session: %s: %s", action.endpoint.url(), action.reason)
-            self.status(session="connecting", last_error=f"{action.endpoint.url()}: {action.reason}",
-                        endpoint_errors=dict(self.supervisor.errors) if self.supervisor else {})
-        elif isinstance(action, sv.Backoff):
-            log.warning("session: all %d endpoint(s) failed; next round in %.1f s", action.endpoints, action.seconds)
-        elif isinstance(action, sv.Rediscover):
-            found = self.rediscover(action.why)
-            if found is not None:
-                found = self.endpoint_list(found)
-                self._contexts.clear()  # a rotated CA comes with the new list
-            return sv.Discovered(found)
-        elif isinstance(action, sv.Promote):
-            self._contexts.clear()  # chain.pem (and maybe the key) change under the cached contexts
-            self.renewal.proven()
-            self.status(renewal=self.renewal.status())
-        elif isinstance(action, sv.Disprove):
-            self._contexts.clear()
-            self.renewal.disproven(action.reason)
-            self.status(renewal=self.renewal.status())
-        elif isinstance(action, sv.Problem):
-            log.warning("%s: %s", action.what, action.detail)
-        elif isinstance(action, sv.Deliver):
-            log.debug("message on %s not handled", action.topic)
-        return None  # WaitUntil: the loop's wait reads supervisor.deadline()
+    def actions(self) -> dict[type, Callable[[Any, float], Any]]:
+        """Action type -> handler(action, now) returning the event it caused, if any: every action
+        the supervisor can return (`Supervisor.ACTIONS`) has one (tests/unit/test_drivers.py)."""
+        return {
+            sv.Connect: self._attempt, sv.ProveCandidate: self._attempt,
+            sv.Subscribe: self._subscribe, sv.Publish: self._publish_action,
+            sv.SessionUp: self._session_up, sv.SessionDown: self._session_down, sv.Close: self._close,
+            sv.Operation: self._operation, sv.Delivered: self._delivered, sv.TokenAdopted: self._token_adopted,
+            sv.AttemptFailed: self._attempt_failed, sv.Backoff: self._backoff, sv.Rediscover: self._rediscover,
+            sv.Promote: self._promote, sv.Disprove: self._disprove, sv.Problem: self._problem,
+            sv.Deliver: self._deliver,
+            sv.WaitUntil: self._nothing,  # the loop's wait asks supervisor.deadline()
+        }
 
-    def _attempt(self, action: Any) -> Any:
-        proving = isinstance(action, sv.ProveCandidate)
-        chain, key = (action.chain, action.key) if proving else ("chain.pem", KEY_LABEL)
-        if proving:
+    # -- performing actions ----------------------------------------------------------------------
+    def _attempt(self, action: sv.Connect | sv.ProveCandidate, now: float) -> Any:
+        chain, key = ("chain.pem", KEY_LABEL)
+        if isinstance(action, sv.ProveCandidate):
+            chain, key = action.chain, action.key
             log.info("session: proving the renewed certificate on %s", action.endpoint.url())
         try:
             self.session = self.connect(action.endpoint, chain, key, epoch=action.epoch)
@@ -355,59 +302,104 @@ class Runtime:
             return sv.ConnectFailed(action.epoch, sv.REFUSED, f"cannot use the certificate and key: {exc}")
         return sv.Connected(action.epoch)
 
-    def _publish(self, session: Session, topic: str, payload: bytes | str, qos: int) -> int | None:
-        try:
-            return session.publish(topic, payload, qos)
-        except AgentError as exc:  # the session is going down; its Disconnected follows
-            log.info("session: %s", exc)
-            return None
+    def _subscribe(self, action: sv.Subscribe, now: float) -> None:
+        session = self.session
+        if session is not None and session.epoch == action.epoch:
+            session.subscribe(action.topic, action.qos)
 
-    def _session_up(self, endpoint: Endpoint) -> None:
+    def _publish_action(self, action: sv.Publish, now: float) -> None:
+        session = self.session
+        if session is not None and session.epoch == action.epoch:
+            publish_on(session, action.topic, action.payload, action.qos)
+
+    def _operation(self, action: sv.Operation, now: float) -> None:
+        if not any(c.on_operation(action.line) for c in self.components):
+            log.info("operation: no handler for %r", action.line[:60])
+
+    def _delivered(self, action: sv.Delivered, now: float) -> None:
+        for c in self.components:
+            c.on_acked(action.mid)
+
+    def _token_adopted(self, action: sv.TokenAdopted, now: float) -> None:
+        if self.token is not None:
+            try:
+                self.token.adopted(action.token, action.schedule)
+            except TetherError as exc:  # the token is in memory; local applications read the file
+                log.warning("token: cannot store it: %s", exc)
+
+    def _attempt_failed(self, action: sv.AttemptFailed, now: float) -> None:
+        log.warning("session: %s: %s", action.endpoint.url(), action.reason)
+        self.status(session="connecting", last_error=f"{action.endpoint.url()}: {action.reason}",
+                    endpoint_errors=self.supervisor.endpoint_errors() if self.supervisor else {})
+
+    def _backoff(self, action: sv.Backoff, now: float) -> None:
+        log.warning("session: all %d endpoint(s) failed; next round in %.1f s", action.endpoints, action.seconds)
+
+    def _rediscover(self, action: sv.Rediscover, now: float) -> sv.Discovered:
+        found = self.rediscover(action.why)
+        if found is not None:
+            found = self.endpoint_list(found)
+            self._contexts.clear()  # a rotated CA comes with the new list
+        return sv.Discovered(found)
+
+    def _promote(self, action: sv.Promote, now: float) -> None:
+        self._contexts.clear()  # chain.pem (and maybe the key) change under the cached contexts
+        if self.renewal is not None:  # always: only a pair renewal staged is proven
+            self.renewal.proven()
+            self.status(renewal=self.renewal.status())
+
+    def _disprove(self, action: sv.Disprove, now: float) -> None:
+        self._contexts.clear()
+        if self.renewal is not None:
+            self.renewal.disproven(action.reason)
+            self.status(renewal=self.renewal.status())
+
+    def _problem(self, action: sv.Problem, now: float) -> None:
+        log.warning("%s: %s", action.what, action.detail)
+
+    def _deliver(self, action: sv.Deliver, now: float) -> None:
+        log.debug("message on %s not handled", action.topic)
+
+    def _nothing(self, action: Any, now: float) -> None:
+        return None
+
+    def _session_up(self, action: sv.SessionUp, now: float) -> None:
+        endpoint = action.endpoint
         try:
             save_last_good(self.config, endpoint)
         except TetherError as exc:  # a full disk must not take the agent down: the session works
             log.warning("cannot remember the last good endpoint: %s", exc)
+        self.link.up(self.session)
         for c in self.components:
             c.on_session_up()
         self.status(session="online", endpoint=endpoint.url(), last_error=None, connected_at=int(time.time()),
-                    endpoint_errors=dict(self.supervisor.errors) if self.supervisor else {})
+                    endpoint_errors=self.supervisor.endpoint_errors() if self.supervisor else {})
         if not self.ready_sent:
             systemd.notify(f"READY=1\nSTATUS=online via {endpoint.url()}")
             self.ready_sent = True
 
-    def _session_down(self, reason: str) -> None:
+    def _session_down(self, action: sv.SessionDown, now: float) -> None:
+        reason = action.reason
         session = self.session
         if session is not None and session.endpoint is not None and not self.stopping.is_set():
             log.warning("session: lost %s: %s", session.endpoint.url(), reason)
             self.status(session="reconnecting", last_error=f"{session.endpoint.url()}: {reason}")
-        self._close(session.epoch if session is not None else -1)
+        self._close_session(session.epoch if session is not None else -1)
         for c in self.components:
             c.on_session_down()
 
-    def _close(self, epoch: int) -> None:
+    def _close(self, action: sv.Close, now: float) -> None:
+        self._close_session(action.epoch)
+
+    def _close_session(self, epoch: int) -> None:
         session = self.session
         if session is not None and session.epoch == epoch:
+            self.link.down()
             session.close()
             self.session = None
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> int | None:
-        """Publish on the live session; None when offline (callers with guarantees use the outbox).
-        Any thread: paho only queues the message, the session's network thread writes it."""
-        session = self.session
-        if session is None or self.supervisor is None or self.supervisor.state != sv.ONLINE:
-            return None
-        return self._publish(session, topic, payload, qos)
-
     def stop(self) -> None:
-        self.stopping.set()
-        self.events.put(None)  # wake the loop
-
-    def request_restart(self) -> None:
-        """Stop cleanly and exit with RESTART_EXIT so the service manager starts the new version
-        (systemd `Restart=on-failure`; the demo's supervisor does the same)."""
-        log.info("restart requested (an update switched slots): stopping with exit code %d", RESTART_EXIT)
-        self.exit_code = RESTART_EXIT
-        self.stop()
+        self.loop.stop()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():

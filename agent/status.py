@@ -13,13 +13,15 @@ import time
 from typing import Any
 
 from agent.config import Config
-from hal import storage
+from agent.state import Record
 
-STATUS_FILE = "status.json"
+
+def _record(config: Config) -> Record:
+    return Record(config.state.status, then="the next update writes it afresh")
 
 
 def read_runtime_status(config: Config) -> dict[str, Any]:
-    return storage.read_json(config.state_dir / STATUS_FILE)
+    return _record(config).load() or {}
 
 
 class StatusFile:
@@ -27,7 +29,8 @@ class StatusFile:
     allowed to update it once set (the runtime sets it to its control loop)."""
 
     def __init__(self, config: Config) -> None:
-        self.path = config.state_dir / STATUS_FILE
+        self.record = _record(config)
+        self.path = self.record.path
         self.config = config
         self.owner: threading.Thread | None = None
         self._status: dict[str, Any] | None = None
@@ -38,5 +41,5 @@ class StatusFile:
             self._status = read_runtime_status(self.config)
         self._status.update(fields)
         self._status["updated_at"] = int(time.time())
-        storage.write_json(self.path, self._status)
+        self.record.save(self._status)
         return dict(self._status)

@@ -13,28 +13,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from agent.config import Config
 from hal import storage
 
 log = logging.getLogger(__name__)
-TOKEN_FILE = "token.jwt"  # noqa: S105 (a file name, not a secret)
 
 
 class TokenService:
-    """The adopted token. `wanted()` is set by the runtime: it posts a TokenWanted to the loop."""
+    """The adopted token. `wanted()` (given by the composition root) posts a TokenWanted to the loop:
+    a consumer was refused with the current token."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 wanted: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.clock = clock
-        self.path = Path(config.state_dir) / TOKEN_FILE
+        self.path = config.state.token
         self._changed = threading.Condition()
         self._token: str | None = None
         self._expires_at = 0.0
         self.refreshes = 0
-        self.wanted: Callable[[], None] = lambda: None
+        self.wanted = wanted
 
     def adopted(self, token: str, schedule: Any) -> None:
         """The supervisor adopted `token` (a TokenSchedule in `schedule`): persist and publish it."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -78,21 +77,17 @@ def read_json(path: Path) -> Any:
 def worker(spec_file: str) -> int:
     import logging
 
+    from agent.compose import build
     from agent.config import load
-    from agent.runtime import Runtime
+    from agent.outbox import Outbox
 
     spec = json.loads(Path(spec_file).read_text())
     stats_file, go_file = Path(spec["stats"]), Path(spec["go"])
     logging.basicConfig(level=logging.WARNING, filename=spec["log"],
                         format="%(asctime)s %(threadName)s %(name)s %(message)s")
-    runtimes = [Runtime(load(c)) for c in spec["configs"]]
-    outboxes: list[Any] = []
-    if spec.get("outbox"):
-        from agent.outbox import Outbox
-
-        for r in runtimes:  # what agent.publish_api.attach does, without 4,000 local sockets
-            outboxes.append(Outbox(r.config, r.publish, wake=functools.partial(r.post, None), status=r.status))
-            r.components.append(outboxes[-1])
+    # as `tether run` builds them, without 4,000 local publish sockets ([outbox] enabled when spec["outbox"])
+    runtimes = [build(load(c), publish_socket=False) for c in spec["configs"]]
+    outboxes: list[Any] = [c for r in runtimes for c in r.components if isinstance(c, Outbox)]
     marks_done: set[str] = set()
     enrolled_at: list[float | None] = [None] * len(runtimes)
     stopping = threading.Event()

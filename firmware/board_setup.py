@@ -9,8 +9,8 @@ runs. Nothing that runs after start() imports it (tests/unit/test_layers.py, rul
 from session import Session
 
 from agent.core.backoff import Backoff
+from agent.core.connection import Connection
 from agent.core.endpoints import order_endpoints, parse_endpoint
-from agent.core.supervisor import Supervisor
 from agent.core.token_schedule import TokenRefresher
 from agent.core.topics import Topics, client_id
 
@@ -32,7 +32,7 @@ def build_session(config, connect, clock, wait, rand, on_event):
     CoreError for bad endpoint URLs or topic prefixes."""
     endpoints, topics, cid = parse_config(config)
     base, cap = config["backoff_base"], config["backoff_cap"]
-    supervisor = Supervisor(endpoints, Backoff(base, cap), topics, rand,
+    supervisor = Connection(endpoints, Backoff(base, cap), topics, rand,
                             TokenRefresher(Backoff(base, cap), config["token_timeout"]),
                             heartbeat=config["heartbeat_interval"])
     return Session(cid, supervisor, connect, clock, wait, on_event, keepalive=config["keepalive"],

@@ -16,7 +16,7 @@ SHIPPED = (
     "agent/core/smartrest.py",
     "agent/core/topics.py",
     "agent/core/events.py",
-    "agent/core/supervisor.py",
+    "agent/core/connection.py",
     "firmware/mqtt_codec.py",
     "firmware/session.py",
     "firmware/net.py",
@@ -26,8 +26,9 @@ SHIPPED = (
 )
 # Copied as source, not compiled: boards run only main.py (and boot.py) from the filesystem.
 STUBS = ("firmware/main.py",)
-# agent/core/discovery.py stays out: boards take endpoints from tether.json (no HTTPS client
-# for the discovery API fits), and the Linux agent uses it.
+# agent/core/discovery.py, supervisor.py and supervisor_events.py stay out: boards take endpoints
+# from tether.json (no HTTPS client for the discovery API fits) and renew nothing, so they run the
+# Connection alone; the Linux agent's Supervisor adds discovery and renewal proof.
 
 if "freeze" in globals():  # defined only when MicroPython's makemanifest runs this file
     # Paths in a manifest are relative to the manifest's own directory (firmware/).

@@ -1,6 +1,6 @@
-"""The board's MQTT session: a thin driver of the connection supervisor (agent/core/supervisor.py).
+"""The board's MQTT session: a thin driver of the connection machine (agent/core/connection.py).
 
-The supervisor decides: which endpoint next, when a failed round backs off, what a ``71`` line on
+The machine decides: which endpoint next, when a failed round backs off, what a ``71`` line on
 the token response topic means, when the token and the heartbeat are due. This module only does
 what it asks over the wire: it opens a transport, frames MQTT (firmware/mqtt_codec.py), numbers
 packets, keeps the connection alive (PINGREQ), and feeds back what happened as events of the
@@ -28,7 +28,8 @@ returns seconds; ``wait(seconds)`` blocks while disconnected. Progress is report
 
 import mqtt_codec as mq
 
-from agent.core import supervisor as sv
+from agent.core import events as sv
+from agent.core.connection import drive
 
 DISCONNECTED = "disconnected"
 CONNECTING = "connecting"    # CONNECT sent, waiting for CONNACK
@@ -55,7 +56,7 @@ def _kind(exc):
 
 
 class Session:
-    """Drives ``supervisor`` (an agent.core.supervisor.Supervisor) over MQTT; call ``step()`` in a loop."""
+    """Drives ``supervisor`` (an agent.core.connection.Connection) over MQTT; call ``step()`` in a loop."""
 
     def __init__(self, client_id, supervisor, connect, clock, wait, on_event=None, keepalive=60,
                  connect_timeout=10, ack_timeout=20, max_packet=mq.DEFAULT_MAX_PACKET):
@@ -81,6 +82,14 @@ class Session:
         self._next_id = 0
         self._subs = []        # packet ids of SUBSCRIBEs without SUBACK
         self._inflight = {}    # packet id -> time sent
+        # action type -> handler(action, now): drive() refuses an action without one
+        self._perform = {
+            sv.Publish: self._publish, sv.Subscribe: self._subscribe, sv.Connect: self._open,
+            sv.Close: self._close, sv.SessionDown: self._session_down, sv.SessionUp: self._nothing,
+            sv.AttemptFailed: self._attempt_failed, sv.Backoff: self._round_failed, sv.WaitUntil: self._backoff,
+            sv.TokenAdopted: self._token_adopted, sv.Delivered: self._delivered, sv.Problem: self._problem,
+            sv.Operation: self._operation, sv.Deliver: self._message,
+        }
 
     # -- public API --------------------------------------------------------------------------
 
@@ -108,9 +117,10 @@ class Session:
             self._lost("out of memory")
 
     def _idle_step(self, now):
-        if self.sup.state == sv.CONNECTING:
+        epoch = self.sup.attempting()
+        if epoch is not None:
             # the supervisor asked for an attempt that a MemoryError stopped before it started
-            self._feed(sv.ConnectFailed(self.sup.epoch, sv.UNREACHABLE, "memory: out of memory"), now)
+            self._feed(sv.ConnectFailed(epoch, sv.UNREACHABLE, "memory: out of memory"), now)
             return
         at = self.sup.deadline()
         if at is not None and now < at:
@@ -134,8 +144,7 @@ class Session:
 
     def token(self):
         """The current access token if valid now, else None."""
-        refresher = self.sup.refresher
-        return refresher.token(self._clock()) if refresher is not None else None
+        return self.sup.token(self._clock())
 
     def close(self):
         """Stop the supervisor: DISCONNECT (best effort) and close the transport."""
@@ -145,63 +154,68 @@ class Session:
     # -- feeding the supervisor --------------------------------------------------------------
 
     def _feed(self, event, now):
-        """Hand ``event`` to the supervisor and perform its actions, and those of what they cause."""
-        pending = [event]
-        while pending:
-            for action in self.sup.handle(pending.pop(), now):
-                follow = self._perform(action, now)
-                if follow is not None:
-                    pending.append(follow)
+        """Hand ``event`` to the supervisor and perform its actions, and those of what they cause
+        (``now`` is kept for every one: the board's clock is read once per step)."""
+        drive(self.sup, event, lambda: now, self._perform)
 
-    def _perform(self, action, now):
-        """Do one action; return the event it caused (a failed attempt or send), if any."""
-        t = type(action)
-        if t is sv.Publish or t is sv.Subscribe:
-            if self._transport is None or action.epoch != self.epoch:
-                return None  # that session is gone; the supervisor hears it through its own event
-            pid = self._packet_id() if action.qos else None
-            if t is sv.Subscribe:
-                self._subs.append(pid)
-                data = mq.encode_subscribe(pid, [(action.topic, action.qos)])
-            else:
-                if pid is not None:
-                    self._inflight[pid] = now
-                if action.topic == self.sup.topics.token_request:
-                    self._emit("token_requested", now)
-                data = mq.encode_publish(action.topic, action.payload, action.qos, pid)
-            return self._send_or_lose(data)
-        if t is sv.Connect:
-            return self._open(action, now)
-        if t is sv.Close:
-            if self._transport is not None and action.epoch == self.epoch:
-                try:
-                    self._transport.send(mq.encode_disconnect())
-                except OSError:
-                    pass  # closing anyway; the broker will notice the socket go
-                self._drop()
-        elif t is sv.SessionDown:
-            if action.epoch == self.epoch:
-                self._drop()
-            self._emit("disconnected", action.reason)
-        elif t is sv.AttemptFailed:
-            self._emit("connect_failed", (action.endpoint, action.reason))
-        elif t is sv.Backoff:
-            self._emit("round_failed", self.sup.rotation)
-        elif t is sv.WaitUntil:
-            self._emit("backoff", action.at - now)
-        elif t is sv.TokenAdopted:
-            self._emit("token", action.schedule)
-        elif t is sv.Delivered:
-            self._emit("published", action.mid)
-        elif t is sv.Problem:
-            self._emit("token_error" if action.what == "token" else "problem", action.detail)
-        elif t is sv.Operation:
-            self._emit("operation", action.line)
-        elif t is sv.Deliver:
-            self._emit("message", (action.topic, action.payload))
-        # SessionUp: "ready" follows the SUBACKs. A board has no renewal or discovery, so
-        # ProveCandidate, Promote, Disprove and Rediscover never come.
-        return None
+    # -- performing actions: each returns the event it caused (a failed attempt or send), if any --
+
+    def _publish(self, action, now):
+        if self._transport is None or action.epoch != self.epoch:
+            return None  # that session is gone; the supervisor hears it through its own event
+        pid = self._packet_id() if action.qos else None
+        if pid is not None:
+            self._inflight[pid] = now
+        if action.topic == self.sup.token_topic():
+            self._emit("token_requested", now)
+        return self._send_or_lose(mq.encode_publish(action.topic, action.payload, action.qos, pid))
+
+    def _subscribe(self, action, now):
+        if self._transport is None or action.epoch != self.epoch:
+            return None
+        pid = self._packet_id() if action.qos else None
+        self._subs.append(pid)
+        return self._send_or_lose(mq.encode_subscribe(pid, [(action.topic, action.qos)]))
+
+    def _close(self, action, now):
+        if self._transport is not None and action.epoch == self.epoch:
+            try:
+                self._transport.send(mq.encode_disconnect())
+            except OSError:
+                pass  # closing anyway; the broker will notice the socket go
+            self._drop()
+
+    def _session_down(self, action, now):
+        if action.epoch == self.epoch:
+            self._drop()
+        self._emit("disconnected", action.reason)
+
+    def _nothing(self, action, now):
+        return None  # SessionUp: "ready" follows the SUBACKs
+
+    def _attempt_failed(self, action, now):
+        self._emit("connect_failed", (action.endpoint, action.reason))
+
+    def _round_failed(self, action, now):
+        self._emit("round_failed", self.sup.round())
+
+    def _backoff(self, action, now):
+        self._emit("backoff", action.at - now)
+
+    def _token_adopted(self, action, now):
+        self._emit("token", action.schedule)
+
+    def _delivered(self, action, now):
+        self._emit("published", action.mid)
+
+    def _problem(self, action, now):
+        self._emit("token_error" if action.what == "token" else "problem", action.detail)
+
+    def _operation(self, action, now):
+        self._emit("operation", action.line)
+
+    def _message(self, action, now):
+        self._emit("message", (action.topic, action.payload))
 
     # -- the wire ------------------------------------------------------------------------------
 

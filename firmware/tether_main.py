@@ -13,7 +13,7 @@ A missing or bad file or setting prints one line, ``tether: cannot start: <file>
 main() returns to the REPL instead of rebooting into the same failure.
 
 While running, each session event is one line on the console, ``tether: <event> <detail>``
-(listed in session.py's docstring; the decisions behind them are agent/core/supervisor.py's), the
+(listed in session.py's docstring; the decisions behind them are agent/core/connection.py's), the
 only log a bare board has; tests read them too.
 """
 

@@ -24,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from hal.storage import write_json
+from lab.jws import JwtRejected, verify_jwt
 from lab.procs import LabError
 from provisioning.tlsserver import restrict_key_exchange
 
@@ -240,7 +242,6 @@ class ArtifactServer:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return False
-        from lab.jws import JwtRejected, verify_jwt
 
         try:
             verify_jwt(token.strip(), self.jwt_key)
@@ -276,8 +277,6 @@ def main(argv: list[str] | None = None) -> int:
         raise LabError(f"artifact server cannot start on {args.host}:{args.port}: {exc}") from exc
     print(f"serving {args.root} on {server.url()}", flush=True)
     if args.port_file:
-        from hal.storage import write_json
-
         write_json(args.port_file, {"https": server.port})
     try:
         threading.Event().wait()

@@ -19,10 +19,14 @@ import sys
 import threading
 from pathlib import Path
 
+from agent.config import load
 from hal.about import VersionAction
 from hal.errors import TetherError
 from lab.core import BROKER_KINDS, Lab, LabSettings, wait_ready
+from lab.eol import end_of_line_check
+from lab.ota import host_release, send_update
 from lab.procs import LabError, wait_until
+from provisioning.identity import check_device_id
 
 
 def lab_dir(value: str | None) -> Path:
@@ -103,8 +107,6 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
-    from provisioning.identity import check_device_id
-
     check_device_id(args.device_id, "DEVICE_ID")  # before the lab (or anything on disk) is touched
     path = Lab.attach(lab_dir(args.dir)).device(args.device_id, tpm_tcti=args.tpm_tcti)
     print(path)
@@ -112,15 +114,10 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from agent.config import load
-    from lab.eol import end_of_line_check
-
     return end_of_line_check(load(args.config))
 
 
 def cmd_ota(args: argparse.Namespace) -> int:
-    from lab.ota import host_release, send_update
-
     lab = Lab.attach(lab_dir(args.dir))
     release = host_release(lab, Path(args.release_dir))
     print(send_update(lab, args.device, release))

@@ -28,8 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.tls import client_context
+from hal.keys import KeyUri, TlsKey
+from lab.artifacts import ArtifactServer
+from lab.discovery import DiscoveryServer, greengrass_document
 from lab.mosquitto import BrokerFiles, Mosquitto, acl_text
 from lab.procs import LabError, Proc, read_port_file, wait_until
+from lab.rabbitauth import AuthServer, Decider
+from lab.rabbitmq import RabbitCluster
+from provisioning.identity import check_device_id
+from provisioning.tomlfmt import to_toml
 
 TRUST_DOMAIN = "lab.tether"
 REPO = Path(__file__).resolve().parent.parent
@@ -175,9 +183,6 @@ class Lab:
         return broker.start()
 
     def _start_rabbitmq(self) -> None:
-        from lab.rabbitauth import AuthServer, Decider
-        from lab.rabbitmq import RabbitCluster
-
         certfile, keyfile = self._server_cert("broker-rabbitmq")
         self.auth = AuthServer(Decider(services=self.services)).start()
         self.cluster = RabbitCluster(self.dir / "brokers" / "rabbitmq", BrokerFiles(self.ca_chain_file, certfile,
@@ -197,8 +202,6 @@ class Lab:
         return self.brokers[index]
 
     def _start_tokens(self) -> None:
-        from agent.tls import client_context
-        from hal.keys import TlsKey
         from lab.tokens import SERVICE_ID, JwtSigner, TokenService
 
         certfile, keyfile = self._service_cert(SERVICE_ID)
@@ -217,16 +220,12 @@ class Lab:
         self.tokens = self.token_services[0]
 
     def _start_discovery(self) -> None:
-        from lab.discovery import DiscoveryServer, greengrass_document
-
         certfile, keyfile = self._server_cert("discovery")
         endpoints = [("127.0.0.1", int(url.rsplit(":", 1)[1])) for url in self._urls()]
         document = greengrass_document(endpoints, [self.ca_file.read_text()])
         self.discovery = DiscoveryServer(certfile, keyfile, self.ca_chain_file, document).start()
 
     def _start_artifacts(self) -> None:
-        from lab.artifacts import ArtifactServer
-
         certfile, keyfile = self._server_cert("artifacts")
         root = self.dir / "artifacts"
         root.mkdir(exist_ok=True)
@@ -269,10 +268,6 @@ class Lab:
     def device(self, device_id: str, *, tpm_tcti: str | None = None, manual_endpoints: bool = False,
                extra: dict[str, dict[str, Any]] | None = None) -> Path:
         """Write `devices/<id>/tether.toml` (and a one-time password) for a device of this lab."""
-        from hal.keys import KeyUri
-        from provisioning.identity import check_device_id
-        from provisioning.tomlfmt import to_toml
-
         # before anything is made from the id: '..' or a '/' would put the directory elsewhere
         home = self.dir / "devices" / check_device_id(device_id, "DEVICE_ID")
         home.mkdir(parents=True, exist_ok=True)

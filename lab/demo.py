@@ -20,9 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.runtime import RESTART_EXIT
 from hal.errors import TetherError
 from lab.core import REPO, Lab, LabSettings
+from lab.ota import publish_release, send_update
 from lab.procs import LabError, Proc
+from lab.swtpm import SoftTpm
 
 TOKEN_LIFETIME = 4.0
 
@@ -40,8 +43,6 @@ class Supervisor:
         return Proc("tether-run", self.argv, self.log, env=self.env, cwd=REPO)
 
     def poll(self) -> None:
-        from agent.runtime import RESTART_EXIT
-
         code = self.proc.popen.poll()
         if code == RESTART_EXIT:
             self.restarts += 1
@@ -104,8 +105,6 @@ def run_demo(workdir: Path, use_tpm: bool) -> int:
         env: dict[str, str] = {}
         tcti = None
         if use_tpm:
-            from lab.swtpm import SoftTpm
-
             tpm = SoftTpm(workdir / "tpm").start()
             env, tcti = dict(tpm.env), tpm.tcti
             line.step("tpm", "swtpm behind tpm2-abrmd on a private D-Bus bus")
@@ -127,8 +126,13 @@ def run_demo(workdir: Path, use_tpm: bool) -> int:
         for n, what in ((1, "s/uat -> s/dat 71,<jwt>"),
                         (2, f"refreshed at half life ({TOKEN_LIFETIME / 2:.0f} s)"),
                         (3, f"refreshed at half life ({TOKEN_LIFETIME / 2:.0f} s)")):
-            line.wait(f"token #{n}", lambda n=n: ((read_json(state / "status.json") or {}).get("token") or {})
-                      .get("refreshes", 0) >= n, TOKEN_LIFETIME * 2 + 10, lambda _, what=what: what)
+            def refreshed(n: int = n) -> bool:
+                return bool(((read_json(state / "status.json") or {}).get("token") or {}).get("refreshes", 0) >= n)
+
+            def said(_: Any, what: str = what) -> str:
+                return what
+
+            line.wait(f"token #{n}", refreshed, TOKEN_LIFETIME * 2 + 10, said)
         ota_demo(lab, line, state)
     except (TetherError, OSError) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
@@ -148,8 +152,6 @@ def run_demo(workdir: Path, use_tpm: bool) -> int:
 
 def ota_demo(lab: Lab, line: Timeline, state: Path) -> None:
     """Publish a signed release and wait for the device to install and commit it."""
-    from lab.ota import publish_release, send_update
-
     release = publish_release(lab, "demo-app", "1.1.0", b"#!/bin/sh\necho 'demo app 1.1.0'\n" * 64)
     line.step("release", f"signed by the station's release key: {release['name']} {release['version']}")
     send_update(lab, "demo-device-1", release)

@@ -7,8 +7,6 @@ rules, key match, trust anchor), the unit connected over mTLS, and it got a toke
 
 from __future__ import annotations
 
-import io
-import re
 import sys
 from typing import TextIO
 
@@ -16,19 +14,9 @@ from agent.check import check
 from agent.config import Config
 from agent.identity import DeviceIdentity
 
-_LINE = re.compile(r"^\s*\d+ ms\s+(?:ok|FAIL)\s+\S+\s+(?:\d+ ms)?\s*(.*)$")
-
-
-def _detail(line: str) -> str:
-    """The text after the step name and timings of a `tether check` timeline line."""
-    match = _LINE.match(line)
-    return match.group(1).strip() if match else line.strip()
-
 
 def end_of_line_check(config: Config, out: TextIO = sys.stdout) -> int:
-    timeline = io.StringIO()
-    check(config, timeline)
-    lines = timeline.getvalue().splitlines()
+    steps = check(config).steps
     identity = DeviceIdentity(config)
     results: list[tuple[str, bool, str]] = []
     if identity.has_key():
@@ -37,12 +25,12 @@ def end_of_line_check(config: Config, out: TextIO = sys.stdout) -> int:
         results.append(("chain policy", not problems, "; ".join(problems) or "leaf, issuers and root pass"))
     else:
         results.append(("key", False, f"no device key in {config.keys_dir}"))
-    failure = next((_detail(line) for line in lines if "FAIL" in line and not line.startswith("FAIL")), "")
-    connect = next((line for line in lines if " connect " in line and " ok " in line), "")
-    results.append(("connect", bool(connect), _detail(connect) if connect else failure or "not attempted"))
+    failure = next((s.detail for s in steps if not s.ok), "")
+    connect = next((s for s in steps if s.name == "connect" and s.ok), None)
+    results.append(("connect", connect is not None, connect.detail if connect else failure or "not attempted"))
     if config.token.enabled:
-        token = next((line for line in lines if " token " in line), "")
-        results.append(("token", " ok " in token, _detail(token) if token else "not attempted"))
+        token = next((s for s in steps if s.name == "token"), None)
+        results.append(("token", token is not None and token.ok, token.detail if token else "not attempted"))
     print(f"== end-of-line check: {config.device.id}", file=out)
     for name, ok, detail in results:
         print(f"  {'PASS' if ok else 'FAIL'}  {name:<13} {detail}", file=out)

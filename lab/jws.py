@@ -13,6 +13,8 @@ import json
 import time
 from typing import Any
 
+from agent.core.errors import CoreError
+from agent.core.jwt import b64url_decode, decode_claims
 from lab.procs import LabError
 
 ALGORITHMS = ("ES256", "RS256")
@@ -34,9 +36,6 @@ def verify_jwt(token: str, public_key: Any, now: float | None = None) -> dict[st
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
-    from agent.core.errors import CoreError
-    from agent.core.jwt import b64url_decode, decode_claims
 
     if not isinstance(token, str) or token.count(".") != 2:
         raise JwtRejected("malformed token: expected 3 dot-separated segments")

@@ -14,6 +14,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from agent.core.smartrest import format_line
+from agent.core.topics import Topics
+from agent.tls import client_context
+from hal.keys import TlsKey
 from lab.core import Lab, station_cli
 from lab.procs import LabError
 
@@ -60,11 +64,6 @@ def send_update(lab: Lab, device_id: str, release: dict[str, Any], timeout: floa
     """Publish the 515 operation for `release` to `device_id` on every core (on the first node that
     takes it, for a cluster); return the line sent."""
     import paho.mqtt.client as mqtt
-
-    from agent.core.smartrest import format_line
-    from agent.core.topics import Topics
-    from agent.tls import client_context
-    from hal.keys import TlsKey
 
     certfile, keyfile = lab._service_cert(OTA_SERVICE)
     line = format_line("515", device_id, release["name"], release["version"], release["url"])

@@ -103,9 +103,8 @@ class TokenService:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         device = msg.topic.split("/", 1)[0]
         now = time.time()
-        answer: str | None = "71," + self.signer.sign(device, self.lifetime, now)
-        if self.mangle is not None:
-            answer = self.mangle(device, answer)
+        signed = "71," + self.signer.sign(device, self.lifetime, now)
+        answer = self.mangle(device, signed) if self.mangle is not None else signed
         with self._lock:
             self.issued.append((device, now))
         if answer is not None:

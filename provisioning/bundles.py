@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from provisioning.certs import load_certificates, to_pem
-from provisioning.release import ReleaseError
+from provisioning.errors import ReleaseError
 
 FORMATS = ("swu", "raucb", "tar")
 SW_DESCRIPTION = "sw-description"

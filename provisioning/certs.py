@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from provisioning.errors import PemError
+from provisioning.est.pkcs7 import certificate_blobs
 
 MAX_INPUT = 1 << 20  # a chain or CSR larger than 1 MiB is not a chain or a CSR
 
@@ -133,8 +134,6 @@ def to_pem(certs: Sequence[x509.Certificate]) -> bytes:
 
 def _pkcs7_certificates(der: bytes, where: str) -> list[x509.Certificate]:
     """A PKCS#7 certs-only file in DER or BER and any SET order, without cryptography's BER warning."""
-    from provisioning.est.pkcs7 import certificate_blobs
-
     certs = []
     for index, blob in enumerate(certificate_blobs(der, f"{where}: PKCS#7"), 1):
         try:

@@ -36,6 +36,11 @@ class PolicyError(ProvisioningError):
         super().__init__(f"{what} rejected, {len(self.violations)} rule(s) broken:\n  {lines}")
 
 
+class ReleaseError(ProvisioningError):
+    """A release cannot be signed, or a release failed verification; the message says which check.
+    Here, not in release.py, so bundles.py (which release.py uses) can raise it without a cycle."""
+
+
 class EnrollmentError(ProvisioningError):
     """The EST exchange failed. `retryable` tells the caller whether trying again can help;
     `retry_after` is the delay in seconds the server asked for (`Retry-After` on 202, 429, 503), if any."""

@@ -31,9 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hal import storage
-from provisioning import authority
+from hal.keys.file import generate
+from hal.keys.file import to_pem as key_to_pem
+from provisioning import authority, bundles
 from provisioning.certs import load_certificates, same_public_key, serial_of, subject_of, to_pem
-from provisioning.errors import PemError, ProvisioningError
+from provisioning.errors import PemError, ReleaseError
 from provisioning.policy import ChainPolicy, extension
 
 MANIFEST = "manifest.json"
@@ -48,10 +50,6 @@ MAX_MANIFEST = 64 * 1024
 VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,7}(-[0-9A-Za-z]+(\.[0-9A-Za-z]+)*)?$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHUNK = 1 << 20
-
-
-class ReleaseError(ProvisioningError):
-    """A release cannot be signed, or a release failed verification; the message says which check."""
 
 
 @dataclass(frozen=True)
@@ -104,34 +102,38 @@ class ReleaseSigner:
     key_file: Path
     cert_file: Path
     certificate: x509.Certificate
+    in_token: bool = False  # the key is a token's (no key_file written)
 
     def __str__(self) -> str:  # what `tether-station release keygen` prints
-        return (f"release-signing key {self.key_file} (0600), certificate {self.cert_file}: "
+        where = "in the token" if self.in_token else f"{self.key_file} (0600)"
+        return (f"release-signing key {where}, certificate {self.cert_file}: "
                 f"{subject_of(self.certificate)} serial {serial_of(self.certificate)}, EKU codeSigning, "
                 f"valid until {self.certificate.not_valid_after_utc:%Y-%m-%d}")
 
 
 def create_release_signer(issuer: authority.Issuer, directory: Path, *, chain: Sequence[x509.Certificate] = (),
-                          overwrite: bool = False) -> ReleaseSigner:
+                          overwrite: bool = False, key: Any = None) -> ReleaseSigner:
     """Make a release-signing key (`release.key`, mode 0600) and a code-signing certificate from `issuer`.
 
     `release.pem` holds the certificate, the issuer's certificate and `chain` (the issuer's own issuers,
     up to the station root), so a device can build the path to its trust anchor. Raises ReleaseError if
     a key exists and `overwrite` is false: replacing it silently would orphan releases in flight.
+    `key`, a token key's handle (the station's `--keys pkcs11:`), is certified instead: no key file is written.
     """
-    from hal.keys.file import generate
-    from hal.keys.file import to_pem as key_to_pem
-
     directory = Path(directory)
     key_file, cert_file = directory / KEY_FILE, directory / CERT_FILE
-    if key_file.exists() and not overwrite:
-        raise ReleaseError(f"{key_file}: a release-signing key exists already; pass overwrite to replace it")
+    if (key_file.exists() or (key is not None and cert_file.exists())) and not overwrite:
+        raise ReleaseError(f"{key_file if key is None else cert_file}: a release-signing key exists already; "
+                           "pass overwrite to replace it")
     storage.ensure_dir(directory)
-    key = generate("ec-p256")
+    in_token = key is not None
+    if key is None:
+        key = generate("ec-p256")
     cert = authority.code_signing_cert(issuer, key.public_key())
-    storage.atomic_write(key_file, key_to_pem(key, None), storage.SECRET_MODE)
+    if not in_token:
+        storage.atomic_write(key_file, key_to_pem(key, None), storage.SECRET_MODE)
     storage.atomic_write(cert_file, to_pem([cert, issuer.cert, *chain]), storage.PUBLIC_MODE)
-    return ReleaseSigner(key_file, cert_file, cert)
+    return ReleaseSigner(key_file, cert_file, cert, in_token)
 
 
 def _sign(key: Any, data: bytes) -> bytes:
@@ -143,11 +145,12 @@ def _sign(key: Any, data: bytes) -> bytes:
 
 
 def sign_release(release_dir: Path, name: str, version: str, payload: Path, out_dir: Path,
-                 min_version: str | None = None) -> dict[str, Any]:
+                 min_version: str | None = None, key: Any = None) -> dict[str, Any]:
     """Sign `payload` as release `name` `version` into `out_dir` (manifest.json, manifest.sig, signer.pem, payload).
 
     `release_dir` is where `create_release_signer` put the key. Returns the manifest as a dict.
-    Raises ReleaseError for a bad name or version, a missing key or payload.
+    Raises ReleaseError for a bad name or version, a missing key or payload. `key`: a token key's handle
+    that signs instead of release.key.
     """
     if not NAME_RE.match(name):
         raise ReleaseError(f"release name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)")
@@ -155,11 +158,12 @@ def sign_release(release_dir: Path, name: str, version: str, payload: Path, out_
         if value is not None and not VERSION_RE.match(value):
             raise ReleaseError(f"{field} {value!r} is not a dotted version (e.g. 1.4.0 or 1.4.0-rc1)")
     release_dir, out_dir = Path(release_dir), Path(out_dir)
-    key_pem = storage.read_bytes(release_dir / KEY_FILE)
+    key_pem = storage.read_bytes(release_dir / KEY_FILE) if key is None else b""
     chain_pem = storage.read_bytes(release_dir / CERT_FILE)
     if key_pem is None or chain_pem is None:
         raise ReleaseError(f"{release_dir}: no release-signing key; run `tether-station release keygen` first")
-    key = serialization.load_pem_private_key(key_pem, password=None)
+    if key is None:
+        key = serialization.load_pem_private_key(key_pem, password=None)
     storage.ensure_dir(out_dir, 0o755)
     digest, size = hashlib.sha256(), 0
     tmp = out_dir / f".{PAYLOAD}.tmp-{os.getpid()}"
@@ -192,8 +196,6 @@ def sign_bundle(release_dir: Path, name: str, version: str, fmt: str, source: Pa
     Raises ReleaseError (a BundleError) naming what is missing or inconsistent.
     """
     import tempfile
-
-    from provisioning import bundles
 
     if not VERSION_RE.match(version):
         raise ReleaseError(f"version {version!r} is not a dotted version (e.g. 1.4.0 or 1.4.0-rc1)")

@@ -12,7 +12,8 @@
 # systemd for systemd-analyze/systemd-sysusers (the unit's checks; nothing is started under it),
 # rabbitmq-server (3.10, with rabbitmq_mqtt and rabbitmq_auth_backend_http) for the RabbitMQ cluster
 # tests and `tether-lab up --broker rabbitmq`, which start their own nodes: its system service and
-# erlang-base's epmd are kept from starting (they would hold 4369, 5672 and 25672 on the machine).
+# erlang-base's epmd are kept from starting (they would hold 4369, 5672 and 25672 on the machine),
+# softhsm2 for the station's PKCS#11 key tests (a software token in a temporary directory).
 # Python packages go into the project's virtual environment (VENV, default .venv), never into the
 # system interpreter, pinned by requirements-test.txt (refresh it with `make lock`).
 set -euo pipefail
@@ -25,7 +26,7 @@ SUDO=""
 PKGS="mosquitto mosquitto-clients swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-dev
       libtss2-tcti-tabrmd0 dbus libubootenv-tool swupdate rauc squashfs-tools cpio postgresql openssl curl
       pkg-config python3-venv systemd chromium chromium-driver libnss3-tools build-essential gcc-multilib
-      rabbitmq-server"
+      rabbitmq-server softhsm2"
 # The machine may carry Node.js from another source (with npm bundled): take Debian's only if absent.
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 missing=""
@@ -56,7 +57,7 @@ fi
 # The lock pins every test dependency (-c: a package added to pyproject.toml but not yet locked still
 # installs, and tests/unit/test_packaging.py fails until `make lock` is run).
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c requirements-test.txt \
-  -e '.[tpm,station,test]'
+  -e '.[tpm,station,hsm,test]'
 
 if [ -f firmware/package.json ]; then
   (cd firmware && npm ci --no-audit --no-fund --silent)

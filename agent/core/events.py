@@ -1,5 +1,7 @@
-"""The supervisor's vocabulary: typed events in (driver -> supervisor) and actions out (supervisor ->
-driver), as plain value objects. See agent/core/supervisor.py for what each one does to the machine.
+"""The connection's vocabulary: typed events in (driver -> machine) and actions out (machine ->
+driver), as plain value objects. See agent/core/connection.py for what each one does to the machine.
+Discovery and renewal proof have their own few (agent/core/supervisor_events.py), which a board never
+loads.
 
 Written in the CPython/MicroPython common subset (no dataclasses, typing or f-strings); the types of
 the fields are in events.pyi, for mypy.
@@ -93,18 +95,6 @@ class Acked(_Value):
     FIELDS = ("epoch", "mid")
 
 
-class Discovered(_Value):
-    """Answer to ``Rediscover``: the ordered endpoint list, or None when discovery failed."""
-
-    FIELDS = ("endpoints",)
-
-
-class RenewalStaged(_Value):
-    """A renewed pair waits to be proven: ``chain`` (file name) and ``key`` (label)."""
-
-    FIELDS = ("chain", "key")
-
-
 class TokenWanted(_Value):
     """A consumer was refused with the current token (HTTP 401): ask for a new one now."""
 
@@ -117,22 +107,6 @@ class Connect(_Value):
     FIELDS = ("epoch", "endpoint")
 
 
-class ProveCandidate(_Value):
-    """Open a session to ``endpoint`` with the staged pair (``chain`` file, ``key`` label)."""
-
-    FIELDS = ("epoch", "endpoint", "chain", "key")
-
-
-class Promote(_Value):
-    """The staged pair established a session: make it the current pair (it already carries it)."""
-
-
-class Disprove(_Value):
-    """The staged pair was refused: drop it and keep the current pair."""
-
-    FIELDS = ("reason",)
-
-
 class Close(_Value):
     """Close the session of ``epoch`` (renewal proof, shutdown, a stale session)."""
 
@@ -143,12 +117,6 @@ class WaitUntil(_Value):
     """Nothing to do before ``at`` (device clock) unless an event arrives."""
 
     FIELDS = ("at",)
-
-
-class Rediscover(_Value):
-    """Ask the discovery service for the endpoint list; answer with ``Discovered``."""
-
-    FIELDS = ("why",)
 
 
 class Subscribe(_Value):

@@ -62,15 +62,6 @@ class Acked(_Value):
     def __init__(self, epoch: int, mid: int) -> None: ...
 
 
-class Discovered(_Value):
-    endpoints: list[Endpoint] | None
-    def __init__(self, endpoints: list[Endpoint] | None) -> None: ...
-
-
-class RenewalStaged(_Value):
-    chain: str
-    key: str
-    def __init__(self, chain: str, key: str) -> None: ...
 
 
 class TokenWanted(_Value):
@@ -83,21 +74,7 @@ class Connect(_Value):
     def __init__(self, epoch: int, endpoint: Endpoint) -> None: ...
 
 
-class ProveCandidate(_Value):
-    epoch: int
-    endpoint: Endpoint
-    chain: str
-    key: str
-    def __init__(self, epoch: int, endpoint: Endpoint, chain: str, key: str) -> None: ...
 
-
-class Promote(_Value):
-    pass
-
-
-class Disprove(_Value):
-    reason: str
-    def __init__(self, reason: str) -> None: ...
 
 
 class Close(_Value):
@@ -109,10 +86,6 @@ class WaitUntil(_Value):
     at: float
     def __init__(self, at: float) -> None: ...
 
-
-class Rediscover(_Value):
-    why: str
-    def __init__(self, why: str) -> None: ...
 
 
 class Subscribe(_Value):

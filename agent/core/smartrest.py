@@ -55,7 +55,7 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
         raise SmartRestError("line", "%d characters is over %d" % (len(line), max_chars))
     if "\n" in line or "\r" in line:
         raise SmartRestError("line", "contains a line break; split the payload with split_lines first")
-    fields = []
+    fields = []  # type: list[str]
     i = 0
     n = len(line)
     while True:

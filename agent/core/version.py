@@ -57,7 +57,7 @@ def parse_version(text, field="version"):
         numbers.append(int(part))
     while len(numbers) > 1 and numbers[-1] == 0:
         numbers.pop()
-    pre = ()
+    pre = ()  # type: tuple[str, ...]
     if dash >= 0:
         idents = suffix.split(".")
         for ident in idents:

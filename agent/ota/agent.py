@@ -20,14 +20,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from agent.bearer import Bearer
 from agent.core import smartrest
+from agent.core.backoff import Backoff
 from agent.core.errors import SmartRestError
+from agent.core.retry import Retry
 from agent.ota import release
 from agent.ota.download import Fetched, HttpSettings, fetch_payload, fetch_small, hash_existing, open_session
 from agent.ota.errors import VerificationError
+from agent.ota.health import run_health_command
 from agent.ota.hosts import HostPolicy
 from agent.ota.machine import Installed, Operation, OtaState, StateStore
 from agent.ota.slots import open_configured
+from agent.ota.status import describe
 from hal.errors import TetherError
 from hal.slots import SlotBackend, other
 
@@ -53,7 +58,7 @@ class OtaAgent:
         self.refresh_token = refresh_token
         self.request_restart = request_restart
         self.clock = clock
-        self.store = StateStore(config.state_dir / "ota")
+        self.store = StateStore(config.state.ota)
         self.hosts = HostPolicy.from_config(config)  # ConfigError now, not at the first update
         self.slots: SlotBackend = open_configured(config, progress=self._install_progress, floor=self._floor)
         self._lock = threading.RLock()
@@ -162,8 +167,6 @@ class OtaAgent:
 
     def status(self) -> dict[str, Any]:
         """State, pending operation, progress, installed version and slots, for `tether ota status`."""
-        from agent.ota.status import describe
-
         with self._lock:
             return describe(self.store.load(), self.store.installed(self.config.ota.base_version),
                             self.slots, running=self._running())
@@ -194,9 +197,6 @@ class OtaAgent:
     def _work(self) -> None:
         """Run the update; a retryable failure (HTTP 503, a dropped connection) is tried again after a
         backoff, as `Retry` decides from the error's `retryable`; a fatal one ends it with a 502."""
-        from agent.core.backoff import Backoff
-        from agent.core.retry import Retry
-
         retry = Retry(Backoff(RETRY_BASE, RETRY_CAP), attempts=self.config.ota.download_attempts)
         while True:
             failure = self._attempt()
@@ -237,8 +237,6 @@ class OtaAgent:
         return None
 
     def _http(self) -> HttpSettings:
-        from agent.bearer import Bearer
-
         ota = self.config.ota
         return HttpSettings(ca_file=ota.ca_file, bearer=Bearer(self.token, self.refresh_token),
                             timeout=ota.download_timeout, attempts=ota.download_attempts, hosts=self.hosts)
@@ -311,8 +309,6 @@ class OtaAgent:
 
     def _check_health(self) -> None:
         """Run `[ota] health_command` on the version on trial: exit 0 commits, anything else rolls back."""
-        from agent.ota.health import run_health_command
-
         state = self.store.load()
         healthy, detail = run_health_command(self.config.ota.health_command, max(1.0, state.deadline - self.clock()))
         with self._lock:

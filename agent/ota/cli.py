@@ -1,7 +1,7 @@
 """`tether ota status [--json]`: installed version, pending update, progress and slot states.
 
-The lead hooks this in with `EXTENSIONS.append(add_ota_commands)` in agent/cli.py; the handler is
-registered in agent.cli's COMMANDS under "ota status" when the parser is built.
+agent/cli.py lists `add_ota_commands` in its EXTENSIONS: it adds the parser and returns the handler
+by command name, so this module never imports the CLI that imports it.
 """
 
 from __future__ import annotations
@@ -9,19 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from agent.ota.status import read_status
 
 BAR_WIDTH = 30
 
 
-def add_ota_commands(subparsers: Any) -> None:
-    """Add `ota status` to the `tether` sub-command parser and register its handler."""
-    from agent import cli
-
+def add_ota_commands(subparsers: Any) -> dict[str, Callable[[argparse.Namespace, Any], int]]:
+    """Add `ota status` to the `tether` sub-command parser; return its handler by command name."""
     ota = subparsers.add_parser("ota", help="over-the-air updates").add_subparsers(dest="sub", required=True)
     p = ota.add_parser("status", help="installed version, pending update, progress and slots")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
-    cli.COMMANDS["ota status"] = cmd_ota_status
+    return {"ota status": cmd_ota_status}
 
 
 def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
@@ -57,8 +58,6 @@ def render(status: dict[str, Any], tty: bool) -> str:
 
 
 def cmd_ota_status(args: argparse.Namespace, config: Any) -> int:
-    from agent.ota.status import read_status
-
     status = read_status(config)
     if args.json:
         print(json.dumps(status, indent=1, sort_keys=True))

@@ -8,10 +8,10 @@ state behind (`<state_dir>/ota/state.json`: an update to resume, confirm, roll b
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from agent.component import Component
+from agent.ota.machine import StateStore
 
 FIRMWARE_OPERATION = "515,"
 
@@ -20,7 +20,7 @@ class LazyOta(Component):
     name = "ota"
 
     def __init__(self, config: Any, factory: Callable[[], Any]) -> None:
-        self.state_file = Path(config.state_dir) / "ota" / "state.json"
+        self.state_file = StateStore(config.state.ota).state_file
         self._factory = factory
         self._agent: Any = None
 

@@ -16,6 +16,7 @@ from agent.core.errors import CoreError
 from agent.core.version import compare_versions
 from agent.ota.errors import VerificationError
 from agent.ota.machine import Installed, Operation
+from provisioning.errors import ProvisioningError
 
 
 def release_base(url: str) -> str:
@@ -43,7 +44,6 @@ def check_not_older(version: str, installed: Installed, what: str = "operation")
 
 def load_anchors(path: str) -> list[Any]:
     from provisioning.certs import load_certificates
-    from provisioning.errors import ProvisioningError
 
     if not path:
         raise VerificationError("no trust anchor for release signers: set [ota] trust_anchor or [identity] ca_file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.ota.machine import Installed, OtaState, StateStore
+from agent.ota.slots import open_configured
 from hal.errors import TetherError
 from hal.slots import SlotBackend
 
@@ -37,8 +38,7 @@ def describe(state: OtaState, installed: Installed, slots: SlotBackend | None, r
 
 def read_status(config: Any) -> dict[str, Any]:
     """The status from the files in the state directory, as the running agent would report it."""
-    store = StateStore(config.state_dir / "ota")
-    from agent.ota.slots import open_configured
+    store = StateStore(config.state.ota)
 
     try:
         slots: SlotBackend | None = open_configured(config)

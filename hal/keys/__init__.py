@@ -10,10 +10,11 @@ Key URI (`[keys] uri`, parsed here and nowhere else):
 
     <scheme>:[<directory>][?<option>=<value>[&<option>=<value>...]]
 
-`scheme` is a backend name (`file`, `tpm`); `directory` is where the store keeps its files (default
+`scheme` is a backend name (`file`, `tpm`, `pkcs11`); `directory` is where the store keeps its files (default
 `<state_dir>/keys`; `file:///abs/dir` is accepted too); option values are percent-decoded, so `%26`
 stands for `&`. Examples: `file:`, `file:/data/keys?passphrase_file=/etc/tether/key.pass`,
-`tpm:?tcti=tabrmd:bus_type=session&parent_handle=0x81000001`.
+`tpm:?tcti=tabrmd:bus_type=session&parent_handle=0x81000001`. For `pkcs11` the directory is RFC 7512's
+path (`pkcs11:token=station;object=ca?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=/etc/pin`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class KeyBackend(NamedTuple):
     ssl_env_at_start: bool = False       # `ssl` needs the store's tls_env() before its first import:
     #                                      the CLI re-executes itself with it (DESIGN.md "Keys")
     install_hint: str = ""               # said when the module cannot be imported
+    device: bool = True                  # a device's [keys] may name it (its keys serve `ssl` for mTLS)
 
 
 # scheme -> backend. A file-key device never imports tpm2-pytss: modules load only when chosen.
@@ -54,6 +56,11 @@ BACKENDS: dict[str, KeyBackend] = {
                        path_options=("passphrase_file",)),
     "tpm": KeyBackend("hal.keys.tpm:TpmKeyStore", options=("tcti", "parent_handle"), ssl_env_at_start=True,
                       install_hint=" (install tether[tpm] and libtss2)"),
+    # RFC 7512: the "directory" is the path part, token=<label>;object=<prefix> (hal/keys/pkcs11.py)
+    "pkcs11": KeyBackend("hal.keys.pkcs11:Pkcs11KeyStore", options=("module-path", "pin-source"),
+                         path_options=("pin-source",),
+                         install_hint=" (install tether[hsm] and the token's PKCS#11 module, e.g. softhsm2)",
+                         device=False),
 }
 
 
@@ -105,8 +112,9 @@ def parse_key_uri(text: str) -> KeyUri:
         name, eq, value = item.partition("=")
         if not eq or not name:
             raise KeyStoreError(f"{text!r}: option {item!r} is not <option>=<value>")
-        if name not in backend.options:
-            raise KeyStoreError(f"{text!r}: the {scheme} backend takes no option {name!r}; it takes "
+        if name not in backend.options:  # its value is not echoed: it may be a secret (RFC 7512 pin-value)
+            shown = text.replace(item, f"{name}=...")
+            raise KeyStoreError(f"{shown!r}: the {scheme} backend takes no option {name!r}; it takes "
                                 f"{', '.join(backend.options) or 'none'}")
         if name in options:
             raise KeyStoreError(f"{text!r}: option {name!r} is given twice")

@@ -23,21 +23,36 @@ RAUC switches the boot slot itself during `rauc install`, so for it `install()` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from hal.errors import HalError
 from hal.registry import load_backend
 
 SLOTS = ("a", "b")
 
-# name -> "module:Class"; imported only when that backend is chosen.
-BACKENDS = {
-    "directory": "hal.slots.directory:DirectorySlots",
-    "uboot": "hal.slots.uboot:UBootSlots",
-    "swupdate": "hal.slots.swupdate:SwupdateSlots",
-    "rauc": "hal.slots.rauc:RaucSlots",
-    "command": "hal.slots.command:CommandSlots",
+
+
+class SlotBackendEntry(NamedTuple):
+    """One `BACKENDS` entry, as hal/keys declares its key stores: where the class is, and what it takes."""
+
+    target: str                         # "module:Class", imported only when this backend is chosen
+    options: dict[str, str] = {}        # [ota] key -> the class's keyword argument, for the keys it reads
+    hooks: tuple[str, ...] = ()         # the updater's hooks it takes: progress, floor
+
+
+_UBOOT = {"uboot_env_config": "env_config"}
+_COMMANDS = {**_UBOOT, "install_command": "install_command", "commit_command": "commit_command",
+             "rollback_command": "rollback_command"}
+# name -> entry; a new backend is a module plus one line here
+BACKENDS: dict[str, SlotBackendEntry] = {
+    "directory": SlotBackendEntry("hal.slots.directory:DirectorySlots"),
+    "uboot": SlotBackendEntry("hal.slots.uboot:UBootSlots", _UBOOT),
+    "swupdate": SlotBackendEntry("hal.slots.swupdate:SwupdateSlots", _COMMANDS, ("progress", "floor")),
+    "rauc": SlotBackendEntry("hal.slots.rauc:RaucSlots", {"rauc_slot_class": "rauc_slot_class"}, ("progress",)),
+    "command": SlotBackendEntry("hal.slots.command:CommandSlots", _COMMANDS, ("progress", "floor")),
 }
+# every [ota] key some backend reads: set for another backend than the chosen one, it is refused
+SLOT_OPTIONS = frozenset(key for entry in BACKENDS.values() for key in entry.options)
 
 
 class SlotError(HalError):
@@ -93,12 +108,30 @@ class SlotBackend(Protocol):
         ...
 
 
-def open_slots(backend: str, directory: str | Path, **options: Any) -> SlotBackend:
+def slot_backend(name: str) -> SlotBackendEntry:
+    """The registered backend `name`; SlotError listing the known ones otherwise."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise SlotError(f"slot backend {name!r} is unknown: expected one of {', '.join(sorted(BACKENDS))}") from None
+
+
+def open_slots(backend: str, directory: str | Path, options: dict[str, Any] | None = None,
+               **hooks: Any) -> SlotBackend:
     """Instantiate the slot backend named `backend` keeping its files in `directory`.
 
-    `options` are backend specific (`env_config` for uboot and the installers, `install_command`,
-    `progress`, `floor`, ...); a backend ignores those it does not use. Raises SlotError for an unknown backend.
+    `options`: [ota] key -> value, each one the backend declares (SlotError naming the key and what
+    the backend takes otherwise: an option is never silently ignored); `hooks`: the updater's
+    `progress` and `floor`, passed to the backends that take them. SlotError for an unknown backend.
     """
-    cls = load_backend(BACKENDS, backend, "slot", SlotError)
-    slots: SlotBackend = cls(Path(directory), **options)
+    entry = slot_backend(backend)
+    kwargs: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if key not in entry.options:
+            raise SlotError(f"[ota] {key}: slots = {backend!r} takes no such option; it takes "
+                            f"{', '.join(sorted(entry.options)) or 'none'}")
+        kwargs[entry.options[key]] = value
+    kwargs.update({name: hook for name, hook in hooks.items() if name in entry.hooks and hook is not None})
+    cls = load_backend({name: e.target for name, e in BACKENDS.items()}, backend, "slot", SlotError)
+    slots: SlotBackend = cls(Path(directory), **kwargs)
     return slots

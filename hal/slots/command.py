@@ -113,8 +113,7 @@ class CommandSlots(UBootSlots):
 
     def __init__(self, directory: Path, env_config: str | Path = "", install_command: str = "",
                  commit_command: str = "", rollback_command: str = "",
-                 progress: Callable[[str], None] | None = None, floor: Callable[[], str] | None = None,
-                 **_: Any) -> None:
+                 progress: Callable[[str], None] | None = None, floor: Callable[[], str] | None = None) -> None:
         super().__init__(directory, env_config)
         self.install_words = check_template(install_command or self.default_install, "install_command", ("file",))
         self.commit_words = check_template(commit_command, "commit_command") if commit_command else []

@@ -31,7 +31,7 @@ class DirectorySlots:
 
     backend = "directory"
 
-    def __init__(self, directory: Path, **_: Any) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.current = self.directory / "current"
         self.trial_file = self.directory / "trial"

@@ -65,7 +65,7 @@ class RaucSlots:
     backend = "rauc"
 
     def __init__(self, directory: Path, rauc_slot_class: str = "rootfs",
-                 progress: Callable[[str], None] | None = None, **_: Any) -> None:
+                 progress: Callable[[str], None] | None = None) -> None:
         self.directory = Path(directory)
         self.slot_class = rauc_slot_class or "rootfs"
         self.progress = progress or (lambda text: None)

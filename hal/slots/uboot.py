@@ -61,7 +61,7 @@ class UBootSlots:
 
     backend = "uboot"
 
-    def __init__(self, directory: Path, env_config: str | Path = "", **_: Any) -> None:
+    def __init__(self, directory: Path, env_config: str | Path = "") -> None:
         self.directory = Path(directory)
         self.env_config = str(env_config or DEFAULT_ENV_CONFIG)
         try:

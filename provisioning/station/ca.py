@@ -6,6 +6,8 @@ Layout of DIR (every key file 0600, written atomically):
   root.key        the root's key (absent when the CA was imported without it)
   issuing.pem     the issuing CA that signs device and server certificates
   issuing.key     its key (passphrase-encrypted when init was given one)
+                  (`init --keys pkcs11:...`: root.key, issuing.key and release/release.key are not files
+                  but keys in the token station.toml's `keys` names, labelled <object>-root, -issuing, -release)
   ca-chain.pem    issuing CA .. root: what follows a leaf in every chain the station hands out
                   (`init --tiers 1`: one CA is root and issuer, so ca.pem = issuing.pem = ca-chain.pem
                   and there is no root.key)
@@ -22,7 +24,8 @@ import ipaddress
 import itertools
 import socket
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +35,7 @@ from cryptography import x509
 
 from hal import storage
 from hal.errors import KeyStoreError
+from hal.keys import open_key_uri, parse_key_uri
 from hal.keys.file import generate, load_pem, to_pem
 from provisioning import authority
 from provisioning.attest.verify import EkTrust
@@ -41,8 +45,9 @@ from provisioning.certs import to_pem as certs_pem
 from provisioning.errors import PemError, ProvisioningError
 from provisioning.identity import RESERVED_IDS, check_trust_domain
 from provisioning.policy import ChainPolicy
-from provisioning.station.errors import StationError
+from provisioning.station.errors import Refusal, StationError
 from provisioning.station.ledger import DEFAULT_MAX_VALID, DEFAULT_SUPERSEDE_GRACE, Ledger, Row
+from provisioning.tomlfmt import render_pairs
 
 SETTINGS, ROOT, ROOT_KEY, ISSUING, ISSUING_KEY, CHAIN = (
     "station.toml", "ca.pem", "root.key", "issuing.pem", "issuing.key", "ca-chain.pem")
@@ -80,12 +85,11 @@ class Settings:
     ek_allowlist: bool = False    # attested enrollment only for EKs registered with `attest allow`
     attest_ttl: int = 300         # seconds a TPM credential challenge stays open
     encrypted_keys: bool = False
+    keys: str = ""                # key URI of the CA and release keys ("" = the files above; pkcs11:... = a token)
     imported: bool = False
 
     def render(self) -> bytes:
         """station.toml's text (the one TOML writer escapes every string, so any value reads back)."""
-        from provisioning.tomlfmt import render_pairs
-
         return ("# tether-station settings; edit with care, restart `serve` to apply\n"
                 + render_pairs(dataclasses.asdict(self))).encode()
 
@@ -143,6 +147,37 @@ def _load_key(path: Path, passphrase: bytes | None, encrypted: bool) -> Any:
         raise StationError(str(exc)) from None
 
 
+# token key labels (the URI's object= is their prefix)
+ROOT_LABEL, ISSUING_LABEL, RELEASE_LABEL = "root", "issuing", "release"
+TOKEN_RETRY_AFTER = 5  # s a client waits when the token does not answer (503)
+
+
+def open_token(uri: str, directory: Path, where: str) -> Any:
+    """The PKCS#11 token `uri` (station.toml's `keys`, or init's --keys) names; StationError starting
+    with `where` when it is no pkcs11: URI or cannot be opened."""
+    try:
+        parsed = parse_key_uri(uri)
+        if parsed.scheme != "pkcs11":
+            raise KeyStoreError(f"{uri!r}: the station keeps CA keys in files (the default) or in a PKCS#11 token "
+                                "(pkcs11:token=...); other key stores are for devices")
+        return open_key_uri(parsed, directory)
+    except KeyStoreError as exc:
+        raise StationError(f"{where}: {exc}") from None
+
+
+@contextmanager
+def token_signing() -> Iterator[None]:
+    """Around a signature: a token that does not answer becomes 503 with Retry-After (RFC 9110 15.6.4),
+    raised inside the ledger's transaction, so nothing of the request is written."""
+    try:
+        yield
+    except KeyStoreError as exc:
+        if not exc.retryable:
+            raise
+        raise Refusal(503, f"the CA key's token does not answer ({exc}); try again later",
+                      retry_after=TOKEN_RETRY_AFTER) from None
+
+
 class Station:
     """A station directory opened for use. CA keys load once, on first use."""
 
@@ -164,9 +199,28 @@ class Station:
         return load_certificates(_read(self.path(CHAIN), "CA chain"), str(self.path(CHAIN)))
 
     @cached_property
+    def key_store(self) -> Any:
+        """The token of `settings.keys` (only for a station whose keys are not files)."""
+        return open_token(self.settings.keys, self.directory, f"{self.path(SETTINGS)}: keys")
+
+    def token_key(self, label: str) -> Any:
+        """The handle of the token key `label`; StationError (one line) for a wrong PIN or a missing key."""
+        try:
+            return self.key_store.key(label)
+        except KeyStoreError as exc:
+            raise StationError(f"keys: {exc}") from None
+
+    def release_key(self) -> Any:
+        """The release-signing key's handle when it is in the token; None when it is release/release.key."""
+        return self.token_key(RELEASE_LABEL) if self.settings.keys else None
+
+    @cached_property
     def issuer(self) -> Issuer:
         cert = self.ca_chain[0]
-        key = _load_key(self.path(ISSUING_KEY), self.passphrase, self.settings.encrypted_keys)
+        if self.settings.keys:
+            key = self.token_key(ISSUING_LABEL)
+        else:
+            key = _load_key(self.path(ISSUING_KEY), self.passphrase, self.settings.encrypted_keys)
         if not same_public_key(cert.public_key(), key.public_key()):
             raise StationError(f"{self.path(ISSUING_KEY)} is not the key of {subject_of(cert)} "
                                f"(serial {serial_of(cert)}) in {self.path(CHAIN)}")
@@ -181,6 +235,8 @@ class Station:
                                              dt.timedelta(days=self.settings.device_days))
         except ValueError as exc:
             raise StationError(f"{self.path(ISSUING)}: {exc}") from None
+        except KeyStoreError as exc:  # the template's self-check signs once, with the token's key
+            raise StationError(f"{self.path(ISSUING)}: checking the device certificate template: {exc}") from None
 
     @cached_property
     def policy(self) -> ChainPolicy:
@@ -234,18 +290,20 @@ class Station:
         """A device certificate for `public_key`: from the template when nothing but the defaults is
         asked for (every EST enrollment without attestation), else built field by field (the same
         certificate either way)."""
-        if not sans and not extensions and days in (None, self.settings.device_days) \
-                and self.device_template is not None:
-            return self.device_template.sign(public_key, device_id)
-        return authority.device_cert(self.issuer, public_key, device_id, self.settings.trust_domain,
-                                     lifetime=dt.timedelta(days=days or self.settings.device_days), extra_sans=sans,
-                                     extensions=extensions)
+        with token_signing():
+            if not sans and not extensions and days in (None, self.settings.device_days) \
+                    and self.device_template is not None:
+                return self.device_template.sign(public_key, device_id)
+            return authority.device_cert(self.issuer, public_key, device_id, self.settings.trust_domain,
+                                         lifetime=dt.timedelta(days=days or self.settings.device_days),
+                                         extra_sans=sans, extensions=extensions)
 
     def server_cert(self, public_key: Any, cn: str, dns: Sequence[str], ips: Sequence[str],
                     days: int | None = None) -> x509.Certificate:
         try:
-            return authority.server_cert(self.issuer, public_key, cn, dns, ips,
-                                         lifetime=dt.timedelta(days=days or self.settings.server_days))
+            with token_signing():
+                return authority.server_cert(self.issuer, public_key, cn, dns, ips,
+                                             lifetime=dt.timedelta(days=days or self.settings.server_days))
         except ValueError as exc:
             raise StationError(f"server certificate for {cn!r}: {exc}") from None
 
@@ -304,7 +362,8 @@ class Station:
             if why and why[0] and why[0] != "unspecified":  # RFC 5280 5.3.1: omit rather than unspecified
                 entry = entry.add_extension(x509.CRLReason(x509.ReasonFlags(why[0])), critical=False)
             builder = builder.add_revoked_certificate(entry.build())
-        return builder.sign(self.issuer.key, hashes.SHA256())
+        with token_signing():
+            return builder.sign(self.issuer.key, hashes.SHA256())
 
 
 def revocations(rows: Iterable[Row], now: int) -> list[tuple[str, int, str]]:
@@ -362,12 +421,15 @@ def _check_imported(cert: x509.Certificate, key: Any, chain: list[x509.Certifica
 
 def init_station(directory: str | Path, trust_domain: str = "tether.local", passphrase: bytes | None = None, *,
                  ca_import: tuple[Path, Path, Path] | None = None, ledger: str | None = None,
-                 tiers: int = 2) -> Station:
+                 tiers: int = 2, keys: str | None = None) -> Station:
     """Create a station in `directory`: a new root (pathlen 1) and issuing CA (pathlen 0), EC P-256;
     with `tiers=1` one root (pathlen 0) that signs devices itself, so a device chain is 2 long
     (Cumulocity's cloud accepts no more, seed 004); or an imported (certificate, key, chain-to-root)
     triple. Then the ledger and the EST server certificate. Raises StationError if `directory`
     already holds a station or an input is wrong.
+
+    `keys`, a `pkcs11:` key URI, makes the root and issuing keys inside that token (non-extractable)
+    instead of files; the release key follows at `release keygen`.
     """
     target = Path(directory)
     if tiers not in (1, 2):
@@ -380,19 +442,46 @@ def init_station(directory: str | Path, trust_domain: str = "tether.local", pass
         raise StationError(str(exc)) from None
     if (target / SETTINGS).exists():
         raise StationError(f"{target} already holds a station ({SETTINGS} exists); use another directory")
+    store = None
+    if keys:
+        if passphrase:
+            raise StationError("--keys: token keys are guarded by the token's PIN; drop --passphrase-file")
+        if ca_import is not None:
+            raise StationError("--keys with --import: put an imported CA key into the token with the token's own "
+                               "tools; init makes new keys only")
+        store = open_token(keys, target, "--keys")
+        try:  # log in and look before anything is written: a wrong PIN or a taken label leaves no trace
+            taken = [store.label_of(label) for label in (ROOT_LABEL, ISSUING_LABEL, RELEASE_LABEL)
+                     if store.exists(label)]
+        except KeyStoreError as exc:
+            raise StationError(f"--keys: {exc}") from None
+        if taken:
+            raise StationError(f"--keys: the token holds {', '.join(taken)} already (another station's keys?); "
+                               "give this station another object= prefix")
     storage.ensure_dir(target, 0o700)
+
+    def new_key(label: str) -> Any:
+        if store is None:
+            return generate("ec-p256")
+        try:
+            store.create(label)
+            return store.key(label)
+        except KeyStoreError as exc:
+            raise StationError(f"--keys: {exc}") from None
+
     if ca_import is None and tiers == 1:
-        issuing_key = generate("ec-p256")
+        issuing_key = new_key(ISSUING_LABEL)
         root = authority.root_ca(issuing_key, cn=f"Tether Device CA ({trust_domain})", pathlen=0)
         chain = [root]
     elif ca_import is None:
-        root_key = generate("ec-p256")
+        root_key = new_key(ROOT_LABEL)
         root = authority.root_ca(root_key, cn=f"Tether Root CA ({trust_domain})")
-        issuing_key = generate("ec-p256")
+        issuing_key = new_key(ISSUING_LABEL)
         issuing = authority.intermediate_ca(Issuer(root, root_key), issuing_key.public_key(),
                                             cn=f"Tether Issuing CA ({trust_domain})")
         chain = [issuing, root]
-        _write_key(target / ROOT_KEY, root_key, passphrase)
+        if store is None:
+            _write_key(target / ROOT_KEY, root_key, passphrase)
     else:
         cert_file, key_file, chain_file = ca_import
         try:
@@ -405,13 +494,14 @@ def init_station(directory: str | Path, trust_domain: str = "tether.local", pass
             raise StationError(str(exc)) from None
         chain = _check_imported(cert, issuing_key, extra, f"--import {cert_file}")
         root = chain[-1]
-    _write_key(target / ISSUING_KEY, issuing_key, passphrase)
+    if store is None:
+        _write_key(target / ISSUING_KEY, issuing_key, passphrase)
     storage.atomic_write(target / ROOT, certs_pem([root]), storage.PUBLIC_MODE)
     storage.atomic_write(target / CHAIN, certs_pem(chain), storage.PUBLIC_MODE)
     storage.atomic_write(target / ISSUING, certs_pem(chain[:1]), storage.PUBLIC_MODE)
     storage.ensure_dir(target / RELEASE, 0o700)
     settings = Settings(trust_domain=trust_domain, ledger=ledger or LEDGER, encrypted_keys=bool(passphrase),
-                        imported=ca_import is not None)
+                        imported=ca_import is not None, keys=keys or "")
     # station.toml last: its presence is what marks the directory as a complete station
     storage.atomic_write(target / SETTINGS, settings.render(), 0o600)
     station = Station(target, passphrase)

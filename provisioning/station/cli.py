@@ -21,10 +21,15 @@ from pathlib import Path
 
 from hal import storage
 from hal.about import VersionAction
-from hal.errors import TetherError
-from provisioning.station import extras
+from hal.errors import KeyStoreError, TetherError
+from hal.keys.file import generate
+from provisioning.errors import PolicyError, ProvisioningError
+from provisioning.identity import check_device_id
+from provisioning.station import extras, service
+from provisioning.station.backup import backup, restore
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import KINDS, REASONS
+from provisioning.station.otp import new_otp, otp_hash
 
 log = logging.getLogger("tether.station")
 Handler = Callable[[argparse.Namespace], int]
@@ -84,7 +89,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     ca_import = tuple(Path(p) for p in args.import_) if args.import_ else None
     station = init_station(_dir(args), args.trust_domain, _passphrase(args), ca_import=ca_import,  # type: ignore[arg-type]
-                           ledger=args.db, tiers=args.tiers)
+                           ledger=args.db, tiers=args.tiers, keys=args.keys)
     issuing = station.ca_chain[0]
     print(f"station initialised in {station.directory} (trust domain {station.settings.trust_domain})")
     if len(station.ca_chain) == 1:
@@ -124,7 +129,6 @@ def cmd_cloud_aws(args: argparse.Namespace) -> int:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
-    from provisioning.station import service
     from provisioning.station.server import Limits, serve
 
     settings = service.resolve(vars(args), args.config)
@@ -201,9 +205,6 @@ def _metrics(args: argparse.Namespace, station: object):  # type: ignore[no-unty
 
 @command("otp")
 def cmd_otp(args: argparse.Namespace) -> int:
-    from provisioning.identity import check_device_id
-    from provisioning.station.otp import new_otp, otp_hash
-
     station = _station(args)
     device_id = check_device_id(args.device_id, "DEVICE_ID", station.settings.reserved)
     ttl = args.ttl if args.ttl is not None else station.settings.otp_ttl
@@ -403,8 +404,6 @@ def cmd_export_c8y(args: argparse.Namespace) -> int:
 # -- backup ---------------------------------------------------------------------------------------------
 @command("backup")
 def cmd_backup(args: argparse.Namespace) -> int:
-    from provisioning.station.backup import backup
-
     station = _station(args)
     result = backup(station.directory, args.db or station.settings.ledger, Path(args.out))
     ledger = "and a copy of the SQLite ledger" if result.ledger == "sqlite" else "(not the ledger)"
@@ -417,8 +416,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 @command("restore")
 def cmd_restore(args: argparse.Namespace) -> int:
-    from provisioning.station.backup import restore
-
     written, aside = restore(Path(args.archive), _dir(args), force=args.force)
     print(f"restored {written} file(s) into {_dir(args)}")
     if aside is not None:
@@ -500,8 +497,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from provisioning.certs import common_name, load_csr, to_pem
-    from provisioning.errors import PolicyError, ProvisioningError
-    from provisioning.identity import check_device_id
 
     station = _station(args)
     data = storage.read_bytes(args.csr_file)
@@ -528,8 +523,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 @command("issue")
 def cmd_issue(args: argparse.Namespace) -> int:
-    from hal.keys.file import generate
-    from provisioning.identity import check_device_id
     from provisioning.station.export import write_device_bundle
 
     station = _station(args)
@@ -555,7 +548,6 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 @command("server-cert")
 def cmd_server_cert(args: argparse.Namespace) -> int:
-    from hal.keys.file import generate
     from provisioning.station.ca import default_server_names
     from provisioning.station.export import write_server_bundle
 
@@ -585,8 +577,21 @@ def cmd_release_keygen(args: argparse.Namespace) -> int:
 
     station = _station(args)
     # the chain above the issuing CA goes into release.pem, so a device can reach its trust anchor
+    key = None
+    if station.settings.keys:  # the release key is made in the token beside the CA keys
+        from provisioning.station.ca import RELEASE_LABEL
+
+        try:
+            if not station.key_store.exists(RELEASE_LABEL):
+                station.key_store.create(RELEASE_LABEL)
+            elif not args.force:
+                raise StationError(f"keys: the token holds a release key already ({station.settings.keys}); "
+                                   "pass --force to certify it again")
+        except KeyStoreError as exc:
+            raise StationError(f"keys: {exc}") from None
+        key = station.release_key()
     signer = release.create_release_signer(station.issuer, station.path("release"), chain=station.ca_chain[1:],
-                                           overwrite=args.force)
+                                           overwrite=args.force, key=key)
     print(signer)
     return 0
 
@@ -596,12 +601,15 @@ def cmd_release_sign(args: argparse.Namespace) -> int:
     from provisioning import release
 
     station = _station(args)
+    if args.format and station.settings.keys:
+        raise StationError("release sign --format: bundles are signed with release/release.key; a station whose "
+                           "keys are in a token signs the plain manifest only (leave --format out)")
     if args.format:  # build the framework's bundle (signed with the same key), then sign it as the payload
         manifest = release.sign_bundle(station.path("release"), args.name, args.version, args.format,
                                        Path(args.payload), Path(args.out), min_version=args.min_version)
     else:
         manifest = release.sign_release(station.path("release"), args.name, args.version, Path(args.payload),
-                                        Path(args.out), min_version=args.min_version)
+                                        Path(args.out), min_version=args.min_version, key=station.release_key())
     print(json.dumps(manifest, indent=1, default=str))
     return 0
 
@@ -621,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-domain", default="tether.local", help="SPIFFE trust domain of device certificates")
     p.add_argument("--import", dest="import_", nargs=3, metavar=("CERT", "KEY", "CHAIN"),
                    help="bring your own issuing CA: its certificate, key and chain up to the root")
+    p.add_argument("--keys", metavar="URI", help="make the CA keys (and later the release key) inside a PKCS#11 "
+                   "token: pkcs11:token=LABEL;object=PREFIX?module-path=LIB.so&pin-source=FILE (PIN from that file "
+                   "or $TETHER_PKCS11_PIN, never on the command line; docs/station.md 'HSM keys'). Default: files")
     p.add_argument("--tiers", type=int, choices=(1, 2), default=2, help="2: root + issuing CA (default); "
                    "1: one CA signs devices (chain of 2, what Cumulocity's cloud accepts)")
     cloud = sub.add_parser("cloud", help="prove possession of the CA key to a cloud").add_subparsers(

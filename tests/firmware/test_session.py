@@ -165,15 +165,17 @@ def test_out_of_memory_before_an_attempt_starts_counts_as_a_failed_attempt():
     broker = FakeBroker(clock)
     events = []
     s = _session(broker, clock, events)
-    opened = s._open
+    from agent.core import events as sv
+
+    opened = s._perform[sv.Connect]
 
     def no_memory(action, now):
-        s._open = opened
+        s._perform[sv.Connect] = opened
         raise MemoryError
 
-    s._open = no_memory
+    s._perform[sv.Connect] = no_memory
     s.step()  # Start: the supervisor wants an attempt, the heap says no
-    assert s.sup.state == "connecting" and not broker.connects
+    assert s.sup.attempting() is not None and not broker.connects
     for _ in range(100):  # stuck "connecting" with nothing open would never get there
         s.step()
         if s.state == "ready":

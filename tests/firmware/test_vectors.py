@@ -46,24 +46,34 @@ def test_vectors_give_the_same_answers_in_micropython(file):
 
 
 def test_supervisor_scenarios_give_the_same_traces_from_the_firmware_build(tmp_path):
-    # tests/unit/supervisor_scenarios.py against the .mpy files a board gets (agent/core/supervisor.mpy
+    # tests/unit/supervisor_scenarios.py against the .mpy files a board gets (agent/core/connection.mpy
     # and events.mpy from `python firmware/build.py`), not the sources: the board's connection logic is
-    # the supervisor's. retry.py is not shipped (boards have no OTA retry), so it comes as source.
+    # the scenarios'. The Linux agent's Supervisor (discovery, renewal proof) is not shipped; it comes
+    # compiled here on top of the board's Connection, as does retry.py (boards have no OTA retry).
+    import subprocess
+
     from tests.firmware.test_build import _build_module
     from tests.unit import supervisor_scenarios
 
-    files = {"/lib/" + path: str(tmp_path / path) for path, _ in _build_module().build(str(tmp_path))}
+    build = _build_module()
+    files = {"/lib/" + path: str(tmp_path / "board" / path) for path, _ in build.build(str(tmp_path / "board"))}
     for board_only in ("/lib/net.mpy", "/lib/main.py"):  # no sockets in the WebAssembly port; the boot stub
         files.pop(board_only)
-    assert "/lib/agent/core/supervisor.mpy" in files and "/lib/agent/core/events.mpy" in files
+    assert "/lib/agent/core/connection.mpy" in files and "/lib/agent/core/events.mpy" in files
+    assert "/lib/agent/core/supervisor.mpy" not in files  # a board never loads discovery or renewal proof
+    for extra in ("supervisor", "supervisor_events"):
+        out_file = tmp_path / f"{extra}.mpy"
+        source = os.path.join(micropython.REPO, "agent", "core", f"{extra}.py")
+        subprocess.run([*build.mpy_cross_command(), "-o", str(out_file), source], check=True)
+        files[f"/lib/agent/core/{extra}.mpy"] = str(out_file)
     files["/lib/agent/core/retry.py"] = os.path.join(micropython.REPO, "agent", "core", "retry.py")
     files["/scenarios/supervisor_scenarios.py"] = supervisor_scenarios.__file__
     out = micropython.run(
         "import json, sys\n"
         "sys.path.append('/scenarios')\n"
         "import supervisor_scenarios\n"
-        "from agent.core import supervisor\n"
-        "print('@@RESULT ' + json.dumps({'from': supervisor.__file__, 'traces': supervisor_scenarios.run_all()}))\n",
+        "from agent.core import connection\n"
+        "print('@@RESULT ' + json.dumps({'from': connection.__file__, 'traces': supervisor_scenarios.run_all()}))\n",
         files, sources=False)
-    assert out["from"] == "/lib/agent/core/supervisor.mpy"
+    assert out["from"] == "/lib/agent/core/connection.mpy"
     assert out["traces"] == json.loads(json.dumps(supervisor_scenarios.run_all()))

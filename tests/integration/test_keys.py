@@ -65,7 +65,7 @@ def test_existing_key_is_never_overwritten(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_and_algorithm_name_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(KeyStoreError, match="known schemes are file:, tpm:"):
+    with pytest.raises(KeyStoreError, match="known schemes are file:, pkcs11:, tpm:"):
         open_keystore("hsm", tmp_path)
     with pytest.raises(KeyStoreError, match="ec-p256"):
         open_keystore("file", tmp_path).create("device", "ed25519")

@@ -36,6 +36,9 @@ def start_agent(agents: list[Agent], config: Path) -> Agent:
 
 
 NO_TOKEN = {"enabled": False}
+# [est] url set, so the runtime gets its Renewal as `tether run` builds it; the chain is fresh, so
+# nothing is ever sent there (the tests stage the renewed pair themselves)
+RENEWS = {"url": "https://127.0.0.1:9"}
 
 
 def test_run_connects_reports_online_and_stops_cleanly(tmp_path: Path, pki: Pki, broker: Mosquitto,
@@ -244,20 +247,13 @@ def test_stalled_discovery_server_times_out_and_falls_back(tmp_path: Path, pki: 
 class InProcess:
     """A `Runtime` running its control loop in a thread of the test process."""
 
-    def __init__(self, config: Path, renewal: bool = False) -> None:
+    def __init__(self, config: Path) -> None:
         import threading
 
+        from agent.compose import build
         from agent.config import load
-        from agent.core.supervisor import RenewalStaged
-        from agent.renewal import Renewal
-        from agent.runtime import Runtime
 
-        self.runtime = Runtime(load(config))
-        if renewal:
-            rt = self.runtime
-            rt.renewal = Renewal(rt.config, rt.identity, staged=lambda c, k: rt.post(RenewalStaged(c, k)),
-                                 call_soon=rt.call_soon)
-            rt.components.append(rt.renewal)
+        self.runtime = build(load(config))  # as `tether run` builds it: renewal when [est] url is set
         self.result: list[int] = []
         self.thread = threading.Thread(target=lambda: self.result.append(self.runtime.run()), daemon=True)
 
@@ -321,7 +317,7 @@ def test_renewed_pair_the_broker_refuses_is_never_promoted_and_the_old_pair_keep
     from agent.config import load
     from agent.identity import DeviceIdentity
 
-    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN, est=RENEWS,
                                 endpoints={"urls": [f"mqtts://localhost:{broker.port}"]})
     certs = tmp_path / "dev-001" / "state" / "certs"
     current = (certs / "chain.pem").read_bytes()
@@ -329,7 +325,7 @@ def test_renewed_pair_the_broker_refuses_is_never_promoted_and_the_old_pair_keep
     stranger = Pki.create(tmp_path / "stranger", name="Stranger")
     identity = DeviceIdentity(load(config))
     stage(config, stranger.device_chain(identity.keystore.public_key("device"), "dev-001"))
-    with InProcess(config, renewal=True) as agent:
+    with InProcess(config) as agent:
         agent.wait_status(session="online")
         renewal = json.loads((tmp_path / "dev-001" / "state" / "renewal.json").read_text())
     assert (certs / "chain.pem").read_bytes() == current  # promoting at staging would have replaced it
@@ -342,17 +338,17 @@ def test_renewed_pair_the_broker_refuses_is_never_promoted_and_the_old_pair_keep
 def test_renewed_pair_is_promoted_only_once_a_session_with_it_is_up(tmp_path: Path, pki: Pki,
                                                                     broker: Mosquitto) -> None:
     from agent.config import load
-    from agent.core.supervisor import ONLINE
     from agent.identity import DeviceIdentity
 
-    config = provisioned_device(tmp_path, pki, token=NO_TOKEN,
+    config = provisioned_device(tmp_path, pki, token=NO_TOKEN, est=RENEWS,
                                 endpoints={"urls": [f"mqtts://localhost:{broker.port}"]})
     certs = tmp_path / "dev-001" / "state" / "certs"
     identity = DeviceIdentity(load(config))
     renewed = stage(config, pki.device_chain(identity.keystore.public_key("device"), "dev-001"))
     seen: list[tuple[bool, bool]] = []
-    agent = InProcess(config, renewal=True)
+    agent = InProcess(config)
     rt = agent.runtime
+    assert rt.renewal is not None
     proven = rt.renewal.proven
 
     def watching() -> None:  # what held when the runtime promoted: a live session with the new pair?
@@ -363,7 +359,7 @@ def test_renewed_pair_is_promoted_only_once_a_session_with_it_is_up(tmp_path: Pa
     rt.renewal.proven = watching
     with agent:
         agent.wait_status(session="online")
-        assert rt.supervisor is not None and rt.supervisor.state == ONLINE
+        assert rt.supervisor is not None and rt.supervisor.online()
     assert seen == [(True, True)]
     assert (certs / "chain.pem").read_bytes() == renewed
     assert json.loads((certs / "chain.json").read_text())["serial"] != ""

@@ -78,12 +78,13 @@ def new_bed(tmp_path: Path, releases: Releases, pki: Pki, backend: str, name: st
                                               "upgrade_available": "0", "bootcount": "0", "bootlimit": "1"})
     write_env_config(directory / "fw_env.config", directory / "uboot.env")
     settings: dict[str, Any] = {"slots": backend, "slots_dir": str(directory / "slots"),
-                                "uboot_env_config": str(directory / "fw_env.config"),
                                 "trust_anchor": str(pki.root_file), "ca_file": str(pki.ca_chain_file),
                                 "commit_deadline": 60.0, "download_timeout": 2.0, "download_attempts": 3,
                                 "base_version": "1.0.0",
                                 "artifact_hosts": ["127.0.0.1"],  # the lab's artifact server gets the token
                                 **ota}
+    if backend != "rauc":  # RAUC's own bootloader backend reads the environment (TETHER_FW_ENV_CONFIG)
+        settings.setdefault("uboot_env_config", str(directory / "fw_env.config"))
     device = Device(directory, write_config(directory, DEVICE_ID, ota=settings), backend, releases)
     return Bed(device, tmp_path)
 

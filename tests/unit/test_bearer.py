@@ -53,9 +53,7 @@ def test_no_refresh_when_the_token_is_accepted_or_none_comes() -> None:
 def test_tether_run_gives_the_ota_download_the_token_components_refresh(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`tether run` wiring: the updater's Bearer refreshes through TokenService.force_refresh with the
     configured [token] timeout."""
-    from types import SimpleNamespace
-
-    from agent.cli import attach_ota
+    from agent.compose import ota_component
     from agent.config import load
     from agent.token import TokenService
     from tests.conftest import write_config
@@ -64,10 +62,7 @@ def test_tether_run_gives_the_ota_download_the_token_components_refresh(tmp_path
     tokens = TokenService(config)
     asked: list[float] = []
     tokens.force_refresh = lambda timeout=10.0: asked.append(timeout) or "fresh"  # type: ignore[method-assign]
-    runtime = SimpleNamespace(config=config, token=tokens, components=[], request_restart=lambda: None,
-                              publish=lambda *a: 1, topics=config.topics)
-    attach_ota(runtime)  # type: ignore[arg-type]
-    updater = runtime.components[-1]._factory()
+    updater = ota_component(config, lambda *a: 1, tokens, lambda: None)._factory()
     try:
         bearer = updater._http().bearer
         server = Answers("fresh")

@@ -43,7 +43,7 @@ def test_key_uris_parse_and_print_back(text: str, expected: KeyUri) -> None:
 
 
 @pytest.mark.parametrize("text,reason", [
-    ("hsm:", "unknown key backend 'hsm': known schemes are file:, tpm:"),
+    ("hsm:", "unknown key backend 'hsm': known schemes are file:, pkcs11:, tpm:"),
     ("/var/lib/keys", "is not a key URI: expected <scheme>:"),
     ("tpm:?colour=blue", "the tpm backend takes no option 'colour'; it takes tcti, parent_handle"),
     ("file:?tcti=x", "the file backend takes no option 'tcti'; it takes passphrase_file"),
@@ -112,9 +112,12 @@ def test_effective_config_round_trips_with_its_key_uri(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("keys,message", [
-    ('uri = "hsm:"', "[keys] uri: unknown key backend 'hsm': known schemes are file:, tpm:"),
-    ('uri = "tpm:?tcit=x"', "[keys] uri: 'tpm:?tcit=x': the tpm backend takes no option 'tcit'"),
-    ('backend = "pkcs11"', "[keys] backend: unknown key backend 'pkcs11': known schemes are file:, tpm:"),
+    ('uri = "hsm:"', "[keys] uri: unknown key backend 'hsm': known schemes are file:, pkcs11:, tpm:"),
+    ('uri = "tpm:?tcit=x"', "[keys] uri: 'tpm:?tcit=...': the tpm backend takes no option 'tcit'"),
+    ('backend = "pkcs11"', "[keys] backend: pkcs11: keys sign for the station only; a device key needs a backend "
+                           "`ssl` can use for mutual TLS: file:, tpm:"),
+    ('uri = "pkcs11:token=t?pin-value=1234"', "[keys] uri: 'pkcs11:token=t?pin-value=...': the pkcs11 backend "
+                                              "takes no option 'pin-value'"),
     ('uri = "keys"', "[keys] uri: 'keys' is not a key URI"),
     ('uri = "file:a%00b"', "[keys] uri: 'file:a%00b': a key URI cannot contain a NUL character"),
     ('backend = "tpm"\ntcti = "a\\u0000b"', "[keys] tcti: a value cannot contain a NUL character"),
@@ -133,7 +136,7 @@ def test_cli_reports_a_bad_key_uri_in_one_line(tmp_path: Path) -> None:
     done = run_tether("status", config=path)
     assert done.returncode == 1
     assert done.stderr == (f"tether: configuration error: {path}: [keys] uri: unknown key backend 'hsm': "
-                           "known schemes are file:, tpm:\n")
+                           "known schemes are file:, pkcs11:, tpm:\n")
 
 
 # -- a new backend is one registry entry plus its module ---------------------------------------------------
@@ -168,7 +171,7 @@ def test_a_registered_backend_is_accepted_by_config_cli_and_identity(tmp_path: P
     assert isinstance(store, ToyKeyStore) and store.colour == "blue" and store.directory == Path("/toys")
     assert load(device(tmp_path, 'backend = "toy"', "older.toml")).key_uri.scheme == "toy"
     assert build_parser().parse_args(["keygen", "--backend", "toy"]).backend == "toy"
-    with pytest.raises(KeyStoreError, match="known schemes are file:, toy:, tpm:"):
+    with pytest.raises(KeyStoreError, match="known schemes are file:, pkcs11:, toy:, tpm:"):
         parse_key_uri("hsm:")
 
 
@@ -194,3 +197,37 @@ def test_only_backends_that_need_it_make_the_cli_re_execute_for_ssl(tmp_path: Pa
     cli.ensure_tls_env(load(device(tmp_path, 'uri = "file:"', "file.toml")), ["check"])
     assert len(execs) == 1  # file keys: no re-exec
     assert halkeys.key_backend("tpm").ssl_env_at_start and not halkeys.key_backend("file").ssl_env_at_start
+
+
+@pytest.mark.parametrize("uri,reason", [
+    ("pkcs11:object=ca?module-path=/m.so&pin-source=PIN", "a PKCS#11 key URI names its token"),
+    ("pkcs11:token=t;slot-id=1?module-path=/m.so&pin-source=PIN", "path attribute 'slot-id=1' is not one of token=, "
+                                                                  "object="),
+    ("pkcs11:token=t;token=u?module-path=/m.so&pin-source=PIN", "path attribute 'token' is given twice"),
+    ("pkcs11:token=t?pin-source=PIN", "option module-path is missing"),
+    ("pkcs11:token=t?module-path=/m.so", "no user PIN: add pin-source=<file> to the URI or set TETHER_PKCS11_PIN"),
+    ("pkcs11:token=t?module-path=/m.so&pin-source=EMPTY", "is empty; its first line is the user PIN"),
+    ("pkcs11:token=t?module-path=/m.so&pin-value=1234", "the pkcs11 backend takes no option 'pin-value'"),
+])
+def test_pkcs11_uris_say_what_is_wrong_before_any_token_is_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   uri: str, reason: str) -> None:
+    from hal.errors import KeyStoreError
+    from hal.keys import open_key_uri
+
+    monkeypatch.delenv("TETHER_PKCS11_PIN", raising=False)
+    (tmp_path / "PIN").write_text("1234\n")
+    (tmp_path / "EMPTY").write_text("\n")
+    uri = uri.replace("=PIN", f"={tmp_path / 'PIN'}").replace("=EMPTY", f"={tmp_path / 'EMPTY'}")
+    with pytest.raises(KeyStoreError) as info:
+        open_key_uri(uri, tmp_path)
+    assert reason in str(info.value)
+    assert "1234" not in str(info.value)
+
+
+def test_a_pkcs11_pin_from_the_environment_is_taken(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from hal.keys import open_key_uri
+
+    monkeypatch.setenv("TETHER_PKCS11_PIN", "4321")
+    store = open_key_uri("pkcs11:token=t;object=st?module-path=/m.so", tmp_path)
+    assert store.describe() == {"backend": "pkcs11", "token": "t", "object": "st", "module": "/m.so",
+                                "algorithms": ["ec-p256"]}

@@ -12,7 +12,10 @@ at module level or inside a function (a late import is still a dependency), and 
 5. setup-only modules (SETUP: the firmware's config, credentials and session building, and the
    defaults they read) are imported only by each other and by `firmware/tether_main.py`, which drops
    them whole once the session is built; the code that runs after that (the session, the transport,
-   the codec, the rest of agent/core) never imports them, so dropping them cannot break it.
+   the codec, the rest of agent/core) never imports them, so dropping them cannot break it;
+6. on the agent, runtime modules (what `tether run` keeps loaded) never import setup-only modules (the
+   command lines, the composition root, `tether check`);
+7. only the composition root (agent/compose.py) constructs the runtime and its components.
 
 A failure names file, line, the import and the rule it breaks. Each rule is also shown to catch a
 small example, so deleting a rule from `violations` fails a test.
@@ -21,6 +24,7 @@ small example, so deleting a rule from `violations` fails a test.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +107,21 @@ def _within(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
+# agent modules that set things up and are done: the command lines, the composition root, `tether check`
+# (the lab is kept out of agent by rule 1)
+SETUP_ONLY = frozenset({"agent.cli", "agent.ota.cli", "agent.compose", "agent.check"})
+COMPOSITION_ROOT = "agent/compose.py"
+
+
+def setup_only(name: str) -> bool:
+    return name in SETUP_ONLY
+
+
+def runtime_module(name: str) -> bool:
+    """A module `tether run` loads and keeps: agent/, outside agent/core and the setup-only ones."""
+    return _within(name, "agent") and not _within(name, CORE) and not setup_only(name)
+
+
 def rules_broken(imp: Import, firmware_own: frozenset[str]) -> Iterator[str]:
     """The rules (as messages) that one import breaks."""
     source = module_name(imp.file)
@@ -125,6 +144,33 @@ def rules_broken(imp: Import, firmware_own: frozenset[str]) -> Iterator[str]:
             and imp.target in SETUP and board_name not in SETUP and imp.file != SETUP_LOADER:
         yield (f"setup module {imp.target!r} is imported only by setup modules and {SETUP_LOADER}, "
                "which drops them once the session is built")
+    if runtime_module(source) and setup_only(imp.target):
+        yield f"runtime modules never import setup-only modules ({imp.target})"
+
+
+def components(files: Mapping[str, str]) -> frozenset[str]:
+    """The runtime and the classes that implement agent/component.py's Component."""
+    found = {"Runtime"}
+    for path, source in files.items():
+        if path.startswith("agent/"):
+            for node in ast.walk(ast.parse(source, filename=path)):
+                if isinstance(node, ast.ClassDef) and any(_callee(b) == "Component" for b in node.bases):
+                    found.add(node.name)
+    return frozenset(found)
+
+
+def constructions(files: Mapping[str, str]) -> list[Violation]:
+    """Components constructed anywhere but the composition root."""
+    made = components(files)
+    found = []
+    for path in sorted(files):
+        if path == COMPOSITION_ROOT:
+            continue
+        for node in ast.walk(ast.parse(files[path], filename=path)):
+            if isinstance(node, ast.Call) and _callee(node.func) in made:
+                found.append(Violation(path, node.lineno, ast.unparse(node.func) + "(...)",
+                                       "only the composition root (agent/compose.py) constructs components"))
+    return found
 
 
 def violations(files: Mapping[str, str]) -> list[Violation]:
@@ -157,6 +203,13 @@ def test_the_repository_keeps_every_layering_rule() -> None:
     assert {"agent/core/jwt.py", "firmware/session.py", "provisioning/station/cli.py", "lab/core.py"} <= set(files)
     found = violations(files)
     assert not found, "imports that break DESIGN.md \"Layers\":\n" + "\n".join(map(str, found))
+
+
+def test_only_the_composition_root_constructs_components() -> None:
+    files = repository_modules()
+    assert {"Runtime", "Renewal", "LazyOta", "Outbox", "PublishServer"} <= components(files)
+    found = constructions(files)
+    assert not found, "\n".join(map(str, found))
 
 
 # -- each rule catches what it must ------------------------------------------------------------------------------
@@ -235,3 +288,39 @@ def test_the_station_importing_agent_is_caught() -> None:
     found = broken({"provisioning/station/server.py": "def f():\n    import agent.tls\n"})
     assert "provisioning/station/server.py:2: `import agent.tls`: the station (provisioning/station) never " \
            "imports agent" in found
+
+
+def test_a_runtime_module_importing_a_setup_only_module_is_caught() -> None:
+    found = broken({"agent/renewal.py": "def f():\n    from agent.cli import main\n",
+                    "agent/runtime.py": "import agent.compose\n", "agent/cli.py": "import agent.compose\n",
+                    "agent/compose.py": "from agent.runtime import Runtime\n"})
+    assert found == [
+        "agent/renewal.py:2: `from agent.cli import main`: runtime modules never import setup-only modules (agent.cli)",
+        "agent/runtime.py:1: `import agent.compose`: runtime modules never import setup-only modules (agent.compose)",
+    ]
+
+
+def test_a_component_constructed_outside_the_composition_root_is_caught() -> None:
+    files = {"agent/component.py": "class Component: ...\n",
+             "agent/outbox.py": "from agent.component import Component\nclass Outbox(Component): ...\n",
+             "agent/compose.py": "from agent.outbox import Outbox\nOutbox()\n",
+             "agent/publish_api.py": "from agent import outbox\n"
+                                     "def attach(rt):\n    rt.components.append(outbox.Outbox())\n"}
+    assert [str(v) for v in constructions(files)] == [
+        "agent/publish_api.py:3: `outbox.Outbox(...)`: only the composition root (agent/compose.py) constructs "
+        "components"]
+
+
+STATE_PATH = re.compile(r"state_dir\)?\s*/")
+
+
+def state_path_builders(files: Mapping[str, str]) -> list[str]:
+    """`file:line` of every path joined onto the state directory outside agent/state.py."""
+    return [f"{path}:{i}" for path, source in sorted(files.items()) if path != "agent/state.py"
+            for i, line in enumerate(source.splitlines(), 1) if STATE_PATH.search(line.split("#", 1)[0])]
+
+
+def test_only_agent_state_names_the_files_of_the_state_directory() -> None:
+    assert state_path_builders(repository_modules()) == []
+    assert state_path_builders({"agent/token.py": 'path = Path(config.state_dir) / "token.jwt"  # why\n'}) == \
+        ["agent/token.py:1"]

@@ -98,31 +98,36 @@ def _config(tmp_path: Path, **sections: dict[str, object]):  # type: ignore[no-u
 
 
 def _status(tmp_path: Path) -> tuple[Path, object]:
-    from agent.status import STATUS_FILE, read_runtime_status
+    from agent.status import read_runtime_status
 
     config = _config(tmp_path)
-    return config.state_dir / STATUS_FILE, lambda: read_runtime_status(config) == {}
+    return config.state.status, lambda: read_runtime_status(config) == {}
 
 
 def _boot(tmp_path: Path) -> tuple[Path, object]:
-    from agent.boot import BOOT_FILE, BootSequence
+    from agent.boot import BootSequence
 
     config = _config(tmp_path)
-    return config.state_dir / BOOT_FILE, lambda: BootSequence(config).read() == {}
+    return config.state.boot, lambda: BootSequence(config).read() == {}
 
 
 def _discovery_cache(tmp_path: Path) -> tuple[Path, object]:
-    from agent.discovery import CACHE_FILE, Discovery
+    from agent.discovery import Discovery
 
     config = _config(tmp_path, discovery={"url": "https://127.0.0.1:8443"})
-    return config.state_dir / CACHE_FILE, lambda: Discovery(config).cached() == []
+    return config.state.discovery_cache, lambda: Discovery(config).cached() == []
 
 
 def _last_good(tmp_path: Path) -> tuple[Path, object]:
     from agent.discovery import load_last_good
 
     config = _config(tmp_path)
-    return config.state_dir / "last-good.json", lambda: load_last_good(config) is None
+    return config.state.last_good, lambda: load_last_good(config) is None
+
+
+def _renewal(tmp_path: Path) -> tuple[Path, object]:
+    config = _config(tmp_path)
+    return config.state.renewal, lambda: Renewal(config, DeviceIdentity(config)).state() == {}
 
 
 def _ota_state(tmp_path: Path) -> tuple[Path, object]:
@@ -145,7 +150,7 @@ def _outbox(tmp_path: Path) -> tuple[Path, object]:
     return tmp_path / "outbox.sqlite", opens_empty
 
 
-@pytest.mark.parametrize("reader", [_status, _boot, _discovery_cache, _last_good, _ota_state, _outbox],
+@pytest.mark.parametrize("reader", [_status, _boot, _discovery_cache, _last_good, _renewal, _ota_state, _outbox],
                          ids=lambda f: f.__name__.strip("_"))
 def test_every_corrupt_state_file_is_logged_and_set_aside(tmp_path: Path, reader, caplog: pytest.LogCaptureFixture,
                                                           ) -> None:  # type: ignore[no-untyped-def]
@@ -156,6 +161,48 @@ def test_every_corrupt_state_file_is_logged_and_set_aside(tmp_path: Path, reader
     with caplog.at_level(logging.ERROR, logger="tether.storage"):
         assert read()  # the reader carries on from empty ...
     _expect_set_aside(path, content, caplog)  # ... with the corrupt file kept aside and an error logged
+
+
+# -- every record (agent/state.py's idiom): absent, torn, corrupt, or from a newer agent ----------------------
+RECORDS = [_status, _boot, _last_good, _renewal]
+CASES = {
+    "absent": None,
+    "torn": b'{"state": "sta',
+    "corrupt": b'["not", "an", "object"]',
+    "future version": b'{"version": 99, "state": "from a newer agent"}',
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("reader", RECORDS, ids=lambda f: f.__name__.strip("_"))
+def test_every_record_starts_from_empty_when_absent_torn_corrupt_or_from_the_future(
+        tmp_path: Path, reader, case: str, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    path, read = reader(tmp_path)
+    content = CASES[case]
+    if content is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="tether.storage"):
+        assert read()  # the owner carries on from empty
+    if content is None:
+        assert not path.exists() and "corrupt" not in caplog.text
+    else:  # the file is kept aside, byte for byte, and the error line names it
+        assert not path.exists()
+        _expect_set_aside(path, content, caplog)
+
+
+@pytest.mark.parametrize("reader", RECORDS, ids=lambda f: f.__name__.strip("_"))
+def test_every_record_is_saved_with_its_version_and_read_back(tmp_path: Path, reader) -> None:  # type: ignore[no-untyped-def]
+    from agent.state import Record
+
+    path, _read = reader(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = Record(path)
+    record.save({"state": "idle"})
+    assert json.loads(path.read_text())["version"] == record.version
+    assert record.load() == {"state": "idle"}
+    path.write_text('{"state": "written before records had a version"}')  # an older agent's file
+    assert record.load() == {"state": "written before records had a version"}
 
 
 def test_a_corrupt_chain_json_is_set_aside_and_rebuilt_from_chain_pem(identity: DeviceIdentity, pki: Pki,

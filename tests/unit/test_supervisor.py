@@ -166,21 +166,25 @@ def test_the_scenarios_give_the_same_traces_in_micropython():
     assert out["traces"] == json.loads(json.dumps(scenarios.run_all()))
 
 
-def test_the_type_stub_lists_every_event_with_its_fields_in_order():
-    # agent/core/events.pyi gives mypy the fields the shared __init__ sets at run time
+@pytest.mark.parametrize("module", ["agent.core.events", "agent.core.supervisor_events"])
+def test_the_type_stub_lists_every_event_with_its_fields_in_order(module):
+    # events.pyi and supervisor_events.pyi give mypy the fields the shared __init__ sets at run time
     import ast
+    import importlib
     from pathlib import Path
 
     from agent.core import events
 
-    stub = ast.parse(Path(events.__file__).with_suffix(".pyi").read_text())
+    mod = importlib.import_module(module)
+    stub = ast.parse(Path(mod.__file__).with_suffix(".pyi").read_text())
     typed = {}
     for node in stub.body:
         if isinstance(node, ast.ClassDef) and node.name != "_Value":
             typed[node.name] = tuple(n.target.id for n in node.body
                                      if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
-    real = {name: cls.FIELDS for name, cls in vars(events).items()
-            if isinstance(cls, type) and issubclass(cls, events._Value) and cls is not events._Value}
+    real = {name: cls.FIELDS for name, cls in vars(mod).items()
+            if isinstance(cls, type) and issubclass(cls, events._Value) and cls is not events._Value
+            and cls.__module__ == module}
     assert typed == real
 
 

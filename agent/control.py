@@ -1,0 +1,102 @@
+"""What components hold of the runtime: the control loop's queue (`ControlLoop`) and the live
+session (`SessionLink`). Both are made by the composition root (agent/compose.py) before the
+components and the runtime, so every piece gets what it needs at construction.
+
+The contract of agent/component.py: the control loop owns all mutable state; the network thread,
+component workers and signal handlers only `post` events or `call_soon` functions to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from agent.errors import AgentError
+from agent.session import Session
+from agent.status import StatusFile
+from hal.errors import TetherError
+
+log = logging.getLogger("tether")
+RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched slots
+
+
+class Call:
+    """A function a worker thread hands to the control loop to run there."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+
+class ControlLoop:
+    """The control loop's inbox and its stop flag; any thread may post, only the loop reads."""
+
+    def __init__(self, status_file: StatusFile) -> None:
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.stopping = threading.Event()
+        self.status_file = status_file
+        self.exit_code = 0
+
+    def post(self, event: Any) -> None:
+        """Queue a supervisor event (network thread, signal handler, worker); None only wakes the loop."""
+        self.events.put(event)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the control loop: how workers hand back results without sharing state."""
+        self.events.put(Call(fn))
+
+    def status(self, **fields: Any) -> None:
+        """Merge `fields` into status.json. The control loop is its only writer: other threads post."""
+        if self.status_file.owner is not None and threading.current_thread() is not self.status_file.owner:
+            self.call_soon(lambda: self.status(**fields))
+            return
+        try:
+            self.status_file.update(**fields)
+        except TetherError as exc:  # a full disk must not take the session down
+            log.warning("cannot write status: %s", exc)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.events.put(None)  # wake the loop
+
+    def request_restart(self) -> None:
+        """Stop cleanly and exit with RESTART_EXIT so the service manager starts the new version
+        (systemd `Restart=on-failure`; the demo's supervisor does the same)."""
+        log.info("restart requested (an update switched slots): stopping with exit code %d", RESTART_EXIT)
+        self.exit_code = RESTART_EXIT
+        self.stop()
+
+
+class SessionLink:
+    """The live session, for components that publish (OTA reports, the outbox). The runtime sets it
+    when the supervisor says a session is up and clears it when that session ends."""
+
+    def __init__(self) -> None:
+        self._session: Session | None = None
+
+    def up(self, session: Session | None) -> None:
+        self._session = session
+
+    def down(self) -> None:
+        self._session = None
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> int | None:
+        """Publish on the live session; None when offline (callers with guarantees use the outbox).
+        Any thread: paho only queues the message, the session's network thread writes it."""
+        session = self._session
+        if session is None:
+            return None
+        return publish_on(session, topic, payload, qos)
+
+
+def publish_on(session: Session, topic: str, payload: bytes | str, qos: int) -> int | None:
+    """`session.publish`, with None when the session is going down (its Disconnected follows)."""
+    try:
+        return session.publish(topic, payload, qos)
+    except AgentError as exc:
+        log.info("session: %s", exc)
+        return None

@@ -1,0 +1,114 @@
+"""The agent's state directory: the one place that names its files, and the one idiom for the small
+JSON records in it.
+
+Every persisted fact has one owner, and reaches disk through `StateDir` (its path) and, for the JSON
+records, `Record` (its format): a version number written into the file, an atomic save (temp file,
+fsync, rename: hal/storage.py), and on load a file that is torn, not a JSON object, or written by a
+newer agent (a version above ours) is set aside as `<name>.corrupt` with an error line, and the owner
+starts from empty. A file without a version is version 1 (what agents wrote before records carried one).
+Files that are not our JSON (the discovery server's document, the token, the key store, the outbox's
+SQLite database, the publish socket) take only their path from here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hal import storage
+
+
+class StateDir:
+    """`<state_dir>` and every path under it."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def ensure(self) -> Path:
+        return storage.ensure_dir(self.root)
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def boot(self) -> Path:
+        return self.root / "boot.json"
+
+    @property
+    def token(self) -> Path:
+        return self.root / "token.jwt"
+
+    @property
+    def last_good(self) -> Path:
+        return self.root / "last-good.json"
+
+    @property
+    def discovery_cache(self) -> Path:
+        return self.root / "discovery.json"
+
+    @property
+    def renewal(self) -> Path:
+        return self.root / "renewal.json"
+
+    @property
+    def ota(self) -> Path:
+        return self.root / "ota"
+
+    @property
+    def slots(self) -> Path:
+        return self.root / "slots"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox.sqlite"
+
+    @property
+    def publish_socket(self) -> Path:
+        return self.root / "publish.sock"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One JSON record file: `path`, the `version` this agent writes, and what its owner does when
+    the file has to be set aside (`then`, for the log line)."""
+
+    path: Path
+    version: int = 1
+    then: str = "starting from empty"
+
+    def load(self) -> dict[str, Any] | None:
+        """The record's fields (without `version`), or None when the file is absent or was set aside."""
+        data = storage.read_bytes(self.path)
+        if data is None:
+            return None
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            storage.set_aside(self.path, f"not JSON ({exc})", self.then)
+            return None
+        if not isinstance(value, dict):
+            storage.set_aside(self.path, f"expected a JSON object, found {type(value).__name__}", self.then)
+            return None
+        version = value.pop("version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            storage.set_aside(self.path, f"version: expected a positive integer, got {version!r}", self.then)
+            return None
+        if version > self.version:
+            storage.set_aside(self.path, f"version {version} is newer than this agent's ({self.version})", self.then)
+            return None
+        return value
+
+    def save(self, fields: dict[str, Any], mode: int = storage.PUBLIC_MODE) -> None:
+        """Write `fields` with this record's version, atomically."""
+        storage.write_json(self.path, {**fields, "version": self.version}, mode)
