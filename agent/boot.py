@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from agent.config import Config
 from agent.enroll import enroll
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
 from agent.state import Record
+from hal.value import Value
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def chain_state(identity: DeviceIdentity, now: float | None = None) -> tuple[boo
     return True, "chain valid"
 
 
-class Step(NamedTuple):
+class Step(Value):
     name: str
     done: Callable[[DeviceIdentity], bool]
     run: Callable[[DeviceIdentity], Any]

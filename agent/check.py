@@ -7,7 +7,6 @@ endpoint and (if enabled) received a token. The CLI prints each step as it finis
 
 from __future__ import annotations
 
-import queue
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any, TextIO
 
 from agent.compose import build
 from agent.config import Config
+from agent.control import Empty
 from agent.core import supervisor as sv
 from agent.core.endpoints import Endpoint
 from agent.runtime import Runtime
@@ -158,7 +158,7 @@ def _connect_once(runtime: Runtime, endpoints: list[Endpoint], record: _Recorder
             while runtime.token.current() is None and time.monotonic() < deadline and supervisor.online():
                 try:
                     event = runtime.events.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
+                except Empty:
                     event = sv.Tick()
                 if event is not None:
                     feed(event)

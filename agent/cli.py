@@ -19,11 +19,9 @@ from agent.core.jwt import decode_claims
 from agent.enroll import enroll_waiting
 from agent.errors import AgentError, ConfigError
 from agent.identity import DeviceIdentity
-from agent.ota.cli import add_ota_commands
 from agent.publish_api import publish_command
 from agent.state_owner import require_own_state
 from agent.status import read_runtime_status
-from agent.textfile import render
 from hal import storage
 from hal.about import VersionAction
 from hal.errors import TetherError
@@ -130,6 +128,7 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
     if args.format == "prometheus":  # node_exporter's textfile collector (docs/device.md)
+        from agent.textfile import render
 
         sys.stdout.write(render(status))
         return 0
@@ -230,7 +229,9 @@ def cmd_config_show(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("config get")
 def cmd_config_get(args: argparse.Namespace, config: configmod.Config) -> int:
-    print(configmod.format_value(configmod.get_value(config, args.key)))
+    from provisioning.tomlfmt import format_value
+
+    print(format_value(configmod.get_value(config, args.key)))
     return 0
 
 
@@ -241,14 +242,7 @@ def cmd_config_set(args: argparse.Namespace, config: configmod.Config) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tether", description="Tether device agent: identity and "
-                                     "connectivity for embedded Linux devices.")
-    parser.add_argument("--version", action=VersionAction)
-    parser.add_argument("--config", "-c", help=f"TOML config file (default: $TETHER_CONFIG or "
-                        f"{configmod.DEFAULT_CONFIG})")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_keygen(sub: Any) -> None:
     p = sub.add_parser("keygen", help="create the device key in the key store [keys] uri names")
     p.add_argument("--backend", choices=tuple(s for s, b in BACKENDS.items() if b.device),
                    help="key store (saved to the config as [keys] uri "
@@ -256,53 +250,124 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing key")
     # Commands that write the state, or act with it as the agent, run as the state's owner only
     p.set_defaults(own_state=True)
+
+
+def _add_csr(sub: Any) -> None:
     p = sub.add_parser("csr", help="print (or write) a CSR for the device key")
     p.add_argument("--out", help="write the PEM CSR here instead of stdout")
+
+
+def _add_chain(sub: Any) -> None:
     chain = sub.add_parser("chain", help="certificate chain").add_subparsers(dest="sub", required=True)
     p = chain.add_parser("install", help="check a chain (leaf, intermediates, root) and store it")
     p.add_argument("file")
     p.set_defaults(own_state=True)
+
+
+def _add_enroll(sub: Any) -> None:
     p = sub.add_parser("enroll", help="enroll over EST (one-time password or bootstrap certificate), store the chain")
     p.add_argument("--otp-file", help="file holding the one-time password (default: [est] otp_file); removed after use")
     p.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
                    help="while the station answers 202/503 with Retry-After, ask again for up to this long in all "
                         "(each wait capped at [est] retry_after_max; default 3600; 0: do not wait)")
     p.set_defaults(needs_tls=True, own_state=True)
+
+
+def _add_status(sub: Any) -> None:
     p = sub.add_parser("status", help="device id, key, chain, session and token state")
     p.add_argument("--json", action="store_true", help="same as --format json")
     p.add_argument("--format", choices=("text", "json", "prometheus"), default="text",
                    help="prometheus: the text format node_exporter's textfile collector reads")
-    for name, text in (("run", "the boot-time service: enroll if needed, connect, stay connected"),
-                       ("check", "enroll if needed, connect once, fetch a token; print each step")):
+
+
+def _add_service(name: str, text: str) -> Callable[[Any], None]:
+    def add(sub: Any) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--verbose", "-v", action="store_true")
         p.set_defaults(needs_tls=True, own_state=True)
+    return add
+
+
+def _add_publish(sub: Any) -> None:
     p = sub.add_parser("publish", help="queue a message in the agent's outbox (delivered at least once)")
     p.add_argument("topic", help='relative to the device prefix, or absolute under it with a leading "/"')
     p.add_argument("payload", nargs="?", help="the message (omit with --lines)")
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
     p.add_argument("--lines", action="store_true", help="publish each line of stdin as one message (bulk)")
+
+
+def _add_token(sub: Any) -> None:
     p = sub.add_parser("token", help="print the current access token (JWT) and its expiry")
     p.add_argument("--json", action="store_true")
+
+
+def _add_config(sub: Any) -> None:
     cfg = sub.add_parser("config", help="show, get or set configuration").add_subparsers(dest="sub", required=True)
     cfg.add_parser("show", help="print the effective configuration")
     cfg.add_parser("get").add_argument("key", help="section.key, e.g. keys.backend")
     p = cfg.add_parser("set", help="set a value (written to config.d/99-set-by-tether.toml)")
     p.add_argument("key")
     p.add_argument("value")
-    for add_commands in EXTENSIONS:
-        COMMANDS.update(add_commands(sub))
+
+
+def _add_ota(sub: Any) -> None:
+    from agent.ota.cli import add_ota_commands  # its modules load for `tether ota` only, never for `run`
+
+    COMMANDS.update(add_ota_commands(sub))
+
+
+# Top-level commands in the order `--help` lists them: name -> what adds its parser. A feature with its
+# own command module (OTA) adds its sub-commands and returns their handlers by command name.
+PARSERS: dict[str, Callable[[Any], None]] = {
+    "keygen": _add_keygen, "csr": _add_csr, "chain": _add_chain, "enroll": _add_enroll, "status": _add_status,
+    "run": _add_service("run", "the boot-time service: enroll if needed, connect, stay connected"),
+    "check": _add_service("check", "enroll if needed, connect once, fetch a token; print each step"),
+    "publish": _add_publish, "token": _add_token, "config": _add_config, "ota": _add_ota,
+}
+_GLOBAL_WITH_VALUE = ("--config", "-c")
+
+
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The top-level command `argv` names, when that is certain without parsing: the first word after
+    the global options written in full (`--config X`, `--config=X`, `-c X`, `-cX`). None for anything
+    else (no command, `--help`, an abbreviated option): then every command's parser is built.
+
+    Only which parsers get built depends on this; argparse still parses all of `argv`, so a wrong
+    guess could only turn into a usage error, never into a different command."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in _GLOBAL_WITH_VALUE:
+            i += 2
+        elif word.startswith("--config=") or (word.startswith("-c") and not word.startswith("--")):
+            i += 1
+        elif word.startswith("-"):
+            return None
+        else:
+            return word if word in PARSERS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The `tether` parser. With the command `argv` names (`chosen_command`), only that command's
+    parser is built: argparse spends most of a start-up's parsing time making parsers (each asks
+    gettext for its messages), and `tether run` starts on every boot of every device (issue 24)."""
+    parser = argparse.ArgumentParser(prog="tether", description="Tether device agent: identity and "
+                                     "connectivity for embedded Linux devices.")
+    parser.add_argument("--version", action=VersionAction)
+    parser.add_argument("--config", "-c", help=f"TOML config file (default: $TETHER_CONFIG or "
+                        f"{configmod.DEFAULT_CONFIG})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = chosen_command(argv)
+    for name, add in PARSERS.items():
+        if chosen is None or name == chosen:
+            add(sub)
     return parser
-
-
-# Features with their own command modules: each adds its sub-commands to the parser and returns
-# their handlers by command name.
-EXTENSIONS: list[Callable[[Any], dict[str, Handler]]] = [add_ota_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     name = args.command + (f" {args.sub}" if getattr(args, "sub", None) else "")
     try:
         config = configmod.load(args.config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agent.component import Component
 from agent.config import Config
@@ -23,7 +24,6 @@ from agent.core.supervisor import RenewalStaged, TokenWanted
 from agent.discovery import Discovery
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
-from agent.ota.agent import OtaAgent
 from agent.ota.component import LazyOta
 from agent.outbox import Outbox
 from agent.publish_api import PublishServer, socket_path
@@ -31,6 +31,9 @@ from agent.renewal import Renewal
 from agent.runtime import Runtime
 from agent.status import StatusFile
 from agent.token import TokenService
+
+if TYPE_CHECKING:
+    from agent.ota.agent import OtaAgent
 
 
 def build(config: Config, *, components: bool = True, publish_socket: bool = True,
@@ -75,6 +78,8 @@ def ota_component(config: Config, publish: Callable[[str, bytes | str, int], int
             raise AgentError("offline")  # OtaAgent keeps the report and sends it at the next session
 
     def updater() -> OtaAgent:
+        from agent.ota.agent import OtaAgent  # the updater's modules (HTTP, releases, slots): with OTA work only
+
         if token is None:
             return OtaAgent(config, report, lambda: None, restart)
         tokens = token

@@ -1,6 +1,6 @@
 """Typed configuration, parsed once from TOML (a base file plus sorted `config.d/*.toml` drop-ins).
 
-Every section is an immutable NamedTuple; its defaults are the only defaults. Every error names the file,
+Every section is an immutable value (hal/value.py); its defaults are the only defaults. Every error names the file,
 the `[section] key` and what was expected. Relative paths are resolved against the file that set them.
 """
 
@@ -11,7 +11,7 @@ import re
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from agent.core import defaults
 from agent.core.endpoints import parse_endpoint
@@ -23,10 +23,9 @@ from agent.state import StateDir
 from hal import storage
 from hal.errors import KeyStoreError
 from hal.keys import BACKENDS, KeyUri, parse_key_uri
+from hal.value import Value
 from provisioning.errors import ProvisioningError
 from provisioning.identity import check_device_id
-from provisioning.tomlfmt import format_value as format_value  # `tether config get` prints with it
-from provisioning.tomlfmt import to_toml as to_toml  # the lab and the tests write device configs with it
 from provisioning.weburl import UrlError, parse_https_url
 
 if typing.TYPE_CHECKING:
@@ -35,13 +34,13 @@ if typing.TYPE_CHECKING:
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
 
 
-class DeviceSection(NamedTuple):
+class DeviceSection(Value):
     id: str = ""
     state_dir: str = "/var/lib/tether"
     trust_domain: str = "tether.local"
 
 
-class KeysSection(NamedTuple):
+class KeysSection(Value):
     uri: str = ""                  # key URI: "file:", "tpm:?tcti=tabrmd:bus_type=session" (hal/keys; docs)
     backend: str = "file"          # older spelling of uri = "<backend>:" (file | tpm); the later file wins
     algorithm: str = "ec-p256"     # ec-p256 | rsa-2048 | rsa-3072 (tpm: ec-p256 | rsa-2048)
@@ -50,13 +49,13 @@ class KeysSection(NamedTuple):
     passphrase_file: str = ""      # file keys: encrypt the PKCS#8 PEM with this passphrase
 
 
-class IdentitySection(NamedTuple):
+class IdentitySection(Value):
     ca_file: str = ""              # trust anchors: a stored chain's root must be one of these
     dns: tuple[str, ...] = ()
     ips: tuple[str, ...] = ()
 
 
-class EstSection(NamedTuple):
+class EstSection(Value):
     url: str = ""                  # https://station:8443 (the /.well-known/est prefix is added)
     ca_file: str = ""              # CA that signed the EST server's certificate
     username: str = ""             # HTTP Basic user for first enrollment; default: the device id
@@ -70,18 +69,18 @@ class EstSection(NamedTuple):
     reenroll_password_file: str = ""  # file (0600) of that password; empty: re-enroll with mTLS alone
 
 
-class EnrollSection(NamedTuple):
+class EnrollSection(Value):
     method: str = "otp"            # otp (one-time password or [est] bootstrap_cert) | tpm-attestation
     ek: str = "auto"               # tpm-attestation: which EK certificate to use: auto | rsa | ecc
 
 
-class EndpointsSection(NamedTuple):
+class EndpointsSection(Value):
     urls: tuple[str, ...] = ()  # mqtts://host:port, tried in order
     ca_file: str = ""              # CA for the brokers in `urls`
     allow_unlikely: bool = False   # keep loopback/link-local/bridge addresses in their listed place
 
 
-class DiscoverySection(NamedTuple):
+class DiscoverySection(Value):
     url: str = ""                  # https://host:8443 (Greengrass discovery API)
     thing: str = ""                # thing name; default: the device id
     ca_file: str = ""
@@ -89,7 +88,7 @@ class DiscoverySection(NamedTuple):
     max_bytes: int = 1 << 20
 
 
-class MqttSection(NamedTuple):
+class MqttSection(Value):
     client_id_prefix: str = defaults.CLIENT_ID_PREFIX  # Cumulocity: "d:"
     topic_prefix: str = defaults.TOPIC_PREFIX  # "{id}" puts topics under the device id; "" for Cumulocity
     keepalive: int = defaults.KEEPALIVE
@@ -99,21 +98,21 @@ class MqttSection(NamedTuple):
     backoff_cap: float = defaults.BACKOFF_CAP
 
 
-class TokenSection(NamedTuple):
+class TokenSection(Value):
     enabled: bool = True
     request_topic: str = "s/uat"
     response_topic: str = "s/dat"
     timeout: float = defaults.TOKEN_TIMEOUT
 
 
-class RenewalSection(NamedTuple):
+class RenewalSection(Value):
     threshold: str = "67%"         # share of the lifetime ("67%") or time before expiry ("30d", "12h")
     new_key: bool = False
     auth: str = "mtls"             # mtls | bearer (Cumulocity's CA takes the JWT)
     retry: float = 300.0
 
 
-class OtaSection(NamedTuple):
+class OtaSection(Value):
     slots: str = "directory"       # directory | uboot | swupdate | rauc | command (hal/slots BACKENDS)
     slots_dir: str = ""            # slot-a/, slot-b/, `current` or slot images; default: <state_dir>/slots
     uboot_env_config: str = ""     # fw_env.config for fw_printenv/fw_setenv; default: /etc/fw_env.config
@@ -133,7 +132,7 @@ class OtaSection(NamedTuple):
     rauc_slot_class: str = "rootfs"  # rauc: the slot class whose two slots are a and b
 
 
-class OutboxSection(NamedTuple):
+class OutboxSection(Value):
     enabled: bool = True           # store and forward for applications' QoS 1 messages (agent.outbox)
     max_messages: int = 10000      # queued messages kept at most; `policy` says what gives when full
     max_bytes: int = 16 << 20      # topic + payload bytes kept at most
@@ -142,7 +141,7 @@ class OutboxSection(NamedTuple):
     max_inflight: int = 20         # messages sent and not yet acknowledged by the broker
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type[Value]] = {
     "device": DeviceSection,
     "keys": KeysSection,
     "identity": IdentitySection,
@@ -176,7 +175,7 @@ CHOICES = {("keys", "algorithm"): ("ec-p256", "rsa-2048", "rsa-3072"),
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class Threshold(NamedTuple):
+class Threshold(Value):
     """When to renew: at `share` of the lifetime, or `before` seconds ahead of expiry (exactly one set)."""
 
     share: float | None = None
@@ -205,7 +204,7 @@ def parse_threshold(text: str, where: str = "[renewal] threshold") -> Threshold:
     return Threshold(before=value * _UNITS[unit])
 
 
-class Config(NamedTuple):
+class Config(Value):
     device: DeviceSection = DeviceSection()
     keys: KeysSection = KeysSection()
     identity: IdentitySection = IdentitySection()
@@ -268,10 +267,16 @@ class Config(NamedTuple):
 _HINTS: dict[str, dict[str, Any]] = {}
 
 
+# the annotations a section may use, as written (they are strings: `from __future__ import annotations`);
+# looked up instead of evaluated with typing.get_type_hints, which costs more than parsing the file
+_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple[str, ...]}
+
+
 def _hints(section: str) -> dict[str, Any]:
-    """Field types of a section (resolved once: evaluating annotations is the slow part of a load)."""
+    """Field types of a section (resolved once)."""
     if section not in _HINTS:
-        _HINTS[section] = typing.get_type_hints(SECTIONS[section])
+        notes = SECTIONS[section].__annotations__
+        _HINTS[section] = {name: _TYPES[notes[name]] for name in SECTIONS[section]._fields}
     return _HINTS[section]
 
 
@@ -396,7 +401,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     for f in files:
         _merge(merged, _read_toml(f), f, origins)
     _select_keys(merged.setdefault("keys", {}), origins, files)
-    sections = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
+    sections: dict[str, Any] = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
     config = Config(**sections, sources=tuple(str(f) for f in files))
     validate(config, base, origins)
     return config
@@ -489,6 +494,8 @@ def read_private_secret(path: str, what: str, key: str) -> bytes:
 
 def render(config: Config) -> str:
     """The effective configuration as TOML (`tether config show`), written by the one TOML writer."""
+    from provisioning.tomlfmt import to_toml  # the TOML writer: `config show` and `config set` only
+
     return to_toml(config.as_dict(), f"effective configuration from: {', '.join(config.sources)}")
 
 
@@ -526,6 +533,8 @@ def set_value(base: Path, dotted: str, text: str) -> Path:
     target = base.parent / "config.d" / SET_FILE
     current = _read_toml(target) if target.exists() else {}
     current.setdefault(section, {})[key] = value
+    from provisioning.tomlfmt import to_toml
+
     body = to_toml(current, "written by `tether config set`; later files in config.d/ override it")
     storage.ensure_dir(target.parent, 0o755)
     old = storage.read_bytes(target)

@@ -9,8 +9,8 @@ component workers and signal handlers only `post` events or `call_soon` function
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +32,37 @@ class Call:
         self.fn = fn
 
 
+class Empty(Exception):
+    """`Inbox.get` found nothing within its timeout."""
+
+
+class Inbox:
+    """The control loop's queue: any thread puts, only the loop gets. What it used of `queue.Queue`
+    (put; get with a timeout), without what that costs every start-up: `queue` loads `heapq` and two
+    C extensions for priority and LIFO queues the agent never uses (issue 24)."""
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._ready = threading.Condition(threading.Lock())
+
+    def put(self, item: Any) -> None:
+        with self._ready:
+            self._items.append(item)
+            self._ready.notify()
+
+    def get(self, timeout: float) -> Any:
+        """The oldest item; Empty when none arrives within `timeout` seconds."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._items, timeout):
+                raise Empty
+            return self._items.popleft()
+
+
 class ControlLoop:
     """The control loop's inbox and its stop flag; any thread may post, only the loop reads."""
 
     def __init__(self, status_file: StatusFile) -> None:
-        self.events: queue.Queue[Any] = queue.Queue()
+        self.events = Inbox()
         self.stopping = threading.Event()
         self.status_file = status_file
         self.exit_code = 0

@@ -14,7 +14,6 @@ import ssl
 import urllib.parse
 
 from agent.config import Config
-from agent.core.discovery import parse_discovery
 from agent.core.endpoints import Endpoint
 from agent.core.errors import CoreError
 from agent.errors import AgentError
@@ -61,6 +60,8 @@ def fetch(config: Config, context: ssl.SSLContext) -> bytes:
 
 
 def parse(body: bytes | str, where: str, max_bytes: int) -> list[Endpoint]:
+    from agent.core.discovery import parse_discovery  # only with a document to read (see ALLOWED)
+
     try:
         endpoints, _cas = parse_discovery(body, max_bytes)
     except CoreError as exc:

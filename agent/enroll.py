@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.attest import enroll_attested
 from agent.config import Config, read_secret_file
 from agent.core.backoff import Backoff
 from agent.errors import AgentError
@@ -102,6 +101,7 @@ def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str |
                          "(https://station:8443)")
     identity = identity or DeviceIdentity(config)
     if config.enroll.method == "tpm-attestation":  # no credentials carried: the TPM proves itself
+        from agent.attest import enroll_attested  # the TPM's attestation modules: for this method only
 
         return enroll_attested(config, identity)
     auth, kind, used_file = _credentials(config, otp, otp_file)

@@ -11,3 +11,11 @@ class AgentError(TetherError):
 
 class ConfigError(AgentError):
     """A configuration file is wrong: the message names the file, the key and the reason."""
+
+
+class OutboxError(AgentError):
+    """A message could not be queued (or the store could not be used); the message says why."""
+
+
+class OutboxFull(OutboxError):
+    """The outbox is at its cap and `[outbox] policy = "refuse-new"`."""

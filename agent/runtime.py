@@ -12,7 +12,6 @@ offline cache) -> supervisor.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import signal
 import ssl
@@ -25,7 +24,7 @@ from agent import systemd
 from agent.boot import BootSequence
 from agent.component import Component
 from agent.config import Config
-from agent.control import RESTART_EXIT, Call, ControlLoop, SessionLink, publish_on
+from agent.control import RESTART_EXIT, Call, ControlLoop, Empty, Inbox, SessionLink, publish_on
 from agent.core import supervisor as sv
 from agent.core.backoff import Backoff
 from agent.core.endpoints import Endpoint, order_endpoints, parse_endpoint
@@ -77,7 +76,7 @@ class Runtime:
 
     # -- the loop's inbox (any thread) -------------------------------------------------------------
     @property
-    def events(self) -> queue.Queue[Any]:
+    def events(self) -> Inbox:
         return self.loop.events
 
     @property
@@ -260,7 +259,7 @@ class Runtime:
                 timeout = min(timeout, deadline - now)
         try:
             return self.events.get(timeout=max(0.0, timeout))
-        except queue.Empty:
+        except Empty:
             return None
 
     def feed(self, event: Any) -> None:

@@ -4,7 +4,9 @@ paho is wrapped, never subclassed (STYLE.md): its callbacks only post the superv
 (`Message`, `Acked`, `Disconnected`, each stamped with this session's epoch) to the runtime's control
 loop. The network loop is our own thread driving paho's external-loop API (`loop_read`,
 `loop_write`, `loop_misc`) so that paho never reconnects by itself: which endpoint to try next is the
-supervisor's decision (agent/core/supervisor.py).
+supervisor's decision (agent/core/supervisor.py). `connect()` turns that loop itself until CONNACK
+(the boot waits on it, and a hand-over to another thread and back costs two thread switches); the
+network thread takes over once the session is up.
 
 The thread sleeps in the kernel until the broker sends something, a message is queued (paho's
 `on_socket_register_write` wakes it through a socket pair), `close()` wakes it, or the keepalive needs
@@ -128,11 +130,11 @@ class Session:
             raise ConnectError(endpoint, describe_tls_failure(exc), REFUSED) from None
         except OSError as exc:  # includes timeouts and refused connections
             raise ConnectError(endpoint, f"cannot reach: {exc.strerror or exc}", UNREACHABLE) from None
-        self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{endpoint.host}:{endpoint.port}",
-                                        daemon=True)
-        self._thread.start()
-        remaining = max(0.0, timeout - (time.monotonic() - start))
-        if not self._connack.wait(remaining):
+        # CONNACK is read here, in the connecting thread: handing the socket to the network thread
+        # and the answer back costs two thread switches on the path every boot waits on (issue 24).
+        # The network thread starts once the session is up; until then no other thread touches paho.
+        self._await_connack(start + timeout)
+        if not self._connack.is_set():
             self.close()
             raise ConnectError(endpoint, f"no CONNACK within {timeout:.0f} s (is our certificate refused?)", REFUSED)
         rc = self._connack_rc
@@ -142,7 +144,36 @@ class Session:
         if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
             self.close()
             raise ConnectError(endpoint, f"broker refused the connection: {rc}", REFUSED)
+        self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{endpoint.host}:{endpoint.port}",
+                                        daemon=True)
+        self._thread.start()
         return time.monotonic() - start
+
+    def _await_connack(self, deadline: float) -> None:
+        """Turn paho's loop in this thread until CONNACK, the connection's end (`_lost`) or `deadline`."""
+        sock = self.client.socket()
+        if sock is None:
+            self._lost("connection lost (the broker closed it or the network dropped)")
+            return
+        with selectors.DefaultSelector() as selector:
+            try:
+                # a socket the broker closed right after the handshake has no descriptor left
+                selector.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError) as exc:
+                self._lost(describe_tls_failure(exc))
+                return
+            while not self._connack.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                try:
+                    rc = self._turn(selector, sock, min(remaining, self._misc_every))
+                except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
+                    self._lost(describe_tls_failure(exc))
+                    return
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    self._lost(self._reason(rc))
+                    return
 
     def _wake(self) -> None:
         """Make the network thread look again (any thread): a packet is queued, or we are closing."""
@@ -164,27 +195,31 @@ class Session:
                 return
             while not self._closing.is_set():
                 try:
-                    rc = self._turn(selector, sock)
+                    rc = self._turn(selector, sock, self._misc_every)
                 except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
                     self._lost(describe_tls_failure(exc))
                     return
                 if rc != mqtt.MQTT_ERR_SUCCESS:
-                    if "SSL" in self._last_error or "alert" in self._last_error:
-                        self._lost(describe_alert(self._last_error))
-                    elif rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN, mqtt.MQTT_ERR_NO_CONN):
-                        self._lost("connection lost (the broker closed it or the network dropped)")
-                    else:
-                        self._lost(mqtt.error_string(rc))
+                    self._lost(self._reason(rc))
                     return
 
-    def _turn(self, selector: selectors.BaseSelector, sock: Any) -> Any:
-        """Sleep until something is due, then let paho read, write and keep the session alive."""
+    def _reason(self, rc: Any) -> str:
+        """Why paho's loop returned `rc`: the TLS alert it logged, a lost connection, or paho's own text."""
+        if "SSL" in self._last_error or "alert" in self._last_error:
+            return describe_alert(self._last_error)
+        if rc in (mqtt.MQTT_ERR_CONN_LOST, mqtt.MQTT_ERR_UNKNOWN, mqtt.MQTT_ERR_NO_CONN):
+            return "connection lost (the broker closed it or the network dropped)"
+        return str(mqtt.error_string(rc))
+
+    def _turn(self, selector: selectors.BaseSelector, sock: Any, wait: float) -> Any:
+        """Sleep until something is due (at most `wait` seconds), then let paho read, write and keep
+        the session alive."""
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.client.want_write() else 0)
         if want != selector.get_key(sock).events:
             selector.modify(sock, want)
         # TLS may hold decrypted bytes the kernel no longer reports as readable
         readable = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-        for key, _events in selector.select(0 if readable else self._misc_every):
+        for key, _events in selector.select(0 if readable else wait):
             if key.fileobj is self._wake_r:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(4096)

@@ -13,11 +13,11 @@ SQLite database, the publish socket) take only their path from here.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hal import storage
+from hal.value import Value
 
 
 class StateDir:
@@ -66,6 +66,11 @@ class StateDir:
         return self.root / "ota"
 
     @property
+    def ota_state(self) -> Path:
+        """The updater's state (agent/ota/machine.py StateStore): present while an update is in progress."""
+        return self.ota / "state.json"
+
+    @property
     def slots(self) -> Path:
         return self.root / "slots"
 
@@ -78,14 +83,15 @@ class StateDir:
         return self.root / "publish.sock"
 
 
-@dataclass(frozen=True)
-class Record:
-    """One JSON record file: `path`, the `version` this agent writes, and what its owner does when
-    the file has to be set aside (`then`, for the log line)."""
+class Record(Value):
+    """One JSON record file: `path`, the `version` this agent writes, what its owner does when the
+    file has to be set aside (`then`, for the log line), and whether a save must survive a power cut
+    (`durable`: fsync of the file and its directory; not for a volatile file the next update rewrites)."""
 
     path: Path
     version: int = 1
     then: str = "starting from empty"
+    durable: bool = True
 
     def load(self) -> dict[str, Any] | None:
         """The record's fields (without `version`), or None when the file is absent or was set aside."""
@@ -110,5 +116,5 @@ class Record:
         return value
 
     def save(self, fields: dict[str, Any], mode: int = storage.PUBLIC_MODE) -> None:
-        """Write `fields` with this record's version, atomically."""
-        storage.write_json(self.path, {**fields, "version": self.version}, mode)
+        """Write `fields` with this record's version, atomically (and durably if `durable`)."""
+        storage.write_json(self.path, {**fields, "version": self.version}, mode, durable=self.durable)

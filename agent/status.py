@@ -17,7 +17,9 @@ from agent.state import Record
 
 
 def _record(config: Config) -> Record:
-    return Record(config.state.status, then="the next update writes it afresh")
+    # volatile: it describes this run only and every state change rewrites it, so a save is atomic
+    # (readers never see half a file) but not fsynced; after a power cut the next update corrects it
+    return Record(config.state.status, then="the next update writes it afresh", durable=False)
 
 
 def read_runtime_status(config: Config) -> dict[str, Any]:

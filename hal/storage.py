@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ TEMP_ATTEMPTS = 5  # fresh random names tried when one is taken (only another wr
 
 def _temp_suffix() -> str:
     """Random part of a temp file's name: unguessable, so nobody can plant a file where we will write."""
-    return secrets.token_hex(8)
+    return os.urandom(8).hex()  # what secrets.token_hex(8) returns, without importing secrets (hmac, random)
 
 
 def _is_secret(mode: int) -> bool:
@@ -66,8 +65,12 @@ def _check_private(directory: Path, st: os.stat_result) -> None:
                            f"make it private (chmod 700 {directory}) or choose another directory")
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_MODE) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_MODE, *, durable: bool = True) -> None:
     """Replace `path` with `data` atomically and durably; the file gets exactly `mode`.
+
+    `durable=False` is for volatile files that the next update rewrites anyway (status.json): still
+    atomic (a reader sees the old content or the new, never a mix), but neither the file nor the
+    directory is fsynced, so a power cut may bring back the previous version.
 
     The temp file has a random name and is created with O_EXCL|O_NOFOLLOW, so it is always a new file
     of ours (never one planted by another user, nor a link). A secret (`mode` without group/other bits)
@@ -85,7 +88,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = SECRET_M
         # Every step below goes through dir_fd: a directory swapped after this check changes nothing.
         if _is_secret(mode):
             _check_private(directory, os.fstat(dir_fd))
-        _write_via(dir_fd, target, data, mode)
+        _write_via(dir_fd, target, data, mode, durable)
     finally:
         os.close(dir_fd)
 
@@ -103,7 +106,7 @@ def _create_temp(dir_fd: int, target: Path, mode: int) -> tuple[str, int]:
                        f"in {target.parent} (is someone planting files there?); the previous content is unchanged")
 
 
-def _write_via(dir_fd: int, target: Path, data: bytes, mode: int) -> None:
+def _write_via(dir_fd: int, target: Path, data: bytes, mode: int, durable: bool = True) -> None:
     tmp = ""
     try:
         tmp, fd = _create_temp(dir_fd, target, mode)
@@ -113,13 +116,15 @@ def _write_via(dir_fd: int, target: Path, data: bytes, mode: int) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         tmp = ""
         _sweep_stale_temps(target.parent, target.name)
-        os.fsync(dir_fd)
+        if durable:
+            os.fsync(dir_fd)
     except OSError as exc:
         if tmp:
             try:
@@ -216,8 +221,10 @@ def set_aside(path: str | os.PathLike[str], why: str, then: str = "starting from
                                               then)
 
 
-def write_json(path: str | os.PathLike[str], value: dict[str, Any], mode: int = PUBLIC_MODE) -> None:
-    """Write a small JSON state file atomically (sorted keys, so diffs and reviews stay readable)."""
+def write_json(path: str | os.PathLike[str], value: dict[str, Any], mode: int = PUBLIC_MODE, *,
+               durable: bool = True) -> None:
+    """Write a small JSON state file atomically (sorted keys, so diffs and reviews stay readable);
+    `durable` as for `atomic_write`."""
     import json
 
-    atomic_write(path, json.dumps(value, indent=1, sort_keys=True).encode(), mode)
+    atomic_write(path, json.dumps(value, indent=1, sort_keys=True).encode(), mode, durable=durable)

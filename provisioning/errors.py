@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from hal.errors import TetherError
+from hal.value import Value
 
 
 class ProvisioningError(TetherError):
@@ -15,7 +14,7 @@ class PemError(ProvisioningError):
     """Certificate, CSR or key data that does not parse."""
 
 
-class Violation(NamedTuple):
+class Violation(Value):
     """One broken rule: which certificate (subject, serial), which rule, and what was found."""
 
     subject: str

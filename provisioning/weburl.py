@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import ipaddress
 import string
-from dataclasses import dataclass
 
+from hal.value import Value
 from provisioning.errors import ProvisioningError
 
 HTTPS = "https://"
@@ -41,8 +41,7 @@ class UrlError(ProvisioningError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class HttpsUrl:
+class HttpsUrl(Value):
     """An https URL whose authority every parser reads alike.
 
     `host` is lower case (an IPv6 address without brackets); `port` is the port connected to (443 when

@@ -80,7 +80,7 @@ def broker(broker_factory: Callable[..., Mosquitto]) -> Mosquitto:
 
 def write_config(directory: Path, device_id: str = "dev-001", **sections: dict[str, Any]) -> Path:
     """A device config TOML in `directory` with state in `directory/state`."""
-    from agent.config import to_toml
+    from provisioning.tomlfmt import to_toml
 
     sections.setdefault("device", {})
     sections["device"] = {"id": device_id, "state_dir": str(directory / "state"),

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.component import Component
-from agent.ota.machine import StateStore
 
 FIRMWARE_OPERATION = "515,"
 
@@ -20,7 +19,7 @@ class LazyOta(Component):
     name = "ota"
 
     def __init__(self, config: Any, factory: Callable[[], Any]) -> None:
-        self.state_file = StateStore(config.state.ota).state_file
+        self.state_file = config.state.ota_state  # only its existence is asked: agent.ota.machine loads with the work
         self._factory = factory
         self._agent: Any = None
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote
 
 from hal.errors import KeyStoreError
 from hal.registry import load_backend
+from hal.value import Value
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import (
@@ -38,7 +39,7 @@ DEFAULT_ALGORITHM = "ec-p256"
 
 
 
-class KeyBackend(NamedTuple):
+class KeyBackend(Value):
     """What the rest of Tether needs to know about one key backend (one `BACKENDS` entry)."""
 
     target: str                          # "module:Class", imported only when this backend is chosen
@@ -73,7 +74,7 @@ def key_backend(scheme: str) -> KeyBackend:
                             f"{', '.join(s + ':' for s in sorted(BACKENDS))}") from None
 
 
-class KeyUri(NamedTuple):
+class KeyUri(Value):
     """A parsed key URI: backend scheme, directory ('' = the caller's default) and options."""
 
     scheme: str
@@ -127,7 +128,7 @@ def parse_key_uri(text: str) -> KeyUri:
     return KeyUri(scheme, directory, tuple(options.items()))
 
 
-class TlsKey(NamedTuple):
+class TlsKey(Value):
     """What `ssl.SSLContext.load_cert_chain` needs for a key.
 
     `env` holds variables that must be in the process environment before `ssl` is first imported

@@ -174,7 +174,8 @@ def test_a_full_outbox_under_refuse_new_answers_an_error(tmp_path: Path, pki: Pk
 
 
 def test_a_message_leaves_the_outbox_on_its_puback_not_when_it_is_sent(tmp_path: Path) -> None:
-    from agent.outbox import Outbox, OutboxStore
+    from agent.outbox import Outbox
+    from agent.outbox_store import OutboxStore
     from tests.conftest import write_config
 
     config = load(write_config(tmp_path, DEVICE))

@@ -14,6 +14,7 @@ from lab.procs import Proc, wait_until
 from tests.agent_bed import provisioned_device
 from tests.conftest import REPO
 from tests.pki import Pki
+from tests.unit.test_startup import NOT_AT_START
 
 
 def test_notify_ready_when_online_then_watchdog_then_stopping(tmp_path: Path, pki: Pki, broker: Mosquitto) -> None:
@@ -61,3 +62,5 @@ def test_start_up_path_imports_only_paho_and_the_standard_library(tmp_path: Path
     assert "paho.mqtt.client" in imported
     heavy = sorted(m for m in imported if m.split(".")[0] in ("cryptography", "requests", "tpm2_pytss", "urllib3"))
     assert heavy == [], f"the start-up path imported {heavy}"
+    unneeded = sorted(imported & set(NOT_AT_START))  # issue 24: what `tether run` never runs before CONNACK
+    assert unneeded == [], f"the start-up path imported {unneeded}"

@@ -23,9 +23,23 @@ ON_DEMAND = "imports a heavy library (STYLE.md) at its top: loaded only on the p
 AFTER_TLS_ENV = "loads ssl, which must come after ensure_tls_env's TPM re-exec"
 BOARD_HEAP = "the board's start code imports each setup module in a function of its own and drops it whole"
 NO_SOCKETS = "net needs sockets; the board's setup checks run in tests on ports without them"
+# issue 24: `tether run` starts on every boot of every device; what it never runs before CONNACK is not loaded
+COMMAND_ONLY = "one command's module, loaded when that command runs: `tether run` starts without it"
+OTA_ONLY = "loaded on the OTA path only (a 515 operation, or update state on disk): `tether run` starts without it"
+SQLITE_ONLY = "opens SQLite: loaded when the outbox has something in it or something to queue"
+DOCUMENT_ONLY = "the discovery document's parser: loaded when a document is fetched or a cached one is read"
+ATTEST_ONLY = "TPM attestation: loaded when enrolling with [enroll] method = tpm-attestation only"
 ALLOWED: dict[tuple[str, str], str] = {
     ("agent/cli.py", "agent.compose"): AFTER_TLS_ENV,
     ("agent/cli.py", "agent.check"): AFTER_TLS_ENV,
+    ("agent/cli.py", "agent.ota.cli"): COMMAND_ONLY,
+    ("agent/cli.py", "agent.textfile"): COMMAND_ONLY,
+    ("agent/cli.py", "provisioning.tomlfmt"): COMMAND_ONLY,
+    ("agent/config.py", "provisioning.tomlfmt"): COMMAND_ONLY,
+    ("agent/compose.py", "agent.ota.agent"): OTA_ONLY,
+    ("agent/outbox.py", "agent.outbox_store"): SQLITE_ONLY,
+    ("agent/enroll.py", "agent.attest"): ATTEST_ONLY,
+    ("agent/discovery.py", "agent.core.discovery"): DOCUMENT_ONLY,
     ("agent/cli.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certstore"): ON_DEMAND,

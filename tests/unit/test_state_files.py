@@ -138,7 +138,7 @@ def _ota_state(tmp_path: Path) -> tuple[Path, object]:
 
 
 def _outbox(tmp_path: Path) -> tuple[Path, object]:
-    from agent.outbox import OutboxStore
+    from agent.outbox_store import OutboxStore
 
     def opens_empty() -> bool:
         store = OutboxStore(tmp_path / "outbox.sqlite", max_messages=10, max_bytes=4096, policy="drop-oldest")

@@ -1,0 +1,180 @@
+"""What `tether run` does before its first packet (issue 24): only what it needs.
+
+Start-up is paid on every boot of every device, so what it never runs is not loaded: the OTA
+updater, SQLite for an empty outbox, the parsers of other commands, `dataclasses` (and `inspect`).
+The status file, rewritten on every state change, is written atomically but not fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent import cli
+from agent.config import load
+from agent.control import Empty, Inbox
+from agent.ota.component import LazyOta
+from agent.ota.machine import StateStore
+from agent.outbox import Outbox
+from agent.state import Record
+from agent.status import StatusFile
+from hal import storage
+from hal.value import Value
+from tests.conftest import write_config
+from tests.unit.test_layers import REPO
+
+# loaded by none of `tether run`'s modules: each was measured on its start-up path (docs/reliability.md)
+NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "agent.ota.agent",
+                "agent.ota.machine", "agent.ota.cli", "agent.outbox_store", "agent.bearer", "cryptography",
+                "queue", "agent.attest", "hal.keys.tpm_attest", "agent.textfile",
+                "provisioning.tomlfmt", "agent.core.discovery")
+
+
+def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+    code = ("import sys\n"
+            "from agent import cli\n"
+            "from agent.compose import build\n"
+            f"args = cli.build_parser(['run']).parse_args(['--config', {str(config)!r}, 'run'])\n"
+            f"runtime = build(cli.configmod.load(args.config))\n"
+            f"print(sorted(m for m in {NOT_AT_START!r} if m in sys.modules))\n"
+            "for c in runtime.components:\n"
+            "    c.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("argv", "chosen"), [
+    (["run"], "run"), (["--config", "x.toml", "run", "-v"], "run"), (["-c", "x.toml", "status"], "status"),
+    (["--config=x.toml", "ota", "status"], "ota"), (["-cx.toml", "check"], "check"),
+    ([], None), (["--help"], None), (["--conf", "x.toml", "run"], None), (["bogus"], None), (["-v", "run"], None),
+])
+def test_the_chosen_command_is_only_the_certain_one(argv: list[str], chosen: str | None) -> None:
+    assert cli.chosen_command(argv) == chosen
+
+
+def test_only_the_chosen_commands_parser_is_built() -> None:
+    parser = cli.build_parser(["run"])
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert list(sub.choices) == ["run"]  # type: ignore[arg-type]
+    assert parser.parse_args(["run", "-v"]).verbose
+
+
+def test_help_and_a_wrong_command_still_list_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser(["--help"]).parse_args(["--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in cli.PARSERS)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bogus"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert all(repr(name) in error for name in cli.PARSERS)
+
+
+def test_lazy_ota_looks_for_the_state_file_the_updater_writes(tmp_path: Path) -> None:
+    config = load(write_config(tmp_path / "dev", "dev-001"))
+    assert LazyOta(config, lambda: None).state_file == StateStore(config.state.ota).state_file
+
+
+def test_the_outbox_opens_sqlite_only_with_something_to_queue_or_deliver(tmp_path: Path) -> None:
+    config = load(write_config(tmp_path / "dev", "dev-001"))
+    sent: list[bytes] = []
+
+    def send(topic: str, payload: bytes, qos: int) -> int:
+        sent.append(payload)
+        return len(sent)
+
+    outbox = Outbox(config, send, wake=lambda: None)
+    assert "empty" in outbox.on_boot()
+    outbox.on_session_up()
+    assert outbox.store is None and not config.state.outbox.exists()  # nothing queued: nothing opened
+    outbox.on_session_down()
+    outbox.publish("telemetry", b"1")
+    assert outbox.store is not None and config.state.outbox.exists()
+    outbox.close()
+
+    again = Outbox(config, send, wake=lambda: None)  # the next boot: the database may hold messages
+    assert again.store is None
+    again.on_session_up()
+    assert again.store is not None and sent == [b"1"]
+    again.close()
+
+
+def test_the_status_file_is_atomic_but_not_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load(write_config(tmp_path / "dev", "dev-001"))
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    StatusFile(config).update(session="online")
+    assert synced == []
+    assert Record(config.state.status).load() == {"session": "online", "updated_at": pytest.approx(0, abs=1e10)}
+    assert [p.name for p in config.state_dir.iterdir() if ".tmp-" in p.name] == []
+    Record(config.state.last_good).save({"url": "mqtts://x:8883"})  # a durable record: file and directory
+    assert len(synced) == 2
+
+
+def test_a_volatile_write_still_replaces_the_file_whole(tmp_path: Path) -> None:
+    target = tmp_path / "status.json"
+    storage.atomic_write(target, b"old", storage.PUBLIC_MODE, durable=False)
+    storage.atomic_write(target, b"new", storage.PUBLIC_MODE, durable=False)
+    assert target.read_bytes() == b"new"
+    assert os.stat(target).st_mode & 0o777 == storage.PUBLIC_MODE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+
+
+class Point(Value):
+    x: int
+    y: int = 0
+    tags: tuple[str, ...] = ()
+
+
+def test_a_value_has_named_fields_with_defaults_and_equality() -> None:
+    p = Point(1, tags=("a",))
+    assert (p.x, p.y, p.tags) == (1, 0, ("a",))
+    assert p == Point(x=1, y=0, tags=("a",)) and p != Point(2) and hash(p) == hash(Point(1, 0, ("a",)))
+    assert p._asdict() == {"x": 1, "y": 0, "tags": ("a",)}
+    assert p._replace(y=5) == Point(1, 5, ("a",)) and p.y == 0
+    assert Point._fields == ("x", "y", "tags") and Point._field_defaults == {"y": 0, "tags": ()}
+    assert repr(p) == "Point(x=1, y=0, tags=('a',))"
+
+
+@pytest.mark.parametrize(("args", "kwargs", "message"), [
+    ((), {}, "missing field 'x'"), ((1, 2, (), 4), {}, "takes 3 fields, got 4"),
+    ((1,), {"z": 1}, "has no field 'z'"), ((1,), {"x": 2}, "got field 'x' twice"),
+])
+def test_a_value_refuses_a_missing_unknown_or_repeated_field(args: tuple[object, ...], kwargs: dict[str, object],
+                                                            message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        Point(*args, **kwargs)
+
+
+def test_a_value_is_immutable() -> None:
+    p = Point(1)
+    with pytest.raises(AttributeError, match="immutable"):
+        p.x = 2  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="immutable"):
+        del p.y  # type: ignore[misc]
+
+
+def test_a_value_field_without_default_cannot_follow_one_with_a_default() -> None:
+    with pytest.raises(TypeError, match="without a default follows"):
+        class Bad(Value):
+            a: int = 0
+            b: int
+
+
+def test_the_control_loops_inbox_is_first_in_first_out_and_wakes_on_put() -> None:
+    inbox = Inbox()
+    inbox.put(1)
+    inbox.put(None)
+    assert [inbox.get(0), inbox.get(0)] == [1, None]
+    with pytest.raises(Empty):
+        inbox.get(0)
+    threading.Thread(target=inbox.put, args=("woken",)).start()
+    assert inbox.get(30) == "woken"  # returns on the put, not after the timeout
