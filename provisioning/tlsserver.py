@@ -41,6 +41,8 @@ GROUPS = ("X25519", "P-256", "P-384")
 # TLS 1.2 only (TLS 1.3 suites are set apart and all use the groups above): ECDHE key exchange only
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:!aNULL:!eNULL:!SHA1:!AESCCM"
 _SSL_CTRL_SET_GROUPS_LIST = 92  # ssl.h: SSL_CTX_set1_groups_list is a macro over SSL_CTX_ctrl
+_SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_CTRL_GET_SESS_CACHE_MODE = 44, 45  # SSL_CTX_set/get_session_cache_mode
+_SSL_SESS_CACHE_OFF = 0
 
 
 class TlsSetupError(ProvisioningError):
@@ -63,6 +65,22 @@ def set_groups_list(ctx: ssl.SSLContext, groups: str) -> None:
     lib, pointer = _ssl_ctx(ctx)
     if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode()) != 1:
         raise TlsSetupError(f"OpenSSL ({ssl.OPENSSL_VERSION}) refused the groups list {groups!r}")
+
+
+def no_resumption(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Make a server context keep no sessions: no TLS 1.3 tickets (`num_tickets = 0`), no TLS 1.2
+    tickets (`OP_NO_TICKET`) and no server-side session cache (`SSL_CTX_set_session_cache_mode` OFF,
+    which Python's `ssl` does not expose). For servers whose clients never resume (a device enrolls
+    once a year): each handshake then writes no ticket and stores no session, and OpenSSL never scans
+    a cache to expire them (it does so every 255 handshakes). Returns `ctx`; TlsSetupError when the
+    cache mode cannot be set and read back."""
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
+    lib, pointer = _ssl_ctx(ctx)
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) != _SSL_SESS_CACHE_OFF:
+        raise TlsSetupError(f"OpenSSL ({ssl.OPENSSL_VERSION}) did not turn the session cache off")
+    return ctx
 
 
 def _ssl_ctx(ctx: ssl.SSLContext) -> tuple[ctypes.CDLL, int]:

@@ -23,6 +23,7 @@ Two limits, both per worker process, beside the per-address connection cap in `l
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from typing import Protocol, TypeVar
 WAITING = frozenset({"handshake", "read"})  # connection states that hold no request being served
 
 
+@functools.lru_cache(maxsize=4096)  # parsing an address costs more than the rest of the check
 def peer_key(address: str) -> str:
     """The unit a budget is kept for: the IPv4 address (also when mapped into IPv6), or the IPv6 /64."""
     try:

@@ -20,6 +20,7 @@ from functools import cached_property
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from provisioning import der
 from provisioning.certs import common_name, issued_by, load_csr, pkcs7_certs_only, serial_of, subject_of
 from provisioning.errors import PemError, PolicyError, ProvisioningError
 from provisioning.identity import check_device_id
@@ -57,8 +58,9 @@ class Answer:
 
     @property
     def body(self) -> bytes:
-        """The issued certificate alone (RFC 7030 4.2.3); clients get the chain from /cacerts."""
-        return pkcs7_certs_only(self.chain[:1])
+        """The issued certificate alone (RFC 7030 4.2.3); clients get the chain from /cacerts. Wrapped
+        from the ledger row's DER as it is: no certificate is parsed and written again for it."""
+        return der.pkcs7_certs_only([self.row.cert_der])
 
 
 def _der(tag: int, content: bytes) -> bytes:
@@ -96,6 +98,7 @@ class Enrollment:
                                         window=settings.events_window, max_age=settings.events_max_age,
                                         max_rows=settings.events_max_rows, clock=clock)
         station.issuer  # noqa: B018 - load (and decrypt) the CA key now, not in the first request
+        station.device_template  # noqa: B018 - and encode (and check) the device certificate template
         station.reenroll_password  # noqa: B018 - a missing or readable password file fails `serve` at start
         station.ek_trust  # noqa: B018 - and the TPM makers' roots: a missing ek_roots file stops `serve` here
 

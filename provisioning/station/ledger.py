@@ -7,6 +7,11 @@ either both or neither.
 
 Connections are pooled (one per concurrent request, reused), never shared between threads at the
 same time, and opened lazily so a pre-forking server opens them after the fork.
+
+On SQLite the writes of the request path (issuing, and marking a certificate presented) go through a
+group commit (`groupcommit.py`): requests that arrive while another commit is under way share the
+next transaction, each in its own savepoint, so one fsync covers several issuances and nothing is
+returned before the COMMIT holding it. PostgreSQL groups commits by itself (`commit_delay`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from provisioning.certs import common_name, subject_of
 from provisioning.station.errors import Refusal, StationError
+from provisioning.station.groupcommit import GroupCommit
 
 KINDS = ("device", "server", "service")  # service: a reserved identity issued by `issue --service`
 DEFAULT_MAX_VALID = 2
@@ -192,6 +198,7 @@ class Ledger:
         self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer = threading.Lock()
         self._lock_fd: int | None = None
+        self.group: GroupCommit[Query] = GroupCommit(self._transaction, self._savepoint)
         with self._transaction() as q:
             had_bars = self._has_table(q, "device_bars")
             for statement in _SCHEMA.format(blob=self.dialect.blob).split(";"):
@@ -336,6 +343,35 @@ class Ledger:
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _savepoint(q: Query) -> Iterator[None]:
+        """One issuance inside a shared transaction: rolled back alone when it raises (group commit)."""
+        q("SAVEPOINT issuance", ())
+        try:
+            yield
+        except BaseException:
+            q("ROLLBACK TO SAVEPOINT issuance", ())
+            q("RELEASE SAVEPOINT issuance", ())
+            raise
+        q("RELEASE SAVEPOINT issuance", ())
+
+    def _write(self, work: Callable[[Query], Any]) -> Any:
+        """Run `work(q)` in a write transaction of the request path and return its result once that
+        transaction is committed: SQLite shares the transaction (and its fsync) with concurrent
+        requests (group commit); PostgreSQL runs one transaction per call."""
+        if self.is_postgres:
+            with self._transaction() as q:
+                return work(q)
+        return self.group.run(work)
+
+    def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """One SELECT on its own (autocommit: the statement is its own read transaction), without the
+        BEGIN and COMMIT round trips of `_transaction`; for lookups made on every request."""
+        with self._connection() as conn:
+            cur = conn.execute(sql.replace("?", "%s") if self.is_postgres else sql, tuple(params))
+            return list(cur.fetchall())
+
     def close(self) -> None:
         """Close pooled connections and the lock file (before a fork, and at exit)."""
         if self._lock_fd is not None:
@@ -358,9 +394,8 @@ class Ledger:
               (digest, device_id, now, expires_at))
 
     def find_otp(self, digest: str) -> Otp | None:
-        with self._transaction(write=False) as q:
-            found = q("SELECT digest, device_id, created_at, expires_at, used_at, csr_fingerprint, serial, locked_at, "
-                      "voided_at FROM otps WHERE digest = ?", (digest,))
+        found = self._select("SELECT digest, device_id, created_at, expires_at, used_at, csr_fingerprint, serial, "
+                             "locked_at, voided_at FROM otps WHERE digest = ?", (digest,))
         if not found:
             return None
         d, device, created, expires, used, fp, serial, locked, voided = found[0]
@@ -377,7 +412,7 @@ class Ledger:
         Raises Refusal(401) for an unknown, expired or already used (with another CSR) password,
         Refusal(403) for one issued before an operator revoked the device; nothing is written then.
         """
-        with self._transaction() as q:
+        def work(q: Query) -> tuple[Row, bool]:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
             found = q(f"SELECT device_id, expires_at, used_at, csr_fingerprint, serial, voided_at FROM otps "  # noqa: S608
@@ -406,6 +441,8 @@ class Ledger:
             self._cap(q, row, now)
             return row, False
 
+        return self._write(work)  # type: ignore[no-any-return]
+
     def issue(self, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate], *,
               kind: str = "device", reuse: bool = True, predecessor: str | None = None) -> tuple[Row, bool]:
         """Record the certificate `sign()` makes for `device_id`; (row, reused).
@@ -417,10 +454,12 @@ class Ledger:
         this request wins); otherwise it is superseded once the new certificate is used, or after the
         grace period.
         """
-        with self._transaction() as q:
+        def work(q: Query) -> tuple[Row, bool]:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
             return self._issue(q, device_id, csr_fingerprint, now, sign, kind, reuse, predecessor)
+
+        return self._write(work)  # type: ignore[no-any-return]
 
     def _issue(self, q: Query, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate],
                kind: str, reuse: bool, predecessor: str | None) -> tuple[Row, bool]:
@@ -458,13 +497,15 @@ class Ledger:
         holds its bootstrap key) would enroll again at once. A crash-retry of a barred device is
         refused too, not answered with its revoked certificate.
         """
-        with self._transaction() as q:
+        def work(q: Query) -> tuple[Row, bool]:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
             bar = self._get_bar(q, device_id)
             if bar is not None:
                 raise Refusal(403, barred_reason(bar))
             return self._issue(q, device_id, csr_fingerprint, now, sign, "device", True, None)
+
+        return self._write(work)  # type: ignore[no-any-return]
 
     def _insert(self, q: Query, device_id: str, kind: str, csr_fingerprint: str, now: int,
                 cert: x509.Certificate, predecessor: str | None = None) -> Row:
@@ -501,11 +542,14 @@ class Ledger:
     def presented(self, serial: int | str, now: int) -> None:
         """The certificate `serial` authenticated a request: the one it replaced is superseded now."""
         key = serial_hex(serial)
-        with self._transaction() as q:
+
+        def work(q: Query) -> None:
             row = self._get(q, key)
             if row is not None and row.predecessor is not None:
                 q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ? AND revoked_at IS NULL",
                   (now, SUPERSEDED, row.predecessor))
+
+        self._write(work)
 
     # -- reading and revoking ------------------------------------------------------------------------
     @staticmethod
@@ -520,8 +564,8 @@ class Ledger:
         return self._row(found[0]) if found else None
 
     def get(self, serial: int | str) -> Row | None:
-        with self._transaction(write=False) as q:
-            return self._get(q, serial_hex(serial))
+        found = self._select(f"SELECT {_ROW_COLUMNS} FROM certs WHERE serial = ?", (serial_hex(serial),))  # noqa: S608
+        return self._row(found[0]) if found else None
 
     def rows(self, kind: str | None = None) -> list[Row]:
         """Every issued certificate (of `kind`, if given), oldest first."""

@@ -10,11 +10,13 @@ claims (a device id): that would let one client's failures hold up another.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 from collections import OrderedDict, deque
 
 
+@functools.lru_cache(maxsize=4096)  # parsing an address costs more than the rest of the check
 def address_key(client: str) -> str:
     """The key a client address is limited under: an IPv4 address as it is (an IPv4-mapped IPv6
     address as its IPv4 address), an IPv6 address as its /64, since one host usually holds a whole /64

@@ -30,6 +30,7 @@ _TOKEN_TEXT = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 5.6.2
 _TOKEN = re.compile(_TOKEN_TEXT)
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN_TEXT + rb") (\S+) HTTP/1\.([01])")
 _DIGITS = re.compile(r"[0-9]+")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value: every control character but HTAB
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,8}")
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'  # RFC 9110 5.6.4
 _CHUNK_EXT = re.compile(rb"(?:;" + _TOKEN_TEXT + rb"(?:=(?:" + _TOKEN_TEXT + rb"|" + _QUOTED + rb"))?)*")
@@ -239,7 +240,7 @@ def _field(line: bytes, kind: str) -> tuple[str, str]:
     if not sep or not _TOKEN.fullmatch(name):
         # also catches obsolete line folding and whitespace before the colon (RFC 9112 5.1, 5.2)
         raise BadRequest(400, f"malformed {kind} line {line[:80]!r}")
-    text = value.strip(b" \t").decode("latin-1")
-    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+    raw = value.strip(b" \t")
+    if _CONTROL.search(raw):
         raise BadRequest(400, f"control character in {kind} {name.decode()!r}")
-    return name.decode("ascii").lower(), text
+    return name.decode("ascii").lower(), raw.decode("latin-1")

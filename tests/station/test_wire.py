@@ -270,3 +270,19 @@ def test_reader_waits_for_the_whole_body() -> None:
     assert read(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabc") is None
     assert read(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde") == b"abcde"
     assert read(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+
+
+@pytest.mark.parametrize("value", [b"a\x00b", b"a\x01", b"a\x0bb", b"\x1fz", b"a\x7fb", b"a\rb"])
+def test_a_control_character_in_a_header_value_is_refused_naming_the_header(value: bytes) -> None:
+    reader = RequestReader(1024)
+    reader.feed(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: x\r\nX-Thing: " + value + b"\r\n\r\n")
+    with pytest.raises(BadRequest, match="control character in header 'X-Thing'") as refused:
+        reader.next()
+    assert refused.value.status == 400
+
+
+def test_a_tab_and_non_ascii_bytes_in_a_header_value_are_kept() -> None:
+    reader = RequestReader(1024)
+    reader.feed(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: x\r\nX-Thing: a\tb \xe9\xff\r\n\r\n")
+    request = reader.next()
+    assert request is not None and request.head.get("x-thing") == "a\tb \xe9\xff"
