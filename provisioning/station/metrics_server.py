@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import socket
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 from provisioning.station.ca import Station
 from provisioning.station.errors import StationError
 from provisioning.station.metrics import Counting, LedgerCollector
+from provisioning.station.supervisor import fork_side_process
 
 log = logging.getLogger("tether.station.metrics")
 
@@ -105,19 +105,7 @@ class MetricsService:
 
     def spawn(self, close: socket.socket | None = None) -> int:
         """Fork the metrics process; returns its pid. It stops on SIGTERM."""
-        pid = os.fork()
-        if pid:
-            self.sock.close()
-            return pid
-        code = 1
-        try:
-            if close is not None:
-                close.close()
-            code = self.run()
-        except Exception:
-            log.exception("metrics stopped")
-        finally:
-            os._exit(code)
+        return fork_side_process(self.sock, self.run, "metrics", close)
 
     def run(self) -> int:
         from prometheus_client import CollectorRegistry

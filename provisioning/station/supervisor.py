@@ -28,6 +28,26 @@ log = logging.getLogger("tether.station")
 ESSENTIAL = "est"
 
 
+def fork_side_process(listening: Any, run: Callable[[], int], what: str, close: Any = None) -> int:
+    """Fork a side service (console, metrics) that serves `listening` in the child; returns its pid.
+
+    The parent gives up its copy of the listening socket; the child also closes `close` (another
+    service's socket it must not hold), runs `run` and exits with its status, logging a crash once."""
+    pid = os.fork()
+    if pid:
+        listening.close()
+        return pid
+    code = 1
+    try:
+        if close is not None:
+            close.close()
+        code = run()
+    except Exception:
+        log.exception("%s stopped", what)
+    finally:
+        os._exit(code)
+
+
 @dataclass(frozen=True)
 class RestartBudget:
     """At most `limit` restarts within any `window` seconds; pure, so it is tested by calling it."""

@@ -31,6 +31,7 @@ from provisioning.station.console.operators import console_server_cert, operator
 from provisioning.station.console.security import Denied, holder, identify
 from provisioning.station.console.store import REFUSED, ConsoleStore
 from provisioning.station.errors import StationError
+from provisioning.station.supervisor import fork_side_process
 from provisioning.tlsserver import restrict_key_exchange
 
 log = logging.getLogger("tether.station.console")
@@ -292,19 +293,7 @@ class ConsoleService:
 
     def spawn(self, close: socket.socket | None = None) -> int:
         """Fork the console process; returns its pid. It stops on SIGTERM."""
-        pid = os.fork()
-        if pid:
-            self.sock.close()
-            return pid
-        code = 1
-        try:
-            if close is not None:
-                close.close()
-            code = self.run()
-        except Exception:
-            log.exception("console stopped")
-        finally:
-            os._exit(code)
+        return fork_side_process(self.sock, self.run, "console", close)
 
     def run(self) -> int:
         """Serve in this process until SIGTERM/SIGINT."""
