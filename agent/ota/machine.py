@@ -72,6 +72,12 @@ class OtaState:
     def busy(self) -> bool:
         return self.state in BUSY
 
+    @property
+    def release(self) -> str:
+        """`name version` of the operation, for reports and log lines."""
+        op = self.operation
+        return f"{op.name if op else ''} {op.version if op else ''}"
+
     def advance(self, event: str, **changes: Any) -> OtaState:
         """The state after `event`; TransitionError naming state and event if the table has no such edge."""
         try:
