@@ -164,7 +164,7 @@ def test_every_corrupt_state_file_is_logged_and_set_aside(tmp_path: Path, reader
 
 
 # -- every record (agent/state.py's idiom): absent, torn, corrupt, or from a newer agent ----------------------
-RECORDS = [_status, _boot, _last_good, _renewal]
+RECORDS = [_status, _boot, _last_good, _renewal, _ota_state]
 CASES = {
     "absent": None,
     "torn": b'{"state": "sta',
@@ -203,6 +203,58 @@ def test_every_record_is_saved_with_its_version_and_read_back(tmp_path: Path, re
     assert record.load() == {"state": "idle"}
     path.write_text('{"state": "written before records had a version"}')  # an older agent's file
     assert record.load() == {"state": "written before records had a version"}
+
+
+def test_ota_state_files_of_the_previous_release_still_load(tmp_path: Path) -> None:
+    """Migration: state.json and installed.json as the previous release wrote them (no version, indented,
+    sorted keys) load unchanged, and the next save adds the version."""
+    from agent.ota.machine import StateStore
+
+    (tmp_path / "ota").mkdir()
+    state = tmp_path / "ota" / "state.json"
+    state.write_text(json.dumps({
+        "boots": 1, "deadline": 1765000000.5, "downloaded": 200_000, "manifest": {"name": "app", "size": 200_000},
+        "operation": {"name": "app", "serial": "dev-001", "url": "https://h/app/1.1.0/", "version": "1.1.0"},
+        "previous": "a", "previous_version": "1.0.0", "reason": "", "reported": False, "size": 200_000,
+        "state": "confirming", "target": "b", "updated": 1765000000.0}, indent=1, sort_keys=True))
+    (tmp_path / "ota" / "installed.json").write_text(json.dumps(
+        {"floor": "1.0.0", "history": ["1.0.0"], "name": "app", "url": "", "version": "1.0.0"}, sort_keys=True))
+    store = StateStore(tmp_path / "ota")
+    loaded = store.load()
+    assert (loaded.state, loaded.target, loaded.operation.version if loaded.operation else None) == \
+        ("confirming", "b", "1.1.0")
+    assert store.installed("0.9.0").floor == "1.0.0"
+    store.save(loaded)
+    assert json.loads(state.read_text())["version"] == 1 and store.load() == loaded
+    store.save_installed(store.installed("0.9.0"))
+    written = json.loads((tmp_path / "ota" / "installed.json").read_text())
+    assert (written["format"], written["version"]) == (1, "1.0.0")  # the record's version beside the release's
+    assert store.installed("0.9.0").version == "1.0.0"
+
+
+@pytest.mark.parametrize("content", [b'{"floor": "2.0', b'{"format": 99, "floor": "9.9.9"}', b'{"flor": "1.0.0"}'])
+def test_a_bad_installed_record_is_refused_not_forgotten(tmp_path: Path, content: bytes) -> None:
+    """The anti-rollback floor is the one record not set aside: starting from the base version would let a
+    replayed older release in. The error names the file; the file stays for the operator."""
+    from agent.ota.machine import StateStore
+    from agent.state import RecordError
+
+    (tmp_path / "ota").mkdir()
+    (tmp_path / "ota" / "installed.json").write_bytes(content)
+    with pytest.raises(RecordError, match=r"installed\.json: .*anti-rollback floor is unknown"):
+        StateStore(tmp_path / "ota").installed("1.0.0")
+    assert (tmp_path / "ota" / "installed.json").read_bytes() == content
+
+
+def test_an_ota_state_naming_an_unknown_state_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from agent.ota.machine import OtaState, StateStore
+
+    (tmp_path / "ota").mkdir()
+    path = tmp_path / "ota" / "state.json"
+    path.write_bytes(b'{"state": "exploded"}')
+    with caplog.at_level(logging.ERROR, logger="tether.storage"):
+        assert StateStore(tmp_path / "ota").load() == OtaState()
+    _expect_set_aside(path, b'{"state": "exploded"}', caplog)
 
 
 def test_a_corrupt_chain_json_is_set_aside_and_rebuilt_from_chain_pem(identity: DeviceIdentity, pki: Pki,
