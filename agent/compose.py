@@ -52,7 +52,7 @@ def build(config: Config, *, components: bool = True, publish_socket: bool = Tru
     if components:
         if config.est.url:
             renewal = Renewal(config, identity, token.current if token else lambda: None,
-                              staged=lambda chain, key: loop.post(RenewalStaged(chain, key)),
+                              staged=lambda: loop.post(RenewalStaged()),
                               call_soon=loop.call_soon)
             parts.append(renewal)
         parts.append(ota_component(config, link.publish, token, loop, clock))

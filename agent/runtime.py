@@ -215,10 +215,8 @@ class Runtime:
                 log.info("%s", line)
         self.supervisor = self.new_supervisor()
         systemd.notify("STATUS=connecting")
-        if self.renewal is not None:
-            candidate = self.renewal.candidate()
-            if candidate is not None:
-                self.feed(sv.RenewalStaged(*candidate))
+        if self.renewal is not None and self.renewal.candidate() is not None:
+            self.feed(sv.RenewalStaged())
         self.feed(sv.Start())
         watchdog = systemd.watchdog_interval()
         next_ping = 0.0
@@ -269,7 +267,10 @@ class Runtime:
     def _attempt(self, action: sv.Connect | sv.ProveCandidate, now: float) -> Any:
         chain, key = ("chain.pem", KEY_LABEL)
         if isinstance(action, sv.ProveCandidate):
-            chain, key = action.chain, action.key
+            pair = self.renewal.candidate() if self.renewal is not None else None  # the record owns which pair
+            if pair is None:
+                return sv.ConnectFailed(action.epoch, sv.REFUSED, "the staged certificate and key are gone")
+            chain, key = pair
             log.info("session: proving the renewed certificate on %s", action.endpoint.url())
         try:
             self.session = self.connect(action.endpoint, chain, key, epoch=action.epoch)

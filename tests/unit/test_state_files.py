@@ -13,6 +13,7 @@ from agent.boot import chain_state
 from agent.config import load
 from agent.identity import DeviceIdentity
 from agent.renewal import Renewal
+from agent.renewal_state import RenewalState
 from hal import storage
 from provisioning.certstore import CertStore
 from provisioning.chainfacts import read_facts
@@ -127,7 +128,7 @@ def _last_good(tmp_path: Path) -> tuple[Path, object]:
 
 def _renewal(tmp_path: Path) -> tuple[Path, object]:
     config = _config(tmp_path)
-    return config.state.renewal, lambda: Renewal(config, DeviceIdentity(config)).state() == {}
+    return config.state.renewal, lambda: Renewal(config, DeviceIdentity(config)).state() == RenewalState()
 
 
 def _ota_state(tmp_path: Path) -> tuple[Path, object]:
@@ -246,15 +247,30 @@ def test_a_bad_installed_record_is_refused_not_forgotten(tmp_path: Path, content
     assert (tmp_path / "ota" / "installed.json").read_bytes() == content
 
 
-def test_an_ota_state_naming_an_unknown_state_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from agent.ota.machine import OtaState, StateStore
-
-    (tmp_path / "ota").mkdir()
-    path = tmp_path / "ota" / "state.json"
-    path.write_bytes(b'{"state": "exploded"}')
+@pytest.mark.parametrize("reader", [_ota_state, _renewal], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("content", [b'{"state": "exploded"}', b'{"state": "idle", "unknown_field": 1}'])
+def test_a_state_machine_record_its_table_cannot_read_is_set_aside(
+        tmp_path: Path, reader, content: bytes, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    path, read = reader(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
     with caplog.at_level(logging.ERROR, logger="tether.storage"):
-        assert StateStore(tmp_path / "ota").load() == OtaState()
-    _expect_set_aside(path, b'{"state": "exploded"}', caplog)
+        assert read()
+    _expect_set_aside(path, content, caplog)
+
+
+def test_a_renewal_record_of_the_previous_release_still_loads(tmp_path: Path) -> None:
+    """Migration: renewal.json as the previous release wrote it (a dict merged and rewritten, version 1 or
+    none) is the same record; a staged pair in it is still the one proven."""
+    config = _config(tmp_path)
+    config.state.renewal.parent.mkdir(parents=True, exist_ok=True)
+    config.state.renewal.write_text(json.dumps({"state": "staged", "key": "device.next", "error": None,
+                                                "next_try": 0, "updated_at": 1765000000}))
+    state = Renewal(config, DeviceIdentity(config)).state()
+    assert state == RenewalState(state="staged", key="device.next", updated_at=1765000000)
+    config.state.renewal.write_text(json.dumps({"state": "idle", "error": "re-enrollment failed: x",
+                                                "next_try": 1765000900.5, "updated_at": 1765000000, "version": 1}))
+    assert Renewal(config, DeviceIdentity(config)).state().next_try == 1765000900.5
 
 
 def test_a_corrupt_chain_json_is_set_aside_and_rebuilt_from_chain_pem(identity: DeviceIdentity, pki: Pki,
