@@ -89,8 +89,7 @@ class OtaAgent(Component):
             return True
         state = self.state()
         if self.working() or state.busy:
-            cur = state.operation
-            what = f"{cur.name} {cur.version}" if cur else "another release"
+            what = state.release if state.operation else "another release"
             self._publish(smartrest.firmware_failed(
                 f"refused {op.name} {op.version}: the update to {what} is in progress (state {state.state}); "
                 "send it again when that one has finished"))
@@ -251,6 +250,8 @@ class OtaAgent(Component):
         self._worker = None
         if not self._cancel.is_set():
             done(value)
+        elif isinstance(value, work.Checked):
+            value.close()  # its session goes no further
 
     def _step_failed(self, exc: Exception) -> None:
         """A retryable failure (HTTP 503, a dropped connection) is tried again after a backoff, as
@@ -288,7 +289,7 @@ class OtaAgent(Component):
         def progress(done: int, total: int) -> None:  # on the worker: the loop records and reports it
             self.call_soon(lambda: self._progress(done, total))
 
-        self._run(lambda: work.download_payload(state, http, stage, progress, cancel), self._downloaded)
+        self._run(lambda: work.download_payload(state, checked, http, stage, progress, cancel), self._downloaded)
 
     def _downloaded(self, fetched: Fetched) -> None:
         self._fetched = fetched

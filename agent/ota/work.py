@@ -28,12 +28,19 @@ RELEASE_FILES = ("manifest.json", "manifest.sig", "signer.pem")
 @dataclass(frozen=True)
 class Checked:
     """A release whose signature and policy passed, and the slot it goes into. `fresh`: not the one a
-    resumed download was writing, so the target slot was emptied and the state must record it."""
+    resumed download was writing, so the target slot was emptied and the state must record it.
+    `session`: the HTTPS session the release files came over, for the payload (one TLS connection
+    for the whole release); whoever does not hand it on closes it."""
 
     manifest: dict[str, Any]
     target: str
     previous: str
     fresh: bool
+    session: Any = None
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
 
 
 def http_settings(ota: Any, hosts: HostPolicy, bearer: Bearer) -> HttpSettings:
@@ -49,25 +56,32 @@ def check_release(state: OtaState, installed: Installed, http: HttpSettings, anc
     assert op is not None
     release.check_not_older(op.version, installed)  # a replay costs no download
     base = release.release_base(op.url)
-    with open_session() as session:
+    session = open_session()
+    try:
         files = [fetch_small(base + name, http, session=session) for name in RELEASE_FILES]
-    manifest = release.check_release(files[0], files[1], files[2], release.load_anchors(anchors), op, installed)
-    if state.target and state.manifest == manifest:  # a resume: the staged bytes are kept
-        return Checked(manifest, state.target, state.previous, fresh=False)
-    previous = slots.active()
-    target = other(previous)
-    slots.prepare(target)
-    return Checked(manifest, target, previous, fresh=True)
+        manifest = release.check_release(files[0], files[1], files[2], release.load_anchors(anchors), op, installed)
+        if state.target and state.manifest == manifest:  # a resume: the staged bytes are kept
+            return Checked(manifest, state.target, state.previous, fresh=False, session=session)
+        previous = slots.active()
+        target = other(previous)
+        slots.prepare(target)
+        return Checked(manifest, target, previous, fresh=True, session=session)
+    except BaseException:
+        session.close()
+        raise
 
 
-def download_payload(state: OtaState, http: HttpSettings, stage: Path, progress: Callable[[int, int], None],
-                     cancel: threading.Event) -> Fetched:
-    """Stream the payload into `stage`, resuming from what it holds (agent/ota/download.py)."""
+def download_payload(state: OtaState, checked: Checked, http: HttpSettings, stage: Path,
+                     progress: Callable[[int, int], None], cancel: threading.Event) -> Fetched:
+    """Stream the payload into `stage`, resuming from what it holds (agent/ota/download.py), over the
+    release check's session (closed here)."""
     assert state.operation is not None and state.manifest is not None
     base = release.release_base(state.operation.url)
-    with open_session() as session:
+    try:
         return fetch_payload(base + "payload", stage, state.manifest["size"], http, progress=progress,
-                             cancel=cancel, session=session)
+                             cancel=cancel, session=checked.session)
+    finally:
+        checked.close()
 
 
 def verify_payload(manifest: dict[str, Any], stage: Path, fetched: Fetched | None) -> None:
