@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import config as configmod
 from agent.ota.agent import OtaAgent
 from hal.slots import other
-from hal.slots.uboot import UBootSlots, write_env_config, write_env_image
+from hal.slots.uboot import UBootEnv, write_env_config, write_env_image
 from lab.artifacts import ArtifactServer
 from lab.procs import wait_until
 from provisioning.release import create_release_signer, sign_release
@@ -147,7 +147,7 @@ class Device:
 
     def uboot_boot(self) -> None:
         """What U-Boot does at power-on with bootcount enabled: count trial boots, fall back past bootlimit."""
-        slots = UBootSlots(self.directory / "slots", env_config=self.directory / "fw_env.config")
+        slots = UBootEnv(self.directory / "fw_env.config")
         env = slots.env()
         if env.get("upgrade_available") == "1":
             count = int(env.get("bootcount", "0")) + 1
