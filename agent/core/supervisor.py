@@ -77,7 +77,7 @@ class Supervisor(Connection):
 
     def __init__(self, endpoints, backoff, topics, rand, refresher=None, discovery=False, heartbeat=None):
         self.discovery = discovery
-        self.candidate = None      # (chain, key) staged by renewal, until proven or disproven
+        self.staged = False        # renewal staged a pair (its record says which), until proven or disproven
         self.proving = False       # the current attempt uses the candidate
         self.rediscovered = False  # at most one re-discovery per round
         Connection.__init__(self, endpoints, backoff, topics, rand, refresher, heartbeat)
@@ -108,7 +108,7 @@ class Supervisor(Connection):
         self._next(now, out)
 
     def _renewal_staged(self, event, now, out):
-        self.candidate = (event.chain, event.key)
+        self.staged = True
         if self.state == ONLINE:
             out.append(Close(self.epoch))
             self._down("reconnecting to prove the renewed certificate", out)
@@ -145,7 +145,7 @@ class Supervisor(Connection):
         if self.proving and event.kind == REFUSED:
             # the broker refused the renewed pair: drop it and try the same endpoint with the old
             # pair at once (it worked before, so this is not a failed endpoint yet)
-            self.candidate = None
+            self.staged = False
             self.proving = False
             out.append(Disprove(event.reason))
             self._attempt(now, out, self.endpoint)
@@ -163,7 +163,7 @@ class Supervisor(Connection):
     def _accepted(self, out):
         if self.proving:
             self.proving = False
-            self.candidate = None
+            self.staged = False
             out.append(Promote())
         self.rediscovered = False
 
@@ -171,9 +171,9 @@ class Supervisor(Connection):
         self.rediscovered = False
 
     def _connect_action(self):
-        if self.candidate is not None:
+        if self.staged:
             self.proving = True
-            return ProveCandidate(self.epoch, self.endpoint, self.candidate[0], self.candidate[1])
+            return ProveCandidate(self.epoch, self.endpoint)
         self.proving = False
         return Connect(self.epoch, self.endpoint)
 

@@ -17,17 +17,16 @@ class Discovered(_Value):
 
 
 class RenewalStaged(_Value):
-    """A renewed pair waits to be proven: ``chain`` (file name) and ``key`` (label)."""
-
-    FIELDS = ("chain", "key")
+    """A renewed pair waits to be proven. Which pair (chain file, key label) is the renewal record's
+    to say (agent/renewal_state.py, its one owner); the supervisor only decides when to prove it."""
 
 
 # -- actions (supervisor -> driver) ------------------------------------------------------------------
 
 class ProveCandidate(_Value):
-    """Open a session to ``endpoint`` with the staged pair (``chain`` file, ``key`` label)."""
+    """Open a session to ``endpoint`` with the staged pair (the driver asks its owner which it is)."""
 
-    FIELDS = ("epoch", "endpoint", "chain", "key")
+    FIELDS = ("epoch", "endpoint")
 
 
 class Promote(_Value):

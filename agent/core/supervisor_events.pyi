@@ -9,17 +9,13 @@ class Discovered(_Value):
 
 
 class RenewalStaged(_Value):
-    chain: str
-    key: str
-    def __init__(self, chain: str, key: str) -> None: ...
+    pass
 
 
 class ProveCandidate(_Value):
     epoch: int
     endpoint: Endpoint
-    chain: str
-    key: str
-    def __init__(self, epoch: int, endpoint: Endpoint, chain: str, key: str) -> None: ...
+    def __init__(self, epoch: int, endpoint: Endpoint) -> None: ...
 
 
 class Promote(_Value):

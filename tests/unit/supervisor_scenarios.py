@@ -116,7 +116,7 @@ def renewal_proven():
     d = Driver([A, B])
     d.feed(sv.Start(), 0)
     d.feed(sv.Connected(d.epoch), 1)
-    d.feed(sv.RenewalStaged("chain.next.pem", "device.next"), 100)
+    d.feed(sv.RenewalStaged(), 100)
     d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "a went away"), 101)  # says nothing about the pair
     d.feed(sv.Connected(d.epoch), 102)
     d.feed(sv.Disconnected(d.epoch, "later drop"), 200)
@@ -128,7 +128,7 @@ def renewal_disproven():
     d = Driver([A, B])
     d.feed(sv.Start(), 0)
     d.feed(sv.Connected(d.epoch), 1)
-    d.feed(sv.RenewalStaged("chain.next.pem", "device.next"), 100)
+    d.feed(sv.RenewalStaged(), 100)
     d.feed(sv.ConnectFailed(d.epoch, sv.REFUSED, "certificate unknown"), 101)
     d.feed(sv.Connected(d.epoch), 102)  # the old pair still works
     return d.trace
@@ -138,7 +138,7 @@ def renewal_staged_while_offline():
     d = Driver([A])
     d.feed(sv.Start(), 0)
     d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "a down"), 1)
-    d.feed(sv.RenewalStaged("chain.next.pem", "device"), 1.2)
+    d.feed(sv.RenewalStaged(), 1.2)
     d.feed(sv.Tick(), 2)
     d.feed(sv.ConnectFailed(d.epoch, sv.TLS_VERIFY, "broker CA unknown"), 3)  # about the broker, not us
     d.feed(sv.Tick(), 4)

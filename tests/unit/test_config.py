@@ -30,6 +30,8 @@ def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
     ('[device]\nid = "dev"\n[mqtt]\nkeepalive = "60"\n', "[mqtt] keepalive: expected integer, got str"),
     ('[device]\nid = "dev"\n[mqtt]\nkeepalive = true\n', "expected integer, got boolean"),
     ('[device]\nid = "dev"\n[mqtt]\nkeepalvie = 5\n', "[mqtt] keepalvie: unknown key"),
+    ('[device]\nid = "dev"\n[ota]\nslots = "swupdate"\ninstal_command = "swupdate -i {file}"\n',
+     "[ota] instal_command: unknown key"),  # a misspelt slot option is refused, not swallowed (issue 23 item 6)
     ('[device]\nid = "dev"\n[mqtt]\nkeepalive = 1\n', "outside 5..65535"),
     ('[device]\nid = "dev"\n[brokers]\nx = 1\n', "unknown section [brokers]"),
     ('[device]\nid = "dev"\n[endpoints]\nurls = "mqtts://a:1"\n', "expected list of str"),

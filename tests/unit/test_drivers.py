@@ -122,7 +122,7 @@ def test_the_actions_are_the_vocabulary_of_their_modules() -> None:
     assert handled == values(events) | values(supervisor_events)
 
 
-FIELDS = {"state", "epoch", "rotation", "refresher", "errors", "topics", "candidate", "proving", "retry_at",
+FIELDS = {"state", "epoch", "rotation", "refresher", "errors", "topics", "staged", "proving", "retry_at",
           "endpoint", "heartbeat_at"}
 
 
