@@ -26,7 +26,6 @@ else:
     # imported, about 1% of `tether run`'s instructions to CONNACK (issue 24); two handlers need none of it
     import _signal as signal
 
-from agent import systemd
 from agent.boot import BootSequence
 from agent.component import Component
 from agent.config import Config
@@ -45,6 +44,7 @@ from agent.renewal import Renewal
 from agent.session import ConnectError, Session
 from agent.tls import client_context
 from agent.token import TokenService
+from hal import systemd
 from hal.errors import TetherError
 from provisioning.errors import EnrollmentError
 
