@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent import systemd
+if TYPE_CHECKING:
+    import signal
+else:
+    # `signal` is this C module plus three IntEnums (Signals, Handlers, Sigmasks) built when it is
+    # imported, about 1% of `tether run`'s instructions to CONNACK (issue 24); two handlers need none of it
+    import _signal as signal
+
 from agent.boot import BootSequence
 from agent.component import Component
 from agent.config import Config
@@ -39,6 +44,7 @@ from agent.renewal import Renewal
 from agent.session import ConnectError, Session
 from agent.tls import client_context
 from agent.token import TokenService
+from hal import systemd
 from hal.errors import TetherError
 from provisioning.errors import EnrollmentError
 
