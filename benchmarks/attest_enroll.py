@@ -62,7 +62,7 @@ def station_cpu(station_dir: Path, tpm_keys: Path, runs: int) -> tuple[list[floa
     for i in range(runs):
         device_id = f"bench-att-{i}"
         # one EK enrolls one device: release the binding so the same TPM stands in for the next device
-        with ledger._transaction() as q:
+        with ledger.db.transaction() as q:
             q("UPDATE certs SET ek_digest = NULL", ())
         with TpmAttester(store, "rsa") as tpm:
             assert tpm.endorsement is not None
@@ -123,7 +123,7 @@ def main() -> int:
             config_path = attest_config(base / "devices", running, f"dev-{i}",
                                         enroll={"method": "tpm-attestation", "ek": args.ek})
             ledger = running.ledger()
-            with ledger._transaction() as q:  # same TPM, new device id each run
+            with ledger.db.transaction() as q:  # same TPM, new device id each run
                 q("UPDATE certs SET ek_digest = NULL", ())
             ledger.close()
             t0 = time.perf_counter()

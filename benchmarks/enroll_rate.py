@@ -4,6 +4,7 @@
     python benchmarks/enroll_rate.py --stations 2 --db postgresql://tether@127.0.0.1:5432/tether
     python benchmarks/enroll_rate.py --console   # the operators' console served, its live page open
     python benchmarks/enroll_rate.py --hsm       # the CA key in a SoftHSM2 token (PKCS#11), no openssl baseline
+    python benchmarks/enroll_rate.py --server asyncio   # the asyncio prototype (benchmarks/asyncio_station.py)
 
 What is timed:
 - station: each device opens a NEW TLS connection, POSTs its CSR to /simpleenroll with HTTP Basic
@@ -133,7 +134,7 @@ def live_page(port: int, ca_file: str, operator: Path, stop: Any) -> None:
 
 @contextlib.contextmanager
 def serving(directory: Path, workers: int, stations: int = 1, db: str | None = None,
-            console: bool = False) -> Iterator[tuple[list[int], list[Proc]]]:
+            console: bool = False, server: str = "loop") -> Iterator[tuple[list[int], list[Proc]]]:
     """Run the station processes (and the console's live page) for the whole benchmark: (EST ports, procs)."""
     procs_: list[Proc] = []
     ports: list[int] = []
@@ -149,6 +150,9 @@ def serving(directory: Path, workers: int, stations: int = 1, db: str | None = N
                     "--log-level", "warning",
                     # every client comes from 127.0.0.1: a per-address handshake budget would measure itself
                     "--handshake-cpu", "0"]
+            if server == "asyncio":  # the measuring prototype on asyncio.start_server (issue 23 item 5)
+                argv = [sys.executable, str(REPO / "benchmarks" / "asyncio_station.py"), "--dir", str(directory),
+                        "--port-file", str(port_file), "--workers", str(workers)]
             if db:
                 argv += ["--db", db]
             if console and n == 0:
@@ -315,6 +319,9 @@ def main() -> int:
     parser.add_argument("--db", help="ledger URL shared by the stations (postgresql://...); default: SQLite")
     parser.add_argument("--console", action="store_true", help="serve the console too, with its live page open")
     parser.add_argument("--hsm", action="store_true", help="the CA keys in a SoftHSM2 token (PKCS#11)")
+    parser.add_argument("--server", choices=("loop", "asyncio"), default="loop",
+                        help="loop: tether-station serve; asyncio: the asyncio.start_server prototype "
+                        "(asyncio_station.py)")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     directory = Path(tempfile.mkdtemp(prefix="enroll-rate-"))
@@ -345,7 +352,8 @@ def main() -> int:
         enrolled: list[dict[str, Any]] = []
         load_before = os.getloadavg()[0]
         handshakes: list[float] = []
-        with serving(directory / "station", args.workers, args.stations, args.db, args.console) as (ports, procs), \
+        with serving(directory / "station", args.workers, args.stations, args.db, args.console,
+                     args.server) as (ports, procs), \
                 handshake_floor(directory / "station") as floor_handshake:
             # interleaved: a round of the station, a round of the baseline and a second of the TLS floor,
             # the order alternating, so all meet the same load; every device is enrolled once

@@ -1,8 +1,8 @@
 """The ledger's part of attested enrollment: open credential challenges, the EK allow-list, and the
 one transaction that issues against a challenge.
 
-Tables (created when first used, the same SQL on SQLite and PostgreSQL; `certs.ek_digest` is one of
-the ledger's migrated columns):
+Tables (declared in `schema.ATTEST`, created when the ledger opens; `certs.ek_digest` is one of the
+ledger's migrated columns):
   attest_challenges  one open or answered challenge per row: the device id and EK it was made for, the AK
                      public area, the nonce, the SHA-256 of the secret (never the secret), when it
                      expires, and once used the CSR fingerprint and the serial it issued
@@ -12,7 +12,7 @@ the ledger's migrated columns):
 At most `MAX_OPEN_PER_EK` unanswered challenges per EK are kept (a new start for the same EK and AK
 replaces the earlier one), so anyone holding a trusted EK certificate cannot fill the table; answered
 ones stay as the record of which credential issued which certificate (a replay is refused by it).
-Uses the ledger's transaction and issuing internals, as the console's tables do.
+Uses the database's public transaction and the ledger's in-transaction issuing (`Ledger.issue_in`).
 """
 
 from __future__ import annotations
@@ -27,14 +27,6 @@ from cryptography import x509
 from provisioning.station.errors import Refusal
 from provisioning.station.ledger import Ledger, Row, barred_reason
 
-_TABLES = ("""CREATE TABLE IF NOT EXISTS attest_challenges (
-    id TEXT PRIMARY KEY, device_id TEXT NOT NULL, ek_digest TEXT NOT NULL, ak_public TEXT NOT NULL,
-    nonce TEXT NOT NULL, secret_digest TEXT NOT NULL UNIQUE, created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL,
-    used_at BIGINT, csr_fingerprint TEXT, serial TEXT)""",
-           "CREATE INDEX IF NOT EXISTS attest_challenges_by_ek ON attest_challenges (ek_digest)",
-           """CREATE TABLE IF NOT EXISTS ek_allowlist (
-    ek_digest TEXT PRIMARY KEY, batch TEXT NOT NULL, device_id TEXT, added_at BIGINT NOT NULL)""",
-           "CREATE INDEX IF NOT EXISTS certs_by_ek ON certs (ek_digest)")
 MAX_OPEN_PER_EK = 4  # unanswered challenges kept per EK (bounds the rows one public EK certificate can add)
 _CHALLENGE = ("id, device_id, ek_digest, ak_public, nonce, secret_digest, created_at, expires_at, used_at, "
               "csr_fingerprint, serial")
@@ -70,19 +62,16 @@ class Allowed:
 
 
 class AttestStore:
-    """Attestation state in `ledger`; thread-safe as the ledger is."""
+    """Attestation state in `ledger` (tables in `schema.ATTEST`); thread-safe as the ledger is."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        with ledger._transaction() as q:
-            for statement in _TABLES:
-                q(statement, ())
 
     # -- the allow-list ----------------------------------------------------------------------------------
     def allow(self, entries: list[tuple[str, str | None]], batch: str, now: int) -> int:
         """Register (ek_digest, device id or None) pairs under `batch`; an EK already listed is moved.
         Returns how many were added or changed."""
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             for digest, device_id in entries:
                 q("INSERT INTO ek_allowlist (ek_digest, batch, device_id, added_at) VALUES (?, ?, ?, ?) "
                   "ON CONFLICT (ek_digest) DO UPDATE SET batch = excluded.batch, device_id = excluded.device_id, "
@@ -91,18 +80,18 @@ class AttestStore:
 
     def disallow(self, digest: str | None = None, batch: str | None = None) -> int:
         """Remove one EK, or every EK of a batch; how many rows went."""
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             found = q("SELECT ek_digest FROM ek_allowlist WHERE ek_digest = ? OR batch = ?", (digest, batch))
             q("DELETE FROM ek_allowlist WHERE ek_digest = ? OR batch = ?", (digest, batch))
         return len(found)
 
     def allowed(self, digest: str) -> Allowed | None:
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             found = q("SELECT ek_digest, batch, device_id, added_at FROM ek_allowlist WHERE ek_digest = ?", (digest,))
         return Allowed(found[0][0], found[0][1], found[0][2], int(found[0][3])) if found else None
 
     def allow_list(self, batch: str | None = None) -> list[Allowed]:
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             if batch is None:
                 found = q("SELECT ek_digest, batch, device_id, added_at FROM ek_allowlist "
                           "ORDER BY batch, added_at, ek_digest", ())
@@ -114,7 +103,7 @@ class AttestStore:
     # -- EK bindings -------------------------------------------------------------------------------------
     def device_of_ek(self, digest: str) -> str | None:
         """The device an EK already enrolled (one TPM, one device identity), if any."""
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             return self._device_of_ek(q, digest)
 
     @staticmethod
@@ -126,7 +115,7 @@ class AttestStore:
     def enrolled_otherwise(self, device_id: str, digest: str) -> str | None:
         """How `device_id` already enrolled if not with this EK ("EK sha256:..", or "a one-time password or
         bootstrap certificate"); None when it never did, or only with this EK."""
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             return self._enrolled_otherwise(q, device_id, digest)
 
     @staticmethod
@@ -139,7 +128,7 @@ class AttestStore:
 
     def ek_of_devices(self) -> dict[str, str]:
         """device id -> the EK digest of its newest attested certificate (console, exports)."""
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             found = q("SELECT device_id, ek_digest FROM certs WHERE ek_digest IS NOT NULL ORDER BY issued_at", ())
         return {str(d): str(e) for d, e in found}
 
@@ -153,7 +142,7 @@ class AttestStore:
         certificate but not its TPM cannot cancel the device's challenge with a start of their own."""
         challenge = Challenge(secrets.token_hex(16), device_id, ek_digest, ak_public, nonce, secret_digest, now,
                               now + ttl, None, None, None)
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             q("DELETE FROM attest_challenges WHERE used_at IS NULL AND ((ek_digest = ? AND ak_public = ?) "
               "OR expires_at < ?)", (ek_digest, ak_public.hex(), now))
             stale = q("SELECT id FROM attest_challenges WHERE used_at IS NULL AND ek_digest = ? "
@@ -166,7 +155,7 @@ class AttestStore:
         return challenge
 
     def find(self, secret_digest: str) -> Challenge | None:
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             found = q(f"SELECT {_CHALLENGE} FROM attest_challenges WHERE secret_digest = ?",  # noqa: S608
                       (secret_digest,))
         return Challenge.of(found[0]) if found else None
@@ -182,7 +171,7 @@ class AttestStore:
         operator bound this EK to this device id on the allow-list: a replaced TPM).
         """
         ledger = self.ledger
-        with ledger._transaction() as q:
+        with ledger.db.transaction() as q:
             if ledger.dialect.lock_device:
                 q(ledger.dialect.lock_device, (challenge.device_id,))
             found = q(f"SELECT {_CHALLENGE} FROM attest_challenges WHERE id = ?{ledger.dialect.for_update}",  # noqa: S608
@@ -193,7 +182,7 @@ class AttestStore:
             current = Challenge.of(found[0])
             if current.used_at is not None:
                 if current.csr_fingerprint == csr_fingerprint and current.serial:
-                    row = ledger._get(q, current.serial)
+                    row = ledger.row_in(q, current.serial)
                     if row is not None and row.revocation(now) is None:
                         return row, True
                 raise Refusal(401, f"the TPM credential for {current.device_id!r} was already used (at "
@@ -202,7 +191,7 @@ class AttestStore:
             if current.expires_at < now:
                 raise Refusal(401, f"the TPM credential for {current.device_id!r} expired {now - current.expires_at} "
                                    "s ago; start a new attestation")
-            bar = ledger._get_bar(q, current.device_id)
+            bar = ledger.bar_in(q, current.device_id)
             if bar is not None:
                 raise Refusal(403, barred_reason(bar))
             bound = self._device_of_ek(q, current.ek_digest)
@@ -211,7 +200,7 @@ class AttestStore:
             other = None if replaces else self._enrolled_otherwise(q, current.device_id, current.ek_digest)
             if other is not None:
                 raise Refusal(403, device_bound_reason(current.device_id, other, current.ek_digest))
-            row, _ = ledger._issue(q, current.device_id, csr_fingerprint, now, sign, "device", False, None)
+            row, _ = ledger.issue_in(q, current.device_id, csr_fingerprint, now, sign, "device", False, None)
             q("UPDATE certs SET ek_digest = ? WHERE serial = ?", (current.ek_digest, row.serial))
             q("UPDATE attest_challenges SET used_at = ?, csr_fingerprint = ?, serial = ? WHERE id = ?",
               (now, csr_fingerprint, row.serial, current.id))

@@ -52,7 +52,8 @@ class Request:
 
 @dataclass(frozen=True)
 class Answer:
-    chain: list[x509.Certificate]        # leaf, issuing CA .. root
+    """The issued (or, for a retry, the earlier) certificate's ledger row; never parsed again to answer."""
+
     row: Row
     reused: bool                         # a retry answered with the certificate issued before
 
@@ -153,7 +154,7 @@ class Enrollment:
             row, reused = self.ledger.issue_with_bootstrap(device_id, fingerprint, now, sign)
         else:
             row, reused = self.ledger.issue(device_id, fingerprint, now, sign, predecessor=predecessor)
-        return Answer([row.certificate, *self.station.ca_chain], row, reused)
+        return Answer(row, reused)
 
     def check_csr(self, csr: x509.CertificateSigningRequest, device_id: str) -> None:
         """Refusal(403) unless the identity policy lets `device_id` have this CSR signed."""

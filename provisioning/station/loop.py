@@ -16,6 +16,13 @@ Every request that was read gets a status line: a body shorter than its Content-
 408 when the deadline passes (400 when the client half-closes), and after any answer that ends the
 connection the loop shuts down its sending side and drains what the client still sends for
 LINGER seconds, so unread data never turns into a reset that destroys the answer.
+
+The hand-off costs one wake-up, not two (issue 24 item 3): the pool thread that computed an answer
+also writes it and, when the connection ends, sends FIN and registers the socket with the selector
+for the drain itself; only a keep-alive connection, an answer that does not fit the socket's buffer,
+or an error goes back through the loop's queue and its wake-up socket. While a connection is busy
+the loop does not touch it (it is in no selector set and `_expire` skips it), so one thread at a time
+uses each socket; epoll lets another thread add a descriptor while the loop waits.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ import queue
 import selectors
 import socket
 import ssl
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from provisioning.station.admission import HandshakeBudget, oldest_waiting, peer_key
@@ -107,7 +114,9 @@ class EstServer:
         self.enrollment = enrollment
         self.context = context
         self.limits = limits
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="est")
+        self.threads = max(1, threads)
+        self.jobs: queue.SimpleQueue[tuple[_Conn, HttpRequest] | None] = queue.SimpleQueue()
+        self.pool: list[threading.Thread] = []
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
         self.per_client: collections.Counter[str] = collections.Counter()
@@ -116,13 +125,14 @@ class EstServer:
         self.overdrawn: set[str] = set()  # peers whose budget refusal was logged (once until allowed again)
         self._full_since_log = 0        # connections closed or refused for a full table since the last log line
         self._full_logged_at = -FULL_LOG_EVERY
-        self.done: queue.SimpleQueue[tuple[_Conn, Response, bool]] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[tuple[_Conn, Response | None, bool]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._stopping = False
         self._accept_paused = False
         self._busy = 0
+        self._busy_lock = threading.Lock()  # `_busy` is lowered by pool threads
 
     # -- life cycle ------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -132,6 +142,10 @@ class EstServer:
         all, and the device's retry gets the same certificate.
         """
         self.listener.setblocking(False)
+        for n in range(self.threads):
+            thread = threading.Thread(target=self._pool_thread, name=f"est_{n}", daemon=True)
+            thread.start()
+            self.pool.append(thread)
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         next_tick = time.monotonic() + TICK
@@ -167,7 +181,11 @@ class EstServer:
         finally:
             for conn in list(self.conns.values()):
                 self._close(conn)
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(queue.Empty):  # requests not started are dropped, as before
+                while True:
+                    self.jobs.get_nowait()
+            for _ in self.pool:
+                self.jobs.put(None)
             self.selector.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -318,19 +336,55 @@ class EstServer:
     def _dispatch(self, conn: _Conn, request: HttpRequest) -> None:
         conn.state = "busy"
         self._watch(conn, 0)
-        self._busy += 1
-        self.pool.submit(self._work, conn, request)
+        with self._busy_lock:
+            self._busy += 1
+        self.jobs.put((conn, request))
+
+    def _pool_thread(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            self._work(*job)
 
     def _work(self, conn: _Conn, request: HttpRequest) -> None:
-        """In a pool thread: decide, then hand the answer back to the loop."""
+        """In a pool thread: decide, then answer (see the module's docstring for who owns the socket)."""
         try:
             response = respond(self.enrollment, request, conn.peer, conn.addr)
         except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
             log.exception("%s: unexpected error", conn.addr)
             response = text(500, "internal error in the station; the operator's log has the details", close=True)
-        self.done.put((conn, response, request.head.keep_alive and not self._stopping))
+        keep_alive = request.head.keep_alive and not self._stopping and not response.close
+        if keep_alive:
+            self.done.put((conn, response, True))
+        elif self._send_and_linger(conn, response):
+            return
+        else:  # what is left of the answer waits in `conn.out`: the loop writes it, then lingers
+            self.done.put((conn, None, False))
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
+
+    def _send_and_linger(self, conn: _Conn, response: Response) -> bool:
+        """In a pool thread: write a final answer and hand the socket to the selector for the drain
+        (True). False when the answer did not fit the socket's buffer at once or the send failed:
+        what is left of it waits in `conn.out`, and the loop's own write finishes (or closes)."""
+        out = response.render(False)
+        try:
+            sent = conn.sock.send(out)
+        except (ssl.SSLError, OSError):  # would block (the same bytes must be retried) or failed
+            sent = 0
+        if sent < len(out):
+            conn.out += out[sent:]
+            return False
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+        conn.deadline = time.monotonic() + LINGER
+        conn.then = conn.state = "linger"
+        conn.mask = selectors.EVENT_READ  # before the loop can see an event for it
+        try:
+            self.selector.register(conn.sock.fileno(), selectors.EVENT_READ)
+        except (OSError, ValueError, KeyError):  # closed or gone under us: the loop's deadline closes it
+            conn.mask = 0
+        with self._busy_lock:
+            self._busy -= 1
+        return True
 
     def _collect(self) -> None:
         while True:
@@ -338,10 +392,16 @@ class EstServer:
                 conn, response, keep_alive = self.done.get_nowait()
             except queue.Empty:
                 return
-            self._busy -= 1
+            with self._busy_lock:
+                self._busy -= 1
             if conn.sock.fileno() < 0:
                 continue
-            self._answer(conn, response, keep_alive)
+            if response is None:  # a pool thread wrote part of a final answer: the rest, then linger
+                conn.then, conn.state = "linger", "write"
+                conn.deadline = time.monotonic() + self.limits.request_timeout
+                self._write(conn)
+            else:
+                self._answer(conn, response, keep_alive)
 
     def _answer(self, conn: _Conn, response: Response, keep_alive: bool) -> None:
         keep = keep_alive and not response.close

@@ -181,7 +181,7 @@ def ledger_gauges(ledger: Ledger, now: int, expiring_days: int) -> dict[tuple[st
     A password is no longer locked by wrong guesses (issue 22 item 5 retired that: a device id is printed
     on its label, so anyone could lock it out); guessing shows as refusals{reason="rate_limited"}."""
     soon = now + expiring_days * 86400
-    with ledger._transaction(write=False) as q:
+    with ledger.db.transaction(write=False) as q:
         otps = q("SELECT "
                  "COALESCE(SUM(CASE WHEN voided_at IS NULL AND expires_at >= ? THEN 1 ELSE 0 END), 0), "
                  "COALESCE(SUM(CASE WHEN voided_at IS NULL AND expires_at < ? THEN 1 ELSE 0 END), 0), "

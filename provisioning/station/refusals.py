@@ -1,5 +1,7 @@
-"""How refused EST requests reach the ledger's `est_events` table: bounded per address, summarised,
-and pruned. Pure bookkeeping with the clock given; the rows are written by `console.events`.
+"""How refused EST requests reach the ledger's `est_events` table (`schema.REFUSALS`): bounded per
+address, summarised, and pruned. A refusal is a ledger record, written here by the EST server and
+read by the console's live page (the `certs` row is the record of an issuance). The window bookkeeping
+takes the clock it is given.
 
 Every refusal used to be one synced INSERT, so anyone who can open a TLS connection could write to
 the ledger as fast as the disk allows (1,254 rows/s from one host, issue 22 item 6) until the disk,
@@ -24,10 +26,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from provisioning.station.console import events
+from cryptography import x509
+
+from provisioning.certs import common_name
 from provisioning.station.ratelimit import address_key
+
+if TYPE_CHECKING:
+    from provisioning.station.enrollment import Request
 
 log = logging.getLogger("tether.station")
 
@@ -37,6 +44,32 @@ PRUNE_BATCH = 500        # rows deleted per transaction
 PRUNE_EVERY = 60.0       # seconds between retention sweeps
 MAX_SAMPLE_IDS = 5       # device ids named in a summary row
 MAX_COUNTED_IDS = 1000   # further distinct device ids counted per summary (then "1000+")
+MAX_REASON = 500         # characters of a refusal's reason kept in its row
+
+
+def device_of_request(req: Request) -> str:
+    """Who a refused request claimed to be: the HTTP Basic user, else the client certificate's CN."""
+    if req.basic is not None and req.basic[0]:
+        return req.basic[0]
+    if req.peer_der is not None:
+        try:
+            return common_name(x509.load_der_x509_certificate(req.peer_der).subject) or "?"
+        except ValueError:
+            return "?"
+    return "?"
+
+
+def record_refusal(ledger: Any, at: int, operation: str, device_id: str, status: int, reason: str,
+                   address: str, refusals: int = 1) -> None:
+    """Write one refused EST request (or, with `refusals` > 1, a row standing for that many). Never
+    raises: a refusal must reach the device even when the ledger cannot take the record (logged)."""
+    try:
+        with ledger.db.transaction() as q:
+            q("INSERT INTO est_events (at, operation, device_id, status, reason, address, refusals) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+              (at, operation, device_id[:200], status, reason[:MAX_REASON], address, refusals))
+    except Exception:  # the device's answer matters more than the console's record
+        log.exception("could not record the refusal of %r in the ledger", device_id[:200])
 
 
 @dataclass
@@ -132,7 +165,7 @@ class RefusalRecorder:
                 tally.add(now, device_id)
         self._write_summaries(due)
         if write:
-            events.record_refusal(self.ledger, int(now), operation, device_id, status, reason, address)
+            record_refusal(self.ledger, int(now), operation, device_id, status, reason, address)
 
     def flush(self, everything: bool = False) -> list[Summary]:
         """Write the summaries of windows that have closed (all open windows with `everything`, when
@@ -158,7 +191,7 @@ class RefusalRecorder:
 
     def _write_summaries(self, due: list[Summary]) -> None:
         for s in due:
-            events.record_refusal(self.ledger, s.at, s.operation, s.device_id, s.status, s.reason, s.address,
+            record_refusal(self.ledger, s.at, s.operation, s.device_id, s.status, s.reason, s.address,
                                   refusals=s.count)
 
     def next_close(self) -> float | None:
@@ -170,7 +203,6 @@ class RefusalRecorder:
     def prune(self) -> int:
         """Delete rows older than `max_age` and beyond the newest `max_rows`, `PRUNE_BATCH` rows per
         transaction; the number deleted. Raises what the ledger raises."""
-        events.ensure_table(self.ledger)
         deleted = 0
         oldest = int(self.clock()) - self.max_age
         while True:
@@ -178,7 +210,7 @@ class RefusalRecorder:
             deleted += n
             if n < PRUNE_BATCH:
                 break
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             found = q("SELECT id FROM est_events ORDER BY id DESC LIMIT 1 OFFSET ?", (self.max_rows,))
         if found:
             while True:
@@ -190,7 +222,7 @@ class RefusalRecorder:
         return deleted
 
     def _delete(self, select: str, params: tuple[int, int]) -> int:
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             ids = [int(r[0]) for r in q(select, params)]
             if ids:
                 q(f"DELETE FROM est_events WHERE id IN ({', '.join('?' * len(ids))})", ids)  # noqa: S608 - placeholders only

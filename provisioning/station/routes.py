@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from provisioning.certs import pkcs7_certs_only
 from provisioning.station import attestation
-from provisioning.station.console import events
 from provisioning.station.enrollment import ENROLL, REENROLL, Enrollment, Request
 from provisioning.station.errors import Refusal
+from provisioning.station.refusals import device_of_request
 from provisioning.station.wire import HttpRequest
 
 log = logging.getLogger("tether.station")
@@ -94,7 +94,7 @@ def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_d
         answer = enrollment.handle(req)
     except Refusal as refusal:
         # the console's live page, bounded per address (provisioning/station/refusals.py); never raises
-        enrollment.refusals.record(operation, events.device_of_request(req), refusal.status, refusal.reason, client)
+        enrollment.refusals.record(operation, device_of_request(req), refusal.status, refusal.reason, client)
         log.info("%s %s refused %d: %s", client, operation, refusal.status,
                  "; ".join(line.strip() for line in refusal.reason.splitlines()))
         return text(refusal.status, refusal.reason, refusal.headers)

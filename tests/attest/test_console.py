@@ -22,7 +22,7 @@ def test_the_console_and_ledger_export_name_the_ek_of_attested_devices(tmp_path:
         admin = station.operator("alice", "admin", tmp_path / "alice")
         ledger = station.ledger()
         try:
-            with ledger._transaction(write=False) as q:
+            with ledger.db.transaction(write=False) as q:
                 [(serial, digest)] = q("SELECT serial, ek_digest FROM certs WHERE device_id = 'dev-att'", ())
         finally:
             ledger.close()

@@ -20,7 +20,7 @@ from tests.station.conftest import RunningStation, station_cli
 def ek_digests(station: RunningStation, device_id: str) -> list[str | None]:
     ledger = station.ledger()
     try:
-        with ledger._transaction(write=False) as q:
+        with ledger.db.transaction(write=False) as q:
             return [r[0] for r in q("SELECT ek_digest FROM certs WHERE device_id = ?", (device_id,))]
     finally:
         ledger.close()

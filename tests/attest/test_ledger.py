@@ -24,7 +24,7 @@ BEFORE = """CREATE TABLE certs (serial TEXT PRIMARY KEY, device_id TEXT NOT NULL
 
 
 def columns(ledger: Ledger) -> set[str]:
-    with ledger._connection() as conn:
+    with ledger.db.connection() as conn:
         cur = conn.execute("SELECT * FROM certs WHERE 1 = 0")
         names = {getattr(d, "name", None) or d[0] for d in cur.description}
         cur.fetchall()

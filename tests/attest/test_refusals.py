@@ -86,7 +86,7 @@ def _der() -> Any:
 def refusals(station: RunningStation, operation: str) -> list[tuple[str, int, str]]:
     ledger = station.ledger()
     try:
-        with ledger._transaction(write=False) as q:
+        with ledger.db.transaction(write=False) as q:
             return [(d, int(s), r) for d, s, r in q("SELECT device_id, status, reason FROM est_events WHERE "
                                                       "operation = ? ORDER BY id", (operation,))]
     finally:
@@ -301,7 +301,7 @@ def test_a_genuine_tpm_cannot_take_over_a_device_that_enrolled_another_way(tmp_p
     assert refusals(station, "attest/start") == [("dev-a", 403, refused.text.strip())]
     # another TPM's EK recorded for the device: the same
     ledger = station.ledger()
-    with ledger._transaction() as q:
+    with ledger.db.transaction() as q:
         q("UPDATE certs SET ek_digest = ? WHERE device_id = 'dev-a'", ("sha256:" + "00" * 32,))
     ledger.close()
     refused = device.start(tpm)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from provisioning.station import refusals
 from provisioning.station.ca import Station, init_station
-from provisioning.station.console import events
 from provisioning.station.console.batches import expand
 from provisioning.station.console.security import Caller, Denied
 from provisioning.station.console.store import ADMIN, READ, REFUSED, ConsoleStore
@@ -30,7 +30,7 @@ def _exercise(station: Station, db: str | None) -> None:
         store.add_batch_otps(batch, [("d-1", "aa" * 32), ("d-2", "bb" * 32)], 200, 10**10)
         got = store.batch(batch)
         assert got is not None and (got.made, got.total, got.done, got.enrolled) == (2, 3, False, 0)
-        events.record_refusal(ledger, 300, "simpleenroll", "d-9", 401, "one-time password is not valid", "10.0.0.1")
+        refusals.record_refusal(ledger, 300, "simpleenroll", "d-9", 401, "one-time password is not valid", "10.0.0.1")
         live = store.live(0)
         assert [(e.device_id, e.status) for e in live if e.device_id == "d-9"] == [("d-9", 401)]
         assert store.counters(320)["otp_failures"] == 1 and store.counters(320)["refused_per_min"] == 1
@@ -97,7 +97,8 @@ def test_an_audit_table_from_before_kinds_is_classified_when_opened(tmp_path: Pa
     station = init_station(tmp_path / "st", TRUST_DOMAIN)
     ledger = station.open_ledger()
     try:
-        with ledger._transaction() as q:
+        with ledger.db.transaction() as q:
+            q("DROP TABLE console_audit", ())
             q("CREATE TABLE console_audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at BIGINT NOT NULL, "
               "who TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL, address TEXT NOT NULL, "
               "outcome TEXT NOT NULL)", ())
@@ -105,6 +106,8 @@ def test_an_audit_table_from_before_kinds_is_classified_when_opened(tmp_path: Pa
                                     ("batch csv", "refused"), ("operator revoke", "ok")):
                 q("INSERT INTO console_audit (at, who, action, detail, address, outcome) VALUES (1, 'eve', ?, '', "
                   "'127.0.0.1', ?)", (action, outcome))
+        ledger.close()
+        ledger = station.open_ledger()  # the station starts again: the schema classifies the old rows
         store = ConsoleStore(ledger)
         kinds = {(a.action, a.outcome): a.kind for a in store.audit_log().entries}
         assert kinds == {("revoke", "ok"): ADMIN, ("export", "ok"): READ, ("GET /live", "refused"): REFUSED,
@@ -141,8 +144,8 @@ def _audit_pages(station: Station, db: str | None) -> None:
         with pytest.raises(StationError, match="audit kind 'nope'"):
             store.audit("x", "y", "z", "127.0.0.1", "nope")
         assert len(store.audit_log(limit=100).entries) == 11
-        store._migrate_audit()  # a second start classifies nothing twice
-        with ledger._transaction() as q:
+        station.open_ledger(db).close()  # a second start classifies nothing twice
+        with ledger.db.transaction() as q:
             store._prune_audit(q)  # keeps the newest 3 exports and every admin row
         assert [a.detail for a in store.audit_log(READ).entries] == ["e-4", "e-3", "e-2"]
         assert len(store.audit_log(ADMIN).entries) == 6

@@ -44,7 +44,7 @@ CSR_DER = [build_csr(KEY, d, TRUST_DOMAIN).public_bytes(Encoding.DER) for d in (
 CSR_BODIES = [base64.encodebytes(d) for d in CSR_DER]
 # a device certificate the station issued (re-enrollment's TLS peer), and the station's own server certificate
 _issued = DECIDE.handle(Request(ENROLL, CSR_TYPE, CSR_BODIES[0], basic=("dev-001", PASSWORDS["dev-001"])))
-PEERS = [None, _issued.chain[0].public_bytes(Encoding.DER), _issued.chain[1].public_bytes(Encoding.DER),
+PEERS = [None, _issued.row.cert_der, STATION.ca_chain[0].public_bytes(Encoding.DER),
          load_certificates(STATION.path("server.pem").read_bytes())[0].public_bytes(Encoding.DER)]
 
 bodies = st.one_of(mutated(CSR_BODIES), mutated(CSR_DER), st.binary(max_size=300),
@@ -67,7 +67,7 @@ def test_est_decisions_raise_only_refusals(operation: str, content_type: str, bo
     tried("EST request (station Enrollment.handle)")
     with contextlib.suppress(Refusal):
         answer = DECIDE.handle(Request(operation, content_type, body, basic=basic, peer_der=peer))
-        assert answer.chain[0].public_key().public_numbers() == KEY.public_key().public_numbers()
+        assert answer.row.certificate.public_key().public_numbers() == KEY.public_key().public_numbers()
         assert content_type == CSR_TYPE
         if operation == ENROLL:
             assert basic is not None and PASSWORDS.get(basic[0]) == basic[1], basic
@@ -75,7 +75,7 @@ def test_est_decisions_raise_only_refusals(operation: str, content_type: str, bo
         else:
             assert operation == REENROLL and peer == PEERS[1], (operation, peer)
             device = "dev-001"
-        cn = answer.chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        cn = answer.row.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         assert cn == answer.row.device_id == device
 
 

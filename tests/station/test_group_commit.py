@@ -54,22 +54,22 @@ def test_issuances_queued_behind_a_commit_share_one_transaction_and_return_only_
     # hold the ledger's cross-process write lock, as another station worker committing would
     lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    before = ledger.group.batches
+    before = ledger.db.group.batches
     first = threading.Thread(target=enroll, args=(devices[0], "otp"))
     first.start()
-    wait_until(lambda: ledger.group.committing and ledger.group.waiting == 0, 30,
+    wait_until(lambda: ledger.db.group.committing and ledger.db.group.waiting == 0, 30,
                "the first issuance leading its own commit, waiting for the lock")
     rest = [threading.Thread(target=enroll, args=(d, "otp")) for d in devices[1:]]
     rest.append(threading.Thread(target=enroll, args=(devices[1], "wrong")))  # refused inside the batch
     for t in rest:
         t.start()
-    wait_until(lambda: ledger.group.waiting == 4, 30, "four issuances queued behind the first commit")
+    wait_until(lambda: ledger.db.group.waiting == 4, 30, "four issuances queued behind the first commit")
     fcntl.flock(lock, fcntl.LOCK_UN)
     os.close(lock)
     for t in [first, *rest]:
         t.join(30)
 
-    assert ledger.group.batches - before == 2, "the four queued issuances should share one transaction"
+    assert ledger.db.group.batches - before == 2, "the four queued issuances should share one transaction"
     assert all(isinstance(outcome[f"{d}/otp"], tuple) for d in devices), outcome  # visible when its call returned
     refused = outcome[f"{devices[1]}/wrong"]
     assert isinstance(refused, Refusal) and refused.status == 401
@@ -90,8 +90,8 @@ def test_an_issuance_that_fails_after_writing_leaves_nothing_and_its_batch_commi
         return "done"
 
     with pytest.raises(Refusal, match="after its first write"):
-        ledger.group.run(half_done)
-    assert ledger.group.run(whole) == "done"
+        ledger.db.group.run(half_done)
+    assert ledger.db.group.run(whole) == "done"
     assert ledger.find_otp("half") is None  # rolled back to its savepoint, though its transaction committed
     assert ledger.find_otp("whole") is not None
     ledger.close()

@@ -220,7 +220,7 @@ def test_a_ledger_from_before_bars_bars_the_devices_an_operator_revoked(make_led
     gone = enroll(ledger, pki, "back")
     enroll(ledger, pki, "back", NOW + 20)  # revoked at NOW + 10, enrolled again since
     ledger.add_otp("stolen", "spare", NOW, NOW + 10**6)
-    with ledger._transaction() as q:  # what an older station's `revoke` left: revoked rows, no bars
+    with ledger.db.transaction() as q:  # what an older station's `revoke` left: revoked rows, no bars
         q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ?", (NOW + 10, "keyCompromise", stolen))
         q("UPDATE certs SET revoked_at = ?, revoke_reason = NULL WHERE serial = ?", (NOW + 10, gone))
         q("DROP TABLE device_bars", ())

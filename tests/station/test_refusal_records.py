@@ -13,7 +13,6 @@ import pytest
 
 from lab.procs import wait_until
 from provisioning.station.ca import Station
-from provisioning.station.console import events
 from provisioning.station.console.store import ConsoleStore
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import Ledger
@@ -36,8 +35,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
 
 
 def rows(ledger: Ledger, address: str | None = None) -> list[Event]:
-    events.ensure_table(ledger)
-    with ledger._transaction(write=False) as q:
+    with ledger.db.transaction(write=False) as q:
         found = q("SELECT address, device_id, status, reason, refusals FROM est_events ORDER BY id", ())
     return [(a, d, int(s), r, int(n)) for a, d, s, r, n in found if address is None or a == address]
 
@@ -88,8 +86,7 @@ def test_addresses_beyond_the_table_share_one_window(ledger: Ledger) -> None:
 
 def test_old_rows_and_rows_beyond_the_cap_are_pruned_oldest_first(ledger: Ledger) -> None:
     now = [T0]
-    events.ensure_table(ledger)
-    with ledger._transaction() as q:
+    with ledger.db.transaction() as q:
         for i in range(1200):
             at = int(T0) - 40 * 86400 if i < 700 else int(T0) - 60 + i % 60
             q("INSERT INTO est_events (at, operation, device_id, status, reason, address) VALUES (?, ?, ?, ?, ?, ?)",
@@ -129,8 +126,7 @@ def test_a_real_station_prunes_old_refusal_records(station_dir: Path) -> None:
     ledger = Ledger(station_dir / "ledger.sqlite")
     now = int(time.time())
     try:
-        events.ensure_table(ledger)
-        with ledger._transaction() as q:
+        with ledger.db.transaction() as q:
             for i in range(3000):  # 2,000 from last month, 1,000 from the last minutes
                 q("INSERT INTO est_events (at, operation, device_id, status, reason, address) VALUES "
                   "(?, ?, ?, ?, ?, ?)", (now - 30 * 86400 if i < 2000 else now - 60, "simpleenroll", "d", 401,
@@ -156,11 +152,14 @@ def test_a_bound_below_1_is_refused_naming_the_setting(station_dir: Path, key: s
 
 def test_an_events_table_from_before_summaries_gains_the_refusals_column(ledger: Ledger) -> None:
     serial = "BIGSERIAL PRIMARY KEY" if ledger.is_postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
-    with ledger._transaction() as q:  # the table as the console's first release made it
+    with ledger.db.transaction() as q:  # the table as the console's first release made it
+        q("DROP TABLE est_events", ())
         q(f"CREATE TABLE est_events (id {serial}, at BIGINT NOT NULL, operation TEXT NOT NULL, "
           "device_id TEXT NOT NULL, status INTEGER NOT NULL, reason TEXT NOT NULL, address TEXT NOT NULL)", ())
         q("INSERT INTO est_events (at, operation, device_id, status, reason, address) VALUES (?, ?, ?, ?, ?, ?)",
           (int(T0), "simpleenroll", "old", 401, "before", "10.0.0.1"))
+    ledger.close()
+    ledger = Ledger(ledger.location)  # the station starts again: the schema migrates the table
     now = [T0]
     record = recorder(ledger, now, per_address=1)
     for _ in range(3):

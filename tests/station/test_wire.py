@@ -142,6 +142,20 @@ def test_oversized_chunked_body_is_refused_413_and_the_client_reads_it_without_a
     assert station.serving()
 
 
+def test_an_answer_written_by_the_pool_thread_is_read_whole_while_the_client_keeps_sending(
+        station: RunningStation) -> None:
+    """A complete enrollment (refused 401 by the ledger, in a pool thread) with `Connection: close`, then
+    256 KiB more that the station never reads as a request: the thread that answered writes the whole
+    answer, half-closes and hands the socket to the selector, whose drain reads the rest."""
+    body = csr_body()
+    request = head(f"Content-Length: {len(body)}\r\nConnection: close\r\n") + body
+    with connect(station) as tls:
+        tls.sendall(request + b"C" * 262144)
+        answer = read_answer(tls)
+    assert status_of(answer) == 401 and b"one-time password is not valid" in answer
+    assert station.serving()
+
+
 def test_oversized_content_length_is_refused_before_the_body_and_without_a_reset(station: RunningStation) -> None:
     with connect(station) as tls:
         tls.sendall(head("Content-Length: 300000\r\n") + b"B" * 300000)

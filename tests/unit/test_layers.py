@@ -15,7 +15,10 @@ at module level or inside a function (a late import is still a dependency), and 
    the codec, the rest of agent/core) never imports them, so dropping them cannot break it;
 6. on the agent, runtime modules (what `tether run` keeps loaded) never import setup-only modules (the
    command lines, the composition root, `tether check`);
-7. only the composition root (agent/compose.py) constructs the runtime and its components.
+7. only the composition root (agent/compose.py) constructs the runtime and its components;
+8. the station's EST path never imports its console (`provisioning/station/console`): a refusal is a
+   ledger record the console reads; only the console itself and the command line (`cli.py`,
+   `commands/`) load it.
 
 A failure names file, line, the import and the rule it breaks. Each rule is also shown to catch a
 small example, so deleting a rule from `violations` fails a test.
@@ -35,6 +38,9 @@ LAYERS = ("hal", "provisioning", "agent", "lab")  # each imports only itself and
 SCANNED = (*LAYERS, "firmware")
 CORE = "agent.core"
 STATION = "provisioning.station"
+CONSOLE = "provisioning.station.console"
+# rule 8: the station modules that may load the console (it is an optional extra, Jinja2 and segno)
+CONSOLE_LOADERS = ("provisioning.station.cli", "provisioning.station.commands")
 # rule 5: setup modules as a board imports them, and the one runtime module allowed to load them
 SETUP = frozenset({"board_config", "board_setup", "agent.core.defaults"})
 SETUP_LOADER = "firmware/tether_main.py"
@@ -139,6 +145,9 @@ def rules_broken(imp: Import, firmware_own: frozenset[str]) -> Iterator[str]:
         yield f"firmware imports only agent/core, its own modules and MicroPython's; {top!r} is none of these"
     if _within(source, STATION) and top == "agent":
         yield "the station (provisioning/station) never imports agent"
+    if _within(source, STATION) and _within(imp.target, CONSOLE) and not _within(source, CONSOLE) \
+            and not any(_within(source, loader) for loader in CONSOLE_LOADERS):
+        yield "the station's EST path never imports the console (a refusal is a ledger record the console reads)"
     board_name = source.split(".", 1)[1] if here == "firmware" else source
     if ((here == "firmware" and imp.file not in HOST_TOOLS) or _within(source, CORE)) \
             and imp.target in SETUP and board_name not in SETUP and imp.file != SETUP_LOADER:
@@ -288,6 +297,17 @@ def test_the_station_importing_agent_is_caught() -> None:
     found = broken({"provisioning/station/server.py": "def f():\n    import agent.tls\n"})
     assert "provisioning/station/server.py:2: `import agent.tls`: the station (provisioning/station) never " \
            "imports agent" in found
+
+
+def test_the_est_path_importing_the_console_is_caught() -> None:
+    found = broken({"provisioning/station/routes.py": "from provisioning.station.console import events\n",
+                    "provisioning/station/console/events.py": "",
+                    # allowed: the console among itself, and the command line that starts it
+                    "provisioning/station/console/web.py": "from provisioning.station.console import events\n",
+                    "provisioning/station/commands/serve.py": "def f():\n"
+                                                              "    from provisioning.station.console import events\n"})
+    assert found == ["provisioning/station/routes.py:1: `from provisioning.station.console import events`: the "
+                     "station's EST path never imports the console (a refusal is a ledger record the console reads)"]
 
 
 def test_a_runtime_module_importing_a_setup_only_module_is_caught() -> None:

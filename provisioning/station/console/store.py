@@ -1,11 +1,11 @@
 """What the console keeps in the ledger beside the certificates: operators, the audit trail, OTP batches.
 
-Additive only: new tables (`console_operators`, `console_audit`, `console_batches`,
-`console_batch_devices`, and `est_events` from `events`) and one index on `certs (issued_at)` for the
-live page's rates. The tables and the columns of `certs` and `otps` other work adds (a predecessor
-serial, OTP failure and lockout counters) are read when present and ignored when absent, so this
-module works with any ledger schema that has the base columns. SQLite and PostgreSQL alike, through
-the ledger's own transactions.
+The tables (`console_operators`, `console_audit`, `console_batches`, `console_batch_devices`, one
+index on `certs (issued_at)` for the live page's rates) are declared in `schema.CONSOLE` and made when
+the ledger opens; refusals (`est_events`) are the EST server's records (`refusals`), read here.
+Columns of `certs` and `otps` other work adds (a predecessor serial, OTP failure and lockout counters)
+are read when present and ignored when absent. SQLite and PostgreSQL alike, through the database's
+public transactions.
 """
 
 from __future__ import annotations
@@ -15,36 +15,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from provisioning.station.console import events
 from provisioning.station.errors import StationError
 from provisioning.station.ledger import Ledger, Row, serial_hex
 
+# the audit kinds live with the migration that classifies old rows by them
+from provisioning.station.schema import ADMIN as ADMIN
+from provisioning.station.schema import AUDIT_KINDS as AUDIT_KINDS
+from provisioning.station.schema import READ as READ
+from provisioning.station.schema import REFUSED as REFUSED
+
 ROLES = ("admin", "readonly")
 CLI_NAME = "cli"  # the audit trail's name for the command line (`cli USER@HOST`), never an operator's
-# actions that change something (kind `admin`), for classifying rows written before the kind column
-_ADMIN_ACTIONS = ("revoke", "batch create", "batch csv", "batch labels", "operator add", "operator revoke")
-
-_TABLES = """
-CREATE TABLE IF NOT EXISTS console_operators (
-    serial TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, created_at BIGINT NOT NULL,
-    not_after BIGINT NOT NULL, revoked_at BIGINT, cert_der {blob} NOT NULL);
-CREATE TABLE IF NOT EXISTS console_audit (
-    id {serial_pk}, at BIGINT NOT NULL, who TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL,
-    address TEXT NOT NULL, outcome TEXT NOT NULL, kind TEXT);
-CREATE TABLE IF NOT EXISTS console_batches (
-    id {serial_pk}, pattern TEXT NOT NULL, total INTEGER NOT NULL, made INTEGER NOT NULL,
-    created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, created_by TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS console_batch_devices (
-    batch_id BIGINT NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (batch_id, device_id));
-CREATE INDEX IF NOT EXISTS certs_by_issued_at ON certs (issued_at);
-CREATE INDEX IF NOT EXISTS console_audit_by_time ON console_audit (at)
-"""
 
 # What an audit row records. `admin` rows (something changed: revocations, batches and their hand-overs,
 # operators added or revoked) are never pruned and have a view of their own, so no amount of other
 # traffic (exports, refused requests, even from a revoked operator) can push them out of sight.
-AUDIT_KINDS = ("admin", "read", "refused")
-ADMIN, READ, REFUSED = AUDIT_KINDS
 AUDIT_KEEP = 100_000   # newest `read` and `refused` rows kept; older ones are pruned (admin rows never are)
 _PRUNE_EVERY = 1000    # prune when a row id is a multiple of this: one DELETE per thousand rows
 
@@ -114,39 +99,17 @@ class LiveEvent:
 
 
 class ConsoleStore:
-    """The console's view of one ledger. Cheap to make; creates its tables on first use."""
+    """The console's view of one ledger. Cheap to make; its tables exist once the ledger is open."""
 
     def __init__(self, ledger: Ledger, audit_keep: int = AUDIT_KEEP) -> None:
         self.ledger = ledger
         self.audit_keep = audit_keep
-        blob = ledger.dialect.blob
-        serial_pk = "BIGSERIAL PRIMARY KEY" if ledger.is_postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
-        with ledger._transaction() as q:
-            for statement in _TABLES.format(blob=blob, serial_pk=serial_pk).split(";"):
-                if statement.strip():
-                    q(statement, ())
-        events.ensure_table(ledger)
-        self._migrate_audit()
         self.cert_columns = self._columns("certs")
         self.otp_columns = self._columns("otps")
 
     def _columns(self, table: str) -> set[str]:
-        with self.ledger._transaction(write=False) as q:
-            if self.ledger.is_postgres:
-                found = q("SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,))
-                return {str(r[0]) for r in found}
-            return {str(r[1]) for r in q(f"PRAGMA table_info({table})", ())}
-
-    def _migrate_audit(self) -> None:
-        """A console_audit table from before `kind` gets the column, its rows classified as they are now."""
-        missing = "kind" not in self._columns("console_audit")
-        with self.ledger._transaction() as q:
-            if missing:
-                q("ALTER TABLE console_audit ADD COLUMN kind TEXT", ())
-            marks = ", ".join("?" for _ in _ADMIN_ACTIONS)
-            q(f"UPDATE console_audit SET kind = CASE WHEN outcome != 'ok' THEN ? WHEN action IN ({marks}) "  # noqa: S608 - placeholders only
-              "THEN ? ELSE ? END WHERE kind IS NULL", (REFUSED, *_ADMIN_ACTIONS, ADMIN, READ))
-            q("CREATE INDEX IF NOT EXISTS console_audit_by_kind ON console_audit (kind, id)", ())
+        with self.ledger.db.transaction(write=False) as q:
+            return self.ledger.db.columns(q, table)
 
     @property
     def predecessor_column(self) -> str | None:
@@ -157,12 +120,12 @@ class ConsoleStore:
     def add_operator(self, serial: str, name: str, role: str, now: int, not_after: int, cert_der: bytes) -> None:
         if role not in ROLES:
             raise StationError(f"--role {role!r}: expected one of {', '.join(ROLES)}")
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             q("INSERT INTO console_operators (serial, name, role, created_at, not_after, cert_der) "
               "VALUES (?, ?, ?, ?, ?, ?)", (serial, name, role, now, not_after, cert_der))
 
     def operators(self) -> list[Operator]:
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             found = q("SELECT serial, name, role, created_at, not_after, revoked_at FROM console_operators "
                       "ORDER BY created_at, name", ())
         return [Operator(s, n, r, int(c), int(na), None if rv is None else int(rv)) for s, n, r, c, na, rv in found]
@@ -181,7 +144,7 @@ class ConsoleStore:
             known = sorted({o.name for o in self.operators() if o.revoked_at is None})
             raise StationError(f"operator {name!r} holds no unrevoked console certificate "
                                f"(active operators: {', '.join(known) or 'none'})")
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             for o in found:
                 q("UPDATE console_operators SET revoked_at = ? WHERE serial = ?", (now, o.serial))
         return found
@@ -193,7 +156,7 @@ class ConsoleStore:
         if kind not in AUDIT_KINDS:
             raise StationError(f"audit kind {kind!r}: expected one of {', '.join(AUDIT_KINDS)}")
         outcome = "refused" if kind == REFUSED else "ok"
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             q("INSERT INTO console_audit (at, who, action, detail, address, outcome, kind) "
               "VALUES (?, ?, ?, ?, ?, ?, ?)",
               (int(time.time()) if now is None else now, who, action, detail[:1000], address, outcome, kind))
@@ -230,7 +193,7 @@ class ConsoleStore:
             params.append(before)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit + 1)
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             found = q(sql, params)
         entries = [AuditEntry(int(i), int(a), w, ac, d, ad, o, k) for i, a, w, ac, d, ad, o, k in found[:limit]]
         return AuditPage(entries, entries[-1].id if len(found) > limit else None)
@@ -256,7 +219,7 @@ class ConsoleStore:
             params.append(until)
         sql += " ORDER BY issued_at DESC, serial LIMIT ?"
         params.append(limit)
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             serials = [r[0] for r in q(sql, params)]
         return self._rows(serials)
 
@@ -272,7 +235,7 @@ class ConsoleStore:
         """Every certificate of `device_id`, oldest first, with its predecessor serial (None when the
         ledger does not record one)."""
         column = self.predecessor_column
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             found = q(f"SELECT serial, {column or 'NULL'} FROM certs WHERE device_id = ? "  # noqa: S608 - column name from the schema
                       "ORDER BY issued_at, serial", (device_id,))
         preds = {s: p for s, p in found}
@@ -280,7 +243,7 @@ class ConsoleStore:
 
     def ek_digests(self, device_id: str | None = None) -> dict[str, str]:
         """serial -> EK digest of each TPM-attested certificate (of `device_id`, if given)."""
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             if device_id is None:
                 found = q("SELECT serial, ek_digest FROM certs WHERE ek_digest IS NOT NULL", ())
             else:
@@ -302,7 +265,7 @@ class ConsoleStore:
     # -- live ----------------------------------------------------------------------------------------
     def live(self, since: int, limit: int = 100) -> list[LiveEvent]:
         """Issuances and refusals at or after `since` (Unix seconds), newest first."""
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             issued = q("SELECT c.serial, c.device_id, c.issued_at, "
                        "(SELECT COUNT(*) FROM otps o WHERE o.serial = c.serial), "
                        "(SELECT COUNT(*) FROM certs p WHERE p.device_id = c.device_id AND p.kind = 'device' "
@@ -321,7 +284,7 @@ class ConsoleStore:
     def counters(self, now: int) -> dict[str, int]:
         """Rates over the last minute and the OTP failure and lockout counters for the live page."""
         minute = now - 60
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             issued = int(q("SELECT COUNT(*) FROM certs WHERE kind = 'device' AND issued_at >= ?", (minute,))[0][0])
             # a summary row stands for `refusals` refusals (provisioning/station/refusals.py)
             refused = int(q("SELECT COALESCE(SUM(refusals), 0) FROM est_events WHERE at >= ?", (minute,))[0][0])
@@ -341,7 +304,7 @@ class ConsoleStore:
 
     # -- batches -------------------------------------------------------------------------------------
     def create_batch(self, pattern: str, device_ids: Sequence[str], now: int, expires_at: int, who: str) -> int:
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             if self.ledger.is_postgres:
                 batch_id = int(q("INSERT INTO console_batches (pattern, total, made, created_at, expires_at, "
                                  "created_by) VALUES (?, ?, 0, ?, ?, ?) RETURNING id",
@@ -357,20 +320,20 @@ class ConsoleStore:
     def add_batch_otps(self, batch_id: int, otps: Sequence[tuple[str, str]], now: int, expires_at: int) -> None:
         """Store (device id, OTP digest) pairs of a batch in one transaction and advance its progress;
         the same rows `Ledger.add_otp` writes."""
-        with self.ledger._transaction() as q:
+        with self.ledger.db.transaction() as q:
             for device_id, digest in otps:
                 q("INSERT INTO otps (digest, device_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
                   (digest, device_id, now, expires_at))
             q("UPDATE console_batches SET made = made + ? WHERE id = ?", (len(otps), batch_id))
 
     def batches(self, limit: int = 50) -> list[Batch]:
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             ids = [int(r[0]) for r in q("SELECT id FROM console_batches ORDER BY id DESC LIMIT ?", (limit,))]
         return [b for b in (self.batch(i) for i in ids) if b is not None]
 
     def batch(self, batch_id: int) -> Batch | None:
         """A batch with how many of its devices hold a certificate issued since the batch was made."""
-        with self.ledger._transaction(write=False) as q:
+        with self.ledger.db.transaction(write=False) as q:
             found = q("SELECT id, pattern, total, made, created_at, expires_at, created_by FROM console_batches "
                       "WHERE id = ?", (batch_id,))
             if not found:
