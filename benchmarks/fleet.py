@@ -23,7 +23,7 @@ which stops at descriptor 1,024, and agent/session.py now waits with epoll). The
 environment agent/units/tether.service gives `tether run` (its GLIBC_TUNABLES).
 
 `--pace N` powers the fleet on over time instead of at once: at most N devices booting, the next one
-starting when one got its CONNACK. `--profile-memory` prints where the workers' memory is, per device.
+starting when one is online with its token. `--profile-memory` prints where the workers' memory is, per device.
 
 For each step of N devices, all boot at once on a signal (the enrollment storm); then the fleet must
 be online with a token within `--settle` seconds, and stay so for `--hold` seconds with every
@@ -175,15 +175,19 @@ PACE_GIVE_UP = 60.0  # a paced device still not online after this long frees its
 
 
 def power_on(threads: list[threading.Thread], runtimes: list[Any], window: int, stopping: threading.Event) -> None:
-    """Start the devices' threads, at most `window` of them booting (enrolling, connecting) at a time: the
-    next one powers on when one of those got its CONNACK (or after PACE_GIVE_UP). `window` = all of them:
-    the whole fleet at once, the storm."""
+    """Start the devices' threads, at most `window` of them booting at a time: the next one powers on
+    when one of those is online with its first token (or after PACE_GIVE_UP). Not at CONNACK: on RabbitMQ
+    the costly step comes after it (the SUBSCRIBE declares the session's mirrored queue), and a window
+    freed at CONNACK let those pile up until they timed out. `window` = all of them: the storm."""
+    def up(r: Any) -> bool:
+        return r.session is not None and (r.token is None or r.token.current() is not None)
+
     booting: dict[int, float] = {}
     following = 0
     while following < len(threads) and not stopping.is_set():
         now = time.monotonic()
         booting = {i: t for i, t in booting.items()
-                   if runtimes[i].session is None and threads[i].is_alive() and now - t < PACE_GIVE_UP}
+                   if not up(runtimes[i]) and threads[i].is_alive() and now - t < PACE_GIVE_UP}
         while len(booting) < window and following < len(threads):
             threads[following].start()
             booting[following] = now
@@ -565,7 +569,7 @@ def main() -> int:
                         "smaps, glibc's mallinfo2)")
     p.add_argument("--pace", type=int, default=0,
                    help="at most this many devices booting at once across the fleet; the next powers on when "
-                        "one got its CONNACK (0: all at once, the storm)")
+                        "one is online with a token (0: all at once, the storm)")
     p.add_argument("--keepalive", type=int, default=60, help="the devices' MQTT keepalive, seconds")
     p.add_argument("--connect-timeout", type=float, default=20.0, help="the devices' [mqtt] connect_timeout")
     p.add_argument("--profile-python", action="store_true",
