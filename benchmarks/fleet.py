@@ -18,9 +18,12 @@ Each device is an `agent.runtime.Runtime` (the code `tether run` runs) with its 
 directory, key and one-time password; it enrolls over EST, connects over mTLS and keeps its token
 fresh over MQTT. A `tether run` process costs ~30 MB, so devices run as threads inside worker
 processes, which shares the interpreter but not the sessions, contexts or keys. A worker holds at most
-`--per-worker` devices (default 300): paho-mqtt waits with `select()`, which cannot watch a file
-descriptor numbered 1024 or above, and every paho client holds three (its socket and the socket pair
-it wakes its loop with); past ~340 clients a process's new sessions die before CONNACK.
+`--per-worker` devices (default 1,000; 300 until issue 24: paho's own loop waited with `select()`,
+which stops at descriptor 1,024, and agent/session.py now waits with epoll). The workers get the
+environment agent/units/tether.service gives `tether run` (its GLIBC_TUNABLES).
+
+`--pace N` powers the fleet on over time instead of at once: at most N devices booting, the next one
+starting when one is online with its token. `--profile-memory` prints where the workers' memory is, per device.
 
 For each step of N devices, all boot at once on a signal (the enrollment storm); then the fleet must
 be online with a token within `--settle` seconds, and stay so for `--hold` seconds with every
@@ -83,12 +86,17 @@ def worker(spec_file: str) -> int:
 
     spec = json.loads(Path(spec_file).read_text())
     stats_file, go_file = Path(spec["stats"]), Path(spec["go"])
+    if spec.get("profile") == "python":
+        import tracemalloc
+
+        tracemalloc.start()
     logging.basicConfig(level=logging.WARNING, filename=spec["log"],
                         format="%(asctime)s %(threadName)s %(name)s %(message)s")
     # as `tether run` builds them, without 4,000 local publish sockets ([outbox] enabled when spec["outbox"])
     runtimes = [build(load(c), publish_socket=False) for c in spec["configs"]]
     outboxes: list[Any] = [c for r in runtimes for c in r.components if isinstance(c, Outbox)]
     marks_done: set[str] = set()
+    memory_file = stats_file.with_suffix(".memory.json")
     enrolled_at: list[float | None] = [None] * len(runtimes)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -130,28 +138,74 @@ def worker(spec_file: str) -> int:
         time.sleep(0.01)
     threads = [threading.Thread(target=device, args=(i,), name=r.config.device.id, daemon=True)
                for i, r in enumerate(runtimes)]
-    for t in threads:
-        t.start()
+    threading.Thread(target=power_on, args=(threads, runtimes, spec.get("pace") or len(runtimes), stopping),
+                     name="power-on", daemon=True).start()
     while not stopping.wait(0.2 if (go_file.parent / "mark-before").exists() else 1.0):
         queue_marks()
         report(ready=True)
+        if spec.get("profile") and (go_file.parent / "profile").exists() and not memory_file.exists():
+            from memprofile import malloc_info, malloc_trim, smaps_by_kind, tracemalloc_top
+
+            before = smaps_by_kind()
+            heap = malloc_info()
+            malloc_trim()
+            python = tracemalloc_top(40) if spec["profile"] == "python" else []
+            write_json(memory_file, {"smaps": before, "python": python, "malloc": heap,
+                                     "trimmed": smaps_by_kind(), "devices": len(runtimes)})
     for r in runtimes:
         r.stop()
     deadline = time.monotonic() + 15
     for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
+        if t.ident is not None:  # a paced fleet may stop before every device powered on
+            t.join(max(0.0, deadline - time.monotonic()))
     return 0
+
+
+def unit_environment() -> dict[str, str]:
+    """The memory settings agent/units/tether.service gives `tether run` (GLIBC_TUNABLES), so the workers'
+    devices run as a device's agent does."""
+    env = {}
+    for line in (REPO / "agent" / "units" / "tether.service").read_text().splitlines():
+        if line.startswith("Environment=GLIBC_TUNABLES="):
+            env["GLIBC_TUNABLES"] = line.split("=", 2)[2]
+    return env
+
+
+PACE_GIVE_UP = 60.0  # a paced device still not online after this long frees its place for the next one
+
+
+def power_on(threads: list[threading.Thread], runtimes: list[Any], window: int, stopping: threading.Event) -> None:
+    """Start the devices' threads, at most `window` of them booting at a time: the next one powers on
+    when one of those is online with its first token (or after PACE_GIVE_UP). Not at CONNACK: on RabbitMQ
+    the costly step comes after it (the SUBSCRIBE declares the session's mirrored queue), and a window
+    freed at CONNACK let those pile up until they timed out. `window` = all of them: the storm."""
+    def up(r: Any) -> bool:
+        return r.session is not None and (r.token is None or r.token.current() is not None)
+
+    booting: dict[int, float] = {}
+    following = 0
+    while following < len(threads) and not stopping.is_set():
+        now = time.monotonic()
+        booting = {i: t for i, t in booting.items()
+                   if not up(runtimes[i]) and threads[i].is_alive() and now - t < PACE_GIVE_UP}
+        while len(booting) < window and following < len(threads):
+            threads[following].start()
+            booting[following] = now
+            following += 1
+        stopping.wait(0.02)
 
 
 # -- the bed: station, broker, token service --------------------------------------------------------------
 class Bed:
-    def __init__(self, root: Path, station_workers: int, token_lifetime: float, broker: str = "mosquitto") -> None:
+    def __init__(self, root: Path, station_workers: int, token_lifetime: float, broker: str = "mosquitto",
+                 keepalive: int = 60, connect_timeout: float = 20.0) -> None:
         from lab.mosquitto import BrokerFiles, Mosquitto
         from lab.procs import Proc, read_port_file
         from lab.tokens import SERVICE_ID, JwtSigner, TokenService
 
         self.root = root
         self.kind = broker
+        self.keepalive, self.connect_timeout = keepalive, connect_timeout
         self.station_dir = root / "station"
         self.cli("init", "--trust-domain", TRUST_DOMAIN)
         settings = self.station_dir / "station.toml"
@@ -242,7 +296,8 @@ class Bed:
                     # a cluster's devices spread over its nodes: each lists them from a different one
                     "endpoints": {"urls": [f"mqtts://localhost:{p}" for p in self.ports[first:] + self.ports[:first]]},
                     "outbox": {"enabled": self.cluster is not None},
-                    "mqtt": {"keepalive": 60, "backoff_base": 0.5, "backoff_cap": 5.0, "connect_timeout": 20.0},
+                    "mqtt": {"keepalive": self.keepalive, "backoff_base": 0.5, "backoff_cap": 5.0,
+                             "connect_timeout": self.connect_timeout},
                     "token": {"timeout": 15.0},
                 }
                 (d / "tether.toml").write_text(to_toml(sections))
@@ -252,14 +307,18 @@ class Bed:
         return configs
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.tokens.stop()
-        self.station.stop()
+        """Stop everything; a part that is slow to stop is reported, not raised (the figures are printed
+        after this)."""
+        parts = [self.tokens.stop, self.station.stop]
         if self.broker is not None:
-            self.broker.stop()
+            parts.append(self.broker.stop)
         if self.cluster is not None:
-            self.cluster.stop()
-            self.auth.stop()
+            parts += [self.cluster.stop, self.auth.stop]
+        for stop in parts:
+            try:
+                stop()
+            except Exception as exc:  # one part's slow stop must not hide the figures
+                print(f"stopping the bed: {exc}", flush=True)
 
 
 # -- one step of the ramp ---------------------------------------------------------------------------------
@@ -274,8 +333,11 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         spec = step_dir / f"worker-{w}.json"
         stats.append(step_dir / f"worker-{w}.stats.json")
         write_json(spec, {"configs": configs[w::workers], "stats": str(stats[-1]), "go": str(go),
-                          "log": str(step_dir / f"worker-{w}.log"), "outbox": bed.cluster is not None})
+                          "log": str(step_dir / f"worker-{w}.log"), "outbox": bed.cluster is not None,
+                          "pace": -(-args.pace // workers) if args.pace else 0,
+                          "profile": args.profile_memory and ("python" if args.profile_python else "smaps")})
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(spec)], cwd=REPO,
+                                      env={**os.environ, **unit_environment()},
                                       stdin=subprocess.DEVNULL, start_new_session=True))
     result: dict[str, Any] = {"n": n, "held": False, "why": ""}
 
@@ -343,6 +405,8 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         end = [r for w in s for r in w.get("refreshes", [])]
         per_device = [b - a for a, b in zip(start, end, strict=False)]
         rss = sum(rss_kb(p.pid) for p in procs)
+        if args.profile_memory:
+            result["memory"] = memory_profile(step_dir, stats, n)
         held_s = time.monotonic() - cpu_start[2]
         # the fleet's idle cost: CPU the device processes and the broker used while holding, in % of one core
         result.update(agents_cpu=100 * (sum(cpu_s(p.pid) for p in procs) - cpu_start[0]) / held_s,
@@ -363,15 +427,52 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
             result.update(failover(bed, n, step_dir, sample, total))
         return result
     finally:
-        for p in procs:
+        stop_workers(procs)
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every worker, SIGKILL whatever is left after 60 s; never raises, so a slow teardown of
+    10,000 devices (a loaded machine) cannot lose the step's figures."""
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(30)
+
+
+def memory_profile(step_dir: Path, stats: list[Path], n: int) -> dict[str, Any]:
+    """Ask every worker where its memory is (after the hold) and add them up, per device."""
+    files = [s.with_suffix(".memory.json") for s in stats]
+    (step_dir / "profile").touch()
+    deadline = time.monotonic() + 120
+    while not all(f.exists() for f in files) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    kinds: dict[str, float] = {}
+    trimmed: dict[str, float] = {}
+    heap: dict[str, float] = {}
+    sites: dict[str, list[float]] = {}
+    for f in files:
+        data = read_json(f) or {}
+        for kind, kb in data.get("smaps", {}).items():
+            kinds[kind] = kinds.get(kind, 0.0) + kb / n
+        for kind, kb in data.get("trimmed", {}).items():
+            trimmed[kind] = trimmed.get(kind, 0.0) + kb / n
+        for key, kb in data.get("malloc", {}).items():
+            heap[key] = heap.get(key, 0.0) + kb / n
+        for site in data.get("python", []):
+            kb_count = sites.setdefault(site["where"], [0.0, 0.0])
+            kb_count[0] += site["kb"] / n
+            kb_count[1] += site["count"] / n
+    return {"smaps_kb_per_device": kinds, "malloc_kb_per_device": heap, "trimmed_kb_per_device": trimmed,
+            "python_kb_per_device": sorted(([w, kb, c] for w, (kb, c) in sites.items()), key=lambda x: -x[1])[:30]}
 
 
 def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[str, Any]:
@@ -471,13 +572,23 @@ def main() -> int:
                    help="seconds each step must stay connected (0: stop once the storm is online)")
     p.add_argument("--settle", type=float, default=180.0, help="seconds to enroll and come online")
     p.add_argument("--token-lifetime", type=float, default=10.0, help="JWT lifetime; refresh at half of it")
-    p.add_argument("--per-worker", type=int, default=300,
-                   help="devices per worker process (paho's select() stops at fd 1024: 3 fds per client)")
+    p.add_argument("--per-worker", type=int, default=1000, help="devices per worker process")
     p.add_argument("--station-workers", type=int, default=2)
     p.add_argument("--budget", type=float, default=900.0, help="stop ramping after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     p.add_argument("--broker", choices=("mosquitto", "rabbitmq"), default="mosquitto",
                    help="one mosquitto, or a 2-node RabbitMQ cluster with a node killed after the hold")
+    p.add_argument("--profile-memory", action="store_true",
+                   help="after the hold, print where the workers' memory is per device (kinds of mapping from "
+                        "smaps, glibc's mallinfo2)")
+    p.add_argument("--pace", type=int, default=0,
+                   help="at most this many devices booting at once across the fleet; the next powers on when "
+                        "one is online with a token (0: all at once, the storm)")
+    p.add_argument("--keepalive", type=int, default=60, help="the devices' MQTT keepalive, seconds")
+    p.add_argument("--connect-timeout", type=float, default=20.0, help="the devices' [mqtt] connect_timeout")
+    p.add_argument("--profile-python", action="store_true",
+                   help="with --profile-memory: also the Python allocation sites (tracemalloc, which slows the "
+                        "storm and adds its own memory to the figures)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -492,7 +603,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="tether-fleet-"))
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    bed = Bed(root, args.station_workers, args.token_lifetime, args.broker)
+    bed = Bed(root, args.station_workers, args.token_lifetime, args.broker, args.keepalive, args.connect_timeout)
     try:
         for n in steps:
             if time.monotonic() - started > args.budget:
@@ -535,6 +646,20 @@ def main() -> int:
                      f"{secs('failover_delivered_s')}: {r['failover_lost']} lost, {r['failover_duplicates']} "
                      f"duplicates; cluster RSS {r['cluster_kb_per_connection']:.0f} KB per connection "
                      f"(both nodes; {r.get('broker_marginal_kb', 0):.0f} KB above the idle cluster)"), flush=True)
+    for r in results:
+        if "memory" in r:
+            mem = r["memory"]
+            def kinds(found: dict[str, float]) -> str:
+                return ", ".join(f"{k} {v:.1f}" for k, v in sorted(found.items(), key=lambda kv: -kv[1]) if v >= 0.1)
+            print(f"memory N={r['n']}, KB per device by kind of mapping (/proc/<worker>/smaps): "
+                  + kinds(mem["smaps_kb_per_device"]))
+            print("  the same after malloc_trim(0): " + kinds(mem["trimmed_kb_per_device"]))
+            print("  glibc malloc, KB per device (mallinfo2): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in mem["malloc_kb_per_device"].items()))
+            if mem["python_kb_per_device"]:
+                print("  Python allocations per device (tracemalloc, KB, objects):")
+            for where, kb, count in mem["python_kb_per_device"]:
+                print(f"  {kb:8.2f} {count:7.1f}  {where}")
     print(f"\nlargest N held: {held[-1]['n'] if held else 0}")
     if len(held) >= 2:  # the per-device cost without the fixed cost of interpreters and imports
         a, b = held[-2], held[-1]

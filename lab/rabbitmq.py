@@ -37,6 +37,13 @@ PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl", "rabbitmq_auth_backen
 # key and client id, so a cached `allow` for one device never answers for another.
 AUTH_CACHE_MS = 60_000
 STARTED = "Server startup complete"
+# Erlang's schedulers spin for a while before they sleep (busy wait), which is right on a server with
+# cores to spare and wrong on one machine shared with the devices, the station and another node: the
+# spinning took the CPU the TLS handshakes needed (4,000 devices, issue 26: CONNACKs timed out).
+ERL_SCHEDULERS = "+sbwt none +sbwtdcpu none +sbwtdio none"
+# How long a node waits for a device's TLS handshake (RabbitMQ's default: 5 s). A storm of thousands
+# of handshakes queues behind each other on a busy node; the device's own connect_timeout decides.
+HANDSHAKE_TIMEOUT_MS = 60_000
 # Each MQTT session's subscriptions live in a queue `mqtt-subscription-<client id>qos0|1` on the node the
 # device first connected to. When that node dies, 3.10 keeps the queue's record and refuses to declare
 # it elsewhere ("home node ... is down or inaccessible"), so the device is dropped right after CONNACK on
@@ -105,7 +112,7 @@ class RabbitCluster:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"), "RABBITMQ_LOG_BASE": str(base / "log"),
             "RABBITMQ_PID_FILE": str(base / "rabbit.pid"), "RABBITMQ_DIST_PORT": str(node.dist_port),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1} " + ERL_SCHEDULERS,
             "RABBITMQ_LOGS": "-",  # to stdout, which Proc writes to the node's log
             "RABBITMQ_ALLOW_INPUT": "",  # no interactive shell on stdin
         }
@@ -128,6 +135,16 @@ class RabbitCluster:
             "ssl_options.fail_if_no_peer_cert = true",
             "ssl_options.versions.1 = tlsv1.3",
             "ssl_options.versions.2 = tlsv1.2",
+            # many small, mostly idle connections (RabbitMQ's "networking" guide): a deep accept queue for a
+            # storm, small socket buffers (MQTT packets here are a few hundred bytes), and per-connection
+            # statistics every minute instead of every 5 s (nothing here reads them)
+            "mqtt.tcp_listen_options.backlog = 4096",
+            "mqtt.tcp_listen_options.nodelay = true",
+            "mqtt.tcp_listen_options.sndbuf = 16384",
+            "mqtt.tcp_listen_options.recbuf = 16384",
+            "mqtt.tcp_listen_options.buffer = 16384",
+            f"ssl_handshake_timeout = {HANDSHAKE_TIMEOUT_MS}",
+            "collect_statistics_interval = 60000",
             "auth_backends.1 = cache",
             "auth_cache.cached_backend = http",
             f"auth_cache.cache_ttl = {AUTH_CACHE_MS}",

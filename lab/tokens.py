@@ -81,6 +81,10 @@ class TokenService:
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=SERVICE_ID)
         self.client.tls_set_context(context)
+        # one subscriber answering every device: paho's default of 20 QoS 1 answers awaiting PUBACK held
+        # the service to 20 per broker round trip, which on a loaded RabbitMQ cluster (a mirrored queue
+        # per device) is below 4,000 devices' refreshes: new devices waited for tokens forever
+        self.client.max_inflight_messages_set(1000)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"+/{request}", 1)
         self.connected = threading.Event()
