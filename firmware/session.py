@@ -41,7 +41,7 @@ READY = "ready"
 # say the endpoint is out of reach for now.
 KINDS = {"verify": sv.TLS_VERIFY, "tls": sv.REFUSED}
 
-TICK = sv.Tick()  # one instance: a timer firing allocates nothing
+TICK = sv.Event(sv.TICK)  # one instance: a timer firing allocates nothing
 
 
 def _reason(exc):
@@ -84,11 +84,11 @@ class Session:
         self._inflight = {}    # packet id -> time sent
         # action type -> handler(action, now): drive() refuses an action without one
         self._perform = {
-            sv.Publish: self._publish, sv.Subscribe: self._subscribe, sv.Connect: self._open,
-            sv.Close: self._close, sv.SessionDown: self._session_down, sv.SessionUp: self._nothing,
-            sv.AttemptFailed: self._attempt_failed, sv.Backoff: self._round_failed, sv.WaitUntil: self._backoff,
-            sv.TokenAdopted: self._token_adopted, sv.Delivered: self._delivered, sv.Problem: self._problem,
-            sv.Operation: self._operation, sv.Deliver: self._message,
+            sv.PUBLISH: self._publish, sv.SUBSCRIBE: self._subscribe, sv.CONNECT: self._open,
+            sv.CLOSE: self._close, sv.SESSION_DOWN: self._session_down, sv.SESSION_UP: self._nothing,
+            sv.ATTEMPT_FAILED: self._attempt_failed, sv.BACKOFF: self._round_failed, sv.WAIT_UNTIL: self._backoff,
+            sv.TOKEN_ADOPTED: self._token_adopted, sv.DELIVERED: self._delivered, sv.PROBLEM: self._problem,
+            sv.OPERATION: self._operation, sv.DELIVER: self._message,
         }
 
     # -- public API --------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class Session:
                     self._idle_step(now)
                 else:
                     self._started = True
-                    self._feed(sv.Start(), now)
+                    self._feed(sv.Event(sv.START), now)
             except MemoryError:
                 pass  # the next step finds the attempt that never ran and reports it
             return
@@ -120,7 +120,7 @@ class Session:
         epoch = self.sup.attempting()
         if epoch is not None:
             # the supervisor asked for an attempt that a MemoryError stopped before it started
-            self._feed(sv.ConnectFailed(epoch, sv.UNREACHABLE, "memory: out of memory"), now)
+            self._feed(sv.Event(sv.CONNECT_FAILED, epoch, sv.UNREACHABLE, "memory: out of memory"), now)
             return
         at = self.sup.deadline()
         if at is not None and now < at:
@@ -148,7 +148,7 @@ class Session:
 
     def close(self):
         """Stop the supervisor: DISCONNECT (best effort) and close the transport."""
-        self._feed(sv.Stop(), self._clock())
+        self._feed(sv.Event(sv.STOP), self._clock())
         self._drop()
 
     # -- feeding the supervisor --------------------------------------------------------------
@@ -247,9 +247,9 @@ class Session:
         try:
             transport = self._connect(ep)
         except OSError as exc:
-            return sv.ConnectFailed(action.epoch, _kind(exc), _reason(exc))
+            return sv.Event(sv.CONNECT_FAILED, action.epoch, _kind(exc), _reason(exc))
         except MemoryError:
-            return sv.ConnectFailed(action.epoch, sv.UNREACHABLE, "memory: connect: out of memory")
+            return sv.Event(sv.CONNECT_FAILED, action.epoch, sv.UNREACHABLE, "memory: connect: out of memory")
         self._transport = transport
         self.epoch = action.epoch
         self.endpoint = ep
@@ -282,8 +282,8 @@ class Session:
         accepted = self.state != CONNECTING
         self._drop()
         if accepted:
-            return sv.Disconnected(epoch, reason)
-        return sv.ConnectFailed(epoch, kind, reason)
+            return sv.Event(sv.DISCONNECTED, epoch, reason)
+        return sv.Event(sv.CONNECT_FAILED, epoch, kind, reason)
 
     def _lost(self, reason, kind=sv.UNREACHABLE):
         event = self._drop_event(reason, kind)
@@ -317,7 +317,7 @@ class Session:
             self.state = SUBSCRIBING
             self._deadline = now + self.ack_timeout
             self._emit("connected", self.endpoint)
-            self._feed(sv.Connected(self.epoch), now)
+            self._feed(sv.Event(sv.CONNECTED, self.epoch), now)
         elif p.type == mq.SUBACK and p.packet_id in self._subs:
             if 0x80 in p.return_codes:
                 self._lost("SUBSCRIBE refused (broker ACL?): return codes %r" % (p.return_codes,))
@@ -330,10 +330,10 @@ class Session:
         elif p.type == mq.PUBLISH:
             if p.qos == 1:
                 self._send(mq.encode_puback(p.packet_id))
-            self._feed(sv.Message(self.epoch, p.topic, p.payload), now)
+            self._feed(sv.Event(sv.MESSAGE, self.epoch, p.topic, p.payload), now)
         elif p.type == mq.PUBACK:
             if self._inflight.pop(p.packet_id, None) is not None:
-                self._feed(sv.Acked(self.epoch, p.packet_id), now)
+                self._feed(sv.Event(sv.ACKED, self.epoch, p.packet_id), now)
         elif p.type == mq.PINGRESP:
             self._ping_sent = None
         else:
