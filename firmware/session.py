@@ -8,7 +8,8 @@ session's epoch (``Connected``, ``ConnectFailed(kind)``, ``Disconnected``, ``Mes
 ``Tick``). Missing a CONNACK, SUBACK, PUBACK or PINGRESP in time ends the session like a closed socket.
 
 I/O is injected: ``connect(endpoint)`` returns a transport with ``send(bytes)``, ``recv(timeout)``
-(bytes; ``b""`` when the peer closed; None when nothing arrived in ``timeout`` seconds) and
+(bytes, or a view valid until the next call; ``b""`` when the peer closed; None when nothing
+arrived in ``timeout`` seconds) and
 ``close()``, or raises OSError (``net.TransportError`` is one, typed by ``kind``); ``clock()``
 returns seconds; ``wait(seconds)`` blocks while disconnected. Progress is reported through
 ``on_event(name, detail)`` (tether_main prints each as ``tether: <name> <detail>``):
@@ -82,13 +83,15 @@ class Session:
         self._next_id = 0
         self._subs = []        # packet ids of SUBSCRIBEs without SUBACK
         self._inflight = {}    # packet id -> time sent
-        # action type -> handler(action, now): drive() refuses an action without one
+        # action type -> handler(action, now): drive() refuses an action without one. The actions
+        # that only tell something share one handler (each handler is a function and a bound
+        # method in a small heap).
+        report = self._report
         self._perform = {
             sv.PUBLISH: self._publish, sv.SUBSCRIBE: self._subscribe, sv.CONNECT: self._open,
-            sv.CLOSE: self._close, sv.SESSION_DOWN: self._session_down, sv.SESSION_UP: self._nothing,
-            sv.ATTEMPT_FAILED: self._attempt_failed, sv.BACKOFF: self._round_failed, sv.WAIT_UNTIL: self._backoff,
-            sv.TOKEN_ADOPTED: self._token_adopted, sv.DELIVERED: self._delivered, sv.PROBLEM: self._problem,
-            sv.OPERATION: self._operation, sv.DELIVER: self._message,
+            sv.CLOSE: self._close, sv.SESSION_DOWN: self._session_down, sv.SESSION_UP: report,
+            sv.ATTEMPT_FAILED: report, sv.BACKOFF: report, sv.WAIT_UNTIL: report, sv.TOKEN_ADOPTED: report,
+            sv.DELIVERED: report, sv.PROBLEM: report, sv.OPERATION: report, sv.DELIVER: report,
         }
 
     # -- public API --------------------------------------------------------------------------
@@ -190,32 +193,26 @@ class Session:
             self._drop()
         self._emit("disconnected", action.reason)
 
-    def _nothing(self, action, now):
-        return None  # SessionUp: "ready" follows the SUBACKs
-
-    def _attempt_failed(self, action, now):
-        self._emit("connect_failed", (action.endpoint, action.reason))
-
-    def _round_failed(self, action, now):
-        self._emit("round_failed", self.sup.round())
-
-    def _backoff(self, action, now):
-        self._emit("backoff", action.at - now)
-
-    def _token_adopted(self, action, now):
-        self._emit("token", action.schedule)
-
-    def _delivered(self, action, now):
-        self._emit("published", action.mid)
-
-    def _problem(self, action, now):
-        self._emit("token_error" if action.what == "token" else "problem", action.detail)
-
-    def _operation(self, action, now):
-        self._emit("operation", action.line)
-
-    def _message(self, action, now):
-        self._emit("message", (action.topic, action.payload))
+    def _report(self, action, now):
+        """An action that only tells something, as the ``on_event`` the module docstring lists."""
+        t = action.type
+        if t == sv.ATTEMPT_FAILED:
+            self._emit("connect_failed", (action.endpoint, action.reason))
+        elif t == sv.BACKOFF:
+            self._emit("round_failed", self.sup.round())
+        elif t == sv.WAIT_UNTIL:
+            self._emit("backoff", action.at - now)
+        elif t == sv.TOKEN_ADOPTED:
+            self._emit("token", action.schedule)
+        elif t == sv.DELIVERED:
+            self._emit("published", action.mid)
+        elif t == sv.PROBLEM:
+            self._emit("token_error" if action.what == "token" else "problem", action.detail)
+        elif t == sv.OPERATION:
+            self._emit("operation", action.line)
+        elif t == sv.DELIVER:
+            self._emit("message", (action.topic, action.payload))
+        # SESSION_UP says nothing yet: "ready" follows the SUBACKs
 
     # -- the wire ------------------------------------------------------------------------------
 
@@ -311,8 +308,7 @@ class Session:
         now = self._clock()
         if p.type == mq.CONNACK and self.state == CONNECTING:
             if p.return_code:
-                reason = mq.CONNACK_REASONS.get(p.return_code, "return code %d" % p.return_code)
-                self._lost("CONNACK refused: %s" % reason, sv.REFUSED)
+                self._lost("CONNACK refused: %s" % mq.connack_reason(p.return_code), sv.REFUSED)
                 return
             self.state = SUBSCRIBING
             self._deadline = now + self.ack_timeout
