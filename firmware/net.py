@@ -47,7 +47,7 @@ QUIRKS = {
     "linux": _DEFAULT,
 }
 
-RECV_SIZE = 512  # bytes per read: a packet larger than this arrives in pieces the decoder joins
+RECV_SIZE = 256  # bytes per read: a packet larger than this arrives in pieces the decoder joins
 _DEAD = select.POLLHUP | select.POLLERR
 # CPython's "try again" on a non-blocking SSL socket (absent on MicroPython, where read/write
 # return None instead).
