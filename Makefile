@@ -42,8 +42,9 @@ lock-upgrade:
 dist:
 	bash scripts/build-dist.sh dist
 
-# The device package dist/tether_<version>_all.deb (docs/device.md) and the station's,
-# dist/tether-station_<version>_all.deb (docs/station.md).
+# The device package dist/tether_<version>_<arch>.deb (this machine's architecture: it carries tpm2-pytss
+# compiled here; docs/device.md says how to build arm64) and the station's, dist/tether-station_<version>_all.deb
+# (docs/station.md). Both are built by scripts/deb-build.sh.
 deb: dist
 	bash scripts/build-deb.sh dist
 	bash scripts/build-deb-station.sh dist

@@ -1,17 +1,22 @@
 """`tether`: the device agent's command line. Thin: parse, call the module that owns the concern, print.
 
 Exit status: 0 success, 1 a Tether error (message on stderr), 2 usage error.
+
+The boot-time service's own command line (`tether [--config FILE] run [-v]`, and `check`) is read by
+`service_args` without argparse; every other command line, and any `run` written another way, goes to
+the argparse parser (`build_parser`), which `tether run` therefore never loads: importing argparse and
+building a parser cost more than the rest of the command line together, on every boot (issue 24).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 from agent import config as configmod
 from agent.core.errors import CoreError
@@ -23,12 +28,15 @@ from agent.publish_api import publish_command
 from agent.state_owner import require_own_state
 from agent.status import read_runtime_status
 from hal import storage
-from hal.about import VersionAction
 from hal.errors import TetherError
 from hal.keys import BACKENDS, key_backend
 from provisioning.printable import EscapeOutsideInput
 
-Handler = Callable[[argparse.Namespace, configmod.Config], int]
+if TYPE_CHECKING:
+    import argparse
+
+    Handler = Callable[[argparse.Namespace, configmod.Config], int]
+
 COMMANDS: dict[str, Handler] = {}
 
 
@@ -352,6 +360,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The `tether` parser. With the command `argv` names (`chosen_command`), only that command's
     parser is built: argparse spends most of a start-up's parsing time making parsers (each asks
     gettext for its messages), and `tether run` starts on every boot of every device (issue 24)."""
+    import argparse  # every command line but the service's own (`service_args`)
+
+    from hal.about import VersionAction  # an argparse action: loads with argparse
+
     parser = argparse.ArgumentParser(prog="tether", description="Tether device agent: identity and "
                                      "connectivity for embedded Linux devices.")
     parser.add_argument("--version", action=VersionAction)
@@ -365,9 +377,47 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+SERVICES = ("run", "check")  # `_add_service`'s commands: their one option is --verbose/-v
+_VERBOSE = ("--verbose", "-v")
+
+
+def service_args(argv: Sequence[str]) -> argparse.Namespace | None:
+    """The arguments of `argv` when it is the service's own command line, read without argparse;
+    None for anything else, which `build_parser` then parses (and explains, for a usage error).
+
+    Taken here: `[--config FILE | -c FILE | --config=FILE | -cFILE] (run | check) [--verbose | -v]`,
+    each option written in full and at most once, FILE not empty and not starting with `-` or `=`.
+    Everything this accepts, argparse parses to the same values (tests/unit/test_startup.py checks it
+    against `build_parser` on generated command lines); everything else (abbreviations, `--help`,
+    `--`, a repeated option, a usage error) is left to argparse, so its messages and exit status 2
+    are the only ones a user ever sees."""
+    config: str | None = None
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        word = argv[i]
+        if config is not None:
+            return None
+        if word in _GLOBAL_WITH_VALUE and i + 1 < len(argv):
+            config, i = argv[i + 1], i + 2
+        elif word.startswith("--config="):
+            config, i = word.removeprefix("--config="), i + 1
+        elif word.startswith("-c") and word != "-c":
+            config, i = word.removeprefix("-c"), i + 1
+        else:
+            return None
+        if not config or config.startswith(("-", "=")):
+            return None
+    rest = argv[i:]
+    if not rest or rest[0] not in SERVICES or len(rest) > 2 or (len(rest) == 2 and rest[1] not in _VERBOSE):
+        return None
+    # argparse's Namespace is a bag of attributes too; these are the ones `_add_service` sets
+    return cast("argparse.Namespace", SimpleNamespace(config=config, command=rest[0], verbose=len(rest) == 2,
+                                                      needs_tls=True, own_state=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    args = service_args(argv) or build_parser(argv).parse_args(argv)
     name = args.command + (f" {args.sub}" if getattr(args, "sub", None) else "")
     try:
         config = configmod.load(args.config)

@@ -52,10 +52,10 @@ def build(config: Config, *, components: bool = True, publish_socket: bool = Tru
     if components:
         if config.est.url:
             renewal = Renewal(config, identity, token.current if token else lambda: None,
-                              staged=lambda chain, key: loop.post(Event(RENEWAL_STAGED, chain, key)),
+                              staged=lambda: loop.post(Event(RENEWAL_STAGED)),
                               call_soon=loop.call_soon)
             parts.append(renewal)
-        parts.append(ota_component(config, link.publish, token, loop.request_restart))
+        parts.append(ota_component(config, link.publish, token, loop, clock))
         if config.outbox.enabled:
             outbox = Outbox(config, link.publish, wake=lambda: loop.post(None), status=loop.status)
             parts.append(outbox)
@@ -68,7 +68,7 @@ def build(config: Config, *, components: bool = True, publish_socket: bool = Tru
 
 
 def ota_component(config: Config, publish: Callable[[str, bytes | str, int], int | None],
-                  token: TokenService | None, restart: Callable[[], None]) -> LazyOta:
+                  token: TokenService | None, loop: ControlLoop, clock: Callable[[], float]) -> LazyOta:
     """Firmware operations (515) on the session, reported in SmartREST on the upstream topic; the
     updater itself is made when there is OTA work."""
     upstream = config.topics.upstream
@@ -81,12 +81,13 @@ def ota_component(config: Config, publish: Callable[[str, bytes | str, int], int
         from agent.ota.agent import OtaAgent  # the updater's modules (HTTP, releases, slots): with OTA work only
 
         if token is None:
-            return OtaAgent(config, report, lambda: None, restart)
+            return OtaAgent(config, report, lambda: None, loop.request_restart, call_soon=loop.call_soon, clock=clock)
         tokens = token
 
         def refresh() -> str | None:  # on the OTA worker thread: blocks it, never the control loop
             return tokens.force_refresh(config.token.timeout)
 
-        return OtaAgent(config, report, tokens.current, restart, refresh_token=refresh)
+        return OtaAgent(config, report, tokens.current, loop.request_restart, call_soon=loop.call_soon, clock=clock,
+                        refresh_token=refresh)
 
     return LazyOta(config, updater)

@@ -2,13 +2,19 @@
 
 Every section is an immutable value (hal/value.py); its defaults are the only defaults. Every error names the file,
 the `[section] key` and what was expected. Relative paths are resolved against the file that set them.
+
+The boot-time service keeps what tomllib made of each file in a cache (`ParseCache`), believed only for
+the exact bytes it was made from, so `tether run` does not load tomllib on every boot (issue 24).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
-import tomllib
+import stat
 import typing
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ from agent.core.topics import client_id as core_client_id
 from agent.errors import ConfigError
 from agent.state import StateDir
 from hal import storage
-from hal.errors import KeyStoreError
+from hal.errors import KeyStoreError, TetherError
 from hal.keys import BACKENDS, KeyUri, parse_key_uri
 from hal.value import Value
 from provisioning.errors import ProvisioningError
@@ -190,11 +196,15 @@ class Threshold(Value):
 
 def parse_threshold(text: str, where: str = "[renewal] threshold") -> Threshold:
     """`"67%"` (share of the lifetime) or `"30d"`, `"12h"`, `"90m"`, `"45s"` (time before expiry)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[smhd])\s*", text or "")
-    if not match:
+    # by hand, not with the regular expression `\s*(\d+(?:\.\d+)?)\s*(%|[smhd])\s*`: compiling it was
+    # ~1 M instructions of every start (issue 24); tests/unit/test_config.py checks the two agree
+    body = (text or "").strip()
+    unit, number = body[-1:], body[:-1].rstrip()
+    whole, dot, fraction = number.partition(".")
+    if unit not in ("%", *_UNITS) or not whole.isdecimal() or (dot and not fraction.isdecimal()):
         raise ConfigError(f"{where}: {text!r} is neither a lifetime percentage such as '67%' nor a time "
                           "before expiry such as '30d', '12h', '90m'")
-    value, unit = float(match.group(1)), match.group(2)
+    value = float(number)
     if unit == "%":
         if not 0 < value < 100:
             raise ConfigError(f"{where}: lifetime percentage must be between 0 and 100 (exclusive), got {text!r}")
@@ -326,19 +336,124 @@ def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path,
                 origins[(section, key)] = path
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, cache: ParseCache | None = None) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found (pass --config or set TETHER_CONFIG)") \
             from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:  # tomllib decodes the whole file as UTF-8 first
-        raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    parsed = cache.get(path, data) if cache is not None else None
+    if parsed is None:
+        parsed = _parse_toml(path, data)
+        if cache is not None:
+            cache.put(path, data, parsed)
+    return parsed
+
+
+def _parse_toml(path: Path, data: bytes) -> dict[str, Any]:
+    import tomllib  # on a cache miss only: importing it costs more than the rest of loading (issue 24)
+
+    try:
+        return tomllib.loads(data.decode())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib.load decodes the whole file as UTF-8 first; so do we
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+CACHE_ENV = "CACHE_DIRECTORY"  # set by systemd for the unit's CacheDirectory= (agent/units/tether.service)
+CACHE_FILE = "config-cache.json"
+_log = logging.getLogger("tether.config")
+
+
+class ParseCache:
+    """What tomllib made of each configuration file, keyed by the SHA-256 of the file's bytes.
+
+    Used only where systemd says the service may keep a cache (`$CACHE_DIRECTORY`, which the unit
+    makes for the agent's user, mode 0700), so a root shell, the tests and every other command parse
+    the TOML. What the cache holds decides what the agent connects to and trusts, so it is believed
+    only when nobody but this process's user (and root) can have written it: the directory and the
+    file must belong to this user and be writable by no one else, and the file must not be a link.
+    Otherwise it is ignored with a warning and not rewritten. An entry stands only for the exact
+    bytes it was parsed from: any edit, however small or quick, changes the digest and the file is
+    parsed again. The parsed values then go through the same checks as freshly parsed ones.
+    """
+
+    def __init__(self, path: Path, entries: dict[str, Any]) -> None:
+        self.path = path
+        self.entries = entries
+        self.changed = False
+
+    @classmethod
+    def from_environment(cls) -> ParseCache | None:
+        """The service's cache, or None when there is none or it cannot be trusted (logged)."""
+        directory = os.environ.get(CACHE_ENV, "")
+        if not directory or not os.path.isabs(directory) or os.pathsep in directory:
+            return None  # not started by the unit (several directories would be a different unit)
+        path = Path(directory) / CACHE_FILE
+        me = os.geteuid()
+        try:
+            if not _ours_alone(os.stat(directory), me):
+                _log.warning("%s: not trusted for the configuration cache (it must belong to uid %d and be "
+                             "writable by no one else); parsing the configuration", directory, me)
+                return None
+        except OSError as exc:
+            _log.warning("%s: no configuration cache (%s); parsing the configuration", directory, exc.strerror)
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return cls(path, {})
+        except OSError as exc:  # ELOOP: a link where the cache should be
+            _log.warning("%s: cannot use it as the configuration cache (%s); parsing the configuration",
+                         path, exc.strerror)
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            if not (stat.S_ISREG(os.fstat(fd).st_mode) and _ours_alone(os.fstat(fd), me)):
+                _log.warning("%s: not trusted as the configuration cache (it must be a file that belongs to "
+                             "uid %d and is writable by no one else); parsing the configuration", path, me)
+                return None
+            raw = fh.read()
+        try:
+            entries = json.loads(raw)
+        except ValueError:
+            entries = None
+        if not isinstance(entries, dict):
+            _log.warning("%s: not a configuration cache; rebuilding it", path)
+            return cls(path, {})
+        return cls(path, entries)
+
+    def get(self, source: Path, data: bytes) -> dict[str, Any] | None:
+        entry = self.entries.get(str(source))
+        if isinstance(entry, dict) and entry.get("sha256") == hashlib.sha256(data).hexdigest():
+            parsed = entry.get("toml")
+            if isinstance(parsed, dict):
+                return parsed
+        return None
+
+    def put(self, source: Path, data: bytes, parsed: dict[str, Any]) -> None:
+        self.entries[str(source)] = {"sha256": hashlib.sha256(data).hexdigest(), "toml": parsed}
+        self.changed = True
+
+    def save(self, sources: list[Path]) -> None:
+        """Write the cache if an entry changed, keeping only `sources`. A value JSON cannot hold (a TOML
+        date) or a write that fails leaves it unwritten (logged): the next start parses again."""
+        kept = {str(s): self.entries[str(s)] for s in sources if str(s) in self.entries}
+        if not self.changed and len(kept) == len(self.entries):
+            return
+        try:
+            storage.atomic_write(self.path, json.dumps(kept).encode(), storage.SECRET_MODE, durable=False)
+        except (TypeError, ValueError) as exc:
+            _log.info("configuration not cached: %s", exc)
+        except TetherError as exc:
+            _log.warning("configuration not cached: %s", exc)
+
+
+def _ours_alone(st: os.stat_result, uid: int) -> bool:
+    return st.st_uid == uid and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], files: list[Path]) -> None:
@@ -398,8 +513,11 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         files += sorted(dropins.glob("*.toml"))
     merged: dict[str, dict[str, Any]] = {}
     origins: dict[tuple[str, str], Path] = {}
+    cache = ParseCache.from_environment()
     for f in files:
-        _merge(merged, _read_toml(f), f, origins)
+        _merge(merged, _read_toml(f, cache), f, origins)
+    if cache is not None:
+        cache.save(files)
     _select_keys(merged.setdefault("keys", {}), origins, files)
     sections: dict[str, Any] = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
     config = Config(**sections, sources=tuple(str(f) for f in files))
@@ -522,6 +640,8 @@ def set_value(base: Path, dotted: str, text: str) -> Path:
     The value is parsed as TOML when it is a TOML literal, as a string otherwise, and the result is
     validated by loading the whole configuration before the drop-in is replaced.
     """
+    import tomllib  # `tether config set` only
+
     section, key = _split_key(dotted)
     try:
         value: Any = tomllib.loads(f"v = {text}")["v"]

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from agent.component import Component
 from agent.errors import AgentError
 from agent.session import Session
 from agent.status import StatusFile
@@ -21,6 +22,7 @@ from hal.errors import TetherError
 
 log = logging.getLogger("tether")
 RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched slots
+MAX_SLEEP = 60.0  # the longest the control loop sleeps without an event or a deadline
 
 
 class Call:
@@ -84,6 +86,31 @@ class ControlLoop:
             self.status_file.update(**fields)
         except TetherError as exc:  # a full disk must not take the session down
             log.warning("cannot write status: %s", exc)
+
+    def tick(self, components: list[Component], now: float) -> None:
+        """Give every component its turn at device time `now` (the loop does this after every event)."""
+        for c in components:
+            c.tick(now)
+
+    def next(self, components: list[Component], clock: Callable[[], float], also: float | None = None,
+             cap: float = MAX_SLEEP) -> Any:
+        """The next event, or None once the earliest deadline (the components' `wake_at`, `also`, `cap`
+        seconds) has come. A `call_soon` function is run here, on the loop, and gives None too. An idle
+        agent sleeps here: no fixed tick. `cap` bounds a wait computed from the device clock, which may
+        jump (NTP sets it after boot)."""
+        now = clock()
+        timeout = cap
+        for deadline in [c.wake_at(now) for c in components] + [also]:
+            if deadline is not None:
+                timeout = min(timeout, deadline - now)
+        try:
+            item = self.events.get(timeout=max(0.0, timeout))
+        except Empty:
+            return None
+        if isinstance(item, Call):
+            item.fn()
+            return None
+        return item
 
     def stop(self) -> None:
         self.stopping.set()

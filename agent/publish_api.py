@@ -14,7 +14,6 @@ root) may publish as the device.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import contextlib
@@ -28,12 +27,15 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
 from agent.outbox import OutboxError
+
+if TYPE_CHECKING:
+    import argparse  # `tether publish`'s arguments; argparse itself loads only for that command (issue 24)
 
 log = logging.getLogger("tether.outbox")
 MAX_LINE = 4 << 20   # a base64 line for a ~3 MiB payload; longer lines close the connection

@@ -14,8 +14,8 @@ restarts, with an error log line and the reason in status.json.
 Threads: the EST exchange runs in a worker thread that writes only the staged chain and key; it
 hands its outcome to the control loop (`call_soon`), which alone changes the persisted state.
 
-States (persisted in `<state>/renewal.json`): idle -> staged -> promoting -> idle. A crash in
-`promoting` is finished on the next start (`on_boot`); a crash in `staged` proves the pair again.
+States: the transition table of agent/renewal_state.py, persisted in `<state>/renewal.json`. A crash
+in `promoting` is finished on the next start (`on_boot`); a crash in `staged` proves the pair again.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from agent.core.retry import Retry
 from agent.enroll import retry_delay
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, NEXT_KEY_LABEL, DeviceIdentity
+from agent.renewal_state import RenewalState, RenewalTransitionError
 from agent.state import Record
 from hal.errors import TetherError
 from provisioning.errors import EnrollmentError
@@ -44,13 +45,14 @@ _UNKNOWN = object()  # due_at not computed since the chain or the state last cha
 
 
 class Renewal(Component):
-    """The renewal component. `staged(chain, key)` is called on the control loop when a renewed pair
-    waits to be proven; `call_soon(fn)` runs `fn` on the control loop (Runtime.call_soon)."""
+    """The renewal component. `staged()` is called on the control loop when a renewed pair waits to
+    be proven (which pair: `candidate()`, from the record); `call_soon(fn)` runs `fn` on the control
+    loop (Runtime.call_soon)."""
 
     name = "renewal"
 
     def __init__(self, config: Config, identity: DeviceIdentity, token: Callable[[], str | None] = lambda: None,
-                 *, staged: Callable[[str, str], None] = lambda chain, key: None,
+                 *, staged: Callable[[], None] = lambda: None,
                  call_soon: Callable[[Callable[[], None]], None] = lambda fn: fn(),
                  clock: Callable[[], float] = time.time, rand: Callable[[], float] = random.random) -> None:
         self.config = config
@@ -66,20 +68,26 @@ class Renewal(Component):
         self.retry = Retry(Backoff(min(config.renewal.retry, 60.0), max(config.renewal.retry, 60.0) * 12))
         self._worker: threading.Thread | None = None
         self.fatal: str | None = None
-        self._state: dict[str, Any] | None = None
+        self._state: RenewalState | None = None
         self._due: object = _UNKNOWN
 
     # -- persisted state (control loop only) ----------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state(self) -> RenewalState:
         # this object is the file's only writer, so it is read once and then kept in memory: the
         # runtime ticks every second and must not read two files each time
         if self._state is None:
-            self._state = self.record.load() or {}
+            fields = self.record.load()
+            try:
+                self._state = RenewalState() if fields is None else RenewalState.from_fields(fields)
+            except RenewalTransitionError as exc:
+                self.record.refuse(str(exc))
+                self._state = RenewalState()
         return self._state
 
-    def _save(self, **fields: Any) -> None:
-        state = {**self.state(), **fields, "updated_at": int(self.clock())}
-        self.record.save(state)
+    def _advance(self, event: str, **changes: Any) -> None:
+        """Take the table's edge for `event` and write the new state before acting on it."""
+        state = self.state().advance(event, self.clock(), **changes)
+        self.record.save(state.to_fields())
         self._state = state
         self._due = _UNKNOWN
 
@@ -96,11 +104,11 @@ class Renewal(Component):
             else:
                 at = self.threshold.renew_at(float(facts["not_before"]),  # type: ignore[arg-type]
                                              float(facts["not_after"]))  # type: ignore[arg-type]
-                self._due = max(at, float(self.state().get("next_try", 0)))
+                self._due = max(at, float(self.state().next_try))
         return self._due  # type: ignore[return-value]
 
     def on_boot(self) -> str:
-        state = self.state().get("state", "idle")
+        state = self.state().state
         if state == "promoting":
             self._finish_promotion()
             return "renewal: finished a promotion interrupted by a restart"
@@ -111,7 +119,7 @@ class Renewal(Component):
     def wake_at(self, now: float) -> float | None:
         if self.fatal or (self._worker is not None and self._worker.is_alive()):
             return None  # the worker hands its result back through the loop, which wakes it
-        if self.state().get("state") == "staged":
+        if self.state().state == "staged":
             return None
         return self.due_at()
 
@@ -196,10 +204,10 @@ class Renewal(Component):
 
     # -- outcomes (control loop) ----------------------------------------------------------------------
     def _staged(self, label: str) -> None:
-        self._save(state="staged", key=label, error=None)
-        self.staged(STAGED_CHAIN, label)
+        self._advance("staged", key=label, error=None)
+        self.staged()
 
-    def _failed(self, reason: str, error: TetherError | None = None) -> None:
+    def _failed(self, reason: str, error: TetherError | None = None, event: str = "failed") -> None:
         """Record a failed attempt. The error decides: retryable ones come back after a backoff (or the
         station's Retry-After); a fatal one (revoked, CSR refused, no token to present) stops renewal
         until the agent restarts. Logged before the state is written: whoever sees the error recorded
@@ -213,21 +221,21 @@ class Renewal(Component):
             self.fatal = reason
             log.error("renewal: %s; not retrying (the error is not one that goes away by itself): the current "
                       "certificate stays in use; fix the cause, then restart the agent", reason)
-            self._save(state="idle", error=reason)
+            self._advance(event, key=None, error=reason)
             return
         log.warning("renewal: %s; the current certificate stays in use, retrying in %.0f s", reason, at - now)
-        self._save(state="idle", next_try=at, error=reason)
+        self._advance(event, key=None, next_try=at, error=reason)
 
     def candidate(self) -> tuple[str, str] | None:
         """(chain file name, key label) of a staged pair to prove, or None."""
         state = self.state()
-        if state.get("state") != "staged" or not self.identity.certstore.path(STAGED_CHAIN).exists():
+        if state.state != "staged" or not self.identity.certstore.path(STAGED_CHAIN).exists():
             return None
-        return STAGED_CHAIN, str(state.get("key", KEY_LABEL))
+        return STAGED_CHAIN, state.key or KEY_LABEL
 
     def proven(self) -> None:
         """A session came up with the staged pair: promote it (resumable through `promoting`)."""
-        self._save(state="promoting")
+        self._advance("proven")
         self._finish_promotion()
         self.retry.reset()
         log.info("renewal: new certificate promoted")
@@ -238,16 +246,16 @@ class Renewal(Component):
             ks.rename(NEXT_KEY_LABEL, KEY_LABEL)
         if store.path(STAGED_CHAIN).exists():
             store.promote()
-        self._save(state="idle", key=None, next_try=0, error=None)
+        self._advance("promoted", key=None, next_try=0, error=None)
 
     def disproven(self, reason: str) -> None:
         """The staged pair could not establish a session: drop it, keep the old pair, retry later."""
         self.identity.certstore.discard_staged()
         if self.identity.keystore.exists(NEXT_KEY_LABEL):
             self.identity.keystore.delete(NEXT_KEY_LABEL)
-        self._failed(f"the renewed certificate did not establish a session ({reason})")
+        self._failed(f"the renewed certificate did not establish a session ({reason})", event="disproven")
 
     def status(self) -> dict[str, Any]:
         due = self.due_at()
-        return {"state": self.state().get("state", "idle"), "due_at": int(due) if due else None,
-                "last_error": self.state().get("error")}
+        return {"state": self.state().state, "due_at": int(due) if due else None,
+                "last_error": self.state().error}

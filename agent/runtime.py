@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent import systemd
+if TYPE_CHECKING:
+    import signal
+else:
+    # `signal` is this C module plus three IntEnums (Signals, Handlers, Sigmasks) built when it is
+    # imported, about 1% of `tether run`'s instructions to CONNACK (issue 24); two handlers need none of it
+    import _signal as signal
+
 from agent.boot import BootSequence
 from agent.component import Component
 from agent.config import Config
-from agent.control import RESTART_EXIT, Call, ControlLoop, Empty, Inbox, SessionLink, publish_on
+from agent.control import MAX_SLEEP, RESTART_EXIT, ControlLoop, Inbox, SessionLink, publish_on
 from agent.core import supervisor as sv
 from agent.core.backoff import Backoff
 from agent.core.endpoints import Endpoint, order_endpoints, parse_endpoint
@@ -39,13 +44,13 @@ from agent.renewal import Renewal
 from agent.session import ConnectError, Session
 from agent.tls import client_context
 from agent.token import TokenService
+from hal import systemd
 from hal.errors import TetherError
 from provisioning.errors import EnrollmentError
 
 log = logging.getLogger("tether")
 __all__ = ["RESTART_EXIT", "Runtime"]
 CREDENTIALS_POLL = 2.0  # seconds between looks at the credential files after the station refused them
-MAX_SLEEP = 60.0  # the longest the control loop sleeps without an event or a deadline
 
 
 class Runtime:
@@ -216,10 +221,8 @@ class Runtime:
                 log.info("%s", line)
         self.supervisor = self.new_supervisor()
         systemd.notify("STATUS=connecting")
-        if self.renewal is not None:
-            candidate = self.renewal.candidate()
-            if candidate is not None:
-                self.feed(sv.Event(sv.RENEWAL_STAGED, *candidate))
+        if self.renewal is not None and self.renewal.candidate() is not None:
+            self.feed(sv.Event(sv.RENEWAL_STAGED))
         self.feed(sv.Event(sv.START))
         watchdog = systemd.watchdog_interval()
         next_ping = 0.0
@@ -227,16 +230,11 @@ class Runtime:
             if watchdog and time.monotonic() >= next_ping:
                 systemd.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + watchdog
-            now = self.clock()
-            for c in self.components:
-                c.tick(now)
+            self.loop.tick(self.components, self.clock())
             self.feed(sv.Event(sv.TICK))
-            item = self._wait(watchdog)
-            if item is None:
-                continue
-            if isinstance(item, Call):
-                item.fn()
-            else:
+            item = self.loop.next(self.components, self.clock, self.supervisor.deadline(),
+                                  min(MAX_SLEEP, watchdog or MAX_SLEEP))
+            if item is not None:
                 self.feed(item)
         self.feed(sv.Event(sv.STOP))
         for c in self.components:
@@ -245,22 +243,6 @@ class Runtime:
         self.status(session="stopped", endpoint=None)
         log.info("stopped")
         return self.loop.exit_code
-
-    def _wait(self, watchdog: float | None) -> Any:
-        """The next event, or None once the earliest deadline (supervisor, components, watchdog) has come.
-        An idle agent sleeps here: no fixed tick. MAX_SLEEP bounds a wait computed from the device
-        clock, which may jump (NTP sets it after boot)."""
-        now = self.clock()
-        timeout = min(MAX_SLEEP, watchdog or MAX_SLEEP)
-        deadlines = [c.wake_at(now) for c in self.components]
-        deadlines.append(self.supervisor.deadline() if self.supervisor is not None else None)
-        for deadline in deadlines:
-            if deadline is not None:
-                timeout = min(timeout, deadline - now)
-        try:
-            return self.events.get(timeout=max(0.0, timeout))
-        except Empty:
-            return None
 
     def feed(self, event: Any) -> None:
         """Hand `event` to the supervisor and perform what it asks, until it asks nothing more."""
@@ -291,7 +273,10 @@ class Runtime:
     def _attempt(self, action: sv.Event, now: float) -> Any:
         chain, key = ("chain.pem", KEY_LABEL)
         if action.type == sv.PROVE_CANDIDATE:
-            chain, key = action.chain, action.key
+            pair = self.renewal.candidate() if self.renewal is not None else None  # the record owns which pair
+            if pair is None:
+                return sv.Event(sv.CONNECT_FAILED, action.epoch, sv.REFUSED, "the staged certificate and key are gone")
+            chain, key = pair
             log.info("session: proving the renewed certificate on %s", action.endpoint.url())
         try:
             self.session = self.connect(action.endpoint, chain, key, epoch=action.epoch)

@@ -16,8 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agent.errors import AgentError
 from hal import storage
 from hal.value import Value
+
+
+class RecordError(AgentError):
+    """A record that must not be forgotten (`Record.keep`) cannot be read; the message names the file."""
 
 
 class StateDir:
@@ -86,12 +91,17 @@ class StateDir:
 class Record(Value):
     """One JSON record file: `path`, the `version` this agent writes, what its owner does when the
     file has to be set aside (`then`, for the log line), and whether a save must survive a power cut
-    (`durable`: fsync of the file and its directory; not for a volatile file the next update rewrites)."""
+    (`durable`: fsync of the file and its directory; not for a volatile file the next update rewrites).
+    `keep`: a fact that must not be forgotten (the OTA anti-rollback floor: starting from empty would
+    accept a replayed older release), so a bad file raises RecordError and stays where it is.
+    `version_field`: where the version is written, for a record whose own fields have a `version`."""
 
     path: Path
     version: int = 1
     then: str = "starting from empty"
     durable: bool = True
+    keep: bool = False
+    version_field: str = "version"
 
     def load(self) -> dict[str, Any] | None:
         """The record's fields (without `version`), or None when the file is absent or was set aside."""
@@ -101,20 +111,27 @@ class Record(Value):
         try:
             value = json.loads(data)
         except ValueError as exc:
-            storage.set_aside(self.path, f"not JSON ({exc})", self.then)
+            self.refuse(f"not JSON ({exc})")
             return None
         if not isinstance(value, dict):
-            storage.set_aside(self.path, f"expected a JSON object, found {type(value).__name__}", self.then)
+            self.refuse(f"expected a JSON object, found {type(value).__name__}")
             return None
-        version = value.pop("version", 1)
+        version = value.pop(self.version_field, 1)
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            storage.set_aside(self.path, f"version: expected a positive integer, got {version!r}", self.then)
+            self.refuse(f"{self.version_field}: expected a positive integer, got {version!r}")
             return None
         if version > self.version:
-            storage.set_aside(self.path, f"version {version} is newer than this agent's ({self.version})", self.then)
+            self.refuse(f"version {version} is newer than this agent's ({self.version})")
             return None
         return value
 
+    def refuse(self, why: str) -> None:
+        """The file cannot be believed (`why`): set it aside, or for a `keep` record raise RecordError.
+        Owners call it too, for fields their own type refuses."""
+        if self.keep:
+            raise RecordError(f"{self.path}: {why}; {self.then}")
+        storage.set_aside(self.path, why, self.then)
+
     def save(self, fields: dict[str, Any], mode: int = storage.PUBLIC_MODE) -> None:
         """Write `fields` with this record's version, atomically (and durably if `durable`)."""
-        storage.write_json(self.path, {**fields, "version": self.version}, mode, durable=self.durable)
+        storage.write_json(self.path, {**fields, self.version_field: self.version}, mode, durable=self.durable)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +38,8 @@ def require_own_state(config: Config, argv: Sequence[str]) -> None:
         owner = _owner(directory)
         if owner is None or owner == me:
             continue
+        import shlex  # quotes the command of a refusal only: not loaded by every start (issue 24)
+
         name = owner_name(owner)
         who = f"{name} (uid {owner})" if name else f"uid {owner}, a user with no name"
         how = (f"runuser -u {shlex.quote(name)} -- tether {shlex.join(argv)}" if name

@@ -15,7 +15,7 @@ download minus VmRSS after the release's signature check, the high-water mark re
 Targets (issue 6): >= 0.8x curl's rate; < 5 MB peak RSS growth.
 
 `--swupdate` (issue 15) makes the payload a signed `.swu` holding one raw image of --size-mb, and adds
-the install: the agent's side ends with `SwupdateSlots.install` (`swupdate -i` writing a file-backed
+the install: the agent's side ends with `swupdate_slots(...).install` (`swupdate -i` writing a file-backed
 partition, progress socket read), the manual side is `curl` + `sha256sum` + the same `swupdate -i`.
 """
 
@@ -67,9 +67,9 @@ def child(args: argparse.Namespace) -> None:
     dest = Path(args.dest)
     slots = None
     if args.install:  # the swupdate installer, as the agent opens it
-        from hal.slots.swupdate import SwupdateSlots
+        from hal.slots.swupdate import swupdate_slots
 
-        slots = SwupdateSlots(Path(args.dest), env_config=args.env_config, install_command=args.install)
+        slots = swupdate_slots(Path(args.dest), env_config=args.env_config, install_command=args.install)
         slots.prepare("b")
         dest = slots.stage("b")
     dest.unlink(missing_ok=True)

@@ -85,13 +85,19 @@ def startup(lab: Lab, pairs: int) -> None:
     bare = [str(venv / "bin" / "python"), "-c", BARE, host, port, str(lab.ca_file),
             str(bare_state / "certs" / "chain.pem"), str(bare_state / "keys" / "device.key.pem"), "bench-start-bare"]
     tether = [str(venv / "bin" / "tether"), "--config", str(config), "run"]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "CACHE_DIRECTORY")}
+    # the unit's CacheDirectory= (agent/units/tether.service): systemd makes it, 0700, and names it in
+    # $CACHE_DIRECTORY; the agent keeps its parsed configuration there. The warm-up pair fills it.
+    cache = config.parent / "cache"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    tether_env = {**env, "CACHE_DIRECTORY": str(cache)}
     result = pairs_.run(("bare paho-mqtt mTLS connect", "tether run (every component)"),
                         lambda: pairs_.until_line(bare, b"CONNACK", cwd=config.parent, env=env),
                         lambda: pairs_.until_line(tether, b"session: connected", stream="stderr",
-                                                  cwd=config.parent, env=env),
+                                                  cwd=config.parent, env=tether_env),
                         pairs)
-    print("\n== start-up: process start to CONNACK (file key, credentials in place, broker with TCP_NODELAY)")
+    print("\n== start-up: process start to CONNACK (file key, credentials in place, broker with TCP_NODELAY, "
+          "$CACHE_DIRECTORY as the unit sets it)")
     print(f"both from {venv} (the wheel, as a device installs it)")
     pairs_.report(result, {"seconds": ("time ms", 1000, ".0f"), "cpu": ("CPU ms", 1000, ".0f"),
                            "rss_mb": ("peak RSS MB", 1, ".1f")},

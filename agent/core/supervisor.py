@@ -87,7 +87,7 @@ class Supervisor(Connection):
 
     def __init__(self, endpoints, backoff, topics, rand, refresher=None, discovery=False, heartbeat=None):
         self.discovery = discovery
-        self.candidate = None      # (chain, key) staged by renewal, until proven or disproven
+        self.staged = False        # renewal staged a pair (its record says which), until proven or disproven
         self.proving = False       # the current attempt uses the candidate
         self.rediscovered = False  # at most one re-discovery per round
         Connection.__init__(self, endpoints, backoff, topics, rand, refresher, heartbeat)
@@ -118,7 +118,7 @@ class Supervisor(Connection):
         self._next(now, out)
 
     def _renewal_staged(self, event, now, out):
-        self.candidate = (event.chain, event.key)
+        self.staged = True
         if self.state == ONLINE:
             out.append(Event(CLOSE, self.epoch))
             self._down("reconnecting to prove the renewed certificate", out)
@@ -155,7 +155,7 @@ class Supervisor(Connection):
         if self.proving and event.kind == REFUSED:
             # the broker refused the renewed pair: drop it and try the same endpoint with the old
             # pair at once (it worked before, so this is not a failed endpoint yet)
-            self.candidate = None
+            self.staged = False
             self.proving = False
             out.append(Event(DISPROVE, event.reason))
             self._attempt(now, out, self.endpoint)
@@ -173,7 +173,7 @@ class Supervisor(Connection):
     def _accepted(self, out):
         if self.proving:
             self.proving = False
-            self.candidate = None
+            self.staged = False
             out.append(Event(PROMOTE))
         self.rediscovered = False
 
@@ -181,9 +181,9 @@ class Supervisor(Connection):
         self.rediscovered = False
 
     def _connect_action(self):
-        if self.candidate is not None:
+        if self.staged:
             self.proving = True
-            return Event(PROVE_CANDIDATE, self.epoch, self.endpoint, self.candidate[0], self.candidate[1])
+            return Event(PROVE_CANDIDATE, self.epoch, self.endpoint)
         self.proving = False
         return Event(CONNECT, self.epoch, self.endpoint)
 

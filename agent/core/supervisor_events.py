@@ -12,9 +12,10 @@ from agent.core import events
 
 # -- events (driver -> supervisor) -------------------------------------------------------------------
 DISCOVERED = 23       # answer to REDISCOVER: the ordered ``endpoints``, or None when discovery failed
-RENEWAL_STAGED = 24   # a renewed pair waits to be proven: ``chain`` (file name) and ``key`` (label)
+RENEWAL_STAGED = 24   # a renewed pair waits to be proven (which pair is the renewal record's to say,
+#                       agent/renewal_state.py; the supervisor only decides when to prove it)
 # -- actions (supervisor -> driver) ------------------------------------------------------------------
-PROVE_CANDIDATE = 25  # open a session to ``endpoint`` with the staged pair (``chain`` file, ``key`` label)
+PROVE_CANDIDATE = 25  # open a session to ``endpoint`` with the staged pair (the driver asks its owner which)
 PROMOTE = 26          # the staged pair established a session: make it the current pair
 DISPROVE = 27         # the staged pair was refused (``reason``): drop it and keep the current pair
 REDISCOVER = 28       # ask the discovery service for the endpoint list (``why``); answer with DISCOVERED
@@ -24,6 +25,5 @@ class Event(events.Event):
     """agent.core.events.Event, knowing the supervisor's types as well."""
 
     NAMES = events.NAMES + ("Discovered", "RenewalStaged", "ProveCandidate", "Promote", "Disprove", "Rediscover")
-    FIELDS = events.FIELDS + (("endpoints",), ("chain", "key"), ("epoch", "endpoint", "chain", "key"), (),
-                              ("reason",), ("why",))
+    FIELDS = events.FIELDS + (("endpoints",), (), ("epoch", "endpoint"), (), ("reason",), ("why",))
     DEFAULTS = events.DEFAULTS + ((), (), (), (), (), ())

@@ -14,7 +14,5 @@ REDISCOVER: int
 
 class Event(events.Event):
     # the fields of the supervisor's types that events.Event does not declare
-    chain: str
-    key: str
     why: str
     def __init__(self, type: int, *fields: Any) -> None: ...  # noqa: A002

@@ -38,6 +38,13 @@ class LazyOta(Component):
         if self._has_work():
             self._updater().on_session_up()
 
+    def wake_at(self, now: float) -> float | None:
+        return self._agent.wake_at(now) if self._agent is not None else None
+
+    def tick(self, now: float) -> None:
+        if self._agent is not None:
+            self._agent.tick(now)
+
     def on_operation(self, line: str) -> bool:
         if not line.startswith(FIRMWARE_OPERATION):
             return False

@@ -12,13 +12,13 @@ the same). `on_boot` decides from that state what a cut meant: resume, fail or r
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agent.ota.errors import TransitionError
+from agent.state import Record, RecordError
 from hal import storage
 
 FINAL = ("idle", "committed", "rolled_back", "failed")
@@ -72,6 +72,12 @@ class OtaState:
     def busy(self) -> bool:
         return self.state in BUSY
 
+    @property
+    def release(self) -> str:
+        """`name version` of the operation, for reports and log lines."""
+        op = self.operation
+        return f"{op.name if op else ''} {op.version if op else ''}"
+
     def advance(self, event: str, **changes: Any) -> OtaState:
         """The state after `event`; TransitionError naming state and event if the table has no such edge."""
         try:
@@ -81,20 +87,19 @@ class OtaState:
                                   f"{self.state!r}") from None
         return replace(self, state=nxt, updated=time.time(), **changes)
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+    def to_fields(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> OtaState:
+    def from_fields(cls, raw: dict[str, Any]) -> OtaState:
+        """The state from a record's fields; TransitionError naming what is wrong."""
         try:
-            raw = json.loads(data)
             op = raw.pop("operation", None)
             state = cls(**raw, operation=Operation(**op) if op else None)
-        except (ValueError, TypeError) as exc:
-            raise TransitionError(f"{where}: unreadable OTA state ({exc}); remove it to forget the update") \
-                from exc
+        except TypeError as exc:
+            raise TransitionError(f"unreadable OTA state ({exc})") from exc
         if state.state not in FINAL + BUSY:
-            raise TransitionError(f"{where}: unknown OTA state {state.state!r}")
+            raise TransitionError(f"unknown OTA state {state.state!r}")
         return state
 
 
@@ -110,42 +115,45 @@ class Installed:
 
 
 class StateStore:
-    """`state.json` and `installed.json` in one directory, written atomically."""
+    """`state.json` and `installed.json` in one directory: records of agent/state.py (a version, atomic
+    saves). A bad state.json is set aside (the update it described is forgotten, the slots keep what they
+    hold: a trial boot falls back by the boot loader's own count); a bad installed.json is refused, since
+    forgetting the floor would let a replayed older release in."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.state_file = self.directory / "state.json"
         self.installed_file = self.directory / "installed.json"
+        self.state_record = Record(self.state_file, then="no update in progress")
+        self.installed_record = Record(self.installed_file, keep=True, version_field="format",  # has a version
+                                       then="the anti-rollback floor is unknown, restore it from a backup or "
+                                            "re-provision")
 
     def load(self) -> OtaState:
-        """The persisted state; idle when there is none. A corrupt file is set aside (logged, kept as
-        state.json.corrupt) rather than failing every boot: the update it described is forgotten, the
-        slots keep what they hold (a trial boot falls back by the boot loader's own count)."""
-        data = storage.read_bytes(self.state_file)
-        if data is None:
+        """The persisted state; idle when there is none or it was set aside."""
+        fields = self.state_record.load()
+        if fields is None:
             return OtaState()
         try:
-            return OtaState.from_json(data, str(self.state_file))
+            return OtaState.from_fields(fields)
         except TransitionError as exc:
-            storage.set_aside(self.state_file, str(exc), "no update in progress")
+            self.state_record.refuse(str(exc))
             return OtaState()
 
     def save(self, state: OtaState) -> OtaState:
         storage.ensure_dir(self.directory)
-        storage.atomic_write(self.state_file, state.to_json(), storage.PUBLIC_MODE)
+        self.state_record.save(state.to_fields())
         return state
 
     def installed(self, base_version: str) -> Installed:
-        data = storage.read_bytes(self.installed_file)
-        if data is None:
+        fields = self.installed_record.load()
+        if fields is None:
             return Installed(version=base_version, floor=base_version)
         try:
-            return Installed(**json.loads(data))
-        except (ValueError, TypeError) as exc:
-            raise TransitionError(f"{self.installed_file}: unreadable ({exc}); the anti-rollback floor is "
-                                  "unknown, restore it from a backup or re-provision") from exc
+            return Installed(**fields)
+        except TypeError as exc:
+            raise RecordError(f"{self.installed_file}: unreadable ({exc}); {self.installed_record.then}") from None
 
     def save_installed(self, installed: Installed) -> None:
         storage.ensure_dir(self.directory)
-        storage.atomic_write(self.installed_file, json.dumps(asdict(installed), sort_keys=True).encode(),
-                             storage.PUBLIC_MODE)
+        self.installed_record.save(asdict(installed))

@@ -83,3 +83,10 @@ def higher(a: str, b: str) -> str:
     if not b:
         return a
     return a if _cmp(a, b, "version") >= 0 else b
+
+
+def after_commit(installed: Installed, op: Operation) -> Installed:
+    """What runs once `op` is committed: its version, the floor raised to it (never lowered), the last
+    ten versions."""
+    return Installed(op.name, op.version, op.url, higher(op.version, installed.floor),
+                     [*installed.history[-9:], op.version])

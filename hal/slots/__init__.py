@@ -12,6 +12,12 @@ Contract shared by every backend (the updater relies on it for power-loss safety
   one U-Boot environment write).
 - After `switch()`, the new slot is on trial until `commit()`; `rollback()` makes the other slot active again.
 
+A backend is composed, not inherited (hal/slots/composed.py): an `Installer` (where a payload is staged
+and how it becomes a slot's content: `stage`, `prepare`, `install`) and a `BootSelector` (which slot
+boots, its trial and each slot's recorded version: `active`, `switch`, `commit`, `rollback`). `uboot` is
+slot images plus the U-Boot environment; `command` and `swupdate` are an installer tool plus the same
+environment. `directory` and `rauc` are one class each: their install and their switch are one mechanism.
+
 Installers (`swupdate`, `rauc`, `command`) are backends whose `install()` hands the verified, staged
 bundle to the device's own update framework; their `stage()` is a download file beside the slots (a
 bundle is a container, not a slot image). They take two hooks from the updater: `progress(text)` for
@@ -43,13 +49,13 @@ class SlotBackendEntry(NamedTuple):
 _UBOOT = {"uboot_env_config": "env_config"}
 _COMMANDS = {**_UBOOT, "install_command": "install_command", "commit_command": "commit_command",
              "rollback_command": "rollback_command"}
-# name -> entry; a new backend is a module plus one line here
+# name -> entry; a new backend is a module plus one line here (its target a class or a function composing one)
 BACKENDS: dict[str, SlotBackendEntry] = {
     "directory": SlotBackendEntry("hal.slots.directory:DirectorySlots"),
-    "uboot": SlotBackendEntry("hal.slots.uboot:UBootSlots", _UBOOT),
-    "swupdate": SlotBackendEntry("hal.slots.swupdate:SwupdateSlots", _COMMANDS, ("progress", "floor")),
+    "uboot": SlotBackendEntry("hal.slots.uboot:uboot_slots", _UBOOT),
+    "swupdate": SlotBackendEntry("hal.slots.swupdate:swupdate_slots", _COMMANDS, ("progress", "floor")),
     "rauc": SlotBackendEntry("hal.slots.rauc:RaucSlots", {"rauc_slot_class": "rauc_slot_class"}, ("progress",)),
-    "command": SlotBackendEntry("hal.slots.command:CommandSlots", _COMMANDS, ("progress", "floor")),
+    "command": SlotBackendEntry("hal.slots.command:command_slots", _COMMANDS, ("progress", "floor")),
 }
 # every [ota] key some backend reads: set for another backend than the chosen one, it is refused
 SLOT_OPTIONS = frozenset(key for entry in BACKENDS.values() for key in entry.options)
@@ -105,6 +111,52 @@ class SlotBackend(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Facts for `tether ota status`: backend, active slot, trial flag, per-slot versions."""
+        ...
+
+
+class Installer(Protocol):
+    """Where a payload is staged and how it becomes a slot's content (a composed backend's first part)."""
+
+    def stage(self, slot: str) -> Path:
+        """The regular file a payload for `slot` is streamed into (may not exist yet)."""
+        ...
+
+    def prepare(self, slot: str) -> None:
+        """Empty what `stage(slot)` holds for a new payload (the backend has checked `slot` is inactive)."""
+        ...
+
+    def install(self, slot: str, name: str, version: str) -> None:
+        """Turn the verified staged payload into `slot`'s content; SlotError with the tool's reason."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for `tether ota status` (the installer's command line), or {}."""
+        ...
+
+
+class BootSelector(Protocol):
+    """Which slot boots, its trial, and each slot's recorded version (a composed backend's second part)."""
+
+    def active(self) -> str:
+        ...
+
+    def switch(self, slot: str) -> None:
+        ...
+
+    def commit(self) -> None:
+        ...
+
+    def rollback(self, slot: str) -> None:
+        ...
+
+    def version(self, slot: str) -> str | None:
+        ...
+
+    def record(self, slot: str, version: str | None) -> None:
+        """Remember what `slot` holds: `version` once installed, None while it is being emptied."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
         ...
 
 

@@ -13,7 +13,9 @@ per-slot versions live in the U-Boot environment (`hal.slots.uboot`, `fw_setenv 
 as for `uboot` slots, so the bootloader's bootcount fallback and `tether ota status` work the same way.
 The commit and rollback commands let a framework that keeps its own state (Mender) hear about both.
 
-The SWUpdate backend (`hal.slots.swupdate`) is this one with SWUpdate's defaults and output parsing.
+Composed (hal/slots/composed.py): a `CommandInstaller` running an `InstallerTool` (how the program is
+run and its output read: `PlainTool` here, `SwupdateTool` in hal.slots.swupdate) plus the U-Boot
+environment as the boot selector, wrapped by `CommandHooks` when commit/rollback commands are set.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hal import storage
 from hal.errors import StorageError
-from hal.slots import SlotError, other
-from hal.slots.uboot import UBootSlots
+from hal.slots import BootSelector, SlotError
+from hal.slots.composed import Slots
+from hal.slots.uboot import UBootEnv, empty_file, make_slot_dir
 
 log = logging.getLogger(__name__)
 
@@ -104,59 +107,85 @@ def run_streaming(argv: list[str], on_line: Callable[[str], None] = lambda line:
     return Outcome(proc.returncode, list(tail))
 
 
-class CommandSlots(UBootSlots):
-    """An argv-template installer writing the inactive slot; the switch is the U-Boot environment's."""
+class InstallerTool(Protocol):
+    """How one installer program is run and how its output is read."""
 
-    backend = "command"
+    default_install: str  # the install_command when [ota] gives none ("" = it must be given)
+    suffix: str           # the staged bundle's file name suffix
+
+    def run(self, argv: list[str], progress: Callable[[str], None]) -> Outcome:
+        ...
+
+    def succeeded(self, outcome: Outcome) -> bool:
+        ...
+
+    def failure(self, argv: list[str], outcome: Outcome) -> str:
+        """The 502 reason."""
+        ...
+
+
+class PlainTool:
+    """A vendor script or update tool: its exit status is the verdict, its last line the reason."""
+
     default_install = ""
     suffix = ""
 
-    def __init__(self, directory: Path, env_config: str | Path = "", install_command: str = "",
-                 commit_command: str = "", rollback_command: str = "",
+    def run(self, argv: list[str], progress: Callable[[str], None]) -> Outcome:
+        return run_streaming(argv, env=dict(os.environ))
+
+    def succeeded(self, outcome: Outcome) -> bool:
+        return outcome.returncode == 0
+
+    def failure(self, argv: list[str], outcome: Outcome) -> str:
+        return f"{Path(argv[0]).name} failed with exit status {outcome.returncode}: {outcome.last_line}"
+
+
+class CommandInstaller:
+    """An argv-template installer: the bundle is downloaded beside the slots and handed to the tool."""
+
+    def __init__(self, directory: Path, tool: InstallerTool, install_command: str = "",
                  progress: Callable[[str], None] | None = None, floor: Callable[[], str] | None = None) -> None:
-        super().__init__(directory, env_config)
-        self.install_words = check_template(install_command or self.default_install, "install_command", ("file",))
-        self.commit_words = check_template(commit_command, "commit_command") if commit_command else []
-        self.rollback_words = check_template(rollback_command, "rollback_command") if rollback_command else []
+        self.directory = make_slot_dir(Path(directory))
+        self.tool = tool
+        self.install_words = check_template(install_command or tool.default_install, "install_command", ("file",))
         self.progress = progress or (lambda text: None)
         self.floor = floor or (lambda: "")
 
     def stage(self, slot: str) -> Path:
-        other(slot)
-        return self.directory / "download" / f"bundle-{slot}{self.suffix}"
+        return self.directory / "download" / f"bundle-{slot}{self.tool.suffix}"
 
     def prepare(self, slot: str) -> None:
         try:
             storage.ensure_dir(self.stage(slot).parent, 0o700)
         except StorageError as exc:
             raise SlotError(f"{self.stage(slot).parent}: cannot create the download directory: {exc}") from exc
-        super().prepare(slot)
+        empty_file(self.stage(slot), slot)
 
     def install(self, slot: str, name: str, version: str) -> None:
-        """Run the installer on the verified bundle; record `version` in the environment once it succeeded."""
-        self._refuse_active(slot, "install into")
+        """Run the installer on the verified bundle; SlotError with the tool's reason."""
         values = {"file": str(self.stage(slot)), "slot": slot, "version": version, "floor": self.floor() or "0.0.0"}
         argv = expand(self.install_words, values)
         log.info("installing %s %s into slot %s: %s", name, version, slot, shlex.join(argv))
-        outcome = self._run_installer(argv)
-        if not self._succeeded(outcome):
-            raise SlotError(self._failure(argv, outcome))
-        self.setenv(**{f"tether_version_{slot}": version})
+        outcome = self.tool.run(argv, self.progress)
+        if not self.tool.succeeded(outcome):
+            raise SlotError(self.tool.failure(argv, outcome))
 
-    def _run_installer(self, argv: list[str]) -> Outcome:
-        return run_streaming(argv, env=dict(os.environ))
+    def describe(self) -> dict[str, Any]:
+        return {"installer": shlex.join(self.install_words)}
 
-    def _succeeded(self, outcome: Outcome) -> bool:
-        return outcome.returncode == 0
 
-    def _failure(self, argv: list[str], outcome: Outcome) -> str:
-        """The 502 reason: which tool, its exit status, and its last line."""
-        return f"{Path(argv[0]).name} failed with exit status {outcome.returncode}: {outcome.last_line}"
+class CommandHooks:
+    """A boot selector that also tells the update framework (`[ota] commit_command`, `rollback_command`)."""
+
+    def __init__(self, selector: BootSelector, commit_command: str = "", rollback_command: str = "") -> None:
+        self.selector = selector
+        self.commit_words = check_template(commit_command, "commit_command") if commit_command else []
+        self.rollback_words = check_template(rollback_command, "rollback_command") if rollback_command else []
 
     def _hook(self, words: list[str], what: str) -> Outcome | None:
         if not words:
             return None
-        argv = expand(words, {"slot": self.active()})
+        argv = expand(words, {"slot": self.selector.active()})
         outcome = run_streaming(argv)
         if outcome.returncode != 0:
             log.error("[ota] %s_command %s failed with exit status %d: %s", what, shlex.join(argv),
@@ -168,12 +197,41 @@ class CommandSlots(UBootSlots):
         if outcome is not None and outcome.returncode != 0:
             raise SlotError(f"{Path(self.commit_words[0]).name} (commit) failed with exit status "
                             f"{outcome.returncode}: {outcome.last_line}")
-        super().commit()
+        self.selector.commit()
 
     def rollback(self, slot: str) -> None:
         # The environment is switched whatever the tool says: booting the known-good slot comes first.
         self._hook(self.rollback_words, "rollback")
-        super().rollback(slot)
+        self.selector.rollback(slot)
+
+    def active(self) -> str:
+        return self.selector.active()
+
+    def switch(self, slot: str) -> None:
+        self.selector.switch(slot)
+
+    def version(self, slot: str) -> str | None:
+        return self.selector.version(slot)
+
+    def record(self, slot: str, version: str | None) -> None:
+        self.selector.record(slot, version)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "backend": self.backend, "installer": shlex.join(self.install_words)}
+        return self.selector.describe()
+
+
+def tool_slots(backend: str, tool: InstallerTool, directory: Path, env_config: str | Path, install_command: str,
+               commit_command: str, rollback_command: str, progress: Callable[[str], None] | None,
+               floor: Callable[[], str] | None) -> Slots:
+    """An installer tool plus the U-Boot environment (with the commit/rollback hooks); SlotError naming
+    the [ota] key for a bad command template."""
+    installer = CommandInstaller(directory, tool, install_command, progress, floor)
+    return Slots(backend, installer, CommandHooks(UBootEnv(env_config), commit_command, rollback_command))
+
+
+def command_slots(directory: Path, env_config: str | Path = "", install_command: str = "",
+                  commit_command: str = "", rollback_command: str = "",
+                  progress: Callable[[str], None] | None = None, floor: Callable[[], str] | None = None) -> Slots:
+    """`[ota] slots = "command"`: a vendor script or update tool plus the U-Boot environment."""
+    return tool_slots("command", PlainTool(), directory, env_config, install_command, commit_command,
+                      rollback_command, progress, floor)

@@ -10,7 +10,7 @@ The `.swu` (cpio, `sw-description` first, CMS signature `sw-description.sig`) is
 image set per slot (`stable.a`, `stable.b`), so `-e stable,{slot}` writes the inactive slot and
 nothing else; `-N {floor}` is SWUpdate's own anti-rollback check. SWUpdate does not touch the boot
 selection (no `bootenv` in the description): the switch, trial and rollback are the U-Boot environment's
-(`hal.slots.command.CommandSlots`).
+(`hal.slots.command.command_slots` with `SwupdateTool` as its installer tool).
 
 Progress: SWUpdate publishes `struct progress_msg` (progress_ipc.h, libswupdate 2022.12) on
 `$TMPDIR/swupdateprog` while it installs (to the clients connected at that moment); it is read here
@@ -35,7 +35,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from hal.slots.command import CommandSlots, Outcome, run_streaming
+from hal.slots.command import Outcome, run_streaming, tool_slots
+from hal.slots.composed import Slots
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +118,22 @@ class ProgressReader:
                     f"{min(percent, 100)}%")
 
 
-class SwupdateSlots(CommandSlots):
-    """SWUpdate writes the inactive slot; see the module docstring."""
+class SwupdateTool:
+    """How SWUpdate is run and read (an `InstallerTool`); see the module docstring."""
 
-    backend = "swupdate"
     default_install = "swupdate -l 3 -e stable,{slot} -N {floor} -i {file}"
     suffix = ".swu"
 
-    def _run_installer(self, argv: list[str]) -> Outcome:
+    def run(self, argv: list[str], progress: Callable[[str], None]) -> Outcome:
         env = dict(os.environ)
         tmpdir = Path(env.get("TMPDIR") or "/tmp")  # noqa: S108 - where SWUpdate itself puts its sockets
         # Said before SWUpdate starts: its socket only reaches clients connected in time, and a small
         # image may be written before the reader is connected.
-        self.progress("installing with SWUpdate")
-        with ProgressReader(tmpdir / "swupdateprog", self.progress):
+        progress("installing with SWUpdate")
+        with ProgressReader(tmpdir / "swupdateprog", progress):
             return run_streaming(argv, env=env)
 
-    def _succeeded(self, outcome: Outcome) -> bool:
+    def succeeded(self, outcome: Outcome) -> bool:
         if outcome.returncode == 0:
             return True
         said = " ".join(outcome.tail)
@@ -149,7 +149,15 @@ class SwupdateSlots(CommandSlots):
                       outcome.returncode, " | ".join(errors or outcome.tail[-5:]))
         return ok
 
-    def _failure(self, argv: list[str], outcome: Outcome) -> str:
+    def failure(self, argv: list[str], outcome: Outcome) -> str:
         errors = [m.group(1).strip() for m in map(ERROR_RE.search, outcome.tail) if m]
         reason = errors[0] if errors else outcome.last_line
         return f"SWUpdate refused the bundle (exit status {outcome.returncode}): {reason}"
+
+
+def swupdate_slots(directory: Path, env_config: str | Path = "", install_command: str = "",
+                   commit_command: str = "", rollback_command: str = "",
+                   progress: Callable[[str], None] | None = None, floor: Callable[[], str] | None = None) -> Slots:
+    """`[ota] slots = "swupdate"`: SWUpdate as the installer tool, the U-Boot environment as the selector."""
+    return tool_slots("swupdate", SwupdateTool(), directory, env_config, install_command, commit_command,
+                      rollback_command, progress, floor)

@@ -28,7 +28,8 @@ from typing import Any
 
 from hal import storage
 from hal.errors import StorageError
-from hal.slots import SLOTS, SlotError, other
+from hal.slots import SLOTS, SlotError
+from hal.slots.composed import Slots
 
 DEFAULT_ENV_CONFIG = "/etc/fw_env.config"
 DEFAULT_ENV_SIZE = 0x4000
@@ -56,20 +57,13 @@ def _tool(name: str) -> str:
     return path
 
 
-class UBootSlots:
-    """Slot images in `directory`, the active slot and trial state in the U-Boot environment."""
+class UBootEnv:
+    """The boot selector of `uboot`, `command` and `swupdate` slots: the active slot, the trial and the
+    per-slot versions in the U-Boot environment (`env_config`: the fw_env.config naming it)."""
 
-    backend = "uboot"
-
-    def __init__(self, directory: Path, env_config: str | Path = "") -> None:
-        self.directory = Path(directory)
+    def __init__(self, env_config: str | Path = "") -> None:
         self.env_config = str(env_config or DEFAULT_ENV_CONFIG)
-        try:
-            storage.ensure_dir(self.directory, 0o755)
-        except StorageError as exc:
-            raise SlotError(f"{self.directory}: cannot create the slot directory: {exc}") from exc
 
-    # -- environment -------------------------------------------------------------------------------
     def _run(self, argv: list[str]) -> str:
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
@@ -95,33 +89,69 @@ class UBootSlots:
             argv += [k, v]
         self._run(argv)
 
-    # -- SlotBackend --------------------------------------------------------------------------------
+    # -- BootSelector -------------------------------------------------------------------------------
     def active(self) -> str:
         slot = self.env().get("tether_slot", "a") or "a"
         if slot not in SLOTS:
             raise SlotError(f"U-Boot environment ({self.env_config}): tether_slot={slot!r}, expected a or b")
         return slot
 
+    def switch(self, slot: str) -> None:
+        # One fw_setenv: the slot and its trial flags change together or not at all.
+        self.setenv(tether_slot=slot, upgrade_available="1", bootcount="0")
+
+    def commit(self) -> None:
+        self.setenv(upgrade_available="0", bootcount="0")
+
+    def rollback(self, slot: str) -> None:
+        self.setenv(tether_slot=slot, upgrade_available="0", bootcount="0")
+
+    def version(self, slot: str) -> str | None:
+        value = self.env().get(f"tether_version_{slot}")
+        return None if value in (None, "", "-") else value
+
+    def record(self, slot: str, version: str | None) -> None:
+        self.setenv(**{f"tether_version_{slot}": version or "-"})  # "-": an empty value would delete it
+
+    def describe(self) -> dict[str, Any]:
+        env = self.env()
+        versions = {s: (None if env.get(f"tether_version_{s}") in (None, "", "-") else env[f"tether_version_{s}"])
+                    for s in SLOTS}
+        return {"env_config": self.env_config, "active": env.get("tether_slot", "a"),
+                "trial": env.get("upgrade_available") == "1", "bootcount": env.get("bootcount"),
+                "bootlimit": env.get("bootlimit"), "versions": versions}
+
+
+def make_slot_dir(directory: Path) -> Path:
+    try:
+        return storage.ensure_dir(directory, 0o755)
+    except StorageError as exc:
+        raise SlotError(f"{directory}: cannot create the slot directory: {exc}") from exc
+
+
+def empty_file(path: Path, slot: str) -> None:
+    """Truncate `path` (a slot image, a bundle) to nothing, durably."""
+    try:
+        with open(path, "wb") as fh:
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise SlotError(f"{path}: cannot empty slot {slot}: {exc.strerror}") from exc
+
+
+class ImageInstaller:
+    """The installer of `uboot` slots: the payload is streamed straight into `<directory>/slot-<s>.img`;
+    installing makes it durable."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = make_slot_dir(Path(directory))
+
     def stage(self, slot: str) -> Path:
-        other(slot)
         return self.directory / f"slot-{slot}.img"
 
-    def _refuse_active(self, slot: str, action: str) -> None:
-        if slot == self.active():
-            raise SlotError(f"refusing to {action} slot {slot} ({self.stage(slot)}): it is the active slot")
-
     def prepare(self, slot: str) -> None:
-        self._refuse_active(slot, "empty")
-        self.setenv(**{f"tether_version_{slot}": "-"})
-        try:
-            with open(self.stage(slot), "wb") as fh:
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            raise SlotError(f"{self.stage(slot)}: cannot empty slot {slot}: {exc.strerror}") from exc
+        empty_file(self.stage(slot), slot)
 
     def install(self, slot: str, name: str, version: str) -> None:
-        """The payload was streamed into the slot image already: make it durable, record the version."""
-        self._refuse_active(slot, "install into")
         image = self.stage(slot)
         try:
             fd = os.open(image, os.O_RDONLY)
@@ -131,29 +161,11 @@ class UBootSlots:
                 os.close(fd)
         except OSError as exc:
             raise SlotError(f"{image}: cannot install into slot {slot}: {exc.strerror}") from exc
-        self.setenv(**{f"tether_version_{slot}": version})
-
-    def switch(self, slot: str) -> None:
-        other(slot)
-        # One fw_setenv: the slot and its trial flags change together or not at all.
-        self.setenv(tether_slot=slot, upgrade_available="1", bootcount="0")
-
-    def commit(self) -> None:
-        self.setenv(upgrade_available="0", bootcount="0")
-
-    def rollback(self, slot: str) -> None:
-        other(slot)
-        self.setenv(tether_slot=slot, upgrade_available="0", bootcount="0")
-
-    def version(self, slot: str) -> str | None:
-        other(slot)
-        value = self.env().get(f"tether_version_{slot}")
-        return None if value in (None, "", "-") else value
 
     def describe(self) -> dict[str, Any]:
-        env = self.env()
-        versions = {s: (None if env.get(f"tether_version_{s}") in (None, "", "-") else env[f"tether_version_{s}"])
-                    for s in SLOTS}
-        return {"backend": self.backend, "env_config": self.env_config, "active": env.get("tether_slot", "a"),
-                "trial": env.get("upgrade_available") == "1", "bootcount": env.get("bootcount"),
-                "bootlimit": env.get("bootlimit"), "versions": versions}
+        return {}
+
+
+def uboot_slots(directory: Path, env_config: str | Path = "") -> Slots:
+    """`[ota] slots = "uboot"`: slot images in `directory`, switched through the U-Boot environment."""
+    return Slots("uboot", ImageInstaller(directory), UBootEnv(env_config))

@@ -85,8 +85,12 @@ def backup(directory: Path, ledger_location: str, out: Path, now: float | None =
             continue  # sockets, links and the live ledger (copied below, consistently) stay out
         files.append((DIR_PREFIX + path.relative_to(directory).as_posix(), path))
     digests: dict[str, str] = {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # 0600 from the start
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # 0600 from the start
+    except OSError as exc:  # e.g. the service's user backing up into a directory only root may write
+        raise StationError(f"--out {out}: cannot create the archive there ({exc.strerror or exc}); choose a "
+                           "directory this user can write") from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
@@ -206,8 +210,13 @@ def restore(archive: Path, directory: Path, force: bool = False, now: float | No
     if LEDGER_MEMBER in members and (not isinstance(ledger_name, str) or "/" in ledger_name
                                      or ledger_name in ("", "..", ".")):
         raise StationError(f"{archive}: {MANIFEST}: ledger_name {ledger_name!r} is not a file name")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.restore-", dir=directory.parent))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.restore-", dir=directory.parent))
+    except OSError as exc:  # the station's user restoring into /var/lib/tether-station: /var/lib is root's
+        raise StationError(f"--dir {directory}: cannot create the restore's staging directory in "
+                           f"{directory.parent} ({exc.strerror or exc}); restore as a user who can write there "
+                           "(root), then give the directory to the station's user (chown -R)") from None
     try:
         for name, (data, mode) in members.items():
             target = staging / (name.removeprefix(DIR_PREFIX) if name != LEDGER_MEMBER else str(ledger_name))

@@ -203,9 +203,9 @@ def test_renewal_schedules_the_next_try_after_retry_after(make_renewal: Callable
     server.script["simplereenroll"] = [Reply(503, {"Retry-After": "20", **PENDING}, b"busy\n"),
                                        Reply(202, {"Retry-After": "900", **PENDING})]
     renewal._renew()
-    assert renewal.state()["next_try"] - now[0] >= 20, "Retry-After: 20 was not honoured"
+    assert renewal.state().next_try - now[0] >= 20, "Retry-After: 20 was not honoured"
     renewal._renew()
-    assert renewal.state()["next_try"] - now[0] == 600, "Retry-After: 900 is capped at retry_after_max (600)"
+    assert renewal.state().next_try - now[0] == 600, "Retry-After: 900 is capped at retry_after_max (600)"
     assert renewal.due_at() == now[0] + 600
 
 
@@ -232,7 +232,7 @@ def test_renewal_reenrolls_under_the_label_over_mtls(make_renewal: Callable[...,
     chain = renewal.renew_now()
     assert [s.path for s in server.seen] == ["/.well-known/est/renew/simplereenroll", "/.well-known/est/renew/cacerts"]
     assert chain[0] == server.issued[0] and len(chain) == 3
-    assert renewal.state()["state"] == "staged"
+    assert renewal.state().state == "staged"
 
 
 # -- labels ------------------------------------------------------------------------------------------------

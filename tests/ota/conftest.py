@@ -20,11 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import config as configmod
 from agent.ota.agent import OtaAgent
 from hal.slots import other
-from hal.slots.uboot import UBootSlots, write_env_config, write_env_image
+from hal.slots.uboot import UBootEnv, write_env_config, write_env_image
 from lab.artifacts import ArtifactServer
 from lab.procs import wait_until
 from provisioning.release import create_release_signer, sign_release
 from tests.conftest import require_tool, write_config
+from tests.ota.driver import LoopUpdater
 from tests.pki import Pki
 
 DEVICE_ID = "dev-001"
@@ -99,21 +100,26 @@ class Device:
     releases: Releases
     lines: list[str] = field(default_factory=list)
     restarts: int = 0
-    agents: list[OtaAgent] = field(default_factory=list)
+    agents: list[LoopUpdater] = field(default_factory=list)
 
     @property
     def config(self) -> configmod.Config:
         return configmod.load(self.config_path)
 
-    def agent(self) -> OtaAgent:
-        """A fresh OtaAgent, as a newly started process would make (earlier ones are closed)."""
+    def agent(self, token: Callable[[], str | None] | None = None,
+              refresh: Callable[[], str | None] | None = None) -> LoopUpdater:
+        """A fresh OtaAgent on its control loop, as a newly started process would make (earlier ones are
+        closed); `token` and `refresh` as the token component hands them in (the releases' token by default)."""
         for old in self.agents:
             old.close()
 
         def restart() -> None:
             self.restarts += 1
 
-        agent = OtaAgent(self.config, self.lines.append, self.releases.token, restart)
+        config = self.config
+        agent = LoopUpdater(config, lambda call_soon: OtaAgent(
+            config, self.lines.append, token or self.releases.token, restart, call_soon=call_soon,
+            refresh_token=refresh))
         self.agents.append(agent)
         return agent
 
@@ -141,7 +147,7 @@ class Device:
 
     def uboot_boot(self) -> None:
         """What U-Boot does at power-on with bootcount enabled: count trial boots, fall back past bootlimit."""
-        slots = UBootSlots(self.directory / "slots", env_config=self.directory / "fw_env.config")
+        slots = UBootEnv(self.directory / "fw_env.config")
         env = slots.env()
         if env.get("upgrade_available") == "1":
             count = int(env.get("bootcount", "0")) + 1

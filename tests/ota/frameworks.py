@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from hal.slots.uboot import UBootSlots, write_env_config, write_env_image
+from hal.slots.uboot import UBootEnv, write_env_config, write_env_image
 from lab.procs import Proc, wait_until
 from provisioning.release import sign_bundle
 from tests.conftest import REPO, require_tool, write_config
@@ -56,7 +56,7 @@ class Bed:
         return self.directory / "disk" / f"slot-{slot}.img"
 
     def env(self) -> dict[str, str]:
-        return UBootSlots(self.directory / "slots", env_config=self.directory / "fw_env.config").env()
+        return UBootEnv(self.directory / "fw_env.config").env()
 
     def invocations(self) -> list[str]:
         log = self.directory / "invocations.log"
@@ -241,7 +241,7 @@ class RaucBed(Bed):
         """(Re)start `rauc service`, booted from the slot the U-Boot environment names (as U-Boot would)."""
         self.stop_service()
         booted = self.env()["tether_slot"]
-        UBootSlots(self.directory / "slots", env_config=self.directory / "fw_env.config").setenv(tether_booted=booted)
+        UBootEnv(self.directory / "fw_env.config").setenv(tether_booted=booted)
         (self.directory / "mnt").mkdir(exist_ok=True)
         self.service = Proc(f"rauc-{len(self.procs)}", [
             require_tool("rauc"), f"--conf={self.system_conf(post_install)}", f"--mount={self.directory / 'mnt'}",

@@ -169,18 +169,18 @@ def test_cms_signature_carries_the_issuers_for_the_device(tmp_path: Path, pki: P
 
 def test_swupdate_verdict_line_decides_when_its_exit_status_is_the_shutdown_race(tmp_path: Path) -> None:
     from hal.slots.command import Outcome
-    from hal.slots.swupdate import SwupdateSlots
+    from hal.slots.swupdate import SwupdateTool
 
-    slots = SwupdateSlots(tmp_path, env_config=tmp_path / "fw_env.config")
+    slots = SwupdateTool()
     done = "[INFO ] : SWUPDATE running :  [endupdate] : SWUpdate was successful !"
     failed = "[INFO ] : SWUPDATE running :  [endupdate] : SWUpdate *failed* !"
-    assert slots._succeeded(Outcome(0, []))
-    assert slots._succeeded(Outcome(1, ["[INFO ] : SWUPDATE running :  Installation in progress", done]))
-    assert not slots._succeeded(Outcome(1, ["[ERROR] : SWUPDATE failed [1] Installation failed !", failed]))
-    assert not slots._succeeded(Outcome(1, ["[INFO ] : No SWUPDATE running :  Waiting for requests..."]))
+    assert slots.succeeded(Outcome(0, []))
+    assert slots.succeeded(Outcome(1, ["[INFO ] : SWUPDATE running :  Installation in progress", done]))
+    assert not slots.succeeded(Outcome(1, ["[ERROR] : SWUPDATE failed [1] Installation failed !", failed]))
+    assert not slots.succeeded(Outcome(1, ["[INFO ] : No SWUPDATE running :  Waiting for requests..."]))
     # a success line after an ERROR is not a success (a refused bundle once came out "installed" in CI)
     refused = "[ERROR] : SWUPDATE failed [0] ERROR : Authentication of all signatures failed"
-    assert not slots._succeeded(Outcome(1, [refused, done]))
-    reason = slots._failure(["swupdate"], Outcome(1, ["[ERROR] : SWUPDATE failed [1] Installation failed !",
+    assert not slots.succeeded(Outcome(1, [refused, done]))
+    reason = slots.failure(["swupdate"], Outcome(1, ["[ERROR] : SWUPDATE failed [1] Installation failed !",
                                                       "[ERROR] : SWUPDATE failed [0] ERROR : SWUpdate *failed* !"]))
     assert reason == "SWUpdate refused the bundle (exit status 1): Installation failed !"

@@ -10,7 +10,7 @@ import pytest
 
 from agent.core.smartrest import parse_line
 from hal.slots import SlotError
-from hal.slots.command import CommandSlots, check_template
+from hal.slots.command import check_template, command_slots
 from lab.procs import Proc
 from tests.ota.conftest import Releases, op_line
 from tests.ota.frameworks import Bed, hold_script, start_updater, wait_for
@@ -100,4 +100,4 @@ def test_bad_install_command_is_refused_naming_the_key(template: str, message: s
 
 def test_command_backend_without_install_command_says_what_to_set(tmp_path: Path) -> None:
     with pytest.raises(SlotError, match=r"\[ota\] install_command is empty"):
-        CommandSlots(tmp_path, env_config=tmp_path / "fw_env.config")
+        command_slots(tmp_path, env_config=tmp_path / "fw_env.config")

@@ -13,25 +13,17 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.ota.agent import OtaAgent
 from lab.jws import b64url
 from lab.procs import wait_until
 from lab.tokens import JwtSigner
 from tests.ota.conftest import DEVICE_ID, Device, Releases, op_line
+from tests.ota.driver import LoopUpdater
 from tests.pki import Pki
 
 
-def agent_with(device: Device, current: Callable[[], str | None], refresh: Callable[[], str | None]) -> OtaAgent:
+def agent_with(device: Device, current: Callable[[], str | None], refresh: Callable[[], str | None]) -> LoopUpdater:
     """An agent as `tether run` makes it: the token component's current token and its force_refresh."""
-    for old in device.agents:
-        old.close()
-
-    def restart() -> None:
-        device.restarts += 1
-
-    agent = OtaAgent(device.config, device.lines.append, current, restart, refresh_token=refresh)
-    device.agents.append(agent)
-    return agent
+    return device.agent(current, refresh)
 
 
 def test_a_token_that_expires_mid_download_is_refreshed_once_and_the_range_request_resumes(

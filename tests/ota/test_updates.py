@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,17 @@ def test_new_version_that_never_reaches_a_session_is_rolled_back_at_the_deadline
     reason = parse_line(device.failures()[-1])[2]
     assert "did not reach a live session within 0.3 s" in reason
     assert device.state()["installed"]["version"] == "1.0.0"
+
+
+def test_a_version_on_trial_waits_for_its_deadline_on_the_control_loop_without_a_thread(
+        device: Device, releases: Releases) -> None:
+    """The commit deadline is a time the loop wakes at (`wake_at`), not a timer thread: an updater with
+    nothing to do but wait holds no thread of its own (the fleet benchmark counts threads per device)."""
+    update_to_trial(device, releases.publish("1.1.0"), "1.1.0")
+    deadline = device.state()["deadline"]
+    assert device.agents[-1].wake_at() == deadline
+    assert [t.name for t in threading.enumerate()
+            if t.name.startswith("tether-ota") or isinstance(t, threading.Timer)] == []
 
 
 def test_malformed_firmware_operation_is_reported(device: Device) -> None:

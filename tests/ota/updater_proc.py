@@ -18,6 +18,7 @@ from pathlib import Path
 from agent import config as configmod
 from agent.ota.agent import OtaAgent
 from tests.ota.conftest import make_token
+from tests.ota.driver import LoopUpdater
 
 
 def main() -> int:
@@ -36,7 +37,8 @@ def main() -> int:
     def restart() -> None:
         (here / "restart-requested").touch()
 
-    agent = OtaAgent(config, publish, lambda: make_token(key), restart)
+    agent = LoopUpdater(config, lambda call_soon: OtaAgent(config, publish, lambda: make_token(key), restart,
+                                                          call_soon=call_soon))
     if os.environ.get("PAUSE_AT") == "install":
         cls = type(agent.slots)
 

@@ -155,3 +155,22 @@ def test_a_postgresql_ledger_gets_the_pg_dump_to_run(tmp_path: Path, station_dir
         "'postgresql://db.factory:5432/ledger'` and restore it with `pg_restore --clean --if-exists --dbname=URL "
         "ledger.dump`")
     assert "ledger.sqlite" not in members(tmp_path / "b.tar.gz")
+
+
+def test_a_backup_or_restore_where_this_user_cannot_write_is_one_line_and_writes_nothing(
+        tmp_path: Path, station_dir: Path) -> None:
+    # as the package's tether-station user, `--out` in a root-only directory or `--dir /var/lib/...` (whose
+    # staging directory goes in /var/lib) fail the same way; a regular file in the path fails so even for root
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    out = station_cli("backup", "--dir", str(station_dir), "--out", str(blocker / "station.tar.gz"), check=False)
+    assert out.returncode == 1 and out.stderr.startswith(f"tether-station: error: --out {blocker}/station.tar.gz: "
+                                                         "cannot create the archive there ("), out.stderr
+    assert len(out.stderr.splitlines()) == 1 and blocker.read_text() == "not a directory\n"
+    archive = tmp_path / "station.tar.gz"
+    station_cli("backup", "--dir", str(station_dir), "--out", str(archive))
+    target = blocker / "station"
+    out = station_cli("restore", str(archive), "--dir", str(target), check=False)
+    assert out.returncode == 1 and out.stderr.startswith(f"tether-station: error: --dir {target}: cannot create "
+                                                         f"the restore's staging directory in {blocker} ("), out.stderr
+    assert len(out.stderr.splitlines()) == 1 and blocker.read_text() == "not a directory\n"

@@ -116,7 +116,7 @@ def renewal_proven():
     d = Driver([A, B])
     d.feed(sv.Event(sv.START), 0)
     d.feed(sv.Event(sv.CONNECTED, d.epoch), 1)
-    d.feed(sv.Event(sv.RENEWAL_STAGED, "chain.next.pem", "device.next"), 100)
+    d.feed(sv.Event(sv.RENEWAL_STAGED), 100)
     d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "a went away"), 101)  # says nothing about the pair
     d.feed(sv.Event(sv.CONNECTED, d.epoch), 102)
     d.feed(sv.Event(sv.DISCONNECTED, d.epoch, "later drop"), 200)
@@ -128,7 +128,7 @@ def renewal_disproven():
     d = Driver([A, B])
     d.feed(sv.Event(sv.START), 0)
     d.feed(sv.Event(sv.CONNECTED, d.epoch), 1)
-    d.feed(sv.Event(sv.RENEWAL_STAGED, "chain.next.pem", "device.next"), 100)
+    d.feed(sv.Event(sv.RENEWAL_STAGED), 100)
     d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.REFUSED, "certificate unknown"), 101)
     d.feed(sv.Event(sv.CONNECTED, d.epoch), 102)  # the old pair still works
     return d.trace
@@ -138,7 +138,7 @@ def renewal_staged_while_offline():
     d = Driver([A])
     d.feed(sv.Event(sv.START), 0)
     d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "a down"), 1)
-    d.feed(sv.Event(sv.RENEWAL_STAGED, "chain.next.pem", "device"), 1.2)
+    d.feed(sv.Event(sv.RENEWAL_STAGED), 1.2)
     d.feed(sv.Event(sv.TICK), 2)
     d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.TLS_VERIFY, "broker CA unknown"), 3)  # about the broker, not us
     d.feed(sv.Event(sv.TICK), 4)

@@ -3,6 +3,8 @@ back (pure: `send` is a function of the token; the OTA tests run it against the 
 
 from __future__ import annotations
 
+import time
+
 from agent.bearer import Bearer
 
 
@@ -55,6 +57,8 @@ def test_tether_run_gives_the_ota_download_the_token_components_refresh(tmp_path
     configured [token] timeout."""
     from agent.compose import ota_component
     from agent.config import load
+    from agent.control import ControlLoop
+    from agent.status import StatusFile
     from agent.token import TokenService
     from tests.conftest import write_config
 
@@ -62,7 +66,7 @@ def test_tether_run_gives_the_ota_download_the_token_components_refresh(tmp_path
     tokens = TokenService(config)
     asked: list[float] = []
     tokens.force_refresh = lambda timeout=10.0: asked.append(timeout) or "fresh"  # type: ignore[method-assign]
-    updater = ota_component(config, lambda *a: 1, tokens, lambda: None)._factory()
+    updater = ota_component(config, lambda *a: 1, tokens, ControlLoop(StatusFile(config)), time.time)._factory()
     try:
         bearer = updater._http().bearer
         server = Answers("fresh")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from agent.config import ConfigError, load, render, set_value
+from agent.config import ConfigError, Threshold, load, parse_threshold, render, set_value
 
 
 def write(path: Path, text: str) -> Path:
@@ -30,6 +33,8 @@ def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
     ('[device]\nid = "dev"\n[mqtt]\nkeepalive = "60"\n', "[mqtt] keepalive: expected integer, got str"),
     ('[device]\nid = "dev"\n[mqtt]\nkeepalive = true\n', "expected integer, got boolean"),
     ('[device]\nid = "dev"\n[mqtt]\nkeepalvie = 5\n', "[mqtt] keepalvie: unknown key"),
+    ('[device]\nid = "dev"\n[ota]\nslots = "swupdate"\ninstal_command = "swupdate -i {file}"\n',
+     "[ota] instal_command: unknown key"),  # a misspelt slot option is refused, not swallowed (issue 23 item 6)
     ('[device]\nid = "dev"\n[mqtt]\nkeepalive = 1\n', "outside 5..65535"),
     ('[device]\nid = "dev"\n[brokers]\nx = 1\n', "unknown section [brokers]"),
     ('[device]\nid = "dev"\n[endpoints]\nurls = "mqtts://a:1"\n', "expected list of str"),
@@ -128,3 +133,23 @@ def test_cli_prints_a_multi_line_error_on_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "rule(s) broken: certificate" in done.stderr  # the policy's list of violations, joined
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+THRESHOLD_RE = r"\s*(\d+(?:\.\d+)?)\s*(%|[smhd])\s*"  # what parse_threshold accepted before it parsed by hand
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=" \t\n0123456789.%smhdx\u0663\u00a0-+e_", max_size=8))
+def test_the_threshold_parser_accepts_what_its_regular_expression_did(text: str) -> None:
+    match = re.fullmatch(THRESHOLD_RE, text)
+    try:
+        threshold = parse_threshold(text)
+    except ConfigError as exc:
+        assert match is None or "between 0 and 100" in str(exc) or "must be positive" in str(exc), text
+        return
+    assert match is not None, text
+    value, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        assert threshold == Threshold(share=value / 100)
+    else:
+        assert threshold == Threshold(before=value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])

@@ -126,7 +126,7 @@ def test_the_actions_are_the_vocabulary_of_their_modules() -> None:
     assert set(connection.Connection.TRANSITIONS) | set(connection.Connection.ACTIONS) == types(events)
 
 
-FIELDS = {"state", "epoch", "rotation", "refresher", "errors", "topics", "candidate", "proving", "retry_at",
+FIELDS = {"state", "epoch", "rotation", "refresher", "errors", "topics", "staged", "proving", "retry_at",
           "endpoint", "heartbeat_at"}
 
 

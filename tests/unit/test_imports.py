@@ -29,11 +29,13 @@ OTA_ONLY = "loaded on the OTA path only (a 515 operation, or update state on dis
 SQLITE_ONLY = "opens SQLite: loaded when the outbox has something in it or something to queue"
 DOCUMENT_ONLY = "the discovery document's parser: loaded when a document is fetched or a cached one is read"
 ATTEST_ONLY = "TPM attestation: loaded when enrolling with [enroll] method = tpm-attestation only"
+ARGPARSE_ONLY = "an argparse action: loaded with argparse, which the service's own command line does without"
 ALLOWED: dict[tuple[str, str], str] = {
     ("agent/cli.py", "agent.compose"): AFTER_TLS_ENV,
     ("agent/cli.py", "agent.check"): AFTER_TLS_ENV,
     ("agent/cli.py", "agent.ota.cli"): COMMAND_ONLY,
     ("agent/cli.py", "agent.textfile"): COMMAND_ONLY,
+    ("agent/cli.py", "hal.about"): ARGPARSE_ONLY,
     ("agent/cli.py", "provisioning.tomlfmt"): COMMAND_ONLY,
     ("agent/config.py", "provisioning.tomlfmt"): COMMAND_ONLY,
     ("agent/compose.py", "agent.ota.agent"): OTA_ONLY,

@@ -52,4 +52,32 @@ def test_a_fatal_failure_stops_renewal_with_an_error_line(tmp_path: Path, pki: P
     assert "not retrying" in caplog.text
     renewal.tick(10**10)  # long past due: still no new attempt
     assert renewal._worker is None
-    assert "next_try" not in json.loads(renewal.path.read_text())
+    assert json.loads(renewal.path.read_text())["next_try"] == 0  # no retry scheduled (a typed record: always there)
+
+
+# -- the persisted transition table (agent/renewal_state.py) -------------------------------------------------
+def test_renewal_transitions_are_a_table_and_an_illegal_event_names_state_and_event() -> None:
+    from agent.renewal_state import TRANSITIONS, RenewalState, RenewalTransitionError
+
+    state = RenewalState()
+    for event in ("staged", "proven", "promoted"):
+        state = state.advance(event, 1000.0)
+    assert state.state == "idle" and state.updated_at == 1000
+    assert RenewalState(state="staged").advance("disproven", 0, error="x").state == "idle"
+    with pytest.raises(RenewalTransitionError, match="event 'proven' is not allowed in state 'idle'"):
+        RenewalState().advance("proven", 0)  # only a staged pair is proven
+    with pytest.raises(RenewalTransitionError, match="event 'staged' is not allowed in state 'promoting'"):
+        RenewalState(state="promoting").advance("staged", 0)  # a promotion is finished before a new pair
+    assert {s for s, _ in TRANSITIONS} == {"idle", "staged", "promoting"}
+
+
+def test_each_renewal_step_is_written_before_it_acts(tmp_path: Path, pki: Pki, closed_port: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`promoting` is on disk before the pair is swapped: a cut in between is finished by on_boot."""
+    renewal = renewal_for(tmp_path, pki, closed_port)
+    renewal._staged("device")
+    seen: list[str] = []
+    monkeypatch.setattr(renewal, "_finish_promotion",
+                        lambda: seen.append(json.loads(renewal.path.read_text())["state"]))
+    renewal.proven()
+    assert seen == ["promoting"]

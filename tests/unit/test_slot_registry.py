@@ -24,6 +24,28 @@ def test_every_registry_entry_declares_exactly_the_keywords_its_class_takes(name
     assert set(params) - {"directory"} == set(entry.options.values()) | set(entry.hooks)
 
 
+@pytest.mark.parametrize("name", ["uboot", "command", "swupdate"])
+def test_installer_backends_are_an_installer_and_a_boot_selector_composed_not_subclasses(
+        name: str, tmp_path: Path) -> None:
+    """Issue 23 item 6: `swupdate` was SwupdateSlots(CommandSlots(UBootSlots)). Now every backend class
+    stands alone, and the three that share the U-Boot environment share it as a part."""
+    from hal.slots.composed import Slots
+    from hal.slots.uboot import UBootEnv
+
+    options = {"install_command": "tool {file}"} if name == "command" else {}
+    slots = open_slots(name, tmp_path, options)
+    assert isinstance(slots, Slots) and slots.backend == name
+    selector = getattr(slots.selector, "selector", slots.selector)  # command/swupdate: wrapped by their hooks
+    assert isinstance(selector, UBootEnv)
+    assert {"stage", "prepare", "install"} <= set(dir(slots.installer))
+    assert not hasattr(slots.installer, "switch") and not hasattr(slots.selector, "install")
+    for module in ("hal.slots.uboot", "hal.slots.command", "hal.slots.swupdate", "hal.slots.composed",
+                   "hal.slots.directory", "hal.slots.rauc"):
+        for _, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
+            if cls.__module__ == module and not issubclass(cls, Exception) and "Protocol" not in str(cls.__mro__):
+                assert cls.__bases__ == (object,), f"{cls.__qualname__} inherits {cls.__bases__}"
+
+
 def test_an_option_the_backend_does_not_take_is_refused_naming_it(tmp_path: Path) -> None:
     with pytest.raises(SlotError, match=r"\[ota\] install_command: slots = 'directory' takes no such option; "
                                         r"it takes none"):

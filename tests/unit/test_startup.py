@@ -1,7 +1,8 @@
 """What `tether run` does before its first packet (issue 24): only what it needs.
 
 Start-up is paid on every boot of every device, so what it never runs is not loaded: the OTA
-updater, SQLite for an empty outbox, the parsers of other commands, `dataclasses` (and `inspect`).
+updater, SQLite for an empty outbox, argparse (the service's command line is read without it),
+`dataclasses` (and `inspect`), `signal`'s enums.
 The status file, rewritten on every state change, is written atomically but not fsynced.
 """
 
@@ -14,6 +15,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import cli
 from agent.config import load
@@ -32,7 +35,8 @@ from tests.unit.test_layers import REPO
 NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "agent.ota.agent",
                 "agent.ota.machine", "agent.ota.cli", "agent.outbox_store", "agent.bearer", "cryptography",
                 "queue", "agent.attest", "hal.keys.tpm_attest", "agent.textfile",
-                "provisioning.tomlfmt", "agent.core.discovery")
+                "provisioning.tomlfmt", "agent.core.discovery", "argparse", "gettext", "hal.about", "signal",
+                "shlex")
 
 
 def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Path) -> None:
@@ -40,7 +44,7 @@ def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Pa
     code = ("import sys\n"
             "from agent import cli\n"
             "from agent.compose import build\n"
-            f"args = cli.build_parser(['run']).parse_args(['--config', {str(config)!r}, 'run'])\n"
+            f"args = cli.service_args(['--config', {str(config)!r}, 'run'])\n"
             f"runtime = build(cli.configmod.load(args.config))\n"
             f"print(sorted(m for m in {NOT_AT_START!r} if m in sys.modules))\n"
             "for c in runtime.components:\n"
@@ -56,6 +60,51 @@ def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Pa
 ])
 def test_the_chosen_command_is_only_the_certain_one(argv: list[str], chosen: str | None) -> None:
     assert cli.chosen_command(argv) == chosen
+
+
+@pytest.mark.parametrize("argv", [
+    ["run"], ["check"], ["run", "-v"], ["check", "--verbose"], ["--config", "/etc/tether/tether.toml", "run"],
+    ["-c", "x.toml", "run", "--verbose"], ["--config=x.toml", "check", "-v"], ["-cx.toml", "run"],
+])
+def test_the_services_command_line_is_read_without_argparse(argv: list[str]) -> None:
+    args = cli.service_args(argv)
+    assert args is not None
+    assert vars(args) == vars(cli.build_parser(argv).parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--help"], ["run", "--help"], ["run", "-h"], ["--conf", "x.toml", "run"], ["run", "--verb"], ["run", "-vv"],
+    ["run", "-v", "-v"], ["-c", "a", "-c", "b", "run"], ["--config", "run"], ["-c"], ["--config=", "run"],
+    ["-c=x.toml", "run"], ["--config", "-x", "run"], ["--", "run"], ["run", "--"], ["run", "x"], ["status"],
+    ["--version"], ["run", "--config", "x.toml"], ["-", "run"],
+])
+def test_any_other_command_line_is_left_to_argparse(argv: list[str]) -> None:
+    assert cli.service_args(argv) is None
+
+
+WORDS = ("--config", "-c", "--config=x.toml", "-cx.toml", "-c=x.toml", "--conf", "--config=", "x.toml", "-x",
+         "run", "check", "status", "-v", "--verbose", "--verb", "-vv", "--", "-", "-h", "")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(WORDS), max_size=5))
+def test_what_the_service_parser_accepts_argparse_parses_the_same(argv: list[str]) -> None:
+    """The hand-written parser is a subset of argparse's: a command line it takes means the same there."""
+    ours = cli.service_args(argv)
+    if ours is None:
+        return
+    try:
+        theirs = cli.build_parser(argv).parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"service_args took {argv}, which argparse refuses")
+    assert vars(ours) == vars(theirs)
+
+
+def test_a_usage_error_on_the_service_command_is_still_argparses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--verbos3"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --verbos3" in capsys.readouterr().err
 
 
 def test_only_the_chosen_commands_parser_is_built() -> None:

@@ -13,6 +13,7 @@ from agent.boot import chain_state
 from agent.config import load
 from agent.identity import DeviceIdentity
 from agent.renewal import Renewal
+from agent.renewal_state import RenewalState
 from hal import storage
 from provisioning.certstore import CertStore
 from provisioning.chainfacts import read_facts
@@ -127,7 +128,7 @@ def _last_good(tmp_path: Path) -> tuple[Path, object]:
 
 def _renewal(tmp_path: Path) -> tuple[Path, object]:
     config = _config(tmp_path)
-    return config.state.renewal, lambda: Renewal(config, DeviceIdentity(config)).state() == {}
+    return config.state.renewal, lambda: Renewal(config, DeviceIdentity(config)).state() == RenewalState()
 
 
 def _ota_state(tmp_path: Path) -> tuple[Path, object]:
@@ -164,7 +165,7 @@ def test_every_corrupt_state_file_is_logged_and_set_aside(tmp_path: Path, reader
 
 
 # -- every record (agent/state.py's idiom): absent, torn, corrupt, or from a newer agent ----------------------
-RECORDS = [_status, _boot, _last_good, _renewal]
+RECORDS = [_status, _boot, _last_good, _renewal, _ota_state]
 CASES = {
     "absent": None,
     "torn": b'{"state": "sta',
@@ -203,6 +204,73 @@ def test_every_record_is_saved_with_its_version_and_read_back(tmp_path: Path, re
     assert record.load() == {"state": "idle"}
     path.write_text('{"state": "written before records had a version"}')  # an older agent's file
     assert record.load() == {"state": "written before records had a version"}
+
+
+def test_ota_state_files_of_the_previous_release_still_load(tmp_path: Path) -> None:
+    """Migration: state.json and installed.json as the previous release wrote them (no version, indented,
+    sorted keys) load unchanged, and the next save adds the version."""
+    from agent.ota.machine import StateStore
+
+    (tmp_path / "ota").mkdir()
+    state = tmp_path / "ota" / "state.json"
+    state.write_text(json.dumps({
+        "boots": 1, "deadline": 1765000000.5, "downloaded": 200_000, "manifest": {"name": "app", "size": 200_000},
+        "operation": {"name": "app", "serial": "dev-001", "url": "https://h/app/1.1.0/", "version": "1.1.0"},
+        "previous": "a", "previous_version": "1.0.0", "reason": "", "reported": False, "size": 200_000,
+        "state": "confirming", "target": "b", "updated": 1765000000.0}, indent=1, sort_keys=True))
+    (tmp_path / "ota" / "installed.json").write_text(json.dumps(
+        {"floor": "1.0.0", "history": ["1.0.0"], "name": "app", "url": "", "version": "1.0.0"}, sort_keys=True))
+    store = StateStore(tmp_path / "ota")
+    loaded = store.load()
+    assert (loaded.state, loaded.target, loaded.operation.version if loaded.operation else None) == \
+        ("confirming", "b", "1.1.0")
+    assert store.installed("0.9.0").floor == "1.0.0"
+    store.save(loaded)
+    assert json.loads(state.read_text())["version"] == 1 and store.load() == loaded
+    store.save_installed(store.installed("0.9.0"))
+    written = json.loads((tmp_path / "ota" / "installed.json").read_text())
+    assert (written["format"], written["version"]) == (1, "1.0.0")  # the record's version beside the release's
+    assert store.installed("0.9.0").version == "1.0.0"
+
+
+@pytest.mark.parametrize("content", [b'{"floor": "2.0', b'{"format": 99, "floor": "9.9.9"}', b'{"flor": "1.0.0"}'])
+def test_a_bad_installed_record_is_refused_not_forgotten(tmp_path: Path, content: bytes) -> None:
+    """The anti-rollback floor is the one record not set aside: starting from the base version would let a
+    replayed older release in. The error names the file; the file stays for the operator."""
+    from agent.ota.machine import StateStore
+    from agent.state import RecordError
+
+    (tmp_path / "ota").mkdir()
+    (tmp_path / "ota" / "installed.json").write_bytes(content)
+    with pytest.raises(RecordError, match=r"installed\.json: .*anti-rollback floor is unknown"):
+        StateStore(tmp_path / "ota").installed("1.0.0")
+    assert (tmp_path / "ota" / "installed.json").read_bytes() == content
+
+
+@pytest.mark.parametrize("reader", [_ota_state, _renewal], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("content", [b'{"state": "exploded"}', b'{"state": "idle", "unknown_field": 1}'])
+def test_a_state_machine_record_its_table_cannot_read_is_set_aside(
+        tmp_path: Path, reader, content: bytes, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    path, read = reader(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="tether.storage"):
+        assert read()
+    _expect_set_aside(path, content, caplog)
+
+
+def test_a_renewal_record_of_the_previous_release_still_loads(tmp_path: Path) -> None:
+    """Migration: renewal.json as the previous release wrote it (a dict merged and rewritten, version 1 or
+    none) is the same record; a staged pair in it is still the one proven."""
+    config = _config(tmp_path)
+    config.state.renewal.parent.mkdir(parents=True, exist_ok=True)
+    config.state.renewal.write_text(json.dumps({"state": "staged", "key": "device.next", "error": None,
+                                                "next_try": 0, "updated_at": 1765000000}))
+    state = Renewal(config, DeviceIdentity(config)).state()
+    assert state == RenewalState(state="staged", key="device.next", updated_at=1765000000)
+    config.state.renewal.write_text(json.dumps({"state": "idle", "error": "re-enrollment failed: x",
+                                                "next_try": 1765000900.5, "updated_at": 1765000000, "version": 1}))
+    assert Renewal(config, DeviceIdentity(config)).state().next_try == 1765000900.5
 
 
 def test_a_corrupt_chain_json_is_set_aside_and_rebuilt_from_chain_pem(identity: DeviceIdentity, pki: Pki,

@@ -68,10 +68,16 @@ def test_renewed_pair_is_promoted_only_when_a_session_with_it_is_accepted():
     assert len(promote_at) == 1
     # the only Promote follows the Connected of the proving attempt, never the staging itself
     assert t[promote_at[0] - 1] == "@102 Connected epoch=4"
-    assert actions_of(t, 100)[-1] == "ProveCandidate epoch=3 endpoint=a.example chain=chain.next.pem key=device.next"
+    assert actions_of(t, 100)[-1] == "ProveCandidate epoch=3 endpoint=a.example"
     # an unreachable endpoint says nothing about the pair: the next attempt proves it again
     assert actions_of(t, 101)[-1].startswith("ProveCandidate epoch=4 endpoint=b.example")
     assert actions_of(t, 201) == ["Connect epoch=6 endpoint=b.example"]  # the promoted pair is the pair now
+
+
+def test_the_supervisor_holds_no_copy_of_the_staged_pair():
+    """"A renewed pair is staged" has one owner, the renewal record (agent/renewal_state.py): the
+    supervisor's events and actions say that one is staged and when to prove it, never which one."""
+    assert sv.Event.FIELDS[sv.RENEWAL_STAGED] == () and sv.Event.FIELDS[sv.PROVE_CANDIDATE] == ("epoch", "endpoint")
 
 
 def test_renewed_pair_that_is_refused_is_dropped_and_the_old_pair_keeps_working():
@@ -84,7 +90,7 @@ def test_renewed_pair_that_is_refused_is_dropped_and_the_old_pair_keeps_working(
 def test_renewal_staged_while_offline_is_proven_by_the_next_attempt_and_survives_a_broker_problem():
     t = scenarios.renewal_staged_while_offline()
     assert actions_of(t, 1.2) == []
-    assert actions_of(t, 2) == ["ProveCandidate epoch=2 endpoint=a.example chain=chain.next.pem key=device"]
+    assert actions_of(t, 2) == ["ProveCandidate epoch=2 endpoint=a.example"]
     assert "Disprove" not in " ".join(actions_of(t, 3))  # the broker's CA, not our pair
     assert actions_of(t, 4)[0].startswith("ProveCandidate")
 
