@@ -117,18 +117,18 @@ def _connect_once(runtime: Runtime, endpoints: list[Endpoint], record: _Recorder
     runtime.supervisor = supervisor = runtime.new_supervisor(endpoints, discovery=False)
     gave_up = False
 
-    def attempt(action: sv.Connect, now: float) -> Any:
+    def attempt(action: sv.Event, now: float) -> Any:
         t = time.monotonic()
         try:
             runtime.session = runtime.connect(action.endpoint, epoch=action.epoch)
         except TetherError as exc:
             record("connect", False, str(exc), time.monotonic() - t)
             kind = exc.kind if isinstance(exc, ConnectError) else sv.REFUSED
-            return sv.ConnectFailed(action.epoch, kind, str(exc))
+            return sv.Event(sv.CONNECT_FAILED, action.epoch, kind, str(exc))
         record("connect", True, f"{action.endpoint.url()} as {config.client_id} (mTLS, MQTT "
                f"{config.mqtt.protocol})", time.monotonic() - t)
         record.result.passed = True  # an earlier endpoint failing is fine once one works
-        return sv.Connected(action.epoch)
+        return sv.Event(sv.CONNECTED, action.epoch)
 
     def give_up(action: Any, now: float) -> None:
         nonlocal gave_up
@@ -140,13 +140,13 @@ def _connect_once(runtime: Runtime, endpoints: list[Endpoint], record: _Recorder
     # the runtime's own handlers, except: one round only (a backoff means every endpoint failed),
     # connection attempts become steps, and status.json is the running agent's, not the check's
     perform = runtime.actions()
-    perform.update({sv.Connect: attempt, sv.Backoff: give_up, sv.WaitUntil: give_up, sv.AttemptFailed: nothing,
-                    sv.SessionUp: nothing, sv.SessionDown: nothing})
+    perform.update({sv.CONNECT: attempt, sv.BACKOFF: give_up, sv.WAIT_UNTIL: give_up, sv.ATTEMPT_FAILED: nothing,
+                    sv.SESSION_UP: nothing, sv.SESSION_DOWN: nothing})
 
     def feed(event: object) -> None:
         sv.drive(supervisor, event, time.time, perform)
 
-    feed(sv.Start())
+    feed(sv.Event(sv.START))
     if gave_up or runtime.session is None:
         record.result.passed = False
         return
@@ -159,7 +159,7 @@ def _connect_once(runtime: Runtime, endpoints: list[Endpoint], record: _Recorder
                 try:
                     event = runtime.events.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
                 except Empty:
-                    event = sv.Tick()
+                    event = sv.Event(sv.TICK)
                 if event is not None:
                     feed(event)
             token = runtime.token.status(refresher)

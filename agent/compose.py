@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from agent.component import Component
 from agent.config import Config
 from agent.control import ControlLoop, SessionLink
-from agent.core.supervisor import RenewalStaged, TokenWanted
+from agent.core.supervisor import RENEWAL_STAGED, TOKEN_WANTED, Event
 from agent.discovery import Discovery
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
@@ -45,14 +45,14 @@ def build(config: Config, *, components: bool = True, publish_socket: bool = Tru
     loop = ControlLoop(StatusFile(config))
     link = SessionLink()
     identity = DeviceIdentity(config)
-    token = TokenService(config, clock=clock, wanted=lambda: loop.post(TokenWanted())) \
+    token = TokenService(config, clock=clock, wanted=lambda: loop.post(Event(TOKEN_WANTED))) \
         if config.token.enabled else None
     renewal = None
     parts: list[Component] = []
     if components:
         if config.est.url:
             renewal = Renewal(config, identity, token.current if token else lambda: None,
-                              staged=lambda: loop.post(RenewalStaged()),
+                              staged=lambda: loop.post(Event(RENEWAL_STAGED)),
                               call_soon=loop.call_soon)
             parts.append(renewal)
         parts.append(ota_component(config, link.publish, token, loop, clock))

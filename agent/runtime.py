@@ -222,8 +222,8 @@ class Runtime:
         self.supervisor = self.new_supervisor()
         systemd.notify("STATUS=connecting")
         if self.renewal is not None and self.renewal.candidate() is not None:
-            self.feed(sv.RenewalStaged())
-        self.feed(sv.Start())
+            self.feed(sv.Event(sv.RENEWAL_STAGED))
+        self.feed(sv.Event(sv.START))
         watchdog = systemd.watchdog_interval()
         next_ping = 0.0
         while not self.stopping.is_set():
@@ -231,12 +231,12 @@ class Runtime:
                 systemd.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + watchdog
             self.loop.tick(self.components, self.clock())
-            self.feed(sv.Tick())
+            self.feed(sv.Event(sv.TICK))
             item = self.loop.next(self.components, self.clock, self.supervisor.deadline(),
                                   min(MAX_SLEEP, watchdog or MAX_SLEEP))
             if item is not None:
                 self.feed(item)
-        self.feed(sv.Stop())
+        self.feed(sv.Event(sv.STOP))
         for c in self.components:
             c.close()
         systemd.notify("STOPPING=1")
@@ -255,99 +255,99 @@ class Runtime:
                 self._token_status = token_status
                 self.status(token=token_status)
 
-    def actions(self) -> dict[type, Callable[[Any, float], Any]]:
+    def actions(self) -> dict[int, Callable[[Any, float], Any]]:
         """Action type -> handler(action, now) returning the event it caused, if any: every action
         the supervisor can return (`Supervisor.ACTIONS`) has one (tests/unit/test_drivers.py)."""
         return {
-            sv.Connect: self._attempt, sv.ProveCandidate: self._attempt,
-            sv.Subscribe: self._subscribe, sv.Publish: self._publish_action,
-            sv.SessionUp: self._session_up, sv.SessionDown: self._session_down, sv.Close: self._close,
-            sv.Operation: self._operation, sv.Delivered: self._delivered, sv.TokenAdopted: self._token_adopted,
-            sv.AttemptFailed: self._attempt_failed, sv.Backoff: self._backoff, sv.Rediscover: self._rediscover,
-            sv.Promote: self._promote, sv.Disprove: self._disprove, sv.Problem: self._problem,
-            sv.Deliver: self._deliver,
-            sv.WaitUntil: self._nothing,  # the loop's wait asks supervisor.deadline()
+            sv.CONNECT: self._attempt, sv.PROVE_CANDIDATE: self._attempt,
+            sv.SUBSCRIBE: self._subscribe, sv.PUBLISH: self._publish_action,
+            sv.SESSION_UP: self._session_up, sv.SESSION_DOWN: self._session_down, sv.CLOSE: self._close,
+            sv.OPERATION: self._operation, sv.DELIVERED: self._delivered, sv.TOKEN_ADOPTED: self._token_adopted,
+            sv.ATTEMPT_FAILED: self._attempt_failed, sv.BACKOFF: self._backoff, sv.REDISCOVER: self._rediscover,
+            sv.PROMOTE: self._promote, sv.DISPROVE: self._disprove, sv.PROBLEM: self._problem,
+            sv.DELIVER: self._deliver,
+            sv.WAIT_UNTIL: self._nothing,  # the loop's wait asks supervisor.deadline()
         }
 
     # -- performing actions ----------------------------------------------------------------------
-    def _attempt(self, action: sv.Connect | sv.ProveCandidate, now: float) -> Any:
+    def _attempt(self, action: sv.Event, now: float) -> Any:
         chain, key = ("chain.pem", KEY_LABEL)
-        if isinstance(action, sv.ProveCandidate):
+        if action.type == sv.PROVE_CANDIDATE:
             pair = self.renewal.candidate() if self.renewal is not None else None  # the record owns which pair
             if pair is None:
-                return sv.ConnectFailed(action.epoch, sv.REFUSED, "the staged certificate and key are gone")
+                return sv.Event(sv.CONNECT_FAILED, action.epoch, sv.REFUSED, "the staged certificate and key are gone")
             chain, key = pair
             log.info("session: proving the renewed certificate on %s", action.endpoint.url())
         try:
             self.session = self.connect(action.endpoint, chain, key, epoch=action.epoch)
         except ConnectError as exc:
-            return sv.ConnectFailed(action.epoch, exc.kind, exc.reason)
+            return sv.Event(sv.CONNECT_FAILED, action.epoch, exc.kind, exc.reason)
         except TetherError as exc:  # our pair cannot even be loaded (a corrupt staged chain, a lost key)
-            return sv.ConnectFailed(action.epoch, sv.REFUSED, f"cannot use the certificate and key: {exc}")
-        return sv.Connected(action.epoch)
+            return sv.Event(sv.CONNECT_FAILED, action.epoch, sv.REFUSED, f"cannot use the certificate and key: {exc}")
+        return sv.Event(sv.CONNECTED, action.epoch)
 
-    def _subscribe(self, action: sv.Subscribe, now: float) -> None:
+    def _subscribe(self, action: sv.Event, now: float) -> None:
         session = self.session
         if session is not None and session.epoch == action.epoch:
             session.subscribe(action.topic, action.qos)
 
-    def _publish_action(self, action: sv.Publish, now: float) -> None:
+    def _publish_action(self, action: sv.Event, now: float) -> None:
         session = self.session
         if session is not None and session.epoch == action.epoch:
             publish_on(session, action.topic, action.payload, action.qos)
 
-    def _operation(self, action: sv.Operation, now: float) -> None:
+    def _operation(self, action: sv.Event, now: float) -> None:
         if not any(c.on_operation(action.line) for c in self.components):
             log.info("operation: no handler for %r", action.line[:60])
 
-    def _delivered(self, action: sv.Delivered, now: float) -> None:
+    def _delivered(self, action: sv.Event, now: float) -> None:
         for c in self.components:
             c.on_acked(action.mid)
 
-    def _token_adopted(self, action: sv.TokenAdopted, now: float) -> None:
+    def _token_adopted(self, action: sv.Event, now: float) -> None:
         if self.token is not None:
             try:
                 self.token.adopted(action.token, action.schedule)
             except TetherError as exc:  # the token is in memory; local applications read the file
                 log.warning("token: cannot store it: %s", exc)
 
-    def _attempt_failed(self, action: sv.AttemptFailed, now: float) -> None:
+    def _attempt_failed(self, action: sv.Event, now: float) -> None:
         log.warning("session: %s: %s", action.endpoint.url(), action.reason)
         self.status(session="connecting", last_error=f"{action.endpoint.url()}: {action.reason}",
                     endpoint_errors=self.supervisor.endpoint_errors() if self.supervisor else {})
 
-    def _backoff(self, action: sv.Backoff, now: float) -> None:
+    def _backoff(self, action: sv.Event, now: float) -> None:
         log.warning("session: all %d endpoint(s) failed; next round in %.1f s", action.endpoints, action.seconds)
 
-    def _rediscover(self, action: sv.Rediscover, now: float) -> sv.Discovered:
+    def _rediscover(self, action: sv.Event, now: float) -> sv.Event:
         found = self.rediscover(action.why)
         if found is not None:
             found = self.endpoint_list(found)
             self._contexts.clear()  # a rotated CA comes with the new list
-        return sv.Discovered(found)
+        return sv.Event(sv.DISCOVERED, found)
 
-    def _promote(self, action: sv.Promote, now: float) -> None:
+    def _promote(self, action: sv.Event, now: float) -> None:
         self._contexts.clear()  # chain.pem (and maybe the key) change under the cached contexts
         if self.renewal is not None:  # always: only a pair renewal staged is proven
             self.renewal.proven()
             self.status(renewal=self.renewal.status())
 
-    def _disprove(self, action: sv.Disprove, now: float) -> None:
+    def _disprove(self, action: sv.Event, now: float) -> None:
         self._contexts.clear()
         if self.renewal is not None:
             self.renewal.disproven(action.reason)
             self.status(renewal=self.renewal.status())
 
-    def _problem(self, action: sv.Problem, now: float) -> None:
+    def _problem(self, action: sv.Event, now: float) -> None:
         log.warning("%s: %s", action.what, action.detail)
 
-    def _deliver(self, action: sv.Deliver, now: float) -> None:
+    def _deliver(self, action: sv.Event, now: float) -> None:
         log.debug("message on %s not handled", action.topic)
 
     def _nothing(self, action: Any, now: float) -> None:
         return None
 
-    def _session_up(self, action: sv.SessionUp, now: float) -> None:
+    def _session_up(self, action: sv.Event, now: float) -> None:
         endpoint = action.endpoint
         try:
             save_last_good(self.config, endpoint)
@@ -362,7 +362,7 @@ class Runtime:
             systemd.notify(f"READY=1\nSTATUS=online via {endpoint.url()}")
             self.ready_sent = True
 
-    def _session_down(self, action: sv.SessionDown, now: float) -> None:
+    def _session_down(self, action: sv.Event, now: float) -> None:
         reason = action.reason
         session = self.session
         if session is not None and session.endpoint is not None and not self.stopping.is_set():
@@ -372,7 +372,7 @@ class Runtime:
         for c in self.components:
             c.on_session_down()
 
-    def _close(self, action: sv.Close, now: float) -> None:
+    def _close(self, action: sv.Event, now: float) -> None:
         self._close_session(action.epoch)
 
     def _close_session(self, epoch: int) -> None:

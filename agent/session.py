@@ -29,7 +29,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.core.endpoints import Endpoint
-from agent.core.supervisor import REFUSED, TLS_VERIFY, UNREACHABLE, Acked, Disconnected, Message
+from agent.core.supervisor import ACKED, DISCONNECTED, MESSAGE, REFUSED, TLS_VERIFY, UNREACHABLE, Event
 from agent.errors import AgentError
 from agent.tls import describe_alert, describe_tls_failure
 
@@ -102,7 +102,7 @@ class Session:
         # second event would cut the next session as soon as it is up
         if not self._closing.is_set() and not self._down_reported:
             self._down_reported = True
-            self.post(Disconnected(self.epoch, reason))
+            self.post(Event(DISCONNECTED, self.epoch, reason))
 
     def _on_log(self, client: Any, userdata: Any, level: int, text: str) -> None:
         # paho turns a TLS alert on a read into MQTT_ERR_CONN_LOST and only logs the alert: keep it, so a
@@ -111,10 +111,10 @@ class Session:
             self._last_error = text
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self.post(Message(self.epoch, msg.topic, bytes(msg.payload)))
+        self.post(Event(MESSAGE, self.epoch, msg.topic, bytes(msg.payload)))
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any = None, properties: Any = None) -> None:
-        self.post(Acked(self.epoch, mid))
+        self.post(Event(ACKED, self.epoch, mid))
 
     # -- control (runtime thread) ----------------------------------------------------------------
     def connect(self, endpoint: Endpoint, timeout: float) -> float:

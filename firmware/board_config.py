@@ -242,7 +242,7 @@ def tls_context(net, cert_der, key_der, ca_der):
         raise OSError("%s cannot verify broker certificates; refusing unverified TLS" % sys.platform)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_cert_chain(cert_der, key_der)
-    ctx.load_verify_locations(cadata=ca_der)
+    ctx.load_verify_locations(ca_der)  # MicroPython's tls takes cadata, positional only
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -266,7 +266,7 @@ def _which_cert(net, creds):
     # Load the device certificate alone as a trust anchor in a throwaway context to tell a bad
     # device certificate from a bad CA file (both say "invalid cert").
     try:
-        net.ssl.SSLContext(net.ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=creds["device.crt.der"])
+        net.ssl.SSLContext(net.ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(creds["device.crt.der"])
     except ValueError:
         return "device.crt.der"
     return "ca.crt.der"

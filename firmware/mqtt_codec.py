@@ -22,17 +22,21 @@ DISCONNECT = 14
 DEFAULT_MAX_PACKET = 16384
 MAX_REMAINING = 268435455  # 4-byte varint limit, spec 2.2.3
 
-# Fixed-header flags that section 2.2.2 requires for each type (PUBLISH carries its own).
-_REQUIRED_FLAGS = {CONNACK: 0, PUBACK: 0, SUBACK: 0, UNSUBACK: 0, PINGRESP: 0, CONNECT: 0,
-                   SUBSCRIBE: 2, PINGREQ: 0, DISCONNECT: 0}
+# Fixed-header flags that section 2.2.2 requires, indexed by packet type (None: PUBLISH carries
+# its own; 0 and 15 are reserved). Tables here are constant tuples, not dicts: a frozen image keeps
+# a tuple of constants in flash, where a dict is built in the heap at import.
+_REQUIRED_FLAGS = (None, 0, 0, None, 0, None, None, None, 2, 0, None, 0, 0, 0, 0, None)
 
-CONNACK_REASONS = {
-    1: "unacceptable protocol version",
-    2: "client identifier rejected",
-    3: "server unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
-}
+# CONNACK return codes 1..5 (MQTT 3.1.1 section 3.2.2.3), indexed by code.
+CONNACK_REASONS = (None, "unacceptable protocol version", "client identifier rejected", "server unavailable",
+                   "bad user name or password", "not authorized")
+
+
+def connack_reason(code):
+    """What a refusing CONNACK return code means, for a log line."""
+    if 0 < code < len(CONNACK_REASONS):
+        return CONNACK_REASONS[code]
+    return "return code %d" % code
 
 
 class PacketError(CoreError):
@@ -166,9 +170,9 @@ def decode_packet(type_, flags, body):
     name = "packet type %d" % type_
     if type_ == 0 or type_ == 15:
         raise PacketError("fixed header", "reserved %s" % name)
-    if type_ in _REQUIRED_FLAGS and flags != _REQUIRED_FLAGS[type_]:
-        raise PacketError("fixed header", "%s must have flags %d, got %d"
-                          % (name, _REQUIRED_FLAGS[type_], flags))
+    required = _REQUIRED_FLAGS[type_]
+    if required is not None and flags != required:
+        raise PacketError("fixed header", "%s must have flags %d, got %d" % (name, required, flags))
     p = Packet(type_, flags)
     if type_ == CONNACK:
         if len(body) != 2:
@@ -212,7 +216,7 @@ def decode_packet(type_, flags, body):
             if rc not in (0, 1, 2, 0x80):
                 raise PacketError("SUBACK", "invalid return code %d" % rc)
     elif type_ == PINGRESP:
-        if body:
+        if len(body):
             raise PacketError("PINGRESP", "expected no body, got %d bytes" % len(body))
     else:
         p.body = bytes(body)
@@ -288,6 +292,8 @@ class Decoder:
         if end - start < total:
             return None
         first = buf[start]
-        body = bytes(buf[i:start + total])
+        # a view, not a copy: decode_packet copies out what it keeps (topic, payload), and feed()
+        # replaces _buf rather than changing it while the view lives
+        body = memoryview(buf)[i:start + total]
         self._pos = start + total
         return decode_packet(first >> 4, first & 0x0F, body)

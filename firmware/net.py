@@ -24,9 +24,14 @@ import sys
 import time
 
 try:
-    import ssl
-except ImportError:  # ports built without TLS; tls_context then explains instead of crashing
-    ssl = None
+    # MicroPython 1.23+: the TLS module itself. Its ``ssl`` is micropython-lib's Python wrapper
+    # around ``tls``, whose module and class cost about 0.5 KB of a 32-bit board's heap even frozen.
+    import tls as ssl
+except ImportError:
+    try:
+        import ssl  # CPython (the host-side tests)
+    except ImportError:  # ports built without TLS; tls_context then explains instead of crashing
+        ssl = None
 
 # Platform quirks, one table (the way peterhinch's mqtt_as keeps them at the top):
 # busy_errnos: errnos a non-blocking TLS read or write raises instead of returning None. ESP32
@@ -42,7 +47,7 @@ QUIRKS = {
     "linux": _DEFAULT,
 }
 
-RECV_SIZE = 1024
+RECV_SIZE = 256  # bytes per read: a packet larger than this arrives in pieces the decoder joins
 _DEAD = select.POLLHUP | select.POLLERR
 # CPython's "try again" on a non-blocking SSL socket (absent on MicroPython, where read/write
 # return None instead).
@@ -111,7 +116,7 @@ class TlsTransport:
         self._busy = busy_errnos
         self._poller = select.poll()
         self._poller.register(tls, select.POLLIN)
-        # One receive buffer, the connector's: a 1 KB allocation per read (or per connection)
+        # One receive buffer, the connector's: an allocation per read (or per connection)
         # fragments a small heap until it fails for lack of a contiguous block. CPython has no
         # readinto.
         self._buf = buf
@@ -133,8 +138,9 @@ class TlsTransport:
                 raise self._fail(TransportError("timeout", "send: no progress within %d ms" % self._io_ms))
 
     def recv(self, timeout):
-        """What has arrived, up to RECV_SIZE bytes; ``b""`` when the broker closed the connection;
-        None when nothing arrived within ``timeout`` seconds (or only part of a TLS record)."""
+        """What has arrived, up to RECV_SIZE bytes (a view valid until the next ``recv``); ``b""``
+        when the broker closed the connection; None when nothing arrived within ``timeout`` seconds
+        (or only part of a TLS record)."""
         data = self._read()
         if data is not None:
             return data
@@ -162,7 +168,10 @@ class TlsTransport:
         n = self._call(self._readinto, self._buf, "recv")
         if n is None:
             return None
-        return bytes(memoryview(self._buf)[:n])
+        if not n:
+            return b""
+        # a view of the one buffer, not a copy: the session's decoder copies it before the next read
+        return memoryview(self._buf)[:n]
 
     def _call(self, fn, arg, stage):
         if self.dead is not None:

@@ -8,7 +8,8 @@ session's epoch (``Connected``, ``ConnectFailed(kind)``, ``Disconnected``, ``Mes
 ``Tick``). Missing a CONNACK, SUBACK, PUBACK or PINGRESP in time ends the session like a closed socket.
 
 I/O is injected: ``connect(endpoint)`` returns a transport with ``send(bytes)``, ``recv(timeout)``
-(bytes; ``b""`` when the peer closed; None when nothing arrived in ``timeout`` seconds) and
+(bytes, or a view valid until the next call; ``b""`` when the peer closed; None when nothing
+arrived in ``timeout`` seconds) and
 ``close()``, or raises OSError (``net.TransportError`` is one, typed by ``kind``); ``clock()``
 returns seconds; ``wait(seconds)`` blocks while disconnected. Progress is reported through
 ``on_event(name, detail)`` (tether_main prints each as ``tether: <name> <detail>``):
@@ -41,7 +42,7 @@ READY = "ready"
 # say the endpoint is out of reach for now.
 KINDS = {"verify": sv.TLS_VERIFY, "tls": sv.REFUSED}
 
-TICK = sv.Tick()  # one instance: a timer firing allocates nothing
+TICK = sv.Event(sv.TICK)  # one instance: a timer firing allocates nothing
 
 
 def _reason(exc):
@@ -82,13 +83,15 @@ class Session:
         self._next_id = 0
         self._subs = []        # packet ids of SUBSCRIBEs without SUBACK
         self._inflight = {}    # packet id -> time sent
-        # action type -> handler(action, now): drive() refuses an action without one
+        # action type -> handler(action, now): drive() refuses an action without one. The actions
+        # that only tell something share one handler (each handler is a function and a bound
+        # method in a small heap).
+        report = self._report
         self._perform = {
-            sv.Publish: self._publish, sv.Subscribe: self._subscribe, sv.Connect: self._open,
-            sv.Close: self._close, sv.SessionDown: self._session_down, sv.SessionUp: self._nothing,
-            sv.AttemptFailed: self._attempt_failed, sv.Backoff: self._round_failed, sv.WaitUntil: self._backoff,
-            sv.TokenAdopted: self._token_adopted, sv.Delivered: self._delivered, sv.Problem: self._problem,
-            sv.Operation: self._operation, sv.Deliver: self._message,
+            sv.PUBLISH: self._publish, sv.SUBSCRIBE: self._subscribe, sv.CONNECT: self._open,
+            sv.CLOSE: self._close, sv.SESSION_DOWN: self._session_down, sv.SESSION_UP: report,
+            sv.ATTEMPT_FAILED: report, sv.BACKOFF: report, sv.WAIT_UNTIL: report, sv.TOKEN_ADOPTED: report,
+            sv.DELIVERED: report, sv.PROBLEM: report, sv.OPERATION: report, sv.DELIVER: report,
         }
 
     # -- public API --------------------------------------------------------------------------
@@ -103,7 +106,7 @@ class Session:
                     self._idle_step(now)
                 else:
                     self._started = True
-                    self._feed(sv.Start(), now)
+                    self._feed(sv.Event(sv.START), now)
             except MemoryError:
                 pass  # the next step finds the attempt that never ran and reports it
             return
@@ -120,7 +123,7 @@ class Session:
         epoch = self.sup.attempting()
         if epoch is not None:
             # the supervisor asked for an attempt that a MemoryError stopped before it started
-            self._feed(sv.ConnectFailed(epoch, sv.UNREACHABLE, "memory: out of memory"), now)
+            self._feed(sv.Event(sv.CONNECT_FAILED, epoch, sv.UNREACHABLE, "memory: out of memory"), now)
             return
         at = self.sup.deadline()
         if at is not None and now < at:
@@ -148,7 +151,7 @@ class Session:
 
     def close(self):
         """Stop the supervisor: DISCONNECT (best effort) and close the transport."""
-        self._feed(sv.Stop(), self._clock())
+        self._feed(sv.Event(sv.STOP), self._clock())
         self._drop()
 
     # -- feeding the supervisor --------------------------------------------------------------
@@ -190,32 +193,26 @@ class Session:
             self._drop()
         self._emit("disconnected", action.reason)
 
-    def _nothing(self, action, now):
-        return None  # SessionUp: "ready" follows the SUBACKs
-
-    def _attempt_failed(self, action, now):
-        self._emit("connect_failed", (action.endpoint, action.reason))
-
-    def _round_failed(self, action, now):
-        self._emit("round_failed", self.sup.round())
-
-    def _backoff(self, action, now):
-        self._emit("backoff", action.at - now)
-
-    def _token_adopted(self, action, now):
-        self._emit("token", action.schedule)
-
-    def _delivered(self, action, now):
-        self._emit("published", action.mid)
-
-    def _problem(self, action, now):
-        self._emit("token_error" if action.what == "token" else "problem", action.detail)
-
-    def _operation(self, action, now):
-        self._emit("operation", action.line)
-
-    def _message(self, action, now):
-        self._emit("message", (action.topic, action.payload))
+    def _report(self, action, now):
+        """An action that only tells something, as the ``on_event`` the module docstring lists."""
+        t = action.type
+        if t == sv.ATTEMPT_FAILED:
+            self._emit("connect_failed", (action.endpoint, action.reason))
+        elif t == sv.BACKOFF:
+            self._emit("round_failed", self.sup.round())
+        elif t == sv.WAIT_UNTIL:
+            self._emit("backoff", action.at - now)
+        elif t == sv.TOKEN_ADOPTED:
+            self._emit("token", action.schedule)
+        elif t == sv.DELIVERED:
+            self._emit("published", action.mid)
+        elif t == sv.PROBLEM:
+            self._emit("token_error" if action.what == "token" else "problem", action.detail)
+        elif t == sv.OPERATION:
+            self._emit("operation", action.line)
+        elif t == sv.DELIVER:
+            self._emit("message", (action.topic, action.payload))
+        # SESSION_UP says nothing yet: "ready" follows the SUBACKs
 
     # -- the wire ------------------------------------------------------------------------------
 
@@ -247,9 +244,9 @@ class Session:
         try:
             transport = self._connect(ep)
         except OSError as exc:
-            return sv.ConnectFailed(action.epoch, _kind(exc), _reason(exc))
+            return sv.Event(sv.CONNECT_FAILED, action.epoch, _kind(exc), _reason(exc))
         except MemoryError:
-            return sv.ConnectFailed(action.epoch, sv.UNREACHABLE, "memory: connect: out of memory")
+            return sv.Event(sv.CONNECT_FAILED, action.epoch, sv.UNREACHABLE, "memory: connect: out of memory")
         self._transport = transport
         self.epoch = action.epoch
         self.endpoint = ep
@@ -282,8 +279,8 @@ class Session:
         accepted = self.state != CONNECTING
         self._drop()
         if accepted:
-            return sv.Disconnected(epoch, reason)
-        return sv.ConnectFailed(epoch, kind, reason)
+            return sv.Event(sv.DISCONNECTED, epoch, reason)
+        return sv.Event(sv.CONNECT_FAILED, epoch, kind, reason)
 
     def _lost(self, reason, kind=sv.UNREACHABLE):
         event = self._drop_event(reason, kind)
@@ -311,13 +308,12 @@ class Session:
         now = self._clock()
         if p.type == mq.CONNACK and self.state == CONNECTING:
             if p.return_code:
-                reason = mq.CONNACK_REASONS.get(p.return_code, "return code %d" % p.return_code)
-                self._lost("CONNACK refused: %s" % reason, sv.REFUSED)
+                self._lost("CONNACK refused: %s" % mq.connack_reason(p.return_code), sv.REFUSED)
                 return
             self.state = SUBSCRIBING
             self._deadline = now + self.ack_timeout
             self._emit("connected", self.endpoint)
-            self._feed(sv.Connected(self.epoch), now)
+            self._feed(sv.Event(sv.CONNECTED, self.epoch), now)
         elif p.type == mq.SUBACK and p.packet_id in self._subs:
             if 0x80 in p.return_codes:
                 self._lost("SUBSCRIBE refused (broker ACL?): return codes %r" % (p.return_codes,))
@@ -330,10 +326,10 @@ class Session:
         elif p.type == mq.PUBLISH:
             if p.qos == 1:
                 self._send(mq.encode_puback(p.packet_id))
-            self._feed(sv.Message(self.epoch, p.topic, p.payload), now)
+            self._feed(sv.Event(sv.MESSAGE, self.epoch, p.topic, p.payload), now)
         elif p.type == mq.PUBACK:
             if self._inflight.pop(p.packet_id, None) is not None:
-                self._feed(sv.Acked(self.epoch, p.packet_id), now)
+                self._feed(sv.Event(sv.ACKED, self.epoch, p.packet_id), now)
         elif p.type == mq.PINGRESP:
             self._ping_sent = None
         else:

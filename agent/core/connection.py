@@ -6,9 +6,10 @@ Shaped like h11's ``_state.py`` and ``agent/ota/machine.py``: the transitions ar
 ``TRANSITIONS``, one row per event type: the handler, the states it acts in, and the states in which
 it is ignored on purpose (each with its reason below). Any other (state, event) pair raises a
 CoreError naming both: a driver bug surfaces where it happens instead of leaving the machine in a
-state nobody planned. The driver feeds typed events with the current time through ``drive()``,
-which performs the actions ``handle(event, now)`` returns. Nothing here reads a clock, touches the
-network or starts a thread, so a test drives hours of failover in milliseconds with a fake clock.
+state nobody planned. The driver feeds events (agent.core.events.Event; ``event.type`` picks the
+row) with the current time through ``drive()``, which performs the actions ``handle(event, now)``
+returns. Nothing here reads a clock, touches the network or starts a thread, so a test drives hours
+of failover in milliseconds with a fake clock.
 
 Every session attempt gets a new ``epoch``; events about a session (``Connected``,
 ``ConnectFailed``, ``Disconnected``, ``Message``, ``Acked``) carry the epoch they belong to and
@@ -30,35 +31,11 @@ the supervisor adds the Linux agent's) and never read or write the machine's fie
 Written in the CPython/MicroPython common subset (no typing, dataclasses or f-strings).
 """
 
+from agent.core import events as ev
 from agent.core import smartrest
 from agent.core.endpoints import Rotation
 from agent.core.errors import CoreError, ParameterError
-from agent.core.events import (
-    REFUSED,
-    Acked,
-    AttemptFailed,
-    Backoff,
-    Close,
-    Connect,
-    Connected,
-    ConnectFailed,
-    Deliver,
-    Delivered,
-    Disconnected,
-    Message,
-    Operation,
-    Problem,
-    Publish,
-    SessionDown,
-    SessionUp,
-    Start,
-    Stop,
-    Subscribe,
-    Tick,
-    TokenAdopted,
-    TokenWanted,
-    WaitUntil,
-)
+from agent.core.events import REFUSED, Event
 from agent.core.token_schedule import adopt_token_lines
 
 # States
@@ -76,17 +53,17 @@ def drive(machine, event, now, perform):
 
     ``now()`` is the device clock, read once per event handed to the machine, so an event that
     follows a slow action (a connection attempt) is dated when it happened. ``perform`` maps each
-    action type the machine can return (its ``ACTIONS``) to ``handler(action, now)``, which returns
-    the event the action caused (a connection attempt's outcome, a discovery answer) or None. Events
-    are handled in the order they were caused. Raises CoreError for an action with no handler.
+    action type the machine can return (its ``ACTIONS``, ``action.type``) to ``handler(action,
+    now)``, which returns the event the action caused (a connection attempt's outcome, a discovery
+    answer) or None. Events are handled in the order they were caused. Raises CoreError for an action with no handler.
     """
     pending = [event]
     while pending:
         at = now()
         for action in machine.handle(pending.pop(0), at):
-            handler = perform.get(type(action))
+            handler = perform.get(action.type)
             if handler is None:
-                raise CoreError("drive", "no handler for the action %s" % type(action).__name__)
+                raise CoreError("drive", "no handler for the action %s" % action.name())
             follow = handler(action, at)
             if follow is not None:
                 pending.append(follow)
@@ -132,17 +109,17 @@ class Connection:
         epoch = getattr(event, "epoch", None)
         if epoch is not None and epoch != self.epoch:
             self.dropped += 1
-            if type(event) is Connected:
-                out.append(Close(epoch))  # a stale attempt came up after all: it is nobody's session
+            if event.type == ev.CONNECTED:
+                out.append(Event(ev.CLOSE, epoch))  # a stale attempt came up after all: it is nobody's session
             return out
-        row = self.TRANSITIONS.get(type(event))
+        row = self.TRANSITIONS.get(event.type)
         if row is None:
-            raise CoreError("supervisor.event", "unknown event %s in state %s" % (type(event).__name__, self.state))
+            raise CoreError("supervisor.event", "unknown event %s in state %s" % (event.name(), self.state))
         if self.state in row[1]:
             row[0](self, event, now, out)
         elif self.state not in row[2]:
             raise CoreError("supervisor.transition", "event %s is not expected in state %s"
-                            % (type(event).__name__, self.state))
+                            % (event.name(), self.state))
         return out
 
     # -- questions drivers ask ---------------------------------------------------------------------
@@ -180,9 +157,9 @@ class Connection:
 
     def _stop(self, event, now, out):
         if self.state in (CONNECTING, ONLINE):
-            out.append(Close(self.epoch))
+            out.append(Event(ev.CLOSE, self.epoch))
         if self.state == ONLINE:
-            out.append(SessionDown(self.epoch, "stopping"))
+            out.append(Event(ev.SESSION_DOWN, self.epoch, "stopping"))
         self.epoch += 1
         self.state = STOPPED
 
@@ -200,7 +177,7 @@ class Connection:
     def _connect_failed(self, event, now, out):
         endpoint = self.endpoint
         self.errors[endpoint.url()] = event.reason
-        out.append(AttemptFailed(endpoint, event.kind, event.reason))
+        out.append(Event(ev.ATTEMPT_FAILED, endpoint, event.kind, event.reason))
         if self._candidate_refused(event, now, out):
             return
         self.rotation.failed(endpoint)
@@ -215,11 +192,11 @@ class Connection:
         self.backoff.reset()
         self.errors.pop(endpoint.url(), None)
         self.state = ONLINE
-        out.append(Subscribe(self.epoch, self.topics.downstream, 1))
+        out.append(Event(ev.SUBSCRIBE, self.epoch, self.topics.downstream, 1))
         if self.refresher is not None:
-            out.append(Subscribe(self.epoch, self.topics.token_response, 1))
+            out.append(Event(ev.SUBSCRIBE, self.epoch, self.topics.token_response, 1))
             self.refresher.restart()
-        out.append(SessionUp(self.epoch, endpoint))
+        out.append(Event(ev.SESSION_UP, self.epoch, endpoint))
         if self.refresher is not None:
             self._token_timers(now, out)
         if self.heartbeat is not None:
@@ -227,7 +204,7 @@ class Connection:
 
     def _disconnected(self, event, now, out):
         if self.state == CONNECTING:  # closed before it was up: a failed attempt
-            self._connect_failed(ConnectFailed(event.epoch, REFUSED, event.reason), now, out)
+            self._connect_failed(Event(ev.CONNECT_FAILED, event.epoch, REFUSED, event.reason), now, out)
             return
         self._down(event.reason, out)
         # the CONNACK reset the backoff, so this is short; it keeps a broker that accepts and then
@@ -241,15 +218,15 @@ class Connection:
             try:
                 lines = smartrest.split_lines(event.payload)
             except CoreError as exc:
-                out.append(Problem("operation", "ignoring a message on %s: %s" % (event.topic, exc)))
+                out.append(Event(ev.PROBLEM, "operation", "ignoring a message on %s: %s" % (event.topic, exc)))
                 return
             for line in lines:
-                out.append(Operation(line))
+                out.append(Event(ev.OPERATION, line))
         else:
-            out.append(Deliver(event.topic, event.payload))
+            out.append(Event(ev.DELIVER, event.topic, event.payload))
 
     def _acked(self, event, now, out):
-        out.append(Delivered(event.mid))
+        out.append(Event(ev.DELIVERED, event.mid))
 
     def _token_wanted(self, event, now, out):
         if self.refresher is not None and not self.refresher.pending():
@@ -265,20 +242,20 @@ class Connection:
     # - Message, Acked, TokenWanted without a live session: a consumer's 401 or a late packet of
     #   this epoch while the next attempt is prepared; there is nothing to do with them.
     TRANSITIONS = {  # type: dict
-        Start: (_start, (IDLE,), (STOPPED,)),
-        Stop: (_stop, (IDLE, WAITING, CONNECTING, ONLINE), (STOPPED,)),
-        Tick: (_tick, (WAITING, ONLINE), (IDLE, CONNECTING, STOPPED)),
-        ConnectFailed: (_connect_failed, (CONNECTING,), (IDLE, WAITING, ONLINE, STOPPED)),
-        Connected: (_connected, (CONNECTING,), (STOPPED,)),
-        Disconnected: (_disconnected, (CONNECTING, ONLINE), (IDLE, WAITING, STOPPED)),
-        Message: (_message, (ONLINE,), (IDLE, WAITING, CONNECTING, STOPPED)),
-        Acked: (_acked, (ONLINE,), (IDLE, WAITING, CONNECTING, STOPPED)),
-        TokenWanted: (_token_wanted, (ONLINE,), (IDLE, WAITING, CONNECTING, STOPPED)),
+        ev.START: (_start, (IDLE,), (STOPPED,)),
+        ev.STOP: (_stop, (IDLE, WAITING, CONNECTING, ONLINE), (STOPPED,)),
+        ev.TICK: (_tick, (WAITING, ONLINE), (IDLE, CONNECTING, STOPPED)),
+        ev.CONNECT_FAILED: (_connect_failed, (CONNECTING,), (IDLE, WAITING, ONLINE, STOPPED)),
+        ev.CONNECTED: (_connected, (CONNECTING,), (STOPPED,)),
+        ev.DISCONNECTED: (_disconnected, (CONNECTING, ONLINE), (IDLE, WAITING, STOPPED)),
+        ev.MESSAGE: (_message, (ONLINE,), (IDLE, WAITING, CONNECTING, STOPPED)),
+        ev.ACKED: (_acked, (ONLINE,), (IDLE, WAITING, CONNECTING, STOPPED)),
+        ev.TOKEN_WANTED: (_token_wanted, (ONLINE,), (IDLE, WAITING, CONNECTING, STOPPED)),
     }
     # what handle() can return: every driver's ``perform`` has a handler for each (a test checks)
     ACTIONS = (  # type: tuple
-        Connect, Close, WaitUntil, Subscribe, Publish, SessionUp, SessionDown, AttemptFailed, Backoff,
-        Operation, Deliver, Delivered, TokenAdopted, Problem)
+        ev.CONNECT, ev.CLOSE, ev.WAIT_UNTIL, ev.SUBSCRIBE, ev.PUBLISH, ev.SESSION_UP, ev.SESSION_DOWN,
+        ev.ATTEMPT_FAILED, ev.BACKOFF, ev.OPERATION, ev.DELIVER, ev.DELIVERED, ev.TOKEN_ADOPTED, ev.PROBLEM)
 
     # -- hooks the supervisor fills in (discovery, renewal proof) ----------------------------------
     def _begin(self, now, out):
@@ -301,7 +278,7 @@ class Connection:
 
     def _connect_action(self):
         """The action that opens the attempt of the current epoch to ``self.endpoint``."""
-        return Connect(self.epoch, self.endpoint)
+        return Event(ev.CONNECT, self.epoch, self.endpoint)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _attempt(self, now, out, endpoint=None):
@@ -325,11 +302,11 @@ class Connection:
         self.retry_at = now + delay
         self.state = WAITING
         if why == "round":
-            out.append(Backoff(self.retry_at, delay, len(self.rotation.endpoints)))
-        out.append(WaitUntil(self.retry_at))
+            out.append(Event(ev.BACKOFF, self.retry_at, delay, len(self.rotation.endpoints)))
+        out.append(Event(ev.WAIT_UNTIL, self.retry_at))
 
     def _down(self, reason, out):
-        out.append(SessionDown(self.epoch, reason))
+        out.append(Event(ev.SESSION_DOWN, self.epoch, reason))
         self.epoch += 1  # everything the old session still reports is stale from here
         self.state = IDLE
         self.heartbeat_at = None
@@ -337,17 +314,17 @@ class Connection:
             self.refresher.restart()
 
     def _heartbeat(self, now, out):
-        out.append(Publish(self.epoch, self.topics.upstream, self.heartbeat_payload, 1))
+        out.append(Event(ev.PUBLISH, self.epoch, self.topics.upstream, self.heartbeat_payload, 1))
         self.heartbeat_at = now + self.heartbeat
 
     def _request_token(self, now, out):
-        out.append(Publish(self.epoch, self.topics.token_request, b"", 1))
+        out.append(Event(ev.PUBLISH, self.epoch, self.topics.token_request, b"", 1))
         self.refresher.requested(now)
 
     def _token_timers(self, now, out):
         refresher = self.refresher
         if refresher.timed_out(now, self._rand()):
-            out.append(Problem("token", "%s; asking again in %s (the current token stays in use while valid)"
+            out.append(Event(ev.PROBLEM, "token", "%s; asking again in %s (the current token stays in use while valid)"
                                % (_reason(refresher.last_error, "token"), _seconds(refresher.next_event_at() - now))))
         if refresher.due(now):
             self._request_token(now, out)
@@ -355,11 +332,11 @@ class Connection:
     def _token_answer(self, payload, now, out):
         for token, result in adopt_token_lines(self.refresher, payload, now, self._rand()):
             if token is None:
-                out.append(Problem("token", "rejected an answer: %s; keeping the current token, asking again "
+                out.append(Event(ev.PROBLEM, "token", "rejected an answer: %s; keeping the current token, asking again "
                                    "in %s" % (_reason(result, "token"),
                                               _seconds(self.refresher.next_event_at() - now))))
             else:
-                out.append(TokenAdopted(token, result))
+                out.append(Event(ev.TOKEN_ADOPTED, token, result))
 
 
 def _reason(error, what):

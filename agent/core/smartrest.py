@@ -26,13 +26,15 @@ def split_lines(payload, max_chars=MAX_LINE_CHARS):
     """
     if isinstance(payload, (bytes, bytearray)):
         try:
-            payload = bytes(payload).decode()
+            # bytes decode as they are (a copy less on a board); MicroPython's bytearray has no decode
+            payload = (payload if isinstance(payload, bytes) else bytes(payload)).decode()
         except UnicodeError:
             raise SmartRestError("payload", "not UTF-8") from None
     if not isinstance(payload, str):
         raise SmartRestError("payload", "expected text or bytes, got %s" % type(payload).__name__)
     lines = []
-    for line in payload.split("\n"):
+    # one line is the usual payload: not splitting it saves a copy of a token answer on a board
+    for line in payload.split("\n") if "\n" in payload else (payload,):
         if line.endswith("\r"):
             line = line[:-1]
         if len(line) > max_chars:

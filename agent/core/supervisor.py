@@ -25,43 +25,53 @@ from agent.core.connection import (
 )
 from agent.core.endpoints import Rotation
 from agent.core.events import (
+    ACKED,
+    ATTEMPT_FAILED,
+    BACKOFF,
+    CLOSE,
+    CONNECT,
+    CONNECT_FAILED,
+    CONNECTED,
+    DELIVER,
+    DELIVERED,
+    DISCONNECTED,
     KINDS,
+    MESSAGE,
+    OPERATION,
+    PROBLEM,
+    PUBLISH,
     REFUSED,
+    SESSION_DOWN,
+    SESSION_UP,
+    START,
+    STOP,
+    SUBSCRIBE,
+    TICK,
     TLS_VERIFY,
+    TOKEN_ADOPTED,
+    TOKEN_WANTED,
     UNREACHABLE,
-    Acked,
-    AttemptFailed,
-    Backoff,
-    Close,
-    Connect,
-    Connected,
-    ConnectFailed,
-    Deliver,
-    Delivered,
-    Disconnected,
-    Message,
-    Operation,
-    Problem,
-    Publish,
-    SessionDown,
-    SessionUp,
-    Start,
-    Stop,
-    Subscribe,
-    Tick,
-    TokenAdopted,
-    TokenWanted,
-    WaitUntil,
+    WAIT_UNTIL,
 )
-from agent.core.supervisor_events import Discovered, Disprove, Promote, ProveCandidate, Rediscover, RenewalStaged
+from agent.core.supervisor_events import (
+    DISCOVERED,
+    DISPROVE,
+    PROMOTE,
+    PROVE_CANDIDATE,
+    REDISCOVER,
+    RENEWAL_STAGED,
+    Event,
+)
 
-# the vocabulary is re-exported: drivers write supervisor.Connect, supervisor.Tick, ...
+# the vocabulary is re-exported: drivers write supervisor.Event(supervisor.CONNECT, ...), supervisor.TICK, ...
+# (Event is supervisor_events.Event: it knows the supervisor's types too)
 __all__ = [
-    "Supervisor", "drive", "KINDS", "REFUSED", "TLS_VERIFY", "UNREACHABLE", "Acked", "AttemptFailed", "Backoff",
-    "Close", "Connect", "Connected", "ConnectFailed", "Deliver", "Delivered", "Disconnected", "Discovered",
-    "Disprove", "Message", "Operation", "Problem", "Promote", "ProveCandidate", "Publish", "Rediscover",
-    "RenewalStaged", "SessionDown", "SessionUp", "Start", "Stop", "Subscribe", "Tick", "TokenAdopted",
-    "TokenWanted", "WaitUntil", "IDLE", "DISCOVERING", "WAITING", "CONNECTING", "ONLINE", "STOPPED",
+    "Supervisor", "Event", "drive", "KINDS", "REFUSED", "TLS_VERIFY", "UNREACHABLE", "ACKED", "ATTEMPT_FAILED",
+    "BACKOFF", "CLOSE", "CONNECT", "CONNECTED", "CONNECT_FAILED", "DELIVER", "DELIVERED", "DISCONNECTED",
+    "DISCOVERED", "DISPROVE", "MESSAGE", "OPERATION", "PROBLEM", "PROMOTE", "PROVE_CANDIDATE", "PUBLISH",
+    "REDISCOVER", "RENEWAL_STAGED", "SESSION_DOWN", "SESSION_UP", "START", "STOP", "SUBSCRIBE", "TICK",
+    "TOKEN_ADOPTED", "TOKEN_WANTED", "WAIT_UNTIL", "IDLE", "DISCOVERING", "WAITING", "CONNECTING", "ONLINE",
+    "STOPPED",
 ]
 
 _ALIVE = (IDLE, WAITING, CONNECTING, DISCOVERING, ONLINE)
@@ -102,7 +112,7 @@ class Supervisor(Connection):
             self.rotation = Rotation(event.endpoints)
             self.rotation.last_good = last_good
         elif self.rotation is None:
-            out.append(Problem("discovery", "no endpoint known yet; asking again after a backoff"))
+            out.append(Event(PROBLEM, "discovery", "no endpoint known yet; asking again after a backoff"))
             self._wait(now, out, "discovery")
             return
         self._next(now, out)
@@ -110,29 +120,29 @@ class Supervisor(Connection):
     def _renewal_staged(self, event, now, out):
         self.staged = True
         if self.state == ONLINE:
-            out.append(Close(self.epoch))
+            out.append(Event(CLOSE, self.epoch))
             self._down("reconnecting to prove the renewed certificate", out)
             self._attempt(now, out)  # the rotation starts at the endpoint that just worked
 
     # Connection.TRANSITIONS with the DISCOVERING state (only Stop acts there; everything else a
     # session or a timer says is about no attempt while discovery is asked) and two more events.
     TRANSITIONS = {  # type: dict
-        Start: (_C._start, (IDLE,), (STOPPED,)),
-        Stop: (_C._stop, _ALIVE, (STOPPED,)),
-        Tick: (_C._tick, (WAITING, ONLINE), (IDLE, CONNECTING, DISCOVERING, STOPPED)),
-        ConnectFailed: (_C._connect_failed, (CONNECTING,), (IDLE, WAITING, ONLINE, DISCOVERING, STOPPED)),
-        Connected: (_C._connected, (CONNECTING,), (STOPPED,)),
-        Disconnected: (_C._disconnected, (CONNECTING, ONLINE), (IDLE, WAITING, DISCOVERING, STOPPED)),
-        Message: (_C._message, (ONLINE,), (IDLE, WAITING, CONNECTING, DISCOVERING, STOPPED)),
-        Acked: (_C._acked, (ONLINE,), (IDLE, WAITING, CONNECTING, DISCOVERING, STOPPED)),
-        TokenWanted: (_C._token_wanted, (ONLINE,), (IDLE, WAITING, CONNECTING, DISCOVERING, STOPPED)),
+        START: (_C._start, (IDLE,), (STOPPED,)),
+        STOP: (_C._stop, _ALIVE, (STOPPED,)),
+        TICK: (_C._tick, (WAITING, ONLINE), (IDLE, CONNECTING, DISCOVERING, STOPPED)),
+        CONNECT_FAILED: (_C._connect_failed, (CONNECTING,), (IDLE, WAITING, ONLINE, DISCOVERING, STOPPED)),
+        CONNECTED: (_C._connected, (CONNECTING,), (STOPPED,)),
+        DISCONNECTED: (_C._disconnected, (CONNECTING, ONLINE), (IDLE, WAITING, DISCOVERING, STOPPED)),
+        MESSAGE: (_C._message, (ONLINE,), (IDLE, WAITING, CONNECTING, DISCOVERING, STOPPED)),
+        ACKED: (_C._acked, (ONLINE,), (IDLE, WAITING, CONNECTING, DISCOVERING, STOPPED)),
+        TOKEN_WANTED: (_C._token_wanted, (ONLINE,), (IDLE, WAITING, CONNECTING, DISCOVERING, STOPPED)),
         # a discovery answer matters only while the machine waits for it; a late one is dropped
-        Discovered: (_discovered, (DISCOVERING,), (IDLE, WAITING, CONNECTING, ONLINE, STOPPED)),
+        DISCOVERED: (_discovered, (DISCOVERING,), (IDLE, WAITING, CONNECTING, ONLINE, STOPPED)),
         # a pair staged at any time is proven by the next attempt (at once when a session is up)
-        RenewalStaged: (_renewal_staged, _ALIVE, (STOPPED,)),
+        RENEWAL_STAGED: (_renewal_staged, _ALIVE, (STOPPED,)),
     }
     ACTIONS = Connection.ACTIONS + (  # type: tuple
-        ProveCandidate, Promote, Disprove, Rediscover)
+        PROVE_CANDIDATE, PROMOTE, DISPROVE, REDISCOVER)
 
     # -- the hooks of Connection -------------------------------------------------------------------
     def _begin(self, now, out):
@@ -147,7 +157,7 @@ class Supervisor(Connection):
             # pair at once (it worked before, so this is not a failed endpoint yet)
             self.staged = False
             self.proving = False
-            out.append(Disprove(event.reason))
+            out.append(Event(DISPROVE, event.reason))
             self._attempt(now, out, self.endpoint)
             return True
         self.proving = False
@@ -164,7 +174,7 @@ class Supervisor(Connection):
         if self.proving:
             self.proving = False
             self.staged = False
-            out.append(Promote())
+            out.append(Event(PROMOTE))
         self.rediscovered = False
 
     def _round_over(self):
@@ -173,11 +183,11 @@ class Supervisor(Connection):
     def _connect_action(self):
         if self.staged:
             self.proving = True
-            return ProveCandidate(self.epoch, self.endpoint)
+            return Event(PROVE_CANDIDATE, self.epoch, self.endpoint)
         self.proving = False
-        return Connect(self.epoch, self.endpoint)
+        return Event(CONNECT, self.epoch, self.endpoint)
 
     def _rediscover(self, why, out):
         self.rediscovered = True
         self.state = DISCOVERING
-        out.append(Rediscover(why))
+        out.append(Event(REDISCOVER, why))

@@ -2,44 +2,28 @@
 certificate/key pair (agent/core/supervisor.py). A board takes its endpoints from its own config and
 renews nothing, so it never loads these (agent/core/events.py holds the rest of the vocabulary).
 
+``Event`` here is agent.core.events.Event with these types appended to its tables; the Linux agent
+builds every event through it (agent.core.supervisor re-exports it).
+
 Written in the CPython/MicroPython common subset; field types in supervisor_events.pyi, for mypy.
 """
 
-from agent.core.events import _Value
+from agent.core import events
 
 # -- events (driver -> supervisor) -------------------------------------------------------------------
-
-
-class Discovered(_Value):
-    """Answer to ``Rediscover``: the ordered endpoint list, or None when discovery failed."""
-
-    FIELDS = ("endpoints",)
-
-
-class RenewalStaged(_Value):
-    """A renewed pair waits to be proven. Which pair (chain file, key label) is the renewal record's
-    to say (agent/renewal_state.py, its one owner); the supervisor only decides when to prove it."""
-
-
+DISCOVERED = 23       # answer to REDISCOVER: the ordered ``endpoints``, or None when discovery failed
+RENEWAL_STAGED = 24   # a renewed pair waits to be proven (which pair is the renewal record's to say,
+#                       agent/renewal_state.py; the supervisor only decides when to prove it)
 # -- actions (supervisor -> driver) ------------------------------------------------------------------
-
-class ProveCandidate(_Value):
-    """Open a session to ``endpoint`` with the staged pair (the driver asks its owner which it is)."""
-
-    FIELDS = ("epoch", "endpoint")
-
-
-class Promote(_Value):
-    """The staged pair established a session: make it the current pair (it already carries it)."""
+PROVE_CANDIDATE = 25  # open a session to ``endpoint`` with the staged pair (the driver asks its owner which)
+PROMOTE = 26          # the staged pair established a session: make it the current pair
+DISPROVE = 27         # the staged pair was refused (``reason``): drop it and keep the current pair
+REDISCOVER = 28       # ask the discovery service for the endpoint list (``why``); answer with DISCOVERED
 
 
-class Disprove(_Value):
-    """The staged pair was refused: drop it and keep the current pair."""
+class Event(events.Event):
+    """agent.core.events.Event, knowing the supervisor's types as well."""
 
-    FIELDS = ("reason",)
-
-
-class Rediscover(_Value):
-    """Ask the discovery service for the endpoint list; answer with ``Discovered``."""
-
-    FIELDS = ("why",)
+    NAMES = events.NAMES + ("Discovered", "RenewalStaged", "ProveCandidate", "Promote", "Disprove", "Rediscover")
+    FIELDS = events.FIELDS + (("endpoints",), (), ("epoch", "endpoint"), (), ("reason",), ("why",))
+    DEFAULTS = events.DEFAULTS + ((), (), (), (), (), ())

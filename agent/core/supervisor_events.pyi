@@ -1,32 +1,18 @@
 """Types of agent/core/supervisor_events.py for mypy (kept in step by tests/unit/test_supervisor.py)."""
 
-from agent.core.endpoints import Endpoint
-from agent.core.events import _Value
+from typing import Any
 
-class Discovered(_Value):
-    endpoints: list[Endpoint] | None
-    def __init__(self, endpoints: list[Endpoint] | None) -> None: ...
+from agent.core import events
 
-
-class RenewalStaged(_Value):
-    pass
-
-
-class ProveCandidate(_Value):
-    epoch: int
-    endpoint: Endpoint
-    def __init__(self, epoch: int, endpoint: Endpoint) -> None: ...
+DISCOVERED: int
+RENEWAL_STAGED: int
+PROVE_CANDIDATE: int
+PROMOTE: int
+DISPROVE: int
+REDISCOVER: int
 
 
-class Promote(_Value):
-    pass
-
-
-class Disprove(_Value):
-    reason: str
-    def __init__(self, reason: str) -> None: ...
-
-
-class Rediscover(_Value):
+class Event(events.Event):
+    # the fields of the supervisor's types that events.Event does not declare
     why: str
-    def __init__(self, why: str) -> None: ...
+    def __init__(self, type: int, *fields: Any) -> None: ...  # noqa: A002

@@ -133,21 +133,21 @@ def token_answers():
                         TokenRefresher(Backoff(d["backoff_base"], d["backoff_cap"]), d["token_timeout"]))
     trace = []
     times = broker.token_requests
-    sup.handle(sv.Start(), times[0])
+    sup.handle(sv.Event(sv.START), times[0])
     first = True
     for i, at in enumerate(times):
-        actions = sup.handle(sv.Connected(sup.epoch), at) if first else sup.handle(sv.Tick(), at)
+        actions = sup.handle(sv.Event(sv.CONNECTED, sup.epoch), at) if first else sup.handle(sv.Event(sv.TICK), at)
         first = False
         payload = answers[i] if i < len(answers) else None
         if payload is None:
             payload = "71," + make_jwt({"iat": at, "exp": at + broker.token_lifetime})
-        actions = actions + sup.handle(sv.Message(sup.epoch, sup.topics.token_response,
+        actions = actions + sup.handle(sv.Event(sv.MESSAGE, sup.epoch, sup.topics.token_response,
                                                   payload if isinstance(payload, bytes) else payload.encode()), at)
         for a in actions:
-            if type(a) is sv.Publish and a.topic == sup.topics.token_request:
+            if a.type == sv.PUBLISH and a.topic == sup.topics.token_request:
                 _token_trace(trace, "token_requested", at)
-            elif type(a) is sv.Problem:
+            elif a.type == sv.PROBLEM:
                 _token_trace(trace, "token_error", a.detail)
-            elif type(a) is sv.TokenAdopted:
+            elif a.type == sv.TOKEN_ADOPTED:
                 _token_trace(trace, "token", a.schedule)
     return {"board": board_trace, "supervisor": trace}

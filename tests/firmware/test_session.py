@@ -167,13 +167,13 @@ def test_out_of_memory_before_an_attempt_starts_counts_as_a_failed_attempt():
     s = _session(broker, clock, events)
     from agent.core import events as sv
 
-    opened = s._perform[sv.Connect]
+    opened = s._perform[sv.CONNECT]
 
     def no_memory(action, now):
-        s._perform[sv.Connect] = opened
+        s._perform[sv.CONNECT] = opened
         raise MemoryError
 
-    s._perform[sv.Connect] = no_memory
+    s._perform[sv.CONNECT] = no_memory
     s.step()  # Start: the supervisor wants an attempt, the heap says no
     assert s.sup.attempting() is not None and not broker.connects
     for _ in range(100):  # stuck "connecting" with nothing open would never get there

@@ -255,7 +255,7 @@ def test_unix_port_is_the_pinned_micropython() -> None:
 
 
 WHERE = {"mpy-64": "tether_main.mpy", "frozen-32": "tether_main.py", "frozen-64": "tether_main.py",
-         "romfs-64": "/rom/tether_main.mpy"}
+         "romfs-64": "/rom/tether_main.mpy", "romfs-32": "/rom/tether_main.mpy"}
 
 
 @pytest.mark.parametrize("name", unix_port.DEPLOYMENTS)

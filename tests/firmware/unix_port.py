@@ -37,13 +37,16 @@ BUILD_PY = REPO / "firmware" / "build.py"
 # The budgets, one table: -X heapsize at which each deployment's tests run the whole cycle (mTLS
 # connect, subscribe, token, refresh at half life, heartbeats; failover and the rest on mpy-64 and
 # frozen-32). Each is the smallest heap completing the cycle (benchmarks/firmware_size.py, bisected;
-# in the comment) plus a margin; docs/firmware.md quotes them. Issue 25's targets, for when the
-# supervisor's split lands: frozen-32 20K, frozen-64 40K, romfs-64 56K.
+# in the comment, with its ratio to the bare umqtt.simple-style floor of the same word size: 9K on
+# 32-bit, 11K on 64-bit) plus a margin of 2-5K; docs/firmware.md quotes them. Issue 25's targets:
+# frozen-32 20K (not yet: 21K), frozen-64 40K (met, budget above it by the margin), romfs-64 56K
+# (not yet: 75K).
 HEAPSIZE = {
-    "mpy-64": "108K",     # smallest 101K
-    "frozen-32": "30K",   # smallest 27K
-    "frozen-64": "52K",   # smallest 48K
-    "romfs-64": "88K",    # smallest 83K
+    "mpy-64": "102K",     # smallest 97K, 8.8x
+    "frozen-32": "23K",   # smallest 21K, 2.3x the floor
+    "frozen-64": "43K",   # smallest 40K, 3.6x
+    "romfs-64": "80K",    # smallest 75K, 6.8x
+    "romfs-32": "46K",    # smallest 43K, 4.8x
 }
 DEPLOYMENTS = tuple(HEAPSIZE)
 

@@ -8,7 +8,7 @@ flavours (FLAVOURS):
 
 - ``frozen-32`` / ``frozen-64``: the standard variant with ``FROZEN_MANIFEST`` including
   firmware/manifest.py, 32-bit (``-m32``, Debian's gcc-multilib) and 64-bit;
-- ``romfs-64``: the standard variant plus ``vfs.rom_ioctl`` (tests/firmware/unix_variants/romfs),
+- ``romfs-64`` / ``romfs-32``: the standard variant plus ``vfs.rom_ioctl`` (tests/firmware/unix_variants/romfs),
   nothing of ours frozen. ``main.c`` is patched (ROMFS_PATCH) so its one ROM segment is the file
   named by ``$MICROPY_ROMFS_IMAGE``, mapped read-only outside the GC heap as a board maps its
   partition, and mounted at ``/rom`` at start-up as a board's boot code does.
@@ -73,6 +73,7 @@ FLAVOURS = {f.name: f for f in (
     Flavour("frozen-32", 32, True, "standard"),
     Flavour("frozen-64", 64, True, "standard"),
     Flavour("romfs-64", 64, False, "romfs"),
+    Flavour("romfs-32", 32, False, "romfs"),
 )}
 
 # ports/unix/main.c: the one ROM segment becomes $MICROPY_ROMFS_IMAGE, mmap'd read-only (a board's

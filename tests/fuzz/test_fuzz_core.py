@@ -116,9 +116,9 @@ def online_supervisor() -> sv.Supervisor:
     """A supervisor with a live session on dev-001's topics, holding a valid token."""
     sup = sv.Supervisor([Endpoint("core.local")], Backoff(1, 60), Topics("dev-001"), lambda: 0.5,
                         TokenRefresher(Backoff(1, 60), 10))
-    sup.handle(sv.Start(), 1000)
-    sup.handle(sv.Connected(sup.epoch), 1000)
-    sup.handle(sv.Message(sup.epoch, "dev-001/s/dat", b"71," + GOOD_TOKEN.encode()), 1001)
+    sup.handle(sv.Event(sv.START), 1000)
+    sup.handle(sv.Event(sv.CONNECTED, sup.epoch), 1000)
+    sup.handle(sv.Event(sv.MESSAGE, sup.epoch, "dev-001/s/dat", b"71," + GOOD_TOKEN.encode()), 1001)
     return sup
 
 
@@ -134,11 +134,11 @@ SUPERVISOR = online_supervisor()
 def test_supervisor_swallows_every_bad_token_answer(payload: bytes, topic: str) -> None:
     tried("token response (agent.core.supervisor, 71 lines on the response topic)")
     assert SUPERVISOR.refresher is not None
-    actions = SUPERVISOR.handle(sv.Message(SUPERVISOR.epoch, topic, payload), 2000)
+    actions = SUPERVISOR.handle(sv.Event(sv.MESSAGE, SUPERVISOR.epoch, topic, payload), 2000)
     if topic != "dev-001/s/dat":
-        assert [type(a) for a in actions] == [sv.Deliver]
+        assert [a.type for a in actions] == [sv.DELIVER]
     for action in actions:
-        assert isinstance(action, sv.TokenAdopted | sv.Problem | sv.Deliver)
+        assert action.type in (sv.TOKEN_ADOPTED, sv.PROBLEM, sv.DELIVER)
     assert SUPERVISOR.refresher.token(2000) is not None  # a valid token is never dropped for a bad answer
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.core.events import Acked, Disconnected
+from agent.core.events import ACKED, DISCONNECTED, Event
 from lab.discovery import DiscoveryServer, greengrass_document
 from lab.mosquitto import BrokerFiles, Mosquitto
 from lab.procs import wait_until
@@ -303,8 +303,8 @@ def test_in_process_runtime_fails_over_between_real_brokers(tmp_path: Path, pki:
         # Late news of a's dead session (its close, a PUBACK) must be dropped, not end b's session: b's
         # packet ids restart at 1, so a stale acknowledgement would otherwise pass for one of b's.
         dropped = supervisor.dropped
-        agent.runtime.post(Disconnected(on_a, "a's connection closed late"))
-        agent.runtime.post(Acked(on_a, 1))
+        agent.runtime.post(Event(DISCONNECTED, on_a, "a's connection closed late"))
+        agent.runtime.post(Event(ACKED, on_a, 1))
         wait_until(lambda: supervisor.dropped >= dropped + 2, 10, "the two stale events to be dropped",
                    describe=lambda: f"dropped {supervisor.dropped}, state {supervisor.state}, status {agent.status()}")
         assert supervisor.epoch == on_b and supervisor.state == "online"

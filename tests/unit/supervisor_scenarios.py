@@ -30,8 +30,8 @@ def jwt(iat, exp):
 
 
 def _show(action):
-    parts = [type(action).__name__]
-    for f in action.FIELDS:
+    parts = [action.name()]
+    for f in action.fields():
         v = getattr(action, f)
         if isinstance(v, Endpoint):
             v = v.host
@@ -68,143 +68,143 @@ class Driver:
 
 def failover():
     d = Driver([A, B])
-    d.feed(sv.Start(), 0)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "refused"), 1)
-    d.feed(sv.Connected(d.epoch), 2)
-    d.feed(sv.Disconnected(d.epoch, "broker died"), 10)
-    d.feed(sv.Tick(), 10.2)  # before the short backoff ends: nothing
-    d.feed(sv.Tick(), 10.5)  # last good (b) again first
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "refused"), 11)
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "refused"), 1)
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 2)
+    d.feed(sv.Event(sv.DISCONNECTED, d.epoch, "broker died"), 10)
+    d.feed(sv.Event(sv.TICK), 10.2)  # before the short backoff ends: nothing
+    d.feed(sv.Event(sv.TICK), 10.5)  # last good (b) again first
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "refused"), 11)
     return d.trace
 
 
 def round_backoff():
     d = Driver([A, B])
-    d.feed(sv.Start(), 0)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "a down"), 1)
-    d.feed(sv.ConnectFailed(d.epoch, sv.REFUSED, "b says no"), 2)
-    d.feed(sv.Tick(), 2.4)
-    d.feed(sv.Tick(), 2.5)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "a down"), 3)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "b down"), 4)  # second round: a longer ceiling
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "a down"), 1)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.REFUSED, "b says no"), 2)
+    d.feed(sv.Event(sv.TICK), 2.4)
+    d.feed(sv.Event(sv.TICK), 2.5)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "a down"), 3)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "b down"), 4)  # second round: a longer ceiling
     return d.trace
 
 
 def rediscovery():
     d = Driver([A], discovery=True)
-    d.feed(sv.Start(), 0)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "a down"), 1)  # round failed: ask once
-    d.feed(sv.Discovered([C, A]), 2)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "c down"), 3)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "a down"), 4)  # asked this round already: back off
-    d.feed(sv.Tick(), 5)
-    d.feed(sv.ConnectFailed(d.epoch, sv.TLS_VERIFY, "unknown CA"), 6)  # a new round may ask again
-    d.feed(sv.Discovered(None), 7)  # discovery failed: keep the list, go on with the round
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "a down"), 1)  # round failed: ask once
+    d.feed(sv.Event(sv.DISCOVERED, [C, A]), 2)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "c down"), 3)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "a down"), 4)  # asked this round already: back off
+    d.feed(sv.Event(sv.TICK), 5)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.TLS_VERIFY, "unknown CA"), 6)  # a new round may ask again
+    d.feed(sv.Event(sv.DISCOVERED, None), 7)  # discovery failed: keep the list, go on with the round
     return d.trace
 
 
 def discovery_first():
     d = Driver([], discovery=True)
-    d.feed(sv.Start(), 0)
-    d.feed(sv.Discovered(None), 1)
-    d.feed(sv.Tick(), 1.5)
-    d.feed(sv.Discovered([C]), 2)
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.DISCOVERED, None), 1)
+    d.feed(sv.Event(sv.TICK), 1.5)
+    d.feed(sv.Event(sv.DISCOVERED, [C]), 2)
     return d.trace
 
 
 def renewal_proven():
     d = Driver([A, B])
-    d.feed(sv.Start(), 0)
-    d.feed(sv.Connected(d.epoch), 1)
-    d.feed(sv.RenewalStaged(), 100)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "a went away"), 101)  # says nothing about the pair
-    d.feed(sv.Connected(d.epoch), 102)
-    d.feed(sv.Disconnected(d.epoch, "later drop"), 200)
-    d.feed(sv.Tick(), 201)  # the promoted pair is the current pair now: a plain Connect
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 1)
+    d.feed(sv.Event(sv.RENEWAL_STAGED), 100)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "a went away"), 101)  # says nothing about the pair
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 102)
+    d.feed(sv.Event(sv.DISCONNECTED, d.epoch, "later drop"), 200)
+    d.feed(sv.Event(sv.TICK), 201)  # the promoted pair is the current pair now: a plain Connect
     return d.trace
 
 
 def renewal_disproven():
     d = Driver([A, B])
-    d.feed(sv.Start(), 0)
-    d.feed(sv.Connected(d.epoch), 1)
-    d.feed(sv.RenewalStaged(), 100)
-    d.feed(sv.ConnectFailed(d.epoch, sv.REFUSED, "certificate unknown"), 101)
-    d.feed(sv.Connected(d.epoch), 102)  # the old pair still works
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 1)
+    d.feed(sv.Event(sv.RENEWAL_STAGED), 100)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.REFUSED, "certificate unknown"), 101)
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 102)  # the old pair still works
     return d.trace
 
 
 def renewal_staged_while_offline():
     d = Driver([A])
-    d.feed(sv.Start(), 0)
-    d.feed(sv.ConnectFailed(d.epoch, sv.UNREACHABLE, "a down"), 1)
-    d.feed(sv.RenewalStaged(), 1.2)
-    d.feed(sv.Tick(), 2)
-    d.feed(sv.ConnectFailed(d.epoch, sv.TLS_VERIFY, "broker CA unknown"), 3)  # about the broker, not us
-    d.feed(sv.Tick(), 4)
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.UNREACHABLE, "a down"), 1)
+    d.feed(sv.Event(sv.RENEWAL_STAGED), 1.2)
+    d.feed(sv.Event(sv.TICK), 2)
+    d.feed(sv.Event(sv.CONNECT_FAILED, d.epoch, sv.TLS_VERIFY, "broker CA unknown"), 3)  # about the broker, not us
+    d.feed(sv.Event(sv.TICK), 4)
     return d.trace
 
 
 def stale_events():
     d = Driver([A])
-    d.feed(sv.Start(), 0)
+    d.feed(sv.Event(sv.START), 0)
     old = d.epoch
-    d.feed(sv.Connected(old), 1)
-    d.feed(sv.Acked(old, 1), 2)
-    d.feed(sv.Disconnected(old, "drop"), 3)
-    d.feed(sv.Acked(old, 2), 3.1)            # a late PUBACK of the closed session: dropped
-    d.feed(sv.Message(old, "dev/s/ds", b"515,x"), 3.2)  # and its late message
-    d.feed(sv.Tick(), 4)
-    d.feed(sv.Connected(old), 4.1)          # a stale attempt: closed, not adopted
-    d.feed(sv.Connected(d.epoch), 5)
-    d.feed(sv.Acked(d.epoch, 1), 6)
+    d.feed(sv.Event(sv.CONNECTED, old), 1)
+    d.feed(sv.Event(sv.ACKED, old, 1), 2)
+    d.feed(sv.Event(sv.DISCONNECTED, old, "drop"), 3)
+    d.feed(sv.Event(sv.ACKED, old, 2), 3.1)            # a late PUBACK of the closed session: dropped
+    d.feed(sv.Event(sv.MESSAGE, old, "dev/s/ds", b"515,x"), 3.2)  # and its late message
+    d.feed(sv.Event(sv.TICK), 4)
+    d.feed(sv.Event(sv.CONNECTED, old), 4.1)          # a stale attempt: closed, not adopted
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 5)
+    d.feed(sv.Event(sv.ACKED, d.epoch, 1), 6)
     d.trace.append("dropped=%d" % d.sup.dropped)
     return d.trace
 
 
 def messages():
     d = Driver([A])
-    d.feed(sv.Start(), 0)
-    d.feed(sv.Connected(d.epoch), 1)
-    d.feed(sv.Message(d.epoch, "dev/s/ds", b"515,a,b,1.0,http://x\n510,y"), 2)
-    d.feed(sv.Message(d.epoch, "dev/s/ds", b"\xff\xfe"), 3)
-    d.feed(sv.Message(d.epoch, "dev/other", b"hi"), 4)
-    d.feed(sv.Stop(), 5)
-    d.feed(sv.Tick(), 6)
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 1)
+    d.feed(sv.Event(sv.MESSAGE, d.epoch, "dev/s/ds", b"515,a,b,1.0,http://x\n510,y"), 2)
+    d.feed(sv.Event(sv.MESSAGE, d.epoch, "dev/s/ds", b"\xff\xfe"), 3)
+    d.feed(sv.Event(sv.MESSAGE, d.epoch, "dev/other", b"hi"), 4)
+    d.feed(sv.Event(sv.STOP), 5)
+    d.feed(sv.Event(sv.TICK), 6)
     return d.trace
 
 
 def token_schedule():
     d = Driver([A], token=True)
-    d.feed(sv.Start(), 1000)
-    d.feed(sv.Connected(d.epoch), 1000)  # no token yet: asked at once
-    d.feed(sv.Message(d.epoch, "dev/s/dat", ("71," + jwt(1000, 1100)).encode()), 1001)
+    d.feed(sv.Event(sv.START), 1000)
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 1000)  # no token yet: asked at once
+    d.feed(sv.Event(sv.MESSAGE, d.epoch, "dev/s/dat", ("71," + jwt(1000, 1100)).encode()), 1001)
     d.trace.append("deadline=%s" % d.sup.deadline())
-    d.feed(sv.Tick(), 1049)
-    d.feed(sv.Tick(), 1050)  # half life
-    d.feed(sv.Tick(), 1060)  # no answer within the 10 s timeout: retry after a backoff
-    d.feed(sv.Tick(), 1060.5)
-    d.feed(sv.Message(d.epoch, "dev/s/dat", b"71,"), 1061)  # a 71 without a token: refused, retried
-    d.feed(sv.Message(d.epoch, "dev/s/dat", b"41,not ours"), 1062)  # other templates: ignored
-    d.feed(sv.Tick(), 1062)
-    d.feed(sv.Message(d.epoch, "dev/s/dat", ("71," + jwt(1062, 1162)).encode()), 1063)
-    d.feed(sv.TokenWanted(), 1064)  # a 401 elsewhere: ask now
+    d.feed(sv.Event(sv.TICK), 1049)
+    d.feed(sv.Event(sv.TICK), 1050)  # half life
+    d.feed(sv.Event(sv.TICK), 1060)  # no answer within the 10 s timeout: retry after a backoff
+    d.feed(sv.Event(sv.TICK), 1060.5)
+    d.feed(sv.Event(sv.MESSAGE, d.epoch, "dev/s/dat", b"71,"), 1061)  # a 71 without a token: refused, retried
+    d.feed(sv.Event(sv.MESSAGE, d.epoch, "dev/s/dat", b"41,not ours"), 1062)  # other templates: ignored
+    d.feed(sv.Event(sv.TICK), 1062)
+    d.feed(sv.Event(sv.MESSAGE, d.epoch, "dev/s/dat", ("71," + jwt(1062, 1162)).encode()), 1063)
+    d.feed(sv.Event(sv.TOKEN_WANTED), 1064)  # a 401 elsewhere: ask now
     return d.trace
 
 
 def heartbeat():
     # the firmware's heartbeat: a 117 line on s/us when the session comes up, then every interval
     d = Driver([A], token=True, heartbeat=90)
-    d.feed(sv.Start(), 0)
-    d.feed(sv.Connected(d.epoch), 1)
+    d.feed(sv.Event(sv.START), 0)
+    d.feed(sv.Event(sv.CONNECTED, d.epoch), 1)
     d.trace.append("deadline=%s" % d.sup.deadline())  # the token timeout comes first
-    d.feed(sv.Message(d.epoch, "dev/s/dat", ("71," + jwt(1, 1001)).encode()), 2)
+    d.feed(sv.Event(sv.MESSAGE, d.epoch, "dev/s/dat", ("71," + jwt(1, 1001)).encode()), 2)
     d.trace.append("deadline=%s" % d.sup.deadline())
-    d.feed(sv.Tick(), 90)
-    d.feed(sv.Tick(), 91)
-    d.feed(sv.Disconnected(d.epoch, "drop"), 100)
+    d.feed(sv.Event(sv.TICK), 90)
+    d.feed(sv.Event(sv.TICK), 91)
+    d.feed(sv.Event(sv.DISCONNECTED, d.epoch, "drop"), 100)
     d.trace.append("deadline=%s" % d.sup.deadline())  # the reconnect, not the old session's heartbeat
-    d.feed(sv.Tick(), 181)
+    d.feed(sv.Event(sv.TICK), 181)
     return d.trace
 
 

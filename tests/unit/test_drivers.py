@@ -28,39 +28,40 @@ STATES = (sv.IDLE, sv.DISCOVERING, sv.WAITING, sv.CONNECTING, sv.ONLINE, sv.STOP
 def test_every_state_and_event_pair_is_either_handled_or_ignored_on_purpose_never_both(machine: type) -> None:
     states = STATES if machine is sv.Supervisor else tuple(s for s in STATES if s != sv.DISCOVERING)
     for event, (_handler, acts, ignores) in machine.TRANSITIONS.items():
-        assert not set(acts) & set(ignores), event.__name__
-        assert set(acts) | set(ignores) <= set(states), event.__name__
-        assert sv.STOPPED in ignores, f"{event.__name__}: a stopped machine ignores everything"
+        name = sv.Event.NAMES[event]
+        assert not set(acts) & set(ignores), name
+        assert set(acts) | set(ignores) <= set(states), name
+        assert sv.STOPPED in ignores, f"{name}: a stopped machine ignores everything"
 
 
 def test_an_unexpected_pair_raises_naming_the_state_and_the_event() -> None:
     sup = sv.Supervisor([scenarios.A], Backoff(1, 2), Topics("dev"), lambda: 0.5)
-    sup.handle(sv.Start(), 0)
-    sup.handle(sv.Connected(sup.epoch), 1)
+    sup.handle(sv.Event(sv.START), 0)
+    sup.handle(sv.Event(sv.CONNECTED, sup.epoch), 1)
     with pytest.raises(CoreError, match="event Connected is not expected in state online"):
-        sup.handle(sv.Connected(sup.epoch), 2)  # a driver reported the same CONNACK twice
+        sup.handle(sv.Event(sv.CONNECTED, sup.epoch), 2)  # a driver reported the same CONNACK twice
     with pytest.raises(CoreError, match="event Start is not expected in state online"):
-        sup.handle(sv.Start(), 3)
+        sup.handle(sv.Event(sv.START), 3)
 
 
 def test_an_ignored_pair_does_nothing() -> None:
     sup = sv.Supervisor([scenarios.A], Backoff(1, 2), Topics("dev"), lambda: 0.5)
-    sup.handle(sv.Start(), 0)
-    assert sup.handle(sv.Tick(), 1) == []  # CONNECTING runs no timer
-    sup.handle(sv.Stop(), 2)
-    assert sup.handle(sv.Start(), 3) == [] and sup.handle(sv.Discovered(None), 3) == []
+    sup.handle(sv.Event(sv.START), 0)
+    assert sup.handle(sv.Event(sv.TICK), 1) == []  # CONNECTING runs no timer
+    sup.handle(sv.Event(sv.STOP), 2)
+    assert sup.handle(sv.Event(sv.START), 3) == [] and sup.handle(sv.Event(sv.DISCOVERED, None), 3) == []
 
 
 def test_an_unknown_event_type_is_refused() -> None:
     sup = sv.Supervisor([scenarios.A], Backoff(1, 2), Topics("dev"), lambda: 0.5)
     with pytest.raises(CoreError, match="unknown event Operation in state idle"):
-        sup.handle(sv.Operation("515"), 0)
+        sup.handle(sv.Event(sv.OPERATION, "515"), 0)
 
 
 def test_drive_refuses_an_action_without_a_handler() -> None:
     sup = sv.Supervisor([scenarios.A], Backoff(1, 2), Topics("dev"), lambda: 0.5)
     with pytest.raises(CoreError, match="no handler for the action Connect"):
-        sv.drive(sup, sv.Start(), lambda: 0, {})
+        sv.drive(sup, sv.Event(sv.START), lambda: 0, {})
 
 
 def test_drive_feeds_what_an_action_causes_in_order_with_the_clock_read_per_event() -> None:
@@ -68,14 +69,15 @@ def test_drive_feeds_what_an_action_causes_in_order_with_the_clock_read_per_even
     clock = iter([0.0, 5.0, 6.0])
     seen: list[str] = []
 
-    def connect(action: sv.Connect, now: float) -> object:
+    def connect(action: sv.Event, now: float) -> object:
         seen.append(f"{action.endpoint.host}@{now}")
-        return sv.ConnectFailed(action.epoch, sv.UNREACHABLE, "down") if action.endpoint.host == "a.example" \
-            else sv.Connected(action.epoch)
+        if action.endpoint.host == "a.example":
+            return sv.Event(sv.CONNECT_FAILED, action.epoch, sv.UNREACHABLE, "down")
+        return sv.Event(sv.CONNECTED, action.epoch)
 
-    perform: dict[type, object] = {t: (lambda action, now: None) for t in sv.Supervisor.ACTIONS}
-    perform[sv.Connect] = connect
-    sv.drive(sup, sv.Start(), lambda: next(clock), perform)
+    perform: dict[int, object] = {t: (lambda action, now: None) for t in sv.Supervisor.ACTIONS}
+    perform[sv.CONNECT] = connect
+    sv.drive(sup, sv.Event(sv.START), lambda: next(clock), perform)
     assert seen == ["a.example@0.0", "b.example@5.0"]
     assert sup.online()
 
@@ -108,18 +110,20 @@ def test_the_board_performs_every_action_the_connection_can_return() -> None:
     board = session.Session("dev", machine, lambda ep: None, lambda: 0.0, lambda s: None)
     assert set(board._perform) == set(connection.Connection.ACTIONS)
     # and the board's machine never hands it discovery or renewal proof
-    assert not set(connection.Connection.ACTIONS) & {sv.Rediscover, sv.ProveCandidate, sv.Promote, sv.Disprove}
+    assert not set(connection.Connection.ACTIONS) & {sv.REDISCOVER, sv.PROVE_CANDIDATE, sv.PROMOTE, sv.DISPROVE}
 
 
 def test_the_actions_are_the_vocabulary_of_their_modules() -> None:
     from agent.core import supervisor_events
 
-    def values(module: object) -> set[type]:
-        return {v for v in vars(module).values() if isinstance(v, type) and issubclass(v, events._Value)
-                and v is not events._Value and v.__module__ == module.__name__}  # type: ignore[attr-defined]
+    def types(module: object) -> set[int]:
+        return {v for k, v in vars(module).items() if k.isupper() and isinstance(v, int)}
 
+    # every type is an event the supervisor handles or an action it returns, and each is one name
     handled = set(sv.Supervisor.TRANSITIONS) | set(sv.Supervisor.ACTIONS)
-    assert handled == values(events) | values(supervisor_events)
+    assert handled == types(events) | types(supervisor_events) == set(range(len(sv.Event.NAMES)))
+    # the board's machine hands and takes only the board's types
+    assert set(connection.Connection.TRANSITIONS) | set(connection.Connection.ACTIONS) == types(events)
 
 
 FIELDS = {"state", "epoch", "rotation", "refresher", "errors", "topics", "staged", "proving", "retry_at",

@@ -50,7 +50,7 @@ HOST_TOOLS = frozenset({"firmware/build.py", "firmware/manifest.py"})
 # agent/core and the firmware may use; `typing` and `__future__` are deliberately absent: MicroPython has neither
 MICROPYTHON = frozenset({
     "array", "asyncio", "binascii", "collections", "errno", "gc", "hashlib", "heapq", "io", "json", "machine",
-    "math", "micropython", "network", "os", "random", "re", "select", "socket", "ssl", "struct", "sys", "time",
+    "math", "micropython", "network", "os", "random", "re", "select", "socket", "ssl", "struct", "sys", "time", "tls",
 })
 
 
