@@ -201,3 +201,9 @@ def test_station_package_under_systemd_signs_with_softhsm_inside_its_sandbox_and
             "systemd to restart the killed station", describe=lambda: show(machine, "ActiveState", "SubState"))
     finally:
         stop(machine)
+
+
+def test_missing_tools_are_named_by_the_debian_package_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # none of the bed's tools on it
+    assert missing_tools() == ["debootstrap", "systemd-container", "util-linux"]
