@@ -4,8 +4,8 @@ unitbed.py starts a unit the way systemd would, but cannot apply its sandbox; th
 The test machines have no systemd as PID 1 (their init is a process supervisor), so:
 
 - a minimal bookworm root file system is made once with debootstrap (--variant=minbase, plus the packages
-  a test names) and cached in ~/.cache/tether/nspawn/, keyed by that package list: a cold build takes
-  about 3 minutes with a warm network, the cache a few hundred megabytes;
+  a test names) and cached in ~/.cache/tether/nspawn/, keyed by that package list: a cold build took 76 s
+  on a quiet 2-core machine (2 min 42 s at load average 150), the cache is about 300 MB;
 - each machine boots from an overlay on that cache (the cache is never written: what a test installs goes
   into the overlay's upper directory in the test's temporary directory, removed with it);
 - `systemd-nspawn --boot --register=no --keep-unit` starts it. Both options are needed here: without a
@@ -17,6 +17,8 @@ The test machines have no systemd as PID 1 (their init is a process supervisor),
 - commands run inside with nsenter into the machine's PID 1's namespaces (there is no machined for
   `systemd-run -M`), with a clean environment;
 - SIGTERM to nspawn shuts the machine down the way `poweroff` does.
+
+Booting to `systemctl is-system-running` = running takes about 0.4 s, powering off 0.2 s.
 """
 
 from __future__ import annotations
