@@ -9,11 +9,14 @@
 # build-essential + gcc-multilib so the firmware tests build the unix port from ../shared/vendor
 # the way boards are built: frozen, 32-bit (-m32) and 64-bit, and with a ROMFS partition,
 # python3-venv for the project's venv and for the .deb's /opt/tether (built by Debian's python3),
-# systemd for systemd-analyze/systemd-sysusers (the unit's checks; nothing is started under it),
+# systemd for systemd-analyze/systemd-sysusers (the unit's checks on this host, where nothing is started
+# under it),
 # rabbitmq-server (3.10, with rabbitmq_mqtt and rabbitmq_auth_backend_http) for the RabbitMQ cluster
 # tests and `tether-lab up --broker rabbitmq`, which start their own nodes: its system service and
 # erlang-base's epmd are kept from starting (they would hold 4369, 5672 and 25672 on the machine),
-# softhsm2 for the station's PKCS#11 key tests (a software token in a temporary directory).
+# softhsm2 for the station's PKCS#11 key tests (a software token in a temporary directory),
+# systemd-container + debootstrap for the test that boots a Debian machine with systemd as PID 1 and starts
+# the station's package under it (tests/packaging/nspawnbed.py; its rootfs is cached in ~/.cache/tether/nspawn).
 # Python packages go into the project's virtual environment (VENV, default .venv), never into the
 # system interpreter, pinned by requirements-test.txt (refresh it with `make lock`).
 set -euo pipefail
@@ -26,7 +29,7 @@ SUDO=""
 PKGS="mosquitto mosquitto-clients swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-dev
       libtss2-tcti-tabrmd0 dbus libubootenv-tool swupdate rauc squashfs-tools cpio postgresql openssl curl
       pkg-config python3-venv systemd chromium chromium-driver libnss3-tools build-essential gcc-multilib
-      rabbitmq-server softhsm2"
+      rabbitmq-server softhsm2 systemd-container debootstrap"
 # The machine may carry Node.js from another source (with npm bundled): take Debian's only if absent.
 command -v npm >/dev/null || PKGS="$PKGS nodejs npm"
 missing=""

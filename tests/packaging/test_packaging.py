@@ -60,13 +60,6 @@ def requirement_name(spec: str) -> str:
     return re.split(r"[\s\[<>=!~;]", spec, maxsplit=1)[0].lower().replace("_", "-")
 
 
-@pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    run(["bash", str(REPO / "scripts/build-dist.sh"), str(out)], env={**os.environ, "PYTHON": sys.executable})
-    return out
-
-
 def test_lock_pins_every_dependency_named_in_pyproject() -> None:
     pinned = {requirement_name(line) for line in LOCK.read_text().splitlines() if "==" in line}
     wanted = {requirement_name(spec) for spec in PYPROJECT["project"]["dependencies"]}

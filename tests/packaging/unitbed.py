@@ -13,7 +13,8 @@ clears the list, systemd.unit(5)) and does what systemd does to start a `Type=no
 
 Not done: the sandbox (ProtectSystem=, PrivateUsers=, SystemCallFilter=, ...). systemd-analyze scores and
 verifies it (tests/security/test_station_unit.py, and the packaged unit with its drop-ins in
-tests/packaging/test_packaging.py).
+tests/packaging/test_packaging.py); tests/packaging/test_station_systemd.py starts the package under a real
+systemd (nspawnbed.py), sandbox and all.
 """
 
 from __future__ import annotations
