@@ -131,6 +131,12 @@ class Ledger:
         """Close pooled connections and the lock file (before a fork, and at exit)."""
         self.db.close()
 
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- one-time passwords --------------------------------------------------------------------------
     def add_otp(self, device_id: str, digest: str, now: int, expires_at: int) -> None:
         """Store a new OTP for `device_id`. It works even for a barred (revoked) device: a password the

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hal import storage
@@ -35,32 +37,29 @@ def _ek_digests(args: argparse.Namespace) -> list[str]:
     return digests
 
 
-def _attest_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+@contextmanager
+def _attest_store(args: argparse.Namespace) -> Iterator[Any]:
+    """The EK allow-list in the station's ledger, closed when the block ends."""
     from provisioning.station.attest_store import AttestStore
 
-    return AttestStore(open_station(args).open_ledger(args.db))
+    with open_station(args).open_ledger(args.db) as ledger:
+        yield AttestStore(ledger)
 
 
 def cmd_attest_allow(args: argparse.Namespace) -> int:
     digests = _ek_digests(args)
     if args.device and len(digests) != 1:
         raise StationError(f"--device binds one EK to one device id; {len(digests)} EKs given")
-    store = _attest_store(args)
-    try:
+    with _attest_store(args) as store:
         store.allow([(d, args.device) for d in digests], args.batch, unix_now())
-    finally:
-        store.ledger.close()
     for digest in digests:
         print(f"allowed {digest} (batch {args.batch}{', device ' + args.device if args.device else ''})")
     return 0
 
 
 def cmd_attest_list(args: argparse.Namespace) -> int:
-    store = _attest_store(args)
-    try:
+    with _attest_store(args) as store:
         rows = store.allow_list(args.batch)
-    finally:
-        store.ledger.close()
     for row in rows:
         print(f"{row.ek_digest}  {row.batch}  {row.device_id or '-'}  {iso(row.added_at)}")
     return 0
@@ -69,12 +68,9 @@ def cmd_attest_list(args: argparse.Namespace) -> int:
 def cmd_attest_remove(args: argparse.Namespace) -> int:
     if bool(args.digest) == bool(args.batch):
         raise StationError("name one EK digest or --batch NAME")
-    store = _attest_store(args)
-    try:
+    with _attest_store(args) as store:
         digest = _ek_digests(argparse.Namespace(digest=[args.digest], ek_cert=None))[0] if args.digest else None
         n = store.disallow(digest, args.batch)
-    finally:
-        store.ledger.close()
     if n == 0:
         raise StationError(f"nothing to remove: {args.digest or 'batch ' + args.batch} is not on the EK allow-list")
     print(f"removed {n} EK(s) from the allow-list")

@@ -77,12 +77,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
     except (PolicyError, ProvisioningError) as exc:
         raise StationError(f"{args.csr_file}: {exc}") from None
     fingerprint = hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest()
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         row, reused = ledger.issue(device_id, fingerprint, unix_now(),
                                    lambda: station.device_cert(csr.public_key(), device_id, days=args.days))
-    finally:
-        ledger.close()
     write_out(args.out, to_pem([row.certificate, *station.ca_chain]))
     print(f"{'already issued' if reused else 'issued'} serial {row.serial} to {device_id}", file=sys.stderr)
     return 0
@@ -100,13 +97,10 @@ def cmd_issue(args: argparse.Namespace) -> int:
     else:
         device_id = check_device_id(args.device_id, "DEVICE_ID", station.settings.reserved)
     key = generate("ec-p256")
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         row, _ = ledger.issue(device_id, "station-generated-key", unix_now(),
                               lambda: station.device_cert(key.public_key(), device_id, days=args.days), reuse=False,
                               kind="service" if args.service else "device")
-    finally:
-        ledger.close()
     files = write_device_bundle(Path(args.out), args.format, key, [row.certificate, *station.ca_chain])
     print(f"issued serial {row.serial} to {device_id}: {', '.join(str(f) for f in files)}")
     return 0
@@ -122,13 +116,10 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
         dns, ips = default_server_names()
     cn = args.cn or (dns[0] if dns else ips[0])
     key = generate("ec-p256")
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         row, _ = ledger.issue(cn, "station-generated-key", unix_now(),
                               lambda: station.server_cert(key.public_key(), cn, dns, ips, args.days),
                               kind="server", reuse=False)
-    finally:
-        ledger.close()
     files = write_server_bundle(Path(args.out), key, row.certificate, station.ca_chain)
     print(f"issued server certificate {row.subject} (serial {row.serial}, SANs {', '.join([*dns, *ips])}): "
           f"{', '.join(str(f) for f in files)}")

@@ -24,14 +24,11 @@ def cmd_operator_add(args: argparse.Namespace) -> int:
         if data is None or not data.strip():
             raise StationError(f"--p12-passphrase-file {args.p12_passphrase_file}: missing or empty")
         password = data.decode().splitlines()[0].strip()
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         store = ConsoleStore(ledger)
         issued = add_operator(station, store, args.name, args.role, Path(args.out), unix_now(), password)
         store.audit(cli_who(), "operator add", f"{issued.name} ({issued.role}), serial {issued.serial}", "cli",
                     ADMIN)
-    finally:
-        ledger.close()
     print(f"operator {issued.name} ({issued.role}), serial {issued.serial}: "
           f"{', '.join(str(f) for f in issued.files)}", file=sys.stderr)
     if not password:
@@ -43,14 +40,11 @@ def cmd_operator_revoke(args: argparse.Namespace) -> int:
     from provisioning.station.console.store import ADMIN, ConsoleStore
 
     station = open_station(args)
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         store = ConsoleStore(ledger)
         revoked = store.revoke_operator(args.name, unix_now())
         store.audit(cli_who(), "operator revoke", f"{args.name}: serial(s) {', '.join(o.serial for o in revoked)}",
                     "cli", ADMIN)
-    finally:
-        ledger.close()
     print(f"revoked {len(revoked)} console certificate(s) of operator {args.name}")
     return 0
 
@@ -59,11 +53,8 @@ def cmd_operator_list(args: argparse.Namespace) -> int:
     from provisioning.station.console.store import ConsoleStore
 
     station = open_station(args)
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         operators = ConsoleStore(ledger).operators()
-    finally:
-        ledger.close()
     print(f"{'name':<20} {'role':<9} {'serial':<42} {'not after':<20} revoked at")
     for o in operators:
         print(f"{o.name:<20} {o.role:<9} {o.serial:<42} {iso(o.not_after):<20} {iso(o.revoked_at)}")

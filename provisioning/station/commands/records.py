@@ -25,12 +25,9 @@ def cmd_otp(args: argparse.Namespace) -> int:
     if ttl <= 0:
         raise StationError(f"--ttl {ttl}: must be a positive number of seconds")
     otp = new_otp()
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         now = unix_now()
         ledger.add_otp(device_id, otp_hash(device_id, otp), now, now + ttl)
-    finally:
-        ledger.close()
     print(otp)  # stdout carries only the password: factory scripts capture it
     print(f"one-time password for {device_id}, valid until {iso(now + ttl)} (it admits the device again after "
           "a revocation; passwords issued before a revocation stay void)", file=sys.stderr)
@@ -39,11 +36,8 @@ def cmd_otp(args: argparse.Namespace) -> int:
 
 def cmd_ledger_list(args: argparse.Namespace) -> int:
     station = open_station(args)
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         rows = ledger.rows(args.kind)
-    finally:
-        ledger.close()
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=1))
         return 0
@@ -58,14 +52,11 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if (args.serial is None) == (args.device is None):
         raise StationError("revoke: give either a SERIAL or --device ID (not both)")
     station = open_station(args)
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         if args.device is not None:
             rows = ledger.revoke_device(args.device, unix_now(), args.reason)
         else:
             rows = ledger.revoke(args.serial, unix_now(), args.reason)
-    finally:
-        ledger.close()
     for row in rows:
         inherited = f", issued from {row.predecessor}" if row.predecessor else ""
         print(f"revoked serial {row.serial} ({row.subject}{inherited}): {row.revoke_reason}")
@@ -79,11 +70,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_readmit(args: argparse.Namespace) -> int:
     station = open_station(args)
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         bar = ledger.readmit(args.device_id)
-    finally:
-        ledger.close()
     print(f"device {bar.device_id} readmitted: its bootstrap certificate enrolls it again (barred since "
           f"{iso(bar.barred_at)}, {bar.reason}); passwords issued before the revocation stay void")
     return 0
@@ -91,11 +79,8 @@ def cmd_readmit(args: argparse.Namespace) -> int:
 
 def cmd_ledger_barred(args: argparse.Namespace) -> int:
     station = open_station(args)
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         bars = ledger.bars()
-    finally:
-        ledger.close()
     if args.json:
         print(json.dumps([{"device_id": b.device_id, "barred_at": b.barred_at, "reason": b.reason} for b in bars],
                          indent=1))
@@ -110,11 +95,8 @@ def cmd_crl(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     station = open_station(args)
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         crl = station.ledger_crl(ledger, unix_now(), args.days)  # the console's export calls the same
-    finally:
-        ledger.close()
     write_out(args.out, crl.public_bytes(Encoding.DER if args.format == "der" else Encoding.PEM))
     print(f"CRL with {len(crl)} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
           file=sys.stderr)
@@ -125,11 +107,8 @@ def cmd_export_c8y(args: argparse.Namespace) -> int:
     from provisioning.station.export import c8y_bulk_csv
 
     station = open_station(args)
-    ledger = station.open_ledger(args.db)
-    try:
+    with station.open_ledger(args.db) as ledger:
         text = c8y_bulk_csv(ledger.rows("device"), args.type, args.id_type)
-    finally:
-        ledger.close()
     write_out(args.out, text.encode())
     return 0
 
