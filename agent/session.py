@@ -151,28 +151,11 @@ class Session:
 
     def _await_connack(self, deadline: float) -> None:
         """Turn paho's loop in this thread until CONNACK, the connection's end (`_lost`) or `deadline`."""
-        sock = self.client.socket()
-        if sock is None:
-            self._lost("connection lost (the broker closed it or the network dropped)")
-            return
         with selectors.DefaultSelector() as selector:
-            try:
-                # a socket the broker closed right after the handshake has no descriptor left
-                selector.register(sock, selectors.EVENT_READ)
-            except (OSError, ValueError) as exc:
-                self._lost(describe_tls_failure(exc))
-                return
-            while not self._connack.is_set():
+            sock = self._watch(selector)
+            while sock is not None and not self._connack.is_set():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                try:
-                    rc = self._turn(selector, sock, min(remaining, self._misc_every))
-                except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
-                    self._lost(describe_tls_failure(exc))
-                    return
-                if rc != mqtt.MQTT_ERR_SUCCESS:
-                    self._lost(self._reason(rc))
+                if remaining <= 0 or not self._step(selector, sock, min(remaining, self._misc_every)):
                     return
 
     def _wake(self) -> None:
@@ -181,27 +164,38 @@ class Session:
             self._wake_w.send(b"\0")
 
     def _network_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            sock = self._watch(selector)
+            while sock is not None and not self._closing.is_set():
+                if not self._step(selector, sock, self._misc_every):
+                    return
+
+    def _watch(self, selector: selectors.BaseSelector) -> Any:
+        """Register paho's socket with `selector`; None, with the connection lost, when it has none left."""
         sock = self.client.socket()
         if sock is None:
             self._lost("connection lost (the broker closed it or the network dropped)")
-            return
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            try:
-                # a socket the broker closed right after the handshake has no descriptor left
-                selector.register(sock, selectors.EVENT_READ)
-            except (OSError, ValueError) as exc:
-                self._lost(describe_tls_failure(exc))
-                return
-            while not self._closing.is_set():
-                try:
-                    rc = self._turn(selector, sock, self._misc_every)
-                except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
-                    self._lost(describe_tls_failure(exc))
-                    return
-                if rc != mqtt.MQTT_ERR_SUCCESS:
-                    self._lost(self._reason(rc))
-                    return
+            return None
+        try:
+            # a socket the broker closed right after the handshake has no descriptor left
+            selector.register(sock, selectors.EVENT_READ)
+        except (OSError, ValueError) as exc:
+            self._lost(describe_tls_failure(exc))
+            return None
+        return sock
+
+    def _step(self, selector: selectors.BaseSelector, sock: Any, wait: float) -> bool:
+        """One `_turn`; False, with the connection lost and why, when the connection ended."""
+        try:
+            rc = self._turn(selector, sock, wait)
+        except (OSError, ssl.SSLError, ValueError) as exc:  # a dying socket can surface as either
+            self._lost(describe_tls_failure(exc))
+            return False
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self._lost(self._reason(rc))
+            return False
+        return True
 
     def _reason(self, rc: Any) -> str:
         """Why paho's loop returned `rc`: the TLS alert it logged, a lost connection, or paho's own text."""
