@@ -6,6 +6,7 @@ afterwards; a missing PostgreSQL fails loudly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import ssl
@@ -133,13 +134,20 @@ def station_dir(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture
-def station(station_dir: Path) -> Iterator[RunningStation]:
-    running = start_station(station_dir)
+@contextlib.contextmanager
+def serving(directory: Path) -> Iterator[RunningStation]:
+    """`tether-station serve` on `directory` for the block, stopped at its end."""
+    running = start_station(directory)
     try:
         yield running
     finally:
         running.proc.stop()
+
+
+@pytest.fixture
+def station(station_dir: Path) -> Iterator[RunningStation]:
+    with serving(station_dir) as running:
+        yield running
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------------------

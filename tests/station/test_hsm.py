@@ -27,7 +27,7 @@ from provisioning.csr import build_csr
 from provisioning.release import verify_release
 from tests.conftest import REPO, run_tether
 from tests.pki import TRUST_DOMAIN
-from tests.station.conftest import RunningStation, start_station, station_cli
+from tests.station.conftest import RunningStation, serving, start_station, station_cli
 from tests.station.test_enroll import device_config, openssl_verify
 
 
@@ -47,11 +47,8 @@ def hsm_station_dir(tmp_path: Path, hsm: SoftHsm) -> Path:
 
 @pytest.fixture
 def hsm_station(hsm_station_dir: Path) -> Iterator[RunningStation]:
-    running = start_station(hsm_station_dir)
-    try:
+    with serving(hsm_station_dir) as running:
         yield running
-    finally:
-        running.proc.stop()
 
 
 def token_attributes(hsm: SoftHsm, labels: list[str]) -> dict[str, dict[str, object]]:
