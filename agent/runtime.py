@@ -183,8 +183,9 @@ class Runtime:
                 if once or isinstance(exc, ConfigError) or not (exc.retryable or refused):
                     raise
                 self.status(session="booting", last_error=str(exc))
-                at = retry.after(True, self.clock(), self.rand())
-                delay = retry_delay(exc, self.config, (at or self.clock()) - self.clock())
+                now = self.clock()
+                at = retry.after(True, now, self.rand())
+                delay = retry_delay(exc, self.config, max(0.0, (at or now) - now))
                 if delay is None:
                     log.error("boot: %s; not retrying with the same credentials: waiting for a new one-time "
                               "password in %s (or a new bootstrap certificate)", exc,

@@ -387,3 +387,42 @@ def test_an_idle_session_pings_and_notices_a_frozen_broker(tmp_path: Path, pki: 
         agent.wait_status(session="online", endpoint=f"mqtts://localhost:{b.port}", timeout=40)
     finally:
         os.kill(a.proc.pid, signal.SIGCONT)
+
+
+def test_a_boot_retry_waits_the_backoff_even_when_the_clock_moves_between_reads(tmp_path: Path) -> None:
+    """The delay before the next boot attempt is the backoff's, measured from one reading of the clock: a
+    clock that moved between two readings once gave a negative delay ('retrying in -49.0 s') and a retry
+    with no wait at all."""
+    import threading
+
+    from agent.compose import build
+    from agent.config import load
+    from tests.conftest import write_config
+
+    otp = tmp_path / "otp"
+    tmp_path.mkdir(exist_ok=True)
+    otp.write_text("secret-otp-123456\n")
+    otp.chmod(0o600)
+    config = write_config(tmp_path, est={"url": "https://127.0.0.1:9", "otp_file": str(otp)},
+                          mqtt={"backoff_base": 2, "backoff_cap": 2},
+                          endpoints={"urls": ["mqtts://127.0.0.1:9"]})
+    runtime = build(load(config))
+    now = [1000.0]
+
+    def clock() -> float:  # every reading is 50 s after the one before it
+        now[0] += 50
+        return now[0]
+
+    waits: list[float | None] = []
+
+    class StopAfterOneWait(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            self.set()
+            return True
+
+    runtime.clock = clock
+    runtime.loop.stopping = StopAfterOneWait()
+    assert runtime.boot() is False  # the station's port is closed: a retryable failure, then stopped
+    assert len(waits) == 1 and waits[0] is not None
+    assert 0 < waits[0] <= 2, f"boot retry waited {waits[0]} s; the backoff is at most 2 s"
