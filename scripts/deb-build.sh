@@ -19,9 +19,14 @@
 #   PKG_SOURCE_BUILDS  dependencies PyPI has no wheel for (tpm2-pytss links against Debian's libtss2), built
 #                 here into a cache; their shared-library needs become Depends through dpkg-shlibdeps
 #
-# The control file's @VERSION@, @ARCH@ and @SHLIBS@ (", lib (>= v), ..." or nothing) are filled in here.
+# The control file's @VERSION@, @ARCH@, @PYTHON@ and @SHLIBS@ (", lib (>= v), ..." or nothing) are filled in here.
 set -euo pipefail
 shopt -s inherit_errexit   # a failure inside $(...) stops the build too
+
+# The one Python the wheelhouse is for: compiled wheels (python-pkcs11, tpm2-pytss) are cp311 only, so the
+# package depends on exactly this minor version (a python3 3.12 would build a venv that cannot import them)
+DEB_PYTHON=3.11
+DEB_PYTHON_NEXT=3.12
 
 # Wheels built from source, reused while the pin and Debian's libtss2-dev are the same
 DEB_CACHE="${TETHER_DEB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tether/deb-wheels}"
@@ -120,7 +125,7 @@ build_deb() {
   local plat
   for plat in "${plats[@]}"; do
     PIP_CONFIG_FILE=/dev/null "$PYTHON" -m pip download -q --disable-pip-version-check --only-binary=:all: \
-      --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
+      --python-version "$DEB_PYTHON" --implementation cp --abi "cp${DEB_PYTHON/./}" --abi abi3 --abi none \
       --platform "manylinux_2_28_$plat" --platform "manylinux2014_$plat" --platform "manylinux_2_17_$plat" \
       --platform "linux_$plat" --platform any "${extra_links[@]}" \
       -c requirements-test.txt -d "$pkg/usr/share/$PKG/wheels" "${wheel}[$PKG_EXTRAS]"
@@ -138,7 +143,8 @@ build_deb() {
   cp "$PKG_DOC" "$pkg/usr/share/doc/$PKG/"
   printf '%s %s\nLicense: Apache-2.0\n' "$PKG_TITLE" "$version" > "$pkg/usr/share/doc/$PKG/copyright"
 
-  sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SHLIBS@/$shlibs/" "$PKG_FILES/control" \
+  sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SHLIBS@/$shlibs/" \
+    -e "s/@PYTHON@/python3 (>= $DEB_PYTHON), python3 (<< $DEB_PYTHON_NEXT)/" "$PKG_FILES/control" \
     > "$pkg/DEBIAN/control"
   echo "/etc/tether/$PKG_CONFIG" > "$pkg/DEBIAN/conffiles"
   local script

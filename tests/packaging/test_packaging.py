@@ -128,6 +128,18 @@ def test_deb_installs_the_agent_its_user_and_a_unit_systemd_accepts(installed_de
     assert "/etc/tether/tether.toml" in listed
 
 
+
+def assert_python_is_the_wheels(deb: Path) -> None:
+    """The package's python3 dependency admits exactly the CPython its compiled wheels were built for: a newer
+    python3 would build /opt/<pkg> from wheels it cannot import."""
+    names = run(["dpkg-deb", "-c", str(deb)]).stdout
+    tags = set(re.findall(r"/wheels/[^/\s]+-cp3(\d+)-[^/\s]+\.whl", names))
+    assert tags, f"{deb.name}: no compiled (cp3xx) wheel in the wheelhouse"
+    depends = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
+    for minor in tags:
+        assert f"python3 (>= 3.{minor})" in depends and f"python3 (<< 3.{int(minor) + 1})" in depends, (
+            f"{deb.name} ships cp3{minor} wheels but depends on {depends.strip()}")
+
 def package_of(library: Path) -> str:
     """The package that installed `library` (dpkg knows it by one of its names: merged /usr has two)."""
     for path in (library, library.resolve()):
@@ -140,6 +152,7 @@ def package_of(library: Path) -> str:
 def test_deb_depends_on_every_library_its_tpm2_pytss_loads(installed_deb: Path) -> None:
     fields = run(["dpkg-deb", "-f", str(installed_deb), "Architecture", "Depends"]).stdout
     assert f"Architecture: {ARCH}" in fields
+    assert_python_is_the_wheels(installed_deb)
     depends = {re.split(r"[\s(]", item.strip(), maxsplit=1)[0]
                for item in fields.split("Depends:", 1)[1].split(",")}
     [extension] = Path("/opt/tether").rglob("_libtpm2_pytss*.so")
@@ -208,6 +221,7 @@ def installed_station_deb(dist: Path) -> Iterator[Path]:
 
 def test_station_deb_installs_the_station_its_user_unit_and_commented_config(installed_station_deb: Path) -> None:
     assert run(["/usr/bin/tether-station", "--version"]).stdout.strip() == f"tether-station {VERSION}"
+    assert_python_is_the_wheels(installed_station_deb)
     # the `station` and `hsm` extras are in the venv: console, metrics, PostgreSQL and PKCS#11 tokens
     run(["/opt/tether-station/bin/python", "-c", "import jinja2, segno, psycopg, prometheus_client, pkcs11"])
     user = run(["getent", "passwd", "tether-station"]).stdout.strip().split(":")
