@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core import defaults
-from agent.core.endpoints import parse_endpoint
+from agent.core.endpoint_list import parse_endpoint
 from agent.core.errors import CoreError
 from agent.core.topics import Topics, check_topic_part
 from agent.core.topics import client_id as core_client_id

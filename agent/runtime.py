@@ -32,7 +32,8 @@ from agent.config import Config
 from agent.control import MAX_SLEEP, RESTART_EXIT, ControlLoop, Inbox, SessionLink, publish_on
 from agent.core import supervisor as sv
 from agent.core.backoff import Backoff
-from agent.core.endpoints import Endpoint, order_endpoints, parse_endpoint
+from agent.core.endpoint_list import order_endpoints, parse_endpoint
+from agent.core.endpoints import Endpoint
 from agent.core.errors import CoreError
 from agent.core.retry import Retry
 from agent.core.token_schedule import TokenRefresher

@@ -10,7 +10,7 @@ from session import Session
 
 from agent.core.backoff import Backoff
 from agent.core.connection import Connection
-from agent.core.endpoints import order_endpoints, parse_endpoint
+from agent.core.endpoint_list import order_endpoints, parse_endpoint
 from agent.core.token_schedule import TokenRefresher
 from agent.core.topics import Topics, client_id
 

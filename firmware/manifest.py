@@ -13,6 +13,7 @@ SHIPPED = (
     "agent/core/token_schedule.py",
     "agent/core/backoff.py",
     "agent/core/endpoints.py",
+    "agent/core/endpoint_list.py",
     "agent/core/smartrest.py",
     "agent/core/topics.py",
     "agent/core/events.py",

@@ -26,7 +26,7 @@ from agent.core.errors import CoreError
 
 # Modules that run once, in start(), and are then dropped whole: their code does not sit in a small
 # heap next to the supervisor's. Only this module imports them (tests/unit/test_layers.py).
-SETUP_MODULES = ("board_setup", "board_config", "agent.core.defaults")
+SETUP_MODULES = ("board_setup", "board_config", "agent.core.defaults", "agent.core.endpoint_list")
 
 
 def _rand():
@@ -76,6 +76,12 @@ def drop_setup_modules():
     """Forget SETUP_MODULES (their code and globals go with the next collection)."""
     for name in SETUP_MODULES:
         sys.modules.pop(name, None)
+        # Importing agent.core.x also made it an attribute of the package agent.core, which would
+        # keep the module (and every function and string of it) alive after sys.modules forgets it.
+        dot = name.rfind(".")
+        package = sys.modules.get(name[:dot]) if dot > 0 else None
+        if package is not None and name[dot + 1:] in dir(package):
+            delattr(package, name[dot + 1:])
     gc.collect()
 
 

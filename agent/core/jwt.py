@@ -25,7 +25,21 @@ def check_b64url(text, field, start=0):
     every character in the alphabet and a length that is not 1 more than a multiple of 4 (with the
     padding added, binascii's lenient decoder then accepts it on both runtimes). ``start`` spares
     the caller a copy of the segment."""
-    for i in range(start, len(text)):
+    # The characters are read as the bytes of the text: on MicroPython text[i] interns a
+    # one-character string for every distinct character (a token holds about 64 of them), and on a
+    # ROMFS board those names overflow the full qstr pool into a new one of 640 entries, 7 KB of
+    # heap on 64-bit. encode() shares the str's data there (no copy); only an ASCII text reads
+    # this way, anything else is refused by the loop below, which names the character.
+    raw = text.encode("utf-8", "surrogatepass")
+    first = start  # where the loop below starts looking at characters
+    if len(raw) == len(text):
+        first = len(text)
+        for i in range(start, len(raw)):
+            b = raw[i]
+            if not (97 <= b <= 122 or 65 <= b <= 90 or 48 <= b <= 57 or b == 45 or b == 95):
+                first = i  # ASCII: byte i is character i
+                break
+    for i in range(first, len(text)):
         if text[i] not in _B64URL:
             raise TokenError(field, "character %s is not base64url" % describe(text[i]))
     if (len(text) - start) % 4 == 1:

@@ -2,14 +2,14 @@
 
 Format (Cumulocity "SmartREST 2.0" reference): one message per line, fields separated by commas;
 a field containing a comma, a double quote or surrounding whitespace is enclosed in double quotes
-and a double quote inside is doubled. Templates handled here: ``71`` token, ``515`` firmware
-operation, and the upstream ``114``, ``115``, ``501``, ``502``, ``503``.
+and a double quote inside is doubled. Templates read here: ``71`` token (the board's one); the
+``c8y_Firmware`` operation's lines (``515`` in; ``114``, ``115``, ``501``, ``502``, ``503`` out) are
+agent/core/firmware_op.py's, which only the Linux agent's OTA loads.
 """
 
 from agent.core.errors import SmartRestError, describe
 
 MAX_LINE_CHARS = 16384
-FIRMWARE = "c8y_Firmware"
 # Field names for errors such as "515.version: control character U+001B ..."
 _NAMES = {"71": ("token",), "515": ("serial", "name", "version", "url")}
 # Refused in every field (issue 22, item 8): C0, DEL and C1 controls (escape sequences that rewrite an
@@ -62,7 +62,8 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
     n = len(line)
     while True:
         where = "%s field %d" % (fields[0] if fields else "template", len(fields))
-        if i < n and line[i] == '"':
+        # startswith, not line[i]: a one-character string is an interned name on MicroPython
+        if line.startswith('"', i):
             i += 1
             chunks = []
             while True:
@@ -77,7 +78,7 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
                 i = q + 1
                 break
             fields.append("".join(chunks))
-            if i < n and line[i] != ",":
+            if i < n and not line.startswith(",", i):
                 raise SmartRestError(where, "text after closing quote: %s" % describe(line[i:i + 20]))
         else:
             c = line.find(",", i)
@@ -104,14 +105,21 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
 
 def _hidden(value):
     """The first control or bidi character (see _HIDDEN) in ``value``, or None."""
-    if value and (min(value) < " " or max(value) > "~"):  # min/max run in C: printable ASCII passes at once
+    # min/max run in C, so printable ASCII passes at once. They read the bytes: over a str,
+    # MicroPython interns every distinct character as a one-character name, and a token's 64 push
+    # a ROMFS board's full qstr pool into a new one of 640 entries (7 KB on 64-bit). encode()
+    # shares the str's data there; a non-ASCII value is longer in bytes and goes to the loop.
+    raw = value.encode("utf-8", "surrogatepass")
+    if value and (len(raw) != len(value) or min(raw) < 32 or max(raw) > 126):
         for ch in value:
             if ch < " " or "\x7f" <= ch <= "\x9f" or ch in _HIDDEN:
                 return ch
     return None
 
 
-def _quote(value, always=False):
+def quote(value, always=False):
+    """``value`` (str() of a non-string) as one field: quoted when it must be (or ``always``), line
+    breaks flattened to spaces and characters ``parse_line`` refuses turned into U+FFFD."""
     if not isinstance(value, str):
         value = str(value)
     # A line break would end the SmartREST message early; flatten it. Any other character parse_line
@@ -128,10 +136,12 @@ def format_line(template_id, *fields):
     """Format a SmartREST line from a template id and field values (str() of non-strings),
     quoting where needed, flattening line breaks to spaces and other characters that ``parse_line``
     refuses to U+FFFD."""
-    return ",".join([_quote(template_id)] + [_quote(f) for f in fields])
+    return ",".join([quote(template_id)] + [quote(f) for f in fields])
 
 
-def _expect(fields, template_id, names):
+def expect_fields(fields, template_id, names):
+    """SmartRestError unless ``fields`` (from parse_line) are a ``template_id`` line with at least
+    the fields ``names``; the error names ``<template_id>.<first missing name>``."""
     if fields[0] != template_id:
         raise SmartRestError("template", "expected %s, got %s" % (template_id, describe(fields[0])))
     if len(fields) - 1 < len(names):
@@ -145,7 +155,7 @@ def parse_token(line):
     The token itself is not decoded here (see ``agent.core.jwt.decode_claims``).
     """
     fields = parse_line(line)
-    _expect(fields, "71", ("token",))
+    expect_fields(fields, "71", ("token",))
     token = fields[1].strip()
     if not token:
         raise SmartRestError("71.token", "empty")
@@ -154,77 +164,7 @@ def parse_token(line):
     return token
 
 
-class FirmwareOperation:
-    """A ``515`` firmware update request: ``serial`` (target device), ``name``, ``version``, ``url``."""
-
-    def __init__(self, serial, name, version, url):
-        self.serial = serial
-        self.name = name
-        self.version = version
-        self.url = url
-
-    def __eq__(self, other):
-        return isinstance(other, FirmwareOperation) and self.fields() == other.fields()
-
-    def __ne__(self, other):
-        return not self.__eq__(other)
-
-    def fields(self):
-        """The four fields in wire order."""
-        return (self.serial, self.name, self.version, self.url)
-
-    def __repr__(self):
-        return "FirmwareOperation(%r, %r, %r, %r)" % self.fields()
-
-
-def parse_firmware_operation(line):
-    """Parse ``515,<serial>,<name>,<version>,<url>`` into a FirmwareOperation.
-
-    Raises SmartRestError naming ``515.<field>`` when a field is missing or empty.
-    """
-    names = ("serial", "name", "version", "url")
-    fields = parse_line(line)
-    _expect(fields, "515", names)
-    for i, name in enumerate(names):
-        if not fields[i + 1]:
-            raise SmartRestError("515." + name, "empty")
-    url = fields[4]
-    if not (url.startswith("https://") or url.startswith("http://")):
-        raise SmartRestError("515.url", "expected an http(s) URL, got %s" % describe(url))
-    return FirmwareOperation(fields[1], fields[2], fields[3], url)
-
-
 def template_id(line):
     """The template id (first field) of a line, without parsing the rest."""
     c = line.find(",")
     return line if c < 0 else line[:c]
-
-
-def firmware_executing():
-    """``501,c8y_Firmware``: the firmware operation is now executing."""
-    return format_line("501", FIRMWARE)
-
-
-def firmware_successful():
-    """``503,c8y_Firmware``: the firmware operation succeeded."""
-    return format_line("503", FIRMWARE)
-
-
-def firmware_failed(reason):
-    """``502,c8y_Firmware,"<reason>"``: the operation failed; the reason is always quoted."""
-    return "502,%s,%s" % (FIRMWARE, _quote(reason, always=True))
-
-
-def firmware_installed(name, version, url=""):
-    """``115,<name>,<version>,<url>``: the installed firmware."""
-    for field, value in (("name", name), ("version", version)):
-        if not value:
-            raise SmartRestError("115." + field, "empty")
-    return format_line("115", name, version, url)
-
-
-def supported_operations(operations=(FIRMWARE,)):
-    """``114,<op>,...``: operations this device supports (``c8y_Firmware`` by default)."""
-    if not operations:
-        raise SmartRestError("114.operations", "at least one operation is required")
-    return format_line("114", *operations)

@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.bearer import Bearer
 from agent.component import Component
-from agent.core import smartrest
+from agent.core import firmware_op, smartrest
 from agent.core.backoff import Backoff
 from agent.core.errors import SmartRestError
 from agent.core.retry import Retry
@@ -82,22 +82,22 @@ class OtaAgent(Component):
         if smartrest.template_id(line) != "515":
             return False
         try:
-            op = smartrest.parse_firmware_operation(line)
+            op = firmware_op.parse_firmware_operation(line)
         except SmartRestError as exc:
             log.warning("OTA: refused a malformed firmware operation: %s", exc)
-            self._publish(smartrest.firmware_failed(f"malformed firmware operation: {exc}"))
+            self._publish(firmware_op.firmware_failed(f"malformed firmware operation: {exc}"))
             return True
         state = self.state()
         if self.working() or state.busy:
             what = state.release if state.operation else "another release"
-            self._publish(smartrest.firmware_failed(
+            self._publish(firmware_op.firmware_failed(
                 f"refused {op.name} {op.version}: the update to {what} is in progress (state {state.state}); "
                 "send it again when that one has finished"))
             return True
         self._save(state.advance("start", operation=Operation(*op.fields()), manifest=None, target="",
                                  previous="", previous_version="", reason="", reported=False, downloaded=0,
                                  size=0, boots=0, deadline=0.0))
-        self._publish(smartrest.firmware_executing())
+        self._publish(firmware_op.firmware_executing())
         self._begin()
         return True
 
@@ -375,10 +375,10 @@ class OtaAgent(Component):
     def _report(self, state: OtaState) -> None:
         if state.state == "committed" and state.operation:
             op = state.operation
-            ok = (self._publish(smartrest.firmware_successful())
-                  and self._publish(smartrest.firmware_installed(op.name, op.version, op.url)))
+            ok = (self._publish(firmware_op.firmware_successful())
+                  and self._publish(firmware_op.firmware_installed(op.name, op.version, op.url)))
         else:
-            ok = self._publish(smartrest.firmware_failed(state.reason or f"update {state.state}"))
+            ok = self._publish(firmware_op.firmware_failed(state.reason or f"update {state.state}"))
         if ok:
             self._save(replace(state, reported=True))
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.core.endpoints import SCHEME, parse_endpoint
+from agent.core.endpoint_list import parse_endpoint
+from agent.core.endpoints import SCHEME
 from agent.core.errors import CoreError
 from agent.errors import ConfigError
 from agent.ota.errors import DownloadError

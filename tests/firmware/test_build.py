@@ -50,3 +50,15 @@ def test_build_refuses_to_write_into_a_directory_that_holds_other_files(tmp_path
     else:
         raise AssertionError("build wrote into a non-empty directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_board_gets_no_module_it_never_runs(tmp_path):
+    # Each function, name and string of a loaded module costs heap (on a ROMFS board even if never
+    # called), so what only the Linux agent runs stays out of the build: discovery and renewal proof
+    # (the Supervisor), the firmware operation's lines (OTA) and OTA's retry policy.
+    build = _build_module()
+    paths = {path for path, _ in build.build(str(tmp_path))}
+    never = {"agent/core/" + name + ".mpy" for name in
+             ("discovery", "supervisor", "supervisor_events", "firmware_op", "retry", "version")}
+    assert paths & never == set()
+    assert "agent/core/smartrest.mpy" in paths and "agent/core/endpoint_list.mpy" in paths

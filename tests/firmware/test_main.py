@@ -62,3 +62,18 @@ def test_config_without_device_id_says_it_is_required():
 def test_unknown_config_key_is_named():
     r = _run_main(_write("tether.json", b'{"device_id": "d", "endpoints": ["mqtts://a"], "keepalve": 5}'))
     assert "tether.json: keepalve: unknown key" in r["out"][0]
+
+
+def test_dropped_setup_modules_are_gone_from_their_package_too():
+    # sys.modules forgetting agent.core.endpoint_list is not enough: the package agent.core holds it
+    # as an attribute, and a module still reachable keeps its code and strings in the heap.
+    script = (
+        "import json, sys, tether_main\n"
+        "import agent.core.defaults, agent.core.endpoint_list, board_config\n"
+        "tether_main.drop_setup_modules()\n"
+        "core = sys.modules['agent.core']\n"
+        "left = [n for n in tether_main.SETUP_MODULES if n in sys.modules\n"
+        "        or n.startswith('agent.core.') and n.rsplit('.', 1)[1] in dir(core)]\n"
+        "print('@@RESULT ' + json.dumps({'left': left}))\n"
+    )
+    assert micropython.run(script) == {"left": []}

@@ -15,7 +15,7 @@ import net
 import pytest
 from session import READY, Session
 
-from agent.core.endpoints import parse_endpoint
+from agent.core.endpoint_list import parse_endpoint
 from lab.mosquitto import Mosquitto
 from tests.pki import Pki
 

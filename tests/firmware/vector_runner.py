@@ -11,7 +11,7 @@ import json
 
 import mqtt_codec as mq
 
-from agent.core import backoff, endpoints, jwt, smartrest, token_schedule, topics
+from agent.core import backoff, endpoint_list, endpoints, firmware_op, jwt, smartrest, token_schedule, topics
 from agent.core.discovery import parse_discovery
 from agent.core.errors import CoreError
 
@@ -66,14 +66,14 @@ def _backoff(base, cap, factor, rands):
 
 
 def _order(urls, last_good, core_is_local):
-    eps = [endpoints.parse_endpoint(u) for u in urls]
-    lg = endpoints.parse_endpoint(last_good) if last_good else None
-    return [e.url() for e in endpoints.order_endpoints(eps, lg, core_is_local)]
+    eps = [endpoint_list.parse_endpoint(u) for u in urls]
+    lg = endpoint_list.parse_endpoint(last_good) if last_good else None
+    return [e.url() for e in endpoint_list.order_endpoints(eps, lg, core_is_local)]
 
 
 def _rotation(urls, ops):
     # ops: "next", "fail", "ok" (on the endpoint last handed out); records what each step saw.
-    rot = endpoints.Rotation([endpoints.parse_endpoint(u) for u in urls])
+    rot = endpoints.Rotation([endpoint_list.parse_endpoint(u) for u in urls])
     seen = []
     current = None
     for op in ops:
@@ -112,15 +112,15 @@ def _topics(prefix):
 
 
 def _firmware_op(line):
-    return list(smartrest.parse_firmware_operation(line).fields())
+    return list(firmware_op.parse_firmware_operation(line).fields())
 
 
 CALLS = {
     "decode_claims": jwt.decode_claims,
     "schedule": _schedule,
     "backoff": _backoff,
-    "parse_endpoint": lambda url: endpoints.parse_endpoint(url).url(),
-    "is_unlikely": endpoints.is_unlikely,
+    "parse_endpoint": lambda url: endpoint_list.parse_endpoint(url).url(),
+    "is_unlikely": endpoint_list.is_unlikely,
     "order": _order,
     "rotation": _rotation,
     "discovery": _discovery,
@@ -129,11 +129,11 @@ CALLS = {
     "parse_token": smartrest.parse_token,
     "parse_firmware_operation": _firmware_op,
     "format_line": smartrest.format_line,
-    "firmware_executing": smartrest.firmware_executing,
-    "firmware_successful": smartrest.firmware_successful,
-    "firmware_failed": smartrest.firmware_failed,
-    "firmware_installed": smartrest.firmware_installed,
-    "supported_operations": smartrest.supported_operations,
+    "firmware_executing": firmware_op.firmware_executing,
+    "firmware_successful": firmware_op.firmware_successful,
+    "firmware_failed": firmware_op.firmware_failed,
+    "firmware_installed": firmware_op.firmware_installed,
+    "supported_operations": firmware_op.supported_operations,
     "topics": _topics,
     "client_id": topics.client_id,
     "encode_connect": lambda *a: _hex(mq.encode_connect(*a)),

@@ -17,11 +17,12 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core import jwt, smartrest
+from agent.core import firmware_op, jwt, smartrest
 from agent.core import supervisor as sv
 from agent.core.backoff import Backoff
 from agent.core.discovery import parse_discovery
-from agent.core.endpoints import Endpoint, Rotation, order_endpoints
+from agent.core.endpoint_list import order_endpoints
+from agent.core.endpoints import Endpoint, Rotation
 from agent.core.errors import CoreError
 from agent.core.token_schedule import TokenRefresher
 from agent.core.topics import Topics
@@ -162,6 +163,6 @@ def test_smartrest_operations_raise_only_smartrest_errors(text: str) -> None:
             smartrest.template_id(line)
             with contextlib.suppress(CoreError):
                 smartrest.parse_line(line)
-            op = smartrest.parse_firmware_operation(line)
+            op = firmware_op.parse_firmware_operation(line)
             assert op.url.startswith(("https://", "http://"))
             assert smartrest.template_id(line) == "515" and op.name and op.version

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.core import smartrest
+from agent.core import firmware_op, smartrest
 from agent.core.errors import SmartRestError
 from lab.mosquitto import Mosquitto
 from lab.procs import wait_until
@@ -54,7 +54,7 @@ def test_the_smartrest_parser_refuses_control_and_bidi_characters_naming_the_fie
 
 
 def test_the_parser_keeps_ordinary_text_including_non_latin_letters() -> None:
-    assert smartrest.parse_firmware_operation("515,dev-001,Prüfstand-Ω,1.1.0,https://h/fw?a=b").fields() == (
+    assert firmware_op.parse_firmware_operation("515,dev-001,Prüfstand-Ω,1.1.0,https://h/fw?a=b").fields() == (
         "dev-001", "Prüfstand-Ω", "1.1.0", "https://h/fw?a=b")
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from agent.core.discovery import parse_discovery
-from agent.core.endpoints import Endpoint, Rotation, order_endpoints, parse_endpoint
+from agent.core.endpoint_list import order_endpoints, parse_endpoint
+from agent.core.endpoints import Endpoint, Rotation
 from agent.core.errors import EndpointError
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

@@ -6,9 +6,9 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core import jwt, smartrest
+from agent.core import firmware_op, jwt, smartrest
 from agent.core.discovery import parse_discovery
-from agent.core.endpoints import parse_endpoint
+from agent.core.endpoint_list import parse_endpoint
 from agent.core.errors import CoreError
 from agent.core.token_schedule import TokenSchedule
 
@@ -64,7 +64,7 @@ def test_parse_discovery_raises_only_endpoint_errors(body):
 def test_smartrest_parsers_raise_only_smartrest_errors(line):
     _only_core_errors(smartrest.parse_line, line)
     _only_core_errors(smartrest.parse_token, line)
-    _only_core_errors(smartrest.parse_firmware_operation, line)
+    _only_core_errors(firmware_op.parse_firmware_operation, line)
     _only_core_errors(smartrest.split_lines, line)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.core import smartrest
+from agent.core import firmware_op, smartrest
 from agent.core.backoff import Backoff
 from agent.core.errors import ParameterError, SmartRestError
 from agent.core.topics import Topics, client_id
@@ -24,11 +24,11 @@ def test_quoted_fields_round_trip():
 
 
 def test_firmware_failure_reason_is_always_quoted():
-    assert smartrest.firmware_failed("timeout") == '502,c8y_Firmware,"timeout"'
+    assert firmware_op.firmware_failed("timeout") == '502,c8y_Firmware,"timeout"'
 
 
 def test_firmware_operation_parses_into_a_value():
-    op = smartrest.parse_firmware_operation("515,dev1,tether,1.2.0,https://h/fw")
+    op = firmware_op.parse_firmware_operation("515,dev1,tether,1.2.0,https://h/fw")
     assert (op.serial, op.name, op.version, op.url) == ("dev1", "tether", "1.2.0", "https://h/fw")
 
 
@@ -67,11 +67,11 @@ def test_client_id_gets_prefix_and_refuses_colons():
 
 
 def test_a_formatted_line_carries_no_control_or_bidi_character_and_parses_back():
-    line = smartrest.firmware_failed("GET https://h/\x1b[2J\u202eexe: refused\x00")
+    line = firmware_op.firmware_failed("GET https://h/\x1b[2J\u202eexe: refused\x00")
     assert line == '502,c8y_Firmware,"GET https://h/\ufffd[2J\ufffdexe: refused\ufffd"'
     assert smartrest.parse_line(line)[2] == "GET https://h/\ufffd[2J\ufffdexe: refused\ufffd"
 
 
 def test_a_control_character_in_a_field_is_refused_naming_the_field():
     with pytest.raises(SmartRestError, match=r"515\.version: control character U\+001B is not allowed in a field"):
-        smartrest.parse_firmware_operation("515,dev1,tether,1.2.0\x1b[2J,https://h/fw")
+        firmware_op.parse_firmware_operation("515,dev1,tether,1.2.0\x1b[2J,https://h/fw")

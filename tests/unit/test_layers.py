@@ -42,7 +42,7 @@ CONSOLE = "provisioning.station.console"
 # rule 8: the station modules that may load the console (it is an optional extra, Jinja2 and segno)
 CONSOLE_LOADERS = ("provisioning.station.cli", "provisioning.station.commands")
 # rule 5: setup modules as a board imports them, and the one runtime module allowed to load them
-SETUP = frozenset({"board_config", "board_setup", "agent.core.defaults"})
+SETUP = frozenset({"board_config", "board_setup", "agent.core.defaults", "agent.core.endpoint_list"})
 SETUP_LOADER = "firmware/tether_main.py"
 # host-side tools in firmware/: they build the board image and never run on a board
 HOST_TOOLS = frozenset({"firmware/build.py", "firmware/manifest.py"})
