@@ -1,6 +1,8 @@
 """Where one enrollment's station CPU goes, phase by phase, measured with `time.thread_time`.
 
     python benchmarks/station_phases.py [--devices 1000] [--log-level info]
+    valgrind --tool=callgrind python benchmarks/station_phases.py --marks LIB --marks-out FILE  # instructions
+
 
 The station's own code runs in this one thread, in the order a worker runs it for one device:
 the TLS handshake (server side, over memory BIOs: no sockets, no scheduler), the request read
@@ -11,9 +13,11 @@ out (a phase's own time only), summed over the devices and divided by their numb
 
 How the phases are told apart: the functions that make up a phase are wrapped, in this process
 only, by a timer (the product carries no instrument); what is left in `respond` after its phases
-is counted as HTTP. What this harness cannot see is the worker's loop (accept, the selector, the
-hand-off to the pool thread and back, socket system calls, closing): `enroll_rate.py` measures the
-whole station process, and the difference is that share.
+is counted as HTTP. With `--marks`, the phases run through `callgrind.MarkedPhases` instead of the
+timer, for `station_instructions.py` to read each phase's instructions under callgrind (the map of
+marks to phases is written to `--marks-out`). What this harness cannot see is the worker's loop
+(accept, the selector, the hand-off to the pool thread and back, socket system calls, closing):
+`enroll_rate.py` measures the whole station process, and the difference is that share.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import json
 import logging
 import ssl
 import sys
@@ -34,6 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from callgrind import MarkedPhases  # noqa: E402  (benchmarks/callgrind.py)
 from enroll_rate import TRUST_DOMAIN, prepare  # noqa: E402  (benchmarks/enroll_rate.py)
 
 import provisioning.station.enrollment as enrollment_module  # noqa: E402
@@ -49,6 +55,7 @@ from provisioning.station.wire import RequestReader  # noqa: E402
 ORDER = ("TLS handshake", "TLS records (read request, write answer)", "HTTP (parse, route, render)",
          "ledger: OTP lookup", "CSR parse", "CSR signature check", "policy (key, names)", "signing",
          "ledger: issuing transaction + fsync", "PKCS#7 answer", "log line")
+CALIBRATION = 1000  # empty marked phases run at the end, to take the marks' own cost out
 
 
 class Phases:
@@ -76,7 +83,7 @@ class Phases:
         return timed
 
 
-def instrument(phases: Phases, enrollment: Enrollment) -> None:
+def instrument(phases: Phases | MarkedPhases, enrollment: Enrollment) -> None:
     """Wrap the functions each phase consists of (this process only)."""
     led = enrollment.ledger
     led.find_otp = phases.wrap("ledger: OTP lookup", led.find_otp)  # type: ignore[method-assign]
@@ -99,7 +106,7 @@ def instrument(phases: Phases, enrollment: Enrollment) -> None:
 
 
 class _TimedLogger:
-    def __init__(self, phases: Phases, logger: logging.Logger) -> None:
+    def __init__(self, phases: Phases | MarkedPhases, logger: logging.Logger) -> None:
         self._phases, self._logger = phases, logger
 
     def __getattr__(self, name: str) -> Any:
@@ -107,7 +114,7 @@ class _TimedLogger:
 
 
 def pump(server: ssl.SSLObject, client: ssl.SSLObject, s_in: ssl.MemoryBIO, s_out: ssl.MemoryBIO,
-         c_in: ssl.MemoryBIO, c_out: ssl.MemoryBIO, phases: Phases) -> None:
+         c_in: ssl.MemoryBIO, c_out: ssl.MemoryBIO, phases: Phases | MarkedPhases) -> None:
     """Run both ends of the handshake; only the server's steps are timed."""
     done = {"client": False, "server": False}
     for _ in range(10):
@@ -131,7 +138,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--log-level", default="warning", help="the station's log level (serve's default: info)")
+    parser.add_argument("--marks", help="callgrind.Marks library: mark phases for callgrind instead of timing them")
+    parser.add_argument("--marks-out", help="with --marks: write the marks' phases and nesting here (JSON)")
     args = parser.parse_args()
+    marked = MarkedPhases(args.marks) if args.marks else None
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="station-phases-") as tmp:
         directory = Path(tmp) / "station"
@@ -141,7 +151,7 @@ def main() -> int:
         enrollment = Enrollment(station, led)
         server_ctx = tls_context(station, str(directory / "server.pem"), str(directory / "server.key"))
         client_ctx = ssl.create_default_context(cafile=str(directory / "ca.pem"))
-        phases = Phases()
+        phases: Phases | MarkedPhases = marked or Phases()
         instrument(phases, enrollment)
         failures = 0
         for device_id, otp, body, _ in devices:
@@ -167,6 +177,13 @@ def main() -> int:
             c_in.write(s_out.read())
             failures += response.status != 200 or not client.read(65536).startswith(b"HTTP/1.1 200")
         led.close()
+    if marked is not None:
+        marked.calibrate(CALIBRATION)
+        Path(args.marks_out).write_text(json.dumps({"devices": args.devices, "failures": failures,
+                                                    "calibration": CALIBRATION, "parent": marked.parent,
+                                                    "phase": marked.phase}))
+        return 1 if failures else 0
+    assert isinstance(phases, Phases)
     total = sum(phases.spent.values())
     print(f"{ssl.OPENSSL_VERSION}; {args.devices} enrollments in one thread, log level {args.log_level}; "
           f"{failures} failed")
