@@ -130,12 +130,13 @@ def ecdsa_run(out: Path) -> tuple[float, float]:
     return profile.per_call("EVP_PKEY_verify"), profile.per_call("EVP_PKEY_sign")
 
 
-def phases_run(directory: Path, devices: int, out: Path) -> dict[str, float]:
+def phases_run(directory: Path, devices: int, out: Path, log_level: str = "warning") -> dict[str, float]:
     """`station_phases.py --marks` under callgrind: instructions per enrollment by phase."""
     marks = callgrind.Marks(directory)
     mapping = directory / "marks.json"
     profile = callgrind.run([sys.executable, str(REPO / "benchmarks" / "station_phases.py"), "--devices", str(devices),
-                             "--marks", str(marks.path), "--marks-out", str(mapping)], out, cwd=REPO)
+                             "--marks", str(marks.path), "--marks-out", str(mapping), "--log-level", log_level],
+                            out, cwd=REPO)
     found = json.loads(mapping.read_text())
     if found["failures"]:
         raise SystemExit(f"station_phases.py: {found['failures']} enrollments failed")
@@ -150,6 +151,8 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=300, help="enrollments (and floor handshakes) in the long run")
     parser.add_argument("--small", type=int, default=50, help="... and in the short run, subtracted")
     parser.add_argument("--phases", type=int, default=200, help="devices through station_phases.py (0: skip)")
+    parser.add_argument("--phases-only", action="store_true", help="only the phase table (while changing the code)")
+    parser.add_argument("--log-level", default="warning", help="station_phases.py's log level (serve's default: info)")
     args = parser.parse_args()
     if args.devices <= args.small:
         parser.error("--devices must be more than --small")
@@ -157,6 +160,15 @@ def main() -> int:
         if shutil.which(tool) is None:
             parser.error(f"{tool} not found (apt-get install valgrind gcc openssl)")
     directory = Path(tempfile.mkdtemp(prefix="station-instructions-"))
+    if args.phases_only:
+        try:
+            phases = phases_run(directory, args.phases, directory / "phases.out", args.log_level)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        for name in ORDER:
+            print(f"  {name:<44}{phases.get(name, 0.0) / 1e6:>10.3f} M")
+        print(f"  {'sum of the phases':<44}{sum(phases.values()) / 1e6:>10.3f} M")
+        return 0
     try:
         station_dir = directory / "station"
         init_station(station_dir, TRUST_DOMAIN)
@@ -169,7 +181,7 @@ def main() -> int:
         f_long = floor_run(station_dir, args.devices, directory / "floor-long.out")
         handshake = (f_long.total - f_short.total) / counted
         verify, sign = ecdsa_run(directory / "speed.out")
-        phases = phases_run(directory, args.phases, directory / "phases.out") if args.phases else {}
+        phases = phases_run(directory, args.phases, directory / "phases.out", args.log_level) if args.phases else {}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     floor = handshake + verify + sign

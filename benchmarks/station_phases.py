@@ -47,6 +47,7 @@ import provisioning.station.routes as routes_module  # noqa: E402
 from provisioning import certs, policy  # noqa: E402
 from provisioning.station import ledger as ledger_module  # noqa: E402
 from provisioning.station.ca import init_station  # noqa: E402
+from provisioning.station.commands.serve import configure_logging  # noqa: E402
 from provisioning.station.enrollment import Enrollment  # noqa: E402
 from provisioning.station.loop import MAX_BODY  # noqa: E402
 from provisioning.station.server import tls_context  # noqa: E402
@@ -89,7 +90,8 @@ def instrument(phases: Phases | MarkedPhases, enrollment: Enrollment) -> None:
     led.find_otp = phases.wrap("ledger: OTP lookup", led.find_otp)  # type: ignore[method-assign]
     for name in ("issue_with_otp", "issue", "issue_with_bootstrap"):
         setattr(led, name, phases.wrap("ledger: issuing transaction + fsync", getattr(led, name)))
-    enrollment_module.load_csr = phases.wrap("CSR parse", certs.load_csr)
+    # the CSR read once: DER, subject and public key (`certs.read_csr`)
+    enrollment_module.read_csr = phases.wrap("CSR parse", certs.read_csr)
     # check_csr's own time is the signature check; the key and name rules it calls are timed apart
     pol = enrollment.station.policy
     for name, phase in (("check_csr", "CSR signature check"), ("key_violations", "policy (key, names)"),
@@ -97,7 +99,7 @@ def instrument(phases: Phases | MarkedPhases, enrollment: Enrollment) -> None:
         object.__setattr__(pol, name, phases.wrap(phase, getattr(pol, name)))  # a frozen dataclass
     policy.common_name = phases.wrap("policy (key, names)", policy.common_name)
     station = enrollment.station
-    station.device_cert = phases.wrap("signing", station.device_cert)  # type: ignore[method-assign]
+    station.issue_device = phases.wrap("signing", station.issue_device)  # type: ignore[method-assign]
     answer_body = enrollment_module.Answer.body
     enrollment_module.Answer.body = property(phases.wrap("PKCS#7 answer", answer_body.fget))  # type: ignore[method-assign, assignment]
     ledger_module.Row.certificate = property(  # type: ignore[method-assign, assignment]
@@ -142,7 +144,7 @@ def main() -> int:
     parser.add_argument("--marks-out", help="with --marks: write the marks' phases and nesting here (JSON)")
     args = parser.parse_args()
     marked = MarkedPhases(args.marks) if args.marks else None
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    configure_logging(args.log_level)  # as `tether-station serve` sets its log up
     with tempfile.TemporaryDirectory(prefix="station-phases-") as tmp:
         directory = Path(tmp) / "station"
         station = init_station(directory, TRUST_DOMAIN)
