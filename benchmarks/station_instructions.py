@@ -19,8 +19,9 @@ between runs on a shared machine, the instructions it executes do not.
   one thread, each phase run through a C function of its own, `callgrind.MarkedPhases`): each phase's
   instructions per enrollment; the whole process less their sum is the worker's loop (accept, the
   selector, the hand-off to a pool thread, closing) and whatever else the harness does not see.
-Kernel work (system calls, the fsync) is not counted by valgrind; `enroll_rate.py` keeps measuring
-CPU time. Prints figures only; needs valgrind and a C compiler.
+- system calls: the kernel's share, which valgrind does not count: the same two station runs under
+  `strace -f -c` (when strace is installed), the difference per enrollment by call.
+`enroll_rate.py` keeps measuring CPU time. Prints figures only; needs valgrind and a C compiler.
 """
 
 from __future__ import annotations
@@ -85,6 +86,30 @@ def station_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path) 
     if failed:
         raise SystemExit(f"{failed} of {len(jobs)} enrollments failed; see {directory / 'serve.log'}")
     return callgrind.Profile.read(out)
+
+
+def syscall_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path) -> dict[str, int]:
+    """One `serve --workers 1` under `strace -f -c` enrolling `jobs`: system calls by name (the kernel's
+    share of the CPU, which callgrind does not count)."""
+    port_file = directory / "ports.json"
+    port_file.unlink(missing_ok=True)
+    argv = ["strace", "-f", "-c", "-o", str(out), sys.executable, "-m", "provisioning.station.cli", "serve",
+            "--dir", str(directory), "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", "1",
+            "--log-level", "warning", "--handshake-cpu", "0"]
+    proc = Proc("tether-station (strace)", argv, directory / "serve.log", cwd=REPO)
+    try:
+        port = read_port_file(port_file, proc, timeout=SLOW)["est"]
+        failed = enroll(port, str(directory / "ca.pem"), jobs)
+    finally:
+        proc.stop(timeout=SLOW)
+    if failed:
+        raise SystemExit(f"{failed} of {len(jobs)} enrollments failed (strace); see {directory / 'serve.log'}")
+    calls: dict[str, int] = {}
+    for line in out.read_text().splitlines():  # % time, seconds, usecs/call, calls, [errors], syscall
+        parts = line.split()
+        if len(parts) >= 5 and parts[-1] != "total" and parts[3].isdigit():
+            calls[parts[-1]] = int(parts[3])
+    return calls
 
 
 def handshakes(port: int, ca_file: str, count: int) -> None:
@@ -181,6 +206,12 @@ def main() -> int:
         f_long = floor_run(station_dir, args.devices, directory / "floor-long.out")
         handshake = (f_long.total - f_short.total) / counted
         verify, sign = ecdsa_run(directory / "speed.out")
+        syscalls: dict[str, float] = {}
+        if shutil.which("strace") is not None:
+            more = [(d, o, b) for d, o, b, _ in prepare(station_dir, args.small + args.devices)]
+            s_short = syscall_run(station_dir, more[: args.small], directory / "strace-short.txt")
+            s_long = syscall_run(station_dir, more[args.small:], directory / "strace-long.txt")
+            syscalls = {name: (s_long.get(name, 0) - s_short.get(name, 0)) / counted for name in s_long}
         phases = phases_run(directory, args.phases, directory / "phases.out", args.log_level) if args.phases else {}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -202,6 +233,10 @@ def main() -> int:
     print(f"floor: openssl s_server handshake {m(handshake)} (runs of {args.small} and {args.devices}), "
           f"ECDSA P-256 verify {m(verify)}, sign {m(sign)} (openssl speed): {m(floor)} per enrollment")
     print(f"station / floor: {station / floor:.2f}x")
+    if syscalls:
+        top = sorted(syscalls.items(), key=lambda kv: -kv[1])
+        print(f"system calls per enrollment (strace -f -c, same runs): {sum(syscalls.values()):.1f}; "
+              + ", ".join(f"{name} {n:.1f}" for name, n in top[:14] if n >= 0.5))
     if phases:
         total = sum(phases.values())
         print(f"phases (station_phases.py --marks, {args.phases} devices, one thread; the marks' own cost taken out):")
