@@ -209,16 +209,17 @@ class DeviceTemplate:
     def issue(self, public_key: Any, device_id: str, *, spki: bytes | None = None,
               now: int | None = None) -> Issued:
         """`sign`, returned as DER with its facts (serial, subject, validity), never parsed back.
-        The subject is `CN=<device id>`: a device id (identity.check_device_id) holds no character
-        RFC 4514 escapes, and `_check` compares these facts with the parsed certificate's."""
+        `_check` compares these facts with the parsed certificate's when the template is made."""
         if spki is None:
             spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         start = (int(dt.datetime.now(dt.UTC).timestamp()) if now is None else now) - 60
         serial = new_serial()
         tbs = self.tbs(spki, device_id, serial, start)
         signature = self.issuer.key.sign(tbs, self._algorithm)
+        # a device id (identity.check_device_id) is written by RFC 4514 as it is; anything else is escaped
+        subject = f"CN={device_id}" if _PLAIN_RDN.issuperset(device_id) else name(device_id).rfc4514_string()
         return Issued(der.tlv(der.SEQUENCE, tbs + self._ECDSA_SHA256 + der.tlv(der.BIT_STRING, b"\x00" + signature)),
-                      serial, f"CN={device_id}", start, start + self.lifetime)
+                      serial, subject, start, start + self.lifetime)
 
     def _check(self) -> None:
         sample = ec.generate_private_key(ec.SECP256R1()).public_key()
@@ -256,6 +257,8 @@ def _oid_bytes(oid: x509.ObjectIdentifier) -> bytes:
 
 
 _CN_OID = der.tlv(der.OID, bytes.fromhex("550403"))  # 2.5.4.3
+# characters RFC 4514 never escapes in an attribute value (at its start and end included)
+_PLAIN_RDN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _SAN_OID = der.tlv(der.OID, _oid_bytes(x509.SubjectAlternativeName.oid))
 _SKI_PREFIX = _extension(x509.SubjectKeyIdentifier.oid, False, der.tlv(der.OCTET_STRING, bytes(20)))[:-20]
 

@@ -100,3 +100,9 @@ def test_what_the_template_reports_is_what_the_certificate_says(issuer: Issuer) 
     issued = template.issue(ec.generate_private_key(ec.SECP256R1()).public_key(), "dev-6")
     assert issued == Issued.of(x509.load_der_x509_certificate(issued.der))
     assert issued.subject == "CN=dev-6" and issued.not_after - issued.not_before == 30 * 86400
+
+
+def test_the_subject_reported_for_an_id_with_characters_rfc4514_escapes_is_escaped(issuer: Issuer) -> None:
+    template = DeviceTemplate(issuer, "test.tether")
+    issued = template.issue(ec.generate_private_key(ec.SECP256R1()).public_key(), "dev+1,x")
+    assert issued.subject == Issued.of(x509.load_der_x509_certificate(issued.der)).subject == "CN=dev\\+1\\,x"
