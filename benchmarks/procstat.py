@@ -39,6 +39,17 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(f"/proc/{p}/stat") for p in tree(pid))
 
 
+def tree_system_seconds(pid: int) -> float:
+    """CPU seconds spent in the kernel (system time) by a process and every live descendant."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss_kb(pid: int) -> int:
     """Resident memory of a process and every live descendant, in KB."""
     return sum(rss_kb(p) for p in tree(pid))

@@ -1,6 +1,8 @@
 """Where one enrollment's station CPU goes, phase by phase, measured with `time.thread_time`.
 
     python benchmarks/station_phases.py [--devices 1000] [--log-level info]
+    valgrind --tool=callgrind python benchmarks/station_phases.py --marks LIB --marks-out FILE  # instructions
+
 
 The station's own code runs in this one thread, in the order a worker runs it for one device:
 the TLS handshake (server side, over memory BIOs: no sockets, no scheduler), the request read
@@ -11,9 +13,11 @@ out (a phase's own time only), summed over the devices and divided by their numb
 
 How the phases are told apart: the functions that make up a phase are wrapped, in this process
 only, by a timer (the product carries no instrument); what is left in `respond` after its phases
-is counted as HTTP. What this harness cannot see is the worker's loop (accept, the selector, the
-hand-off to the pool thread and back, socket system calls, closing): `enroll_rate.py` measures the
-whole station process, and the difference is that share.
+is counted as HTTP. With `--marks`, the phases run through `callgrind.MarkedPhases` instead of the
+timer, for `station_instructions.py` to read each phase's instructions under callgrind (the map of
+marks to phases is written to `--marks-out`). What this harness cannot see is the worker's loop
+(accept, the selector, the hand-off to the pool thread and back, socket system calls, closing):
+`enroll_rate.py` measures the whole station process, and the difference is that share.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import json
 import logging
 import ssl
 import sys
@@ -34,6 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from callgrind import MarkedPhases  # noqa: E402  (benchmarks/callgrind.py)
 from enroll_rate import TRUST_DOMAIN, prepare  # noqa: E402  (benchmarks/enroll_rate.py)
 
 import provisioning.station.enrollment as enrollment_module  # noqa: E402
@@ -41,6 +47,7 @@ import provisioning.station.routes as routes_module  # noqa: E402
 from provisioning import certs, policy  # noqa: E402
 from provisioning.station import ledger as ledger_module  # noqa: E402
 from provisioning.station.ca import init_station  # noqa: E402
+from provisioning.station.commands.serve import configure_logging  # noqa: E402
 from provisioning.station.enrollment import Enrollment  # noqa: E402
 from provisioning.station.loop import MAX_BODY  # noqa: E402
 from provisioning.station.server import tls_context  # noqa: E402
@@ -49,6 +56,7 @@ from provisioning.station.wire import RequestReader  # noqa: E402
 ORDER = ("TLS handshake", "TLS records (read request, write answer)", "HTTP (parse, route, render)",
          "ledger: OTP lookup", "CSR parse", "CSR signature check", "policy (key, names)", "signing",
          "ledger: issuing transaction + fsync", "PKCS#7 answer", "log line")
+CALIBRATION = 1000  # empty marked phases run at the end, to take the marks' own cost out
 
 
 class Phases:
@@ -76,13 +84,14 @@ class Phases:
         return timed
 
 
-def instrument(phases: Phases, enrollment: Enrollment) -> None:
+def instrument(phases: Phases | MarkedPhases, enrollment: Enrollment) -> None:
     """Wrap the functions each phase consists of (this process only)."""
     led = enrollment.ledger
     led.find_otp = phases.wrap("ledger: OTP lookup", led.find_otp)  # type: ignore[method-assign]
     for name in ("issue_with_otp", "issue", "issue_with_bootstrap"):
         setattr(led, name, phases.wrap("ledger: issuing transaction + fsync", getattr(led, name)))
-    enrollment_module.load_csr = phases.wrap("CSR parse", certs.load_csr)
+    # the CSR read once: DER, subject and public key (`certs.read_csr`)
+    enrollment_module.read_csr = phases.wrap("CSR parse", certs.read_csr)
     # check_csr's own time is the signature check; the key and name rules it calls are timed apart
     pol = enrollment.station.policy
     for name, phase in (("check_csr", "CSR signature check"), ("key_violations", "policy (key, names)"),
@@ -90,7 +99,7 @@ def instrument(phases: Phases, enrollment: Enrollment) -> None:
         object.__setattr__(pol, name, phases.wrap(phase, getattr(pol, name)))  # a frozen dataclass
     policy.common_name = phases.wrap("policy (key, names)", policy.common_name)
     station = enrollment.station
-    station.device_cert = phases.wrap("signing", station.device_cert)  # type: ignore[method-assign]
+    station.issue_device = phases.wrap("signing", station.issue_device)  # type: ignore[method-assign]
     answer_body = enrollment_module.Answer.body
     enrollment_module.Answer.body = property(phases.wrap("PKCS#7 answer", answer_body.fget))  # type: ignore[method-assign, assignment]
     ledger_module.Row.certificate = property(  # type: ignore[method-assign, assignment]
@@ -99,7 +108,7 @@ def instrument(phases: Phases, enrollment: Enrollment) -> None:
 
 
 class _TimedLogger:
-    def __init__(self, phases: Phases, logger: logging.Logger) -> None:
+    def __init__(self, phases: Phases | MarkedPhases, logger: logging.Logger) -> None:
         self._phases, self._logger = phases, logger
 
     def __getattr__(self, name: str) -> Any:
@@ -107,7 +116,7 @@ class _TimedLogger:
 
 
 def pump(server: ssl.SSLObject, client: ssl.SSLObject, s_in: ssl.MemoryBIO, s_out: ssl.MemoryBIO,
-         c_in: ssl.MemoryBIO, c_out: ssl.MemoryBIO, phases: Phases) -> None:
+         c_in: ssl.MemoryBIO, c_out: ssl.MemoryBIO, phases: Phases | MarkedPhases) -> None:
     """Run both ends of the handshake; only the server's steps are timed."""
     done = {"client": False, "server": False}
     for _ in range(10):
@@ -131,8 +140,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--log-level", default="warning", help="the station's log level (serve's default: info)")
+    parser.add_argument("--marks", help="callgrind.Marks library: mark phases for callgrind instead of timing them")
+    parser.add_argument("--marks-out", help="with --marks: write the marks' phases and nesting here (JSON)")
     args = parser.parse_args()
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    marked = MarkedPhases(args.marks) if args.marks else None
+    configure_logging(args.log_level)  # as `tether-station serve` sets its log up
     with tempfile.TemporaryDirectory(prefix="station-phases-") as tmp:
         directory = Path(tmp) / "station"
         station = init_station(directory, TRUST_DOMAIN)
@@ -141,7 +153,7 @@ def main() -> int:
         enrollment = Enrollment(station, led)
         server_ctx = tls_context(station, str(directory / "server.pem"), str(directory / "server.key"))
         client_ctx = ssl.create_default_context(cafile=str(directory / "ca.pem"))
-        phases = Phases()
+        phases: Phases | MarkedPhases = marked or Phases()
         instrument(phases, enrollment)
         failures = 0
         for device_id, otp, body, _ in devices:
@@ -167,6 +179,13 @@ def main() -> int:
             c_in.write(s_out.read())
             failures += response.status != 200 or not client.read(65536).startswith(b"HTTP/1.1 200")
         led.close()
+    if marked is not None:
+        marked.calibrate(CALIBRATION)
+        Path(args.marks_out).write_text(json.dumps({"devices": args.devices, "failures": failures,
+                                                    "calibration": CALIBRATION, "parent": marked.parent,
+                                                    "phase": marked.phase}))
+        return 1 if failures else 0
+    assert isinstance(phases, Phases)
     total = sum(phases.spent.values())
     print(f"{ssl.OPENSSL_VERSION}; {args.devices} enrollments in one thread, log level {args.log_level}; "
           f"{failures} failed")

@@ -6,6 +6,7 @@ the tests use it to make test beds. Every profile sets SKI/AKI so chains build u
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
@@ -33,6 +34,25 @@ def name(cn: str, organization: str | None = None) -> x509.Name:
     if organization:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     return x509.Name(attrs)
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate just signed, with what the ledger records about it (RFC 5280 fields), so that no
+    one parses it back to learn what its issuer already knew. Times are Unix seconds."""
+
+    der: bytes
+    serial: int
+    subject: str        # RFC 4514, as `certs.subject_of` writes it
+    not_before: int
+    not_after: int
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> Issued:
+        """The facts of a certificate made another way (`CertificateBuilder`), read from it."""
+        return cls(cert.public_bytes(serialization.Encoding.DER), cert.serial_number,
+                   cert.subject.rfc4514_string() or "(empty subject)", int(cert.not_valid_before_utc.timestamp()),
+                   int(cert.not_valid_after_utc.timestamp()))
 
 
 @dataclass(frozen=True)
@@ -184,13 +204,22 @@ class DeviceTemplate:
     def sign(self, public_key: Any, device_id: str, *, spki: bytes | None = None) -> x509.Certificate:
         """What `device_cert(issuer, public_key, device_id, trust_domain, lifetime=...)` makes (valid from
         a minute ago); `spki`, the key's DER SubjectPublicKeyInfo, saves encoding it again."""
+        return x509.load_der_x509_certificate(self.issue(public_key, device_id, spki=spki).der)
+
+    def issue(self, public_key: Any, device_id: str, *, spki: bytes | None = None,
+              now: int | None = None) -> Issued:
+        """`sign`, returned as DER with its facts (serial, subject, validity), never parsed back.
+        `_check` compares these facts with the parsed certificate's when the template is made."""
         if spki is None:
             spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        now = int(dt.datetime.now(dt.UTC).timestamp()) - 60
-        tbs = self.tbs(spki, device_id, new_serial(), now)
+        start = (int(dt.datetime.now(dt.UTC).timestamp()) if now is None else now) - 60
+        serial = new_serial()
+        tbs = self.tbs(spki, device_id, serial, start)
         signature = self.issuer.key.sign(tbs, self._algorithm)
-        return x509.load_der_x509_certificate(der.tlv(der.SEQUENCE, tbs + self._ECDSA_SHA256 + der.tlv(
-            der.BIT_STRING, b"\x00" + signature)))
+        # a device id (identity.check_device_id) is written by RFC 4514 as it is; anything else is escaped
+        subject = f"CN={device_id}" if _PLAIN_RDN.issuperset(device_id) else name(device_id).rfc4514_string()
+        return Issued(der.tlv(der.SEQUENCE, tbs + self._ECDSA_SHA256 + der.tlv(der.BIT_STRING, b"\x00" + signature)),
+                      serial, subject, start, start + self.lifetime)
 
     def _check(self) -> None:
         sample = ec.generate_private_key(ec.SECP256R1()).public_key()
@@ -202,6 +231,11 @@ class DeviceTemplate:
         if mine != reference.tbs_certificate_bytes:
             raise ValueError(f"device certificate template for {self.issuer.cert.subject.rfc4514_string()} does not "
                              "encode what CertificateBuilder does; refusing to sign with it")
+        issued = self.issue(sample, "template-check", spki=spki)
+        if dataclasses.replace(issued, der=b"") != dataclasses.replace(Issued.of(x509.load_der_x509_certificate(
+                issued.der)), der=b""):
+            raise ValueError(f"device certificate template for {self.issuer.cert.subject.rfc4514_string()}: the "
+                             "serial, subject or validity it reports are not those of the certificate it signs")
 
 
 def _extension(oid: x509.ObjectIdentifier, critical: bool, value: bytes) -> bytes:
@@ -223,6 +257,8 @@ def _oid_bytes(oid: x509.ObjectIdentifier) -> bytes:
 
 
 _CN_OID = der.tlv(der.OID, bytes.fromhex("550403"))  # 2.5.4.3
+# characters RFC 4514 never escapes in an attribute value (at its start and end included)
+_PLAIN_RDN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _SAN_OID = der.tlv(der.OID, _oid_bytes(x509.SubjectAlternativeName.oid))
 _SKI_PREFIX = _extension(x509.SubjectKeyIdentifier.oid, False, der.tlv(der.OCTET_STRING, bytes(20)))[:-20]
 

@@ -6,12 +6,15 @@ import base64
 import binascii
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from provisioning.der import first_element as der_element
 from provisioning.errors import PemError
 from provisioning.est.pkcs7 import certificate_blobs
 
@@ -112,6 +115,83 @@ def _load_certificates(data: bytes, where: str) -> list[x509.Certificate]:
 
 def load_csr(data: bytes, where: str = "CSR") -> x509.CertificateSigningRequest:
     """A CSR from PEM, DER, or the base64 DER body EST uses (RFC 7030 section 4.2.1)."""
+    csr = _parse_csr(data, where)
+    _names_readable(csr, where)
+    return csr
+
+
+def read_csr(data: bytes, where: str = "CSR") -> ReadCsr:
+    """`load_csr`, with its subject and key decoded once for everyone who reads them (`ReadCsr`)."""
+    read = ReadCsr.of(_parse_csr(data, where))
+    try:
+        read.subject.rfc4514_string()  # as _names_readable: an unreadable name fails here, not later
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PemError(f"{where}: unreadable subject or issuer name ({type(exc).__name__}: {exc})") from None
+    return read
+
+
+# what `cryptography` raises for a key it cannot read: off-curve point, unknown algorithm OID
+UNREADABLE_KEY = (ValueError, TypeError, UnsupportedAlgorithm)
+
+_ECDSA = frozenset({x509.SignatureAlgorithmOID.ECDSA_WITH_SHA224, x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+                    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384, x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512})
+# a P-256 SubjectPublicKeyInfo as `cryptography` writes one (named curve, uncompressed point), up to the point
+_P256_SPKI_HEAD = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
+
+
+class ReadCsr:
+    """A CSR and what its readers ask of it, decoded once: `cryptography` builds a new `Name` at every
+    `.subject` and loads the key again at every `.public_key()` and `.is_signature_valid` (three
+    loads and four names per enrollment before, issue 24 item 3). `key` is None when the key cannot
+    be read, `key_error` says why."""
+
+    __slots__ = ("csr", "key", "key_error", "subject")
+
+    def __init__(self, csr: x509.CertificateSigningRequest, subject: x509.Name, key: Any,
+                 key_error: Exception | None) -> None:
+        self.csr, self.subject, self.key, self.key_error = csr, subject, key, key_error
+
+    @classmethod
+    def of(cls, csr: x509.CertificateSigningRequest) -> ReadCsr:
+        try:
+            return cls(csr, csr.subject, csr.public_key(), None)
+        except UNREADABLE_KEY as exc:
+            return cls(csr, csr.subject, None, exc)
+
+    def signature_valid(self) -> bool:
+        """`csr.is_signature_valid`, verified with the key already loaded when it is an ECDSA signature
+        by an EC key (what devices send); any other pair goes to `cryptography` as before. Raises
+        what `is_signature_valid` raises for a key or algorithm it cannot use."""
+        csr = self.csr
+        if isinstance(self.key, ec.EllipticCurvePublicKey) and csr.signature_algorithm_oid in _ECDSA:
+            try:
+                self.key.verify(csr.signature, csr.tbs_certrequest_bytes,
+                                ec.ECDSA(csr.signature_hash_algorithm))  # type: ignore[arg-type]
+            except InvalidSignature:
+                return False
+            return True
+        return csr.is_signature_valid
+
+    def spki(self) -> bytes | None:
+        """The key's DER SubjectPublicKeyInfo as the CSR carries it, when that is byte for byte what
+        `key.public_bytes` would write (a P-256 key, named curve, uncompressed point); None otherwise,
+        and the signer encodes the key itself."""
+        try:
+            tbs = self.csr.tbs_certrequest_bytes
+            _, start, end = der_element(tbs)
+            info = tbs[start:end]
+            offset = 0
+            for _skip in ("version", "subject"):
+                _, _, element_end = der_element(info[offset:])
+                offset += element_end
+            _, _, spki_end = der_element(info[offset:])
+        except ValueError:
+            return None
+        spki = info[offset:offset + spki_end]
+        return spki if len(spki) == 91 and spki.startswith(_P256_SPKI_HEAD) else None
+
+
+def _parse_csr(data: bytes, where: str) -> x509.CertificateSigningRequest:
     _check_size(data, where)
     data = bytes(data)
     try:
@@ -124,7 +204,6 @@ def load_csr(data: bytes, where: str = "CSR") -> x509.CertificateSigningRequest:
             csr = x509.load_der_x509_csr(der)
     except (binascii.Error, *_MALFORMED) as exc:
         raise PemError(f"{where}: not a PKCS#10 certificate request ({exc})") from None
-    _names_readable(csr, where)
     return csr
 
 

@@ -15,16 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from provisioning.certs import common_name, issued_by, same_public_key, serial_of, subject_of
+from provisioning.certs import UNREADABLE_KEY, ReadCsr, common_name, issued_by, same_public_key, serial_of, subject_of
 from provisioning.errors import PolicyError, Violation
 from provisioning.identity import parse_spiffe_id, spiffe_id
 
-# what `cryptography` raises for a key it cannot read: off-curve point, unknown algorithm OID
-_UNREADABLE_KEY = (ValueError, TypeError, UnsupportedAlgorithm)
+_UNREADABLE_KEY = UNREADABLE_KEY  # what `cryptography` raises for a key it cannot read
 
 
 def _now() -> dt.datetime:
@@ -204,22 +202,28 @@ class ChainPolicy:
             raise PolicyError(violations)
 
     # -- CSRs (station side) ------------------------------------------------------------------------
-    def check_csr(self, csr: x509.CertificateSigningRequest, device_id: str | None = None) -> None:
-        """Proof of possession (the CSR's signature), key type, CN and SAN rules; raise PolicyError."""
-        cn = common_name(csr.subject) or "(no CN)"
-        s, n = csr.subject.rfc4514_string() or "(empty subject)", "CSR"
+    def check_csr(self, csr: x509.CertificateSigningRequest | ReadCsr, device_id: str | None = None) -> None:
+        """Proof of possession (the CSR's signature), key type, CN and SAN rules; raise PolicyError.
+
+        `csr` may come read already (`certs.read_csr`, the station's request path): its subject and
+        key are then decoded once for these rules and for the signer after them."""
+        read = csr if isinstance(csr, ReadCsr) else ReadCsr.of(csr)
+        n = "CSR"
+        # the subject's RFC 4514 string names the CSR in a violation: written only when there is one
         out: list[Violation] = []
         try:
-            signed = csr.is_signature_valid
+            signed = read.signature_valid()
         except _UNREADABLE_KEY:  # the key it carries cannot verify anything: reported as key-type below
             signed = False
         if not signed:
-            out.append(Violation(s, n, "proof-of-possession", "the CSR's signature does not verify with the "
+            out.append(Violation("", n, "proof-of-possession", "the CSR's signature does not verify with the "
                                  "key it carries (signed by another key, or altered)"))
-        try:
-            out += self.key_violations(csr.public_key(), s, n)
-        except _UNREADABLE_KEY as exc:
-            out.append(Violation(s, n, "key-type", f"unreadable public key: {exc}"))
-        out += self.name_violations(csr.subject, extension(csr, x509.SubjectAlternativeName), device_id, s, n)
+        if read.key is None:
+            out.append(Violation("", n, "key-type", f"unreadable public key: {read.key_error}"))
+        else:
+            out += self.key_violations(read.key, "", n)
+        out += self.name_violations(read.subject, extension(read.csr, x509.SubjectAlternativeName), device_id, "", n)
         if out:
-            raise PolicyError(out, what=f"CSR for {cn}")
+            s = read.subject.rfc4514_string() or "(empty subject)"
+            raise PolicyError([v._replace(subject=s) for v in out],
+                              what=f"CSR for {common_name(read.subject) or '(no CN)'}")

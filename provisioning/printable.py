@@ -20,8 +20,8 @@ _INVISIBLE = frozenset("\u061c\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u
 def printable(value: object) -> str:
     """`str(value)` with backslashes, control, separator and bidi characters escaped (\\n, \\x1b, \\u202e)."""
     text = str(value)
-    if text.isprintable() and "\\" not in text and not _INVISIBLE.intersection(text):
-        return text
+    if text.isprintable() and "\\" not in text and (text.isascii() or not _INVISIBLE.intersection(text)):
+        return text  # (every _INVISIBLE character is outside ASCII: no set is built for an ASCII line)
     out = []
     for ch in text:
         if ch == "\\":

@@ -39,7 +39,7 @@ from hal.keys import open_key_uri, parse_key_uri
 from hal.keys.file import generate, load_pem, to_pem
 from provisioning import authority
 from provisioning.attest.verify import EkTrust
-from provisioning.authority import DeviceTemplate, Issuer
+from provisioning.authority import DeviceTemplate, Issued, Issuer
 from provisioning.certs import issued_by, load_certificates, same_public_key, serial_of, subject_of
 from provisioning.certs import to_pem as certs_pem
 from provisioning.errors import PemError, ProvisioningError
@@ -297,6 +297,15 @@ class Station:
             return authority.device_cert(self.issuer, public_key, device_id, self.settings.trust_domain,
                                          lifetime=dt.timedelta(days=days or self.settings.device_days),
                                          extra_sans=sans, extensions=extensions)
+
+    def issue_device(self, public_key: Any, device_id: str, spki: bytes | None = None) -> Issued:
+        """`device_cert` with the defaults, as DER and the facts the ledger records (`Issued`): from the
+        template, nothing is parsed back; `spki`, the key's DER SubjectPublicKeyInfo, saves encoding it."""
+        template = self.device_template
+        if template is None:
+            return Issued.of(self.device_cert(public_key, device_id))
+        with token_signing():
+            return template.issue(public_key, device_id, spki=spki)
 
     def server_cert(self, public_key: Any, cn: str, dns: Sequence[str], ips: Sequence[str],
                     days: int | None = None) -> x509.Certificate:

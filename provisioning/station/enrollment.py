@@ -21,7 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from provisioning import der
-from provisioning.certs import common_name, issued_by, load_csr, pkcs7_certs_only, serial_of, subject_of
+from provisioning.authority import Issued
+from provisioning.certs import ReadCsr, common_name, issued_by, pkcs7_certs_only, read_csr, serial_of, subject_of
 from provisioning.errors import PemError, PolicyError, ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.printable import escape_logger
@@ -133,20 +134,21 @@ class Enrollment:
             raise Refusal(415, f"Content-Type must be {CSR_TYPE} (base64 DER PKCS#10, RFC 7030 4.2.1), "
                                f"got {req.content_type or 'none'!r}")
         try:
-            csr = load_csr(req.body, "request body")
+            # subject and key decoded once, for the policy, the re-enrollment check and the signer
+            read = read_csr(req.body, "request body")
         except PemError as exc:
             raise Refusal(400, f"malformed CSR: {exc}") from None
-        self.check_csr(csr, device_id)
-        if peer is not None and req.operation == REENROLL and csr.subject != peer.subject:
+        self.check_csr(read, device_id)
+        if peer is not None and req.operation == REENROLL and read.subject != peer.subject:
             raise Refusal(403, f"re-enrollment must keep the subject: the client certificate is for "
-                               f"{subject_of(peer)!r}, the CSR asks for {csr.subject.rfc4514_string()!r}")
-        fingerprint = hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest()
+                               f"{subject_of(peer)!r}, the CSR asks for {read.subject.rfc4514_string()!r}")
+        fingerprint = hashlib.sha256(read.csr.public_bytes(Encoding.DER)).hexdigest()
         now = int(self.clock())
 
-        def sign() -> x509.Certificate:
+        def sign() -> Issued:
             # only the SPIFFE ID: DNS and IP SANs a device asks for are never copied (a device
             # certificate naming a host could serve TLS for it)
-            return self.station.device_cert(csr.public_key(), device_id)
+            return self.station.issue_device(read.key, device_id, read.spki())
 
         if digest is not None:
             row, reused = self.ledger.issue_with_otp(device_id, digest, fingerprint, now, sign)
@@ -156,14 +158,15 @@ class Enrollment:
             row, reused = self.ledger.issue(device_id, fingerprint, now, sign, predecessor=predecessor)
         return Answer(row, reused)
 
-    def check_csr(self, csr: x509.CertificateSigningRequest, device_id: str) -> None:
+    def check_csr(self, csr: x509.CertificateSigningRequest | ReadCsr, device_id: str) -> None:
         """Refusal(403) unless the identity policy lets `device_id` have this CSR signed."""
         try:
             self.station.policy.check_csr(csr, device_id)
         except PolicyError as exc:
             # a CSR with no SAN URI (only CN=<id>, what most EST clients make) is fine: the station
             # writes the SPIFFE ID itself from the authenticated id; a SAN naming anything else is not
-            left = [v for v in exc.violations if not (v.rule == "spiffe-id" and _no_san_uri(csr))]
+            request = csr.csr if isinstance(csr, ReadCsr) else csr
+            left = [v for v in exc.violations if not (v.rule == "spiffe-id" and _no_san_uri(request))]
             if left:
                 raise Refusal(403, str(PolicyError(left, what=f"CSR for {device_id}"))) from None
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from provisioning.certs import common_name, subject_of
+from provisioning.authority import Issued
+from provisioning.certs import common_name
 from provisioning.station import schema
 from provisioning.station.database import Database, Query
 from provisioning.station.errors import Refusal, StationError
@@ -156,7 +156,7 @@ class Ledger:
 
     # -- issuing -------------------------------------------------------------------------------------
     def issue_with_otp(self, device_id: str, digest: str, csr_fingerprint: str, now: int,
-                       sign: Callable[[], x509.Certificate]) -> tuple[Row, bool]:
+                       sign: Callable[[], x509.Certificate | Issued]) -> tuple[Row, bool]:
         """Consume the OTP `digest` of `device_id` and record the certificate `sign()` makes.
 
         Returns (row, reused): a retry with the same OTP and the same CSR gets the row issued the
@@ -195,7 +195,7 @@ class Ledger:
 
         return self.db.write(work)  # type: ignore[no-any-return]
 
-    def issue(self, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate], *,
+    def issue(self, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate | Issued], *,
               kind: str = "device", reuse: bool = True, predecessor: str | None = None) -> tuple[Row, bool]:
         """Record the certificate `sign()` makes for `device_id`; (row, reused).
 
@@ -213,8 +213,9 @@ class Ledger:
 
         return self.db.write(work)  # type: ignore[no-any-return]
 
-    def issue_in(self, q: Query, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate],
-               kind: str, reuse: bool, predecessor: str | None) -> tuple[Row, bool]:
+    def issue_in(self, q: Query, device_id: str, csr_fingerprint: str, now: int,
+                 sign: Callable[[], x509.Certificate | Issued], kind: str, reuse: bool,
+                 predecessor: str | None) -> tuple[Row, bool]:
         """`issue`'s work inside the caller's transaction `q` (attestation spends its challenge in the same one)."""
         self._sweep(q, now)
         if predecessor is not None:
@@ -241,7 +242,7 @@ class Ledger:
         return row, False
 
     def issue_with_bootstrap(self, device_id: str, csr_fingerprint: str, now: int,
-                             sign: Callable[[], x509.Certificate]) -> tuple[Row, bool]:
+                             sign: Callable[[], x509.Certificate | Issued]) -> tuple[Row, bool]:
         """`issue` for a device that authenticated with a factory bootstrap certificate.
 
         Refusal(403) if an operator revoked the device and has not re-admitted it (checked in the
@@ -261,11 +262,13 @@ class Ledger:
         return self.db.write(work)  # type: ignore[no-any-return]
 
     def _insert(self, q: Query, device_id: str, kind: str, csr_fingerprint: str, now: int,
-                cert: x509.Certificate, predecessor: str | None = None) -> Row:
-        row = Row(serial=serial_hex(cert.serial_number), device_id=device_id, subject=subject_of(cert), kind=kind,
-                  not_before=int(cert.not_valid_before_utc.timestamp()),
-                  not_after=int(cert.not_valid_after_utc.timestamp()), csr_fingerprint=csr_fingerprint,
-                  issued_at=now, revoked_at=None, cert_der=cert.public_bytes(Encoding.DER), predecessor=predecessor)
+                cert: x509.Certificate | Issued, predecessor: str | None = None) -> Row:
+        """Record `cert`; an `Issued` (the device template's) brings its serial, subject and validity
+        along, any other certificate is read for them."""
+        facts = cert if isinstance(cert, Issued) else Issued.of(cert)
+        row = Row(serial=serial_hex(facts.serial), device_id=device_id, subject=facts.subject, kind=kind,
+                  not_before=facts.not_before, not_after=facts.not_after, csr_fingerprint=csr_fingerprint,
+                  issued_at=now, revoked_at=None, cert_der=facts.der, predecessor=predecessor)
         q(f"INSERT INTO certs ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
           (row.serial, row.device_id, row.subject, row.kind, row.not_before, row.not_after, row.csr_fingerprint,
            row.issued_at, row.revoked_at, row.cert_der, row.predecessor, None, None))
@@ -274,12 +277,12 @@ class Ledger:
     # -- lineage -------------------------------------------------------------------------------------
     def _cap(self, q: Query, new: Row, now: int) -> None:
         """Supersede the device's oldest valid certificates beyond `max_valid` (the new one stays)."""
-        found = q(f"SELECT {_ROW_COLUMNS} FROM certs WHERE device_id = ? AND kind = 'device' "  # noqa: S608
-                  "AND revoked_at IS NULL AND not_after > ? ORDER BY issued_at DESC, serial DESC",
-                  (new.device_id, now))
-        valid = [r for r in map(self._row, found) if r.revocation(now) is None and r.serial != new.serial]
-        for old in valid[self.max_valid - 1:]:
-            q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ?", (now, SUPERSEDED, old.serial))
+        # the serials alone, `Row.revocation(now) is None` written as SQL: no row is read into Python
+        valid = q("SELECT serial FROM certs WHERE device_id = ? AND kind = 'device' AND revoked_at IS NULL "
+                  "AND not_after > ? AND (supersede_at IS NULL OR supersede_at > ?) AND serial <> ? "
+                  "ORDER BY issued_at DESC, serial DESC", (new.device_id, now, now, new.serial))
+        for (serial,) in valid[self.max_valid - 1:]:
+            q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ?", (now, SUPERSEDED, serial))
 
     @staticmethod
     def _sweep(q: Query, now: int) -> None:

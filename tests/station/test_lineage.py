@@ -118,6 +118,21 @@ def test_a_device_holds_at_most_max_valid_certificates(make_ledger: Callable[...
     assert state(single, a, NOW + 1) == (NOW + 1, "superseded") and state(single, b, NOW + 1) is None
 
 
+def test_a_certificate_superseded_by_its_grace_period_is_not_counted_again_by_the_cap(
+        make_ledger: Callable[..., Ledger], pki: Pki) -> None:
+    """The cap counts what `Row.revocation` counts as valid: a predecessor whose grace period ended is
+    superseded since then (not swept yet on the password path), and keeps that time."""
+    ledger = make_ledger(max_valid=2)
+    first = enroll(ledger, pki, "dev-1")
+    second = enroll(ledger, pki, "dev-1", NOW + 10, predecessor=first)
+    later = NOW + 10 + GRACE + 5
+    ledger.add_otp("dev-1", "digest-1", later, later + 60)
+    third, reused = ledger.issue_with_otp("dev-1", "digest-1", "csr-third", later, signer(pki, "dev-1"))
+    assert not reused
+    assert state(ledger, first, later) == (NOW + 10 + GRACE, "superseded")
+    assert state(ledger, second, later) is None and state(ledger, third.serial, later) is None
+
+
 def test_revoke_device_revokes_all_of_its_certificates(make_ledger: Callable[..., Ledger], pki: Pki) -> None:
     ledger = make_ledger()
     a = enroll(ledger, pki, "dev-1")

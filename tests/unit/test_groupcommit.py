@@ -25,7 +25,11 @@ class FakeDb:
     def transaction(self) -> Iterator[list[str]]:
         self._say("begin")
         batch: list[str] = []
-        yield batch
+        try:
+            yield batch
+        except BaseException:
+            self._say("rollback")
+            raise
         if self.fail_commit is not None:
             self._say("rollback")
             raise self.fail_commit
@@ -85,7 +89,7 @@ def test_works_arriving_during_a_commit_share_the_next_transaction_and_return_af
     assert all(db.log.index(f"{n} returned") > second for n in "bcd"), db.log
 
 
-def test_a_work_that_raises_is_rolled_back_alone_and_raises_in_its_own_caller() -> None:
+def test_a_lone_work_that_raises_rolls_its_transaction_back_and_raises_in_its_caller() -> None:
     db = FakeDb()
     commits = group(db)
 
@@ -95,8 +99,10 @@ def test_a_work_that_raises_is_rolled_back_alone_and_raises_in_its_own_caller() 
 
     with pytest.raises(PermissionError, match="already used"):
         commits.run(refused)
-    assert db.log == ["begin", "rollback to savepoint", "commit ['refused']"]
+    # alone in its batch it needs no savepoint: the transaction is rolled back, nothing committed
+    assert db.log == ["begin", "rollback"]
     assert commits.run(lambda batch: batch.append("ok") or "fine") == "fine"
+    assert db.log[-1] == "commit ['ok']" and commits.batches == 1 and commits.issued == 1
 
 
 def test_a_failed_commit_fails_every_work_of_its_batch_that_had_succeeded() -> None:
