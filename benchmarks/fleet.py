@@ -362,6 +362,8 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
                     "broker": bed.broker_cpu(), "tokens": cpu_s(os.getpid())}
 
         cpu0 = cpu_now()
+        # the machine is shared: the 1-minute load average at each stage says how loaded it was
+        result["load"] = {"power-on": os.getloadavg()[0]}
         go.touch()
         t0 = time.time()
         # storm: every device enrolled
@@ -384,6 +386,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
                 return result
             time.sleep(0.2)
         result["online_s"] = time.time() - t0
+        result["load"]["all online"] = os.getloadavg()[0]
         if args.hold == 0:  # storm only
             result["held"] = True
             if bed.cluster is not None:
@@ -408,6 +411,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         if args.profile_memory:
             result["memory"] = memory_profile(step_dir, stats, n)
         held_s = time.monotonic() - cpu_start[2]
+        result["load"]["end of hold"] = os.getloadavg()[0]
         # the fleet's idle cost: CPU the device processes and the broker used while holding, in % of one core
         result.update(agents_cpu=100 * (sum(cpu_s(p.pid) for p in procs) - cpu_start[0]) / held_s,
                       broker_cpu=100 * (bed.broker_cpu() - cpu_start[1]) / held_s)
@@ -534,6 +538,7 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
             min_online = min(min_online, online)
             time.sleep(0.1)
         all_online = time.monotonic() - killed if online >= n else None
+        load_online = os.getloadavg()[0]
         all_delivered = wait("every message", lambda: delivered("before") >= n and delivered("after") >= n
                              and total(sample(), "outbox_pending") == 0, 600)
         with lock:
@@ -542,6 +547,7 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
         return {"failover_dropped": n - min_online if dropped is not None else 0, "failover_on_victim": on_victim,
                 "failover_online_s": all_online,
                 "failover_delivered_s": None if all_delivered is None else time.monotonic() - killed,
+                "failover_load": load_online,
                 "failover_lost": 2 * n - distinct, "failover_duplicates": received - distinct,
                 "cluster_kb_per_connection": node_kb / n}
     finally:
@@ -646,6 +652,12 @@ def main() -> int:
                      f"{secs('failover_delivered_s')}: {r['failover_lost']} lost, {r['failover_duplicates']} "
                      f"duplicates; cluster RSS {r['cluster_kb_per_connection']:.0f} KB per connection "
                      f"(both nodes; {r.get('broker_marginal_kb', 0):.0f} KB above the idle cluster)"), flush=True)
+    for r in results:
+        if "load" in r:
+            stages = dict(r["load"])
+            if "failover_load" in r:
+                stages["online again after the kill"] = r["failover_load"]
+            print(f"load average N={r['n']} (1 min): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     for r in results:
         if "memory" in r:
             mem = r["memory"]
