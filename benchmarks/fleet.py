@@ -201,9 +201,9 @@ PACE_GIVE_UP = 60.0  # a paced device still not online after this long frees its
 
 def power_on(threads: list[threading.Thread], runtimes: list[Any], window: int, stopping: threading.Event) -> None:
     """Start the devices' threads, at most `window` of them booting at a time: the next one powers on
-    when one of those is online with its first token (or after PACE_GIVE_UP). Not at CONNACK: on RabbitMQ
-    the costly step comes after it (the SUBSCRIBE declares the session's mirrored queue), and a window
-    freed at CONNACK let those pile up until they timed out. `window` = all of them: the storm."""
+    when one of those is online with its first token (or after PACE_GIVE_UP). Not at CONNACK: the token comes
+    after it, and on RabbitMQ so does the SUBSCRIBE's queue declaration (when session queues were
+    mirrored, a window freed at CONNACK let those pile up until they timed out). `window` = all of them: the storm."""
     def up(r: Any) -> bool:
         return r.session is not None and (r.token is None or r.token.current() is not None)
 

@@ -36,8 +36,14 @@ PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl", "rabbitmq_auth_backen
 # How long a node keeps an answer of the HTTP backend. Without the cache every connection costs about ten
 # HTTP requests and every publish one: 4,000 devices connecting at once made ~40,000 requests in a minute
 # and the nodes timed out waiting (benchmarks/fleet.py). Answers are per user, vhost, resource or routing
-# key and client id, so a cached `allow` for one device never answers for another.
-AUTH_CACHE_MS = 60_000
+# key and client id, so a cached `allow` for one device never answers for another. An hour, because the
+# lab's answers are a pure function of the question (lab/rabbitauth.py: ids, client ids and topic prefixes,
+# nothing that changes while the lab runs), and because the cache must outlive a token refresh: the token
+# service publishes every answer on one connection to `<id>/s/dat`, a routing key per device that the
+# connection's own 12-entry permission cache cannot hold, so each answer whose check had expired (a 60 s
+# cache, tokens refreshed every 75 s) waited for an HTTP round trip to the lab, and with 4,000 devices
+# the answers fell behind the requests (issue 26: 1.5 MB of answers unread in the service's socket).
+AUTH_CACHE_MS = 3_600_000
 STARTED = "Server startup complete"
 # Erlang's schedulers spin for a while before they sleep (busy wait), which is right on a server with
 # cores to spare and wrong on one machine shared with the devices, the station and another node: the
