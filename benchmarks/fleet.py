@@ -54,6 +54,8 @@ sys.path.insert(0, str(REPO))
 
 from procstat import cpu_seconds, rss_kb, tree_cpu_seconds, tree_rss_kb  # noqa: E402  (benchmarks/procstat.py)
 
+from agent.component import Component  # noqa: E402  (a Protocol with no imports of its own)
+
 TRUST_DOMAIN = "fleet.tether"
 OBSERVER = "tether-fleet-observer"  # a reserved id (station.toml) that may read every device's topics
 MARKS = ("before", "after")         # the outbox messages of the failover: queued before and after the kill
@@ -95,6 +97,12 @@ def worker(spec_file: str) -> int:
     # as `tether run` builds them, without 4,000 local publish sockets ([outbox] enabled when spec["outbox"])
     runtimes = [build(load(c), publish_socket=False) for c in spec["configs"]]
     outboxes: list[Any] = [c for r in runtimes for c in r.components if isinstance(c, Outbox)]
+    # when each device's current session came up, stamped by the device's own control loop: under a node
+    # kill the devices' reconnecting threads can starve this process's reporting thread for seconds, so
+    # "online again" is read from these stamps, not from when a report happened to show it
+    clocks = [SessionClock() for _ in runtimes]
+    for r, clock in zip(runtimes, clocks, strict=True):
+        r.components.append(clock)
     marks_done: set[str] = set()
     memory_file = stats_file.with_suffix(".memory.json")
     enrolled_at: list[float | None] = [None] * len(runtimes)
@@ -122,6 +130,7 @@ def worker(spec_file: str) -> int:
             "threads": threading.active_count(),
             "outbox_pending": sum(o.store.count for o in outboxes if o.store is not None),
             "ports": [r.session.endpoint.port for r in runtimes if r.session is not None],
+            "up_at": [c.up_at for c in clocks if c.up_at is not None], "at": time.time(),
             "marks": sorted(marks_done),
         })
 
@@ -161,6 +170,22 @@ def worker(spec_file: str) -> int:
     return 0
 
 
+class SessionClock(Component):
+    """The bench's own component: the wall-clock time the device's current session came up (None while
+    it has none). The runtime calls its hooks on the device's control loop, when the session changes."""
+
+    name = "fleet-session-clock"
+
+    def __init__(self) -> None:
+        self.up_at: float | None = None
+
+    def on_session_up(self) -> None:
+        self.up_at = time.time()
+
+    def on_session_down(self) -> None:
+        self.up_at = None
+
+
 def unit_environment() -> dict[str, str]:
     """The memory settings agent/units/tether.service gives `tether run` (GLIBC_TUNABLES), so the workers'
     devices run as a device's agent does."""
@@ -176,9 +201,9 @@ PACE_GIVE_UP = 60.0  # a paced device still not online after this long frees its
 
 def power_on(threads: list[threading.Thread], runtimes: list[Any], window: int, stopping: threading.Event) -> None:
     """Start the devices' threads, at most `window` of them booting at a time: the next one powers on
-    when one of those is online with its first token (or after PACE_GIVE_UP). Not at CONNACK: on RabbitMQ
-    the costly step comes after it (the SUBSCRIBE declares the session's mirrored queue), and a window
-    freed at CONNACK let those pile up until they timed out. `window` = all of them: the storm."""
+    when one of those is online with its first token (or after PACE_GIVE_UP). Not at CONNACK: the token comes
+    after it, and on RabbitMQ so does the SUBSCRIBE's queue declaration (when session queues were
+    mirrored, a window freed at CONNACK let those pile up until they timed out). `window` = all of them: the storm."""
     def up(r: Any) -> bool:
         return r.session is not None and (r.token is None or r.token.current() is not None)
 
@@ -362,6 +387,8 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
                     "broker": bed.broker_cpu(), "tokens": cpu_s(os.getpid())}
 
         cpu0 = cpu_now()
+        # the machine is shared: the 1-minute load average at each stage says how loaded it was
+        result["load"] = {"power-on": os.getloadavg()[0]}
         go.touch()
         t0 = time.time()
         # storm: every device enrolled
@@ -384,6 +411,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
                 return result
             time.sleep(0.2)
         result["online_s"] = time.time() - t0
+        result["load"]["all online"] = os.getloadavg()[0]
         if args.hold == 0:  # storm only
             result["held"] = True
             if bed.cluster is not None:
@@ -408,6 +436,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         if args.profile_memory:
             result["memory"] = memory_profile(step_dir, stats, n)
         held_s = time.monotonic() - cpu_start[2]
+        result["load"]["end of hold"] = os.getloadavg()[0]
         # the fleet's idle cost: CPU the device processes and the broker used while holding, in % of one core
         result.update(agents_cpu=100 * (sum(cpu_s(p.pid) for p in procs) - cpu_start[0]) / held_s,
                       broker_cpu=100 * (bed.broker_cpu() - cpu_start[1]) / held_s)
@@ -524,24 +553,36 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
             return {"failover_why": f"only {delivered('before')}/{n} messages before the kill"}
         node_kb = bed.broker_kb()
         on_victim = sum(1 for w in sample() for port in w.get("ports", []) if port == bed.ports[0])
+        killed, killed_at = time.monotonic(), time.time()  # before: a session up after this is a new one
         bed.cluster.kill_node(0)
-        killed = time.monotonic()
         (step_dir / "mark-after").touch()
-        # the workers report every 0.2 s now: see the drop, then every device back
-        dropped = wait("devices to notice", lambda: total(sample(), "online") < n, 10)
-        min_online = n
-        while (online := total(sample(), "online")) < n and time.monotonic() - killed < 600:
-            min_online = min(min_online, online)
+
+        def moved(samples: list[dict[str, Any]]) -> list[float]:
+            """Seconds from the kill to each session that came up after it."""
+            return [t - killed_at for w in samples for t in w.get("up_at", []) if t > killed_at]
+
+        # every device of the dead node has a new session, and all n are online, in reports written after
+        # the kill; the figure is the last of those sessions' own start, not when a report showed it
+        while time.monotonic() - killed < 600:
+            s = sample()
+            if (all(w.get("at", 0) > killed_at for w in s) and total(s, "online") >= n
+                    and len(moved(s)) >= on_victim):
+                break
             time.sleep(0.1)
-        all_online = time.monotonic() - killed if online >= n else None
+        else:
+            print("   failover: gave up waiting for every device to be online again after 600 s", flush=True)
+        again = moved(s)
+        all_online = max(again) if total(s, "online") >= n and len(again) >= on_victim and again else None
+        load_online = os.getloadavg()[0]
         all_delivered = wait("every message", lambda: delivered("before") >= n and delivered("after") >= n
                              and total(sample(), "outbox_pending") == 0, 600)
         with lock:
             received = sum(seen.values())
             distinct = len(seen)
-        return {"failover_dropped": n - min_online if dropped is not None else 0, "failover_on_victim": on_victim,
+        return {"failover_dropped": len(again), "failover_on_victim": on_victim,
                 "failover_online_s": all_online,
                 "failover_delivered_s": None if all_delivered is None else time.monotonic() - killed,
+                "failover_load": load_online,
                 "failover_lost": 2 * n - distinct, "failover_duplicates": received - distinct,
                 "cluster_kb_per_connection": node_kb / n}
     finally:
@@ -640,12 +681,18 @@ def main() -> int:
                 return "never" if r.get(key) is None else f"{r[key]:.1f} s"
             print(f"failover N={r['n']} ({bed.kind}, node 1 killed with SIGKILL): "
                   + (r["failover_why"] if "failover_why" in r else
-                     f"{r['failover_on_victim']} devices on it (at least {r['failover_dropped']} seen offline at "
-                     f"once), every device online again after "
+                     f"{r['failover_on_victim']} devices on it ({r['failover_dropped']} sessions came up again after "
+                     f"the kill), every device online again after "
                      f"{secs('failover_online_s')}, every outbox message delivered after "
                      f"{secs('failover_delivered_s')}: {r['failover_lost']} lost, {r['failover_duplicates']} "
                      f"duplicates; cluster RSS {r['cluster_kb_per_connection']:.0f} KB per connection "
                      f"(both nodes; {r.get('broker_marginal_kb', 0):.0f} KB above the idle cluster)"), flush=True)
+    for r in results:
+        if "load" in r:
+            stages = dict(r["load"])
+            if "failover_load" in r:
+                stages["online again after the kill"] = r["failover_load"]
+            print(f"load average N={r['n']} (1 min): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     for r in results:
         if "memory" in r:
             mem = r["memory"]

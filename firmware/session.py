@@ -176,7 +176,7 @@ class Session:
     def _subscribe(self, action, now):
         if self._transport is None or action.epoch != self.epoch:
             return None
-        pid = self._packet_id() if action.qos else None
+        pid = self._packet_id()  # a SUBSCRIBE always carries one (MQTT 3.1.1 3.8.2), whatever QoS it asks for
         self._subs.append(pid)
         return self._send_or_lose(mq.encode_subscribe(pid, [(action.topic, action.qos)]))
 

@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +30,20 @@ from lab.mosquitto import BrokerFiles
 from lab.procs import LabError, Proc, kernel_ports, port_open, wait_until
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 EPMD = "epmd"
 PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl", "rabbitmq_auth_backend_http", "rabbitmq_auth_backend_cache")
 # How long a node keeps an answer of the HTTP backend. Without the cache every connection costs about ten
 # HTTP requests and every publish one: 4,000 devices connecting at once made ~40,000 requests in a minute
 # and the nodes timed out waiting (benchmarks/fleet.py). Answers are per user, vhost, resource or routing
-# key and client id, so a cached `allow` for one device never answers for another.
-AUTH_CACHE_MS = 60_000
+# key and client id, so a cached `allow` for one device never answers for another. An hour, because the
+# lab's answers are a pure function of the question (lab/rabbitauth.py: ids, client ids and topic prefixes,
+# nothing that changes while the lab runs), and because the cache must outlive a token refresh: the token
+# service publishes every answer on one connection to `<id>/s/dat`, a routing key per device that the
+# connection's own 12-entry permission cache cannot hold, so each answer whose check had expired (a 60 s
+# cache, tokens refreshed every 75 s) waited for an HTTP round trip to the lab, and with 4,000 devices
+# the answers fell behind the requests (issue 26: 1.5 MB of answers unread in the service's socket).
+AUTH_CACHE_MS = 3_600_000
 STARTED = "Server startup complete"
 # Erlang's schedulers spin for a while before they sleep (busy wait), which is right on a server with
 # cores to spare and wrong on one machine shared with the devices, the station and another node: the
@@ -45,17 +53,17 @@ ERL_SCHEDULERS = "+sbwt none +sbwtdcpu none +sbwtdio none"
 # of handshakes queues behind each other on a busy node; the device's own connect_timeout decides.
 HANDSHAKE_TIMEOUT_MS = 60_000
 # Each MQTT session's subscriptions live in a queue `mqtt-subscription-<client id>qos0|1` on the node the
-# device first connected to. When that node dies, 3.10 keeps the queue's record and refuses to declare
-# it elsewhere ("home node ... is down or inaccessible"), so the device is dropped right after CONNACK on
-# every other node until its node comes back. Mirroring those queues on every node (a classic mirrored
-# queue policy) promotes a mirror instead, and the device's next CONNECT on a surviving node works.
-# Quorum queues (`mqtt.durable_queue_type`) would need a majority: 2 of 2 nodes, no failover at all.
-DEFINITIONS = {
-    "vhosts": [{"name": "/"}],
-    "policies": [{"vhost": "/", "name": "tether-mqtt-sessions-on-every-node", "pattern": "^mqtt-subscription-",
-                  "apply-to": "queues", "priority": 0,
-                  "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}],
-}
+# device connected to (RabbitMQ 3.10's rabbit_mqtt_processor). For a QoS 1 subscription that queue is
+# DURABLE, even for a clean session (then auto-delete): when its node dies the surviving node keeps the
+# record and refuses to declare it elsewhere ("home node ... is down or inaccessible"), so the device was
+# dropped right after CONNACK on every other node until its node came back. A QoS 0 subscription's queue
+# is transient (durable false), and a node going down takes its transient queues' records with it: the
+# device's next CONNECT on a surviving node declares a fresh one. Every subscriber here subscribes at QoS 0
+# with a clean session (agent/core/connection.py SUBSCRIBE_QOS, lab/tokens.py), so no queue needs a copy
+# on another node and none is mirrored: mirroring cost a synchronous queue declaration on both nodes per
+# session, which capped the cluster at ~3,400 devices (docs/reliability.md). Quorum queues
+# (`mqtt.durable_queue_type`) would need a majority: 2 of 2 nodes, no failover at all.
+DEFINITIONS: dict[str, list[dict[str, str]]] = {"vhosts": [{"name": "/"}]}
 
 
 def require_rabbitmq() -> None:
@@ -231,6 +239,23 @@ class RabbitCluster:
                 node.proc.stop(timeout=60)
         if self.epmd is not None:
             self.epmd.stop()
+
+    def ctl(self, index: int, *args: str, timeout: float = 60.0) -> str:
+        """`rabbitmqctl -n <node> ARGS` against node `index` (with the cluster's cookie and epmd); its stdout,
+        or LabError with its stderr."""
+        node = self.nodes[index]
+        done = subprocess.run([RABBITMQCTL, "-n", node.name, *args], capture_output=True, text=True, check=False,
+                              timeout=timeout, env={**os.environ, **self.env(node)})
+        if done.returncode != 0:
+            raise LabError(f"rabbitmqctl {' '.join(args)} on {node.name} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def queues(self, index: int) -> dict[str, dict[str, object]]:
+        """The cluster's queues as node `index` sees them: name -> durable, auto_delete, policy, pid (as
+        rabbitmqctl's JSON gives them: booleans, and an empty policy as "" or null)."""
+        columns = ("name", "durable", "auto_delete", "policy", "pid")
+        out = self.ctl(index, "list_queues", "--quiet", "--formatter", "json", *columns)
+        return {str(q["name"]): {c: q.get(c) for c in columns[1:]} for q in json.loads(out or "[]")}
 
     @property
     def urls(self) -> list[str]:

@@ -81,12 +81,13 @@ class TokenService:
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=SERVICE_ID)
         self.client.tls_set_context(context)
-        # one subscriber answering every device: paho's default of 20 QoS 1 answers awaiting PUBACK held
-        # the service to 20 per broker round trip, which on a loaded RabbitMQ cluster (a mirrored queue
-        # per device) is below 4,000 devices' refreshes: new devices waited for tokens forever
-        self.client.max_inflight_messages_set(1000)
         self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"+/{request}", 1)
+        # QoS 0 both ways, like the devices (agent/core/connection.py SUBSCRIBE_QOS): the service's session
+        # is clean, so QoS 1 would keep nothing across a reconnect; on RabbitMQ 3.10 it would put every
+        # device's requests in one durable queue on one node (refused elsewhere once that node dies) and
+        # hold each answer for a confirm (at paho's 20 in flight, fewer answers per second than 4,000
+        # devices' refreshes). A lost request or answer is asked again after the device's token timeout.
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"+/{request}", 0)
         self.connected = threading.Event()
         self._stopping = False
         self.client.on_subscribe = lambda *a: self.connected.set()
@@ -112,7 +113,7 @@ class TokenService:
         with self._lock:
             self.issued.append((device, now))
         if answer is not None:
-            client.publish(f"{device}/{self.response}", answer, qos=1)
+            client.publish(f"{device}/{self.response}", answer, qos=0)
 
     def start(self, timeout: float = 10.0) -> TokenService:
         self.client.connect(self.host, self.port, keepalive=30)

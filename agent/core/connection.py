@@ -38,6 +38,13 @@ from agent.core.errors import CoreError, ParameterError
 from agent.core.events import REFUSED, Event
 from agent.core.token_schedule import adopt_token_lines
 
+# A session is clean (the agent and the firmware connect with clean session / no session expiry): what
+# the broker holds for it, unacknowledged messages included, dies with the connection, so a QoS 1
+# subscription gives the device nothing QoS 0 does not. It costs on a cluster: RabbitMQ 3.10 keeps a QoS 1
+# subscription in a durable queue on one node, which refuses the device on every other node once that
+# node dies (docs/device.md "Brokers").
+SUBSCRIBE_QOS = 0
+
 # States
 IDLE = "idle"
 DISCOVERING = "discovering"  # agent/core/supervisor.py only
@@ -192,9 +199,9 @@ class Connection:
         self.backoff.reset()
         self.errors.pop(endpoint.url(), None)
         self.state = ONLINE
-        out.append(Event(ev.SUBSCRIBE, self.epoch, self.topics.downstream, 1))
+        out.append(Event(ev.SUBSCRIBE, self.epoch, self.topics.downstream, SUBSCRIBE_QOS))
         if self.refresher is not None:
-            out.append(Event(ev.SUBSCRIBE, self.epoch, self.topics.token_response, 1))
+            out.append(Event(ev.SUBSCRIBE, self.epoch, self.topics.token_response, SUBSCRIBE_QOS))
             self.refresher.restart()
         out.append(Event(ev.SESSION_UP, self.epoch, endpoint))
         if self.refresher is not None:

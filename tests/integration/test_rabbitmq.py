@@ -223,6 +223,19 @@ def test_an_ota_job_sent_through_the_cluster_is_installed_and_committed(lab: Lab
     assert agent.restarts == 1
 
 
+def test_session_queues_are_transient_and_unmirrored_so_no_dead_node_can_hold_a_device(lab: Lab, device: Agent) -> None:
+    """The device and the token service subscribe at QoS 0 (agent/core/connection.py SUBSCRIBE_QOS,
+    lab/tokens.py). RabbitMQ 3.10 keeps a QoS 1 subscription in a durable queue even for a clean session,
+    and a durable queue whose node died refuses its owner on every other node; a QoS 0 subscription's
+    queue is transient and goes with its node. So nothing is mirrored (a mirror cost a queue declaration
+    on both nodes per session, which capped the cluster near 3,400 devices)."""
+    queues = {name: q for name, q in lab.cluster.queues(1).items() if name.startswith("mqtt-subscription-")}
+    for owner in ("rmq-dev-a", "tether-token-service"):
+        assert f"mqtt-subscription-{owner}qos1" not in queues, queues
+        assert queues[f"mqtt-subscription-{owner}qos0"]["durable"] is False, queues
+    assert not [name for name, q in queues.items() if q["policy"]], f"mirrored or otherwise policed: {queues}"
+
+
 def test_the_device_fails_over_when_its_node_stops_and_tokens_keep_coming(lab: Lab, device: Agent) -> None:
     first = device.status()["endpoint"]
     index = [u.rsplit(":", 1)[1] for u in lab.broker_urls].index(first.rsplit(":", 1)[1])

@@ -127,6 +127,14 @@ def test_token_is_asked_at_once_refreshed_at_half_life_and_retried_on_timeout_or
     assert actions_of(t, 1064) == ["Publish epoch=1 topic=dev/s/uat payload= qos=1"]
 
 
+def test_a_session_subscribes_at_qos_0_because_it_is_clean():
+    """Every session is clean, so a QoS 1 subscription would keep nothing across a reconnect; on RabbitMQ
+    3.10 it makes a durable queue that refuses the device on every other node once its node dies
+    (docs/device.md "Brokers"; tests/integration/test_rabbitmq.py kills the node)."""
+    subscribes = [a for a in actions_of(scenarios.token_schedule(), 1000) if a.startswith("Subscribe")]
+    assert subscribes == ["Subscribe epoch=1 topic=dev/s/ds qos=0", "Subscribe epoch=1 topic=dev/s/dat qos=0"]
+
+
 def test_heartbeat_goes_out_when_the_session_comes_up_and_every_interval_while_it_lasts():
     t = scenarios.heartbeat()
     assert actions_of(t, 1)[-1] == "Publish epoch=1 topic=dev/s/us payload=117,3 qos=1"  # 2 x 90 s in minutes
