@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench lock lock-upgrade dist deb clean
+.PHONY: deps demo test lint typecheck unit fuzz bench lock lock-upgrade dist deb clean
 
 deps:
 	VENV=$(VENV) bash scripts/install-deps.sh
@@ -27,6 +27,10 @@ test: deps
 
 unit:
 	$(PYTHON) -m pytest -q tests/unit
+
+# Property tests with new random inputs (make test draws the same ones every run); add what fails as an @example.
+fuzz:
+	TETHER_FUZZ_EXPLORE=1 TETHER_FUZZ_EXAMPLES=$${TETHER_FUZZ_EXAMPLES:-30000} $(PYTHON) -m pytest -q -s tests/fuzz tests/unit
 
 # Pin a dependency added to pyproject.toml (existing pins stay); `make lock-upgrade` moves every pin.
 LOCK_ARGS = -q --extra tpm --extra station --extra hsm --extra test --strip-extras --no-emit-index-url --no-emit-find-links

@@ -15,12 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from lab.mosquitto import BrokerFiles, Mosquitto
 from lab.swtpm import SoftTpm
 from tests.pki import TRUST_DOMAIN, Pki
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Every property test (unit tests and the fuzz suite) draws the same inputs on every run, so `make test` and
+# CI pass or fail the same way on every machine (a newcomer's first run once failed on one random example);
+# `make fuzz` (TETHER_FUZZ_EXPLORE=1) explores new inputs instead, and what it finds becomes an @example.
+EXPLORE = os.environ.get("TETHER_FUZZ_EXPLORE") == "1"
+settings.register_profile("tether", derandomize=not EXPLORE, database=None if not EXPLORE else settings().database)
+settings.load_profile("tether")
 REQUIRED_TOOLS = ("mosquitto", "swtpm", "tpm2-abrmd", "dbus-daemon", "openssl", "tpm2_getrandom")
 
 

@@ -122,7 +122,10 @@ class Attestation:
             raise Refusal(403, f"attest/start for {device_id!r}: {exc}") from None
         digest = ek_digest(ek_cert)
         self._check_ek(digest, device_id)
-        credential = make_credential(ek, ak.name)
+        try:  # the EK's own parameters (its symmetric algorithm, its name algorithm) decide what can be made
+            credential = make_credential(ek, ak.name)
+        except AttestError as exc:
+            raise Refusal(403, f"attest/start for {device_id!r}: {exc}") from None
         nonce = os.urandom(NONCE_SIZE)
         challenge = self.store.open(device_id, digest, ak.raw, nonce, hashlib.sha256(credential.secret).hexdigest(),
                                     int(now), self.station.settings.attest_ttl)

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from provisioning import authority
@@ -56,7 +56,17 @@ def field(real: bytes) -> st.SearchStrategy[object]:
                      st.text(max_size=40), st.integers(), st.none())
 
 
+# found by the fuzzer: an EK public area whose symmetric algorithm (0x0106) no credential can be made for
+# escaped `start` as an AttestError (a 500) instead of a refusal
+_EK_ODD_SYMMETRIC = tpm2.marshal_public(_EK_KEY.public_key(), tpm2.FIXED_TPM | tpm2.FIXED_PARENT
+                                        | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.RESTRICTED | tpm2.DECRYPT,
+                                        symmetric=(0x0106, 128, tpm2.ALG_CFB))
+
+
 @FUZZ
+@example(device="dev-fuzz", ek_cert=base64.b64encode(_EK_CERT).decode(),
+         ek_public=base64.b64encode(_EK_ODD_SYMMETRIC).decode(), ak_public=base64.b64encode(AK_PUBLIC).decode(),
+         content_type="application/json")
 @given(device=st.one_of(st.just("dev-fuzz"), st.text(max_size=30), st.integers()),
        ek_cert=field(_EK_CERT), ek_public=field(EK_PUBLIC), ak_public=field(AK_PUBLIC),
        content_type=st.sampled_from(["application/json", "application/json", "text/plain"]))

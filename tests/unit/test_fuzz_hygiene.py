@@ -18,3 +18,22 @@ def test_fuzz_modules_leave_no_scratch_directories_in_the_temp_dir(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert "tether-fuzz-" in done.stdout  # the modules did use scratch directories while running...
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tether-fuzz-")] == []  # ...and removed them
+
+
+def test_property_tests_draw_the_same_inputs_on_every_run_unless_asked_to_explore() -> None:
+    """`make test` and CI pass or fail the same way everywhere: hypothesis is derandomized and keeps no
+    example database between runs; only `make fuzz` (TETHER_FUZZ_EXPLORE=1) draws new inputs."""
+    code = ("import tests.conftest\nfrom hypothesis import settings\nfrom tests.fuzz.inputs import FUZZ\n"
+            "print(settings().derandomize, settings().database, FUZZ.derandomize)\n")
+
+    def run(explore: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("TETHER_FUZZ_EXPLORE", "CI")}
+        if explore is not None:
+            env["TETHER_FUZZ_EXPLORE"] = explore
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env={**env, "PYTHONPATH": str(REPO)}, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run(None) == "True None True"
+    assert run("1").startswith("False ") and run("1").endswith(" False")
