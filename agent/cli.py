@@ -10,11 +10,9 @@ building a parser cost more than the rest of the command line together, on every
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -68,7 +66,7 @@ def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
 @command("keygen")
 def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
     if args.backend and args.backend != config.key_uri.scheme:
-        configmod.set_value(Path(config.sources[0]), "keys.uri", f"{args.backend}:")
+        configmod.set_value(config.sources[0], "keys.uri", f"{args.backend}:")
         config = configmod.load(config.sources[0])
     identity = DeviceIdentity(config)
     if identity.has_key():
@@ -103,7 +101,8 @@ def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int
     from provisioning.certs import load_certificates
 
     try:
-        data = Path(args.file).read_bytes()
+        with open(args.file, "rb") as fh:
+            data = fh.read()
     except OSError as exc:
         raise AgentError(f"{args.file}: cannot read: {exc.strerror}") from None
     chain = load_certificates(data, args.file)
@@ -133,6 +132,8 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
     status = DeviceIdentity(config).status()
     status.update(read_runtime_status(config))
     if args.json or args.format == "json":
+        import json  # one command's output: `tether run` starts without json (issue 24)
+
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
     if args.format == "prometheus":  # node_exporter's textfile collector (docs/device.md)
@@ -219,6 +220,8 @@ def cmd_token(args: argparse.Namespace, config: configmod.Config) -> int:
         raise AgentError(f"{config.state.token}: {exc}") from None
     left = claims["exp"] - time.time()
     if args.json:
+        import json  # as in cmd_status
+
         print(json.dumps({"token": token, "expires_at": claims["exp"], "issued_at": claims.get("iat"),
                           "seconds_left": round(left, 1), "expired": left <= 0}, indent=2))
     else:
@@ -245,7 +248,7 @@ def cmd_config_get(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("config set")
 def cmd_config_set(args: argparse.Namespace, config: configmod.Config) -> int:
-    target = configmod.set_value(Path(config.sources[0]), args.key, args.value)
+    target = configmod.set_value(config.sources[0], args.key, args.value)
     print(f"{args.key} set in {target}")
     return 0
 

@@ -7,6 +7,7 @@ state behind (`<state_dir>/ota/state.json`: an update to resume, confirm, roll b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ class LazyOta(Component):
         return self._agent
 
     def _has_work(self) -> bool:
-        return self._agent is not None or self.state_file.exists()
+        return self._agent is not None or os.path.exists(self.state_file)
 
     def on_boot(self) -> str:
         return self._updater().on_boot() if self._has_work() else "ota: no update state; running the base image"

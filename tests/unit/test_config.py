@@ -21,7 +21,7 @@ def write(path: Path, text: str) -> Path:
 def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
     cfg = load(write(tmp_path / "t.toml", '[device]\nid = "dev-1"\nstate_dir = "st"\n'))
     assert cfg.device.id == "dev-1"
-    assert cfg.state_dir == tmp_path / "st"  # relative paths resolve against the file
+    assert cfg.state_dir == str(tmp_path / "st")  # relative paths resolve against the file
     assert cfg.keys.backend == "file" and cfg.mqtt.keepalive == 60
     assert cfg.client_id == "dev-1" and cfg.topic_prefix == "dev-1"
 
