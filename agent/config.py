@@ -328,7 +328,7 @@ def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: str,
             if (section, key) in PATH_KEYS and value and "\0" in value:  # os calls raise ValueError on it
                 raise ConfigError(f"{where}: a path cannot contain a NUL character")
             if (section, key) in PATH_KEYS and value:
-                value = _beside(path, value)
+                value = _beside(path, value) if not os.path.isabs(value) else value
             merged.setdefault(section, {})[key] = value
             if origins is not None:
                 origins[(section, key)] = path

@@ -3,7 +3,7 @@ only when chosen, so a device never imports a library for a backend it does not 
 
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Any
 
 from hal.errors import HalError
@@ -17,7 +17,7 @@ def load_backend(backends: dict[str, str], name: str, kind: str, error: type[Hal
         raise error(f"{kind} backend {name!r} is unknown: expected one of {', '.join(sorted(backends))}") from None
     module_name, cls_name = target.split(":")
     try:
-        module = importlib.import_module(module_name)
+        __import__(module_name)  # importlib.import_module's work, without importing importlib (issue 24)
     except ImportError as exc:
         raise error(f"{kind} backend {name!r} cannot load: {exc}{hint}") from exc
-    return getattr(module, cls_name)
+    return getattr(sys.modules[module_name], cls_name)

@@ -153,3 +153,14 @@ def test_the_threshold_parser_accepts_what_its_regular_expression_did(text: str)
         assert threshold == Threshold(share=value / 100)
     else:
         assert threshold == Threshold(before=value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+def test_an_absolute_path_is_kept_as_written_and_a_relative_one_resolved(tmp_path: Path) -> None:
+    # an absolute path is the operator's choice, link and all (a symlink may be switched later on purpose);
+    # a relative one is made absolute against the file's directory, links resolved as before
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cfg = load(write(tmp_path / "link" / "t.toml",
+                     f'[device]\nid = "dev-1"\nstate_dir = "st"\n[identity]\nca_file = "{tmp_path}/link/ca.pem"\n'))
+    assert cfg.identity.ca_file == f"{tmp_path}/link/ca.pem"
+    assert cfg.state_dir == str(tmp_path / "real" / "st")
