@@ -10,6 +10,7 @@ building a parser cost more than the rest of the command line together, on every
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -187,7 +188,9 @@ def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
     from agent.compose import build  # loads ssl: only after ensure_tls_env (see ALLOWED in test_imports)
 
     setup_logging(args.verbose)
-    return build(config).run()
+    runtime = build(config)
+    end_of_start()
+    return runtime.run()
 
 
 @command("check")
@@ -418,6 +421,15 @@ def service_args(argv: Sequence[str]) -> argparse.Namespace | None:
                                                       needs_tls=True, own_state=True))
 
 
+def end_of_start() -> None:
+    """What start-up built lives as long as the process: keep it out of every collection (gc.freeze)
+    and collect what comes after. Only where `tether` (agent.main) turned the collector off; a caller
+    that left it on (tests, `python -m agent.cli`) is not touched."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = service_args(argv) or build_parser(argv).parse_args(argv)
@@ -428,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_own_state(config, argv)
         if getattr(args, "needs_tls", False):
             ensure_tls_env(config, argv)
+        if name != "run":  # `run` builds its runtime first (cmd_run)
+            end_of_start()
         return COMMANDS[name](args, config)
     except ConfigError as exc:
         return _fail("configuration error", exc)

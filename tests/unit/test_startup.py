@@ -8,6 +8,7 @@ The status file, rewritten on every state change, is written atomically but not 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -286,3 +287,26 @@ def test_what_json_dumps_cannot_write_dump_json_refuses_too(value: object) -> No
     with pytest.raises(TypeError) as theirs:
         json.dumps(value, indent=1, sort_keys=True)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_the_tether_command_collects_nothing_while_it_starts_then_collects_as_usual(tmp_path: Path) -> None:
+    # agent.entry (the `tether` script) starts with the collector off; every command turns it back on, with
+    # what start-up built frozen out of its sight (`tether run` once its runtime is built: test_service.py)
+    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+    code = ("import gc, sys\n"
+            "from agent.entry import main\n"
+            "early = []  # collections from main() on, before start-up froze what it built\n"
+            "gc.callbacks.append(lambda phase, _: phase == 'start' and not gc.get_freeze_count() and early.append(1))\n"
+            f"sys.argv = ['tether', '--config', {str(config)!r}, 'status']\n"
+            "assert main() == 0\n"
+            "print(gc.isenabled(), gc.get_freeze_count() > 10_000, early)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.splitlines()[-1] == "True True []"
+
+
+def test_a_caller_that_left_the_collector_on_keeps_it_as_it_was() -> None:
+    # tests, `python -m agent.cli` and the fleet's in-process agents never froze their objects
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    cli.end_of_start()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
