@@ -24,8 +24,8 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote
 
+from hal import load_backend
 from hal.errors import KeyStoreError
-from hal.registry import load_backend
 from hal.value import Value
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from agent import cli
 from agent.config import load
 from agent.control import Empty, Inbox
-from agent.ota.component import LazyOta
+from agent.ota import LazyOta
 from agent.ota.machine import StateStore
 from agent.outbox import Outbox
 from agent.state import Record
