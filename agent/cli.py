@@ -10,11 +10,10 @@ building a parser cost more than the rest of the command line together, on every
 
 from __future__ import annotations
 
-import json
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -68,7 +67,7 @@ def ensure_tls_env(config: configmod.Config, argv: Sequence[str]) -> None:
 @command("keygen")
 def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
     if args.backend and args.backend != config.key_uri.scheme:
-        configmod.set_value(Path(config.sources[0]), "keys.uri", f"{args.backend}:")
+        configmod.set_value(config.sources[0], "keys.uri", f"{args.backend}:")
         config = configmod.load(config.sources[0])
     identity = DeviceIdentity(config)
     if identity.has_key():
@@ -103,7 +102,8 @@ def cmd_chain_install(args: argparse.Namespace, config: configmod.Config) -> int
     from provisioning.certs import load_certificates
 
     try:
-        data = Path(args.file).read_bytes()
+        with open(args.file, "rb") as fh:
+            data = fh.read()
     except OSError as exc:
         raise AgentError(f"{args.file}: cannot read: {exc.strerror}") from None
     chain = load_certificates(data, args.file)
@@ -133,6 +133,8 @@ def cmd_status(args: argparse.Namespace, config: configmod.Config) -> int:
     status = DeviceIdentity(config).status()
     status.update(read_runtime_status(config))
     if args.json or args.format == "json":
+        import json  # one command's output: `tether run` starts without json (issue 24)
+
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
     if args.format == "prometheus":  # node_exporter's textfile collector (docs/device.md)
@@ -186,7 +188,9 @@ def cmd_run(args: argparse.Namespace, config: configmod.Config) -> int:
     from agent.compose import build  # loads ssl: only after ensure_tls_env (see ALLOWED in test_imports)
 
     setup_logging(args.verbose)
-    return build(config).run()
+    runtime = build(config)
+    end_of_start()
+    return runtime.run()
 
 
 @command("check")
@@ -219,6 +223,8 @@ def cmd_token(args: argparse.Namespace, config: configmod.Config) -> int:
         raise AgentError(f"{config.state.token}: {exc}") from None
     left = claims["exp"] - time.time()
     if args.json:
+        import json  # as in cmd_status
+
         print(json.dumps({"token": token, "expires_at": claims["exp"], "issued_at": claims.get("iat"),
                           "seconds_left": round(left, 1), "expired": left <= 0}, indent=2))
     else:
@@ -245,7 +251,7 @@ def cmd_config_get(args: argparse.Namespace, config: configmod.Config) -> int:
 
 @command("config set")
 def cmd_config_set(args: argparse.Namespace, config: configmod.Config) -> int:
-    target = configmod.set_value(Path(config.sources[0]), args.key, args.value)
+    target = configmod.set_value(config.sources[0], args.key, args.value)
     print(f"{args.key} set in {target}")
     return 0
 
@@ -415,6 +421,15 @@ def service_args(argv: Sequence[str]) -> argparse.Namespace | None:
                                                       needs_tls=True, own_state=True))
 
 
+def end_of_start() -> None:
+    """What start-up built lives as long as the process: keep it out of every collection (gc.freeze)
+    and collect what comes after. Only where `tether` (agent.main) turned the collector off; a caller
+    that left it on (tests, `python -m agent.cli`) is not touched."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = service_args(argv) or build_parser(argv).parse_args(argv)
@@ -425,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_own_state(config, argv)
         if getattr(args, "needs_tls", False):
             ensure_tls_env(config, argv)
+        if name != "run":  # `run` builds its runtime first (cmd_run)
+            end_of_start()
         return COMMANDS[name](args, config)
     except ConfigError as exc:
         return _fail("configuration error", exc)

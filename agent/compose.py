@@ -24,7 +24,7 @@ from agent.core.supervisor import RENEWAL_STAGED, TOKEN_WANTED, Event
 from agent.discovery import Discovery
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
-from agent.ota.component import LazyOta
+from agent.ota import LazyOta
 from agent.outbox import Outbox
 from agent.publish_api import PublishServer, socket_path
 from agent.renewal import Renewal

@@ -10,13 +10,11 @@ the exact bytes it was made from, so `tether run` does not load tomllib on every
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
 import stat
 import typing
-from pathlib import Path
 from typing import Any
 
 from agent.core import defaults
@@ -230,8 +228,8 @@ class Config(Value):
     sources: tuple[str, ...] = ()
 
     @property
-    def state_dir(self) -> Path:
-        return Path(self.device.state_dir)
+    def state_dir(self) -> str:
+        return self.device.state_dir
 
     @property
     def state(self) -> StateDir:
@@ -239,12 +237,12 @@ class Config(Value):
         return StateDir(self.device.state_dir)
 
     @property
-    def keys_dir(self) -> Path:
+    def keys_dir(self) -> str:
         """The key store's directory: the key URI's, or `<state_dir>/keys`."""
-        return Path(self.key_uri.directory or self.state.keys)
+        return self.key_uri.directory or self.state.keys
 
     @property
-    def certs_dir(self) -> Path:
+    def certs_dir(self) -> str:
         return self.state.certs
 
     @property
@@ -311,8 +309,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path,
-           origins: dict[tuple[str, str], Path] | None = None) -> None:
+def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: str,
+           origins: dict[tuple[str, str], str] | None = None) -> None:
     for section, body in data.items():
         if section not in SECTIONS:
             raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
@@ -330,13 +328,18 @@ def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: Path,
             if (section, key) in PATH_KEYS and value and "\0" in value:  # os calls raise ValueError on it
                 raise ConfigError(f"{where}: a path cannot contain a NUL character")
             if (section, key) in PATH_KEYS and value:
-                value = str((path.parent / value).resolve()) if not os.path.isabs(value) else value
+                value = _beside(path, value) if not os.path.isabs(value) else value
             merged.setdefault(section, {})[key] = value
             if origins is not None:
                 origins[(section, key)] = path
 
 
-def _read_toml(path: Path, cache: ParseCache | None = None) -> dict[str, Any]:
+def _beside(origin: str, path: str) -> str:
+    """A relative `path` from the file `origin`, resolved against that file's directory (symlinks too)."""
+    return os.path.realpath(os.path.join(os.path.dirname(origin), path))
+
+
+def _read_toml(path: str, cache: ParseCache | None = None) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -353,7 +356,7 @@ def _read_toml(path: Path, cache: ParseCache | None = None) -> dict[str, Any]:
     return parsed
 
 
-def _parse_toml(path: Path, data: bytes) -> dict[str, Any]:
+def _parse_toml(path: str, data: bytes) -> dict[str, Any]:
     import tomllib  # on a cache miss only: importing it costs more than the rest of loading (issue 24)
 
     try:
@@ -382,7 +385,7 @@ class ParseCache:
     parsed again. The parsed values then go through the same checks as freshly parsed ones.
     """
 
-    def __init__(self, path: Path, entries: dict[str, Any]) -> None:
+    def __init__(self, path: str, entries: dict[str, Any]) -> None:
         self.path = path
         self.entries = entries
         self.changed = False
@@ -393,7 +396,7 @@ class ParseCache:
         directory = os.environ.get(CACHE_ENV, "")
         if not directory or not os.path.isabs(directory) or os.pathsep in directory:
             return None  # not started by the unit (several directories would be a different unit)
-        path = Path(directory) / CACHE_FILE
+        path = os.path.join(directory, CACHE_FILE)
         me = os.geteuid()
         try:
             if not _ours_alone(os.stat(directory), me):
@@ -418,7 +421,7 @@ class ParseCache:
                 return None
             raw = fh.read()
         try:
-            entries = json.loads(raw)
+            entries = storage.parse_json(raw)
         except ValueError:
             entries = None
         if not isinstance(entries, dict):
@@ -426,7 +429,7 @@ class ParseCache:
             return cls(path, {})
         return cls(path, entries)
 
-    def get(self, source: Path, data: bytes) -> dict[str, Any] | None:
+    def get(self, source: str, data: bytes) -> dict[str, Any] | None:
         entry = self.entries.get(str(source))
         if isinstance(entry, dict) and entry.get("sha256") == hashlib.sha256(data).hexdigest():
             parsed = entry.get("toml")
@@ -434,18 +437,18 @@ class ParseCache:
                 return parsed
         return None
 
-    def put(self, source: Path, data: bytes, parsed: dict[str, Any]) -> None:
+    def put(self, source: str, data: bytes, parsed: dict[str, Any]) -> None:
         self.entries[str(source)] = {"sha256": hashlib.sha256(data).hexdigest(), "toml": parsed}
         self.changed = True
 
-    def save(self, sources: list[Path]) -> None:
+    def save(self, sources: list[str]) -> None:
         """Write the cache if an entry changed, keeping only `sources`. A value JSON cannot hold (a TOML
         date) or a write that fails leaves it unwritten (logged): the next start parses again."""
         kept = {str(s): self.entries[str(s)] for s in sources if str(s) in self.entries}
         if not self.changed and len(kept) == len(self.entries):
             return
         try:
-            storage.atomic_write(self.path, json.dumps(kept).encode(), storage.SECRET_MODE, durable=False)
+            storage.atomic_write(self.path, storage.dump_json(kept), storage.SECRET_MODE, durable=False)
         except (TypeError, ValueError) as exc:
             _log.info("configuration not cached: %s", exc)
         except TetherError as exc:
@@ -456,7 +459,7 @@ def _ours_alone(st: os.stat_result, uid: int) -> bool:
     return st.st_uid == uid and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], files: list[Path]) -> None:
+def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], str], files: list[str]) -> None:
     """Settle `[keys]` on one key URI (stored back as `uri`, its scheme as `backend`).
 
     `uri` and the older `backend` both choose the backend: the one set by the later file wins (a
@@ -485,10 +488,10 @@ def _select_keys(keys: dict[str, Any], origins: dict[tuple[str, str], Path], fil
     options = dict(uri.options)
     for name in backend.path_options:
         if options.get(name) and not os.path.isabs(options[name]):
-            options[name] = str((origin.parent / options[name]).resolve())
+            options[name] = _beside(origin, options[name])
     directory = uri.directory
     if directory and not os.path.isabs(directory):
-        directory = str((origin.parent / directory).resolve())
+        directory = _beside(origin, directory)
     for name in backend.options:
         if name not in options and name in KeysSection._fields:
             value = str(keys.get(name, KeysSection._field_defaults[name]))
@@ -506,13 +509,13 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
     Raises ConfigError naming the file, section and key of the first problem.
     """
-    base = Path(path or os.environ.get("TETHER_CONFIG") or DEFAULT_CONFIG)
+    base = os.fspath(path or os.environ.get("TETHER_CONFIG") or DEFAULT_CONFIG)
     files = [base]
-    dropins = base.parent / "config.d"
-    if dropins.is_dir():
-        files += sorted(dropins.glob("*.toml"))
+    dropins = os.path.join(os.path.dirname(base), "config.d")
+    if os.path.isdir(dropins):
+        files += [os.path.join(dropins, name) for name in sorted(os.listdir(dropins)) if name.endswith(".toml")]
     merged: dict[str, dict[str, Any]] = {}
-    origins: dict[tuple[str, str], Path] = {}
+    origins: dict[tuple[str, str], str] = {}
     cache = ParseCache.from_environment()
     for f in files:
         _merge(merged, _read_toml(f, cache), f, origins)
@@ -520,7 +523,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         cache.save(files)
     _select_keys(merged.setdefault("keys", {}), origins, files)
     sections: dict[str, Any] = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
-    config = Config(**sections, sources=tuple(str(f) for f in files))
+    config = Config(**sections, sources=tuple(files))
     validate(config, base, origins)
     return config
 
@@ -534,7 +537,7 @@ def _check_url(url: str, where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def validate(config: Config, path: Path, origins: dict[tuple[str, str], Path] | None = None) -> None:
+def validate(config: Config, path: str, origins: dict[tuple[str, str], str] | None = None) -> None:
     """Checks that the types cannot express, parsing values into what the agent uses (topics,
     renewal threshold, URLs). Every error names the file that set the key, the section and the key."""
     def where(section: str, key: str) -> str:
@@ -633,7 +636,7 @@ def get_value(config: Config, dotted: str) -> Any:
     return getattr(getattr(config, section), key)
 
 
-def set_value(base: Path, dotted: str, text: str) -> Path:
+def set_value(base: str, dotted: str, text: str) -> str:
     """Record `section.key = text` in the base file's `config.d/99-set-by-tether.toml` drop-in.
 
     A drop-in keeps the base file (often part of the device image) and its comments untouched.
@@ -650,13 +653,14 @@ def set_value(base: Path, dotted: str, text: str) -> Path:
     hint = _hints(section)[key]
     if hint is str and not isinstance(value, str):
         value = text
-    target = base.parent / "config.d" / SET_FILE
-    current = _read_toml(target) if target.exists() else {}
+    directory = os.path.join(os.path.dirname(base), "config.d")
+    target = os.path.join(directory, SET_FILE)
+    current = _read_toml(target) if os.path.exists(target) else {}
     current.setdefault(section, {})[key] = value
     from provisioning.tomlfmt import to_toml
 
     body = to_toml(current, "written by `tether config set`; later files in config.d/ override it")
-    storage.ensure_dir(target.parent, 0o755)
+    storage.ensure_dir(directory, 0o755)
     old = storage.read_bytes(target)
     storage.atomic_write(target, body.encode(), 0o644)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -97,7 +98,7 @@ class DeviceIdentity:
         """Facts of the stored chain from chain.json; rebuilt from chain.pem (parsing X.509, logged)
         when chain.json is missing, corrupt or describes another chain.pem. None without a chain."""
         facts = read_facts(self.config.certs_dir)
-        if facts is None and (self.config.certs_dir / "chain.pem").exists():
+        if facts is None and os.path.exists(os.path.join(self.config.certs_dir, "chain.pem")):
             log.info("chain.json does not describe chain.pem (a cut between their writes, or an upgrade): "
                      "rebuilding it from chain.pem")
             facts = self.certstore.refresh_facts()

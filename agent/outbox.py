@@ -22,6 +22,7 @@ on a device whose applications never queued anything does not load SQLite at all
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -153,7 +154,7 @@ class Outbox(Component):
 
     # -- runtime hooks (control loop thread) -----------------------------------------------------------
     def on_boot(self) -> str:
-        if self.path.exists():
+        if os.path.exists(self.path):
             return f"outbox: {self.path} is opened once a session is up (queued messages go out oldest first)"
         return "outbox: empty; opened when an application queues a message"
 
@@ -164,7 +165,7 @@ class Outbox(Component):
         self._inflight.clear()
         self._last_sent = 0
         self._maybe_more = True
-        if self.store is None and self.path.exists():  # it may hold messages from before
+        if self.store is None and os.path.exists(self.path):  # it may hold messages from before
             self._open()
         self._pump()
 

@@ -56,8 +56,8 @@ def _corrupt(exc: sqlite3.DatabaseError) -> bool:
 class OutboxStore:
     """The queue on disk (SQLite). Thread-safe: the socket threads append, the control loop reads."""
 
-    def __init__(self, path: Path, *, max_messages: int, max_bytes: int, policy: str) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str], *, max_messages: int, max_bytes: int, policy: str) -> None:
+        self.path = path = Path(path)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.policy = policy

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -26,7 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.component import Component
@@ -51,19 +49,19 @@ class PublishError(AgentError):
         self.queued = list(queued)
 
 
-def socket_path(config: Config) -> Path:
-    return Path(config.outbox.socket) if config.outbox.socket else config.state.publish_socket
+def socket_path(config: Config) -> str:
+    return config.outbox.socket or config.state.publish_socket
 
 
 @contextlib.contextmanager
-def _addressable(path: Path) -> Iterator[str]:
+def _addressable(path: str) -> Iterator[str]:
     """A name for `path` that fits in sockaddr_un (deep test or container paths do not)."""
     if len(os.fsencode(path)) < _SUN_PATH_MAX:
-        yield str(path)
+        yield path
         return
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
     finally:
         os.close(fd)
 
@@ -74,8 +72,8 @@ class PublishServer(Component):
 
     RETRY_EVERY = 5.0  # seconds between attempts to bind after a failure (full disk, stale file)
 
-    def __init__(self, path: Path, outbox: Any) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str], outbox: Any) -> None:
+        self.path = os.fspath(path)
         self.outbox = outbox
         self.sock: socket.socket | None = None
         self.error = ""
@@ -109,16 +107,16 @@ class PublishServer(Component):
     def start(self) -> PublishServer:
         """Bind (replacing a stale socket left by a killed agent) and serve in daemon threads.
         Raises AgentError when another agent serves the path or it cannot be bound."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         with _addressable(self.path) as name:
-            if self.path.exists() or self.path.is_symlink():
-                if not stat.S_ISSOCK(self.path.lstat().st_mode):
+            if os.path.lexists(self.path):
+                if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
                     raise AgentError(f"{self.path}: exists and is not a socket; remove it or set [outbox] socket")
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, \
                         contextlib.suppress(OSError):
                     probe.connect(name)
                     raise AgentError(f"{self.path}: another agent is serving this publish socket")
-                self.path.unlink()
+                os.unlink(self.path)
         sock = self._bind_private()
         self.sock = sock
         threading.Thread(target=self._accept, name="publish-api", daemon=True).start()
@@ -131,10 +129,10 @@ class PublishServer(Component):
         import tempfile
 
         try:
-            private = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.path.parent))  # mode 0700
+            private = tempfile.mkdtemp(prefix=".publish-", dir=os.path.dirname(self.path) or ".")  # mode 0700
         except OSError as exc:
             raise AgentError(f"{self.path}: cannot serve the publish socket: {exc.strerror}") from exc
-        staged = private / self.path.name
+        staged = os.path.join(private, os.path.basename(self.path))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with _addressable(staged) as name:
@@ -147,9 +145,9 @@ class PublishServer(Component):
             raise AgentError(f"{self.path}: cannot serve the publish socket: {exc.strerror}") from exc
         finally:
             with contextlib.suppress(OSError):
-                staged.unlink()
+                os.unlink(staged)
             with contextlib.suppress(OSError):
-                private.rmdir()
+                os.rmdir(private)
         return sock
 
     def _accept(self) -> None:
@@ -162,6 +160,8 @@ class PublishServer(Component):
             threading.Thread(target=self._serve, args=(conn,), name="publish-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        import json  # with the first application's connection: `tether run` starts without json (issue 24)
+
         with conn:
             buffer = b""
             while True:
@@ -204,11 +204,13 @@ class PublishServer(Component):
         if self.sock is not None:
             self.sock.close()
             with contextlib.suppress(OSError):
-                self.path.unlink()
+                os.unlink(self.path)
 
 
 def _parse(line: bytes) -> tuple[str, bytes, int] | str:
     """(topic, payload, qos) from one request line, or the reason it is not a request."""
+    import json  # see _serve
+
     try:
         request = json.loads(line)
     except ValueError as exc:
@@ -239,7 +241,7 @@ class Publisher:
     """
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 30.0) -> None:
-        self.path = Path(path)
+        self.path = os.fspath(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -262,6 +264,8 @@ class Publisher:
     def publish_many(self, messages: Iterable[tuple[str, bytes | str, int]], chunk: int = 500) -> list[int]:
         """Queue messages in order, pipelined `chunk` at a time; return their ids. On the first
         refusal raise PublishError whose `queued` lists the ids queued before it."""
+        import json  # the client's side: loaded by applications and `tether publish`, never by `tether run`
+
         ids: list[int] = []
         batch: list[bytes] = []
         for topic, payload, qos in messages:
@@ -276,6 +280,8 @@ class Publisher:
         return ids
 
     def _exchange(self, lines: list[bytes], ids: list[int]) -> None:
+        import json  # see publish_many
+
         try:
             self.sock.sendall(b"".join(lines))
             replies = [self._reader.readline() for _ in lines]

@@ -12,6 +12,7 @@ offline cache) -> supervisor.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import ssl
 import threading
@@ -134,7 +135,8 @@ class Runtime:
             return None
         log.info("discovery: asking again (%s)", why)
         try:
-            ctx = client_context(self.config.certs_dir / "chain.pem", self.identity.keystore.tls_key(KEY_LABEL),
+            ctx = client_context(os.path.join(self.config.certs_dir, "chain.pem"),
+                                 self.identity.keystore.tls_key(KEY_LABEL),
                                  cafile=self.config.discovery.ca_file or self.config.identity.ca_file or None)
             return self.discovery.discover(ctx)
         except (DiscoveryError, AgentError) as exc:
@@ -147,7 +149,7 @@ class Runtime:
         cache_key = (ca, chain, key_label)
         if cache_key not in self._contexts:
             pem = ca if ca and "-----BEGIN" in ca else None
-            self._contexts[cache_key] = client_context(self.config.certs_dir / chain,
+            self._contexts[cache_key] = client_context(os.path.join(self.config.certs_dir, chain),
                                                        self.identity.keystore.tls_key(key_label),
                                                        cafile=None if pem else ca, cadata=pem)
         return self._contexts[cache_key]

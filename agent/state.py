@@ -12,8 +12,7 @@ SQLite database, the publish socket) take only their path from here.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 from typing import Any
 
 from agent.errors import AgentError
@@ -26,66 +25,66 @@ class RecordError(AgentError):
 
 
 class StateDir:
-    """`<state_dir>` and every path under it."""
+    """`<state_dir>` and every path under it, as strings (`pathlib` is not loaded by `tether run`)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
 
-    def ensure(self) -> Path:
+    def ensure(self) -> str:
         return storage.ensure_dir(self.root)
 
     @property
-    def keys(self) -> Path:
-        return self.root / "keys"
+    def keys(self) -> str:
+        return os.path.join(self.root, "keys")
 
     @property
-    def certs(self) -> Path:
-        return self.root / "certs"
+    def certs(self) -> str:
+        return os.path.join(self.root, "certs")
 
     @property
-    def status(self) -> Path:
-        return self.root / "status.json"
+    def status(self) -> str:
+        return os.path.join(self.root, "status.json")
 
     @property
-    def boot(self) -> Path:
-        return self.root / "boot.json"
+    def boot(self) -> str:
+        return os.path.join(self.root, "boot.json")
 
     @property
-    def token(self) -> Path:
-        return self.root / "token.jwt"
+    def token(self) -> str:
+        return os.path.join(self.root, "token.jwt")
 
     @property
-    def last_good(self) -> Path:
-        return self.root / "last-good.json"
+    def last_good(self) -> str:
+        return os.path.join(self.root, "last-good.json")
 
     @property
-    def discovery_cache(self) -> Path:
-        return self.root / "discovery.json"
+    def discovery_cache(self) -> str:
+        return os.path.join(self.root, "discovery.json")
 
     @property
-    def renewal(self) -> Path:
-        return self.root / "renewal.json"
+    def renewal(self) -> str:
+        return os.path.join(self.root, "renewal.json")
 
     @property
-    def ota(self) -> Path:
-        return self.root / "ota"
+    def ota(self) -> str:
+        return os.path.join(self.root, "ota")
 
     @property
-    def ota_state(self) -> Path:
+    def ota_state(self) -> str:
         """The updater's state (agent/ota/machine.py StateStore): present while an update is in progress."""
-        return self.ota / "state.json"
+        return os.path.join(self.ota, "state.json")
 
     @property
-    def slots(self) -> Path:
-        return self.root / "slots"
+    def slots(self) -> str:
+        return os.path.join(self.root, "slots")
 
     @property
-    def outbox(self) -> Path:
-        return self.root / "outbox.sqlite"
+    def outbox(self) -> str:
+        return os.path.join(self.root, "outbox.sqlite")
 
     @property
-    def publish_socket(self) -> Path:
-        return self.root / "publish.sock"
+    def publish_socket(self) -> str:
+        return os.path.join(self.root, "publish.sock")
 
 
 class Record(Value):
@@ -96,7 +95,7 @@ class Record(Value):
     accept a replayed older release), so a bad file raises RecordError and stays where it is.
     `version_field`: where the version is written, for a record whose own fields have a `version`."""
 
-    path: Path
+    path: str
     version: int = 1
     then: str = "starting from empty"
     durable: bool = True
@@ -109,7 +108,7 @@ class Record(Value):
         if data is None:
             return None
         try:
-            value = json.loads(data)
+            value = storage.parse_json(data)
         except ValueError as exc:
             self.refuse(f"not JSON ({exc})")
             return None

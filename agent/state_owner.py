@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pwd
 from collections.abc import Sequence
-from pathlib import Path
 
 from agent.config import Config
 from agent.errors import AgentError
@@ -48,7 +47,7 @@ def require_own_state(config: Config, argv: Sequence[str]) -> None:
                          f"run the command as that user: {how}")
 
 
-def _owner(directory: Path) -> int | None:
+def _owner(directory: str) -> int | None:
     try:
         return os.stat(directory).st_uid
     except FileNotFoundError:

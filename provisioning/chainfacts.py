@@ -10,8 +10,7 @@ a valid chain called expired). Hashing a few KB is cheap; parsing X.509 at every
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
+import os
 
 from hal import storage
 
@@ -24,21 +23,22 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_facts(directory: str | Path) -> dict[str, object] | None:
+def read_facts(directory: str | os.PathLike[str]) -> dict[str, object] | None:
     """The facts of the current chain without parsing X.509, or None when there is no chain or when
     chain.json is missing, unreadable or describes another chain.pem than the one on disk (the caller
     then rebuilds it with `CertStore.refresh_facts()`)."""
-    chain = storage.read_bytes(Path(directory) / CHAIN)
-    data = storage.read_bytes(Path(directory) / FACTS)
+    facts_file = os.path.join(directory, FACTS)
+    chain = storage.read_bytes(os.path.join(directory, CHAIN))
+    data = storage.read_bytes(facts_file)
     if chain is None or data is None:
         return None
     try:
-        facts = json.loads(data)
+        facts = storage.parse_json(data)
     except ValueError as exc:
-        storage.set_aside(Path(directory) / FACTS, f"not JSON ({exc})", "rebuilding it from chain.pem")
+        storage.set_aside(facts_file, f"not JSON ({exc})", "rebuilding it from chain.pem")
         return None
     if not isinstance(facts, dict):
-        storage.set_aside(Path(directory) / FACTS, f"expected a JSON object, found {type(facts).__name__}",
+        storage.set_aside(facts_file, f"expected a JSON object, found {type(facts).__name__}",
                           "rebuilding it from chain.pem")
         return None
     if facts.get(DIGEST_KEY) != digest(chain):  # stale, not corrupt: describes another chain.pem

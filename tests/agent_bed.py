@@ -32,7 +32,7 @@ class Agent:
 
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
-        self.state = load(config).state_dir
+        self.state = Path(load(config).state_dir)
         self.proc = Proc("tether-run", [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
                          config.parent / "agent.log", env={**(env or {}), "PYTHONPATH": str(REPO)}, cwd=REPO)
 

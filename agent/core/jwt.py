@@ -8,7 +8,6 @@ characters and MicroPython's only accepts bytes.
 """
 
 import binascii
-import json
 
 from agent.core.errors import TokenError, describe
 
@@ -59,6 +58,8 @@ def b64url_decode(text, field):
 
 
 def _json_object(raw, field):
+    import json  # with the first token: CPython's json compiles regular expressions on import (issue 24)
+
     try:
         value = json.loads(raw.decode())
     except (ValueError, UnicodeError):  # JSONDecodeError is a ValueError on CPython

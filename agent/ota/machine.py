@@ -124,8 +124,8 @@ class StateStore:
         self.directory = Path(directory)
         self.state_file = self.directory / "state.json"
         self.installed_file = self.directory / "installed.json"
-        self.state_record = Record(self.state_file, then="no update in progress")
-        self.installed_record = Record(self.installed_file, keep=True, version_field="format",  # has a version
+        self.state_record = Record(str(self.state_file), then="no update in progress")
+        self.installed_record = Record(str(self.installed_file), keep=True, version_field="format",  # has a version
                                        then="the anti-rollback floor is unknown, restore it from a backup or "
                                             "re-provision")
 

@@ -19,13 +19,13 @@ path (`pkcs11:token=station;object=ca?module-path=/usr/lib/softhsm/libsofthsm2.s
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, unquote
 
+from hal import load_backend
 from hal.errors import KeyStoreError
-from hal.registry import load_backend
 from hal.value import Value
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def check_label(label: str) -> str:
     return label
 
 
-def open_keystore(backend: str, directory: str | Path, **options: Any) -> KeyStore:
+def open_keystore(backend: str, directory: str | os.PathLike[str], **options: Any) -> KeyStore:
     """Instantiate the key store named `backend` keeping its files in `directory`.
 
     `options` are backend specific (`passphrase` or `passphrase_file` for file keys; `tcti` and
@@ -197,11 +197,11 @@ def open_keystore(backend: str, directory: str | Path, **options: Any) -> KeySto
     """
     entry = key_backend(backend)
     cls = load_backend({backend: entry.target}, backend, "key", KeyStoreError, entry.install_hint)
-    store: KeyStore = cls(Path(directory), **options)
+    store: KeyStore = cls(os.fspath(directory), **options)
     return store
 
 
-def open_key_uri(uri: KeyUri | str, default_directory: str | Path) -> KeyStore:
+def open_key_uri(uri: KeyUri | str, default_directory: str | os.PathLike[str]) -> KeyStore:
     """The key store a key URI names; its files in the URI's directory, or `default_directory`."""
     if isinstance(uri, str):
         uri = parse_key_uri(uri)

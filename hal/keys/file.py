@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hal import storage
@@ -71,20 +70,20 @@ class FileKeyStore:
 
     backend = "file"
 
-    def __init__(self, directory: Path, passphrase: bytes | None = None, passphrase_file: str = "",
+    def __init__(self, directory: str | os.PathLike[str], passphrase: bytes | None = None, passphrase_file: str = "",
                  **_: Any) -> None:
-        self.directory = Path(directory)
+        self.directory = os.fspath(directory)
         self.passphrase = passphrase or (read_passphrase(passphrase_file) if passphrase_file else None)
 
-    def path(self, label: str) -> Path:
-        return self.directory / f"{check_label(label)}.key.pem"
+    def path(self, label: str) -> str:
+        return os.path.join(self.directory, f"{check_label(label)}.key.pem")
 
     def exists(self, label: str) -> bool:
-        return self.path(label).is_file()
+        return os.path.isfile(self.path(label))
 
     def create(self, label: str, algorithm: str = DEFAULT_ALGORITHM) -> None:
         path = self.path(label)
-        if path.exists():
+        if os.path.exists(path):
             raise KeyStoreError(f"{path}: a key with label {label!r} already exists; delete it first")
         storage.ensure_dir(self.directory)
         storage.atomic_write(path, to_pem(generate(algorithm), self.passphrase), storage.SECRET_MODE)
@@ -94,7 +93,7 @@ class FileKeyStore:
 
     def rename(self, label: str, new_label: str) -> None:
         src, dst = self.path(label), self.path(new_label)
-        if not src.exists():
+        if not os.path.exists(src):
             raise KeyStoreError(f"{src}: no key with label {label!r} to promote")
         os.replace(src, dst)
         storage.fsync_dir(self.directory)
@@ -104,11 +103,11 @@ class FileKeyStore:
         data = storage.read_bytes(path)
         if data is None:
             raise KeyStoreError(f"{path}: no key with label {label!r}; run `tether keygen`")
-        mode = path.stat().st_mode & 0o777
+        mode = os.stat(path).st_mode & 0o777
         if mode & 0o077:
             raise KeyStoreError(f"{path}: permissions {mode:o} let others read the private key; "
                                 "expected 600 (chmod 600 it after checking it was not copied)")
-        return load_pem(data, self.passphrase, str(path))
+        return load_pem(data, self.passphrase, path)
 
     def public_key(self, label: str) -> PublicKeyTypes:
         return self._load(label).public_key()
@@ -119,13 +118,13 @@ class FileKeyStore:
 
     def tls_key(self, label: str) -> TlsKey:
         path = self.path(label)
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise KeyStoreError(f"{path}: no key with label {label!r}; run `tether keygen`")
-        return TlsKey(keyfile=str(path), password=self.passphrase)
+        return TlsKey(keyfile=path, password=self.passphrase)
 
     def tls_env(self) -> dict[str, str]:
         return {}
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "directory": str(self.directory),
+        return {"backend": self.backend, "directory": self.directory,
                 "encrypted": self.passphrase is not None}

@@ -104,8 +104,8 @@ class TpmKeyStore:
 
     backend = "tpm"
 
-    def __init__(self, directory: Path, tcti: str | None = None, parent_handle: str | int | None = None,
-                 **_: Any) -> None:
+    def __init__(self, directory: str | os.PathLike[str], tcti: str | None = None,
+                 parent_handle: str | int | None = None, **_: Any) -> None:
         self.directory = Path(directory)
         self.tcti = tcti or os.environ.get("TPM2OPENSSL_TCTI") or DEFAULT_TCTI
         self.parent_handle = parse_handle(parent_handle)

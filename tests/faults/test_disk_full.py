@@ -58,7 +58,7 @@ def test_full_disk_is_reported_keeps_key_and_chain_and_refuses_publishes_cleanly
     config = provisioned_device(tmp_path, pki, DEVICE, device={"state_dir": str(small_fs / "state")},
                                 endpoints={"urls": [f"mqtts://localhost:{broker.port}"]}, token={"enabled": False},
                                 mqtt={"backoff_base": 0.1, "backoff_cap": 0.5, "connect_timeout": 3.0})
-    state = load(config).state_dir
+    state = Path(load(config).state_dir)
     identity_files = [state / "keys" / "device.key.pem", state / "certs" / "chain.pem"]
     agent = Agent(config)
     try:
@@ -95,7 +95,8 @@ def test_full_disk_is_reported_keeps_key_and_chain_and_refuses_publishes_cleanly
 
         for filler in [*small_fs.glob("filler-*"), *(small_fs / "state").glob("filler-*")]:
             filler.unlink()  # space is back: everything accepted goes out, nothing accepted is lost
-        wait_until(lambda: agent.proc.check_alive() or socket_path(load(config)).exists(), 20, "the publish socket")
+        wait_until(lambda: agent.proc.check_alive() or os.path.exists(socket_path(load(config))), 20,
+                   "the publish socket")
         subscriber.wait_for(set(accepted), 30, "messages accepted before the disk filled")
         with Publisher(socket_path(load(config))) as publisher:
             publisher.publish("telemetry", b"after")

@@ -55,7 +55,7 @@ def test_kill_9_at_50_random_points_of_first_boot_leaves_one_key_one_chain_one_l
     def one_device(n: int) -> list[str]:
         device_id = f"dev-k{n:02d}"
         config = device_config(tmp_path, station, station_broker, device_id)
-        state = load(config).state_dir
+        state = Path(load(config).state_dir)
         hit = []
         for delay in delays[n]:
             proc = Proc("tether-run", [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],

@@ -67,7 +67,7 @@ def test_station_killed_mid_enrollment_leaves_whole_ledger_rows_and_devices_enro
         for device_id, config in zip(ids, configs, strict=True):
             device_rows = [r for r in station_rows(station) if r.device_id == device_id]
             assert len(device_rows) == 1, f"{device_id}: {len(device_rows)} ledger rows"
-            leaf = load_certificates((load(config).certs_dir / "chain.pem").read_bytes())[0]
+            leaf = load_certificates((Path(load(config).certs_dir) / "chain.pem").read_bytes())[0]
             assert format(leaf.serial_number, "x") == device_rows[0].serial
         assert rows >= 1
     print(f"\nFIGURES station-kill-9: kills={ROUNDS}, devices={ROUNDS * DEVICES}, issued before each kill "

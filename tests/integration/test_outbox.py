@@ -46,7 +46,7 @@ def device(tmp_path: Path, pki: Pki, broker: Mosquitto, **outbox: object) -> Pat
 
 
 def wait_socket(config: Path, agent: Agent) -> Path:
-    path = socket_path(load(config))
+    path = Path(socket_path(load(config)))
     wait_until(lambda: agent.proc.check_alive() or path.exists(), 20, f"the publish socket {path}")
     return path
 
@@ -73,7 +73,7 @@ def test_messages_queued_offline_arrive_oldest_first_once_the_broker_is_up(
         counts = subscriber.wait_for(set(numbered(300)), 30, "messages queued while offline")
         assert sum(counts.values()) == 300, "no duplicates without a fault"
         assert subscriber.payloads() == numbered(300), "oldest first"
-        wait_until(lambda: not any(load(config).state_dir.glob("outbox.sqlite")) or _queued(config) == 0, 10,
+        wait_until(lambda: not any(Path(load(config).state_dir).glob("outbox.sqlite")) or _queued(config) == 0, 10,
                    "the outbox to empty once the broker acknowledged everything")
     finally:
         agent.stop()
@@ -82,7 +82,7 @@ def test_messages_queued_offline_arrive_oldest_first_once_the_broker_is_up(
 def _queued(config: Path) -> int:
     import sqlite3
 
-    with sqlite3.connect(load(config).state_dir / "outbox.sqlite") as db:
+    with sqlite3.connect(Path(load(config).state_dir) / "outbox.sqlite") as db:
         return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
 

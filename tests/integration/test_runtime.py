@@ -269,7 +269,7 @@ class InProcess:
         assert not self.thread.is_alive(), "the control loop did not stop"
 
     def status(self) -> dict:
-        path = self.runtime.config.state_dir / "status.json"
+        path = Path(self.runtime.config.state_dir) / "status.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
     def wait_status(self, timeout: float = 20.0, **expected: object) -> dict:

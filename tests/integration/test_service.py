@@ -64,3 +64,38 @@ def test_start_up_path_imports_only_paho_and_the_standard_library(tmp_path: Path
     assert heavy == [], f"the start-up path imported {heavy}"
     unneeded = sorted(imported & set(NOT_AT_START))  # issue 24: what `tether run` never runs before CONNACK
     assert unneeded == [], f"the start-up path imported {unneeded}"
+
+
+# `tether` as pyproject installs it (agent.entry:main), with a collector callback that notes every collection
+# made before start-up froze what it built
+TETHER_WATCHING_GC = r'''
+import gc, sys
+from agent.entry import main
+early = []  # collections from main() on, before start-up froze what it built
+gc.callbacks.append(lambda phase, info: phase == "start" and not gc.get_freeze_count() and early.append(info))
+sys.argv = ["tether", *sys.argv[1:]]
+code = main()
+print(f"collector: enabled {gc.isenabled()}, frozen {gc.get_freeze_count()}, collections during start-up {early}",
+      file=sys.stderr)
+sys.exit(code)
+'''
+
+
+def test_tether_run_starts_without_collections_and_freezes_what_it_built(tmp_path: Path, pki: Pki,
+                                                                          broker: Mosquitto) -> None:
+    # issue 24: start-up makes objects that live as long as the process; collecting over them while they are
+    # made frees nothing, and once frozen no later collection looks at them: the work is gone, not postponed
+    config = provisioned_device(tmp_path, pki, endpoints={"urls": [f"mqtts://localhost:{broker.port}"]},
+                                token={"enabled": False})
+    proc = Proc("tether-run", [sys.executable, "-c", TETHER_WATCHING_GC, "--config", str(config), "run"],
+                tmp_path / "run.log", cwd=REPO)
+    try:
+        wait_until(lambda: "session: connected" in (tmp_path / "run.log").read_text(), 20, "the session")
+        proc.popen.terminate()
+        assert proc.popen.wait(10) == 0
+    finally:
+        proc.stop()
+    line = next(x for x in (tmp_path / "run.log").read_text().splitlines() if x.startswith("collector:"))
+    enabled, frozen, early = re.fullmatch(r"collector: enabled (\w+), frozen (\d+), collections during start-up (.*)",
+                                          line).groups()  # type: ignore[union-attr]
+    assert (enabled, early) == ("True", "[]") and int(frozen) > 10_000, line

@@ -21,7 +21,7 @@ def write(path: Path, text: str) -> Path:
 def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
     cfg = load(write(tmp_path / "t.toml", '[device]\nid = "dev-1"\nstate_dir = "st"\n'))
     assert cfg.device.id == "dev-1"
-    assert cfg.state_dir == tmp_path / "st"  # relative paths resolve against the file
+    assert cfg.state_dir == str(tmp_path / "st")  # relative paths resolve against the file
     assert cfg.keys.backend == "file" and cfg.mqtt.keepalive == 60
     assert cfg.client_id == "dev-1" and cfg.topic_prefix == "dev-1"
 
@@ -153,3 +153,14 @@ def test_the_threshold_parser_accepts_what_its_regular_expression_did(text: str)
         assert threshold == Threshold(share=value / 100)
     else:
         assert threshold == Threshold(before=value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+def test_an_absolute_path_is_kept_as_written_and_a_relative_one_resolved(tmp_path: Path) -> None:
+    # an absolute path is the operator's choice, link and all (a symlink may be switched later on purpose);
+    # a relative one is made absolute against the file's directory, links resolved as before
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cfg = load(write(tmp_path / "link" / "t.toml",
+                     f'[device]\nid = "dev-1"\nstate_dir = "st"\n[identity]\nca_file = "{tmp_path}/link/ca.pem"\n'))
+    assert cfg.identity.ca_file == f"{tmp_path}/link/ca.pem"
+    assert cfg.state_dir == str(tmp_path / "real" / "st")

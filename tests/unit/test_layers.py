@@ -113,9 +113,9 @@ def _within(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
-# agent modules that set things up and are done: the command lines, the composition root, `tether check`
-# (the lab is kept out of agent by rule 1)
-SETUP_ONLY = frozenset({"agent.cli", "agent.ota.cli", "agent.compose", "agent.check"})
+# agent modules that set things up and are done: the command lines (and `tether`'s entry point), the
+# composition root, `tether check` (the lab is kept out of agent by rule 1)
+SETUP_ONLY = frozenset({"agent.entry", "agent.cli", "agent.ota.cli", "agent.compose", "agent.check"})
 COMPOSITION_ROOT = "agent/compose.py"
 
 

@@ -37,7 +37,7 @@ def renewal_for(tmp_path: Path, pki: Pki, port: int, **renewal: object) -> Renew
 def test_a_network_failure_is_retried_after_a_backoff(tmp_path: Path, pki: Pki, closed_port: int) -> None:
     renewal = renewal_for(tmp_path, pki, closed_port)
     renewal._renew()  # the worker's body, run inline: the station is unreachable
-    state = json.loads(renewal.path.read_text())
+    state = json.loads(Path(renewal.path).read_text())
     assert state["state"] == "idle" and "re-enrollment failed" in state["error"]
     assert state["next_try"] == 1000.0 + 0.5 * 30.0  # full jitter of the first ceiling
     assert renewal.fatal is None
@@ -52,7 +52,8 @@ def test_a_fatal_failure_stops_renewal_with_an_error_line(tmp_path: Path, pki: P
     assert "not retrying" in caplog.text
     renewal.tick(10**10)  # long past due: still no new attempt
     assert renewal._worker is None
-    assert json.loads(renewal.path.read_text())["next_try"] == 0  # no retry scheduled (a typed record: always there)
+    # no retry scheduled (a typed record: always there)
+    assert json.loads(Path(renewal.path).read_text())["next_try"] == 0
 
 
 # -- the persisted transition table (agent/renewal_state.py) -------------------------------------------------
@@ -78,6 +79,6 @@ def test_each_renewal_step_is_written_before_it_acts(tmp_path: Path, pki: Pki, c
     renewal._staged("device")
     seen: list[str] = []
     monkeypatch.setattr(renewal, "_finish_promotion",
-                        lambda: seen.append(json.loads(renewal.path.read_text())["state"]))
+                        lambda: seen.append(json.loads(Path(renewal.path).read_text())["state"]))
     renewal.proven()
     assert seen == ["promoting"]

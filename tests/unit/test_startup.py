@@ -8,11 +8,15 @@ The status file, rewritten on every state change, is written atomically but not 
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -21,7 +25,7 @@ from hypothesis import strategies as st
 from agent import cli
 from agent.config import load
 from agent.control import Empty, Inbox
-from agent.ota.component import LazyOta
+from agent.ota import LazyOta
 from agent.ota.machine import StateStore
 from agent.outbox import Outbox
 from agent.state import Record
@@ -36,17 +40,22 @@ NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "a
                 "agent.ota.machine", "agent.ota.cli", "agent.outbox_store", "agent.bearer", "cryptography",
                 "queue", "agent.attest", "hal.keys.tpm_attest", "agent.textfile",
                 "provisioning.tomlfmt", "agent.core.discovery", "argparse", "gettext", "hal.about", "signal",
-                "shlex")
+                "shlex", "json", "json.decoder", "json.encoder")
+# loaded by none of them either, but by the interpreter's own start in this editable-install venv (its
+# path hook), so the child below unloads them first; a device's wheel install does not load them
+NOT_FROM_THE_PROJECT = ("pathlib",)
 
 
 def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Path) -> None:
     config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
     code = ("import sys\n"
+            f"for m in {NOT_FROM_THE_PROJECT!r}:\n"
+            "    sys.modules.pop(m, None)\n"
             "from agent import cli\n"
             "from agent.compose import build\n"
             f"args = cli.service_args(['--config', {str(config)!r}, 'run'])\n"
             f"runtime = build(cli.configmod.load(args.config))\n"
-            f"print(sorted(m for m in {NOT_AT_START!r} if m in sys.modules))\n"
+            f"print(sorted(m for m in {NOT_AT_START + NOT_FROM_THE_PROJECT!r} if m in sys.modules))\n"
             "for c in runtime.components:\n"
             "    c.close()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
@@ -128,7 +137,7 @@ def test_help_and_a_wrong_command_still_list_every_command(capsys: pytest.Captur
 
 def test_lazy_ota_looks_for_the_state_file_the_updater_writes(tmp_path: Path) -> None:
     config = load(write_config(tmp_path / "dev", "dev-001"))
-    assert LazyOta(config, lambda: None).state_file == StateStore(config.state.ota).state_file
+    assert Path(LazyOta(config, lambda: None).state_file) == StateStore(config.state.ota).state_file
 
 
 def test_the_outbox_opens_sqlite_only_with_something_to_queue_or_deliver(tmp_path: Path) -> None:
@@ -142,10 +151,10 @@ def test_the_outbox_opens_sqlite_only_with_something_to_queue_or_deliver(tmp_pat
     outbox = Outbox(config, send, wake=lambda: None)
     assert "empty" in outbox.on_boot()
     outbox.on_session_up()
-    assert outbox.store is None and not config.state.outbox.exists()  # nothing queued: nothing opened
+    assert outbox.store is None and not os.path.exists(config.state.outbox)  # nothing queued: nothing opened
     outbox.on_session_down()
     outbox.publish("telemetry", b"1")
-    assert outbox.store is not None and config.state.outbox.exists()
+    assert outbox.store is not None and os.path.exists(config.state.outbox)
     outbox.close()
 
     again = Outbox(config, send, wake=lambda: None)  # the next boot: the database may hold messages
@@ -163,7 +172,7 @@ def test_the_status_file_is_atomic_but_not_fsynced(tmp_path: Path, monkeypatch: 
     StatusFile(config).update(session="online")
     assert synced == []
     assert Record(config.state.status).load() == {"session": "online", "updated_at": pytest.approx(0, abs=1e10)}
-    assert [p.name for p in config.state_dir.iterdir() if ".tmp-" in p.name] == []
+    assert [name for name in os.listdir(config.state_dir) if ".tmp-" in name] == []
     Record(config.state.last_good).save({"url": "mqtts://x:8883"})  # a durable record: file and directory
     assert len(synced) == 2
 
@@ -227,3 +236,77 @@ def test_the_control_loops_inbox_is_first_in_first_out_and_wakes_on_put() -> Non
         inbox.get(0)
     threading.Thread(target=inbox.put, args=("woken",)).start()
     assert inbox.get(30) == "woken"  # returns on the put, not after the timeout
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=20)
+JSONISH = st.text(alphabet='{}[]",:0123456789.eE+-truefalsnIiyNa \t\n\r\\u\ufeff\x00é', max_size=40)
+
+
+def _outcome(run: Callable[[Any], object], data: Any) -> str:
+    try:
+        return repr(run(data))
+    except (ValueError, RecursionError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.sampled_from([None, 1, 2]), st.booleans())
+def test_the_state_records_json_is_read_as_json_loads_reads_it(value: object, indent: int | None, ascii: bool) -> None:
+    data = json.dumps(value, indent=indent, ensure_ascii=ascii).encode()
+    assert _outcome(storage.parse_json, data) == _outcome(json.loads, data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(JSONISH.map(str.encode) | st.binary(max_size=20))
+def test_what_json_loads_refuses_parse_json_refuses_in_its_words(data: bytes) -> None:
+    # issue 24: `tether run` reads its records with _json's scanner, without importing json; anything
+    # else (torn, not UTF-8, a BOM, trailing data) must end as json.loads ends, message and all
+    assert _outcome(storage.parse_json, data) == _outcome(json.loads, data)
+
+
+@pytest.mark.parametrize("data", [b'{"a": 1} x', b"[1,", b"", b"  ", b'\xef\xbb\xbf{"a": 1}', b"NaN",
+                                  b' {"a" :[1 , 2]}\n'])
+def test_parse_json_on_the_edges_json_loads_has(data: bytes) -> None:
+    assert _outcome(storage.parse_json, data) == _outcome(json.loads, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES | st.dictionaries(st.integers() | st.floats(), JSON_VALUES, max_size=4)
+       | st.dictionaries(st.sampled_from([None, True, False]), st.integers(), max_size=1) | st.floats())
+def test_records_are_written_as_json_dumps_writes_them(value: object) -> None:
+    # issue 24: the status file and every record are written without importing json, byte for byte
+    assert _outcome(storage.dump_json, value) == _outcome(lambda v: json.dumps(v, indent=1, sort_keys=True).encode(),
+                                                          value)
+
+
+@pytest.mark.parametrize("value", [{"a": object()}, {(1, 2): 1}, {1: "a", "b": 2}, [b"bytes"]])
+def test_what_json_dumps_cannot_write_dump_json_refuses_too(value: object) -> None:
+    with pytest.raises(TypeError) as ours:
+        storage.dump_json(value)
+    with pytest.raises(TypeError) as theirs:
+        json.dumps(value, indent=1, sort_keys=True)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_the_tether_command_collects_nothing_while_it_starts_then_collects_as_usual(tmp_path: Path) -> None:
+    # agent.entry (the `tether` script) starts with the collector off; every command turns it back on, with
+    # what start-up built frozen out of its sight (`tether run` once its runtime is built: test_service.py)
+    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+    code = ("import gc, sys\n"
+            "from agent.entry import main\n"
+            "early = []  # collections from main() on, before start-up froze what it built\n"
+            "gc.callbacks.append(lambda phase, _: phase == 'start' and not gc.get_freeze_count() and early.append(1))\n"
+            f"sys.argv = ['tether', '--config', {str(config)!r}, 'status']\n"
+            "assert main() == 0\n"
+            "print(gc.isenabled(), gc.get_freeze_count() > 10_000, early)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.splitlines()[-1] == "True True []"
+
+
+def test_a_caller_that_left_the_collector_on_keeps_it_as_it_was() -> None:
+    # tests, `python -m agent.cli` and the fleet's in-process agents never froze their objects
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    cli.end_of_start()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen

@@ -39,7 +39,7 @@ def test_chain_json_is_rebuilt_after_a_power_cut_between_chain_pem_and_chain_jso
     start = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
     old = pki.device_chain(key, "dev-001", not_before=start, lifetime=dt.timedelta(days=2))
     identity.install_chain(old)
-    certs = identity.config.certs_dir
+    certs = Path(identity.config.certs_dir)
     old_facts = json.loads((certs / "chain.json").read_text())
     renewed = pki.device_chain(key, "dev-001", lifetime=dt.timedelta(days=365))
     identity.certstore.stage(renewed, "dev-001", key)
@@ -67,7 +67,7 @@ def test_chain_json_is_rebuilt_after_a_power_cut_between_chain_pem_and_chain_jso
 
 def test_chain_json_without_a_digest_is_rebuilt(identity: DeviceIdentity, pki: Pki) -> None:
     identity.install_chain(pki.device_chain(identity.keystore.public_key("device"), "dev-001"))
-    certs = identity.config.certs_dir
+    certs = Path(identity.config.certs_dir)
     facts = json.loads((certs / "chain.json").read_text())
     del facts["chain_sha256"]  # written by an older agent
     (certs / "chain.json").write_text(json.dumps(facts))
@@ -102,33 +102,33 @@ def _status(tmp_path: Path) -> tuple[Path, object]:
     from agent.status import read_runtime_status
 
     config = _config(tmp_path)
-    return config.state.status, lambda: read_runtime_status(config) == {}
+    return Path(config.state.status), lambda: read_runtime_status(config) == {}
 
 
 def _boot(tmp_path: Path) -> tuple[Path, object]:
     from agent.boot import BootSequence
 
     config = _config(tmp_path)
-    return config.state.boot, lambda: BootSequence(config).read() == {}
+    return Path(config.state.boot), lambda: BootSequence(config).read() == {}
 
 
 def _discovery_cache(tmp_path: Path) -> tuple[Path, object]:
     from agent.discovery import Discovery
 
     config = _config(tmp_path, discovery={"url": "https://127.0.0.1:8443"})
-    return config.state.discovery_cache, lambda: Discovery(config).cached() == []
+    return Path(config.state.discovery_cache), lambda: Discovery(config).cached() == []
 
 
 def _last_good(tmp_path: Path) -> tuple[Path, object]:
     from agent.discovery import load_last_good
 
     config = _config(tmp_path)
-    return config.state.last_good, lambda: load_last_good(config) is None
+    return Path(config.state.last_good), lambda: load_last_good(config) is None
 
 
 def _renewal(tmp_path: Path) -> tuple[Path, object]:
     config = _config(tmp_path)
-    return config.state.renewal, lambda: Renewal(config, DeviceIdentity(config)).state() == RenewalState()
+    return Path(config.state.renewal), lambda: Renewal(config, DeviceIdentity(config)).state() == RenewalState()
 
 
 def _ota_state(tmp_path: Path) -> tuple[Path, object]:
@@ -263,12 +263,13 @@ def test_a_renewal_record_of_the_previous_release_still_loads(tmp_path: Path) ->
     """Migration: renewal.json as the previous release wrote it (a dict merged and rewritten, version 1 or
     none) is the same record; a staged pair in it is still the one proven."""
     config = _config(tmp_path)
-    config.state.renewal.parent.mkdir(parents=True, exist_ok=True)
-    config.state.renewal.write_text(json.dumps({"state": "staged", "key": "device.next", "error": None,
+    renewal = Path(config.state.renewal)
+    renewal.parent.mkdir(parents=True, exist_ok=True)
+    renewal.write_text(json.dumps({"state": "staged", "key": "device.next", "error": None,
                                                 "next_try": 0, "updated_at": 1765000000}))
     state = Renewal(config, DeviceIdentity(config)).state()
     assert state == RenewalState(state="staged", key="device.next", updated_at=1765000000)
-    config.state.renewal.write_text(json.dumps({"state": "idle", "error": "re-enrollment failed: x",
+    renewal.write_text(json.dumps({"state": "idle", "error": "re-enrollment failed: x",
                                                 "next_try": 1765000900.5, "updated_at": 1765000000, "version": 1}))
     assert Renewal(config, DeviceIdentity(config)).state().next_try == 1765000900.5
 
@@ -276,7 +277,7 @@ def test_a_renewal_record_of_the_previous_release_still_loads(tmp_path: Path) ->
 def test_a_corrupt_chain_json_is_set_aside_and_rebuilt_from_chain_pem(identity: DeviceIdentity, pki: Pki,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     identity.install_chain(pki.device_chain(identity.keystore.public_key("device"), "dev-001"))
-    certs = identity.config.certs_dir
+    certs = Path(identity.config.certs_dir)
     good = json.loads((certs / "chain.json").read_text())
     (certs / "chain.json").write_bytes(b"[1, 2")
     with caplog.at_level(logging.ERROR, logger="tether.storage"):
