@@ -9,6 +9,7 @@ import json
 import sys
 
 from agent.core import defaults
+from agent.core.endpoint_list import order_endpoints, parse_endpoint
 from agent.core.errors import CoreError, ParameterError
 
 CONFIG_FILE = "tether.json"
@@ -123,6 +124,15 @@ def load(path=CONFIG_FILE):
     import net
 
     return config, make_tls_context(net, creds, config["cred_dir"])
+
+
+def endpoints(config, path=CONFIG_FILE):
+    """``config["endpoints"]`` (URLs) as Endpoints in try order; EndpointError naming
+    ``tether.json: endpoints[i]`` for a bad URL. Read here, with the setup modules, so that
+    agent/core/endpoint_list.py is dropped with them before the session's modules are imported:
+    on a ROMFS board that import is the heap's peak."""
+    return order_endpoints([parse_endpoint(u, field="%s: endpoints[%d]" % (path, i))
+                            for i, u in enumerate(config["endpoints"])])
 
 
 def load_config(path=CONFIG_FILE, opener=open):

@@ -1,5 +1,5 @@
-"""Building the board's agent, once: endpoints, topics and client id from the configuration, the
-supervisor, the connector and the session that drives them.
+"""Building the board's agent, once: topics and client id from the configuration, the supervisor
+over the endpoints board_config put in try order, the connector and the session that drives them.
 
 A setup module: tether_main imports it once board_config is gone, calls ``start()`` and then drops
 it whole (tether_main.SETUP_MODULES), so none of its code sits in a small heap while the session
@@ -10,27 +10,20 @@ from session import Session
 
 from agent.core.backoff import Backoff
 from agent.core.connection import Connection
-from agent.core.endpoint_list import order_endpoints, parse_endpoint
 from agent.core.token_schedule import TokenRefresher
 from agent.core.topics import Topics, client_id
 
-CONFIG_FILE = "tether.json"  # board_config.CONFIG_FILE: named in errors, not read here
-
 
 def parse_config(config):
-    """``(endpoints in order, Topics, client id)`` for ``config``; CoreError for a bad endpoint URL,
-    topic prefix or device id."""
-    eps = [parse_endpoint(u, field="%s: endpoints[%d]" % (CONFIG_FILE, i))
-           for i, u in enumerate(config["endpoints"])]
+    """``(Topics, client id)`` for ``config``; CoreError for a bad topic prefix or device id."""
     device = config["device_id"]
-    return (order_endpoints(eps), Topics(config["topic_prefix"].replace("{id}", device)),
-            client_id(device, config["client_id_prefix"]))
+    return Topics(config["topic_prefix"].replace("{id}", device)), client_id(device, config["client_id_prefix"])
 
 
-def build_session(config, connect, clock, wait, rand, on_event):
-    """The supervisor for ``config`` and the Session that drives it over ``connect``; raises
-    CoreError for bad endpoint URLs or topic prefixes."""
-    endpoints, topics, cid = parse_config(config)
+def build_session(config, endpoints, connect, clock, wait, rand, on_event):
+    """The supervisor for ``config`` over ``endpoints`` (board_config.endpoints') and the Session
+    that drives it over ``connect``; raises CoreError for a bad topic prefix or device id."""
+    topics, cid = parse_config(config)
     base, cap = config["backoff_base"], config["backoff_cap"]
     supervisor = Connection(endpoints, Backoff(base, cap), topics, rand,
                             TokenRefresher(Backoff(base, cap), config["token_timeout"]),
@@ -39,14 +32,14 @@ def build_session(config, connect, clock, wait, rand, on_event):
                    connect_timeout=config["connect_timeout"], max_packet=config["max_packet"])
 
 
-def start(config, ctx, clock, wait, rand, console):
-    """The Session for ``config`` (board_config.load's) over TLS context ``ctx``, reporting to
-    ``console`` (a tether_main.Console, which learns heap_report); CoreError for a bad endpoint URL,
-    topic prefix or device id."""
+def start(config, endpoints, ctx, clock, wait, rand, console):
+    """The Session for ``config`` (board_config.load's) and ``endpoints`` (board_config.endpoints')
+    over TLS context ``ctx``, reporting to ``console`` (a tether_main.Console, which learns
+    heap_report); CoreError for a bad topic prefix or device id."""
     # Imported here, not at the top: net needs sockets, which build_session does not (the tests
     # drive it on ports without them).
     import net
 
     console.heap_report = config["heap_report"]
     connect = net.Connector(ctx, config["connect_timeout"])
-    return build_session(config, connect, clock, wait, rand, console.event)
+    return build_session(config, endpoints, connect, clock, wait, rand, console.event)

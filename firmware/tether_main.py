@@ -89,28 +89,29 @@ def _load():
     # Each setup step in a function of its own, so no frame of main() keeps a setup module alive.
     import board_config
 
-    return board_config.load()
+    config, ctx = board_config.load()
+    return config, board_config.endpoints(config), ctx
 
 
-def _build(config, ctx, console):
+def _build(config, endpoints, ctx, console):
     import board_setup
 
-    return board_setup.start(config, ctx, time.time, time.sleep, _rand, console)
+    return board_setup.start(config, endpoints, ctx, time.time, time.sleep, _rand, console)
 
 
 def main():
     """Set up, then step the session forever; returns only on a setup error."""
     console = Console()
     try:
-        config, ctx = _load()
-        drop_setup_modules()  # the file checks go before the supervisor's code comes in
-        session = _build(config, ctx, console)
+        config, endpoints, ctx = _load()
+        drop_setup_modules()  # the file checks and URL parsing go before the supervisor's code comes in
+        session = _build(config, endpoints, ctx, console)
     except (CoreError, OSError, MemoryError) as exc:
         print("tether: cannot start:", exc if not isinstance(exc, MemoryError) else "out of memory while loading")
         return
     finally:
         drop_setup_modules()
-    del config, ctx
+    del config, endpoints, ctx
     while True:
         session.step()
         console.sample()

@@ -269,19 +269,15 @@ class Connection:
         """Start connecting (the supervisor asks discovery first when no endpoint is known)."""
         self._attempt(now, out)
 
-    def _candidate_refused(self, event, now, out):
-        """True when the failure was handled as a refused renewed pair (supervisor only)."""
+    # A board runs the Connection alone, where the hooks do nothing; one function serves the four
+    # that do nothing here (on a ROMFS board each function costs heap even never called).
+    def _no_hook(self, *args):
+        """False: not handled here (the supervisor's ``_candidate_refused`` handles a refused renewed
+        pair, ``_rediscover_after`` asks discovery again; its ``_accepted`` promotes a proven pair
+        when a session is accepted, its ``_round_over`` re-arms re-discovery after a failed round)."""
         return False
 
-    def _rediscover_after(self, event, out):
-        """True when the failure made the machine ask discovery (supervisor only)."""
-        return False
-
-    def _accepted(self, out):
-        """A session was accepted (the supervisor promotes a proven pair here)."""
-
-    def _round_over(self):
-        """A failed round ended (the supervisor may ask discovery again in the next one)."""
+    _candidate_refused = _rediscover_after = _accepted = _round_over = _no_hook
 
     def _connect_action(self):
         """The action that opens the attempt of the current epoch to ``self.endpoint``."""

@@ -16,31 +16,23 @@ MIN_LIFETIME_S = 1
 MAX_LIFETIME_S = 365 * 24 * 3600
 MAX_TIME_S = 1e12  # NumericDate bound (year ~33658): beyond it a claim is nonsense, not a time
 
-_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
 
 def check_b64url(text, field, start=0):
     """TokenError naming ``field`` unless ``text[start:]`` is unpadded base64url that decodes:
     every character in the alphabet and a length that is not 1 more than a multiple of 4 (with the
     padding added, binascii's lenient decoder then accepts it on both runtimes). ``start`` spares
-    the caller a copy of the segment."""
+    the caller a copy of the segment; ``text[:start]`` must be ASCII (base64url already checked)."""
     # The characters are read as the bytes of the text: on MicroPython text[i] interns a
     # one-character string for every distinct character (a token holds about 64 of them), and on a
     # ROMFS board those names overflow the full qstr pool into a new one of 640 entries, 7 KB of
-    # heap on 64-bit. encode() shares the str's data there (no copy); only an ASCII text reads
-    # this way, anything else is refused by the loop below, which names the character.
+    # heap on 64-bit; non-ASCII text would add a name per character, for good. encode() shares the
+    # str's data there (no copy). Every byte before the first one outside the alphabet is ASCII, so
+    # its index is the character's, and the slice naming it is a new str, not a name.
     raw = text.encode("utf-8", "surrogatepass")
-    first = start  # where the loop below starts looking at characters
-    if len(raw) == len(text):
-        first = len(text)
-        for i in range(start, len(raw)):
-            b = raw[i]
-            if not (97 <= b <= 122 or 65 <= b <= 90 or 48 <= b <= 57 or b == 45 or b == 95):
-                first = i  # ASCII: byte i is character i
-                break
-    for i in range(first, len(text)):
-        if text[i] not in _B64URL:
-            raise TokenError(field, "character %s is not base64url" % describe(text[i]))
+    for i in range(start, len(raw)):
+        b = raw[i]
+        if not (97 <= b <= 122 or 65 <= b <= 90 or 48 <= b <= 57 or b == 45 or b == 95):
+            raise TokenError(field, "character %s is not base64url" % describe(text[i:i + 1]))
     if (len(text) - start) % 4 == 1:
         raise TokenError(field, "base64url length %d is impossible" % (len(text) - start))
 

@@ -15,8 +15,7 @@ _NAMES = {"71": ("token",), "515": ("serial", "name", "version", "url")}
 # Refused in every field (issue 22, item 8): C0, DEL and C1 controls (escape sequences that rewrite an
 # operator's terminal, forged log lines) and the marks that reorder or hide text (Trojan Source,
 # CVE-2021-42574): U+061C, U+200E/F, U+2028/9, U+202A..E, U+2066..9. MicroPython has no unicodedata and no
-# str.isprintable, so this is a list; keep the code small, a 96 KB board loads it (tests/firmware).
-_HIDDEN = "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+# str.isprintable, so _hidden() compares code points with this list.
 
 
 def split_lines(payload, max_chars=MAX_LINE_CHARS):
@@ -71,7 +70,7 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
                 if q < 0:
                     raise SmartRestError(where, "unterminated quoted field")
                 chunks.append(line[i:q])
-                if q + 1 < n and line[q + 1] == '"':
+                if line.startswith('"', q + 1):
                     chunks.append('"')
                     i = q + 2
                     continue
@@ -104,16 +103,26 @@ def parse_line(line, max_chars=MAX_LINE_CHARS):
 
 
 def _hidden(value):
-    """The first control or bidi character (see _HIDDEN) in ``value``, or None."""
-    # min/max run in C, so printable ASCII passes at once. They read the bytes: over a str,
-    # MicroPython interns every distinct character as a one-character name, and a token's 64 push
-    # a ROMFS board's full qstr pool into a new one of 640 entries (7 KB on 64-bit). encode()
-    # shares the str's data there; a non-ASCII value is longer in bytes and goes to the loop.
+    """The first control or bidi character (the list above) in ``value``, or None."""
+    # Read as UTF-8 bytes, a character's code point decoded from its bytes: over a str, MicroPython
+    # interns every distinct character it yields as a one-character name, for good, so a field of
+    # non-ASCII text (up to a 16,384-character line per answer) would grow the names without bound.
+    # encode() shares the str's data there; min/max run in C, so printable ASCII passes at once.
     raw = value.encode("utf-8", "surrogatepass")
-    if value and (len(raw) != len(value) or min(raw) < 32 or max(raw) > 126):
-        for ch in value:
-            if ch < " " or "\x7f" <= ch <= "\x9f" or ch in _HIDDEN:
-                return ch
+    if not raw or 31 < min(raw) and max(raw) < 127:
+        return None
+    i = 0
+    while i < len(raw):
+        c = raw[i]
+        k = 1 if c < 0xC0 else 2 if c < 0xE0 else 3 if c < 0xF0 else 4  # a 4-byte character is no mark
+        if k == 2:
+            c = (c & 31) << 6 | raw[i + 1] & 63
+        elif k == 3:
+            c = (c & 15) << 12 | (raw[i + 1] & 63) << 6 | raw[i + 2] & 63
+        if (c < 32 or 127 <= c <= 159 or c == 0x61C or 0x200E <= c <= 0x200F or 0x2028 <= c <= 0x202E
+                or 0x2066 <= c <= 0x2069):
+            return raw[i:i + k].decode("utf-8", "surrogatepass")  # a new str, not a name
+        i += k
     return None
 
 
@@ -125,8 +134,10 @@ def quote(value, always=False):
     # A line break would end the SmartREST message early; flatten it. Any other character parse_line
     # refuses becomes U+FFFD, so every line we send parses back (and sends no escape sequence upstream).
     value = value.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-    if _hidden(value):
-        value = "".join("\ufffd" if _hidden(c) else c for c in value)
+    ch = _hidden(value)
+    while ch:  # one pass per distinct character refused (at most 79 of them)
+        value = value.replace(ch, "\ufffd")
+        ch = _hidden(value)
     if always or "," in value or '"' in value or value != value.strip():
         return '"' + value.replace('"', '""') + '"'
     return value

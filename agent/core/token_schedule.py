@@ -40,10 +40,6 @@ class TokenSchedule:
             # issuer's timeline so it is refreshed (at once if need be), not given a new life.
             self._issued = iat if -max_skew <= self.skew <= max_skew else received_at
 
-    def issued_at(self):
-        """Device time the token counts as issued (``iat`` or, on a skewed clock, receipt)."""
-        return self._issued
-
     def refresh_at(self):
         """Device time at which to ask for the next token: half way through its life."""
         return self._issued + self.lifetime / 2

@@ -24,7 +24,8 @@ def board(connect, clock, on_event, rand=None, **settings):
     config = dict(board_config.DEFAULTS)
     config.update({"device_id": "dev1", "endpoints": ["mqtts://core-b"], "client_id_prefix": "d:"})
     config.update(settings)
-    return board_setup.build_session(config, connect, clock, clock.wait, rand or (lambda: 0.5), on_event)
+    return board_setup.build_session(config, board_config.endpoints(config), connect, clock, clock.wait,
+                                     rand or (lambda: 0.5), on_event)
 
 
 class Cycle:

@@ -44,6 +44,6 @@ def test_seconds_may_be_fractional_but_keepalive_is_whole():
 def test_topic_prefix_id_is_the_device_id():
     import board_setup
 
-    _, topics, client_id = board_setup.parse_config(_load(GOOD))
+    topics, client_id = board_setup.parse_config(_load(GOOD))
     assert topics.downstream == "dev1/s/ds"
     assert client_id == "dev1"

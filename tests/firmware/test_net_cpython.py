@@ -33,7 +33,8 @@ def _context(pki: Pki, device_id: str, cafile: Path) -> ssl.SSLContext:
 def _session(connect, url: str, events: list) -> Session:
     config = {**board_config.DEFAULTS, "device_id": "dev1", "endpoints": [url], "backoff_cap": 2, "token_timeout": 5,
               "keepalive": 30, "connect_timeout": 3}
-    session: Session = board_setup.build_session(config, connect, time.time, time.sleep, lambda: 0.5,
+    session: Session = board_setup.build_session(config, board_config.endpoints(config), connect, time.time,
+                                                 time.sleep, lambda: 0.5,
                                                  lambda name, detail: events.append((name, detail)))
     return session
 

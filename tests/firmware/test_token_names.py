@@ -44,3 +44,49 @@ def test_a_token_answer_interns_no_name_on_a_romfs_board(deployments, tmp_path):
     assert "exp 1700003600" in done.stdout
     before, after = (int(n) for n in re.findall(r"n_qstr=(\d+)", done.stdout))
     assert after == before, f"the token answer interned {after - before} names"
+
+
+# Answers a publisher on the token topic could send, each refused, none with a character the
+# firmware's own names hold: the characters of a field with non-ASCII text (scanned for controls
+# and bidi marks), of a token that is not base64url, and the character after a closing quote.
+# Before the token path read bytes, each distinct character here became a name for good: up to a
+# 16,384-character line per answer, a leak any publisher on the topic could drive.
+FOREIGN = "".join(chr(c) for c in range(0x3b1, 0x3c9)) + "".join(chr(c) for c in range(0x430, 0x44f))
+REFUSED = (
+    "71,ab" + FOREIGN + "\\u202e",                   # non-ASCII field, a bidi mark at its end
+    "71,ab" + FOREIGN + "\\u0085",                   # ... a C1 control at its end
+    "71,ab" + FOREIGN,                               # passes the field check, not base64url
+    "71,eyJhbGciOiJSUzI1NiJ9.e30." + FOREIGN,        # the signature not base64url
+    "71,\"tok\"\\u00e9" + FOREIGN,                   # text after a closing quote
+)
+
+
+def test_refused_non_ascii_answers_intern_no_name_on_a_romfs_board(deployments, tmp_path):
+    deploy = deployments("romfs-64")
+    board = deploy.board_dir(tmp_path / "board", tmp_path, {})
+    (board / "main.py").write_text(
+        "import micropython\n"
+        "from agent.core import jwt, smartrest\n"
+        "from agent.core.errors import CoreError\n"
+        f"FOREIGN = {FOREIGN!r}\n"
+        f"ANSWERS = ({', '.join(repr(a).replace(chr(92) * 2, chr(92)) for a in REFUSED)},)\n"
+        "def refuse(answer):\n"
+        "    try:\n"
+        "        for line in smartrest.split_lines(answer.encode()):\n"
+        "            jwt.decode_claims(smartrest.parse_token(line))\n"
+        "    except CoreError as exc:\n"
+        "        return exc\n"
+        "# one refusal first: an error path's own names (its message's format) are not the answer's\n"
+        "print('warm', refuse('71,ab\\u00e9'))\n"
+        "micropython.qstr_info()\n"
+        "for answer in ANSWERS:\n"
+        "    print('refused', refuse(answer))\n"
+        "micropython.qstr_info()\n")
+    env = {"MICROPYPATH": ".frozen", **deploy.env()}
+    done = subprocess.run(deploy.argv(deploy.heapsize), cwd=board, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    refusals = [line for line in done.stdout.splitlines() if line.startswith("refused ")]
+    assert len(refusals) == len(REFUSED) and "None" not in " ".join(refusals), done.stdout
+    before, after = (int(n) for n in re.findall(r"n_qstr=(\d+)", done.stdout))
+    assert after == before, f"the refused answers interned {after - before} names:\n{done.stdout}"

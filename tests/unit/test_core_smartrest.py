@@ -75,3 +75,26 @@ def test_a_formatted_line_carries_no_control_or_bidi_character_and_parses_back()
 def test_a_control_character_in_a_field_is_refused_naming_the_field():
     with pytest.raises(SmartRestError, match=r"515\.version: control character U\+001B is not allowed in a field"):
         firmware_op.parse_firmware_operation("515,dev1,tether,1.2.0\x1b[2J,https://h/fw")
+
+
+# parse_line's list (issue 22, item 8): C0, DEL and C1 controls, and the bidi and line-separator marks
+REFUSED = {*range(32), *range(127, 160), 0x61C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A)}
+
+
+def test_every_code_point_on_the_list_and_no_other_is_refused():
+    # _hidden reads UTF-8 bytes (on MicroPython a str's characters would each become a name for
+    # good): its 1, 2, 3 and 4-byte decoding against the list, each character alone and after
+    # non-ASCII text, so a wrong width or offset shows
+    for cp in [*range(0x3000), *range(0xD7F0, 0xE010), 0xFFFD, 0xFFFF, 0x10000, 0x1F600, 0x10FFFF]:
+        ch = chr(cp)
+        expected = ch if cp in REFUSED else None
+        assert smartrest._hidden(ch) == expected, hex(cp)
+        assert smartrest._hidden("é\u20ac\U0001f600" + ch + "\x1b") == (expected or "\x1b"), hex(cp)
+
+
+def test_a_bidi_mark_after_non_ascii_text_is_refused_naming_the_field_and_the_first_one():
+    with pytest.raises(SmartRestError, match=r"515\.name: bidirectional or line-separator character U\+202E "
+                                             r"is not allowed in a field"):
+        firmware_op.parse_firmware_operation("515,dev1,pömpé\u202e\x85,1.2.0,https://h/fw")
+    with pytest.raises(SmartRestError, match=r"71\.token: control character U\+0085 is not allowed in a field"):
+        smartrest.parse_token("71,é\x85\u202e")
