@@ -37,7 +37,6 @@ from tests.packaging.nspawnbed import Machine, missing_tools, rootfs
 from tests.pki import TRUST_DOMAIN, key_pem
 
 REPO = Path(__file__).resolve().parents[2]
-CONTROL = REPO / "scripts" / "deb-station" / "control"
 UNIT = "tether-station.service"
 DATA = "/var/lib/tether-station"
 SOFTHSM_CONF = "/etc/tether/softhsm2.conf"
@@ -47,10 +46,12 @@ TOKEN = ("pkcs11:token=factory-ca;object=line1?module-path=/usr/lib/softhsm/libs
 PORTS = "/run/tether-station/ports.json"
 
 
-def package_depends() -> list[str]:
-    """The names in the station package's Depends: (the machine has them before dpkg -i, as apt would)."""
-    line = next(raw for raw in CONTROL.read_text().splitlines() if raw.startswith("Depends:"))
-    return [re.split(r"[\s(]", item.strip(), maxsplit=1)[0] for item in line.partition(":")[2].split(",")]
+def package_depends(deb: Path) -> list[str]:
+    """The names in the built station package's Depends: (the machine has them before dpkg -i, as apt would);
+    read from the package, not the control template, whose placeholders the build fills in."""
+    line = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+    return sorted({re.split(r"[\s(]", item.strip(), maxsplit=1)[0] for item in line.split(",") if item.strip()})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def machine(tmp_path: Path, station_deb: Path) -> Iterator[Machine]:
     if missing := missing_tools():
         pytest.fail(f"missing tools: apt-get install {' '.join(missing)} (scripts/install-deps.sh does)",
                     pytrace=False)
-    lower = rootfs([*package_depends(), "softhsm2"], tmp_path / "debootstrap.log")
+    lower = rootfs([*package_depends(station_deb), "softhsm2"], tmp_path / "debootstrap.log")
     booted = Machine(lower, tmp_path / "machine")
     try:
         booted.boot()
