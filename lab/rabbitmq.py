@@ -47,7 +47,9 @@ PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl", "rabbitmq_auth_backen
 # service publishes every answer on one connection to `<id>/s/dat`, a routing key per device that the
 # connection's own 12-entry permission cache cannot hold, so each answer whose check had expired (a 60 s
 # cache, tokens refreshed every 75 s) waited for an HTTP round trip to the lab, and with 4,000 devices
-# the answers fell behind the requests (issue 26: 1.5 MB of answers unread in the service's socket).
+# the answers fell behind the requests (issue 26: 1.5 MB of answers unread in the service's socket). That
+# was not enough either: the services are now internal users (SERVICE_BACKEND), and the hour is kept for
+# the devices' own questions (a login, a subscription, the topics they publish to).
 AUTH_CACHE_MS = 3_600_000
 STARTED = "Server startup complete"
 # Erlang's schedulers spin for a while before they sleep (busy wait), which is right on a server with
