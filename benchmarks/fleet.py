@@ -248,8 +248,10 @@ class Bed:
             from lab.rabbitmq import RabbitCluster
             from provisioning.station.ca import Station
 
-            self.auth = AuthServer(Decider(services=Station(self.station_dir).settings.reserved)).start()
-            self.cluster = RabbitCluster(root / "rabbitmq", files, f"http://127.0.0.1:{self.auth.port}/auth").start()
+            services = Station(self.station_dir).settings.reserved
+            self.auth = AuthServer(Decider(services=services)).start()
+            self.cluster = RabbitCluster(root / "rabbitmq", files, f"http://127.0.0.1:{self.auth.port}/auth",
+                                         services=services).start()
             self.ports = [n.mqtt_port for n in self.cluster.nodes]
         else:
             self.broker = Mosquitto(root / "broker", files,

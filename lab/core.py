@@ -187,7 +187,8 @@ class Lab:
         self.auth = AuthServer(Decider(services=self.services)).start()
         self.cluster = RabbitCluster(self.dir / "brokers" / "rabbitmq", BrokerFiles(self.ca_chain_file, certfile,
                                                                                     keyfile),
-                                     f"http://127.0.0.1:{self.auth.port}/auth", nodes_wanted=self.settings.brokers)
+                                     f"http://127.0.0.1:{self.auth.port}/auth", nodes_wanted=self.settings.brokers,
+                                     services=self.services)
         try:
             self.cluster.start()
         except BaseException:

@@ -17,6 +17,9 @@ in step with the ledger and breaks for devices enrolled while the broker was dow
 - a device reads and writes only routing keys whose first word is its own id, compared as text, never
   put into a regular expression; services (the reserved ids) may use any device's topics.
 
+The lab's cluster makes the services its nodes' internal users, answered before this backend is asked
+(lab/rabbitmq.py SERVICE_BACKEND), so the service rules here answer only a cluster started without them.
+
 RabbitMQ 3.10 turns MQTT's `/` into the routing key's `.` and a routing key's `.` back into `/`, but
 leaves a `.` in an MQTT topic as it is: `a.b/s/us` becomes `a.b.s.us` and reaches subscribers as
 `a/b/s/us`, under device `a`'s prefix. Device ids with `.` are therefore refused by the station

@@ -10,7 +10,10 @@ cluster's directory and nothing shared with a system RabbitMQ or another test:
 - no AMQP listener; MQTT over TLS only, on a port picked for it.
 
 Devices log in with their certificate (`mqtt.ssl_cert_login`, `ssl_cert_login_from = common_name`);
-who may do what is answered by the lab's `rabbitmq_auth_backend_http` server (lab/rabbitauth.py).
+who may do what is answered by the lab's `rabbitmq_auth_backend_http` server (lab/rabbitauth.py). The
+lab's service identities (the station's reserved ids: token service, OTA jobs, observers) are the
+node's own internal users instead, with no password, so that their checks never leave the node
+(`SERVICE_BACKEND` says why and what that gives up).
 Node 1 starts first; the others join it (`classic_config`) once it runs. A node stopped with `stop` or
 `kill` starts again on its ports with `start_node` and rejoins from its own database.
 """
@@ -20,9 +23,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +47,9 @@ PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl", "rabbitmq_auth_backen
 # service publishes every answer on one connection to `<id>/s/dat`, a routing key per device that the
 # connection's own 12-entry permission cache cannot hold, so each answer whose check had expired (a 60 s
 # cache, tokens refreshed every 75 s) waited for an HTTP round trip to the lab, and with 4,000 devices
-# the answers fell behind the requests (issue 26: 1.5 MB of answers unread in the service's socket).
+# the answers fell behind the requests (issue 26: 1.5 MB of answers unread in the service's socket). That
+# was not enough either: the services are now internal users (SERVICE_BACKEND), and the hour is kept for
+# the devices' own questions (a login, a subscription, the topics they publish to).
 AUTH_CACHE_MS = 3_600_000
 STARTED = "Server startup complete"
 # Erlang's schedulers spin for a while before they sleep (busy wait), which is right on a server with
@@ -64,6 +71,36 @@ HANDSHAKE_TIMEOUT_MS = 60_000
 # session, which capped the cluster at ~3,400 devices (docs/reliability.md). Quorum queues
 # (`mqtt.durable_queue_type`) would need a majority: 2 of 2 nodes, no failover at all.
 DEFINITIONS: dict[str, list[dict[str, str]]] = {"vhosts": [{"name": "/"}]}
+# The service identities are RabbitMQ internal users (`auth_backends.1 = internal`, before the cached HTTP
+# backend), so every check of theirs is answered in the node. The token service publishes every answer
+# on its one connection to `<id>/s/dat`, a routing key per device, and RabbitMQ 3.10's MQTT connection
+# checks each publish's topic permission synchronously: through the HTTP backend each new routing key
+# waited for an HTTP round trip queued behind thousands of devices' login questions, the service's
+# connection fell behind (1.5 MB of answers unread, in `httpc:handle_answer`) and 4,000 devices' tokens
+# expired (docs/reliability.md, issue 26). A device is no internal user: the internal backend refuses
+# it and the next backend (the lab's HTTP rules) authenticates and authorises it, so per-device isolation
+# is unchanged. The internal users have no password (a password login as one is refused: an empty hash
+# matches none, and the HTTP rules refuse every password), may configure, write and read only the
+# exchange and their own session queues, and hold no topic permission, which RabbitMQ reads as every
+# routing key. What they give up: the HTTP rule that a service's MQTT client id is its own id or
+# `<id>-suffix` (asked at the vhost question, which the internal backend answers for the vhost alone),
+# so a holder of a service's key could connect with a device's client id and close that device's
+# connection, where it can already publish into every device's topics (docs/device.md, Brokers).
+SERVICE_BACKEND = "internal"
+
+
+def service_definitions(services: Collection[str], vhost: str = "/",
+                        exchange: str = "amq.topic") -> dict[str, list[dict[str, str]]]:
+    """The definitions a node loads at boot: the vhost, and each service identity as an internal user
+    without a password whose permissions cover the exchange and its own session queues
+    (`mqtt-subscription-<id>[-suffix]qos0|1`, as lab/rabbitauth.py allows through HTTP)."""
+    users, permissions = [], []
+    for name in sorted(services):
+        own = f"^({re.escape(exchange)}|mqtt-subscription-{re.escape(name)}(-.+)?qos[01])$"
+        users.append({"name": name, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256",
+                      "tags": ""})
+        permissions.append({"user": name, "vhost": vhost, "configure": own, "write": own, "read": own})
+    return {**DEFINITIONS, "users": users, "permissions": permissions}
 
 
 def require_rabbitmq() -> None:
@@ -92,12 +129,14 @@ class RabbitNode:
 @dataclass
 class RabbitCluster:
     """`nodes` RabbitMQ nodes in one cluster. `auth_url(question)` gives the HTTP auth backend's URL for
-    one of `user`, `vhost`, `resource`, `topic`."""
+    one of `user`, `vhost`, `resource`, `topic`; `services` become the nodes' internal users
+    (`SERVICE_BACKEND`)."""
 
     directory: Path
     files: BrokerFiles
     auth_base: str                     # http://127.0.0.1:PORT/auth
     nodes_wanted: int = 2
+    services: Collection[str] = ()
     start_timeout: float = 180.0       # a node boots in ~10 s alone, ~30 s on a busy 2-core machine
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     nodes: list[RabbitNode] = field(default_factory=list)
@@ -153,7 +192,8 @@ class RabbitCluster:
             "mqtt.tcp_listen_options.buffer = 16384",
             f"ssl_handshake_timeout = {HANDSHAKE_TIMEOUT_MS}",
             "collect_statistics_interval = 60000",
-            "auth_backends.1 = cache",
+            *([f"auth_backends.1 = {SERVICE_BACKEND}", "auth_backends.2 = cache"] if self.services
+              else ["auth_backends.1 = cache"]),
             "auth_cache.cached_backend = http",
             f"auth_cache.cache_ttl = {AUTH_CACHE_MS}",
             "auth_http.http_method = post",
@@ -212,7 +252,7 @@ class RabbitCluster:
         node.directory.mkdir(parents=True, exist_ok=True)
         (node.directory / "rabbitmq.conf").write_text(self.config_text(node))
         (node.directory / "advanced.config").write_text("[].\n")
-        (node.directory / "definitions.json").write_text(json.dumps(DEFINITIONS, indent=2))
+        (node.directory / "definitions.json").write_text(json.dumps(service_definitions(self.services), indent=2))
         (node.directory / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
         node.proc = Proc(node.name, [RABBITMQ_SERVER], node.directory / "node.log",
                          env={**os.environ, **self.env(node)})

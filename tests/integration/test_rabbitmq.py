@@ -114,6 +114,50 @@ def test_a_device_enrolls_connects_with_its_certificate_and_gets_a_token(lab: La
     assert not lab.auth.denied("topic", "rmq-dev-a") and not lab.auth.denied("user", "rmq-dev-a")
 
 
+def test_the_service_identities_are_checked_in_the_node_and_never_over_http(lab: Lab, device: Agent) -> None:
+    """The service identities are the nodes' internal users (lab/rabbitmq.py SERVICE_BACKEND): the token
+    service's login, its subscription and every answer it published to a device's `s/dat` (a topic check
+    per routing key) were answered in the node, none by the lab's HTTP server, which a 4,000-device storm
+    kept busy (issue 26); the device's own questions still go there."""
+    probe = connect(lab, "tether-ota-service", node=1, client_id="tether-ota-service-probe")
+    try:
+        assert not refused(probe), probe.connack
+        probe.client.subscribe("rmq-dev-a/s/#", 0)
+        wait_until(lambda: probe.suback, 30, "SUBACK for the OTA service")
+        probe.client.publish("rmq-dev-a/s/ds", b"511,probe", qos=1).wait_for_publish(30)
+        wait_until(lambda: probe.messages, 30, "the OTA service's own publish back")
+    finally:
+        probe.stop()
+    assert probe.suback[0][0].value == 0 and probe.messages == [("rmq-dev-a/s/ds", b"511,probe")]
+    assert lab.tokens.requests_from("rmq-dev-a")
+    asked = {(q, fields.get("username")) for q, fields, _ in lab.auth.answers}
+    assert {(q, u) for q, u in asked if u in lab.services} == set()
+    assert ("topic", "rmq-dev-a") in asked and ("user", "rmq-dev-a") in asked
+
+
+def test_a_service_identity_declares_only_its_own_session_queue(lab: Lab) -> None:
+    """The internal users' permissions (lab/rabbitmq.py service_definitions) cover the exchange and the
+    service's own `mqtt-subscription-<id>[-suffix]` queues: a subscription under another client id is
+    refused (RabbitMQ closes the connection) and no queue of that name is made."""
+    squatter = connect(lab, "tether-ota-service", node=0, client_id="rmq-nobody")
+    try:
+        squatter.client.subscribe("rmq-nobody/s/#", 0)
+        wait_until(squatter.disconnected.is_set, 30, "the broker to close the squatter's connection")
+    finally:
+        squatter.stop()
+    assert not squatter.suback or squatter.suback[0][0].is_failure, squatter.suback
+    assert not [name for name in lab.cluster.queues(0) if "rmq-nobody" in name]
+
+
+def test_a_password_login_as_a_service_identity_is_refused(lab: Lab) -> None:
+    """The internal users have no password: a CONNECT naming a service with any password is refused."""
+    for password in ("x", ""):
+        impostor = connect(lab, "rmq-dev-b", client_id="tether-token-service-x", username="tether-token-service",
+                           password=password)
+        impostor.stop()
+        assert refused(impostor), (password, impostor.connack)
+
+
 def test_another_device_subscribed_first_cannot_read_a_token_issued_after(lab: Lab) -> None:
     """Each subscription outside its own topics is refused (RabbitMQ then closes the connection), so
     nothing of the victim's token reaches the thief."""
