@@ -290,14 +290,14 @@ def handshake_floor(directory: Path) -> Iterator[Callable[[float], float]]:
         return cpu * 1000 / connections
 
     try:
-        wait_until(lambda: _connects(port), 10, "openssl s_server listening")
+        wait_until(lambda: connects(port), 10, "openssl s_server listening")
         yield measure
     finally:
         server.kill()
         server.wait()
 
 
-def _connects(port: int) -> bool:
+def connects(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True

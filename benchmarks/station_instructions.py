@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import callgrind  # noqa: E402  (benchmarks/callgrind.py)
-from enroll_rate import TRUST_DOMAIN, prepare  # noqa: E402  (benchmarks/enroll_rate.py)
+from enroll_rate import TRUST_DOMAIN, connects, prepare  # noqa: E402  (benchmarks/enroll_rate.py)
 from station_phases import ORDER  # noqa: E402  (benchmarks/station_phases.py)
 
 from lab.procs import Proc, read_port_file, wait_until  # noqa: E402
@@ -70,40 +70,34 @@ def enroll(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]]) -> int:
     return failed
 
 
-def station_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path) -> callgrind.Profile:
-    """One `serve --workers 1` under callgrind, enrolling `jobs`, stopped with SIGTERM."""
+def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrapper: list[str], label: str) -> None:
+    """One `serve --workers 1` under `wrapper` (valgrind or strace), enrolling `jobs`, stopped with SIGTERM
+    (both tools write their output on the way out)."""
     port_file = directory / "ports.json"
     port_file.unlink(missing_ok=True)
-    argv = [*callgrind.valgrind_argv(out), sys.executable, "-m", "provisioning.station.cli", "serve",
+    argv = [*wrapper, sys.executable, "-m", "provisioning.station.cli", "serve",
             "--dir", str(directory), "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", "1",
             "--log-level", "warning", "--handshake-cpu", "0"]
-    proc = Proc("tether-station (callgrind)", argv, directory / "serve.log", cwd=REPO)
+    proc = Proc(f"tether-station ({label})", argv, directory / "serve.log", cwd=REPO)
     try:
         port = read_port_file(port_file, proc, timeout=SLOW)["est"]
         failed = enroll(port, str(directory / "ca.pem"), jobs)
     finally:
         proc.stop(timeout=SLOW)
     if failed:
-        raise SystemExit(f"{failed} of {len(jobs)} enrollments failed; see {directory / 'serve.log'}")
+        raise SystemExit(f"{failed} of {len(jobs)} enrollments failed ({label}); see {directory / 'serve.log'}")
+
+
+def station_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path) -> callgrind.Profile:
+    """The station's instructions for `jobs`, under callgrind."""
+    serve_and_enroll(directory, jobs, callgrind.valgrind_argv(out), "callgrind")
     return callgrind.Profile.read(out)
 
 
 def syscall_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path) -> dict[str, int]:
-    """One `serve --workers 1` under `strace -f -c` enrolling `jobs`: system calls by name (the kernel's
-    share of the CPU, which callgrind does not count)."""
-    port_file = directory / "ports.json"
-    port_file.unlink(missing_ok=True)
-    argv = ["strace", "-f", "-c", "-o", str(out), sys.executable, "-m", "provisioning.station.cli", "serve",
-            "--dir", str(directory), "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", "1",
-            "--log-level", "warning", "--handshake-cpu", "0"]
-    proc = Proc("tether-station (strace)", argv, directory / "serve.log", cwd=REPO)
-    try:
-        port = read_port_file(port_file, proc, timeout=SLOW)["est"]
-        failed = enroll(port, str(directory / "ca.pem"), jobs)
-    finally:
-        proc.stop(timeout=SLOW)
-    if failed:
-        raise SystemExit(f"{failed} of {len(jobs)} enrollments failed (strace); see {directory / 'serve.log'}")
+    """The station's system calls for `jobs` by name, under `strace -f -c` (the kernel's share of the CPU,
+    which callgrind does not count)."""
+    serve_and_enroll(directory, jobs, ["strace", "-f", "-c", "-o", str(out)], "strace")
     calls: dict[str, int] = {}
     for line in out.read_text().splitlines():  # % time, seconds, usecs/call, calls, [errors], syscall
         parts = line.split()
@@ -132,20 +126,12 @@ def floor_run(directory: Path, count: int, out: Path) -> callgrind.Profile:
                                "-www", "-quiet", "-num_tickets", "0", "-no_cache", "-groups", "X25519:P-256:P-384"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _connects(port), SLOW, "openssl s_server listening (callgrind)", interval=0.5)
+        wait_until(lambda: connects(port), SLOW, "openssl s_server listening (callgrind)", interval=0.5)
         handshakes(port, str(directory / "ca.pem"), count)
     finally:
         server.terminate()  # valgrind writes its output on the signal's way out
         server.wait(SLOW)
     return callgrind.Profile.read(out)
-
-
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def ecdsa_run(out: Path) -> tuple[float, float]:

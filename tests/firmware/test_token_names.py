@@ -21,13 +21,25 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def test_a_token_answer_interns_no_name_on_a_romfs_board(deployments, tmp_path):
+def run_on_romfs(deployments, tmp_path, program):
+    """Run `program` as main.py on the ROMFS 64-bit build (the modules read from the image); (stdout, the
+    interned-name counts of its two `micropython.qstr_info()` calls)."""
     deploy = deployments("romfs-64")
+    board = deploy.board_dir(tmp_path / "board", tmp_path, {})
+    (board / "main.py").write_text(program)
+    env = {"MICROPYPATH": ".frozen", **deploy.env()}
+    done = subprocess.run(deploy.argv(deploy.heapsize), cwd=board, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    before, after = (int(n) for n in re.findall(r"n_qstr=(\d+)", done.stdout))
+    return done.stdout, before, after
+
+
+def test_a_token_answer_interns_no_name_on_a_romfs_board(deployments, tmp_path):
     token = ".".join((b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()),
                       b64url(json.dumps({"iat": 1700000000, "exp": 1700003600, "sub": "dev1"}).encode()),
                       ALPHABET * 5 + "AA"))
-    board = deploy.board_dir(tmp_path / "board", tmp_path, {})
-    (board / "main.py").write_text(
+    out, before, after = run_on_romfs(deployments, tmp_path, (
         "import micropython\n"
         "from agent.core import jwt, smartrest\n"
         f"LINE = '71,{token}'\n"
@@ -35,14 +47,9 @@ def test_a_token_answer_interns_no_name_on_a_romfs_board(deployments, tmp_path):
         "micropython.qstr_info()\n"
         "claims = jwt.decode_claims(smartrest.parse_token(LINE))\n"
         "micropython.qstr_info()\n"
-        "print('exp', claims['exp'])\n")
-    env = {"MICROPYPATH": ".frozen", **deploy.env()}
-    done = subprocess.run(deploy.argv(deploy.heapsize), cwd=board, env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.startswith("/rom/agent/core/smartrest.mpy"), done.stdout
-    assert "exp 1700003600" in done.stdout
-    before, after = (int(n) for n in re.findall(r"n_qstr=(\d+)", done.stdout))
+        "print('exp', claims['exp'])\n"))
+    assert out.startswith("/rom/agent/core/smartrest.mpy"), out
+    assert "exp 1700003600" in out
     assert after == before, f"the token answer interned {after - before} names"
 
 
@@ -62,9 +69,7 @@ REFUSED = (
 
 
 def test_refused_non_ascii_answers_intern_no_name_on_a_romfs_board(deployments, tmp_path):
-    deploy = deployments("romfs-64")
-    board = deploy.board_dir(tmp_path / "board", tmp_path, {})
-    (board / "main.py").write_text(
+    out, before, after = run_on_romfs(deployments, tmp_path, (
         "import micropython\n"
         "from agent.core import jwt, smartrest\n"
         "from agent.core.errors import CoreError\n"
@@ -81,12 +86,7 @@ def test_refused_non_ascii_answers_intern_no_name_on_a_romfs_board(deployments, 
         "micropython.qstr_info()\n"
         "for answer in ANSWERS:\n"
         "    print('refused', refuse(answer))\n"
-        "micropython.qstr_info()\n")
-    env = {"MICROPYPATH": ".frozen", **deploy.env()}
-    done = subprocess.run(deploy.argv(deploy.heapsize), cwd=board, env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    refusals = [line for line in done.stdout.splitlines() if line.startswith("refused ")]
-    assert len(refusals) == len(REFUSED) and "None" not in " ".join(refusals), done.stdout
-    before, after = (int(n) for n in re.findall(r"n_qstr=(\d+)", done.stdout))
-    assert after == before, f"the refused answers interned {after - before} names:\n{done.stdout}"
+        "micropython.qstr_info()\n"))
+    refusals = [line for line in out.splitlines() if line.startswith("refused ")]
+    assert len(refusals) == len(REFUSED) and "None" not in " ".join(refusals), out
+    assert after == before, f"the refused answers interned {after - before} names:\n{out}"
