@@ -122,12 +122,13 @@ def load_csr(data: bytes, where: str = "CSR") -> x509.CertificateSigningRequest:
 
 def read_csr(data: bytes, where: str = "CSR") -> ReadCsr:
     """`load_csr`, with its subject and key decoded once for everyone who reads them (`ReadCsr`)."""
-    read = ReadCsr.of(_parse_csr(data, where))
-    try:
-        read.subject.rfc4514_string()  # as _names_readable: an unreadable name fails here, not later
+    csr = _parse_csr(data, where)
+    try:  # as _names_readable: `.subject` itself decodes the name, so an unreadable one fails here, not later
+        subject = csr.subject
+        subject.rfc4514_string()
     except (ValueError, KeyError, TypeError) as exc:
         raise PemError(f"{where}: unreadable subject or issuer name ({type(exc).__name__}: {exc})") from None
-    return read
+    return ReadCsr.of(csr, subject)
 
 
 # what `cryptography` raises for a key it cannot read: off-curve point, unknown algorithm OID
@@ -135,8 +136,10 @@ UNREADABLE_KEY = (ValueError, TypeError, UnsupportedAlgorithm)
 
 _ECDSA = frozenset({x509.SignatureAlgorithmOID.ECDSA_WITH_SHA224, x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256,
                     x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384, x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512})
-# a P-256 SubjectPublicKeyInfo as `cryptography` writes one (named curve, uncompressed point), up to the point
-_P256_SPKI_HEAD = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
+# a P-256 SubjectPublicKeyInfo as `cryptography` writes one (named curve, uncompressed point), up to the
+# point's coordinates: the 04 is part of it, so a hybrid point (06/07, which RFC 5480 forbids and many
+# verifiers refuse, but OpenSSL reads) is encoded again rather than copied into a certificate
+_P256_SPKI_HEAD = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004")
 
 
 class ReadCsr:
@@ -152,11 +155,14 @@ class ReadCsr:
         self.csr, self.subject, self.key, self.key_error = csr, subject, key, key_error
 
     @classmethod
-    def of(cls, csr: x509.CertificateSigningRequest) -> ReadCsr:
+    def of(cls, csr: x509.CertificateSigningRequest, subject: x509.Name | None = None) -> ReadCsr:
+        """`subject` when the caller already decoded it (`read_csr`); an unreadable name raises as
+        `csr.subject` does."""
+        subject = csr.subject if subject is None else subject
         try:
-            return cls(csr, csr.subject, csr.public_key(), None)
+            return cls(csr, subject, csr.public_key(), None)
         except UNREADABLE_KEY as exc:
-            return cls(csr, csr.subject, None, exc)
+            return cls(csr, subject, None, exc)
 
     def signature_valid(self) -> bool:
         """`csr.is_signature_valid`, verified with the key already loaded when it is an ECDSA signature

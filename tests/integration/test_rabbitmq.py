@@ -158,6 +158,15 @@ def test_a_password_login_as_a_service_identity_is_refused(lab: Lab) -> None:
         assert refused(impostor), (password, impostor.connack)
 
 
+
+def test_rabbitmqs_default_guest_user_does_not_exist_so_guest_guest_is_refused(lab: Lab) -> None:
+    """The internal backend answers first and the plugin prefers CONNECT's user name and password to the
+    certificate: a `guest` user (RabbitMQ's default, `.*` on everything) would let any certificate holder
+    read every device's topics. The nodes load the lab's definitions at boot and create no default user."""
+    impostor = connect(lab, "rmq-dev-b", client_id="rmq-dev-b", username="guest", password="guest")
+    impostor.stop()
+    assert refused(impostor), impostor.connack
+
 def test_another_device_subscribed_first_cannot_read_a_token_issued_after(lab: Lab) -> None:
     """Each subscription outside its own topics is refused (RabbitMQ then closes the connection), so
     nothing of the victim's token reaches the thief."""

@@ -16,7 +16,7 @@ from provisioning import authority, der
 from provisioning.authority import DeviceTemplate, Issued, Issuer
 from provisioning.certs import read_csr
 from provisioning.csr import build_csr
-from provisioning.errors import PolicyError
+from provisioning.errors import PemError, PolicyError
 from provisioning.policy import ChainPolicy
 
 SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -30,9 +30,20 @@ def compressed_point_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> byt
     """A valid, correctly signed CSR whose P-256 key is a compressed point (RFC 5480 2.2 allows it),
     which is not how `cryptography` writes a key: written by hand."""
     point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    return hand_csr(key, point, x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)]).public_bytes())
+
+
+def hybrid_point(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The key's point in the hybrid form (X9.62: 06 or 07 by y's parity, then x and y), which RFC 5480
+    forbids in certificates and OpenSSL still reads."""
+    numbers = key.public_key().public_numbers()
+    return bytes([6 | (numbers.y & 1)]) + numbers.x.to_bytes(32, "big") + numbers.y.to_bytes(32, "big")
+
+
+def hand_csr(key: ec.EllipticCurvePrivateKey, point: bytes, subject: bytes) -> bytes:
+    """A CSR written by hand around `point` and the DER `subject`, correctly signed by `key`."""
     spki = der.tlv(der.SEQUENCE, der.tlv(der.SEQUENCE, _oid("2a8648ce3d0201") + _oid("2a8648ce3d030107"))
                    + der.tlv(der.BIT_STRING, b"\x00" + point))
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)]).public_bytes()
     info = der.tlv(der.SEQUENCE, bytes.fromhex("020100") + subject + spki + b"\xa0\x00")
     signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
     return der.tlv(der.SEQUENCE, info + der.tlv(der.SEQUENCE, _oid("2a8648ce3d040302"))
@@ -106,3 +117,23 @@ def test_the_subject_reported_for_an_id_with_characters_rfc4514_escapes_is_escap
     template = DeviceTemplate(issuer, "test.tether")
     issued = template.issue(ec.generate_private_key(ec.SECP256R1()).public_key(), "dev+1,x")
     assert issued.subject == Issued.of(x509.load_der_x509_certificate(issued.der)).subject == "CN=dev\\+1\\,x"
+
+
+def test_a_hybrid_point_is_encoded_again_not_copied_into_the_certificate() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "dev-hybrid")]).public_bytes()
+    read = read_csr(hand_csr(key, hybrid_point(key), subject))
+    assert read.signature_valid()  # OpenSSL reads the hybrid point and the CSR is genuine ...
+    assert read.spki() is None  # ... but its bytes are not what a certificate may carry: the signer encodes the key
+    assert read.key.public_bytes(*SPKI) == key.public_key().public_bytes(*SPKI)
+
+
+def test_a_subject_that_cannot_be_decoded_is_a_pem_error_naming_it() -> None:
+    """`cryptography` decodes a name at `.subject`: a CN tagged INTEGER must be a refusal (PemError, a 400
+    at the station), not a TypeError out of the request (a 500)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    cn_as_integer = der.tlv(der.SEQUENCE, der.tlv(der.SET, der.tlv(der.SEQUENCE,
+                                                                   _oid("550403") + bytes.fromhex("020105"))))
+    with pytest.raises(PemError, match="unreadable subject"):
+        read_csr(hand_csr(key, point, cn_as_integer))
