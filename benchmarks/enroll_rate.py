@@ -5,6 +5,16 @@
     python benchmarks/enroll_rate.py --console   # the operators' console served, its live page open
     python benchmarks/enroll_rate.py --hsm       # the CA key in a SoftHSM2 token (PKCS#11), no openssl baseline
     python benchmarks/enroll_rate.py --server asyncio   # the asyncio prototype (benchmarks/asyncio_station.py)
+    python benchmarks/enroll_rate.py --server loop,bare,bare-ledger   # the station beside the Python floor
+
+`--server` takes a comma-separated list; every server named is started, and each round enrolls the
+same devices through each of them, one after another in the round's order:
+- `loop`: `tether-station serve` (the product); `asyncio`: the asyncio prototype (asyncio_station.py);
+- `bare`: the cheapest station Python can be (python_floor.py): the station's TLS context, worker
+  processes and certificate template; accept, handshake, read, verify the CSR, sign, answer, close,
+  and nothing else; `bare-ledger`: the same plus one fsync'd SQLite insert per enrollment. What
+  `bare` costs is what any station written in Python pays; `bare-ledger` less `bare` is the durable
+  ledger's floor; the station less `bare-ledger` is ours (HTTP, policy, the loop, the ledger's SQL).
 
 What is timed:
 - station: each device opens a NEW TLS connection, POSTs its CSR to /simpleenroll with HTTP Basic
@@ -67,6 +77,10 @@ from provisioning.station.ca import SETTINGS, Settings, Station, init_station  #
 from provisioning.station.otp import new_otp, otp_hash  # noqa: E402
 
 TRUST_DOMAIN = "bench.tether"
+SERVERS = ("loop", "asyncio", "bare", "bare-ledger")
+FLOORS = ("bare", "bare-ledger")  # python_floor.py: no OTPs, no ledger rows of the station's
+LABELS = {"loop": "tether-station EST/HTTPS", "asyncio": "asyncio prototype", "bare": "Python floor",
+          "bare-ledger": "Python floor + ledger"}
 EXTENSIONS = """\
 basicConstraints = critical, CA:false
 keyUsage = critical, digitalSignature
@@ -134,7 +148,8 @@ def live_page(port: int, ca_file: str, operator: Path, stop: Any) -> None:
 
 @contextlib.contextmanager
 def serving(directory: Path, workers: int, stations: int = 1, db: str | None = None,
-            console: bool = False, server: str = "loop") -> Iterator[tuple[list[int], list[Proc]]]:
+            console: bool = False, server: str = "loop", ledger_sync: str = "full",
+            ) -> Iterator[tuple[list[int], list[Proc]]]:
     """Run the station processes (and the console's live page) for the whole benchmark: (EST ports, procs)."""
     procs_: list[Proc] = []
     ports: list[int] = []
@@ -143,7 +158,7 @@ def serving(directory: Path, workers: int, stations: int = 1, db: str | None = N
     live = None
     try:
         for n in range(stations):
-            port_file = directory / f"serve-{n}.ports.json"
+            port_file = directory / f"serve-{server}-{n}.ports.json"
             port_file.unlink(missing_ok=True)
             argv = [sys.executable, "-m", "provisioning.station.cli", "serve", "--dir", str(directory),
                     "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", str(workers),
@@ -153,11 +168,15 @@ def serving(directory: Path, workers: int, stations: int = 1, db: str | None = N
             if server == "asyncio":  # the measuring prototype on asyncio.start_server (issue 23 item 5)
                 argv = [sys.executable, str(REPO / "benchmarks" / "asyncio_station.py"), "--dir", str(directory),
                         "--port-file", str(port_file), "--workers", str(workers)]
+            if server in FLOORS:  # the cheapest Python station, with or without its durable insert
+                argv = [sys.executable, str(REPO / "benchmarks" / "python_floor.py"), "--dir", str(directory),
+                        "--port-file", str(port_file), "--workers", str(workers), "--sync", ledger_sync]
+                argv += ["--ledger"] if server == "bare-ledger" else []
             if db:
                 argv += ["--db", db]
             if console and n == 0:
                 argv += ["--console", "127.0.0.1:0"]
-            procs_.append(Proc("tether-station", argv, directory / f"serve-{n}.log", cwd=REPO))
+            procs_.append(Proc(f"tether-station ({server})", argv, directory / f"serve-{server}-{n}.log", cwd=REPO))
             bound = read_port_file(port_file, procs_[-1])
             ports.append(bound["est"])
             console_port = bound.get("console", console_port)
@@ -324,10 +343,20 @@ def main() -> int:
     parser.add_argument("--db", help="ledger URL shared by the stations (postgresql://...); default: SQLite")
     parser.add_argument("--console", action="store_true", help="serve the console too, with its live page open")
     parser.add_argument("--hsm", action="store_true", help="the CA keys in a SoftHSM2 token (PKCS#11)")
-    parser.add_argument("--server", choices=("loop", "asyncio"), default="loop",
-                        help="loop: tether-station serve; asyncio: the asyncio.start_server prototype "
-                        "(asyncio_station.py)")
+    parser.add_argument("--server", default="loop",
+                        help="comma-separated, measured side by side in every round: loop (tether-station serve), "
+                        "asyncio (the asyncio.start_server prototype, asyncio_station.py), bare (the cheapest "
+                        "Python station, python_floor.py), bare-ledger (bare plus one fsync'd SQLite insert)")
     args = parser.parse_args()
+    servers = list(dict.fromkeys(x.strip() for x in args.server.split(",") if x.strip()))
+    unknown = [x for x in servers if x not in SERVERS]
+    if unknown or not servers:
+        parser.error(f"--server {args.server!r}: expected a comma-separated list of {', '.join(SERVERS)}")
+    if (args.stations > 1 or args.db or args.console or args.hsm) and any(x in FLOORS for x in servers):
+        parser.error("--server bare/bare-ledger: not with --stations, --db, --console or --hsm (a floor has none)")
+    # every server that keeps the station's ledger consumes its own devices' passwords; the floors
+    # enroll the devices of the first of them (or their own) again
+    real = [x for x in servers if x not in FLOORS] or servers[:1]
     signal.signal(signal.SIGINT, signal.default_int_handler)
     directory = Path(tempfile.mkdtemp(prefix="enroll-rate-"))
     try:
@@ -342,7 +371,10 @@ def main() -> int:
         settings_file = directory / "station" / SETTINGS
         settings_file.write_bytes(dataclasses.replace(Settings.read(settings_file),
                                                       ledger_sync=args.ledger_sync).render())
-        devices = prepare(directory / "station", args.devices, args.db)
+        all_devices = prepare(directory / "station", args.devices * len(real), args.db)
+        mine = {name: all_devices[n * args.devices:(n + 1) * args.devices] for n, name in enumerate(real)}
+        devices_of = {name: mine.get(name, all_devices[: args.devices]) for name in servers}
+        devices = [d for name in real if name not in FLOORS for d in mine[name]]
         if args.console:
             from provisioning.station.console.operators import add_operator
             from provisioning.station.console.store import ConsoleStore
@@ -354,22 +386,24 @@ def main() -> int:
             ledger.close()
         rounds = max(1, args.rounds)
         signed: list[dict[str, Any]] = []
-        enrolled: list[dict[str, Any]] = []
+        enrolled: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         load_before = os.getloadavg()[0]
         handshakes: list[float] = []
-        with serving(directory / "station", args.workers, args.stations, args.db, args.console,
-                     args.server) as (ports, procs), \
-                handshake_floor(directory / "station") as floor_handshake:
-            # interleaved: a round of the station, a round of the baseline and a second of the TLS floor,
-            # the order alternating, so all meet the same load; every device is enrolled once
+        with contextlib.ExitStack() as stack:
+            running = {name: stack.enter_context(serving(directory / "station", args.workers, args.stations, args.db,
+                                                         args.console, name, args.ledger_sync))
+                       for name in servers}
+            floor_handshake = stack.enter_context(handshake_floor(directory / "station"))
+            # interleaved: a round of each server, a round of the baseline and a second of the TLS floor,
+            # the order alternating, so all meet the same load; every device is enrolled once per server
             for i in range(rounds):
-                sides = [lambda i=i: enrolled.append(enroll_batch(directory / "station", ports, procs,
-                                                                  devices[i::rounds], args.clients)),
-                         lambda i=i: signed.append(openssl_batch(directory / "station",
-                                                                 devices[: args.baseline][i::rounds])),
-                         lambda: handshakes.append(floor_handshake(1.0))]
-                if args.hsm:  # no issuing.key for openssl to sign with
-                    sides = sides[::2]
+                sides = [lambda i=i, name=name: enrolled[name].append(enroll_batch(
+                    directory / "station", *running[name], devices_of[name][i::rounds], args.clients))
+                    for name in servers]
+                if not args.hsm:  # no issuing.key for openssl to sign with
+                    sides.append(lambda i=i: signed.append(openssl_batch(directory / "station",
+                                                                         all_devices[: args.baseline][i::rounds])))
+                sides.append(lambda: handshakes.append(floor_handshake(1.0)))
                 for side in sides if i % 2 == 0 else sides[::-1]:
                     side()
         load_after = os.getloadavg()[0]
@@ -390,37 +424,46 @@ def main() -> int:
         return "/".join(format(v * scale, fmt) for v in (min(values), statistics.median(values), max(values)))
 
     print(f"{'':<28}{'devices':>8}{'enroll/s':>20}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/enrollment':>22}{'failed':>8}")
-    for name, runs in (("tether-station EST/HTTPS", enrolled), ("openssl x509 -req per CSR", signed)):
+    for name, runs in (*((LABELS[n], enrolled[n]) for n in servers), ("openssl x509 -req per CSR", signed)):
         if not runs:
             continue
         lat = sorted(x for r in runs for x in r["latencies"])
         print(f"{name:<28}{sum(r['count'] for r in runs):>8}{mmm([r['rate'] for r in runs]):>20}"
               f"{_pct(lat, 50) * 1000:>9.2f}{_pct(lat, 99) * 1000:>9.2f}"
               f"{mmm([r['cpu'] for r in runs], 1000, '.2f'):>22}{sum(r['failures'] for r in runs):>8}")
+    first = enrolled[servers[0]]
     if signed:
-        ratios = [e["rate"] / o["rate"] for e, o in zip(enrolled, signed, strict=True)]
+        ratios = [e["rate"] / o["rate"] for e, o in zip(first, signed, strict=True)]
         print(f"rate ratio per round: {mmm(ratios)}x the openssl-per-device baseline "
               "(targets: >= 10x and >= 300 enrollments/s)")
-    station_cpu = [r["server_cpu"] for r in enrolled]
-    client_cpu = [r["cpu"] - r["server_cpu"] for r in enrolled]
     openssl_cpu = [r["cpu"] for r in signed]
-    print(f"CPU per enrollment: station {mmm(station_cpu, 1000, '.2f')} ms (target <= 1.0 ms, TLS handshake "
-          f"included; of it in the kernel {mmm([r['server_sys'] for r in enrolled], 1000, '.2f')} ms) "
-          f"+ clients {mmm(client_cpu, 1000, '.2f')} ms"
-          + (f"; openssl {mmm(openssl_cpu, 1000, '.2f')} ms" if openssl_cpu else ""))
     # the same cryptography with nothing around it: a TLS handshake as server, a CSR signature checked, a
     # certificate signed
     least = [h + machine["verify_ms"] + machine["sign_ms"] for h in handshakes]
+    for name in servers:
+        runs = enrolled[name]
+        station_cpu = [r["server_cpu"] for r in runs]
+        client_cpu = [r["cpu"] - r["server_cpu"] for r in runs]
+        print(f"CPU per enrollment, {LABELS[name]}: server {mmm(station_cpu, 1000, '.2f')} ms (target <= 1.0 ms, "
+              f"TLS handshake included; of it in the kernel {mmm([r['server_sys'] for r in runs], 1000, '.2f')} ms) "
+              f"+ clients {mmm(client_cpu, 1000, '.2f')} ms"
+              + (f"; openssl {mmm(openssl_cpu, 1000, '.2f')} ms" if openssl_cpu and name == servers[0] else ""))
     print(f"floor on this machine: openssl s_server handshake {mmm(handshakes, 1, '.3f')} ms CPU (same TLS "
           f"settings as the station), ECDSA P-256 verify {machine['verify_ms']:.3f} ms, sign {machine['sign_ms']:.3f} "
           f"ms: {mmm(least, 1, '.3f')} ms per enrollment")
-    ratios_floor = [e["server_cpu"] * 1000 / f for e, f in zip(enrolled, least, strict=True)]
-    print(f"station CPU / floor per round: {mmm(ratios_floor, 1, '.2f')}x (target: station <= 1.0 ms)")
+    for name in servers:
+        ratios_floor = [e["server_cpu"] * 1000 / f for e, f in zip(enrolled[name], least, strict=True)]
+        print(f"{LABELS[name]} CPU / floor per round: {mmm(ratios_floor, 1, '.2f')}x (target: station <= 1.0 ms)")
+    if len(servers) > 1:  # the same rounds, so the same load: round by round against the first server
+        for name in servers[1:]:
+            ratio = [a["server_cpu"] / b["server_cpu"] for a, b in zip(enrolled[servers[0]], enrolled[name],
+                                                                         strict=True)]
+            print(f"{LABELS[servers[0]]} / {LABELS[name]} CPU per round: {mmm(ratio, 1, '.2f')}x")
     issued = sum(1 for d, *_ in devices if rows.get(d, 0) >= 1)
     doubled = sorted(d for d, n in rows.items() if n > 1)
     print(f"ledger: {issued} of {len(devices)} devices hold a certificate; devices with more than one row: "
           f"{len(doubled)}{' ' + ', '.join(doubled[:5]) if doubled else ''}")
-    failures = sum(r["failures"] for r in enrolled)
+    failures = sum(r["failures"] for runs in enrolled.values() for r in runs)
     return 1 if failures or doubled or issued != len(devices) else 0
 
 if __name__ == "__main__":
