@@ -26,7 +26,7 @@ from provisioning.station.errors import StationError
 from provisioning.station.loop import DEFAULT_THREADS, EstServer, Limits
 from provisioning.station.metrics import MeasuredEnrollment, Recorder, Silent
 from provisioning.station.supervisor import ESSENTIAL, Supervisor
-from provisioning.tlsserver import no_resumption, restrict_key_exchange
+from provisioning.tlsserver import no_resumption, read_ahead, restrict_key_exchange
 
 __all__ = ["DEFAULT_THREADS", "EstServer", "Limits", "serve", "tls_context"]
 
@@ -36,7 +36,8 @@ def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext
     station's CA chain (re-enrollment: the issuing CA is trusted here, so a client that sends its
     leaf alone verifies) and the bootstrap CAs (first enrollment without an OTP). Key exchange over
     elliptic curves only, X25519 first (`tlsserver`: no finite-field key share to compute before
-    authentication), the station's EC P-256 key, and no session resumption (`tlsserver.no_resumption`)."""
+    authentication), the station's EC P-256 key, no session resumption (`tlsserver.no_resumption`), and
+    records read ahead (`tlsserver.read_ahead`)."""
     ctx = restrict_key_exchange(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile, keyfile)
@@ -45,8 +46,9 @@ def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext
     # a client that half-closes after its request (no close_notify) still gets its answer: without
     # this, OpenSSL 3 fails the session on the EOF and the answer cannot be written
     ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
-    # every device connects once or twice a year: resumption (tickets, a session cache) is wasted work
-    return no_resumption(ctx)
+    # every device connects once or twice a year: resumption (tickets, a session cache) is wasted work;
+    # and one `read` for what the socket holds, not two per record (the loop reads until it would block)
+    return read_ahead(no_resumption(ctx))
 
 
 def _raise_fd_limit() -> None:

@@ -4,13 +4,16 @@ ticket or a cached session is work for nothing), on the station's real context, 
 from __future__ import annotations
 
 import contextlib
+import socket
 import ssl
 from pathlib import Path
 
 import pytest
 
+from provisioning import tlsserver
 from provisioning.station.ca import SERVER, SERVER_KEY, Station
 from provisioning.station.server import tls_context
+from tests.station.conftest import RunningStation
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
@@ -44,3 +47,40 @@ def test_a_client_offering_its_earlier_session_gets_a_full_handshake(station_dir
     again = handshake(server_ctx, client_ctx, session=first.session)
     assert not again.session_reused, "the station resumed a session: it keeps a cache or sends tickets"
     assert server_ctx.session_stats()["number"] == 0  # nothing kept in the server's session cache
+
+
+def test_the_est_context_reads_records_ahead(station_dir: Path) -> None:
+    # one `read` for what the socket holds instead of two per record (issue 24 item 3)
+    station = Station(station_dir)
+    ctx = tls_context(station, str(station.path(SERVER)), str(station.path(SERVER_KEY)))
+    lib, pointer = tlsserver._ssl_ctx(ctx)
+    assert lib.SSL_CTX_ctrl(pointer, tlsserver._SSL_CTRL_GET_READ_AHEAD, 0, None) == 1
+
+
+def test_requests_read_ahead_with_the_handshakes_last_flight_are_all_answered(station: RunningStation) -> None:
+    """Read-ahead leaves whole records in OpenSSL's buffer, where the selector cannot see them: the
+    client's Finished and two pipelined requests, each its own record, sent in one TCP write, must
+    still all be read and answered (the loop reads until it would block before it waits)."""
+    client = ssl.create_default_context(cafile=str(station.ca_file))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    get = b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", station.port), timeout=20) as raw:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        tls.write(get)  # a record of its own ...
+        tls.write(get.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))  # ... and another
+        raw.sendall(outgoing.read())  # with the Finished: one write, so the server reads all of it at once
+        answer = b""
+        while answer.count(b"HTTP/1.1 200 OK") < 2:
+            try:
+                answer += tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = raw.recv(65536)
+                assert data, f"the station closed after {answer.count(b'HTTP/1.1 200 OK')} answer(s)"
+                incoming.write(data)
