@@ -150,8 +150,11 @@ def main() -> int:
     ports = Path(args.port_file)
     ports.with_suffix(".tmp").write_text(json.dumps({"est": sock.getsockname()[1]}))
     ports.with_suffix(".tmp").replace(ports)  # whole or not at all: the reader parses what it finds
+    if args.workers <= 1:  # in this process, as `serve --workers 1` (callgrind counts one process)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        worker(sock, station, context, ledger_path, args.sync)
     children = []
-    for _ in range(max(1, args.workers)):
+    for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -21,6 +21,10 @@ between runs on a shared machine, the instructions it executes do not.
   selector, the hand-off to a pool thread, closing) and whatever else the harness does not see.
 - system calls: the kernel's share, which valgrind does not count: the same two station runs under
   `strace -f -c` (when strace is installed), the difference per enrollment by call.
+- the Python floor (`python_floor.py`, as `enroll_rate.py --server bare,bare-ledger` runs it): the
+  cheapest station Python can be, counted the same way (runs of `--small` and `--devices`), without
+  and with its one fsync'd SQLite insert per enrollment, instructions and system calls: what any
+  station written in Python executes, against which the station's own part is the difference.
 `enroll_rate.py` keeps measuring CPU time. Prints figures only; needs valgrind and a C compiler.
 """
 
@@ -70,14 +74,19 @@ def enroll(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]]) -> int:
     return failed
 
 
-def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrapper: list[str], label: str) -> None:
-    """One `serve --workers 1` under `wrapper` (valgrind or strace), enrolling `jobs`, stopped with SIGTERM
-    (both tools write their output on the way out)."""
+def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrapper: list[str], label: str,
+                     server: str = "loop") -> None:
+    """One `serve --workers 1` (or the Python floor, `server` "bare" or "bare-ledger") under `wrapper`
+    (valgrind or strace), enrolling `jobs`, stopped with SIGTERM (both tools write their output on the
+    way out)."""
     port_file = directory / "ports.json"
     port_file.unlink(missing_ok=True)
     argv = [*wrapper, sys.executable, "-m", "provisioning.station.cli", "serve",
             "--dir", str(directory), "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", "1",
             "--log-level", "warning", "--handshake-cpu", "0"]
+    if server != "loop":
+        argv = [*wrapper, sys.executable, str(REPO / "benchmarks" / "python_floor.py"), "--dir", str(directory),
+                "--port-file", str(port_file), "--workers", "1", *(["--ledger"] if server == "bare-ledger" else [])]
     proc = Proc(f"tether-station ({label})", argv, directory / "serve.log", cwd=REPO)
     try:
         port = read_port_file(port_file, proc, timeout=SLOW)["est"]
@@ -88,16 +97,18 @@ def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrappe
         raise SystemExit(f"{failed} of {len(jobs)} enrollments failed ({label}); see {directory / 'serve.log'}")
 
 
-def station_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path) -> callgrind.Profile:
-    """The station's instructions for `jobs`, under callgrind."""
-    serve_and_enroll(directory, jobs, callgrind.valgrind_argv(out), "callgrind")
+def station_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path,
+                server: str = "loop") -> callgrind.Profile:
+    """The station's (or the Python floor's) instructions for `jobs`, under callgrind."""
+    serve_and_enroll(directory, jobs, callgrind.valgrind_argv(out), "callgrind", server)
     return callgrind.Profile.read(out)
 
 
-def syscall_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path) -> dict[str, int]:
-    """The station's system calls for `jobs` by name, under `strace -f -c` (the kernel's share of the CPU,
-    which callgrind does not count)."""
-    serve_and_enroll(directory, jobs, ["strace", "-f", "-c", "-o", str(out)], "strace")
+def syscall_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path,
+                server: str = "loop") -> dict[str, int]:
+    """The station's (or the Python floor's) system calls for `jobs` by name, under `strace -f -c` (the
+    kernel's share of the CPU, which callgrind does not count)."""
+    serve_and_enroll(directory, jobs, ["strace", "-f", "-c", "-o", str(out)], "strace", server)
     calls: dict[str, int] = {}
     for line in out.read_text().splitlines():  # % time, seconds, usecs/call, calls, [errors], syscall
         parts = line.split()
@@ -164,6 +175,7 @@ def main() -> int:
     parser.add_argument("--phases", type=int, default=200, help="devices through station_phases.py (0: skip)")
     parser.add_argument("--phases-only", action="store_true", help="only the phase table (while changing the code)")
     parser.add_argument("--log-level", default="warning", help="station_phases.py's log level (serve's default: info)")
+    parser.add_argument("--no-floors", action="store_true", help="skip the Python floor (python_floor.py)")
     args = parser.parse_args()
     if args.devices <= args.small:
         parser.error("--devices must be more than --small")
@@ -198,6 +210,17 @@ def main() -> int:
             s_short = syscall_run(station_dir, more[: args.small], directory / "strace-short.txt")
             s_long = syscall_run(station_dir, more[args.small:], directory / "strace-long.txt")
             syscalls = {name: (s_long.get(name, 0) - s_short.get(name, 0)) / counted for name in s_long}
+        floors: dict[str, tuple[float, dict[str, float]]] = {}
+        for name in () if args.no_floors else ("bare", "bare-ledger"):
+            jobs = [(d, o, b) for d, o, b, _ in prepare(station_dir, args.small + args.devices)]
+            short = station_run(station_dir, jobs[: args.small], directory / f"{name}-short.out", name)
+            long = station_run(station_dir, jobs[args.small:], directory / f"{name}-long.out", name)
+            calls: dict[str, float] = {}
+            if shutil.which("strace") is not None:
+                c_short = syscall_run(station_dir, jobs[: args.small], directory / f"{name}-short.txt", name)
+                c_long = syscall_run(station_dir, jobs[args.small:], directory / f"{name}-long.txt", name)
+                calls = {k: (c_long.get(k, 0) - c_short.get(k, 0)) / counted for k in c_long}
+            floors[name] = ((long.total - short.total) / counted, calls)
         phases = phases_run(directory, args.phases, directory / "phases.out", args.log_level) if args.phases else {}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -222,6 +245,12 @@ def main() -> int:
         top = sorted(syscalls.items(), key=lambda kv: -kv[1])
         print(f"system calls per enrollment (strace -f -c, same runs): {sum(syscalls.values()):.1f}; "
               + ", ".join(f"{name} {n:.1f}" for name, n in top[:14] if n >= 0.5))
+    for name, (count, calls) in floors.items():
+        label = "Python floor" + (" + ledger (one fsync'd insert)" if name == "bare-ledger" else "")
+        top = ", ".join(f"{k} {n:.1f}" for k, n in sorted(calls.items(), key=lambda kv: -kv[1])[:10] if n >= 0.5)
+        print(f"{label} (python_floor.py, one process): {m(count)} instructions per enrollment, "
+              f"{count / floor:.2f}x the floor; the station {station / count:.2f}x it"
+              + (f"; system calls {sum(calls.values()):.1f}: {top}" if calls else ""))
     if phases:
         total = sum(phases.values())
         print(f"phases (station_phases.py --marks, {args.phases} devices, one thread; the marks' own cost taken out):")

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -99,10 +100,12 @@ def timed(fn: object) -> float:
     return time.perf_counter() - start
 
 
-def test_enrollment_and_cacerts_stay_fast_with_1000_idle_and_200_trickling_connections(station_dir: Path) -> None:
+@pytest.mark.parametrize("threads", ["8", "0"], ids=["pool", "inline"])  # 0: the loop computes each request
+def test_enrollment_and_cacerts_stay_fast_with_1000_idle_and_200_trickling_connections(station_dir: Path,
+                                                                                      threads: str) -> None:
     raise_fd_limit(IDLE + TRICKLING + 512)
     # the request deadline is set long so the trickling connections really stay open while we measure
-    station = start_station(station_dir, workers=2, extra=["--request-timeout", "300"])
+    station = start_station(station_dir, workers=2, extra=["--request-timeout", "300", "--threads", threads])
     devices = [f"load-dev-{i}" for i in range(5)]
     otps = {d: station.otp(d) for d in devices}
     csrs = {d: base64.encodebytes(build_csr(generate("ec-p256"), d, TRUST_DOMAIN).public_bytes(Encoding.DER))
@@ -247,7 +250,8 @@ def test_serve_refuses_limits_that_would_close_every_connection(station_dir: Pat
                                ("--max-per-client", "-1", "zero (no cap) or more"),
                                ("--max-connections", "-1", "zero (no cap) or more"),
                                ("--handshake-cpu", "-0.5", "zero (no cap) or more"),
-                               ("--console-max-connections", "-2", "zero (no cap) or more")):
+                               ("--console-max-connections", "-2", "zero (no cap) or more"),
+                               ("--threads", "-1", "zero (each request computed in the loop thread) or more")):
         out = station_cli("serve", "--dir", str(station_dir), "--listen", "127.0.0.1:0", option, value, check=False)
         assert out.returncode == 1 and option in out.stderr and why in out.stderr, out.stderr
 

@@ -41,10 +41,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
 
     for option, least in (("request_timeout", 0.001), ("idle_timeout", 0.001), ("max_per_client", 0),
-                          ("max_connections", 0), ("handshake_cpu", 0), ("console_max_connections", 0)):
+                          ("max_connections", 0), ("handshake_cpu", 0), ("console_max_connections", 0),
+                          ("threads", 0)):
         if getattr(args, option) < least:
+            zero = "zero (each request computed in the loop thread) or more" if option == "threads" else \
+                "zero (no cap) or more"
             raise StationError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be "
-                               f"{'positive' if least else 'zero (no cap) or more'}")
+                               f"{'positive' if least else zero}")
     limits = Limits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
                     max_per_client=args.max_per_client, max_connections=args.max_connections,
                     handshake_cpu=args.handshake_cpu)
@@ -112,7 +115,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Handler
     p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8443)")
     p.add_argument("--workers", type=int, help="processes (default: CPU count)")
     p.add_argument("--threads", type=int, help="requests each worker computes at once (default 8; "
-                   "idle and slow connections do not hold one)")
+                   "idle and slow connections do not hold one); 0: the worker's loop computes each request "
+                   "itself, no hand-off to a thread, the loop waiting for each ledger commit")
     p.add_argument("--request-timeout", type=float, help="seconds for the TLS handshake and one "
                    "whole request, however slowly it arrives (default 10; then 408)")
     p.add_argument("--idle-timeout", type=float, help="seconds a kept-alive connection may wait "
