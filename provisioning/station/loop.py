@@ -26,7 +26,7 @@ uses each socket; epoll lets another thread add a descriptor while the loop wait
 
 With `threads=0` there is no pool: the loop thread computes each complete request itself and writes
 its answer (issue 24 item 3). That saves the hand-off (a queue, a thread wake-up and the GIL passed
-back and forth: about 0.25 ms of CPU per enrollment, 13 %, by `enroll_rate.py --server loop,inline`),
+back and forth: the pool costs 1.04-1.17x the CPU per enrollment, `enroll_rate.py --server loop,inline`),
 at the price of every other connection waiting while a request is computed and its ledger COMMIT
 waits for the fsync, and of no group commit (one request at a time per worker). Worth it where
 the fsync is short (an SSD) and the workers are as many as the cores; with a slow disk the pool's
