@@ -1,6 +1,7 @@
 """Station instructions per enrollment under valgrind (callgrind), against the floor counted the same way.
 
     python benchmarks/station_instructions.py [--devices 300] [--small 50] [--phases 200]
+    python benchmarks/station_instructions.py --threads 0 --no-floors --phases 0   # the station computing in its loop
 
 A figure the machine's load does not move (issue 24 item 3): CPU time of one process moves 15-20 %
 between runs on a shared machine, the instructions it executes do not.
@@ -75,7 +76,7 @@ def enroll(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]]) -> int:
 
 
 def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrapper: list[str], label: str,
-                     server: str = "loop") -> None:
+                     server: str = "loop", threads: int = 8) -> None:
     """One `serve --workers 1` (or the Python floor, `server` "bare" or "bare-ledger") under `wrapper`
     (valgrind or strace), enrolling `jobs`, stopped with SIGTERM (both tools write their output on the
     way out)."""
@@ -83,7 +84,7 @@ def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrappe
     port_file.unlink(missing_ok=True)
     argv = [*wrapper, sys.executable, "-m", "provisioning.station.cli", "serve",
             "--dir", str(directory), "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", "1",
-            "--log-level", "warning", "--handshake-cpu", "0"]
+            "--log-level", "warning", "--handshake-cpu", "0", "--threads", str(threads)]
     if server != "loop":
         argv = [*wrapper, sys.executable, str(REPO / "benchmarks" / "python_floor.py"), "--dir", str(directory),
                 "--port-file", str(port_file), "--workers", "1", *(["--ledger"] if server == "bare-ledger" else [])]
@@ -98,17 +99,17 @@ def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrappe
 
 
 def station_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path,
-                server: str = "loop") -> callgrind.Profile:
+                server: str = "loop", threads: int = 8) -> callgrind.Profile:
     """The station's (or the Python floor's) instructions for `jobs`, under callgrind."""
-    serve_and_enroll(directory, jobs, callgrind.valgrind_argv(out), "callgrind", server)
+    serve_and_enroll(directory, jobs, callgrind.valgrind_argv(out), "callgrind", server, threads)
     return callgrind.Profile.read(out)
 
 
 def syscall_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path,
-                server: str = "loop") -> dict[str, int]:
+                server: str = "loop", threads: int = 8) -> dict[str, int]:
     """The station's (or the Python floor's) system calls for `jobs` by name, under `strace -f -c` (the
     kernel's share of the CPU, which callgrind does not count)."""
-    serve_and_enroll(directory, jobs, ["strace", "-f", "-c", "-o", str(out)], "strace", server)
+    serve_and_enroll(directory, jobs, ["strace", "-f", "-c", "-o", str(out)], "strace", server, threads)
     calls: dict[str, int] = {}
     for line in out.read_text().splitlines():  # % time, seconds, usecs/call, calls, [errors], syscall
         parts = line.split()
@@ -176,6 +177,8 @@ def main() -> int:
     parser.add_argument("--phases-only", action="store_true", help="only the phase table (while changing the code)")
     parser.add_argument("--log-level", default="warning", help="station_phases.py's log level (serve's default: info)")
     parser.add_argument("--no-floors", action="store_true", help="skip the Python floor (python_floor.py)")
+    parser.add_argument("--threads", type=int, default=8, help="the station's --threads (0: each request computed "
+                        "in the loop thread)")
     args = parser.parse_args()
     if args.devices <= args.small:
         parser.error("--devices must be more than --small")
@@ -196,8 +199,8 @@ def main() -> int:
         station_dir = directory / "station"
         init_station(station_dir, TRUST_DOMAIN)
         devices = [(d, o, b) for d, o, b, _ in prepare(station_dir, args.small + args.devices)]
-        short = station_run(station_dir, devices[: args.small], directory / "station-short.out")
-        long = station_run(station_dir, devices[args.small:], directory / "station-long.out")
+        short = station_run(station_dir, devices[: args.small], directory / "station-short.out", threads=args.threads)
+        long = station_run(station_dir, devices[args.small:], directory / "station-long.out", threads=args.threads)
         counted = args.devices - args.small
         station = (long.total - short.total) / counted
         f_short = floor_run(station_dir, args.small, directory / "floor-short.out")
@@ -207,8 +210,8 @@ def main() -> int:
         syscalls: dict[str, float] = {}
         if shutil.which("strace") is not None:
             more = [(d, o, b) for d, o, b, _ in prepare(station_dir, args.small + args.devices)]
-            s_short = syscall_run(station_dir, more[: args.small], directory / "strace-short.txt")
-            s_long = syscall_run(station_dir, more[args.small:], directory / "strace-long.txt")
+            s_short = syscall_run(station_dir, more[: args.small], directory / "strace-short.txt", threads=args.threads)
+            s_long = syscall_run(station_dir, more[args.small:], directory / "strace-long.txt", threads=args.threads)
             syscalls = {name: (s_long.get(name, 0) - s_short.get(name, 0)) / counted for name in s_long}
         floors: dict[str, tuple[float, dict[str, float]]] = {}
         for name in () if args.no_floors else ("bare", "bare-ledger"):
@@ -231,8 +234,8 @@ def main() -> int:
 
     print(f"callgrind instructions (user space); {os.cpu_count()} CPU(s); load average {os.getloadavg()[0]:.2f} "
           "(does not move these figures)")
-    print(f"station: tether-station serve --workers 1, runs of {args.small} and {args.devices} enrollments "
-          f"(new TLS connection each): {m(station)} instructions per enrollment "
+    print(f"station: tether-station serve --workers 1 --threads {args.threads}, runs of {args.small} and "
+          f"{args.devices} enrollments (new TLS connection each): {m(station)} instructions per enrollment "
           f"({m(long.total)} - {m(short.total)}) / {counted}")
     for fn in ("SSL_do_handshake", "SSL_read", "SSL_write", "sqlite3_step", "sqlite3_prepare_v2"):
         if fn in long.inclusive and fn in short.inclusive:
