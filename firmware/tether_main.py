@@ -32,8 +32,8 @@ SETUP_MODULES = ("board_setup", "board_config", "agent.core.defaults", "agent.co
 # full the kept ones end up spread over it: the free space left is as large, but in holes too small
 # for what a connection needs in one piece (the TLS socket, 576 bytes on 64-bit). Collecting often
 # lets each import reuse the holes the last one left, so the session starts in a packed heap. On the
-# ROMFS 64-bit build that is 52K instead of 55K (docs/firmware.md "Heap"); setup takes a few more
-# collections, the session loop none (it collects after each step anyway).
+# ROMFS 64-bit build that is 52K instead of 55K (docs/firmware.md "Heap"). Setup only: the session's
+# loop collects after every step itself, and runs with the port's own threshold.
 SETUP_GC_BYTES = 2048
 
 
