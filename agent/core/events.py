@@ -5,8 +5,9 @@ their own few (agent/core/supervisor_events.py extends these tables), which a bo
 
 Why one class and not a class per event: on a board every class costs heap even when frozen (its
 type object, its dict, its bases), about 135 bytes each on 32-bit and 250 on 64-bit, and 23 of them
-were a fifth of the frozen image's import heap (issue 25). The names, fields and defaults below are
-constant tuples, which a frozen image keeps in flash.
+were a fifth of the frozen image's import heap (issue 25). The fields and defaults below are constant
+tuples, which a frozen image keeps in flash; the names are one string, which a ROMFS image also keeps
+in flash behind one heap object (a tuple of them cost an object per name there).
 
 Written in the CPython/MicroPython common subset (no dataclasses, typing or f-strings); the types of
 the fields are in events.pyi, for mypy.
