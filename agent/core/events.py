@@ -5,8 +5,9 @@ their own few (agent/core/supervisor_events.py extends these tables), which a bo
 
 Why one class and not a class per event: on a board every class costs heap even when frozen (its
 type object, its dict, its bases), about 135 bytes each on 32-bit and 250 on 64-bit, and 23 of them
-were a fifth of the frozen image's import heap (issue 25). The names, fields and defaults below are
-constant tuples, which a frozen image keeps in flash.
+were a fifth of the frozen image's import heap (issue 25). The fields and defaults below are constant
+tuples, which a frozen image keeps in flash; the names are one string, which a ROMFS image also keeps
+in flash behind one heap object (a tuple of them cost an object per name there).
 
 Written in the CPython/MicroPython common subset (no dataclasses, typing or f-strings); the types of
 the fields are in events.pyi, for mypy.
@@ -46,10 +47,12 @@ DELIVERED = 20      # packet ``mid`` of the current session was acknowledged (th
 TOKEN_ADOPTED = 21  # a new access token (``schedule`` is its TokenSchedule): persist it, wake its waiters
 PROBLEM = 22        # something the driver should log (and show in status); ``what`` names the concern
 
-# Indexed by type: the name traces and errors show, the fields in order, the defaults of the last ones.
-NAMES = ("Start", "Tick", "Stop", "ConnectFailed", "Connected", "Disconnected", "Message", "Acked",
-         "TokenWanted", "Connect", "Close", "WaitUntil", "Subscribe", "Publish", "SessionUp", "SessionDown",
-         "AttemptFailed", "Backoff", "Operation", "Deliver", "Delivered", "TokenAdopted", "Problem")
+# Indexed by type: the name traces and errors show (NAMES, one string of words: only a trace or an
+# error splits it, and from a ROMFS image one string is one object in the heap where a tuple of 23 is
+# 24), the fields in order, the defaults of the last ones.
+NAMES = ("Start Tick Stop ConnectFailed Connected Disconnected Message Acked TokenWanted Connect Close "
+         "WaitUntil Subscribe Publish SessionUp SessionDown AttemptFailed Backoff Operation Deliver Delivered "
+         "TokenAdopted Problem")
 FIELDS = ((), (), (), ("epoch", "kind", "reason"), ("epoch",), ("epoch", "reason"), ("epoch", "topic", "payload"),
           ("epoch", "mid"), (), ("epoch", "endpoint"), ("epoch",), ("at",), ("epoch", "topic", "qos"),
           ("epoch", "topic", "payload", "qos"), ("epoch", "endpoint"), ("epoch", "reason"),
@@ -69,14 +72,14 @@ class Event:
     DEFAULTS = DEFAULTS
 
     def __init__(self, type, *args):  # noqa: A002 - the event's type, as h11 and MQTT say it
-        if not 0 <= type < len(self.NAMES):
+        if not 0 <= type < len(self.FIELDS):
             raise CoreError("event.type", "unknown event type %r" % (type,))
         self.type = type
         fields = self.FIELDS[type]
         given = len(args)
         defaults = self.DEFAULTS[type]
         if given > len(fields) or given < len(fields) - len(defaults):
-            raise CoreError(self.NAMES[type], "expected %d to %d fields (%s), got %d" % (
+            raise CoreError(self.name(), "expected %d to %d fields (%s), got %d" % (
                 len(fields) - len(defaults), len(fields), ", ".join(fields), given))
         for i in range(len(fields)):
             setattr(self, fields[i], args[i] if i < given else defaults[i - len(fields) + len(defaults)])
@@ -85,7 +88,7 @@ class Event:
 
     def name(self):
         """The type's name, as traces and errors show it (``Connect``)."""
-        return self.NAMES[self.type]
+        return self.NAMES.split()[self.type]
 
     def fields(self):
         """The field names, in order."""

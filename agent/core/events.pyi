@@ -38,13 +38,13 @@ DELIVERED: int
 TOKEN_ADOPTED: int
 PROBLEM: int
 
-NAMES: tuple[str, ...]
+NAMES: str
 FIELDS: tuple[tuple[str, ...], ...]
 DEFAULTS: tuple[tuple[Any, ...], ...]
 
 
 class Event:
-    NAMES: ClassVar[tuple[str, ...]]
+    NAMES: ClassVar[str]
     FIELDS: ClassVar[tuple[tuple[str, ...], ...]]
     DEFAULTS: ClassVar[tuple[tuple[Any, ...], ...]]
     type: int

@@ -24,6 +24,6 @@ REDISCOVER = 28       # ask the discovery service for the endpoint list (``why``
 class Event(events.Event):
     """agent.core.events.Event, knowing the supervisor's types as well."""
 
-    NAMES = events.NAMES + ("Discovered", "RenewalStaged", "ProveCandidate", "Promote", "Disprove", "Rediscover")
+    NAMES = events.NAMES + " Discovered RenewalStaged ProveCandidate Promote Disprove Rediscover"
     FIELDS = events.FIELDS + (("endpoints",), (), ("epoch", "endpoint"), (), ("reason",), ("why",))
     DEFAULTS = events.DEFAULTS + ((), (), (), (), (), ())
