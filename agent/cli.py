@@ -23,7 +23,7 @@ from agent import config as configmod
 from agent.core.errors import CoreError
 from agent.errors import AgentError, ConfigError
 from agent.identity import DeviceIdentity
-from agent.state_owner import require_own_state
+from agent.state import require_own_state
 from hal.errors import TetherError
 from hal.keys import key_backend
 from provisioning.printable import EscapeOutsideInput

@@ -29,7 +29,7 @@ from agent.outbox import Outbox
 from agent.publish_api import PublishServer, socket_path
 from agent.renewal import Renewal
 from agent.runtime import Runtime
-from agent.status import StatusFile
+from agent.state import StatusFile
 
 if TYPE_CHECKING:
     from agent.ota.agent import OtaAgent

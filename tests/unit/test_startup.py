@@ -29,8 +29,7 @@ from agent.control import Empty, Inbox
 from agent.ota import LazyOta
 from agent.ota.machine import StateStore
 from agent.outbox import Outbox
-from agent.state import Record
-from agent.status import StatusFile
+from agent.state import Record, StatusFile
 from hal import storage
 from hal.value import Value
 from tests.conftest import write_config
