@@ -67,6 +67,25 @@ def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Pa
     assert loaded_by_building_the_runtime(config, NOT_AT_START + NOT_FROM_THE_PROJECT) == []
 
 
+def test_building_tether_runs_runtime_builds_no_protocol_class(tmp_path: Path) -> None:
+    """A `typing.Protocol` is the dearest class to build (typing's machinery, for it and each subclass):
+    the interfaces on the start-up path (the component hooks, the key store) are a plain base class and
+    a type-only Protocol, so none is built by `tether run`."""
+    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+    code = ("import sys\n"
+            "from agent import cli\n"
+            "from agent.compose import build\n"
+            f"runtime = build(cli.configmod.load({str(config)!r}))\n"
+            "print(sorted(f'{name}.{k}' for name, m in list(sys.modules.items())\n"
+            "             if name.split('.')[0] in ('agent', 'hal', 'provisioning')\n"
+            "             for k, v in vars(m).items()\n"
+            "             if isinstance(v, type) and v.__module__ == name and v.__dict__.get('_is_protocol')))\n"
+            "for c in runtime.components:\n"
+            "    c.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert ast.literal_eval(out.stdout.strip()) == []
+
+
 def test_a_device_without_tokens_never_loads_the_token_keeper(tmp_path: Path) -> None:
     without = write_config(tmp_path / "off", "dev-001", token={"enabled": False})
     assert loaded_by_building_the_runtime(without, ("agent.token",)) == []
