@@ -1,7 +1,9 @@
 """What the runtime's control loop calls on its components (renewal, OTA, outbox, publish socket).
 
-One Protocol with a no-op default for every hook, so a component subclasses it and implements only
-what it needs, and the loop calls every hook on every component without `hasattr`. All hooks run on
+One base class with a no-op default for every hook, so a component subclasses it and implements only
+what it needs, and the loop calls every hook on every component without `hasattr`. A plain class, not
+a `typing.Protocol`: every component subclasses it anyway, and each subclass of a Protocol goes
+through typing's machinery when it is defined, four of them on every start (issue 24). All hooks run on
 the control loop's thread; a component with work of its own (a download, an EST exchange) runs it
 in a worker thread that hands its result back through `Runtime.call_soon`, never by changing state
 the loop reads.
@@ -9,10 +11,8 @@ the loop reads.
 
 from __future__ import annotations
 
-from typing import Protocol
 
-
-class Component(Protocol):
+class Component:
     name: str = "component"
 
     def on_boot(self) -> str | None:

@@ -29,11 +29,11 @@ from agent.outbox import Outbox
 from agent.publish_api import PublishServer, socket_path
 from agent.renewal import Renewal
 from agent.runtime import Runtime
-from agent.status import StatusFile
-from agent.token import TokenService
+from agent.state import StatusFile
 
 if TYPE_CHECKING:
     from agent.ota.agent import OtaAgent
+    from agent.token import TokenService
 
 
 def build(config: Config, *, components: bool = True, publish_socket: bool = True,
@@ -45,8 +45,11 @@ def build(config: Config, *, components: bool = True, publish_socket: bool = Tru
     loop = ControlLoop(StatusFile(config))
     link = SessionLink()
     identity = DeviceIdentity(config)
-    token = TokenService(config, clock=clock, wanted=lambda: loop.post(Event(TOKEN_WANTED))) \
-        if config.token.enabled else None
+    token: TokenService | None = None
+    if config.token.enabled:
+        from agent.token import TokenService  # with [token] enabled only: a device without tokens never loads it
+
+        token = TokenService(config, clock=clock, wanted=lambda: loop.post(Event(TOKEN_WANTED)))
     renewal = None
     parts: list[Component] = []
     if components:

@@ -17,7 +17,7 @@ from typing import Any
 from agent.component import Component
 from agent.errors import AgentError
 from agent.session import Session
-from agent.status import StatusFile
+from agent.state import StatusFile
 from hal.errors import TetherError
 
 log = logging.getLogger("tether")

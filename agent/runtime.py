@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import signal
+
+    from agent.token import TokenService  # made by agent/compose.py when [token] enabled; only a type here
 else:
     # `signal` is this C module plus three IntEnums (Signals, Handlers, Sigmasks) built when it is
     # imported, about 1% of `tether run`'s instructions to CONNACK (issue 24); two handlers need none of it
@@ -45,7 +47,6 @@ from agent.identity import KEY_LABEL, DeviceIdentity
 from agent.renewal import Renewal
 from agent.session import ConnectError, Session
 from agent.tls import client_context
-from agent.token import TokenService
 from hal import systemd
 from hal.errors import TetherError
 from provisioning.errors import EnrollmentError

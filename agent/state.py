@@ -1,5 +1,5 @@
-"""The agent's state directory: the one place that names its files, and the one idiom for the small
-JSON records in it.
+"""The agent's state directory: the one place that names its files, the one idiom for the small JSON
+records in it, the status record (`StatusFile`), and who may act on the directory (`require_own_state`).
 
 Every persisted fact has one owner, and reaches disk through `StateDir` (its path) and, for the JSON
 records, `Record` (its format): a version number written into the file, an atomic save (temp file,
@@ -13,11 +13,18 @@ SQLite database, the publish socket) take only their path from here.
 from __future__ import annotations
 
 import os
-from typing import Any
+import pwd
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError
 from hal import storage
 from hal.value import Value
+
+if TYPE_CHECKING:
+    from agent.config import Config  # which builds a StateDir from its [device] state_dir
 
 
 class RecordError(AgentError):
@@ -134,3 +141,92 @@ class Record(Value):
     def save(self, fields: dict[str, Any], mode: int = storage.PUBLIC_MODE) -> None:
         """Write `fields` with this record's version, atomically (and durably if `durable`)."""
         storage.write_json(self.path, {**fields, self.version_field: self.version}, mode, durable=self.durable)
+
+
+# -- the status file ---------------------------------------------------------------------------------
+# The running agent's state as others see it: a small JSON file in the state directory.
+#
+# `tether run` writes it on every state change (session up/down, endpoint, last error, token);
+# `tether status` reads it. Plain JSON so a shell script or a support tool can read it too. One
+# `StatusFile` per process owns it: the runtime's control loop (other threads post their updates
+# to the loop), so no update is lost to a concurrent read-modify-write.
+
+
+def _record(config: Config) -> Record:
+    # volatile: it describes this run only and every state change rewrites it, so a save is atomic
+    # (readers never see half a file) but not fsynced; after a power cut the next update corrects it
+    return Record(config.state.status, then="the next update writes it afresh", durable=False)
+
+
+def read_runtime_status(config: Config) -> dict[str, Any]:
+    return _record(config).load() or {}
+
+
+class StatusFile:
+    """The status kept in memory and written whole on each update. `owner` is the only thread
+    allowed to update it once set (the runtime sets it to its control loop)."""
+
+    def __init__(self, config: Config) -> None:
+        self.record = _record(config)
+        self.path = self.record.path
+        self.config = config
+        self.owner: threading.Thread | None = None
+        self._status: dict[str, Any] | None = None
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` and write the file atomically; return the new status."""
+        if self._status is None:
+            self._status = read_runtime_status(self.config)
+        self._status.update(fields)
+        self._status["updated_at"] = int(time.time())
+        self.record.save(self._status)
+        return dict(self._status)
+
+
+# -- who may act on the state ------------------------------------------------------------------------
+# The agent acts on its state only as the user the state belongs to (issue 22, item 2).
+#
+# The state directory (keys, certificates, token, OTA state) belongs to the agent's user, `tether` on a
+# device. A root process working there reads, parses, executes with and writes next to files that user
+# controls: a FIFO, a symlink or a swapped file turns into root's action (the tpm2 provider's OpenSSL
+# configuration, loaded as uid 0, was one). Dropping to that user from inside Python would also need its
+# groups (`tss` for the TPM) and a clean environment, which `runuser` already does right; so the CLI
+# refuses and prints the exact command instead. The systemd unit runs the agent as `tether`, the owner, and
+# the .deb's postinst runs no `tether` command, so neither meets this refusal.
+
+
+def owner_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def require_own_state(config: Config, argv: Sequence[str]) -> None:
+    """AgentError unless the state and key directories (where they exist) belong to this process's user.
+
+    The message names the directory and its owner and ends with the command that runs `argv` as that
+    owner. Nothing is read from or written to the directories before this check.
+    """
+    me = os.geteuid()
+    for directory in dict.fromkeys((config.state_dir, config.keys_dir)):
+        owner = _owner(directory)
+        if owner is None or owner == me:
+            continue
+        import shlex  # quotes the command of a refusal only: not loaded by every start (issue 24)
+
+        name = owner_name(owner)
+        who = f"{name} (uid {owner})" if name else f"uid {owner}, a user with no name"
+        how = (f"runuser -u {shlex.quote(name)} -- tether {shlex.join(argv)}" if name
+               else f"give {directory} a user and run `tether {shlex.join(argv)}` as that user")
+        raise AgentError(f"{directory} belongs to {who}, not to uid {me}: its files would act on this process; "
+                         f"run the command as that user: {how}")
+
+
+def _owner(directory: str) -> int | None:
+    try:
+        return os.stat(directory).st_uid
+    except FileNotFoundError:
+        return None  # created by this command, as us
+    except OSError as exc:
+        raise AgentError(f"{directory}: cannot check who owns it: {exc.strerror}") from None

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from agent.config import Config
 from agent.control import ControlLoop
 from agent.ota.agent import OtaAgent
-from agent.status import StatusFile
+from agent.state import StatusFile
 from hal.slots import SlotBackend
 from lab.procs import wait_until
 

@@ -58,7 +58,7 @@ def test_tether_run_gives_the_ota_download_the_token_components_refresh(tmp_path
     from agent.compose import ota_component
     from agent.config import load
     from agent.control import ControlLoop
-    from agent.status import StatusFile
+    from agent.state import StatusFile
     from agent.token import TokenService
     from tests.conftest import write_config
 

@@ -15,7 +15,7 @@ from tests.conftest import REPO, run_tether, write_config
 # raises the error named on the command line: the path from any command's error to the exit status.
 RAISER = """
 import sys
-from agent import cli
+from agent import cli, commands
 from agent.core.errors import ParameterError
 from agent.errors import ConfigError
 
@@ -26,7 +26,7 @@ def failing(args, config):
         raise ParameterError("backoff.cap", "must be >= base 4, got 2")
     raise ConfigError("/etc/tether/tether.toml: [mqtt] keepalive: outside 5..65535\\nsecond line")
 
-cli.COMMANDS["status"] = failing
+commands.COMMANDS["status"] = failing
 sys.exit(cli.main(["--config", sys.argv[2], "status"]))
 """
 

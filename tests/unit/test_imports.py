@@ -29,22 +29,26 @@ OTA_ONLY = "loaded on the OTA path only (a 515 operation, or update state on dis
 SQLITE_ONLY = "opens SQLite: loaded when the outbox has something in it or something to queue"
 DOCUMENT_ONLY = "the discovery document's parser: loaded when a document is fetched or a cached one is read"
 ATTEST_ONLY = "TPM attestation: loaded when enrolling with [enroll] method = tpm-attestation only"
-ARGPARSE_ONLY = "an argparse action: loaded with argparse, which the service's own command line does without"
+ARGPARSE_ONLY = ("loaded with argparse (the other commands and their parser, an argparse action), which the "
+                 "service's own command line does without")
+TOKEN_ONLY = "the access token's keeper: made when [token] enabled, so a device without tokens never loads it"
 GC_OFF_FIRST = "imported once the collector is off: its import is most of the start-up (agent/entry.py)"
 ALLOWED: dict[tuple[str, str], str] = {
     ("agent/entry.py", "agent.cli"): GC_OFF_FIRST,
     ("agent/cli.py", "agent.compose"): AFTER_TLS_ENV,
     ("agent/cli.py", "agent.check"): AFTER_TLS_ENV,
-    ("agent/cli.py", "agent.ota.cli"): COMMAND_ONLY,
-    ("agent/cli.py", "agent.textfile"): COMMAND_ONLY,
-    ("agent/cli.py", "hal.about"): ARGPARSE_ONLY,
-    ("agent/cli.py", "provisioning.tomlfmt"): COMMAND_ONLY,
+    ("agent/cli.py", "agent.commands"): ARGPARSE_ONLY,
+    ("agent/commands.py", "agent.ota.cli"): COMMAND_ONLY,
+    ("agent/commands.py", "agent.textfile"): COMMAND_ONLY,
+    ("agent/commands.py", "hal.about"): ARGPARSE_ONLY,
+    ("agent/commands.py", "provisioning.tomlfmt"): COMMAND_ONLY,
     ("agent/config.py", "provisioning.tomlfmt"): COMMAND_ONLY,
     ("agent/compose.py", "agent.ota.agent"): OTA_ONLY,
+    ("agent/compose.py", "agent.token"): TOKEN_ONLY,
     ("agent/outbox.py", "agent.outbox_store"): SQLITE_ONLY,
     ("agent/enroll.py", "agent.attest"): ATTEST_ONLY,
     ("agent/discovery.py", "agent.core.discovery"): DOCUMENT_ONLY,
-    ("agent/cli.py", "provisioning.certs"): ON_DEMAND,
+    ("agent/commands.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certstore"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.est.client"): ON_DEMAND,

@@ -162,7 +162,7 @@ def toy_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_a_registered_backend_is_accepted_by_config_cli_and_identity(tmp_path: Path, toy_backend: None) -> None:
-    from agent.cli import build_parser
+    from agent.commands import build_parser
     from agent.identity import DeviceIdentity
 
     config = load(device(tmp_path, 'uri = "toy:/toys?colour=blue"'))
@@ -176,7 +176,7 @@ def test_a_registered_backend_is_accepted_by_config_cli_and_identity(tmp_path: P
 
 
 def test_cli_choices_and_config_forget_an_unregistered_backend() -> None:
-    from agent.cli import build_parser
+    from agent.commands import build_parser
 
     assert "toy" not in BACKENDS
     with pytest.raises(SystemExit):

@@ -115,7 +115,7 @@ def _within(name: str, package: str) -> bool:
 
 # agent modules that set things up and are done: the command lines (and `tether`'s entry point), the
 # composition root, `tether check` (the lab is kept out of agent by rule 1)
-SETUP_ONLY = frozenset({"agent.entry", "agent.cli", "agent.ota.cli", "agent.compose", "agent.check"})
+SETUP_ONLY = frozenset({"agent.entry", "agent.cli", "agent.commands", "agent.ota.cli", "agent.compose", "agent.check"})
 COMPOSITION_ROOT = "agent/compose.py"
 
 

@@ -8,6 +8,7 @@ The status file, rewritten on every state change, is written atomically but not 
 
 from __future__ import annotations
 
+import ast
 import gc
 import json
 import os
@@ -22,14 +23,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import cli
+from agent import cli, commands
 from agent.config import load
 from agent.control import Empty, Inbox
 from agent.ota import LazyOta
 from agent.ota.machine import StateStore
 from agent.outbox import Outbox
-from agent.state import Record
-from agent.status import StatusFile
+from agent.state import Record, StatusFile
 from hal import storage
 from hal.value import Value
 from tests.conftest import write_config
@@ -40,14 +40,14 @@ NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "a
                 "agent.ota.machine", "agent.ota.cli", "agent.outbox_store", "agent.bearer", "cryptography",
                 "queue", "agent.attest", "hal.keys.tpm_attest", "agent.textfile",
                 "provisioning.tomlfmt", "agent.core.discovery", "argparse", "gettext", "hal.about", "signal",
-                "shlex", "json", "json.decoder", "json.encoder")
+                "shlex", "json", "json.decoder", "json.encoder", "agent.commands")
 # loaded by none of them either, but by the interpreter's own start in this editable-install venv (its
 # path hook), so the child below unloads them first; a device's wheel install does not load them
 NOT_FROM_THE_PROJECT = ("pathlib",)
 
 
-def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+def loaded_by_building_the_runtime(config: Path, names: tuple[str, ...]) -> list[str]:
+    """Which of `names` a child process has loaded once it built `tether run`'s runtime for `config`."""
     code = ("import sys\n"
             f"for m in {NOT_FROM_THE_PROJECT!r}:\n"
             "    sys.modules.pop(m, None)\n"
@@ -55,11 +55,42 @@ def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Pa
             "from agent.compose import build\n"
             f"args = cli.service_args(['--config', {str(config)!r}, 'run'])\n"
             f"runtime = build(cli.configmod.load(args.config))\n"
-            f"print(sorted(m for m in {NOT_AT_START + NOT_FROM_THE_PROJECT!r} if m in sys.modules))\n"
+            f"print(sorted(m for m in {names!r} if m in sys.modules))\n"
             "for c in runtime.components:\n"
             "    c.close()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert out.stdout.strip() == "[]"
+    return ast.literal_eval(out.stdout.strip())
+
+
+def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+    assert loaded_by_building_the_runtime(config, NOT_AT_START + NOT_FROM_THE_PROJECT) == []
+
+
+def test_building_tether_runs_runtime_builds_no_protocol_class(tmp_path: Path) -> None:
+    """A `typing.Protocol` is the dearest class to build (typing's machinery, for it and each subclass):
+    the interfaces on the start-up path (the component hooks, the key store) are a plain base class and
+    a type-only Protocol, so none is built by `tether run`."""
+    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+    code = ("import sys\n"
+            "from agent import cli\n"
+            "from agent.compose import build\n"
+            f"runtime = build(cli.configmod.load({str(config)!r}))\n"
+            "print(sorted(f'{name}.{k}' for name, m in list(sys.modules.items())\n"
+            "             if name.split('.')[0] in ('agent', 'hal', 'provisioning')\n"
+            "             for k, v in vars(m).items()\n"
+            "             if isinstance(v, type) and v.__module__ == name and v.__dict__.get('_is_protocol')))\n"
+            "for c in runtime.components:\n"
+            "    c.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert ast.literal_eval(out.stdout.strip()) == []
+
+
+def test_a_device_without_tokens_never_loads_the_token_keeper(tmp_path: Path) -> None:
+    without = write_config(tmp_path / "off", "dev-001", token={"enabled": False})
+    assert loaded_by_building_the_runtime(without, ("agent.token",)) == []
+    with_tokens = write_config(tmp_path / "on", "dev-001")
+    assert loaded_by_building_the_runtime(with_tokens, ("agent.token",)) == ["agent.token"]
 
 
 @pytest.mark.parametrize(("argv", "chosen"), [
@@ -68,7 +99,7 @@ def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Pa
     ([], None), (["--help"], None), (["--conf", "x.toml", "run"], None), (["bogus"], None), (["-v", "run"], None),
 ])
 def test_the_chosen_command_is_only_the_certain_one(argv: list[str], chosen: str | None) -> None:
-    assert cli.chosen_command(argv) == chosen
+    assert commands.chosen_command(argv) == chosen
 
 
 @pytest.mark.parametrize("argv", [
@@ -78,7 +109,7 @@ def test_the_chosen_command_is_only_the_certain_one(argv: list[str], chosen: str
 def test_the_services_command_line_is_read_without_argparse(argv: list[str]) -> None:
     args = cli.service_args(argv)
     assert args is not None
-    assert vars(args) == vars(cli.build_parser(argv).parse_args(argv))
+    assert vars(args) == vars(commands.build_parser(argv).parse_args(argv))
 
 
 @pytest.mark.parametrize("argv", [
@@ -103,7 +134,7 @@ def test_what_the_service_parser_accepts_argparse_parses_the_same(argv: list[str
     if ours is None:
         return
     try:
-        theirs = cli.build_parser(argv).parse_args(argv)
+        theirs = commands.build_parser(argv).parse_args(argv)
     except SystemExit:
         pytest.fail(f"service_args took {argv}, which argparse refuses")
     assert vars(ours) == vars(theirs)
@@ -117,7 +148,7 @@ def test_a_usage_error_on_the_service_command_is_still_argparses(capsys: pytest.
 
 
 def test_only_the_chosen_commands_parser_is_built() -> None:
-    parser = cli.build_parser(["run"])
+    parser = commands.build_parser(["run"])
     sub = next(a for a in parser._actions if a.dest == "command")
     assert list(sub.choices) == ["run"]  # type: ignore[arg-type]
     assert parser.parse_args(["run", "-v"]).verbose
@@ -125,14 +156,14 @@ def test_only_the_chosen_commands_parser_is_built() -> None:
 
 def test_help_and_a_wrong_command_still_list_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        cli.build_parser(["--help"]).parse_args(["--help"])
+        commands.build_parser(["--help"]).parse_args(["--help"])
     listed = capsys.readouterr().out
-    assert all(name in listed for name in cli.PARSERS)
+    assert all(name in listed for name in commands.PARSERS)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bogus"])
     assert exit_.value.code == 2
     error = capsys.readouterr().err
-    assert all(repr(name) in error for name in cli.PARSERS)
+    assert all(repr(name) in error for name in commands.PARSERS)
 
 
 def test_lazy_ota_looks_for_the_state_file_the_updater_writes(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def _config(tmp_path: Path, **sections: dict[str, object]):  # type: ignore[no-u
 
 
 def _status(tmp_path: Path) -> tuple[Path, object]:
-    from agent.status import read_runtime_status
+    from agent.state import read_runtime_status
 
     config = _config(tmp_path)
     return Path(config.state.status), lambda: read_runtime_status(config) == {}
