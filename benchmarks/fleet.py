@@ -7,10 +7,12 @@ Usage (from the repository root):
 
 With `--broker rabbitmq` the devices connect to a 2-node RabbitMQ cluster (lab/rabbitmq.py, Debian's
 rabbitmq-server) instead of one mosquitto, half of them listing node 1 first and half node 2, each
-with its outbox enabled. After the hold, every device queues a message in its outbox, node 1 is killed
-(SIGKILL), every device queues a second one, and the script reports how long until every device is
-online again and every message reached an observer subscribed on node 2 (none lost, duplicates
-counted), and the cluster's memory per connection.
+with its outbox enabled. After the hold, every device queues a message in its outbox, node 1 goes away
+(`--node-stop kill`: SIGKILL, a crash; `--node-stop stop`: SIGTERM, the clean stop of an operator's rolling
+restart, which closes the node's connections and deletes its queues itself), every device queues a second
+one, and the script reports how long until every device is online again, when the token service answered
+again, whether every message reached an observer subscribed on node 2 (none lost, duplicates counted), and
+the cluster's memory per connection.
 
 Everything is real: one mosquitto with mutual TLS and the lab ACL (`lab.mosquitto`), one
 `tether-station serve` (EST, two worker processes), the lab token service (`lab.tokens`, ES256 JWTs).
@@ -417,7 +419,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         if args.hold == 0:  # storm only
             result["held"] = True
             if bed.cluster is not None:
-                result.update(failover(bed, n, step_dir, sample, total))
+                result.update(failover(bed, n, step_dir, sample, total, args.node_stop))
             return result
         # hold: stay online, keep refreshing
         time.sleep(1.5)  # let every worker write a fresh sample
@@ -455,7 +457,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         else:
             result["held"] = True
         if result["held"] and bed.cluster is not None:
-            result.update(failover(bed, n, step_dir, sample, total))
+            result.update(failover(bed, n, step_dir, sample, total, args.node_stop))
         return result
     finally:
         stop_workers(procs)
@@ -506,9 +508,34 @@ def memory_profile(step_dir: Path, stats: list[Path], n: int) -> dict[str, Any]:
             "python_kb_per_device": sorted(([w, kb, c] for w, (kb, c) in sites.items()), key=lambda x: -x[1])[:30]}
 
 
-def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[str, Any]:
-    """Kill RabbitMQ node 1 under the held fleet with one outbox message per device queued before and one
-    after: how long until every device is online again, and whether every message reached the observer."""
+NODE_STOPS = ("kill", "stop")
+NODE_STOP_TIMEOUT = 300.0  # a clean stop closing 2,000 connections on a loaded machine; then SIGKILL, and said
+
+
+def take_node_down(bed: Bed, how: str) -> dict[str, Any]:
+    """Node 1 goes away: `kill` (SIGKILL) at once; `stop` (SIGTERM, which the node's script turns into
+    RabbitMQ's clean shutdown, as `rabbitmqctl shutdown` does) in a thread, since the node takes a while to
+    close its connections and the bench measures meanwhile. The dict fills in `stopped_s` (and `exit`)
+    when the node has exited."""
+    if how == "kill":
+        bed.cluster.kill_node(0)
+        return {"stopped_s": 0.0}
+    done: dict[str, Any] = {}
+    began = time.monotonic()
+
+    def stop() -> None:
+        bed.cluster.stop_node(0, timeout=NODE_STOP_TIMEOUT)
+        done["exit"] = bed.cluster.nodes[0].proc.popen.returncode  # -9: it did not stop and was killed
+        done["stopped_s"] = time.monotonic() - began
+
+    threading.Thread(target=stop, name="node-stop", daemon=True).start()
+    return done
+
+
+def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any, how: str = "kill") -> dict[str, Any]:
+    """Take RabbitMQ node 1 away (`how`: NODE_STOPS) under the held fleet with one outbox message per device
+    queued before and one after: how long until every device is online again, when the token service
+    answered again, and whether every message reached the observer."""
     import paho.mqtt.client as mqtt
 
     from agent.tls import client_context
@@ -556,7 +583,7 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
         node_kb = bed.broker_kb()
         on_victim = sum(1 for w in sample() for port in w.get("ports", []) if port == bed.ports[0])
         killed, killed_at = time.monotonic(), time.time()  # before: a session up after this is a new one
-        bed.cluster.kill_node(0)
+        down = take_node_down(bed, how)
         (step_dir / "mark-after").touch()
 
         def moved(samples: list[dict[str, Any]]) -> list[float]:
@@ -565,11 +592,18 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
 
         # every device of the dead node has a new session, and all n are online, in reports written after
         # the kill; the figure is the last of those sessions' own start, not when a report showed it
+        said = killed
         while time.monotonic() - killed < 600:
             s = sample()
             if (all(w.get("at", 0) > killed_at for w in s) and total(s, "online") >= n
                     and len(moved(s)) >= on_victim):
                 break
+            if time.monotonic() - said >= 30:  # a run that does not recover says how far it got
+                said = time.monotonic()
+                print(f"   failover +{said - killed:.0f} s: {total(s, 'online')}/{n} online, {len(moved(s))} new "
+                      f"sessions, {total(s, 'token_ok')} with a valid token, "
+                      f"{sum(1 for _, t in list(bed.tokens.issued) if t > killed_at)} tokens answered since, "
+                      f"{total(s, 'outbox_pending')} outbox messages queued, load {os.getloadavg()[0]:.1f}", flush=True)
             time.sleep(0.1)
         else:
             print("   failover: gave up waiting for every device to be online again after 600 s", flush=True)
@@ -578,10 +612,17 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
         load_online = os.getloadavg()[0]
         all_delivered = wait("every message", lambda: delivered("before") >= n and delivered("after") >= n
                              and total(sample(), "outbox_pending") == 0, 600)
+        wait("the node to stop", lambda: "stopped_s" in down, NODE_STOP_TIMEOUT + 30)
         with lock:
             received = sum(seen.values())
             distinct = len(seen)
-        return {"failover_dropped": len(again), "failover_on_victim": on_victim,
+        # the token service runs in this process: its answers after the node went away, and to how many devices
+        answered = [(d, t - killed_at) for d, t in list(bed.tokens.issued) if t > killed_at]
+        return {"failover_how": how, "failover_node_stopped_s": down.get("stopped_s"),
+                "failover_node_exit": down.get("exit"),
+                "failover_token_first_s": min((t for _, t in answered), default=None),
+                "failover_token_devices": len({d for d, _ in answered}),
+                "failover_dropped": len(again), "failover_on_victim": on_victim,
                 "failover_online_s": all_online,
                 "failover_delivered_s": None if all_delivered is None else time.monotonic() - killed,
                 "failover_load": load_online,
@@ -620,7 +661,10 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=900.0, help="stop ramping after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     p.add_argument("--broker", choices=("mosquitto", "rabbitmq"), default="mosquitto",
-                   help="one mosquitto, or a 2-node RabbitMQ cluster with a node killed after the hold")
+                   help="one mosquitto, or a 2-node RabbitMQ cluster with a node taken away after the hold")
+    p.add_argument("--node-stop", choices=NODE_STOPS, default="kill",
+                   help="with --broker rabbitmq, how node 1 goes away after the hold: kill (SIGKILL, a crash) or "
+                        "stop (SIGTERM: RabbitMQ's clean shutdown, as in a rolling restart)")
     p.add_argument("--profile-memory", action="store_true",
                    help="after the hold, print where the workers' memory is per device (kinds of mapping from "
                         "smaps, glibc's mallinfo2)")
@@ -681,11 +725,16 @@ def main() -> int:
         if "failover_online_s" in r or "failover_why" in r:
             def secs(key: str, r: dict[str, Any] = r) -> str:
                 return "never" if r.get(key) is None else f"{r[key]:.1f} s"
-            print(f"failover N={r['n']} ({bed.kind}, node 1 killed with SIGKILL): "
+            how = {"kill": "killed with SIGKILL", "stop": "stopped with SIGTERM"}[args.node_stop]
+            exited = ("" if r.get("failover_how") != "stop" else
+                      f"; the node exited {secs('failover_node_stopped_s')} after the SIGTERM"
+                      + (" (killed: it had not stopped)" if r["failover_node_exit"] == -signal.SIGKILL else ""))
+            print(f"failover N={r['n']} ({bed.kind}, node 1 {how}): "
                   + (r["failover_why"] if "failover_why" in r else
                      f"{r['failover_on_victim']} devices on it ({r['failover_dropped']} sessions came up again after "
-                     f"the kill), every device online again after "
-                     f"{secs('failover_online_s')}, every outbox message delivered after "
+                     f"it went){exited}, every device online again after "
+                     f"{secs('failover_online_s')}, first token answered after {secs('failover_token_first_s')} "
+                     f"({r['failover_token_devices']} devices answered since), every outbox message delivered after "
                      f"{secs('failover_delivered_s')}: {r['failover_lost']} lost, {r['failover_duplicates']} "
                      f"duplicates; cluster RSS {r['cluster_kb_per_connection']:.0f} KB per connection "
                      f"(both nodes; {r.get('broker_marginal_kb', 0):.0f} KB above the idle cluster)"), flush=True)

@@ -263,10 +263,12 @@ class RabbitCluster:
             raise
         return node
 
-    def stop_node(self, index: int) -> None:
+    def stop_node(self, index: int, timeout: float = 60.0) -> None:
+        """SIGTERM, which the node's script turns into RabbitMQ's clean shutdown (as `rabbitmqctl shutdown`):
+        it closes its connections and deletes its own transient queues. SIGKILL after `timeout`."""
         node = self.nodes[index]
         if node.proc is not None:
-            node.proc.stop(timeout=60)
+            node.proc.stop(timeout=timeout)
 
     def kill_node(self, index: int) -> None:
         node = self.nodes[index]
