@@ -619,6 +619,7 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any, how: str
         # the token service runs in this process: its answers after the node went away, and to how many devices
         answered = [(d, t - killed_at) for d, t in list(bed.tokens.issued) if t > killed_at]
         return {"failover_how": how, "failover_node_stopped_s": down.get("stopped_s"),
+                "failover_survivor_log": survivor_log(bed),
                 "failover_node_exit": down.get("exit"),
                 "failover_token_first_s": min((t for _, t in answered), default=None),
                 "failover_token_devices": len({d for d, _ in answered}),
@@ -631,6 +632,19 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any, how: str
     finally:
         observer.disconnect()
         observer.loop_stop()
+
+
+def survivor_log(bed: Bed) -> dict[str, Any]:
+    """What node 2 said about the node loss (its log, written to the cluster's directory): its clean-up of
+    the dead node's transient queues, connections closed on a refused publish, and queue declarations
+    that timed out. Counts, and only of what the log kept (under a storm RabbitMQ's console log drops lines,
+    and says so)."""
+    text = bed.cluster.nodes[1].proc.output()
+    cleanups = [line.split("] ", 1)[-1] for line in text.splitlines()
+                if "transient queues from an old incarnation" in line]
+    return {"cleanups": cleanups, "nack_closes": text.count("{mqtt_unexpected_msg,{'basic.nack'"),
+            "declare_timeouts": sum(1 for line in text.splitlines() if "queue.declare" in line and "timeout" in line),
+            "dropped_log": "drop mode" in text}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -738,6 +752,14 @@ def main() -> int:
                      f"{secs('failover_delivered_s')}: {r['failover_lost']} lost, {r['failover_duplicates']} "
                      f"duplicates; cluster RSS {r['cluster_kb_per_connection']:.0f} KB per connection "
                      f"(both nodes; {r.get('broker_marginal_kb', 0):.0f} KB above the idle cluster)"), flush=True)
+    for r in results:
+        if "failover_survivor_log" in r:
+            said = r["failover_survivor_log"]
+            print(f"node 2's log N={r['n']}: {said['nack_closes']} connections closed on a refused publish "
+                  f"(basic.nack), "
+                  f"{said['declare_timeouts']} queue declarations timed out"
+                  + (" (the log dropped lines)" if said["dropped_log"] else "")
+                  + "".join(f"; {c}" for c in said["cleanups"]))
     for r in results:
         if "load" in r:
             stages = dict(r["load"])
