@@ -225,14 +225,14 @@ def power_on(threads: list[threading.Thread], runtimes: list[Any], window: int, 
 # -- the bed: station, broker, token service --------------------------------------------------------------
 class Bed:
     def __init__(self, root: Path, station_workers: int, token_lifetime: float, broker: str = "mosquitto",
-                 keepalive: int = 60, connect_timeout: float = 20.0) -> None:
+                 keepalive: int = 60, connect_timeout: float = 20.0, backoff: tuple[float, float] = (0.5, 5.0)) -> None:
         from lab.mosquitto import BrokerFiles, Mosquitto
         from lab.procs import Proc, read_port_file
         from lab.tokens import SERVICE_ID, JwtSigner, TokenService
 
         self.root = root
         self.kind = broker
-        self.keepalive, self.connect_timeout = keepalive, connect_timeout
+        self.keepalive, self.connect_timeout, self.backoff = keepalive, connect_timeout, backoff
         self.station_dir = root / "station"
         self.cli("init", "--trust-domain", TRUST_DOMAIN)
         settings = self.station_dir / "station.toml"
@@ -325,8 +325,8 @@ class Bed:
                     # a cluster's devices spread over its nodes: each lists them from a different one
                     "endpoints": {"urls": [f"mqtts://localhost:{p}" for p in self.ports[first:] + self.ports[:first]]},
                     "outbox": {"enabled": self.cluster is not None},
-                    "mqtt": {"keepalive": self.keepalive, "backoff_base": 0.5, "backoff_cap": 5.0,
-                             "connect_timeout": self.connect_timeout},
+                    "mqtt": {"keepalive": self.keepalive, "backoff_base": self.backoff[0],
+                             "backoff_cap": self.backoff[1], "connect_timeout": self.connect_timeout},
                     "token": {"timeout": 15.0},
                 }
                 (d / "tether.toml").write_text(to_toml(sections))
@@ -687,6 +687,9 @@ def main() -> int:
                         "one is online with a token (0: all at once, the storm)")
     p.add_argument("--keepalive", type=int, default=60, help="the devices' MQTT keepalive, seconds")
     p.add_argument("--connect-timeout", type=float, default=20.0, help="the devices' [mqtt] connect_timeout")
+    p.add_argument("--backoff", default="0.5,5",
+                   help="the devices' [mqtt] backoff_base,backoff_cap in seconds (the bench's 0.5,5 by default; the "
+                        "product's defaults, agent/core/defaults.py, are 1,60)")
     p.add_argument("--profile-python", action="store_true",
                    help="with --profile-memory: also the Python allocation sites (tracemalloc, which slows the "
                         "storm and adds its own memory to the figures)")
@@ -704,7 +707,12 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="tether-fleet-"))
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    bed = Bed(root, args.station_workers, args.token_lifetime, args.broker, args.keepalive, args.connect_timeout)
+    try:
+        base, cap = (float(x) for x in args.backoff.split(","))
+    except ValueError:
+        p.error(f"--backoff: expected BASE,CAP in seconds, got {args.backoff!r}")
+    bed = Bed(root, args.station_workers, args.token_lifetime, args.broker, args.keepalive, args.connect_timeout,
+              (base, cap))
     try:
         for n in steps:
             if time.monotonic() - started > args.budget:
@@ -725,6 +733,7 @@ def main() -> int:
             print(f"work directory kept: {root}")
     print()
     print(f"fleet on {os.cpu_count()} CPUs, token lifetime {args.token_lifetime:.0f} s, hold {args.hold:.0f} s, "
+          f"reconnect backoff {base:g} s doubling to {cap:g} s (full jitter), "
           f"up to {args.per_worker} devices per process, station with {args.station_workers} workers")
     print(table(results))
     held = [r for r in results if r["held"]]
