@@ -102,9 +102,12 @@ SERVICE_BACKEND = "internal"
 
 
 def service_queues(services: Collection[str]) -> str:
-    """The services' session queues (`mqtt-subscription-<id>[-suffix]qos0|1`) as one regular expression."""
+    """The session queues of the services connected under their own id as client id
+    (`mqtt-subscription-<id>qos0|1`), as one regular expression. Not `<id>-suffix`: the station gives a
+    device any id that is not itself reserved, `tether-token-service-x` included, and that device's queue
+    must not be mirrored (a service connecting under a suffix, like the OTA job, subscribes to nothing)."""
     names = "|".join(re.escape(name) for name in sorted(services))
-    return f"^mqtt-subscription-({names})(-.+)?qos[01]$"
+    return f"^mqtt-subscription-({names})qos[01]$"
 
 
 def service_definitions(services: Collection[str], vhost: str = "/",
@@ -112,7 +115,7 @@ def service_definitions(services: Collection[str], vhost: str = "/",
     """The definitions a node loads at boot: the vhost; each service identity as an internal user
     without a password whose permissions cover the exchange and its own session queues
     (`mqtt-subscription-<id>[-suffix]qos0|1`, as lab/rabbitauth.py allows through HTTP); and a policy
-    mirroring those queues, and no other, on every node (SERVICE_MIRROR)."""
+    mirroring the services' own queues, and no other, on every node (SERVICE_MIRROR, service_queues)."""
     users, permissions = [], []
     for name in sorted(services):
         own = f"^({re.escape(exchange)}|mqtt-subscription-{re.escape(name)}(-.+)?qos[01])$"

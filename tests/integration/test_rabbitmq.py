@@ -288,8 +288,23 @@ def test_session_queues_are_transient_and_only_the_services_are_mirrored(lab: La
         assert f"mqtt-subscription-{owner}qos1" not in queues, queues
         assert queues[f"mqtt-subscription-{owner}qos0"]["durable"] is False, queues
     assert queues["mqtt-subscription-tether-token-serviceqos0"]["policy"] == "tether-services-mirrored", queues
-    devices = {name: q for name, q in queues.items() if not any(f"-{s}" in name for s in lab.services)}
+    devices = {name: q for name, q in queues.items() if not any(name.startswith(f"mqtt-subscription-{s}qos")
+                                                                for s in lab.services)}
     assert devices and not [name for name, q in devices.items() if q["policy"]], f"a device's queue policed: {devices}"
+
+
+def test_a_device_whose_id_begins_with_a_services_gets_no_mirror(lab: Lab) -> None:
+    """The station gives out `tether-token-service-x` (only the reserved ids themselves are refused); the
+    mirror policy names the services' own queues, so this device's queue is a device's: transient, local."""
+    lookalike = connect(lab, "tether-token-service-x", node=0)
+    try:
+        assert not refused(lookalike), lookalike.connack
+        lookalike.client.subscribe("tether-token-service-x/s/ds", 0)
+        wait_until(lambda: lookalike.suback, 30, "SUBACK for the look-alike device")
+        queue = lab.cluster.queues(0)["mqtt-subscription-tether-token-service-xqos0"]
+    finally:
+        lookalike.stop()
+    assert queue["policy"] in ("", None), queue
 
 
 def test_a_service_queue_outlives_its_node_and_keeps_what_devices_sent_meanwhile(lab: Lab, device: Agent) -> None:
@@ -300,8 +315,8 @@ def test_a_service_queue_outlives_its_node_and_keeps_what_devices_sent_meanwhile
     Kills the node the device is not on, then starts it again for the last test."""
     here = [u.rsplit(":", 1)[1] for u in lab.broker_urls].index(device.status()["endpoint"].rsplit(":", 1)[1])
     doomed, stays = 1 - here, here
-    queue = "mqtt-subscription-tether-ota-service-mirrorqos0"
-    service = connect(lab, "tether-ota-service", node=doomed, client_id="tether-ota-service-mirror")
+    queue = "mqtt-subscription-tether-ota-serviceqos0"
+    service = connect(lab, "tether-ota-service", node=doomed)
     requester = connect(lab, "rmq-requester", node=stays)
     back, killed = None, False
     survivor = lab.cluster.nodes[stays].name
@@ -319,7 +334,7 @@ def test_a_service_queue_outlives_its_node_and_keeps_what_devices_sent_meanwhile
         wait_until(lambda: (where() or ("", []))[0] == survivor, 60, f"{queue} taken over on {survivor}",
                    describe=where)
         requester.client.publish("rmq-requester/s/uat", b"", qos=1).wait_for_publish(30)
-        back = connect(lab, "tether-ota-service", node=stays, client_id="tether-ota-service-mirror")
+        back = connect(lab, "tether-ota-service", node=stays)
         back.client.subscribe("rmq-requester/s/uat", 0)
         wait_until(lambda: back.messages, 30, "the request sent while the service was away")  # type: ignore[union-attr]
         assert not requester.disconnected.is_set(), "the requester's connection was closed (its publish refused?)"
