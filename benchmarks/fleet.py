@@ -699,6 +699,12 @@ def main() -> int:
         return worker(args.worker)
     if 0 < args.hold < args.token_lifetime:
         p.error("--hold must be at least --token-lifetime so every device refreshes during it (0: storm only)")
+    try:
+        base, cap = (float(x) for x in args.backoff.split(","))
+    except ValueError:
+        p.error(f"--backoff: expected BASE,CAP in seconds, got {args.backoff!r}")
+    if not 0 < base <= cap:
+        p.error(f"--backoff: BASE must be > 0 and CAP >= BASE ([mqtt] backoff_base, backoff_cap), got {args.backoff!r}")
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -707,10 +713,6 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="tether-fleet-"))
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    try:
-        base, cap = (float(x) for x in args.backoff.split(","))
-    except ValueError:
-        p.error(f"--backoff: expected BASE,CAP in seconds, got {args.backoff!r}")
     bed = Bed(root, args.station_workers, args.token_lifetime, args.broker, args.keepalive, args.connect_timeout,
               (base, cap))
     try:
