@@ -278,8 +278,10 @@ class RabbitCluster:
         (node.directory / "advanced.config").write_text("[].\n")
         (node.directory / "definitions.json").write_text(json.dumps(service_definitions(self.services), indent=2))
         (node.directory / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+        # in its own directory: a node that fails to boot writes erl_crash.dump and MnesiaCore.* where it
+        # runs, which was the caller's directory (a test's, the repository's) and got committed once
         node.proc = Proc(node.name, [RABBITMQ_SERVER], node.directory / "node.log",
-                         env={**os.environ, **self.env(node)})
+                         env={**os.environ, **self.env(node)}, cwd=node.directory)
         try:
             node.proc.wait_output(STARTED, self.start_timeout)
         except BaseException:
