@@ -7,10 +7,12 @@ Usage (from the repository root):
 
 With `--broker rabbitmq` the devices connect to a 2-node RabbitMQ cluster (lab/rabbitmq.py, Debian's
 rabbitmq-server) instead of one mosquitto, half of them listing node 1 first and half node 2, each
-with its outbox enabled. After the hold, every device queues a message in its outbox, node 1 is killed
-(SIGKILL), every device queues a second one, and the script reports how long until every device is
-online again and every message reached an observer subscribed on node 2 (none lost, duplicates
-counted), and the cluster's memory per connection.
+with its outbox enabled. After the hold, every device queues a message in its outbox, node 1 goes away
+(`--node-stop kill`: SIGKILL, a crash; `--node-stop stop`: SIGTERM, the clean stop of an operator's rolling
+restart, which closes the node's connections and deletes its queues itself), every device queues a second
+one, and the script reports how long until every device is online again, when the token service answered
+again, whether every message reached an observer subscribed on node 2 (none lost, duplicates counted), and
+the cluster's memory per connection.
 
 Everything is real: one mosquitto with mutual TLS and the lab ACL (`lab.mosquitto`), one
 `tether-station serve` (EST, two worker processes), the lab token service (`lab.tokens`, ES256 JWTs).
@@ -223,14 +225,14 @@ def power_on(threads: list[threading.Thread], runtimes: list[Any], window: int, 
 # -- the bed: station, broker, token service --------------------------------------------------------------
 class Bed:
     def __init__(self, root: Path, station_workers: int, token_lifetime: float, broker: str = "mosquitto",
-                 keepalive: int = 60, connect_timeout: float = 20.0) -> None:
+                 keepalive: int = 60, connect_timeout: float = 20.0, backoff: tuple[float, float] = (0.5, 5.0)) -> None:
         from lab.mosquitto import BrokerFiles, Mosquitto
         from lab.procs import Proc, read_port_file
         from lab.tokens import SERVICE_ID, JwtSigner, TokenService
 
         self.root = root
         self.kind = broker
-        self.keepalive, self.connect_timeout = keepalive, connect_timeout
+        self.keepalive, self.connect_timeout, self.backoff = keepalive, connect_timeout, backoff
         self.station_dir = root / "station"
         self.cli("init", "--trust-domain", TRUST_DOMAIN)
         settings = self.station_dir / "station.toml"
@@ -323,8 +325,8 @@ class Bed:
                     # a cluster's devices spread over its nodes: each lists them from a different one
                     "endpoints": {"urls": [f"mqtts://localhost:{p}" for p in self.ports[first:] + self.ports[:first]]},
                     "outbox": {"enabled": self.cluster is not None},
-                    "mqtt": {"keepalive": self.keepalive, "backoff_base": 0.5, "backoff_cap": 5.0,
-                             "connect_timeout": self.connect_timeout},
+                    "mqtt": {"keepalive": self.keepalive, "backoff_base": self.backoff[0],
+                             "backoff_cap": self.backoff[1], "connect_timeout": self.connect_timeout},
                     "token": {"timeout": 15.0},
                 }
                 (d / "tether.toml").write_text(to_toml(sections))
@@ -417,7 +419,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         if args.hold == 0:  # storm only
             result["held"] = True
             if bed.cluster is not None:
-                result.update(failover(bed, n, step_dir, sample, total))
+                result.update(failover(bed, n, step_dir, sample, total, args.node_stop))
             return result
         # hold: stay online, keep refreshing
         time.sleep(1.5)  # let every worker write a fresh sample
@@ -455,7 +457,7 @@ def run_step(bed: Bed, n: int, args: argparse.Namespace, root: Path) -> dict[str
         else:
             result["held"] = True
         if result["held"] and bed.cluster is not None:
-            result.update(failover(bed, n, step_dir, sample, total))
+            result.update(failover(bed, n, step_dir, sample, total, args.node_stop))
         return result
     finally:
         stop_workers(procs)
@@ -506,9 +508,34 @@ def memory_profile(step_dir: Path, stats: list[Path], n: int) -> dict[str, Any]:
             "python_kb_per_device": sorted(([w, kb, c] for w, (kb, c) in sites.items()), key=lambda x: -x[1])[:30]}
 
 
-def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[str, Any]:
-    """Kill RabbitMQ node 1 under the held fleet with one outbox message per device queued before and one
-    after: how long until every device is online again, and whether every message reached the observer."""
+NODE_STOPS = ("kill", "stop")
+NODE_STOP_TIMEOUT = 300.0  # a clean stop closing 2,000 connections on a loaded machine; then SIGKILL, and said
+
+
+def take_node_down(bed: Bed, how: str) -> dict[str, Any]:
+    """Node 1 goes away: `kill` (SIGKILL) at once; `stop` (SIGTERM, which the node's script turns into
+    RabbitMQ's clean shutdown, as `rabbitmqctl shutdown` does) in a thread, since the node takes a while to
+    close its connections and the bench measures meanwhile. The dict fills in `stopped_s` (and `exit`)
+    when the node has exited."""
+    if how == "kill":
+        bed.cluster.kill_node(0)
+        return {"stopped_s": 0.0}
+    done: dict[str, Any] = {}
+    began = time.monotonic()
+
+    def stop() -> None:
+        bed.cluster.stop_node(0, timeout=NODE_STOP_TIMEOUT)
+        done["exit"] = bed.cluster.nodes[0].proc.popen.returncode  # -9: it did not stop and was killed
+        done["stopped_s"] = time.monotonic() - began
+
+    threading.Thread(target=stop, name="node-stop", daemon=True).start()
+    return done
+
+
+def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any, how: str = "kill") -> dict[str, Any]:
+    """Take RabbitMQ node 1 away (`how`: NODE_STOPS) under the held fleet with one outbox message per device
+    queued before and one after: how long until every device is online again, when the token service
+    answered again, and whether every message reached the observer."""
     import paho.mqtt.client as mqtt
 
     from agent.tls import client_context
@@ -556,7 +583,7 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
         node_kb = bed.broker_kb()
         on_victim = sum(1 for w in sample() for port in w.get("ports", []) if port == bed.ports[0])
         killed, killed_at = time.monotonic(), time.time()  # before: a session up after this is a new one
-        bed.cluster.kill_node(0)
+        down = take_node_down(bed, how)
         (step_dir / "mark-after").touch()
 
         def moved(samples: list[dict[str, Any]]) -> list[float]:
@@ -565,11 +592,18 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
 
         # every device of the dead node has a new session, and all n are online, in reports written after
         # the kill; the figure is the last of those sessions' own start, not when a report showed it
+        said = killed
         while time.monotonic() - killed < 600:
             s = sample()
             if (all(w.get("at", 0) > killed_at for w in s) and total(s, "online") >= n
                     and len(moved(s)) >= on_victim):
                 break
+            if time.monotonic() - said >= 30:  # a run that does not recover says how far it got
+                said = time.monotonic()
+                print(f"   failover +{said - killed:.0f} s: {total(s, 'online')}/{n} online, {len(moved(s))} new "
+                      f"sessions, {total(s, 'token_ok')} with a valid token, "
+                      f"{sum(1 for _, t in list(bed.tokens.issued) if t > killed_at)} tokens answered since, "
+                      f"{total(s, 'outbox_pending')} outbox messages queued, load {os.getloadavg()[0]:.1f}", flush=True)
             time.sleep(0.1)
         else:
             print("   failover: gave up waiting for every device to be online again after 600 s", flush=True)
@@ -578,10 +612,18 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
         load_online = os.getloadavg()[0]
         all_delivered = wait("every message", lambda: delivered("before") >= n and delivered("after") >= n
                              and total(sample(), "outbox_pending") == 0, 600)
+        wait("the node to stop", lambda: "stopped_s" in down, NODE_STOP_TIMEOUT + 30)
         with lock:
             received = sum(seen.values())
             distinct = len(seen)
-        return {"failover_dropped": len(again), "failover_on_victim": on_victim,
+        # the token service runs in this process: its answers after the node went away, and to how many devices
+        answered = [(d, t - killed_at) for d, t in list(bed.tokens.issued) if t > killed_at]
+        return {"failover_how": how, "failover_node_stopped_s": down.get("stopped_s"),
+                "failover_survivor_log": survivor_log(bed),
+                "failover_node_exit": down.get("exit"),
+                "failover_token_first_s": min((t for _, t in answered), default=None),
+                "failover_token_devices": len({d for d, _ in answered}),
+                "failover_dropped": len(again), "failover_on_victim": on_victim,
                 "failover_online_s": all_online,
                 "failover_delivered_s": None if all_delivered is None else time.monotonic() - killed,
                 "failover_load": load_online,
@@ -590,6 +632,19 @@ def failover(bed: Bed, n: int, step_dir: Path, sample: Any, total: Any) -> dict[
     finally:
         observer.disconnect()
         observer.loop_stop()
+
+
+def survivor_log(bed: Bed) -> dict[str, Any]:
+    """What node 2 said about the node loss (its log, written to the cluster's directory): its clean-up of
+    the dead node's transient queues, connections closed on a refused publish, and its error lines (crash
+    reports are several each). Counts, and only of what the log kept (under a storm RabbitMQ's console log
+    drops lines, and says so)."""
+    text = bed.cluster.nodes[1].proc.output()
+    cleanups = [line.split("] ", 1)[-1] for line in text.splitlines()
+                if "transient queues from an old incarnation" in line]
+    return {"cleanups": cleanups, "nack_closes": text.count("{mqtt_unexpected_msg,{'basic.nack'"),
+            "error_lines": sum(1 for line in text.splitlines() if "[error]" in line),
+            "dropped_log": "drop mode" in text}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -620,7 +675,10 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=900.0, help="stop ramping after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     p.add_argument("--broker", choices=("mosquitto", "rabbitmq"), default="mosquitto",
-                   help="one mosquitto, or a 2-node RabbitMQ cluster with a node killed after the hold")
+                   help="one mosquitto, or a 2-node RabbitMQ cluster with a node taken away after the hold")
+    p.add_argument("--node-stop", choices=NODE_STOPS, default="kill",
+                   help="with --broker rabbitmq, how node 1 goes away after the hold: kill (SIGKILL, a crash) or "
+                        "stop (SIGTERM: RabbitMQ's clean shutdown, as in a rolling restart)")
     p.add_argument("--profile-memory", action="store_true",
                    help="after the hold, print where the workers' memory is per device (kinds of mapping from "
                         "smaps, glibc's mallinfo2)")
@@ -629,6 +687,9 @@ def main() -> int:
                         "one is online with a token (0: all at once, the storm)")
     p.add_argument("--keepalive", type=int, default=60, help="the devices' MQTT keepalive, seconds")
     p.add_argument("--connect-timeout", type=float, default=20.0, help="the devices' [mqtt] connect_timeout")
+    p.add_argument("--backoff", default="0.5,5",
+                   help="the devices' [mqtt] backoff_base,backoff_cap in seconds (the bench's 0.5,5 by default; the "
+                        "product's defaults, agent/core/defaults.py, are 1,60)")
     p.add_argument("--profile-python", action="store_true",
                    help="with --profile-memory: also the Python allocation sites (tracemalloc, which slows the "
                         "storm and adds its own memory to the figures)")
@@ -638,6 +699,12 @@ def main() -> int:
         return worker(args.worker)
     if 0 < args.hold < args.token_lifetime:
         p.error("--hold must be at least --token-lifetime so every device refreshes during it (0: storm only)")
+    try:
+        base, cap = (float(x) for x in args.backoff.split(","))
+    except ValueError:
+        p.error(f"--backoff: expected BASE,CAP in seconds, got {args.backoff!r}")
+    if not 0 < base <= cap:
+        p.error(f"--backoff: BASE must be > 0 and CAP >= BASE ([mqtt] backoff_base, backoff_cap), got {args.backoff!r}")
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -646,7 +713,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="tether-fleet-"))
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    bed = Bed(root, args.station_workers, args.token_lifetime, args.broker, args.keepalive, args.connect_timeout)
+    bed = Bed(root, args.station_workers, args.token_lifetime, args.broker, args.keepalive, args.connect_timeout,
+              (base, cap))
     try:
         for n in steps:
             if time.monotonic() - started > args.budget:
@@ -667,6 +735,7 @@ def main() -> int:
             print(f"work directory kept: {root}")
     print()
     print(f"fleet on {os.cpu_count()} CPUs, token lifetime {args.token_lifetime:.0f} s, hold {args.hold:.0f} s, "
+          f"reconnect backoff {base:g} s doubling to {cap:g} s (full jitter), "
           f"up to {args.per_worker} devices per process, station with {args.station_workers} workers")
     print(table(results))
     held = [r for r in results if r["held"]]
@@ -681,19 +750,32 @@ def main() -> int:
         if "failover_online_s" in r or "failover_why" in r:
             def secs(key: str, r: dict[str, Any] = r) -> str:
                 return "never" if r.get(key) is None else f"{r[key]:.1f} s"
-            print(f"failover N={r['n']} ({bed.kind}, node 1 killed with SIGKILL): "
+            how = {"kill": "killed with SIGKILL", "stop": "stopped with SIGTERM"}[args.node_stop]
+            exited = ("" if r.get("failover_how") != "stop" else
+                      f"; the node exited {secs('failover_node_stopped_s')} after the SIGTERM"
+                      + (" (killed: it had not stopped)" if r["failover_node_exit"] == -signal.SIGKILL else ""))
+            print(f"failover N={r['n']} ({bed.kind}, node 1 {how}): "
                   + (r["failover_why"] if "failover_why" in r else
                      f"{r['failover_on_victim']} devices on it ({r['failover_dropped']} sessions came up again after "
-                     f"the kill), every device online again after "
-                     f"{secs('failover_online_s')}, every outbox message delivered after "
+                     f"it went){exited}, every device online again after "
+                     f"{secs('failover_online_s')}, first token answered after {secs('failover_token_first_s')} "
+                     f"({r['failover_token_devices']} devices answered since), every outbox message delivered after "
                      f"{secs('failover_delivered_s')}: {r['failover_lost']} lost, {r['failover_duplicates']} "
                      f"duplicates; cluster RSS {r['cluster_kb_per_connection']:.0f} KB per connection "
                      f"(both nodes; {r.get('broker_marginal_kb', 0):.0f} KB above the idle cluster)"), flush=True)
     for r in results:
+        if "failover_survivor_log" in r:
+            said = r["failover_survivor_log"]
+            print(f"node 2's log N={r['n']}: {said['nack_closes']} connections closed on a refused publish "
+                  f"(basic.nack), "
+                  f"{said['error_lines']} error lines"
+                  + (" (the log dropped lines)" if said["dropped_log"] else "")
+                  + "".join(f"; {c}" for c in said["cleanups"]))
+    for r in results:
         if "load" in r:
             stages = dict(r["load"])
             if "failover_load" in r:
-                stages["online again after the kill"] = r["failover_load"]
+                stages["online again after node 1 went"] = r["failover_load"]
             print(f"load average N={r['n']} (1 min): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     for r in results:
         if "memory" in r:

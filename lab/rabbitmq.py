@@ -30,6 +30,7 @@ import subprocess
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lab.mosquitto import BrokerFiles
 from lab.procs import LabError, Proc, kernel_ports, port_open, wait_until
@@ -66,11 +67,22 @@ HANDSHAKE_TIMEOUT_MS = 60_000
 # dropped right after CONNACK on every other node until its node came back. A QoS 0 subscription's queue
 # is transient (durable false), and a node going down takes its transient queues' records with it: the
 # device's next CONNECT on a surviving node declares a fresh one. Every subscriber here subscribes at QoS 0
-# with a clean session (agent/core/connection.py SUBSCRIBE_QOS, lab/tokens.py), so no queue needs a copy
-# on another node and none is mirrored: mirroring cost a synchronous queue declaration on both nodes per
-# session, which capped the cluster at ~3,400 devices (docs/reliability.md). Quorum queues
-# (`mqtt.durable_queue_type`) would need a majority: 2 of 2 nodes, no failover at all.
-DEFINITIONS: dict[str, list[dict[str, str]]] = {"vhosts": [{"name": "/"}]}
+# with a clean session (agent/core/connection.py SUBSCRIBE_QOS, lab/tokens.py), so no device's queue needs
+# a copy on another node and none is mirrored: mirroring every session cost a synchronous queue declaration
+# on both nodes per session, which capped the cluster at ~3,400 devices (docs/reliability.md). Quorum
+# queues (`mqtt.durable_queue_type`) would need a majority: 2 of 2 nodes, no failover at all.
+DEFINITIONS: dict[str, list[dict[str, Any]]] = {"vhosts": [{"name": "/"}]}
+# The services' session queues, and only theirs, are mirrored on every node (SERVICE_MIRROR). The token
+# service's one queue is bound to `*.s.uat`, every device's token request. When its node dies, RabbitMQ
+# 3.10 keeps the dead queue and its binding until the survivor's clean-up of the dead node's transient
+# queues reaches it, and meanwhile every device's QoS 1 token request routed to it is refused (basic.nack)
+# and the MQTT plugin closes that device's connection (`{mqtt_unexpected_msg,{'basic.nack',...}}`), and
+# the service cannot subscribe again under its client id: the queue's name is taken by the dead record.
+# At 4,000 devices no token was answered for 7 minutes after a node kill (issue 26, docs/reliability.md).
+# A mirror on the survivor is promoted instead: the queue, its binding and the requests that arrive while
+# the service reconnects stay, nothing is refused, and the service finds its queue on the survivor under
+# the same client id. A handful of queues, so none of the per-device cost that capped the cluster.
+SERVICE_MIRROR = {"ha-mode": "all", "ha-sync-mode": "automatic"}
 # The service identities are RabbitMQ internal users (`auth_backends.1 = internal`, before the cached HTTP
 # backend), so every check of theirs is answered in the node. The token service publishes every answer
 # on its one connection to `<id>/s/dat`, a routing key per device, and RabbitMQ 3.10's MQTT connection
@@ -89,18 +101,30 @@ DEFINITIONS: dict[str, list[dict[str, str]]] = {"vhosts": [{"name": "/"}]}
 SERVICE_BACKEND = "internal"
 
 
+def service_queues(services: Collection[str]) -> str:
+    """The session queues of the services connected under their own id as client id
+    (`mqtt-subscription-<id>qos0|1`), as one regular expression. Not `<id>-suffix`: the station gives a
+    device any id that is not itself reserved, `tether-token-service-x` included, and that device's queue
+    must not be mirrored (a service connecting under a suffix, like the OTA job, subscribes to nothing)."""
+    names = "|".join(re.escape(name) for name in sorted(services))
+    return f"^mqtt-subscription-({names})qos[01]$"
+
+
 def service_definitions(services: Collection[str], vhost: str = "/",
-                        exchange: str = "amq.topic") -> dict[str, list[dict[str, str]]]:
-    """The definitions a node loads at boot: the vhost, and each service identity as an internal user
+                        exchange: str = "amq.topic") -> dict[str, list[dict[str, Any]]]:
+    """The definitions a node loads at boot: the vhost; each service identity as an internal user
     without a password whose permissions cover the exchange and its own session queues
-    (`mqtt-subscription-<id>[-suffix]qos0|1`, as lab/rabbitauth.py allows through HTTP)."""
+    (`mqtt-subscription-<id>[-suffix]qos0|1`, as lab/rabbitauth.py allows through HTTP); and a policy
+    mirroring the services' own queues, and no other, on every node (SERVICE_MIRROR, service_queues)."""
     users, permissions = [], []
     for name in sorted(services):
         own = f"^({re.escape(exchange)}|mqtt-subscription-{re.escape(name)}(-.+)?qos[01])$"
         users.append({"name": name, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256",
                       "tags": ""})
         permissions.append({"user": name, "vhost": vhost, "configure": own, "write": own, "read": own})
-    return {**DEFINITIONS, "users": users, "permissions": permissions}
+    policies = [{"vhost": vhost, "name": "tether-services-mirrored", "pattern": service_queues(services),
+                 "apply-to": "queues", "priority": 0, "definition": SERVICE_MIRROR}] if services else []
+    return {**DEFINITIONS, "users": users, "permissions": permissions, "policies": policies}
 
 
 def require_rabbitmq() -> None:
@@ -254,8 +278,10 @@ class RabbitCluster:
         (node.directory / "advanced.config").write_text("[].\n")
         (node.directory / "definitions.json").write_text(json.dumps(service_definitions(self.services), indent=2))
         (node.directory / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+        # in its own directory: a node that fails to boot writes erl_crash.dump and MnesiaCore.* where it
+        # runs, which was the caller's directory (a test's, the repository's) and got committed once
         node.proc = Proc(node.name, [RABBITMQ_SERVER], node.directory / "node.log",
-                         env={**os.environ, **self.env(node)})
+                         env={**os.environ, **self.env(node)}, cwd=node.directory)
         try:
             node.proc.wait_output(STARTED, self.start_timeout)
         except BaseException:
@@ -263,10 +289,12 @@ class RabbitCluster:
             raise
         return node
 
-    def stop_node(self, index: int) -> None:
+    def stop_node(self, index: int, timeout: float = 60.0) -> None:
+        """SIGTERM, which the node's script turns into RabbitMQ's clean shutdown (as `rabbitmqctl shutdown`):
+        it closes its connections and deletes its own transient queues. SIGKILL after `timeout`."""
         node = self.nodes[index]
         if node.proc is not None:
-            node.proc.stop(timeout=60)
+            node.proc.stop(timeout=timeout)
 
     def kill_node(self, index: int) -> None:
         node = self.nodes[index]
@@ -296,6 +324,17 @@ class RabbitCluster:
         columns = ("name", "durable", "auto_delete", "policy", "pid")
         out = self.ctl(index, "list_queues", "--quiet", "--formatter", "json", *columns)
         return {str(q["name"]): {c: q.get(c) for c in columns[1:]} for q in json.loads(out or "[]")}
+
+    def queue_nodes(self, index: int) -> dict[str, tuple[str, list[str]]]:
+        """Where each queue of the cluster lives, as node `index` sees it: name -> (the node of its
+        process, the nodes holding a synchronised mirror). rabbitmqctl's JSON prints a pid without its node,
+        so this asks the node itself."""
+        out = self.ctl(index, "eval", "[{element(4, amqqueue:get_name(Q)), node(amqqueue:get_pid(Q)), "
+                                      "[node(P) || P <- amqqueue:get_sync_slave_pids(Q)]} "
+                                      "|| Q <- rabbit_amqqueue:list()].")
+        flat = re.sub(r"\s+", "", out)
+        return {name: (home, re.findall(r"'?([^',]+)'?", mirrors))
+                for name, home, mirrors in re.findall(r"\{<<\"([^\"]*)\">>,'?([^',]+)'?,\[([^\]]*)\]\}", flat)}
 
     @property
     def urls(self) -> list[str]:

@@ -276,17 +276,75 @@ def test_an_ota_job_sent_through_the_cluster_is_installed_and_committed(lab: Lab
     assert agent.restarts == 1
 
 
-def test_session_queues_are_transient_and_unmirrored_so_no_dead_node_can_hold_a_device(lab: Lab, device: Agent) -> None:
+def test_session_queues_are_transient_and_only_the_services_are_mirrored(lab: Lab, device: Agent) -> None:
     """The device and the token service subscribe at QoS 0 (agent/core/connection.py SUBSCRIBE_QOS,
     lab/tokens.py). RabbitMQ 3.10 keeps a QoS 1 subscription in a durable queue even for a clean session,
     and a durable queue whose node died refuses its owner on every other node; a QoS 0 subscription's
-    queue is transient and goes with its node. So nothing is mirrored (a mirror cost a queue declaration
-    on both nodes per session, which capped the cluster near 3,400 devices)."""
+    queue is transient and goes with its node. So no device's queue is mirrored (a mirror cost a queue
+    declaration on both nodes per session, which capped the cluster near 3,400 devices); the services'
+    few queues are (lab/rabbitmq.py SERVICE_MIRROR)."""
     queues = {name: q for name, q in lab.cluster.queues(1).items() if name.startswith("mqtt-subscription-")}
     for owner in ("rmq-dev-a", "tether-token-service"):
         assert f"mqtt-subscription-{owner}qos1" not in queues, queues
         assert queues[f"mqtt-subscription-{owner}qos0"]["durable"] is False, queues
-    assert not [name for name, q in queues.items() if q["policy"]], f"mirrored or otherwise policed: {queues}"
+    assert queues["mqtt-subscription-tether-token-serviceqos0"]["policy"] == "tether-services-mirrored", queues
+    devices = {name: q for name, q in queues.items() if not any(name.startswith(f"mqtt-subscription-{s}qos")
+                                                                for s in lab.services)}
+    assert devices and not [name for name, q in devices.items() if q["policy"]], f"a device's queue policed: {devices}"
+
+
+def test_a_device_whose_id_begins_with_a_services_gets_no_mirror(lab: Lab) -> None:
+    """The station gives out `tether-token-service-x` (only the reserved ids themselves are refused); the
+    mirror policy names the services' own queues, so this device's queue is a device's: transient, local."""
+    lookalike = connect(lab, "tether-token-service-x", node=0)
+    try:
+        assert not refused(lookalike), lookalike.connack
+        lookalike.client.subscribe("tether-token-service-x/s/ds", 0)
+        wait_until(lambda: lookalike.suback, 30, "SUBACK for the look-alike device")
+        queue = lab.cluster.queues(0)["mqtt-subscription-tether-token-service-xqos0"]
+    finally:
+        lookalike.stop()
+    assert queue["policy"] in ("", None), queue
+
+
+def test_a_service_queue_outlives_its_node_and_keeps_what_devices_sent_meanwhile(lab: Lab, device: Agent) -> None:
+    """A service's session queue is mirrored (lab/rabbitmq.py SERVICE_MIRROR): when its node is killed the
+    copy on the other node takes over, so a device's QoS 1 request to that service is accepted (PUBACK)
+    while the service is away, not refused, which RabbitMQ 3.10's MQTT plugin answers by closing the
+    device's connection, and the service finds the request when it subscribes again under its client id.
+    Kills the node the device is not on, then starts it again for the last test."""
+    here = [u.rsplit(":", 1)[1] for u in lab.broker_urls].index(device.status()["endpoint"].rsplit(":", 1)[1])
+    doomed, stays = 1 - here, here
+    queue = "mqtt-subscription-tether-ota-serviceqos0"
+    service = connect(lab, "tether-ota-service", node=doomed)
+    requester = connect(lab, "rmq-requester", node=stays)
+    back, killed = None, False
+    survivor = lab.cluster.nodes[stays].name
+
+    def where() -> tuple[str, list[str]] | None:
+        return lab.cluster.queue_nodes(stays).get(queue)
+
+    try:
+        service.client.subscribe("rmq-requester/s/uat", 0)
+        wait_until(lambda: service.suback, 30, "SUBACK for the service on the node to be killed")
+        wait_until(lambda: survivor in (where() or ("", []))[1], 30, f"{queue} with a synchronised copy on {survivor}",
+                   describe=where)
+        lab.cluster.kill_node(doomed)
+        killed = True
+        wait_until(lambda: (where() or ("", []))[0] == survivor, 60, f"{queue} taken over on {survivor}",
+                   describe=where)
+        requester.client.publish("rmq-requester/s/uat", b"", qos=1).wait_for_publish(30)
+        back = connect(lab, "tether-ota-service", node=stays)
+        back.client.subscribe("rmq-requester/s/uat", 0)
+        wait_until(lambda: back.messages, 30, "the request sent while the service was away")  # type: ignore[union-attr]
+        assert not requester.disconnected.is_set(), "the requester's connection was closed (its publish refused?)"
+    finally:
+        for c in (service, requester, back):
+            if c is not None:
+                c.stop()
+        if killed:
+            lab.cluster.start_node(doomed)
+    assert back.messages == [("rmq-requester/s/uat", b"")]
 
 
 def test_the_device_fails_over_when_its_node_stops_and_tokens_keep_coming(lab: Lab, device: Agent) -> None:
