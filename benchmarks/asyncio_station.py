@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from prototype_station import fork_workers, listen, station_and_context  # noqa: E402  (benchmarks/)
+
 from provisioning.station.ca import Station  # noqa: E402
 from provisioning.station.enrollment import Enrollment  # noqa: E402
 from provisioning.station.routes import respond, text  # noqa: E402
-from provisioning.station.server import tls_context  # noqa: E402
 from provisioning.station.wire import BadRequest, RequestReader  # noqa: E402
 
 REQUEST_TIMEOUT = 10.0
@@ -82,25 +81,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
-    station = Station(Path(args.dir))
-    led = station.open_ledger()
-    certfile, keyfile = station.ensure_server_cert("127.0.0.1", led)
-    led.close()
-    context = tls_context(station, str(certfile), str(keyfile))
-    sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    Path(args.port_file).write_text(json.dumps({"est": sock.getsockname()[1]}))
-    children = []
-    for _ in range(max(1, args.workers)):
-        pid = os.fork()
-        if pid == 0:
-            ledger = station.open_ledger()
-            asyncio.run(serve(sock, Enrollment(station, ledger), context, args.threads))
-            os._exit(0)
-        children.append(pid)
-    for pid in children:
-        os.waitpid(pid, 0)
-    return 0
+    station, context = station_and_context(args.dir)
+    sock = listen(args.port_file)
 
+    def work(station: Station = station) -> None:
+        asyncio.run(serve(sock, Enrollment(station, station.open_ledger()), context, args.threads))
+
+    return fork_workers(args.workers, work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import json
-import os
 import signal
 import socket
 import sqlite3
@@ -40,10 +38,10 @@ from cryptography import x509  # noqa: E402
 from cryptography.exceptions import InvalidSignature  # noqa: E402
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from prototype_station import fork_workers, listen, station_and_context  # noqa: E402  (benchmarks/)
 
 from provisioning import der  # noqa: E402
 from provisioning.station.ca import Station  # noqa: E402
-from provisioning.station.server import tls_context  # noqa: E402
 
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/pkcs7-mime; smime-type=certs-only\r\n"
         b"Content-Transfer-Encoding: base64\r\nConnection: close\r\nContent-Length: ")
@@ -134,11 +132,7 @@ def main() -> int:
     parser.add_argument("--ledger", action="store_true", help="one fsync'd SQLite insert per enrollment")
     parser.add_argument("--sync", choices=("full", "normal"), default="full", help="the ledger's synchronous mode")
     args = parser.parse_args()
-    station = Station(Path(args.dir))
-    led = station.open_ledger()
-    certfile, keyfile = station.ensure_server_cert("127.0.0.1", led)
-    led.close()
-    context = tls_context(station, str(certfile), str(keyfile))
+    station, context = station_and_context(args.dir)
     station.device_template  # noqa: B018 - encoded (and checked) once, before forking
     ledger_path = None
     if args.ledger:
@@ -146,33 +140,11 @@ def main() -> int:
         with contextlib.closing(sqlite3.connect(ledger_path, isolation_level=None)) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS certs (serial TEXT, device_id TEXT, cert_der BLOB)")
-    sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    ports = Path(args.port_file)
-    ports.with_suffix(".tmp").write_text(json.dumps({"est": sock.getsockname()[1]}))
-    ports.with_suffix(".tmp").replace(ports)  # whole or not at all: the reader parses what it finds
+    sock = listen(args.port_file)
     if args.workers <= 1:  # in this process, as `serve --workers 1` (callgrind counts one process)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         worker(sock, station, context, ledger_path, args.sync)
-    children = []
-    for _ in range(args.workers):
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            worker(sock, station, context, ledger_path, args.sync)
-            os._exit(0)
-        children.append(pid)
-
-    def stop(signum: int, frame: object) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for pid in children:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-    return 0
+    return fork_workers(args.workers, lambda: worker(sock, station, context, ledger_path, args.sync))
 
 
 if __name__ == "__main__":
