@@ -19,7 +19,7 @@ from agent.core.jwt import decode_claims
 from agent.enroll import enroll_waiting
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
-from agent.publish_api import publish_command
+from agent.publisher import publish_command
 from agent.state import read_runtime_status
 from hal import storage
 from hal.keys import BACKENDS

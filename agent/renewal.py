@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.boot import retry_delay
 from agent.component import Component
 from agent.config import Config, read_private_secret
 from agent.core.backoff import Backoff
 from agent.core.retry import Retry
-from agent.enroll import retry_delay
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, NEXT_KEY_LABEL, DeviceIdentity
 from agent.renewal_state import RenewalState, RenewalTransitionError

@@ -32,6 +32,8 @@ ATTEST_ONLY = "TPM attestation: loaded when enrolling with [enroll] method = tpm
 ARGPARSE_ONLY = ("loaded with argparse (the other commands and their parser, an argparse action), which the "
                  "service's own command line does without")
 TOKEN_ONLY = "the access token's keeper: made when [token] enabled, so a device without tokens never loads it"
+FIRST_BOOT_ONLY = ("enrollment over EST: loaded when the boot finds no valid chain (first boot, expired chain), "
+                   "so a boot that has its chain never unmarshals it")
 GC_OFF_FIRST = "imported once the collector is off: its import is most of the start-up (agent/entry.py)"
 ALLOWED: dict[tuple[str, str], str] = {
     ("agent/entry.py", "agent.cli"): GC_OFF_FIRST,
@@ -47,6 +49,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/compose.py", "agent.token"): TOKEN_ONLY,
     ("agent/outbox.py", "agent.outbox_store"): SQLITE_ONLY,
     ("agent/enroll.py", "agent.attest"): ATTEST_ONLY,
+    ("agent/boot.py", "agent.enroll"): FIRST_BOOT_ONLY,
     ("agent/discovery.py", "agent.core.discovery"): DOCUMENT_ONLY,
     ("agent/commands.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certs"): ON_DEMAND,
