@@ -61,7 +61,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/identity.py", "provisioning.policy"): ON_DEMAND,
     ("agent/ota/release.py", "provisioning.certs"): ON_DEMAND,
     ("agent/ota/release.py", "provisioning.release"): ON_DEMAND,
-    ("agent/renewal.py", "provisioning.est.client"): ON_DEMAND,
+    ("agent/renewal.py", "agent.reenroll"): ON_DEMAND,
     ("agent/attest.py", "provisioning.attest.evidence"): ON_DEMAND,
     ("agent/attest.py", "provisioning.certstore"): ON_DEMAND,
     ("agent/attest.py", "provisioning.est.client"): ON_DEMAND,
