@@ -44,7 +44,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/commands.py", "agent.textfile"): COMMAND_ONLY,
     ("agent/commands.py", "hal.about"): ARGPARSE_ONLY,
     ("agent/commands.py", "provisioning.tomlfmt"): COMMAND_ONLY,
-    ("agent/config.py", "provisioning.tomlfmt"): COMMAND_ONLY,
     ("agent/compose.py", "agent.ota.agent"): OTA_ONLY,
     ("agent/compose.py", "agent.token"): TOKEN_ONLY,
     ("agent/outbox.py", "agent.outbox_store"): SQLITE_ONLY,

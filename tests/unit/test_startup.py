@@ -41,7 +41,8 @@ NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "a
                 "queue", "agent.attest", "hal.keys.tpm_attest", "agent.textfile",
                 "provisioning.tomlfmt", "agent.core.discovery", "argparse", "gettext", "hal.about", "signal",
                 "shlex", "json", "json.decoder", "json.encoder", "agent.commands",
-                "agent.enroll", "agent.publisher", "agent.reenroll")
+                "agent.enroll", "agent.publisher", "agent.reenroll",
+                "agent.config_edit")
 # loaded by none of them either, but by the interpreter's own start in this editable-install venv (its
 # path hook), so the child below unloads them first; a device's wheel install does not load them
 NOT_FROM_THE_PROJECT = ("pathlib",)
