@@ -12,13 +12,12 @@ pays little per message. The socket is mode 0600 in a 0700 directory: only the a
 root) may publish as the device.
 
 This module is the server, inside `tether run`; the client (`Publisher`, `tether publish`) is
-agent.publisher, which `tether run` never loads (issue 24).
+agent.publisher, which `tether run` never loads; an application's connection is served by
+agent.publish_conn, loaded with the first one (issue 24).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import logging
 import os
@@ -26,16 +25,14 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from agent.component import Component
 from agent.config import Config
 from agent.errors import AgentError
-from agent.outbox import OutboxError
 
 log = logging.getLogger("tether.outbox")
-MAX_LINE = 4 << 20   # a base64 line for a ~3 MiB payload; longer lines close the connection
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; longer paths are reached through /proc/self/fd
 
 
@@ -147,76 +144,12 @@ class PublishServer(Component):
                 conn, _ = self.sock.accept()
             except OSError:  # closed by stop()
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="publish-conn", daemon=True).start()
+            from agent.publish_conn import serve  # with the first application's connection (see ALLOWED)
 
-    def _serve(self, conn: socket.socket) -> None:
-        import json  # with the first application's connection: `tether run` starts without json (issue 24)
-
-        with conn:
-            buffer = b""
-            while True:
-                try:
-                    data = conn.recv(1 << 16)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buffer += data
-                *lines, buffer = buffer.split(b"\n")
-                replies = self.handle([line for line in lines if line.strip()])
-                if len(buffer) > MAX_LINE:
-                    replies.append({"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
-                try:
-                    if replies:
-                        conn.sendall(b"".join(json.dumps(r).encode() + b"\n" for r in replies))
-                except OSError:
-                    return
-                if len(buffer) > MAX_LINE:
-                    return
-
-    def handle(self, lines: Sequence[bytes]) -> list[dict[str, Any]]:
-        """One reply per request line, in order; the well-formed ones are queued together."""
-        parsed: list[tuple[str, bytes, int] | str] = [_parse(line) for line in lines]
-        items = [p for p in parsed if not isinstance(p, str)]
-        try:
-            results = iter(self.outbox.publish_many(items) if items else [])
-        except OutboxError as exc:
-            log.warning("publish API: %s", exc)
-            return [{"ok": False, "error": p if isinstance(p, str) else str(exc)} for p in parsed]
-        replies = []
-        for p in parsed:
-            result = p if isinstance(p, str) else next(results)
-            replies.append({"ok": True, "id": result} if isinstance(result, int) else
-                           {"ok": False, "error": str(result)})
-        return replies
+            threading.Thread(target=serve, args=(conn, self.outbox), name="publish-conn", daemon=True).start()
 
     def stop(self) -> None:
         if self.sock is not None:
             self.sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-
-
-def _parse(line: bytes) -> tuple[str, bytes, int] | str:
-    """(topic, payload, qos) from one request line, or the reason it is not a request."""
-    import json  # see _serve
-
-    try:
-        request = json.loads(line)
-    except ValueError as exc:
-        return f"not a JSON object: {exc}"
-    if not isinstance(request, dict) or not isinstance(request.get("topic"), str):
-        return 'expected {"topic": "...", "payload_b64": "..." or "payload": "...", "qos": 0|1}'
-    qos = request.get("qos", 1)
-    if not isinstance(qos, int) or isinstance(qos, bool):
-        return f"qos must be 0 or 1, got {qos!r}"
-    if "payload_b64" in request:
-        try:
-            payload = base64.b64decode(request["payload_b64"], validate=True)
-        except (binascii.Error, TypeError, ValueError) as exc:
-            return f"payload_b64 is not base64: {exc}"
-    elif isinstance(request.get("payload", ""), str):
-        payload = request.get("payload", "").encode()
-    else:
-        return "payload must be a string (or use payload_b64 for bytes)"
-    return request["topic"], payload, qos

@@ -34,6 +34,8 @@ ARGPARSE_ONLY = ("loaded with argparse (the other commands and their parser, an 
 TOKEN_ONLY = "the access token's keeper: made when [token] enabled, so a device without tokens never loads it"
 FIRST_BOOT_ONLY = ("enrollment over EST: loaded when the boot finds no valid chain (first boot, expired chain), "
                    "so a boot that has its chain never unmarshals it")
+CONNECTION_ONLY = ("the publish API's request handlers (and json): loaded with the first application's "
+                   "connection, so `tether run` starts without them")
 GC_OFF_FIRST = "imported once the collector is off: its import is most of the start-up (agent/entry.py)"
 ALLOWED: dict[tuple[str, str], str] = {
     ("agent/entry.py", "agent.cli"): GC_OFF_FIRST,
@@ -49,6 +51,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/outbox.py", "agent.outbox_store"): SQLITE_ONLY,
     ("agent/enroll.py", "agent.attest"): ATTEST_ONLY,
     ("agent/boot.py", "agent.enroll"): FIRST_BOOT_ONLY,
+    ("agent/publish_api.py", "agent.publish_conn"): CONNECTION_ONLY,
     ("agent/discovery.py", "agent.core.discovery"): DOCUMENT_ONLY,
     ("agent/commands.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certs"): ON_DEMAND,
