@@ -36,6 +36,7 @@ FIRST_BOOT_ONLY = ("enrollment over EST: loaded when the boot finds no valid cha
                    "so a boot that has its chain never unmarshals it")
 CONNECTION_ONLY = ("the publish API's request handlers (and json): loaded with the first application's "
                    "connection, so `tether run` starts without them")
+FETCH_ONLY = "the discovery request: loaded when discovery asks its server"
 GC_OFF_FIRST = "imported once the collector is off: its import is most of the start-up (agent/entry.py)"
 ALLOWED: dict[tuple[str, str], str] = {
     ("agent/entry.py", "agent.cli"): GC_OFF_FIRST,
@@ -53,6 +54,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/boot.py", "agent.enroll"): FIRST_BOOT_ONLY,
     ("agent/publish_api.py", "agent.publish_conn"): CONNECTION_ONLY,
     ("agent/discovery.py", "agent.core.discovery"): DOCUMENT_ONLY,
+    ("agent/discovery.py", "agent.discovery_fetch"): FETCH_ONLY,
     ("agent/commands.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certstore"): ON_DEMAND,

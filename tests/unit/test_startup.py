@@ -42,7 +42,8 @@ NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "a
                 "provisioning.tomlfmt", "agent.core.discovery", "argparse", "gettext", "hal.about", "signal",
                 "shlex", "json", "json.decoder", "json.encoder", "agent.commands",
                 "agent.enroll", "agent.publisher", "agent.reenroll",
-                "agent.config_edit", "hal.keys.interface", "agent.publish_conn")
+                "agent.config_edit", "hal.keys.interface", "agent.publish_conn",
+                "agent.discovery_fetch")
 # loaded by none of them either, but by the interpreter's own start in this editable-install venv (its
 # path hook), so the child below unloads them first; a device's wheel install does not load them
 NOT_FROM_THE_PROJECT = ("pathlib",)
