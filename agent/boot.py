@@ -11,16 +11,17 @@ second ledger row.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from agent.config import Config
-from agent.enroll import enroll
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
 from agent.state import Record
 from hal.value import Value
+from provisioning.errors import EnrollmentError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,50 @@ def chain_state(identity: DeviceIdentity, now: float | None = None) -> tuple[boo
     return True, "chain valid"
 
 
+def seconds_text(value: float) -> str:
+    """A wait in seconds as a log line says it: whole seconds from 10 s up, tenths below."""
+    return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
+
+
+def retry_delay(exc: BaseException, config: Config, fallback: float) -> float | None:
+    """Seconds before the next attempt after `exc`, or None when trying again cannot help.
+
+    A station that asked for a delay (`Retry-After` on 202/503) gets it, capped at
+    `[est] retry_after_max`, and never less than `fallback` (the caller's backoff, so a station
+    answering `Retry-After: 0` cannot make a device hammer it); without one, `fallback`. None for an
+    EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR
+    (with `[enroll] method = "tpm-attestation"`: `[est] retry_after_max`, as nothing on the device can change).
+    """
+    if not isinstance(exc, EnrollmentError):
+        return fallback
+    if not exc.retryable:
+        # attested enrollment carries no credential a person could replace on the device: what the station
+        # refused (an EK not yet on its allow-list, a barred device) is fixed at the station, so ask again
+        # after the longest wait a station may ask for
+        return config.est.retry_after_max if config.enroll.method == "tpm-attestation" else None
+    if exc.retry_after is None:
+        return fallback
+    ceiling = config.est.retry_after_max
+    asked = exc.retry_after
+    delay = max(min(asked, ceiling), fallback)
+    log.warning("station asked to retry after %s s%s; next attempt in %s s", seconds_text(asked),
+                f" (capped at {seconds_text(ceiling)} s)" if asked > ceiling else "", seconds_text(delay))
+    return delay
+
+
+def credentials_stamp(config: Config, otp_file: str | None = None) -> tuple[object, ...]:
+    """What changes when an operator replaces the enrollment credentials (one-time password file,
+    bootstrap certificate or key): a refused enrollment is sent again only after this changes."""
+    stamp: list[object] = []
+    for path in (otp_file or config.est.otp_file, config.est.bootstrap_cert, config.est.bootstrap_key):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        stamp.append(None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
 class Step(Value):
     name: str
     done: Callable[[DeviceIdentity], bool]
@@ -53,6 +98,8 @@ def _enroll(identity: DeviceIdentity) -> Any:
         _, why = chain_state(identity)
         raise AgentError(f"{why}; and no [est] url is configured: install a chain with `tether chain install "
                          "FILE` or set [est] url to the provisioning station")
+
+    from agent.enroll import enroll  # first boot (or an expired chain) only: a normal boot has its chain
 
     return enroll(config, identity)
 

@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent import config as configmod
+from agent import config_edit
 from agent.core.errors import CoreError
 from agent.core.jwt import decode_claims
 from agent.enroll import enroll_waiting
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
-from agent.publish_api import publish_command
+from agent.publisher import publish_command
 from agent.state import read_runtime_status
 from hal import storage
 from hal.keys import BACKENDS
@@ -44,7 +45,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
 @command("keygen")
 def cmd_keygen(args: argparse.Namespace, config: configmod.Config) -> int:
     if args.backend and args.backend != config.key_uri.scheme:
-        configmod.set_value(config.sources[0], "keys.uri", f"{args.backend}:")
+        config_edit.set_value(config.sources[0], "keys.uri", f"{args.backend}:")
         config = configmod.load(config.sources[0])
     identity = DeviceIdentity(config)
     if identity.has_key():
@@ -179,7 +180,7 @@ def cmd_token(args: argparse.Namespace, config: configmod.Config) -> int:
 # -- configuration -------------------------------------------------------------------------------------
 @command("config show")
 def cmd_config_show(args: argparse.Namespace, config: configmod.Config) -> int:
-    sys.stdout.write(configmod.render(config))
+    sys.stdout.write(config_edit.render(config))
     return 0
 
 
@@ -187,13 +188,13 @@ def cmd_config_show(args: argparse.Namespace, config: configmod.Config) -> int:
 def cmd_config_get(args: argparse.Namespace, config: configmod.Config) -> int:
     from provisioning.tomlfmt import format_value
 
-    print(format_value(configmod.get_value(config, args.key)))
+    print(format_value(config_edit.get_value(config, args.key)))
     return 0
 
 
 @command("config set")
 def cmd_config_set(args: argparse.Namespace, config: configmod.Config) -> int:
-    target = configmod.set_value(config.sources[0], args.key, args.value)
+    target = config_edit.set_value(config.sources[0], args.key, args.value)
     print(f"{args.key} set in {target}")
     return 0
 

@@ -280,7 +280,7 @@ _HINTS: dict[str, dict[str, Any]] = {}
 _TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple[str, ...]}
 
 
-def _hints(section: str) -> dict[str, Any]:
+def field_hints(section: str) -> dict[str, Any]:
     """Field types of a section (resolved once)."""
     if section not in _HINTS:
         notes = SECTIONS[section].__annotations__
@@ -316,7 +316,7 @@ def _merge(merged: dict[str, dict[str, Any]], data: dict[str, Any], path: str,
             raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: [{section}] must be a table, got {type(body).__name__}")
-        hints = _hints(section)
+        hints = field_hints(section)
         for key, value in body.items():
             where = f"{path}: [{section}] {key}"
             if key not in hints:
@@ -339,7 +339,7 @@ def _beside(origin: str, path: str) -> str:
     return os.path.realpath(os.path.join(os.path.dirname(origin), path))
 
 
-def _read_toml(path: str, cache: ParseCache | None = None) -> dict[str, Any]:
+def read_toml(path: str, cache: ParseCache | None = None) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -518,7 +518,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     origins: dict[tuple[str, str], str] = {}
     cache = ParseCache.from_environment()
     for f in files:
-        _merge(merged, _read_toml(f, cache), f, origins)
+        _merge(merged, read_toml(f, cache), f, origins)
     if cache is not None:
         cache.save(files)
     _select_keys(merged.setdefault("keys", {}), origins, files)
@@ -611,64 +611,3 @@ def read_private_secret(path: str, what: str, key: str) -> bytes:
     if mode & 0o077:
         raise ConfigError(f"{key}: {path} is readable by others (mode {mode & 0o777:04o}); chmod 600 {path}")
     return read_secret_file(path, what)
-
-
-def render(config: Config) -> str:
-    """The effective configuration as TOML (`tether config show`), written by the one TOML writer."""
-    from provisioning.tomlfmt import to_toml  # the TOML writer: `config show` and `config set` only
-
-    return to_toml(config.as_dict(), f"effective configuration from: {', '.join(config.sources)}")
-
-
-SET_FILE = "99-set-by-tether.toml"
-
-
-def _split_key(dotted: str) -> tuple[str, str]:
-    section, _, key = dotted.partition(".")
-    if section not in SECTIONS or key not in _hints(section):
-        raise ConfigError(f"{dotted!r} is not a configuration key (use section.key, e.g. keys.backend; "
-                          "`tether config show` lists them)")
-    return section, key
-
-
-def get_value(config: Config, dotted: str) -> Any:
-    section, key = _split_key(dotted)
-    return getattr(getattr(config, section), key)
-
-
-def set_value(base: str, dotted: str, text: str) -> str:
-    """Record `section.key = text` in the base file's `config.d/99-set-by-tether.toml` drop-in.
-
-    A drop-in keeps the base file (often part of the device image) and its comments untouched.
-    The value is parsed as TOML when it is a TOML literal, as a string otherwise, and the result is
-    validated by loading the whole configuration before the drop-in is replaced.
-    """
-    import tomllib  # `tether config set` only
-
-    section, key = _split_key(dotted)
-    try:
-        value: Any = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    hint = _hints(section)[key]
-    if hint is str and not isinstance(value, str):
-        value = text
-    directory = os.path.join(os.path.dirname(base), "config.d")
-    target = os.path.join(directory, SET_FILE)
-    current = _read_toml(target) if os.path.exists(target) else {}
-    current.setdefault(section, {})[key] = value
-    from provisioning.tomlfmt import to_toml
-
-    body = to_toml(current, "written by `tether config set`; later files in config.d/ override it")
-    storage.ensure_dir(directory, 0o755)
-    old = storage.read_bytes(target)
-    storage.atomic_write(target, body.encode(), 0o644)
-    try:
-        load(base)
-    except ConfigError:
-        if old is None:
-            storage.remove(target)
-        else:
-            storage.atomic_write(target, old, 0o644)
-        raise
-    return target

@@ -5,13 +5,14 @@ cores' connectivity and the CAs that sign their broker certificates (seed 000; D
 "Endpoints"). Parsing and validation are pure (`agent.core.discovery`); this module does the I/O
 with the standard library's `http.client`, so discovery adds no import to the device's runtime.
 The last good document is kept in the state directory so an offline boot can still try known cores.
+The request itself is agent.discovery_fetch, loaded when discovery asks its server: a boot that
+does not ask (no [discovery] url, or before the first failover) never unmarshals it (issue 24).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-import urllib.parse
 
 from agent.config import Config
 from agent.core.endpoints import Endpoint
@@ -19,44 +20,12 @@ from agent.core.errors import CoreError
 from agent.errors import AgentError
 from agent.state import Record
 from hal import storage
-from provisioning.weburl import UrlError, parse_https_url
 
 log = logging.getLogger(__name__)
-DEFAULT_PORT = 8443  # Greengrass discovery's port
 
 
 class DiscoveryError(AgentError):
     """Discovery failed; the message names the server and the reason."""
-
-
-def fetch(config: Config, context: ssl.SSLContext) -> bytes:
-    """The raw discovery document for this device, read with a size cap; DiscoveryError otherwise."""
-    import http.client  # only when discovery runs: keeps the start-up path light
-
-    try:  # the one URL rule, and the connection goes to the very host and port it approved
-        url = parse_https_url(config.discovery.url)
-    except UrlError as exc:
-        raise DiscoveryError(f"[discovery] url: {exc}") from None
-    port = url.port if url.explicit_port else DEFAULT_PORT
-    thing = urllib.parse.quote(config.discovery.thing or config.device.id, safe="")
-    prefix = url.rest.split("?", 1)[0].split("#", 1)[0].rstrip("/")
-    path = f"{prefix}/greengrass/discover/thing/{thing}"
-    where = f"discovery {url.host}:{port}{path}"
-    conn = http.client.HTTPSConnection(url.host, port, context=context, timeout=config.discovery.timeout)
-    try:
-        conn.request("GET", path, headers={"Accept": "application/json"})
-        response = conn.getresponse()
-        body = response.read(config.discovery.max_bytes + 1)
-    except (OSError, http.client.HTTPException) as exc:
-        raise DiscoveryError(f"{where}: {exc}") from None
-    finally:
-        conn.close()
-    if response.status != 200:
-        raise DiscoveryError(f"{where}: HTTP {response.status} {response.reason}: "
-                             f"{body[:200].decode(errors='replace')}")
-    if len(body) > config.discovery.max_bytes:
-        raise DiscoveryError(f"{where}: body over the {config.discovery.max_bytes}-byte limit")
-    return body
 
 
 def parse(body: bytes | str, where: str, max_bytes: int) -> list[Endpoint]:
@@ -96,6 +65,8 @@ class Discovery:
 
         Raises DiscoveryError (the caller falls back to the cache and the manual list).
         """
+        from agent.discovery_fetch import fetch  # the request itself: loaded when discovery asks its server
+
         body = fetch(self.config, context)
         endpoints = parse(body, f"discovery {self.config.discovery.url}", self.config.discovery.max_bytes)
         storage.atomic_write(self.cache, body, storage.PUBLIC_MODE)

@@ -9,7 +9,8 @@ are removed only after the chain is stored.
 Retries are decided by the error, never by its text (DESIGN.md "The supervisor"): `retry_delay`
 honours the station's `Retry-After` (202 pending, 503 busy; RFC 7030 4.2.3) up to
 `[est] retry_after_max`; a refusal that is not retryable (spent one-time password, revoked device)
-is not sent again until the credentials change (`credentials_stamp`).
+is not sent again until the credentials change (`credentials_stamp`). Both live in agent.boot, which
+the boot loop and renewal share: a boot that finds its chain valid never loads this module.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from agent.boot import retry_delay, seconds_text
 from agent.config import Config, read_secret_file
 from agent.core.backoff import Backoff
 from agent.errors import AgentError
@@ -117,49 +119,6 @@ def enroll(config: Config, identity: DeviceIdentity | None = None, *, otp: str |
     return {**chain_facts(chain), "csr_reused": reused, "auth": kind}
 
 
-def _seconds(value: float) -> str:
-    return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
-
-
-def retry_delay(exc: BaseException, config: Config, fallback: float) -> float | None:
-    """Seconds before the next attempt after `exc`, or None when trying again cannot help.
-
-    A station that asked for a delay (`Retry-After` on 202/503) gets it, capped at
-    `[est] retry_after_max`, and never less than `fallback` (the caller's backoff, so a station
-    answering `Retry-After: 0` cannot make a device hammer it); without one, `fallback`. None for an
-    EnrollmentError that is not retryable: a spent one-time password, a revoked device, a refused CSR
-    (with `[enroll] method = "tpm-attestation"`: `[est] retry_after_max`, as nothing on the device can change).
-    """
-    if not isinstance(exc, EnrollmentError):
-        return fallback
-    if not exc.retryable:
-        # attested enrollment carries no credential a person could replace on the device: what the station
-        # refused (an EK not yet on its allow-list, a barred device) is fixed at the station, so ask again
-        # after the longest wait a station may ask for
-        return config.est.retry_after_max if config.enroll.method == "tpm-attestation" else None
-    if exc.retry_after is None:
-        return fallback
-    ceiling = config.est.retry_after_max
-    asked = exc.retry_after
-    delay = max(min(asked, ceiling), fallback)
-    log.warning("station asked to retry after %s s%s; next attempt in %s s", _seconds(asked),
-                f" (capped at {_seconds(ceiling)} s)" if asked > ceiling else "", _seconds(delay))
-    return delay
-
-
-def credentials_stamp(config: Config, otp_file: str | None = None) -> tuple[object, ...]:
-    """What changes when an operator replaces the enrollment credentials (one-time password file,
-    bootstrap certificate or key): a refused enrollment is sent again only after this changes."""
-    stamp: list[object] = []
-    for path in (otp_file or config.est.otp_file, config.est.bootstrap_cert, config.est.bootstrap_key):
-        try:
-            st = os.stat(path) if path else None
-        except OSError:
-            st = None
-        stamp.append(None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(stamp)
-
-
 def enroll_waiting(config: Config, *, otp_file: str | None = None, wait: float = 3600.0,
                    sleep: Callable[[float], object] = time.sleep,
                    clock: Callable[[], float] = time.monotonic,
@@ -181,7 +140,7 @@ def enroll_waiting(config: Config, *, otp_file: str | None = None, wait: float =
             delay = retry_delay(exc, config, backoff.next_delay(rand()))
             assert delay is not None
             if clock() + delay > deadline:
-                raise EnrollmentError(f"{exc}; gave up: waiting {_seconds(delay)} s more would pass --wait "
-                                      f"{_seconds(wait)} s", retryable=True, status=exc.status,
+                raise EnrollmentError(f"{exc}; gave up: waiting {seconds_text(delay)} s more would pass --wait "
+                                      f"{seconds_text(wait)} s", retryable=True, status=exc.status,
                                       retry_after=exc.retry_after) from None
             sleep(delay)

@@ -22,7 +22,7 @@ from provisioning.errors import ProvisioningError
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from hal.keys import KeyStore
+    from hal.keys.interface import KeyStore
     from provisioning.certstore import CertStore
     from provisioning.policy import ChainPolicy
 

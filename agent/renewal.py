@@ -27,17 +27,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.boot import retry_delay
 from agent.component import Component
-from agent.config import Config, read_private_secret
+from agent.config import Config
 from agent.core.backoff import Backoff
 from agent.core.retry import Retry
-from agent.enroll import retry_delay
-from agent.errors import AgentError
 from agent.identity import KEY_LABEL, NEXT_KEY_LABEL, DeviceIdentity
 from agent.renewal_state import RenewalState, RenewalTransitionError
 from agent.state import Record
 from hal.errors import TetherError
-from provisioning.errors import EnrollmentError
 
 log = logging.getLogger("tether.renewal")
 STAGED_CHAIN = "chain.next.pem"
@@ -153,54 +151,9 @@ class Renewal(Component):
 
         Touches only chain.next.pem and the next key, never renewal.json: the control loop records
         the outcome."""
-        from provisioning.est.client import BearerAuth, ClientCertAuth, EstClient
+        from agent.reenroll import reenroll  # the EST exchange: loaded when renewal is due, not at every boot
 
-        if not self.config.est.url:
-            raise AgentError("[est] url is not set: cannot renew")
-        label = KEY_LABEL
-        if self.config.renewal.new_key:
-            label = NEXT_KEY_LABEL
-            if not self.identity.keystore.exists(label):  # a crashed attempt's key is reused, not leaked
-                self.identity.keystore.create(label, self.config.keys.algorithm)
-        csr = self.identity.csr(label)
-        if self.config.renewal.auth == "bearer":
-            token = self.token()
-            if not token:
-                raise AgentError("no access token to authenticate the re-enrollment (auth = bearer)")
-            auth: Any = BearerAuth(token)
-        else:
-            tls = self.identity.keystore.tls_key(KEY_LABEL)
-            auth = ClientCertAuth(str(self.identity.certstore.path()), tls.keyfile, tls.password,
-                                  basic=self._reenroll_basic())
-        log.info("renewal: re-enrolling with %s (%s key)", self.config.est.url,
-                 "a new" if label != KEY_LABEL else "the current")
-        with EstClient(self.config.est.url, self.config.est.ca_file, self.config.est.timeout, auth=auth,
-                       label=self.config.est.label) as est:
-            try:
-                chain = est.simplereenroll(csr)
-            except EnrollmentError as exc:
-                if exc.status != 401 or self.config.renewal.auth == "bearer":
-                    raise
-                # libest's estserver, as shipped, wants a password after TLS client auth too (RFC 7030 3.2.3)
-                hint = ("if the server wants a password besides the client certificate (RFC 7030 3.2.3), "
-                        "set [est] reenroll_password_file (and [est] reenroll_username)")
-                if self.config.est.reenroll_password_file:
-                    hint = "the password from [est] reenroll_password_file was refused"
-                raise EnrollmentError(f"{exc}; {hint}", retryable=False, status=401) from None
-        self.identity.certstore.stage(chain, self.identity.device_id, self.identity.keystore.public_key(label))
-        log.info("renewal: new certificate serial 0x%x staged; proving it with a session", chain[0].serial_number)
-        return chain, label
-
-    def _reenroll_basic(self) -> Any:
-        """HTTP Basic for re-enrollment from [est] reenroll_username / reenroll_password_file, or None."""
-        from provisioning.est.client import BasicAuth
-
-        est = self.config.est
-        if not est.reenroll_password_file:
-            return None
-        password = read_private_secret(est.reenroll_password_file, "re-enrollment password",
-                                       "[est] reenroll_password_file").decode()
-        return BasicAuth(est.reenroll_username or self.identity.device_id, password)
+        return reenroll(self.config, self.identity, self.token)
 
     # -- outcomes (control loop) ----------------------------------------------------------------------
     def _staged(self, label: str) -> None:

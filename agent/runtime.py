@@ -29,7 +29,7 @@ else:
     # imported, about 1% of `tether run`'s instructions to CONNACK (issue 24); two handlers need none of it
     import _signal as signal
 
-from agent.boot import BootSequence
+from agent.boot import BootSequence, credentials_stamp, retry_delay
 from agent.component import Component
 from agent.config import Config
 from agent.control import MAX_SLEEP, RESTART_EXIT, ControlLoop, Inbox, SessionLink, publish_on
@@ -41,7 +41,6 @@ from agent.core.errors import CoreError
 from agent.core.retry import Retry
 from agent.core.token_schedule import TokenRefresher
 from agent.discovery import Discovery, DiscoveryError, load_last_good, save_last_good
-from agent.enroll import credentials_stamp, retry_delay
 from agent.errors import AgentError, ConfigError
 from agent.identity import KEY_LABEL, DeviceIdentity
 from agent.renewal import Renewal

@@ -20,7 +20,6 @@ path (`pkcs11:token=station;object=ca?module-path=/usr/lib/softhsm/libsofthsm2.s
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
@@ -29,12 +28,7 @@ from hal.errors import KeyStoreError
 from hal.value import Value
 
 if TYPE_CHECKING:
-    from typing import Protocol
-
-    from cryptography.hazmat.primitives.asymmetric.types import (
-        CertificateIssuerPrivateKeyTypes,
-        PublicKeyTypes,
-    )
+    from hal.keys.interface import KeyStore
 
 ALGORITHMS = ("ec-p256", "rsa-2048", "rsa-3072")
 DEFAULT_ALGORITHM = "ec-p256"
@@ -140,53 +134,6 @@ class TlsKey(Value):
     keyfile: str
     password: bytes | None = None
     env: dict[str, str] = {}  # never mutated: shared default of an immutable tuple
-
-
-if TYPE_CHECKING:
-    # The interface every backend implements, for the type checker only: callers are typed against it
-    # (`open_keystore` returns one) and backends implement it without subclassing it, so nothing needs the
-    # class at run time and none is built on every start of `tether run` (issue 24: a Protocol is the
-    # dearest kind of class to build).
-    class KeyStore(Protocol):
-        """A place for private keys, addressed by label (`device`, `device.next`, ...)."""
-
-        backend: str
-
-        def exists(self, label: str) -> bool:
-            """True when a key with this label is stored."""
-            ...
-
-        def create(self, label: str, algorithm: str = DEFAULT_ALGORITHM) -> None:
-            """Generate a new key; raises KeyStoreError if the label is taken or the algorithm unsupported."""
-            ...
-
-        def delete(self, label: str) -> None:
-            """Remove the key; no error when it does not exist."""
-            ...
-
-        def rename(self, label: str, new_label: str) -> None:
-            """Atomically move a key to another label, replacing what was there (key promotion)."""
-            ...
-
-        def public_key(self, label: str) -> PublicKeyTypes:
-            """The key's public half as a `cryptography` object."""
-            ...
-
-        def signer(self, label: str) -> AbstractContextManager[CertificateIssuerPrivateKeyTypes]:
-            """A context manager yielding a private-key object `cryptography` can sign CSRs with."""
-            ...
-
-        def tls_key(self, label: str) -> TlsKey:
-            """The key file, password and environment `ssl` needs to use this key for mutual TLS."""
-            ...
-
-        def tls_env(self) -> dict[str, str]:
-            """Environment `ssl` needs before its first import to use keys of this store ({} for files)."""
-            ...
-
-        def describe(self) -> dict[str, Any]:
-            """Facts for `tether status`: backend, location, algorithm support."""
-            ...
 
 
 def check_label(label: str) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import load
-from agent.publish_api import Publisher, PublishError, socket_path
+from agent.publish_api import socket_path
+from agent.publisher import Publisher, PublishError
 from lab.mosquitto import Mosquitto
 from lab.procs import wait_until
 from tests.agent_bed import Agent, provisioned_device

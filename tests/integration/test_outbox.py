@@ -15,7 +15,8 @@ import pytest
 
 from agent.config import load
 from agent.outbox import OutboxError, resolve_topic
-from agent.publish_api import Publisher, PublishError, socket_path
+from agent.publish_api import socket_path
+from agent.publisher import Publisher, PublishError
 from lab.mosquitto import Mosquitto
 from lab.procs import wait_until
 from tests.agent_bed import Agent, provisioned_device

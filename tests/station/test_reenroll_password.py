@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from agent.config import load
 from agent.errors import ConfigError
 from agent.identity import DeviceIdentity
+from agent.reenroll import basic_auth
 from agent.renewal import Renewal
 from provisioning.certs import load_certificates
 from provisioning.errors import EnrollmentError
@@ -92,7 +93,7 @@ def test_reenrollment_with_the_password_from_a_private_file_renews_and_never_log
     current = load_certificates((tmp_path / "pw-good" / "state" / "certs" / "chain.pem").read_bytes())[0]
     assert chain[0].serial_number != current.serial_number and chain[0].subject == current.subject
     assert len(demanding_station.rows("pw-good")) == 2
-    assert PASSWORD not in caplog.text and PASSWORD not in repr(renewal._reenroll_basic())
+    assert PASSWORD not in caplog.text and PASSWORD not in repr(basic_auth(renewal.config, renewal.identity))
 
 
 def test_a_wrong_password_is_refused_and_the_error_says_which_file_was_used(

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import ConfigError, Threshold, load, parse_threshold, render, set_value
+from agent.config import ConfigError, Threshold, load, parse_threshold
+from agent.config_edit import render, set_value
 
 
 def write(path: Path, text: str) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.boot import retry_delay
 from agent.config import Config, ConfigError, load
-from agent.enroll import retry_delay
 from provisioning.errors import EnrollmentError, PemError
 from provisioning.est.client import est_base, parse_retry_after
 from provisioning.est.pkcs7 import SIGNED_DATA_OID, certificate_blobs

@@ -32,6 +32,11 @@ ATTEST_ONLY = "TPM attestation: loaded when enrolling with [enroll] method = tpm
 ARGPARSE_ONLY = ("loaded with argparse (the other commands and their parser, an argparse action), which the "
                  "service's own command line does without")
 TOKEN_ONLY = "the access token's keeper: made when [token] enabled, so a device without tokens never loads it"
+FIRST_BOOT_ONLY = ("enrollment over EST: loaded when the boot finds no valid chain (first boot, expired chain), "
+                   "so a boot that has its chain never unmarshals it")
+CONNECTION_ONLY = ("the publish API's request handlers (and json): loaded with the first application's "
+                   "connection, so `tether run` starts without them")
+FETCH_ONLY = "the discovery request: loaded when discovery asks its server"
 GC_OFF_FIRST = "imported once the collector is off: its import is most of the start-up (agent/entry.py)"
 ALLOWED: dict[tuple[str, str], str] = {
     ("agent/entry.py", "agent.cli"): GC_OFF_FIRST,
@@ -42,12 +47,14 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/commands.py", "agent.textfile"): COMMAND_ONLY,
     ("agent/commands.py", "hal.about"): ARGPARSE_ONLY,
     ("agent/commands.py", "provisioning.tomlfmt"): COMMAND_ONLY,
-    ("agent/config.py", "provisioning.tomlfmt"): COMMAND_ONLY,
     ("agent/compose.py", "agent.ota.agent"): OTA_ONLY,
     ("agent/compose.py", "agent.token"): TOKEN_ONLY,
     ("agent/outbox.py", "agent.outbox_store"): SQLITE_ONLY,
     ("agent/enroll.py", "agent.attest"): ATTEST_ONLY,
+    ("agent/boot.py", "agent.enroll"): FIRST_BOOT_ONLY,
+    ("agent/publish_api.py", "agent.publish_conn"): CONNECTION_ONLY,
     ("agent/discovery.py", "agent.core.discovery"): DOCUMENT_ONLY,
+    ("agent/discovery.py", "agent.discovery_fetch"): FETCH_ONLY,
     ("agent/commands.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certs"): ON_DEMAND,
     ("agent/enroll.py", "provisioning.certstore"): ON_DEMAND,
@@ -58,7 +65,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/identity.py", "provisioning.policy"): ON_DEMAND,
     ("agent/ota/release.py", "provisioning.certs"): ON_DEMAND,
     ("agent/ota/release.py", "provisioning.release"): ON_DEMAND,
-    ("agent/renewal.py", "provisioning.est.client"): ON_DEMAND,
+    ("agent/renewal.py", "agent.reenroll"): ON_DEMAND,
     ("agent/attest.py", "provisioning.attest.evidence"): ON_DEMAND,
     ("agent/attest.py", "provisioning.certstore"): ON_DEMAND,
     ("agent/attest.py", "provisioning.est.client"): ON_DEMAND,

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError, load, render
+from agent.config import ConfigError, load
+from agent.config_edit import render
 from hal import keys as halkeys
 from hal.errors import KeyStoreError
 from hal.keys import BACKENDS, KeyBackend, KeyUri, parse_key_uri

@@ -40,7 +40,10 @@ NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "a
                 "agent.ota.machine", "agent.ota.cli", "agent.outbox_store", "agent.bearer", "cryptography",
                 "queue", "agent.attest", "hal.keys.tpm_attest", "agent.textfile",
                 "provisioning.tomlfmt", "agent.core.discovery", "argparse", "gettext", "hal.about", "signal",
-                "shlex", "json", "json.decoder", "json.encoder", "agent.commands")
+                "shlex", "json", "json.decoder", "json.encoder", "agent.commands",
+                "agent.enroll", "agent.publisher", "agent.reenroll",
+                "agent.config_edit", "hal.keys.interface", "agent.publish_conn",
+                "agent.discovery_fetch")
 # loaded by none of them either, but by the interpreter's own start in this editable-install venv (its
 # path hook), so the child below unloads them first; a device's wheel install does not load them
 NOT_FROM_THE_PROJECT = ("pathlib",)

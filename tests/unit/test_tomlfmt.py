@@ -47,7 +47,8 @@ def test_a_value_no_config_holds_is_refused() -> None:
 
 
 def test_agent_config_render_round_trips_through_its_own_loader(tmp_path: Path) -> None:
-    from agent.config import load, render
+    from agent.config import load
+    from agent.config_edit import render
 
     path = tmp_path / "t.toml"
     path.write_text(to_toml({"device": {"id": "dev-1", "state_dir": "st"},
