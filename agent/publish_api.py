@@ -153,3 +153,13 @@ class PublishServer(Component):
             self.sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+
+
+def __getattr__(name: str) -> Any:
+    """`agent.publish_api.Publisher` and `PublishError`, as applications imported them before the client
+    moved to agent.publisher: loaded when an application asks, never by `tether run`."""
+    if name in ("Publisher", "PublishError"):
+        from agent import publisher  # the client, for an application that imports it from here (see ALLOWED)
+
+        return getattr(publisher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

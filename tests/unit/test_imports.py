@@ -53,6 +53,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("agent/enroll.py", "agent.attest"): ATTEST_ONLY,
     ("agent/boot.py", "agent.enroll"): FIRST_BOOT_ONLY,
     ("agent/publish_api.py", "agent.publish_conn"): CONNECTION_ONLY,
+    ("agent/publish_api.py", "agent.publisher"): "the client's old address for applications, loaded when one asks",
     ("agent/discovery.py", "agent.core.discovery"): DOCUMENT_ONLY,
     ("agent/discovery.py", "agent.discovery_fetch"): FETCH_ONLY,
     ("agent/commands.py", "provisioning.certs"): ON_DEMAND,

@@ -344,3 +344,15 @@ def test_a_caller_that_left_the_collector_on_keeps_it_as_it_was() -> None:
     frozen = gc.get_freeze_count()
     cli.end_of_start()
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_applications_still_find_the_publish_client_where_it_was() -> None:
+    """The client moved to agent.publisher to keep it off `tether run`'s path; applications that import
+    it from agent.publish_api, as the README said before, get the same classes."""
+    import agent.publish_api as publish_api
+    import agent.publisher as publisher
+
+    assert publish_api.Publisher is publisher.Publisher
+    assert publish_api.PublishError is publisher.PublishError
+    with pytest.raises(AttributeError, match="no attribute 'Publishr'"):
+        publish_api.Publishr  # noqa: B018
