@@ -9,9 +9,11 @@
 
 `--server` takes a comma-separated list; every server named is started, and each round enrolls the
 same devices through each of them, one after another in the round's order:
-- `loop`: `tether-station serve` (the product); `inline`: the same with `--threads 0` (the worker's
-  loop computes each request itself, no hand-off to a pool thread); `asyncio`: the asyncio prototype
-  (asyncio_station.py);
+- `loop`: `tether-station serve` (the product, its defaults); `pool`: the same with `--threads 8` (a
+  pool of 8 threads per worker computes the requests: the default before issue 24's last round, and
+  still with an HSM); `inline`: `--threads 0` (the worker's loop computes each request itself, its
+  ledger writes made by a commit thread: the default now, so the same as `loop`; before, the loop
+  itself waited for each COMMIT); `asyncio`: the asyncio prototype (asyncio_station.py);
 - `bare`: the cheapest station Python can be (python_floor.py): the station's TLS context, worker
   processes and certificate template; accept, handshake, read, verify the CSR, sign, answer, close,
   and nothing else; `bare-ledger`: the same plus one fsync'd SQLite insert per enrollment. What
@@ -79,10 +81,12 @@ from provisioning.station.ca import SETTINGS, Settings, Station, init_station  #
 from provisioning.station.otp import new_otp, otp_hash  # noqa: E402
 
 TRUST_DOMAIN = "bench.tether"
-SERVERS = ("loop", "inline", "asyncio", "bare", "bare-ledger")
+SERVERS = ("loop", "pool", "inline", "asyncio", "bare", "bare-ledger")
 FLOORS = ("bare", "bare-ledger")  # python_floor.py: no OTPs, no ledger rows of the station's
-LABELS = {"loop": "tether-station EST/HTTPS", "inline": "tether-station --threads 0", "asyncio": "asyncio prototype",
+LABELS = {"loop": "tether-station EST/HTTPS", "pool": "tether-station --threads 8",
+          "inline": "tether-station --threads 0", "asyncio": "asyncio prototype",
           "bare": "Python floor", "bare-ledger": "Python floor + ledger"}
+THREADS = {"inline": ["--threads", "0"], "pool": ["--threads", "8"]}
 EXTENSIONS = """\
 basicConstraints = critical, CA:false
 keyUsage = critical, digitalSignature
@@ -166,7 +170,7 @@ def serving(directory: Path, workers: int, stations: int = 1, db: str | None = N
                     "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", str(workers),
                     "--log-level", "warning",
                     # every client comes from 127.0.0.1: a per-address handshake budget would measure itself
-                    "--handshake-cpu", "0", *(["--threads", "0"] if server == "inline" else [])]
+                    "--handshake-cpu", "0", *THREADS.get(server, [])]
             if server == "asyncio":  # the measuring prototype on asyncio.start_server (issue 23 item 5)
                 argv = [sys.executable, str(REPO / "benchmarks" / "asyncio_station.py"), "--dir", str(directory),
                         "--port-file", str(port_file), "--workers", str(workers)]

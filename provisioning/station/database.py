@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioning.station.errors import Refusal, StationError
-from provisioning.station.groupcommit import GroupCommit
+from provisioning.station.groupcommit import GroupCommit, Slot
 
 SYNC_MODES = ("full", "normal")
 
@@ -237,6 +237,20 @@ class Database:
             with self.transaction() as q:
                 return work(q)
         return self.group.run(work)
+
+    def write_batch(self, batch: list[Slot]) -> None:
+        """Run the works of `batch`, gathered by one thread (`committer.Committer`), as `write` would run
+        them from as many threads: on SQLite in one transaction, each in its savepoint, one COMMIT (one
+        fsync); on PostgreSQL one transaction each. Each slot then holds its value or its error."""
+        if not self.is_postgres:
+            self.group.commit(batch)
+            return
+        for slot in batch:
+            try:
+                slot.value = self.write(slot.work)
+            except Exception as exc:  # noqa: BLE001 - handed to the request it belongs to
+                slot.error = exc
+            slot.done = True
 
     def select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """One SELECT on its own (autocommit: the statement is its own read transaction), without the

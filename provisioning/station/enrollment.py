@@ -13,9 +13,10 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -28,6 +29,7 @@ from provisioning.identity import check_device_id
 from provisioning.printable import escape_logger
 from provisioning.station.attestation import Attestation
 from provisioning.station.ca import Station
+from provisioning.station.database import Query
 from provisioning.station.errors import Refusal
 from provisioning.station.ledger import Ledger, Row, revoked_reason, serial_hex
 from provisioning.station.otp import MAX_OTP_LENGTH, otp_hash
@@ -38,6 +40,10 @@ from provisioning.station.refusals import RefusalRecorder
 log: logging.Logger = escape_logger("tether.station")
 
 ENROLL, REENROLL = "simpleenroll", "simplereenroll"
+
+T = TypeVar("T")
+Work = Callable[[Query], Any]        # one ledger write: run inside a write transaction, its result sent back
+Steps = Generator[Work, Any, T]      # a decision that yields its ledger writes (see `Enrollment.steps`)
 CSR_TYPE = "application/pkcs10"
 
 
@@ -121,6 +127,20 @@ class Enrollment:
 
     def handle(self, req: Request) -> Answer:
         """Enroll or re-enroll; raise Refusal(status, why) for anything the station will not sign."""
+        return drive(self.steps(req), self.ledger.db.write)
+
+    def steps(self, req: Request) -> Steps[Answer]:
+        """`handle` as steps: yields each ledger write (a work for `Database.write`) and is sent what it
+        returned, or has what it raised thrown in; returns the Answer. Whoever drives it decides where
+        the writes are made: `handle` blocks on each (a pool thread), the worker's loop submits them to
+        its `committer.Committer` and goes on serving other connections until the COMMIT returned.
+
+        The certificate is signed here, before the issuing transaction (the loop signs; the commit
+        thread only runs statements), after every check that can be made outside it (the password
+        known and not expired, the client certificate in the ledger and not revoked, the policy).
+        The transaction decides again what another worker may have changed meanwhile (the password
+        used, voided, the device barred, the predecessor revoked, the cap); when it refuses, the signed
+        certificate is dropped with the refusal: never recorded, never answered, never logged."""
         predecessor = None
         if req.operation == ENROLL:
             device_id, digest, peer = self._authenticate_enroll(req)
@@ -128,6 +148,9 @@ class Enrollment:
             device_id, peer = self._authenticate_reenroll(req)
             digest = None
             predecessor = serial_hex(peer.serial_number)
+            # the device uses this certificate: its predecessor is done (durable before any answer, as
+            # it was when it was written in `_authenticate_reenroll`)
+            yield self.ledger.presentation(predecessor, int(self.clock()))
         else:
             raise Refusal(404, f"unknown EST operation {req.operation!r}")
         if req.content_type != CSR_TYPE:
@@ -145,17 +168,20 @@ class Enrollment:
         fingerprint = hashlib.sha256(read.csr.public_bytes(Encoding.DER)).hexdigest()
         now = int(self.clock())
 
+        # only the SPIFFE ID: DNS and IP SANs a device asks for are never copied (a device certificate
+        # naming a host could serve TLS for it)
+        issued = self.station.issue_device(read.key, device_id, read.spki())
+
         def sign() -> Issued:
-            # only the SPIFFE ID: DNS and IP SANs a device asks for are never copied (a device
-            # certificate naming a host could serve TLS for it)
-            return self.station.issue_device(read.key, device_id, read.spki())
+            return issued
 
         if digest is not None:
-            row, reused = self.ledger.issue_with_otp(device_id, digest, fingerprint, now, sign)
+            work = self.ledger.otp_issuance(device_id, digest, fingerprint, now, sign)
         elif predecessor is None:  # a factory bootstrap certificate: refused while the device is barred
-            row, reused = self.ledger.issue_with_bootstrap(device_id, fingerprint, now, sign)
+            work = self.ledger.bootstrap_issuance(device_id, fingerprint, now, sign)
         else:
-            row, reused = self.ledger.issue(device_id, fingerprint, now, sign, predecessor=predecessor)
+            work = self.ledger.issuance(device_id, fingerprint, now, sign, predecessor=predecessor)
+        row, reused = yield work
         return Answer(row, reused)
 
     def check_csr(self, csr: x509.CertificateSigningRequest | ReadCsr, device_id: str) -> None:
@@ -230,8 +256,7 @@ class Enrollment:
         if row.kind != "device":
             raise Refusal(403, f"{subject_of(peer)} is a {row.kind} certificate, not a device certificate")
         self._check_reenroll_password(req, row.device_id)
-        self.ledger.presented(row.serial, int(self.clock()))  # the device uses it: its predecessor is done
-        return row.device_id, peer
+        return row.device_id, peer  # `steps` records that the device presented it
 
     def _check_reenroll_password(self, req: Request, device_id: str) -> None:
         """With station.toml reenroll_password_file, re-enrollment also wants HTTP Basic (user: the device
@@ -252,6 +277,22 @@ class Enrollment:
         if wait is not None:
             raise Refusal(429, f"too many wrong one-time passwords from client {client}; retry in {wait} s",
                           retry_after=wait)
+
+
+def drive(steps: Steps[T], write: Callable[[Work], Any]) -> T:
+    """Run `steps` to its end in this thread, each ledger write it yields made by `write` (blocking):
+    what `write` returns is sent back, what it raises is thrown in where the step was yielded."""
+    try:
+        work = next(steps)
+        while True:
+            try:
+                value = write(work)
+            except Exception as exc:  # noqa: BLE001 - raised again inside the steps, where it belongs
+                work = steps.throw(exc)
+            else:
+                work = steps.send(value)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
 
 
 def _no_san_uri(csr: x509.CertificateSigningRequest) -> bool:

@@ -31,7 +31,9 @@ Q = TypeVar("Q")
 T = TypeVar("T")
 
 
-class _Slot:
+class Slot:
+    """One work of a batch: its result or error once `done`."""
+
     __slots__ = ("done", "error", "value", "work")
 
     def __init__(self, work: Callable[[Any], Any]) -> None:
@@ -53,7 +55,7 @@ class GroupCommit(Generic[Q]):
         self._savepoint = savepoint
         self._leader = threading.Lock()    # held by the thread running a batch
         self._queue = threading.Lock()     # guards `_pending` only (held for an append or a swap)
-        self._pending: list[_Slot] = []
+        self._pending: list[Slot] = []
         self.batches = 0                   # transactions committed (one fsync each) ...
         self.issued = 0                    # ... and the works they held (statistics for benchmarks)
 
@@ -71,7 +73,7 @@ class GroupCommit(Generic[Q]):
     def run(self, work: Callable[[Q], T]) -> T:
         """Run `work(q)` in a write transaction, possibly shared with other threads' works; return
         its result once that transaction has committed, or raise what `work` or the COMMIT raised."""
-        slot = _Slot(work)
+        slot = Slot(work)
         with self._queue:
             self._pending.append(slot)
         with self._leader:
@@ -79,19 +81,22 @@ class GroupCommit(Generic[Q]):
             if not slot.done:
                 with self._queue:
                     batch, self._pending = self._pending, []
-                self._commit(batch)
+                self.commit(batch)
         if slot.error is not None:
             raise slot.error
         return slot.value  # type: ignore[no-any-return]
 
-    def _commit(self, batch: list[_Slot]) -> None:
+    def commit(self, batch: list[Slot]) -> None:
+        """Run `batch` in one transaction (each work in its savepoint unless alone) and commit once; each
+        slot then holds its value, or its error (its own, or the COMMIT's for every slot that had
+        succeeded). Called by `run`'s leader, and by `committer.Committer`'s thread with what it gathered."""
         try:
             with self._transaction() as q:
                 if len(batch) == 1:
                     # alone, the transaction is the savepoint: what the work raises rolls it back and
                     # reaches its thread through the handler below (two statements fewer per issuance)
                     batch[0].value = batch[0].work(q)
-                    shared: list[_Slot] = []
+                    shared: list[Slot] = []
                 else:
                     shared = batch
                 for slot in shared:

@@ -160,10 +160,16 @@ class Ledger:
         """Consume the OTP `digest` of `device_id` and record the certificate `sign()` makes.
 
         Returns (row, reused): a retry with the same OTP and the same CSR gets the row issued the
-        first time and `reused=True`, without signing again (unless that certificate is revoked by now).
+        first time and `reused=True`, without calling `sign` (unless that certificate is revoked by now).
         Raises Refusal(401) for an unknown, expired or already used (with another CSR) password,
         Refusal(403) for one issued before an operator revoked the device; nothing is written then.
         """
+        return self.db.write(self.otp_issuance(device_id, digest, csr_fingerprint, now, sign))  # type: ignore[no-any-return]
+
+    def otp_issuance(self, device_id: str, digest: str, csr_fingerprint: str, now: int,
+                     sign: Callable[[], x509.Certificate | Issued]) -> Callable[[Query], tuple[Row, bool]]:
+        """`issue_with_otp`'s transaction as a work for `Database.write` or a `committer.Committer`:
+        every rule (the password unused, not voided, not expired; the cap) is decided inside it."""
         def work(q: Query) -> tuple[Row, bool]:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
@@ -193,7 +199,7 @@ class Ledger:
             self._cap(q, row, now)
             return row, False
 
-        return self.db.write(work)  # type: ignore[no-any-return]
+        return work
 
     def issue(self, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate | Issued], *,
               kind: str = "device", reuse: bool = True, predecessor: str | None = None) -> tuple[Row, bool]:
@@ -206,12 +212,19 @@ class Ledger:
         this request wins); otherwise it is superseded once the new certificate is used, or after the
         grace period.
         """
+        return self.db.write(self.issuance(device_id, csr_fingerprint, now, sign, kind=kind, reuse=reuse,  # type: ignore[no-any-return]
+                                           predecessor=predecessor))
+
+    def issuance(self, device_id: str, csr_fingerprint: str, now: int, sign: Callable[[], x509.Certificate | Issued],
+                 *, kind: str = "device", reuse: bool = True,
+                 predecessor: str | None = None) -> Callable[[Query], tuple[Row, bool]]:
+        """`issue`'s transaction as a work (see `otp_issuance`)."""
         def work(q: Query) -> tuple[Row, bool]:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
             return self.issue_in(q, device_id, csr_fingerprint, now, sign, kind, reuse, predecessor)
 
-        return self.db.write(work)  # type: ignore[no-any-return]
+        return work
 
     def issue_in(self, q: Query, device_id: str, csr_fingerprint: str, now: int,
                  sign: Callable[[], x509.Certificate | Issued], kind: str, reuse: bool,
@@ -251,6 +264,11 @@ class Ledger:
         holds its bootstrap key) would enroll again at once. A crash-retry of a barred device is
         refused too, not answered with its revoked certificate.
         """
+        return self.db.write(self.bootstrap_issuance(device_id, csr_fingerprint, now, sign))  # type: ignore[no-any-return]
+
+    def bootstrap_issuance(self, device_id: str, csr_fingerprint: str, now: int,
+                           sign: Callable[[], x509.Certificate | Issued]) -> Callable[[Query], tuple[Row, bool]]:
+        """`issue_with_bootstrap`'s transaction as a work (see `otp_issuance`)."""
         def work(q: Query) -> tuple[Row, bool]:
             if self.dialect.lock_device:
                 q(self.dialect.lock_device, (device_id,))
@@ -259,7 +277,7 @@ class Ledger:
                 raise Refusal(403, barred_reason(bar))
             return self.issue_in(q, device_id, csr_fingerprint, now, sign, "device", True, None)
 
-        return self.db.write(work)  # type: ignore[no-any-return]
+        return work
 
     def _insert(self, q: Query, device_id: str, kind: str, csr_fingerprint: str, now: int,
                 cert: x509.Certificate | Issued, predecessor: str | None = None) -> Row:
@@ -297,6 +315,10 @@ class Ledger:
 
     def presented(self, serial: int | str, now: int) -> None:
         """The certificate `serial` authenticated a request: the one it replaced is superseded now."""
+        self.db.write(self.presentation(serial, now))
+
+    def presentation(self, serial: int | str, now: int) -> Callable[[Query], None]:
+        """`presented`'s transaction as a work (see `otp_issuance`)."""
         key = serial_hex(serial)
 
         def work(q: Query) -> None:
@@ -305,7 +327,7 @@ class Ledger:
                 q("UPDATE certs SET revoked_at = ?, revoke_reason = ? WHERE serial = ? AND revoked_at IS NULL",
                   (now, SUPERSEDED, row.predecessor))
 
-        self.db.write(work)
+        return work
 
     # -- reading and revoking ------------------------------------------------------------------------
     @staticmethod

@@ -24,13 +24,15 @@ or an error goes back through the loop's queue and its wake-up socket. While a c
 the loop does not touch it (it is in no selector set and `_expire` skips it), so one thread at a time
 uses each socket; epoll lets another thread add a descriptor while the loop waits.
 
-With `threads=0` there is no pool: the loop thread computes each complete request itself and writes
-its answer (issue 24 item 3). That saves the hand-off (a queue, a thread wake-up and the GIL passed
-back and forth: the pool costs 1.04-1.17x the CPU per enrollment, `enroll_rate.py --server loop,inline`),
-at the price of every other connection waiting while a request is computed and its ledger COMMIT
-waits for the fsync, and of no group commit (one request at a time per worker). Worth it where
-the fsync is short (an SSD) and the workers are as many as the cores; with a slow disk the pool's
-group commit is what keeps the rate up.
+With `threads=0` (the default unless the CA key is in an HSM) there is no pool: the loop thread
+computes each complete request itself (parse, authenticate, policy, sign) and hands only its ledger
+writes to the worker's commit thread (`committer.Committer`), which gathers the writes pending at
+that moment into one transaction and fsyncs once; the loop goes on serving other connections and
+answers a request when the commit holding its rows has returned (`routes.respond_steps` yields the
+writes; `_step` resumes it). That saves the pool's hand-off per request (a queue, a thread wake-up
+and the GIL passed back and forth at every blocking call: issue 24 item 3) without the loop ever
+waiting for the disk. A request holds the loop only while it is computed, as a TLS handshake does;
+an HSM's signature can take far longer, which is why a `pkcs11:` CA key keeps the pool by default.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from provisioning.station.admission import HandshakeBudget, oldest_waiting, peer_key
-from provisioning.station.enrollment import Enrollment
-from provisioning.station.routes import Response, respond, text
+from provisioning.station.committer import Committer
+from provisioning.station.enrollment import Enrollment, Steps
+from provisioning.station.routes import Response, respond, respond_steps, text
 from provisioning.station.wire import BadRequest, HttpRequest, RequestReader
 
 log = logging.getLogger("tether.station")
@@ -57,7 +61,8 @@ MAX_BODY = 64 * 1024   # a P-256 or RSA-4096 CSR is under 4 KiB; anything near t
 DRAIN_LIMIT = 1 << 20  # after a final answer, up to this much of what the client still sends is read and dropped
 LINGER = 2.0           # ... for at most this long
 STOP_GRACE = 2.0
-DEFAULT_THREADS = 8    # requests one worker computes at once (signing holds the GIL: more buys nothing); 0: inline
+DEFAULT_THREADS = 0    # 0: the loop computes requests, a commit thread makes their ledger writes durable
+POOL_THREADS = 8       # with a pool (an HSM signs): requests one worker computes at once
 TICK = 0.25            # how often deadlines are checked
 HANDSHAKE_BURST = 30.0  # a peer's handshake budget holds this many seconds' worth of `handshake_cpu`
 FULL_LOG_EVERY = 10.0   # seconds between log lines about a full connection table
@@ -141,6 +146,10 @@ class EstServer:
         self._accept_paused = False
         self._busy = 0
         self._busy_lock = threading.Lock()  # `_busy` is lowered by pool threads
+        # threads=0: requests whose ledger write the commit thread has made (or failed), to be resumed
+        self.committer = None if self.threads else Committer(enrollment.ledger.db)
+        self.resumed: queue.SimpleQueue[tuple[_Conn, HttpRequest, Steps[Response], Any, BaseException | None]] = \
+            queue.SimpleQueue()
 
     # -- life cycle ------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -150,6 +159,8 @@ class EstServer:
         all, and the device's retry gets the same certificate.
         """
         self.listener.setblocking(False)
+        if self.committer is not None:
+            self.committer.start()
         for n in range(self.threads):
             thread = threading.Thread(target=self._pool_thread, name=f"est_{n}", daemon=True)
             thread.start()
@@ -194,6 +205,8 @@ class EstServer:
                     self.jobs.get_nowait()
             for _ in self.pool:
                 self.jobs.put(None)
+            if self.committer is not None:  # what it holds commits; unanswered, as after a crash
+                self.committer.stop(STOP_GRACE)
             self.selector.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -346,18 +359,44 @@ class EstServer:
         self._watch(conn, 0)
         with self._busy_lock:
             self._busy += 1
-        if not self.threads:  # inline: this thread decides and answers, as a pool thread would
-            self._work(conn, request)
+        if not self.threads:  # the loop computes it; its ledger writes go to the commit thread
+            self._step(conn, request, respond_steps(self.enrollment, request, conn.peer, conn.addr), None, None)
             return
         self.jobs.put((conn, request))
+
+    def _step(self, conn: _Conn, request: HttpRequest, steps: Steps[Response], value: Any,
+              error: BaseException | None) -> None:
+        """In the loop (threads=0): run a request on to its next ledger write, submitted to the commit
+        thread (which hands the outcome back through `resumed`), or to its response, answered now."""
+        try:
+            work = steps.throw(error) if error is not None else steps.send(value)
+        except StopIteration as stop:
+            response: Response = stop.value
+        except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
+            log.exception("%s: unexpected error", conn.addr)
+            response = text(500, "internal error in the station; the operator's log has the details", close=True)
+        else:
+            def done(result: Any, failed: BaseException | None) -> None:  # in the commit thread
+                self.resumed.put((conn, request, steps, result, failed))
+                with contextlib.suppress(OSError):
+                    self._wake_w.send(b"x")
+
+            self.committer.submit(work, done)  # type: ignore[union-attr]
+            return
+        if request.head.keep_alive and not self._stopping and not response.close:
+            self.done.put((conn, response, True))  # `_collect` answers it: no recursion through pipelined requests
+            return
+        with self._busy_lock:
+            self._busy -= 1
+        if conn.sock.fileno() >= 0:  # else closed meanwhile (the worker stopping)
+            self._answer(conn, response, False)
 
     def _pool_thread(self) -> None:
         while (job := self.jobs.get()) is not None:
             self._work(*job)
 
     def _work(self, conn: _Conn, request: HttpRequest) -> None:
-        """In a pool thread (or the loop's, `threads=0`): decide, then answer (see the module's docstring
-        for who owns the socket)."""
+        """In a pool thread: decide, then answer (see the module's docstring for who owns the socket)."""
         try:
             response = respond(self.enrollment, request, conn.peer, conn.addr)
         except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
@@ -370,9 +409,8 @@ class EstServer:
             return
         else:  # what is left of the answer waits in `conn.out`: the loop writes it, then lingers
             self.done.put((conn, None, False))
-        if self.threads:  # inline, the loop collects `done` right after this pass: nothing to wake
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
 
     def _send_and_linger(self, conn: _Conn, response: Response) -> bool:
         """In a pool thread: write a final answer and hand the socket to the selector for the drain
@@ -400,6 +438,12 @@ class EstServer:
         return True
 
     def _collect(self) -> None:
+        while True:  # requests whose ledger writes are durable (or failed): on to their answers
+            try:
+                resumed = self.resumed.get_nowait()
+            except queue.Empty:
+                break
+            self._step(*resumed)
         while True:
             try:
                 conn, response, keep_alive = self.done.get_nowait()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from provisioning.certs import pkcs7_certs_only
 from provisioning.station import attestation
-from provisioning.station.enrollment import ENROLL, REENROLL, Enrollment, Request
+from provisioning.station.enrollment import ENROLL, REENROLL, Enrollment, Request, Steps, drive
 from provisioning.station.errors import Refusal
 from provisioning.station.refusals import device_of_request
 from provisioning.station.wire import HttpRequest
@@ -56,7 +56,15 @@ def text(status: int, reason: str, headers: dict[str, str] | None = None, close:
 
 
 def respond(enrollment: Enrollment, request: HttpRequest, peer_der: bytes | None, client: str) -> Response:
-    """The answer to one EST request from `client` (its address, for the log)."""
+    """The answer to one EST request from `client` (its address, for the log), its ledger writes made
+    in this thread."""
+    return drive(respond_steps(enrollment, request, peer_der, client), enrollment.ledger.db.write)
+
+
+def respond_steps(enrollment: Enrollment, request: HttpRequest, peer_der: bytes | None,
+                  client: str) -> Steps[Response]:
+    """`respond` as steps (`enrollment.Enrollment.steps`): yields the ledger writes of an enrollment,
+    for the worker's loop to hand to its commit thread; returns the Response."""
     method, path = request.head.method, request.path
     operation = path.removeprefix(PREFIX) if path.startswith(PREFIX) else None
     if method not in ("GET", "POST"):
@@ -71,7 +79,7 @@ def respond(enrollment: Enrollment, request: HttpRequest, peer_der: bytes | None
         return text(501, "server-side key generation (serverkeygen) is not offered by this station: make the key "
                          f"on the device and send its CSR to {PREFIX}{ENROLL}")
     if operation in (ENROLL, REENROLL) and method == "POST":
-        return _enroll(enrollment, request, operation, peer_der, client)
+        return (yield from _enroll(enrollment, request, operation, peer_der, client))
     if operation in (attestation.START, attestation.ENROLL) and method == "POST":
         return _attest(enrollment, request, operation, client)
     posts = (ENROLL, REENROLL, attestation.START, attestation.ENROLL)
@@ -83,7 +91,7 @@ def respond(enrollment: Enrollment, request: HttpRequest, peer_der: bytes | None
 
 
 def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_der: bytes | None,
-            client: str) -> Response:
+            client: str) -> Steps[Response]:
     head = request.head
     if head.get("content-length") is None and head.get("transfer-encoding") is None:
         return text(411, "the CSR must come as the request body, with Content-Length or Transfer-Encoding: chunked")
@@ -91,7 +99,7 @@ def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_d
         req = Request(operation=operation, content_type=(head.get("content-type") or "").split(";")[0].strip().lower(),
                       body=request.body, basic=basic_credentials(head.get("authorization")), peer_der=peer_der,
                       client=client)
-        answer = enrollment.handle(req)
+        answer = yield from enrollment.steps(req)
     except Refusal as refusal:
         # the console's live page, bounded per address (provisioning/station/refusals.py); never raises
         enrollment.refusals.record(operation, device_of_request(req), refusal.status, refusal.reason, client)

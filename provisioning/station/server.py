@@ -23,12 +23,12 @@ from provisioning.certs import to_pem
 from provisioning.station.ca import Station
 from provisioning.station.enrollment import Enrollment
 from provisioning.station.errors import StationError
-from provisioning.station.loop import DEFAULT_THREADS, EstServer, Limits
+from provisioning.station.loop import DEFAULT_THREADS, POOL_THREADS, EstServer, Limits
 from provisioning.station.metrics import MeasuredEnrollment, Recorder, Silent
 from provisioning.station.supervisor import ESSENTIAL, Supervisor
 from provisioning.tlsserver import no_resumption, read_ahead, restrict_key_exchange
 
-__all__ = ["DEFAULT_THREADS", "EstServer", "Limits", "serve", "tls_context"]
+__all__ = ["DEFAULT_THREADS", "POOL_THREADS", "EstServer", "Limits", "serve", "tls_context"]
 
 
 def tls_context(station: Station, certfile: str, keyfile: str) -> ssl.SSLContext:

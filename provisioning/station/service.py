@@ -28,7 +28,7 @@ class ServeSettings:
     dir: str | None = None                 # the station directory (`init --dir`); else $TETHER_STATION_DIR
     listen: str = "127.0.0.1:8443"
     workers: int = 0                       # 0: one per CPU
-    threads: int = 8
+    threads: int = 0                       # 0: the loop computes, a commit thread per worker (see pool_threads)
     request_timeout: float = 10.0
     idle_timeout: float = 5.0
     max_per_client: int = 64
@@ -89,6 +89,11 @@ def load(path: str | Path) -> dict[str, Any]:
             raise StationError(f"{path}: [serve] log_level = {value!r}: expected one of {', '.join(LOG_LEVELS)}")
         found[name] = float(value) if float in types and isinstance(value, int | float) else value
     return found
+
+
+def threads_chosen(given: dict[str, Any], path: str | Path | None) -> bool:
+    """True when `threads` was given on the command line or in the file at `path` (not defaulted)."""
+    return given.get("threads") is not None or (bool(path) and "threads" in load(path))  # type: ignore[arg-type]
 
 
 def resolve(given: dict[str, Any], path: str | Path | None) -> ServeSettings:

@@ -30,9 +30,10 @@ def configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from provisioning.station.server import Limits, serve
+    from provisioning.station.server import POOL_THREADS, Limits, serve
 
-    settings = service.resolve(vars(args), args.config)
+    given = vars(args)
+    settings = service.resolve(given, args.config)
     args = argparse.Namespace(**{**vars(args), **dataclasses.asdict(settings), "workers": settings.worker_count})
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]")
@@ -52,6 +53,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_per_client=args.max_per_client, max_connections=args.max_connections,
                     handshake_cpu=args.handshake_cpu)
     station = open_station(args)
+    threads = args.threads
+    if not service.threads_chosen(given, args.config) and station.settings.keys.startswith("pkcs11:"):
+        # without a pool the loop signs, and an HSM's signature can take far longer than a handshake:
+        # a `pkcs11:` CA key keeps the pool by default, so one slow signature holds up no other connection
+        threads = POOL_THREADS
     console = None
     if args.console and (absent := extras.missing(extras.CONSOLE)):
         log.warning(extras.off_because(f"--console {args.console}", absent))
@@ -72,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                 **({"metrics": metrics.port} if metrics else {})})
 
     try:
-        return serve(station, host, int(port), workers=args.workers, threads=args.threads, ledger=args.db,
+        return serve(station, host, int(port), workers=args.workers, threads=threads, ledger=args.db,
                      limits=limits, ready=ready, console=console, metrics=metrics, recorder=recorder)
     finally:
         if metrics_dir is not None:
@@ -114,9 +120,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Handler
                    "(the service's /etc/tether/station.toml); options given here win")
     p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8443)")
     p.add_argument("--workers", type=int, help="processes (default: CPU count)")
-    p.add_argument("--threads", type=int, help="requests each worker computes at once (default 8; "
-                   "idle and slow connections do not hold one); 0: the worker's loop computes each request "
-                   "itself, no hand-off to a thread, the loop waiting for each ledger commit")
+    p.add_argument("--threads", type=int, help="0 (the default): each worker's loop computes each request "
+                   "itself and one commit thread per worker makes their ledger writes durable, several per "
+                   "fsync; N: a pool of N threads per worker computes requests (the default, 8, when the CA "
+                   "key is in an HSM: a slow signature then holds up no other connection)")
     p.add_argument("--request-timeout", type=float, help="seconds for the TLS handshake and one "
                    "whole request, however slowly it arrives (default 10; then 408)")
     p.add_argument("--idle-timeout", type=float, help="seconds a kept-alive connection may wait "
