@@ -1,7 +1,7 @@
 """Station instructions per enrollment under valgrind (callgrind), against the floor counted the same way.
 
     python benchmarks/station_instructions.py [--devices 300] [--small 50] [--phases 200]
-    python benchmarks/station_instructions.py --threads 0 --no-floors --phases 0   # the station computing in its loop
+    python benchmarks/station_instructions.py --threads 8 --no-floors --phases 0   # the station with a pool of 8
 
 A figure the machine's load does not move (issue 24 item 3): CPU time of one process moves 15-20 %
 between runs on a shared machine, the instructions it executes do not.
@@ -76,7 +76,7 @@ def enroll(port: int, ca_file: str, jobs: list[tuple[str, str, bytes]]) -> int:
 
 
 def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrapper: list[str], label: str,
-                     server: str = "loop", threads: int = 8) -> None:
+                     server: str = "loop", threads: int = 0) -> None:
     """One `serve --workers 1` (or the Python floor, `server` "bare" or "bare-ledger") under `wrapper`
     (valgrind or strace), enrolling `jobs`, stopped with SIGTERM (both tools write their output on the
     way out)."""
@@ -99,14 +99,14 @@ def serve_and_enroll(directory: Path, jobs: list[tuple[str, str, bytes]], wrappe
 
 
 def station_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path,
-                server: str = "loop", threads: int = 8) -> callgrind.Profile:
+                server: str = "loop", threads: int = 0) -> callgrind.Profile:
     """The station's (or the Python floor's) instructions for `jobs`, under callgrind."""
     serve_and_enroll(directory, jobs, callgrind.valgrind_argv(out), "callgrind", server, threads)
     return callgrind.Profile.read(out)
 
 
 def syscall_run(directory: Path, jobs: list[tuple[str, str, bytes]], out: Path,
-                server: str = "loop", threads: int = 8) -> dict[str, int]:
+                server: str = "loop", threads: int = 0) -> dict[str, int]:
     """The station's (or the Python floor's) system calls for `jobs` by name, under `strace -f -c` (the
     kernel's share of the CPU, which callgrind does not count)."""
     serve_and_enroll(directory, jobs, ["strace", "-f", "-c", "-o", str(out)], "strace", server, threads)
@@ -177,8 +177,8 @@ def main() -> int:
     parser.add_argument("--phases-only", action="store_true", help="only the phase table (while changing the code)")
     parser.add_argument("--log-level", default="warning", help="station_phases.py's log level (serve's default: info)")
     parser.add_argument("--no-floors", action="store_true", help="skip the Python floor (python_floor.py)")
-    parser.add_argument("--threads", type=int, default=8, help="the station's --threads (0: each request computed "
-                        "in the loop thread)")
+    parser.add_argument("--threads", type=int, default=0, help="the station's --threads (0, serve's default: each "
+                        "request computed in the loop thread, its ledger writes by a commit thread; N: a pool of N)")
     args = parser.parse_args()
     if args.devices <= args.small:
         parser.error("--devices must be more than --small")

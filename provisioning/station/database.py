@@ -23,6 +23,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +32,13 @@ from provisioning.station.errors import Refusal, StationError
 from provisioning.station.groupcommit import GroupCommit, Slot
 
 SYNC_MODES = ("full", "normal")
+COMMIT_AVERAGE = 0.2  # weight of the newest COMMIT in `Database.commit_seconds`
 
 Query = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+
+
+class WriterBusy(Exception):
+    """Another writer holds the ledger's write lock (`Database.write_now` does not wait for it)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ class Database:
         self._writer = threading.Lock()
         self._lock_fd: int | None = None
         self.group: GroupCommit[Query] = GroupCommit(self.transaction, self._savepoint)
+        # how long a write COMMIT (its fsync) takes here, a moving average: the worker's loop commits
+        # its own writes only while it is short (loop.INLINE_COMMIT)
+        self.commit_seconds = 0.0
         self._open(parts)
 
     def __repr__(self) -> str:
@@ -160,8 +169,8 @@ class Database:
         try:
             yield conn
             ok = True
-        except Refusal:
-            ok = True  # refused inside a rolled-back transaction: the connection is clean
+        except (Refusal, WriterBusy):
+            ok = True  # refused inside a rolled-back transaction, or none begun: the connection is clean
             raise
         finally:
             if ok:
@@ -171,12 +180,13 @@ class Database:
                     conn.close()
 
     @contextlib.contextmanager
-    def transaction(self, write: bool = True) -> Iterator[Query]:
+    def transaction(self, write: bool = True, wait: bool = True) -> Iterator[Query]:
         """One transaction; yields `q(sql, params) -> rows` (`?` placeholders on both databases);
         commits when the block ends, rolls back on any exception.
 
         SQLite: a write transaction takes the database's write lock up front (BEGIN IMMEDIATE), so two
-        requests cannot both read "OTP unused" and both issue; reads take no lock (WAL readers).
+        requests cannot both read "OTP unused" and both issue; reads take no lock (WAL readers). With
+        `wait=False` it raises WriterBusy, before any statement, when another writer holds that lock.
         """
         with self.connection() as conn:
             def q(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -189,32 +199,44 @@ class Database:
                 with conn.transaction():
                     yield q
                 return
-            with self._sqlite_writer() if write else contextlib.nullcontext():
+            with self._sqlite_writer(wait) if write else contextlib.nullcontext():
                 conn.execute(self.dialect.begin if write else "BEGIN")
                 try:
                     yield q
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
+                if write:
+                    started = time.monotonic()
+                    conn.execute("COMMIT")
+                    self.commit_seconds += (time.monotonic() - started - self.commit_seconds) * COMMIT_AVERAGE
+                else:
+                    conn.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _sqlite_writer(self) -> Iterator[None]:
+    def _sqlite_writer(self, wait: bool = True) -> Iterator[None]:
         """Queue SQLite writers on a lock, in this process and across the station's worker processes.
 
         SQLite's own busy handler polls with sleeps of up to 100 ms, which under load turns into idle
         CPUs and a long latency tail; a thread lock plus flock() on `<db>.lock` wakes the next writer
         the moment the previous one commits. Writers that skip it are still safe (SQLite's lock).
         """
-        with self._writer:
+        if not self._writer.acquire(blocking=wait):
+            raise WriterBusy
+        try:
             if self._lock_fd is None:
                 path = self.location.removeprefix("sqlite://") + ".lock"
                 self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WriterBusy from None
             try:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._writer.release()
 
     @staticmethod
     @contextlib.contextmanager
@@ -237,6 +259,20 @@ class Database:
             with self.transaction() as q:
                 return work(q)
         return self.group.run(work)
+
+    def write_now(self, work: Callable[[Query], Any]) -> tuple[bool, Any]:
+        """(True, what `work(q)` returned) after running it in a transaction of its own and committing
+        it, when the write lock was free at once; (False, None) without running it when another writer
+        (a commit thread, another worker) holds it, or on PostgreSQL. Raises what `work` or the COMMIT
+        raised, as `write` does."""
+        if self.is_postgres:
+            return False, None
+        try:
+            with self.transaction(wait=False) as q:
+                value = work(q)
+        except WriterBusy:
+            return False, None
+        return True, value
 
     def write_batch(self, batch: list[Slot]) -> None:
         """Run the works of `batch`, gathered by one thread (`committer.Committer`), as `write` would run

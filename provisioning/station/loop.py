@@ -63,6 +63,8 @@ LINGER = 2.0           # ... for at most this long
 STOP_GRACE = 2.0
 DEFAULT_THREADS = 0    # 0: the loop computes requests, a commit thread makes their ledger writes durable
 POOL_THREADS = 8       # with a pool (an HSM signs): requests one worker computes at once
+INLINE_COMMIT = 0.002  # s: while COMMITs (their fsync) take less than this on average, the loop may make its own
+                       # (a few TLS handshakes' worth of holding the loop); slower ones go to the commit thread
 TICK = 0.25            # how often deadlines are checked
 HANDSHAKE_BURST = 30.0  # a peer's handshake budget holds this many seconds' worth of `handshake_cpu`
 FULL_LOG_EVERY = 10.0   # seconds between log lines about a full connection table
@@ -148,6 +150,7 @@ class EstServer:
         self._busy_lock = threading.Lock()  # `_busy` is lowered by pool threads
         # threads=0: requests whose ledger write the commit thread has made (or failed), to be resumed
         self.committer = None if self.threads else Committer(enrollment.ledger.db)
+        self.inline_commits = 0  # writes the loop committed itself (`_step`), for benchmarks and tests
         self.resumed: queue.SimpleQueue[tuple[_Conn, HttpRequest, Steps[Response], Any, BaseException | None]] = \
             queue.SimpleQueue()
 
@@ -367,21 +370,43 @@ class EstServer:
     def _step(self, conn: _Conn, request: HttpRequest, steps: Steps[Response], value: Any,
               error: BaseException | None) -> None:
         """In the loop (threads=0): run a request on to its next ledger write, submitted to the commit
-        thread (which hands the outcome back through `resumed`), or to its response, answered now."""
-        try:
-            work = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration as stop:
-            response: Response = stop.value
-        except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
-            log.exception("%s: unexpected error", conn.addr)
-            response = text(500, "internal error in the station; the operator's log has the details", close=True)
-        else:
+        thread (which hands the outcome back through `resumed`), or to its response, answered now.
+
+        When the ledger's write lock is free at once and either this worker's commits are quick (under
+        INLINE_COMMIT, as measured: a commit then holds the loop no longer than a TLS handshake does)
+        or this connection is the only one it serves (the others, if any, only lingering), the loop
+        commits the write itself and saves the two thread wake-ups of the hand-off. It never waits for
+        another writer (`Database.write_now`), only for its own fsync; a connection arriving meanwhile
+        waits in the listening socket's backlog, and a sibling worker, woken by the same socket,
+        accepts it if it is free. On a slow disk the commits go to the commit thread."""
+        while True:
+            try:
+                work = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as stop:
+                response: Response = stop.value
+                break
+            except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
+                log.exception("%s: unexpected error", conn.addr)
+                response = text(500, "internal error in the station; the operator's log has the details",
+                                close=True)
+                break
+            committer: Committer = self.committer  # type: ignore[assignment]
+            if self.enrollment.ledger.db.commit_seconds < INLINE_COMMIT or self._alone(conn):
+                try:
+                    ran, value = self.enrollment.ledger.db.write_now(work)
+                    error = None
+                except Exception as exc:  # noqa: BLE001 - thrown into the request's steps, as the committer's are
+                    ran, value, error = True, None, exc
+                if ran:
+                    self.inline_commits += 1
+                    continue
+
             def done(result: Any, failed: BaseException | None) -> None:  # in the commit thread
                 self.resumed.put((conn, request, steps, result, failed))
                 with contextlib.suppress(OSError):
                     self._wake_w.send(b"x")
 
-            self.committer.submit(work, done)  # type: ignore[union-attr]
+            committer.submit(work, done)
             return
         if request.head.keep_alive and not self._stopping and not response.close:
             self.done.put((conn, response, True))  # `_collect` answers it: no recursion through pipelined requests
@@ -390,6 +415,12 @@ class EstServer:
             self._busy -= 1
         if conn.sock.fileno() >= 0:  # else closed meanwhile (the worker stopping)
             self._answer(conn, response, False)
+
+    def _alone(self, conn: _Conn) -> bool:
+        """True when every other connection of this worker is only lingering (nothing to hold up)."""
+        if len(self.conns) > 8:
+            return False
+        return all(c is conn or c.state == "linger" for c in self.conns.values())
 
     def _pool_thread(self) -> None:
         while (job := self.jobs.get()) is not None:

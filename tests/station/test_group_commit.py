@@ -95,3 +95,30 @@ def test_an_issuance_that_fails_after_writing_leaves_nothing_and_its_batch_commi
     assert ledger.find_otp("half") is None  # rolled back to its savepoint, though its transaction committed
     assert ledger.find_otp("whole") is not None
     ledger.close()
+
+
+def test_write_now_runs_and_commits_when_the_write_lock_is_free_and_never_waits_for_it(tmp_path: Path) -> None:
+    """The worker's loop commits a write itself only when no other writer holds the lock (a commit
+    thread, another worker): it must never wait for one."""
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path)
+    ran: list[str] = []
+
+    def work(q: Query) -> str:
+        ran.append("ran")
+        q("INSERT INTO otps (digest, device_id, created_at, expires_at) VALUES (?, ?, ?, ?)", ("d1", "dev", 1, 2))
+        return "done"
+
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another worker's commit
+    try:
+        assert ledger.db.write_now(work) == (False, None)
+        assert ran == []
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+    assert ledger.db.write_now(work) == (True, "done")
+    other = sqlite3.connect(path)  # committed when it returned
+    assert other.execute("SELECT device_id FROM otps WHERE digest = 'd1'").fetchone() == ("dev",)
+    other.close()
+    ledger.close()
