@@ -41,6 +41,7 @@ def test_an_enrollment_waiting_for_its_commit_holds_up_no_other_connection_and_i
         station_dir: Path) -> None:
     station = start_station(station_dir, workers=1)  # one worker: its loop is the one that must not wait
     try:
+        assert "computed by each worker's loop" in (station_dir / "serve.log").read_text(), "the default mode"
         device, otp = "commit-thread-1", new_otp()
         ledger = station.ledger()
         now = int(time.time())

@@ -94,6 +94,9 @@ def test_a_device_enrolls_against_a_station_whose_keys_are_in_softhsm(tmp_path: 
     verified = openssl_verify(tmp_path / "hsm-dev-1" / "state" / "certs" / "chain.pem", tmp_path)
     assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stdout + verified.stderr
     assert len(hsm_station.rows("hsm-dev-1")) == 1
+    # a token's signature may take far longer than a handshake: the pool signs, not the workers' loops
+    log = (hsm_station.directory / "serve.log").read_text()
+    assert "a pool of 8 threads per worker (the CA key is in an HSM" in log
 
 
 def test_the_token_keys_are_sensitive_and_never_extractable(hsm: SoftHsm, hsm_station_dir: Path) -> None:

@@ -71,6 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics, recorder, metrics_dir = _metrics(args, station)
 
     def ready(bound: int) -> None:
+        if threads:  # said once the station is up: errors at start stay one line
+            why = " (the CA key is in an HSM: a slow signature holds up no other connection; --threads 0 to " \
+                  "compute requests in the loop)"
+            log.info("requests: a pool of %d threads per worker%s", threads, "" if threads == args.threads else why)
+        else:
+            log.info("requests: computed by each worker's loop, ledger writes committed by its commit thread")
         print(f"tether-station: EST listening on https://{args.listen.rpartition(':')[0]}:{bound}"
               f"/.well-known/est/ ({args.workers} worker(s))", flush=True)
         if args.port_file:  # for scripts and tests that listen on port 0: every socket listens by now
