@@ -3,7 +3,8 @@
 The HTTP layer hands in a `Request` (operation, content type, body, HTTP Basic credentials, the TLS
 peer certificate OpenSSL already verified) and gets back an `Answer` or a `Refusal` naming the HTTP
 status and why. Order of checks: authentication (401), content type (415), CSR syntax (400),
-identity policy (403), then the ledger transaction, which re-checks the one-time password.
+identity policy (403), signing, then the ledger transaction, which re-checks the one-time password
+and everything else another worker may have changed (a refusal there drops the signed certificate).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ the station's writers queue on one lock (ledger.py `_sqlite_writer`), so each is
 BEGIN, a COMMIT, a lock round and an fsync of its own, and the next one waited for it. Here the
 threads that arrive while a commit is under way are gathered; the first of them (the leader) runs
 them all in one transaction, each in its own SAVEPOINT, and commits once (one fsync for the batch).
-No thread of its own: the leader is a request thread, so a lone request pays no hand-off.
+No thread of its own: the leader is a request thread, so a lone request pays no hand-off. (The
+worker's loop, which computes requests without a pool, has `committer.Committer`'s thread gather
+the writes instead and run them through `commit`.)
 
 What does not change:
 - durability: `run` returns (and the answer can leave the station) only after the COMMIT that holds

@@ -1,11 +1,12 @@
-"""The EST server's connection loop: one selector per worker process, a thread pool for the requests.
+"""The EST server's connection loop: one selector per worker process, which also computes the requests
+(a commit thread makes their ledger writes durable), or hands them to a thread pool (`threads` > 0).
 
 Why a loop: a connection costs nothing while it is idle, shakes hands or trickles its headers, so
 a thousand idle sockets or clients that send a header line every few seconds cannot take the
 threads that sign certificates (issue 13: 200 idle connections used to delay `cacerts` by 30 s).
 The loop accepts, runs the TLS handshake and reads each request whole (`wire.RequestReader`), within
-one deadline per request (not per `recv`); only complete requests go to the pool, where
-`routes.respond` decides. Each client address may hold `max_per_client` connections per worker
+one deadline per request (not per `recv`); only complete requests are computed (`routes`), in the
+loop or by the pool. Each client address may hold `max_per_client` connections per worker
 process; more are closed at accept. A worker holds at most `max_connections` (about 31 KB each);
 past that the oldest connection still shaking hands or reading makes room (`admission.oldest_waiting`
 says why not refuse the newcomer). Each peer may make a worker spend `handshake_cpu` CPU seconds per

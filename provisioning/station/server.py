@@ -1,8 +1,9 @@
 """EST over HTTPS (RFC 7030): the listening socket, TLS settings and pre-forked worker processes.
 
-Each worker runs one `loop.EstServer` (a selector loop for connections, a thread pool for requests);
+Each worker runs one `loop.EstServer` (a selector loop for connections that also computes the
+requests, with a commit thread for their ledger writes; or a thread pool for requests, `threads` > 0);
 the bytes of a request are read by `wire.RequestReader` and every answer is decided by
-`routes.respond` (for enrollment, `enrollment.Enrollment.handle`).
+`routes.respond_steps` (for enrollment, `enrollment.Enrollment.steps`).
 
 `workers` > 1 forks processes that share the listening socket and the ledger (SQLite WAL serialises
 writers across processes; PostgreSQL does it by itself): Python's GIL caps one process at about one
