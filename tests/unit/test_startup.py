@@ -323,6 +323,33 @@ def test_what_json_dumps_cannot_write_dump_json_refuses_too(value: object) -> No
     assert str(ours.value) == str(theirs.value)
 
 
+def test_records_read_and_write_as_json_does_on_an_interpreter_without_cpythons_json_accelerator() -> None:
+    # `_json` is CPython's private module; where it is missing, hal.storage falls back to json's Python
+    # halves and must still read and write every record as json.loads and json.dumps do
+    code = ("import sys\n"
+            "sys.modules['_json'] = None\n"
+            "import json\n"
+            "from hal import storage\n"
+            "assert json.scanner.c_make_scanner is None, 'the accelerator was not blocked'\n"
+            "value = {'b': [1, 2.5, None, True, 'x\\u00e9\\n'], 'a': {'n': -3, 'f': float('inf')}, 'e': []}\n"
+            "assert storage.dump_json(value) == json.dumps(value, indent=1, sort_keys=True).encode()\n"
+            "assert storage.parse_json(storage.dump_json(value)) == value\n"
+            "for bad in (b'{\"a\": 1} x', b'[1,', b'', b'\\xef\\xbb\\xbf{}'):\n"
+            "    try:\n"
+            "        storage.parse_json(bad)\n"
+            "    except ValueError as exc:\n"
+            "        ours = str(exc)\n"
+            "    try:\n"
+            "        json.loads(bad)\n"
+            "    except ValueError as exc:\n"
+            "        assert str(exc) == ours, (bad, ours, str(exc))\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 def test_the_tether_command_collects_nothing_while_it_starts_then_collects_as_usual(tmp_path: Path) -> None:
     # agent.entry (the `tether` script) starts with the collector off; every command turns it back on, with
     # what start-up built frozen out of its sight (`tether run` once its runtime is built: test_service.py)
