@@ -15,7 +15,7 @@ import stat
 from _json import encode_basestring_ascii, make_scanner  # what json.dumps and json.loads use (parse_json)
 from typing import Any, TypeVar
 
-from hal.errors import StorageError
+from hal import StorageError
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
