@@ -17,7 +17,9 @@ project's own submodules in ~0.13 M and 5 calls (stat the source; open, fstat, r
 checking the .pyc exactly as the source loader does: CPython's magic number, a timestamp .pyc whose
 recorded source mtime and size match the source's. Anything else — no .pyc, a stale one, a hash-based
 one, `-O`, `PYTHONPYCACHEPREFIX`, a package, a name outside agent/hal/provisioning — it leaves to the
-standard machinery, which compiles and writes the .pyc as usual. It trusts exactly the files the
+standard machinery, which compiles and writes the .pyc as usual. Where the standard finder would have preferred
+another file for the name (a package directory or an extension module beside `<tail>.py`) the two
+would differ, so the project has neither (tests/unit/test_entry.py keeps it so). It trusts exactly the files the
 standard loader would trust, and it is installed only by this entry point: the interpreter's other
 imports, and other programs, are untouched.
 """

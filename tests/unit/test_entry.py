@@ -117,3 +117,15 @@ def test_a_pyc_flagged_hash_based_is_never_read_as_a_timestamp_one(tmp_path: Pat
     data = pyc.read_bytes()
     pyc.write_bytes(data[:4] + (3).to_bytes(4, "little") + data[8:])
     assert Bytecode.find_spec(NAME, [str(directory)]) is None
+
+
+def test_no_project_module_has_a_package_or_an_extension_module_of_its_name_beside_it() -> None:
+    # the standard finder would load `name/` or `name.<abi>.so` before `name.py`; Bytecode takes `name.py`
+    clashes = []
+    for top in ("agent", "hal", "provisioning"):
+        for directory, dirs, files in os.walk(REPO / top):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            modules = {f[:-3] for f in files if f.endswith(".py")}
+            clashes += [f"{directory}/{d}" for d in dirs if d in modules]
+            clashes += [f"{directory}/{f}" for f in files if f.endswith((".so", ".pyd")) and f.split(".")[0] in modules]
+    assert clashes == []
