@@ -24,7 +24,7 @@ except ImportError:  # an interpreter without CPython's private accelerator: jso
         """The pure-Python scanner a default JSONDecoder builds; `context` holds json.loads's defaults."""
         return JSONDecoder().scan_once  # type: ignore[attr-defined]  # set by its __init__
 
-from hal.errors import StorageError
+from hal import StorageError
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644

@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 from provisioning.identity import check_device_id
 
 log = logging.getLogger(__name__)

@@ -70,6 +70,38 @@ def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Pa
     assert loaded_by_building_the_runtime(config, NOT_AT_START + NOT_FROM_THE_PROJECT) == []
 
 
+# the project's modules building `tether run`'s runtime loads (this configuration: tokens on, no key yet):
+# each costs every boot ~0.15 M instructions and 5 system calls to find and load even through the entry
+# point's loader (agent/entry.py), on top of its code, so a new one on this path is a decision, not a
+# side effect. Issue 24's sixth round folded three that every boot loaded together into their packages
+# (hal.errors into hal, provisioning.errors into provisioning, agent.renewal_state into agent.renewal).
+START_MODULES = frozenset((
+    "agent", "agent.boot", "agent.cli", "agent.component", "agent.compose", "agent.config", "agent.control",
+    "agent.discovery", "agent.errors", "agent.identity", "agent.ota", "agent.outbox", "agent.publish_api",
+    "agent.renewal", "agent.runtime", "agent.session", "agent.state", "agent.tls", "agent.token",
+    "agent.core", "agent.core.backoff", "agent.core.connection", "agent.core.defaults", "agent.core.endpoint_list",
+    "agent.core.endpoints", "agent.core.errors", "agent.core.events", "agent.core.jwt", "agent.core.retry",
+    "agent.core.smartrest", "agent.core.supervisor", "agent.core.supervisor_events", "agent.core.token_schedule",
+    "agent.core.topics",
+    "hal", "hal.keys", "hal.storage", "hal.systemd", "hal.value",
+    "provisioning", "provisioning.chainfacts", "provisioning.identity", "provisioning.printable",
+    "provisioning.weburl",
+))
+
+
+def test_building_tether_runs_runtime_loads_no_module_beyond_its_budget(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+    code = ("import sys\n"
+            "from agent import cli\n"
+            "from agent.compose import build\n"
+            f"runtime = build(cli.configmod.load({str(config)!r}))\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('agent', 'hal', 'provisioning')))\n"
+            "for c in runtime.components:\n"
+            "    c.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert sorted(set(ast.literal_eval(out.stdout.strip())) - START_MODULES) == []
+
+
 def test_building_tether_runs_runtime_builds_no_protocol_class(tmp_path: Path) -> None:
     """A `typing.Protocol` is the dearest class to build (typing's machinery, for it and each subclass):
     the interfaces on the start-up path (the component hooks, the key store) are a plain base class and
