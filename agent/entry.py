@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 _OURS = ("agent.", "hal.", "provisioning.")
 _TAG = sys.implementation.cache_tag  # "cpython-311"; None where the interpreter keeps no bytecode
 _ModuleSpec = type(sys.__spec__)  # importlib's ModuleSpec, from its frozen bootstrap: `importlib` is not loaded
-# the .pyc header's first word for this interpreter, from the same frozen bootstrap
-_MAGIC: bytes = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER  # type: ignore[attr-defined]
+# the .pyc header's first word for this interpreter, from the same frozen bootstrap; None on an interpreter
+# whose import system is built otherwise: then everything is left to it
+_MAGIC: bytes | None = getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", None)
 
 
 class Bytecode:
@@ -50,7 +51,7 @@ class Bytecode:
 
     @classmethod
     def find_spec(cls, name: str, path: Any = None, target: Any = None) -> Any:
-        if (path is None or not name.startswith(_OURS) or len(path) != 1 or _TAG is None
+        if (path is None or not name.startswith(_OURS) or len(path) != 1 or _TAG is None or _MAGIC is None
                 or sys.flags.optimize or sys.pycache_prefix is not None):
             return None
         directory = path[0]

@@ -76,6 +76,18 @@ def test_a_pyc_of_another_interpreter_is_left_to_the_standard_loader(tmp_path: P
     assert Bytecode.find_spec(NAME, [str(directory)]) is None
 
 
+def test_an_interpreter_without_cpythons_import_bootstrap_is_left_to_its_own_import_system(tmp_path: Path) -> None:
+    # the entry point must start where `_frozen_importlib_external` is not there to give the .pyc magic
+    directory = module_dir(tmp_path)
+    code = ("import sys\n"
+            "sys.modules.pop('_frozen_importlib_external')\n"
+            "from agent.entry import Bytecode\n"
+            f"print(Bytecode.find_spec({NAME!r}, [{str(directory)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+
+
 def test_no_pyc_a_package_or_a_name_outside_the_project_is_left_to_the_standard_machinery(tmp_path: Path) -> None:
     (tmp_path / "entry_probe.py").write_text(SOURCE)
     assert Bytecode.find_spec(NAME, [str(tmp_path)]) is None  # never compiled
