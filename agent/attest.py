@@ -21,9 +21,9 @@ from typing import Any
 from agent.config import Config
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, DeviceIdentity
-from hal.errors import KeyStoreError
+from hal import KeyStoreError
 from hal.keys.tpm_attest import attester
-from provisioning.errors import EnrollmentError
+from provisioning import EnrollmentError
 
 log = logging.getLogger("tether.enroll")
 

@@ -21,7 +21,7 @@ from agent.errors import AgentError
 from agent.identity import DeviceIdentity
 from agent.state import Record
 from hal.value import Value
-from provisioning.errors import EnrollmentError
+from provisioning import EnrollmentError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from agent.core import supervisor as sv
 from agent.core.endpoints import Endpoint
 from agent.runtime import Runtime
 from agent.session import ConnectError
-from hal.errors import TetherError
+from hal import TetherError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from agent.core.errors import CoreError
 from agent.errors import AgentError, ConfigError
 from agent.identity import DeviceIdentity
 from agent.state import require_own_state
-from hal.errors import TetherError
+from hal import TetherError
 from hal.keys import key_backend
 from provisioning.printable import EscapeOutsideInput
 

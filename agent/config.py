@@ -24,11 +24,10 @@ from agent.core.topics import Topics, check_topic_part
 from agent.core.topics import client_id as core_client_id
 from agent.errors import ConfigError
 from agent.state import StateDir
-from hal import storage
-from hal.errors import KeyStoreError, TetherError
+from hal import KeyStoreError, TetherError, storage
 from hal.keys import BACKENDS, KeyUri, parse_key_uri
 from hal.value import Value
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.weburl import UrlError, parse_https_url
 

@@ -18,7 +18,7 @@ from agent.component import Component
 from agent.errors import AgentError
 from agent.session import Session
 from agent.state import StatusFile
-from hal.errors import TetherError
+from hal import TetherError
 
 log = logging.getLogger("tether")
 RESTART_EXIT = 75  # EX_TEMPFAIL: "run me again", used after an update switched slots

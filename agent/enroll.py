@@ -28,7 +28,7 @@ from agent.core.backoff import Backoff
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, DeviceIdentity
 from hal import storage
-from provisioning.errors import EnrollmentError
+from provisioning import EnrollmentError
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hal.errors import TetherError
+from hal import TetherError
 
 
 class AgentError(TetherError):

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from agent.config import Config
 from agent.errors import AgentError
 from hal.keys import open_key_uri
+from provisioning import ProvisioningError
 from provisioning.chainfacts import read_facts
-from provisioning.errors import ProvisioningError
 
 if TYPE_CHECKING:
     from cryptography import x509

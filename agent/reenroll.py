@@ -14,7 +14,7 @@ from typing import Any
 from agent.config import Config, read_private_secret
 from agent.errors import AgentError
 from agent.identity import KEY_LABEL, NEXT_KEY_LABEL, DeviceIdentity
-from provisioning.errors import EnrollmentError
+from provisioning import EnrollmentError
 from provisioning.est.client import BasicAuth, BearerAuth, ClientCertAuth, EstClient
 
 log = logging.getLogger("tether.renewal")

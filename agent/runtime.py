@@ -46,9 +46,8 @@ from agent.identity import KEY_LABEL, DeviceIdentity
 from agent.renewal import Renewal
 from agent.session import ConnectError, Session
 from agent.tls import client_context
-from hal import systemd
-from hal.errors import TetherError
-from provisioning.errors import EnrollmentError
+from hal import TetherError, systemd
+from provisioning import EnrollmentError
 
 log = logging.getLogger("tether")
 __all__ = ["RESTART_EXIT", "Runtime"]

@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from procstat import cpu_seconds, rss_kb, tree_cpu_seconds, tree_rss_kb  # noqa: E402  (benchmarks/procstat.py)
 
-from agent.component import Component  # noqa: E402  (a Protocol with no imports of its own)
+from agent.component import Component  # noqa: E402  (a plain base class with no imports of its own)
 
 TRUST_DOMAIN = "fleet.tether"
 OBSERVER = "tether-fleet-observer"  # a reserved id (station.toml) that may read every device's topics

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,9 @@ def product_venv() -> Path:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(cache)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+    # setuptools builds through the checkout's build/lib and never deletes from it: a module removed from
+    # the checkout would still be copied into the wheel (seen in issue 24's sixth round: hal/errors.py)
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="tether-wheel-") as out:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, str(REPO)],
                        check=True, capture_output=True)

@@ -12,10 +12,19 @@ import contextlib
 import errno
 import os
 import stat
-from _json import encode_basestring_ascii, make_scanner  # what json.dumps and json.loads use (parse_json)
 from typing import Any, TypeVar
 
-from hal.errors import StorageError
+try:
+    from _json import encode_basestring_ascii, make_scanner  # the C halves json.dumps and json.loads use
+except ImportError:  # an interpreter without CPython's private accelerator: json's own Python halves
+    from json import JSONDecoder
+    from json.encoder import encode_basestring_ascii  # type: ignore[assignment]  # same signature
+
+    def make_scanner(context: object) -> Any:  # type: ignore[misc,no-redef]
+        """The pure-Python scanner a default JSONDecoder builds; `context` holds json.loads's defaults."""
+        return JSONDecoder().scan_once  # type: ignore[attr-defined]  # set by its __init__
+
+from hal import StorageError
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644

@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 
 from agent.config import load
+from hal import TetherError
 from hal.about import VersionAction
-from hal.errors import TetherError
 from lab.core import BROKER_KINDS, Lab, LabSettings, wait_ready
 from lab.eol import end_of_line_check
 from lab.ota import host_release, send_update

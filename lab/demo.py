@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.runtime import RESTART_EXIT
-from hal.errors import TetherError
+from hal import TetherError
 from lab.core import REPO, Lab, LabSettings
 from lab.ota import publish_release, send_update
 from lab.procs import LabError, Proc

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from hal.errors import TetherError
+from hal import TetherError
 
 T = TypeVar("T")
 

@@ -31,19 +31,21 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 from provisioning.identity import check_device_id
 
 log = logging.getLogger(__name__)
 ALLOW, DENY = "allow", "deny"
 MQTT_QUEUE = "mqtt-subscription-"  # RabbitMQ 3.10: mqtt-subscription-<client id>qos0 / qos1
 PATHS = ("user", "vhost", "resource", "topic")
+ANSWERS_KEPT = 20_000  # a 4,000-device fleet asks ~10 questions a connect, again on every reconnect
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,11 @@ class Decider:
 
 class AuthServer:
     """`Decider` over HTTP on a loopback port: POST /auth/<question> with form fields. `answers` keeps
-    (question, fields without secrets, answer) for tests."""
+    the last `kept` (question, fields without secrets, answer) for tests: a long fleet run does not grow it."""
 
-    def __init__(self, decider: Decider, host: str = "127.0.0.1") -> None:
+    def __init__(self, decider: Decider, host: str = "127.0.0.1", kept: int = ANSWERS_KEPT) -> None:
         self.decider = decider
-        self.answers: list[tuple[str, dict[str, str], str]] = []
+        self.answers: deque[tuple[str, dict[str, str], str]] = deque(maxlen=kept)
         self._lock = threading.Lock()
         server = self
 

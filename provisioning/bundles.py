@@ -32,8 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from provisioning import ReleaseError
 from provisioning.certs import load_certificates, to_pem
-from provisioning.errors import ReleaseError
 
 FORMATS = ("swu", "raucb", "tar")
 SW_DESCRIPTION = "sw-description"

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from provisioning import PemError
 from provisioning.der import first_element as der_element
-from provisioning.errors import PemError
 from provisioning.est.pkcs7 import certificate_blobs
 
 MAX_INPUT = 1 << 20  # a chain or CSR larger than 1 MiB is not a chain or a CSR

@@ -19,9 +19,9 @@ from pathlib import Path
 from cryptography import x509
 
 from hal import storage
+from provisioning import ProvisioningError
 from provisioning.certs import common_name, load_certificates, serial_of, subject_of, to_pem
 from provisioning.chainfacts import DIGEST_KEY, FACTS, digest
-from provisioning.errors import ProvisioningError
 from provisioning.policy import ChainPolicy
 
 CURRENT, PREVIOUS, STAGED = "chain.pem", "chain.prev.pem", "chain.next.pem"

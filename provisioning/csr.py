@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 from provisioning.identity import check_device_id, check_trust_domain, spiffe_id
 
 

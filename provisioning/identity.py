@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 
 MAX_DEVICE_ID = 64
 _ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

@@ -18,8 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from provisioning import PolicyError, Violation
 from provisioning.certs import UNREADABLE_KEY, ReadCsr, common_name, issued_by, same_public_key, serial_of, subject_of
-from provisioning.errors import PolicyError, Violation
 from provisioning.identity import parse_spiffe_id, spiffe_id
 
 _UNREADABLE_KEY = UNREADABLE_KEY  # what `cryptography` raises for a key it cannot read

@@ -33,9 +33,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from hal import storage
 from hal.keys.file import generate
 from hal.keys.file import to_pem as key_to_pem
-from provisioning import authority, bundles
+from provisioning import PemError, ReleaseError, authority, bundles
 from provisioning.certs import load_certificates, same_public_key, serial_of, subject_of, to_pem
-from provisioning.errors import PemError, ReleaseError
 from provisioning.policy import ChainPolicy, extension
 
 MANIFEST = "manifest.json"

@@ -35,7 +35,7 @@ import functools
 import ssl
 import sys
 
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 
 GROUPS = ("X25519", "P-256", "P-384")
 # TLS 1.2 only (TLS 1.3 suites are set apart and all use the groups above): ECDHE key exchange only

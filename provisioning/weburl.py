@@ -23,7 +23,7 @@ import ipaddress
 import string
 
 from hal.value import Value
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 
 HTTPS = "https://"
 DEFAULT_PORT = 443

@@ -13,7 +13,7 @@ from agent.core import events
 # -- events (driver -> supervisor) -------------------------------------------------------------------
 DISCOVERED = 23       # answer to REDISCOVER: the ordered ``endpoints``, or None when discovery failed
 RENEWAL_STAGED = 24   # a renewed pair waits to be proven (which pair is the renewal record's to say,
-#                       agent/renewal_state.py; the supervisor only decides when to prove it)
+#                       agent/renewal.py; the supervisor only decides when to prove it)
 # -- actions (supervisor -> driver) ------------------------------------------------------------------
 PROVE_CANDIDATE = 25  # open a session to ``endpoint`` with the staged pair (the driver asks its owner which)
 PROMOTE = 26          # the staged pair established a session: make it the current pair

@@ -40,7 +40,7 @@ from agent.ota.machine import Installed, Operation, OtaState, StateStore
 from agent.ota.progress import ProgressMarks
 from agent.ota.slots import open_configured
 from agent.ota.status import describe
-from hal.errors import TetherError
+from hal import TetherError
 from hal.slots import SlotBackend
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from agent.core.errors import CoreError
 from agent.core.version import compare_versions
 from agent.ota.errors import VerificationError
 from agent.ota.machine import Installed, Operation
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 
 
 def release_base(url: str) -> str:

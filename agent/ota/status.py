@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.ota.machine import Installed, OtaState, StateStore
 from agent.ota.slots import open_configured
-from hal.errors import TetherError
+from hal import TetherError
 from hal.slots import SlotBackend
 
 

@@ -23,8 +23,7 @@ import os
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-from hal import load_backend
-from hal.errors import KeyStoreError
+from hal import KeyStoreError, load_backend
 from hal.value import Value
 
 if TYPE_CHECKING:

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from hal import storage
-from hal.errors import HalError, KeyStoreError
+from hal import HalError, KeyStoreError, storage
 from hal.keys import ALGORITHMS, DEFAULT_ALGORITHM, TlsKey, check_label
 
 if TYPE_CHECKING:

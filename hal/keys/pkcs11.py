@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
-from hal.errors import KeyStoreError
+from hal import KeyStoreError
 from hal.keys import DEFAULT_ALGORITHM, TlsKey, check_label
 
 PIN_ENV = "TETHER_PKCS11_PIN"

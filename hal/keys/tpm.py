@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hal import storage
-from hal.errors import KeyStoreError
+from hal import KeyStoreError, storage
 from hal.keys import DEFAULT_ALGORITHM, TlsKey, check_label
 
 if TYPE_CHECKING:

@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from hal import storage
-from hal.errors import KeyStoreError
+from hal import KeyStoreError, storage
 from hal.keys.tpm import TpmKeyStore
 
 # (kind, NV index of the EK certificate, persistent handle of the EK, tpm2-pytss template name)

@@ -31,8 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from hal import load_backend
-from hal.errors import HalError
+from hal import HalError, load_backend
 
 SLOTS = ("a", "b")
 

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from hal import storage
-from hal.errors import StorageError
+from hal import StorageError, storage
 from hal.slots import BootSelector, SlotError
 from hal.slots.composed import Slots
 from hal.slots.uboot import UBootEnv, empty_file, make_slot_dir

@@ -18,8 +18,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from hal import storage
-from hal.errors import StorageError
+from hal import StorageError, storage
 from hal.slots import SLOTS, SlotError, other, unpack
 
 STAGE_NAME = ".payload.part"

@@ -27,8 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hal import storage
-from hal.errors import StorageError
+from hal import StorageError, storage
 from hal.slots import SLOTS, SlotError, other
 from hal.slots.command import run_streaming
 

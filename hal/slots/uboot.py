@@ -26,8 +26,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from hal import storage
-from hal.errors import StorageError
+from hal import StorageError, storage
 from hal.slots import SLOTS, SlotError
 from hal.slots.composed import Slots
 

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 
 
 class AttestError(ProvisioningError):

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
+from provisioning import EnrollmentError, PemError
 from provisioning.certs import issued_by, load_certificates, same_public_key, subject_of
-from provisioning.errors import EnrollmentError, PemError
 from provisioning.est.pkcs7 import certificate_blobs
 from provisioning.weburl import UrlError, parse_https_url
 

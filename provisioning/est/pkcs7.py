@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from provisioning.errors import PemError
+from provisioning import PemError
 
 SIGNED_DATA_OID = bytes.fromhex("2a864886f70d010702")  # 1.2.840.113549.1.7.2
 _SEQUENCE, _SET, _OID, _INTEGER = 0x30, 0x31, 0x06, 0x02

@@ -25,13 +25,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from provisioning import PemError, ProvisioningError
 from provisioning.attest import AttestError
 from provisioning.attest.credential import make_credential
 from provisioning.attest.evidence import read_evidence
 from provisioning.attest.tpm2 import Public
 from provisioning.attest.verify import check_ak, check_certify, check_ek_public, ek_digest
 from provisioning.certs import load_csr
-from provisioning.errors import PemError, ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.station.attest_store import AttestStore, device_bound_reason, ek_bound_reason
 from provisioning.station.ca import Station

@@ -33,16 +33,14 @@ from typing import Any
 
 from cryptography import x509
 
-from hal import storage
-from hal.errors import KeyStoreError
+from hal import KeyStoreError, storage
 from hal.keys import open_key_uri, parse_key_uri
 from hal.keys.file import generate, load_pem, to_pem
-from provisioning import authority
+from provisioning import PemError, ProvisioningError, authority
 from provisioning.attest.verify import EkTrust
 from provisioning.authority import DeviceTemplate, Issued, Issuer
 from provisioning.certs import issued_by, load_certificates, same_public_key, serial_of, subject_of
 from provisioning.certs import to_pem as certs_pem
-from provisioning.errors import PemError, ProvisioningError
 from provisioning.identity import RESERVED_IDS, check_trust_domain
 from provisioning.policy import ChainPolicy
 from provisioning.station.errors import Refusal, StationError

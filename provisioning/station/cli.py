@@ -12,8 +12,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hal import TetherError
 from hal.about import VersionAction
-from hal.errors import TetherError
 from provisioning.station.commands import attest, issuing, operators, records, serve
 from provisioning.station.commands.common import Handler
 

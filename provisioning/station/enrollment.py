@@ -22,10 +22,9 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from provisioning import der
+from provisioning import PemError, PolicyError, ProvisioningError, der
 from provisioning.authority import Issued
 from provisioning.certs import ReadCsr, common_name, issued_by, pkcs7_certs_only, read_csr, serial_of, subject_of
-from provisioning.errors import PemError, PolicyError, ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.printable import escape_logger
 from provisioning.station.attestation import Attestation

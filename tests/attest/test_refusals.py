@@ -147,7 +147,7 @@ def test_an_ek_off_the_allow_list_is_refused_until_registered(tmp_path: Path, st
 
 
 def test_an_ak_from_outside_the_eks_tpm_cannot_activate_the_credential(device: Device, tpm: TpmAttester) -> None:
-    from hal.errors import KeyStoreError
+    from hal import KeyStoreError
 
     outside = tpm2.marshal_public(ec.generate_private_key(ec.SECP256R1()).public_key(),
                                   tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.RESTRICTED

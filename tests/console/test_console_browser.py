@@ -13,9 +13,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from hal.keys.file import generate
+from provisioning import EnrollmentError
 from provisioning.certs import to_pem
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
 from tests.conftest import run_tether, write_config
 from tests.console.conftest import ConsoleStation, Operator, screenshot

@@ -11,7 +11,7 @@ import os
 import board_config
 import pytest
 
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 from provisioning.identity import BROKERS, RESERVED_IDS, check_device_id
 from tests.firmware import micropython
 

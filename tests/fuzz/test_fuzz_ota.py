@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from agent.ota.machine import Installed, Operation
 from agent.ota.release import check_release
-from hal.errors import TetherError
+from hal import TetherError
 from hal.keys.file import generate
 from provisioning.certs import to_pem
 from provisioning.release import Manifest, ReleaseError, create_release_signer, verify_release

@@ -20,10 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hal.keys.file import generate
-from provisioning import authority
+from provisioning import ProvisioningError, authority
 from provisioning.certs import load_certificates, load_csr
 from provisioning.csr import build_csr
-from provisioning.errors import ProvisioningError
 from provisioning.identity import spiffe_id
 from provisioning.policy import ChainPolicy
 from tests.fuzz.inputs import FUZZ, mutated, scratch, tried

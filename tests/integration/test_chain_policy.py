@@ -11,10 +11,9 @@ import pytest
 from cryptography import x509
 
 from hal.keys.file import generate
-from provisioning import authority
+from provisioning import PemError, PolicyError, authority
 from provisioning.authority import Issuer
 from provisioning.certs import load_certificates, to_pem
-from provisioning.errors import PemError, PolicyError
 from provisioning.policy import ChainPolicy
 from tests.conftest import run_tether, write_config
 from tests.pki import TRUST_DOMAIN, Pki

@@ -23,7 +23,7 @@ from agent.config import load
 from agent.identity import DeviceIdentity
 from agent.renewal import Renewal
 from lab.procs import wait_until
-from provisioning.errors import EnrollmentError
+from provisioning import EnrollmentError
 from provisioning.est.client import BasicAuth, EstClient
 from tests.agent_bed import Agent, provisioned_device
 from tests.conftest import run_tether, write_config

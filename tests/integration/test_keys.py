@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from hal.errors import KeyStoreError
+from hal import KeyStoreError
 from hal.keys import open_keystore
 from lab.swtpm import SoftTpm
 from provisioning.csr import build_csr

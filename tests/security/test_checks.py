@@ -17,11 +17,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hal.keys.file import generate
-from provisioning import authority
+from provisioning import EnrollmentError, authority
 from provisioning.authority import Issuer
 from provisioning.certs import to_pem
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
 from provisioning.policy import ChainPolicy
 from provisioning.release import ReleaseError, check_signer

@@ -16,9 +16,9 @@ from agent.tls import client_context
 from hal.keys import TlsKey
 from lab.mosquitto import BrokerFiles, Mosquitto
 from lab.procs import wait_until
+from provisioning import EnrollmentError
 from provisioning.certs import load_certificates
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import ClientCertAuth, EstClient
 from tests.agent_bed import provisioned_device
 from tests.conftest import run_tether, write_config

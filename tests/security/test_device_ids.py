@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lab.core import Lab
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 from provisioning.identity import RESERVED_IDS, check_device_id
 from tests.conftest import REPO, run_tether, write_config
 from tests.security.stationbed import csr_body, post_enroll, set_settings

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from hal.keys.file import generate
+from provisioning import EnrollmentError
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, EstClient
 from provisioning.identity import spiffe_id
 from tests.pki import TRUST_DOMAIN

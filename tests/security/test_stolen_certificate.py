@@ -12,9 +12,9 @@ import pytest
 from cryptography import x509
 
 from hal.keys.file import generate
+from provisioning import EnrollmentError
 from provisioning.certs import to_pem
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
 from provisioning.station.ledger import serial_hex
 from tests.pki import TRUST_DOMAIN, key_pem

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hal import storage
-from hal.errors import StorageError
+from hal import StorageError, storage
 from tests.conftest import run_tether, write_config
 from tests.security.conftest import check_output
 

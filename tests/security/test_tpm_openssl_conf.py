@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hal.errors import KeyStoreError
+from hal import KeyStoreError
 from hal.keys import tpm
 from hal.keys.tpm import TpmKeyStore
 from lab.procs import wait_until

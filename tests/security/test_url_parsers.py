@@ -18,7 +18,7 @@ import pytest
 
 from agent import config as configmod
 from agent.errors import ConfigError
-from provisioning.errors import EnrollmentError
+from provisioning import EnrollmentError
 from provisioning.est.client import BasicAuth, EstClient
 from provisioning.weburl import UrlError, parse_host_port, parse_https_url
 from tests.conftest import write_config

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from hal.keys.file import generate
+from provisioning import EnrollmentError
 from provisioning.certs import to_pem
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
 from tests.pki import TRUST_DOMAIN, key_pem
 from tests.station.conftest import RunningStation, start_station, station_cli

@@ -17,8 +17,8 @@ import pytest
 
 from hal.keys.file import generate
 from lab.procs import wait_until
+from provisioning import EnrollmentError
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, EstClient
 from provisioning.station import loop
 from provisioning.station.ca import Station

@@ -9,8 +9,8 @@ import time
 
 from hal.keys.file import generate
 from lab.procs import wait_until
+from provisioning import EnrollmentError
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, EstClient
 from provisioning.station.otp import new_otp, otp_hash
 from tests.pki import TRUST_DOMAIN

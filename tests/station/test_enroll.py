@@ -12,9 +12,9 @@ import pytest
 
 from hal.keys.file import generate
 from lab.swtpm import SoftTpm
+from provisioning import EnrollmentError
 from provisioning.certs import load_certificates, same_public_key, to_pem
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
 from tests.conftest import REPO, run_tether, write_config
 from tests.pki import TRUST_DOMAIN

@@ -6,8 +6,8 @@ import threading
 from pathlib import Path
 
 from hal.keys.file import generate
+from provisioning import EnrollmentError
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, EstClient
 from tests.pki import TRUST_DOMAIN
 from tests.station.conftest import start_station, station_cli

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hal.keys.file import generate
 from lab.procs import wait_until
+from provisioning import EnrollmentError
 from provisioning.csr import build_csr
-from provisioning.errors import EnrollmentError
 from provisioning.est.client import BasicAuth, ClientCertAuth, EstClient
 from provisioning.station.errors import Refusal, StationError
 from provisioning.station.metrics import is_ledger_error, ledger_gauges, method_of, reason_of

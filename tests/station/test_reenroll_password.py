@@ -24,8 +24,8 @@ from agent.errors import ConfigError
 from agent.identity import DeviceIdentity
 from agent.reenroll import basic_auth
 from agent.renewal import Renewal
+from provisioning import EnrollmentError
 from provisioning.certs import load_certificates
-from provisioning.errors import EnrollmentError
 from provisioning.station.ca import Station
 from provisioning.station.errors import StationError
 from tests.conftest import run_tether, write_config

@@ -11,7 +11,7 @@ import pytest
 
 from agent.boot import retry_delay
 from agent.config import Config, ConfigError, load
-from provisioning.errors import EnrollmentError, PemError
+from provisioning import EnrollmentError, PemError
 from provisioning.est.client import est_base, parse_retry_after
 from provisioning.est.pkcs7 import SIGNED_DATA_OID, certificate_blobs
 

@@ -12,8 +12,8 @@ import pytest
 
 from agent.config import ConfigError, load
 from agent.config_edit import render
+from hal import KeyStoreError
 from hal import keys as halkeys
-from hal.errors import KeyStoreError
 from hal.keys import BACKENDS, KeyBackend, KeyUri, parse_key_uri
 
 
@@ -212,7 +212,7 @@ def test_only_backends_that_need_it_make_the_cli_re_execute_for_ssl(tmp_path: Pa
 ])
 def test_pkcs11_uris_say_what_is_wrong_before_any_token_is_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    uri: str, reason: str) -> None:
-    from hal.errors import KeyStoreError
+    from hal import KeyStoreError
     from hal.keys import open_key_uri
 
     monkeypatch.delenv("TETHER_PKCS11_PIN", raising=False)

@@ -3,9 +3,12 @@ are the ones RabbitMQ 3.10 sends (seen in tests/integration/test_rabbitmq.py aga
 
 from __future__ import annotations
 
+import http.client
+from urllib.parse import urlencode
+
 import pytest
 
-from lab.rabbitauth import ALLOW, DENY, Decider
+from lab.rabbitauth import ALLOW, DENY, AuthServer, Decider
 
 SERVICES = frozenset({"tether-token-service", "tether-ota-service", "fleet-observer"})
 rules = Decider(services=SERVICES)
@@ -66,3 +69,20 @@ def test_session_queues_belong_to_their_client_id() -> None:
         assert queue("dev-1", f"mqtt-subscription-dev-1{suffix}") == ALLOW
         assert queue("dev-2", f"mqtt-subscription-dev-1{suffix}") == DENY
     assert queue("dev-1", "some-other-queue") == DENY
+
+
+def test_the_auth_server_keeps_only_its_last_answers_however_long_a_fleet_runs() -> None:
+    # a fleet run asks ~10 questions per device connect, again on every reconnect: what the lab keeps
+    # for tests must not grow with the run (over HTTP on loopback, as RabbitMQ asks)
+    server = AuthServer(Decider(services=SERVICES), kept=3).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        for n in range(5):
+            connection.request("POST", "/auth/user", urlencode({"username": f"dev-{n}", "password": "x"}),
+                               {"Content-Type": "application/x-www-form-urlencoded"})
+            assert connection.getresponse().read() == DENY.encode()
+        connection.close()
+    finally:
+        server.stop()
+    assert [fields["username"] for _, fields, _ in server.answers] == ["dev-2", "dev-3", "dev-4"]
+    assert all(fields["password"] == "***" for _, fields, _ in server.answers)

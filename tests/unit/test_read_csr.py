@@ -12,11 +12,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from provisioning import authority, der
+from provisioning import PemError, PolicyError, authority, der
 from provisioning.authority import DeviceTemplate, Issued, Issuer
 from provisioning.certs import read_csr
 from provisioning.csr import build_csr
-from provisioning.errors import PemError, PolicyError
 from provisioning.policy import ChainPolicy
 
 SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -56,9 +56,9 @@ def test_a_fatal_failure_stops_renewal_with_an_error_line(tmp_path: Path, pki: P
     assert json.loads(Path(renewal.path).read_text())["next_try"] == 0
 
 
-# -- the persisted transition table (agent/renewal_state.py) -------------------------------------------------
+# -- the persisted transition table (agent/renewal.py) -------------------------------------------------
 def test_renewal_transitions_are_a_table_and_an_illegal_event_names_state_and_event() -> None:
-    from agent.renewal_state import TRANSITIONS, RenewalState, RenewalTransitionError
+    from agent.renewal import TRANSITIONS, RenewalState, RenewalTransitionError
 
     state = RenewalState()
     for event in ("staged", "proven", "promoted"):

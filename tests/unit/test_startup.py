@@ -70,6 +70,38 @@ def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Pa
     assert loaded_by_building_the_runtime(config, NOT_AT_START + NOT_FROM_THE_PROJECT) == []
 
 
+# the project's modules building `tether run`'s runtime loads (this configuration: tokens on, no key yet):
+# each costs every boot ~0.15 M instructions and 5 system calls to find and load even through the entry
+# point's loader (agent/entry.py), on top of its code, so a new one on this path is a decision, not a
+# side effect. Issue 24's sixth round folded three that every boot loaded together into their packages
+# (hal.errors into hal, provisioning.errors into provisioning, agent.renewal_state into agent.renewal).
+START_MODULES = frozenset((
+    "agent", "agent.boot", "agent.cli", "agent.component", "agent.compose", "agent.config", "agent.control",
+    "agent.discovery", "agent.errors", "agent.identity", "agent.ota", "agent.outbox", "agent.publish_api",
+    "agent.renewal", "agent.runtime", "agent.session", "agent.state", "agent.tls", "agent.token",
+    "agent.core", "agent.core.backoff", "agent.core.connection", "agent.core.defaults", "agent.core.endpoint_list",
+    "agent.core.endpoints", "agent.core.errors", "agent.core.events", "agent.core.jwt", "agent.core.retry",
+    "agent.core.smartrest", "agent.core.supervisor", "agent.core.supervisor_events", "agent.core.token_schedule",
+    "agent.core.topics",
+    "hal", "hal.keys", "hal.storage", "hal.systemd", "hal.value",
+    "provisioning", "provisioning.chainfacts", "provisioning.identity", "provisioning.printable",
+    "provisioning.weburl",
+))
+
+
+def test_building_tether_runs_runtime_loads_no_module_beyond_its_budget(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
+    code = ("import sys\n"
+            "from agent import cli\n"
+            "from agent.compose import build\n"
+            f"runtime = build(cli.configmod.load({str(config)!r}))\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('agent', 'hal', 'provisioning')))\n"
+            "for c in runtime.components:\n"
+            "    c.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert sorted(set(ast.literal_eval(out.stdout.strip())) - START_MODULES) == []
+
+
 def test_building_tether_runs_runtime_builds_no_protocol_class(tmp_path: Path) -> None:
     """A `typing.Protocol` is the dearest class to build (typing's machinery, for it and each subclass):
     the interfaces on the start-up path (the component hooks, the key store) are a plain base class and
@@ -321,6 +353,33 @@ def test_what_json_dumps_cannot_write_dump_json_refuses_too(value: object) -> No
     with pytest.raises(TypeError) as theirs:
         json.dumps(value, indent=1, sort_keys=True)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_records_read_and_write_as_json_does_on_an_interpreter_without_cpythons_json_accelerator() -> None:
+    # `_json` is CPython's private module; where it is missing, hal.storage falls back to json's Python
+    # halves and must still read and write every record as json.loads and json.dumps do
+    code = ("import sys\n"
+            "sys.modules['_json'] = None\n"
+            "import json\n"
+            "from hal import storage\n"
+            "assert json.scanner.c_make_scanner is None, 'the accelerator was not blocked'\n"
+            "value = {'b': [1, 2.5, None, True, 'x\\u00e9\\n'], 'a': {'n': -3, 'f': float('inf')}, 'e': []}\n"
+            "assert storage.dump_json(value) == json.dumps(value, indent=1, sort_keys=True).encode()\n"
+            "assert storage.parse_json(storage.dump_json(value)) == value\n"
+            "for bad in (b'{\"a\": 1} x', b'[1,', b'', b'\\xef\\xbb\\xbf{}'):\n"
+            "    try:\n"
+            "        storage.parse_json(bad)\n"
+            "    except ValueError as exc:\n"
+            "        ours = str(exc)\n"
+            "    try:\n"
+            "        json.loads(bad)\n"
+            "    except ValueError as exc:\n"
+            "        assert str(exc) == ours, (bad, ours, str(exc))\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 def test_the_tether_command_collects_nothing_while_it_starts_then_collects_as_usual(tmp_path: Path) -> None:

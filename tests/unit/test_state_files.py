@@ -12,8 +12,7 @@ import pytest
 from agent.boot import chain_state
 from agent.config import load
 from agent.identity import DeviceIdentity
-from agent.renewal import Renewal
-from agent.renewal_state import RenewalState
+from agent.renewal import Renewal, RenewalState
 from hal import storage
 from provisioning.certstore import CertStore
 from provisioning.chainfacts import read_facts

@@ -75,7 +75,7 @@ def test_renewed_pair_is_promoted_only_when_a_session_with_it_is_accepted():
 
 
 def test_the_supervisor_holds_no_copy_of_the_staged_pair():
-    """"A renewed pair is staged" has one owner, the renewal record (agent/renewal_state.py): the
+    """"A renewed pair is staged" has one owner, the renewal record (agent/renewal.py): the
     supervisor's events and actions say that one is staged and when to prove it, never which one."""
     assert sv.Event.FIELDS[sv.RENEWAL_STAGED] == () and sv.Event.FIELDS[sv.PROVE_CANDIDATE] == ("epoch", "endpoint")
 

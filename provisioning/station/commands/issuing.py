@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hal import storage
-from hal.errors import KeyStoreError
+from hal import KeyStoreError, storage
 from hal.keys.file import generate
-from provisioning.errors import PolicyError, ProvisioningError
+from provisioning import PolicyError, ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.station.commands.common import Handler, open_station, passphrase, station_dir, unix_now, write_out
 from provisioning.station.errors import StationError

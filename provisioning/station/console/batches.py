@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from provisioning.errors import ProvisioningError
+from provisioning import ProvisioningError
 from provisioning.identity import check_device_id
 from provisioning.station.console.store import ConsoleStore
 from provisioning.station.errors import StationError
