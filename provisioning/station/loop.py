@@ -1,12 +1,13 @@
-"""The EST server's connection loop: one selector per worker process, which also computes the requests
-(a commit thread makes their ledger writes durable), or hands them to a thread pool (`threads` > 0).
+"""The EST server's connection loop: one selector per worker process, for every connection's I/O.
+What a complete request is answered is computed elsewhere (`compute.Compute`: in this loop's thread
+with a commit thread for the ledger writes, or in a pool of threads when `threads` > 0).
 
 Why a loop: a connection costs nothing while it is idle, shakes hands or trickles its headers, so
 a thousand idle sockets or clients that send a header line every few seconds cannot take the
 threads that sign certificates (issue 13: 200 idle connections used to delay `cacerts` by 30 s).
 The loop accepts, runs the TLS handshake and reads each request whole (`wire.RequestReader`), within
-one deadline per request (not per `recv`); only complete requests are computed (`routes`), in the
-loop or by the pool. Each client address may hold `max_per_client` connections per worker
+one deadline per request (not per `recv`); only complete requests are handed to `compute` (which
+answers through `deliver`). Each client address may hold `max_per_client` connections per worker
 process; more are closed at accept. A worker holds at most `max_connections` (about 31 KB each);
 past that the oldest connection still shaking hands or reading makes room (`admission.oldest_waiting`
 says why not refuse the newcomer). Each peer may make a worker spend `handshake_cpu` CPU seconds per
@@ -18,22 +19,12 @@ Every request that was read gets a status line: a body shorter than its Content-
 connection the loop shuts down its sending side and drains what the client still sends for
 LINGER seconds, so unread data never turns into a reset that destroys the answer.
 
-The hand-off costs one wake-up, not two (issue 24 item 3): the pool thread that computed an answer
-also writes it and, when the connection ends, sends FIN and registers the socket with the selector
-for the drain itself; only a keep-alive connection, an answer that does not fit the socket's buffer,
-or an error goes back through the loop's queue and its wake-up socket. While a connection is busy
-the loop does not touch it (it is in no selector set and `_expire` skips it), so one thread at a time
-uses each socket; epoll lets another thread add a descriptor while the loop waits.
-
-With `threads=0` (the default unless the CA key is in an HSM) there is no pool: the loop thread
-computes each complete request itself (parse, authenticate, policy, sign) and hands only its ledger
-writes to the worker's commit thread (`committer.Committer`), which gathers the writes pending at
-that moment into one transaction and fsyncs once; the loop goes on serving other connections and
-answers a request when the commit holding its rows has returned (`routes.respond_steps` yields the
-writes; `_step` resumes it). That saves the pool's hand-off per request (a queue, a thread wake-up
-and the GIL passed back and forth at every blocking call: issue 24 item 3) without the loop ever
-waiting for the disk. A request holds the loop only while it is computed, as a TLS handshake does;
-an HSM's signature can take far longer, which is why a `pkcs11:` CA key keeps the pool by default.
+While a request is computed its connection is busy: the loop does not touch it (it is in no
+selector set and `_expire` skips it), so one thread at a time uses each socket. With a pool, the
+thread that computed a final answer writes it and registers the socket for the drain itself
+(`send_and_linger`: one wake-up per request, not two, issue 24 item 3); epoll lets another thread
+add a descriptor while the loop waits. Everything else comes back through `compute.collect`, which
+the loop runs after each select (the wake-up socket makes the select return).
 """
 
 from __future__ import annotations
@@ -41,19 +32,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import queue
 import selectors
 import socket
 import ssl
-import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
 from provisioning.station.admission import HandshakeBudget, oldest_waiting, peer_key
-from provisioning.station.committer import Committer
-from provisioning.station.enrollment import Enrollment, Steps
-from provisioning.station.routes import Response, respond, respond_steps, text
+from provisioning.station.compute import Compute
+from provisioning.station.enrollment import Enrollment
+from provisioning.station.routes import Response, text
 from provisioning.station.wire import BadRequest, HttpRequest, RequestReader
 
 log = logging.getLogger("tether.station")
@@ -64,8 +53,6 @@ LINGER = 2.0           # ... for at most this long
 STOP_GRACE = 2.0
 DEFAULT_THREADS = 0    # 0: the loop computes requests, a commit thread makes their ledger writes durable
 POOL_THREADS = 8       # with a pool (an HSM signs): requests one worker computes at once
-INLINE_COMMIT = 0.002  # s: while COMMITs (their fsync) take less than this on average, the loop may make its own
-                       # (a few TLS handshakes' worth of holding the loop); slower ones go to the commit thread
 TICK = 0.25            # how often deadlines are checked
 HANDSHAKE_BURST = 30.0  # a peer's handshake budget holds this many seconds' worth of `handshake_cpu`
 FULL_LOG_EVERY = 10.0   # seconds between log lines about a full connection table
@@ -130,9 +117,6 @@ class EstServer:
         self.enrollment = enrollment
         self.context = context
         self.limits = limits
-        self.threads = max(0, threads)
-        self.jobs: queue.SimpleQueue[tuple[_Conn, HttpRequest] | None] = queue.SimpleQueue()
-        self.pool: list[threading.Thread] = []
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
         self.per_client: collections.Counter[str] = collections.Counter()
@@ -141,19 +125,12 @@ class EstServer:
         self.overdrawn: set[str] = set()  # peers whose budget refusal was logged (once until allowed again)
         self._full_since_log = 0        # connections closed or refused for a full table since the last log line
         self._full_logged_at = -FULL_LOG_EVERY
-        self.done: queue.SimpleQueue[tuple[_Conn, Response | None, bool]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._stopping = False
         self._accept_paused = False
-        self._busy = 0
-        self._busy_lock = threading.Lock()  # `_busy` is lowered by pool threads
-        # threads=0: requests whose ledger write the commit thread has made (or failed), to be resumed
-        self.committer = None if self.threads else Committer(enrollment.ledger.db)
-        self.inline_commits = 0  # writes the loop committed itself (`_step`), for benchmarks and tests
-        self.resumed: queue.SimpleQueue[tuple[_Conn, HttpRequest, Steps[Response], Any, BaseException | None]] = \
-            queue.SimpleQueue()
+        self.compute: Compute[_Conn] = Compute(enrollment, threads, self)  # what complete requests are answered
 
     # -- life cycle ------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -163,12 +140,7 @@ class EstServer:
         all, and the device's retry gets the same certificate.
         """
         self.listener.setblocking(False)
-        if self.committer is not None:
-            self.committer.start()
-        for n in range(self.threads):
-            thread = threading.Thread(target=self._pool_thread, name=f"est_{n}", daemon=True)
-            thread.start()
-            self.pool.append(thread)
+        self.compute.start()
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         next_tick = time.monotonic() + TICK
@@ -181,7 +153,7 @@ class EstServer:
                     if not self._accept_paused:
                         self.selector.unregister(self.listener)
                     self._accept_paused = True
-                if stop_by is not None and (self._busy == 0 or now >= stop_by):
+                if stop_by is not None and (self.compute.busy == 0 or now >= stop_by):
                     return
                 for key, events in self.selector.select(max(0.0, min(next_tick, stop_by or next_tick) - now)):
                     if key.data == "accept":
@@ -193,7 +165,7 @@ class EstServer:
                         conn = self.conns.get(key.fd)
                         if conn is not None and conn.sock.fileno() == key.fd:
                             self._ready(conn, events)
-                self._collect()
+                self.compute.collect()
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -204,13 +176,7 @@ class EstServer:
         finally:
             for conn in list(self.conns.values()):
                 self._close(conn)
-            with contextlib.suppress(queue.Empty):  # requests not started are dropped, as before
-                while True:
-                    self.jobs.get_nowait()
-            for _ in self.pool:
-                self.jobs.put(None)
-            if self.committer is not None:  # what it holds commits; unanswered, as after a crash
-                self.committer.stop(STOP_GRACE)
+            self.compute.stop(STOP_GRACE)  # what the commit thread holds commits; unanswered, as after a crash
             self.selector.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -218,8 +184,56 @@ class EstServer:
     def stop(self) -> None:
         """Safe from a signal handler or another thread."""
         self._stopping = True
+        self.wake()
+
+    # -- what `compute` calls (`compute.Connections`) ----------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def handles(self) -> Collection[_Conn]:
+        return self.conns.values()
+
+    def wake(self) -> None:
+        """From any thread: make the selector return."""
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
+
+    def deliver(self, conn: _Conn, response: Response | None, keep_alive: bool) -> None:
+        """In the loop thread: answer a request `compute` handed back (None: a pool thread wrote part
+        of a final answer; the rest, then linger). Nothing if the connection was closed meanwhile
+        (the worker stopping)."""
+        if conn.sock.fileno() < 0:
+            return
+        if response is None:
+            conn.then, conn.state = "linger", "write"
+            conn.deadline = time.monotonic() + self.limits.request_timeout
+            self._write(conn)
+        else:
+            self._answer(conn, response, keep_alive)
+
+    def send_and_linger(self, conn: _Conn, response: Response) -> bool:
+        """In a pool thread: write a final answer and hand the socket to the selector for the drain
+        (True). False when the answer did not fit the socket's buffer at once or the send failed:
+        what is left of it waits in `conn.out`, and the loop's own write finishes (or closes)."""
+        out = response.render(False)
+        try:
+            sent = conn.sock.send(out)
+        except (ssl.SSLError, OSError):  # would block (the same bytes must be retried) or failed
+            sent = 0
+        if sent < len(out):
+            conn.out += out[sent:]
+            return False
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+        conn.deadline = time.monotonic() + LINGER
+        conn.then = conn.state = "linger"
+        conn.mask = selectors.EVENT_READ  # before the loop can see an event for it
+        try:
+            self.selector.register(conn.sock.fileno(), selectors.EVENT_READ)
+        except (OSError, ValueError, KeyError):  # closed or gone under us: the loop's deadline closes it
+            conn.mask = 0
+        return True
 
     # -- the loop's steps ------------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -361,136 +375,7 @@ class EstServer:
     def _dispatch(self, conn: _Conn, request: HttpRequest) -> None:
         conn.state = "busy"
         self._watch(conn, 0)
-        with self._busy_lock:
-            self._busy += 1
-        if not self.threads:  # the loop computes it; its ledger writes go to the commit thread
-            self._step(conn, request, respond_steps(self.enrollment, request, conn.peer, conn.addr), None, None)
-            return
-        self.jobs.put((conn, request))
-
-    def _step(self, conn: _Conn, request: HttpRequest, steps: Steps[Response], value: Any,
-              error: BaseException | None) -> None:
-        """In the loop (threads=0): run a request on to its next ledger write, submitted to the commit
-        thread (which hands the outcome back through `resumed`), or to its response, answered now.
-
-        When the ledger's write lock is free at once and either this worker's commits are quick (under
-        INLINE_COMMIT, as measured: a commit then holds the loop no longer than a TLS handshake does)
-        or this connection is the only one it serves (the others, if any, only lingering), the loop
-        commits the write itself and saves the two thread wake-ups of the hand-off. It never waits for
-        another writer (`Database.write_now`), only for its own fsync; a connection arriving meanwhile
-        waits in the listening socket's backlog, and a sibling worker, woken by the same socket,
-        accepts it if it is free. On a slow disk the commits go to the commit thread."""
-        while True:
-            try:
-                work = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as stop:
-                response: Response = stop.value
-                break
-            except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
-                log.exception("%s: unexpected error", conn.addr)
-                response = text(500, "internal error in the station; the operator's log has the details",
-                                close=True)
-                break
-            committer: Committer = self.committer  # type: ignore[assignment]
-            if self.enrollment.ledger.db.commit_seconds < INLINE_COMMIT or self._alone(conn):
-                try:
-                    ran, value = self.enrollment.ledger.db.write_now(work)
-                    error = None
-                except Exception as exc:  # noqa: BLE001 - thrown into the request's steps, as the committer's are
-                    ran, value, error = True, None, exc
-                if ran:
-                    self.inline_commits += 1
-                    continue
-
-            def done(result: Any, failed: BaseException | None) -> None:  # in the commit thread
-                self.resumed.put((conn, request, steps, result, failed))
-                with contextlib.suppress(OSError):
-                    self._wake_w.send(b"x")
-
-            committer.submit(work, done)
-            return
-        if request.head.keep_alive and not self._stopping and not response.close:
-            self.done.put((conn, response, True))  # `_collect` answers it: no recursion through pipelined requests
-            return
-        with self._busy_lock:
-            self._busy -= 1
-        if conn.sock.fileno() >= 0:  # else closed meanwhile (the worker stopping)
-            self._answer(conn, response, False)
-
-    def _alone(self, conn: _Conn) -> bool:
-        """True when every other connection of this worker is only lingering (nothing to hold up)."""
-        if len(self.conns) > 8:
-            return False
-        return all(c is conn or c.state == "linger" for c in self.conns.values())
-
-    def _pool_thread(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self._work(*job)
-
-    def _work(self, conn: _Conn, request: HttpRequest) -> None:
-        """In a pool thread: decide, then answer (see the module's docstring for who owns the socket)."""
-        try:
-            response = respond(self.enrollment, request, conn.peer, conn.addr)
-        except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
-            log.exception("%s: unexpected error", conn.addr)
-            response = text(500, "internal error in the station; the operator's log has the details", close=True)
-        keep_alive = request.head.keep_alive and not self._stopping and not response.close
-        if keep_alive:
-            self.done.put((conn, response, True))
-        elif self._send_and_linger(conn, response):
-            return
-        else:  # what is left of the answer waits in `conn.out`: the loop writes it, then lingers
-            self.done.put((conn, None, False))
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-
-    def _send_and_linger(self, conn: _Conn, response: Response) -> bool:
-        """In a pool thread: write a final answer and hand the socket to the selector for the drain
-        (True). False when the answer did not fit the socket's buffer at once or the send failed:
-        what is left of it waits in `conn.out`, and the loop's own write finishes (or closes)."""
-        out = response.render(False)
-        try:
-            sent = conn.sock.send(out)
-        except (ssl.SSLError, OSError):  # would block (the same bytes must be retried) or failed
-            sent = 0
-        if sent < len(out):
-            conn.out += out[sent:]
-            return False
-        with contextlib.suppress(OSError):
-            conn.sock.shutdown(socket.SHUT_WR)
-        conn.deadline = time.monotonic() + LINGER
-        conn.then = conn.state = "linger"
-        conn.mask = selectors.EVENT_READ  # before the loop can see an event for it
-        try:
-            self.selector.register(conn.sock.fileno(), selectors.EVENT_READ)
-        except (OSError, ValueError, KeyError):  # closed or gone under us: the loop's deadline closes it
-            conn.mask = 0
-        with self._busy_lock:
-            self._busy -= 1
-        return True
-
-    def _collect(self) -> None:
-        while True:  # requests whose ledger writes are durable (or failed): on to their answers
-            try:
-                resumed = self.resumed.get_nowait()
-            except queue.Empty:
-                break
-            self._step(*resumed)
-        while True:
-            try:
-                conn, response, keep_alive = self.done.get_nowait()
-            except queue.Empty:
-                return
-            with self._busy_lock:
-                self._busy -= 1
-            if conn.sock.fileno() < 0:
-                continue
-            if response is None:  # a pool thread wrote part of a final answer: the rest, then linger
-                conn.then, conn.state = "linger", "write"
-                conn.deadline = time.monotonic() + self.limits.request_timeout
-                self._write(conn)
-            else:
-                self._answer(conn, response, keep_alive)
+        self.compute.submit(conn, request)
 
     def _answer(self, conn: _Conn, response: Response, keep_alive: bool) -> None:
         keep = keep_alive and not response.close

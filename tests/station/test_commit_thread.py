@@ -127,5 +127,6 @@ def test_the_loop_commits_itself_only_when_that_holds_nobody_up(
     finally:
         for s in idle:
             s.close()
-    assert server.committer is not None
-    assert (server.inline_commits, server.committer.writes) == ((1, 0) if inline else (0, 1))
+    compute = server.compute
+    assert compute.committer is not None
+    assert (compute.inline_commits, compute.committer.writes) == ((1, 0) if inline else (0, 1))
