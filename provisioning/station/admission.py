@@ -1,6 +1,10 @@
-"""Who gets a connection at the station before anyone has authenticated: pure, clock given.
+"""Who gets a connection at the station before anyone has authenticated: clock given.
 
-Two limits, both per worker process, beside the per-address connection cap in `loop.py`:
+Three limits, all per worker process, applied together at accept by `Admission` (the EST loop's
+gate, which also writes the log lines about refusals, each at most once per peer or per
+FULL_LOG_EVERY seconds):
+
+- `max_per_client`: the connections one address may hold at once; more are closed at accept.
 
 - `HandshakeBudget`: the CPU one peer may make us spend on TLS handshakes (issue 22 item 4). Each peer
   has a bucket of `burst` CPU seconds that refills at `rate` CPU seconds per second; every handshake
@@ -23,12 +27,18 @@ Two limits, both per worker process, beside the per-address connection cap in `l
 
 from __future__ import annotations
 
+import collections
 import functools
 import ipaddress
+import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol, TypeVar
 
+log = logging.getLogger("tether.station")
+
+HANDSHAKE_BURST = 30.0  # a peer's handshake budget holds this many seconds' worth of `handshake_cpu`
+FULL_LOG_EVERY = 10.0   # seconds between log lines about a full connection table
 WAITING = frozenset({"handshake", "read"})  # connection states that hold no request being served
 
 
@@ -97,3 +107,67 @@ def oldest_waiting(held: Iterable[H]) -> H | None:
     """The first connection of `held` (in the order they were accepted) still shaking hands or reading
     a request, or None when all of them are being served."""
     return next((conn for conn in held if conn.state in WAITING), None)
+
+
+class Admission:
+    """One worker's gate at accept: the per-address cap, the handshake budget and the connection table's
+    room, in that order. The loop tells it of every connection it holds (`opened`) and closes (`closed`)."""
+
+    def __init__(self, max_per_client: int, max_connections: int, handshake_cpu: float) -> None:
+        self.max_per_client = max_per_client
+        self.max_connections = max_connections
+        self.handshake_cpu = handshake_cpu
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.capped: set[str] = set()   # addresses whose refusal was logged (once until they drop below the cap)
+        self.budget = HandshakeBudget(handshake_cpu, handshake_cpu * HANDSHAKE_BURST)
+        self.overdrawn: set[str] = set()  # peers whose budget refusal was logged (once until allowed again)
+        self._full_since_log = 0        # connections closed or refused for a full table since the last log line
+        self._full_logged_at = -FULL_LOG_EVERY
+
+    def admit(self, addr: str, now: float, held: Collection[H], close: Callable[[H], None]) -> bool:
+        """True if a new connection from `addr` may be held, with `held` the worker's connections in the
+        order they were accepted; a full table makes room by `close`-ing the oldest waiting one."""
+        cap = self.max_per_client
+        if cap and self.per_client[addr] >= cap:
+            if addr not in self.capped:
+                self.capped.add(addr)
+                log.warning("%s holds %d connections already (max_per_client); closing new ones", addr, cap)
+            return False
+        return self._within_budget(addr, now) and self._room(now, held, close)
+
+    def opened(self, addr: str) -> None:
+        self.per_client[addr] += 1
+
+    def closed(self, addr: str) -> None:
+        self.per_client[addr] -= 1
+        if self.per_client[addr] <= 0:
+            del self.per_client[addr]
+        if self.per_client[addr] < self.max_per_client:
+            self.capped.discard(addr)
+
+    def _within_budget(self, addr: str, now: float) -> bool:
+        key = peer_key(addr)
+        if self.budget.allows(key, now):
+            self.overdrawn.discard(key)
+            return True
+        if key not in self.overdrawn:
+            if len(self.overdrawn) > 4096:
+                self.overdrawn.clear()  # bounded; a peer then gets one more log line
+            self.overdrawn.add(key)
+            log.warning("%s spent its TLS handshake CPU budget (handshake_cpu %.3g s/s); closing its new "
+                        "connections for %.1f s", key, self.handshake_cpu, self.budget.wait(key, now))
+        return False
+
+    def _room(self, now: float, held: Collection[H], close: Callable[[H], None]) -> bool:
+        cap = self.max_connections
+        if not cap or len(held) < cap:
+            return True
+        victim = oldest_waiting(held)
+        if victim is not None:
+            close(victim)
+        self._full_since_log += 1
+        if now - self._full_logged_at >= FULL_LOG_EVERY:
+            log.warning("this worker holds %d connections (max_connections): %d oldest waiting ones closed or "
+                        "new ones refused since the last such line", cap, self._full_since_log)
+            self._full_since_log, self._full_logged_at = 0, now
+        return victim is not None

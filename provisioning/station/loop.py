@@ -7,12 +7,10 @@ a thousand idle sockets or clients that send a header line every few seconds can
 threads that sign certificates (issue 13: 200 idle connections used to delay `cacerts` by 30 s).
 The loop accepts, runs the TLS handshake and reads each request whole (`wire.RequestReader`), within
 one deadline per request (not per `recv`); only complete requests are handed to `compute` (which
-answers through `deliver`). Each client address may hold `max_per_client` connections per worker
-process; more are closed at accept. A worker holds at most `max_connections` (about 31 KB each);
-past that the oldest connection still shaking hands or reading makes room (`admission.oldest_waiting`
-says why not refuse the newcomer). Each peer may make a worker spend `handshake_cpu` CPU seconds per
-second on TLS handshakes (`admission.HandshakeBudget`, measured with the loop thread's CPU clock);
-a peer over its budget has new connections closed at accept until it has paid the debt back.
+answers through `deliver`). Who gets a connection at accept is `admission.Admission`'s: at most
+`max_per_client` per address and `max_connections` per worker (about 31 KB each; past that the
+oldest connection still shaking hands or reading makes room), and each peer's TLS handshakes within
+`handshake_cpu` CPU seconds per second, measured here with the loop thread's CPU clock.
 
 Every request that was read gets a status line: a body shorter than its Content-Length is answered
 408 when the deadline passes (400 when the client half-closes), and after any answer that ends the
@@ -29,7 +27,6 @@ the loop runs after each select (the wake-up socket makes the select return).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import selectors
@@ -39,7 +36,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from provisioning.station.admission import HandshakeBudget, oldest_waiting, peer_key
+from provisioning.station.admission import Admission, peer_key
 from provisioning.station.compute import Compute
 from provisioning.station.enrollment import Enrollment
 from provisioning.station.routes import Response, text
@@ -54,8 +51,6 @@ STOP_GRACE = 2.0
 DEFAULT_THREADS = 0    # 0: the loop computes requests, a commit thread makes their ledger writes durable
 POOL_THREADS = 8       # with a pool (an HSM signs): requests one worker computes at once
 TICK = 0.25            # how often deadlines are checked
-HANDSHAKE_BURST = 30.0  # a peer's handshake budget holds this many seconds' worth of `handshake_cpu`
-FULL_LOG_EVERY = 10.0   # seconds between log lines about a full connection table
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,7 @@ class Limits:
     for its next request; `max_per_client` caps the connections one address holds (0 = no cap);
     `max_connections` those one worker holds (0 = no cap); `handshake_cpu` is the CPU seconds per
     second one peer (IPv4 address, IPv6 /64) may make a worker spend on TLS handshakes, with
-    HANDSHAKE_BURST seconds of it available at once (0 = no budget)."""
+    `admission.HANDSHAKE_BURST` seconds of it available at once (0 = no budget)."""
 
     request_timeout: float = 10.0
     idle_timeout: float = 5.0
@@ -76,21 +71,8 @@ class Limits:
 
 
 class _Conn:
-    __slots__ = (
-        "addr",
-        "continued",
-        "deadline",
-        "drained",
-        "idle",
-        "key",
-        "mask",
-        "out",
-        "peer",
-        "reader",
-        "sock",
-        "state",
-        "then",
-    )
+    __slots__ = ("addr", "continued", "deadline", "drained", "idle", "key", "mask", "out", "peer", "reader",
+                 "sock", "state", "then")
 
     def __init__(self, sock: ssl.SSLSocket, addr: str, deadline: float, max_body: int) -> None:
         self.sock = sock
@@ -119,16 +101,11 @@ class EstServer:
         self.limits = limits
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
-        self.per_client: collections.Counter[str] = collections.Counter()
-        self.capped: set[str] = set()   # addresses whose refusal was logged (once until they drop below the cap)
-        self.budget = HandshakeBudget(limits.handshake_cpu, limits.handshake_cpu * HANDSHAKE_BURST)
-        self.overdrawn: set[str] = set()  # peers whose budget refusal was logged (once until allowed again)
-        self._full_since_log = 0        # connections closed or refused for a full table since the last log line
-        self._full_logged_at = -FULL_LOG_EVERY
+        self.admission = Admission(limits.max_per_client, limits.max_connections, limits.handshake_cpu)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._stopping = False
+        self.stopping = False  # set by `stop()`; `compute` reads it too (answers then end their connection)
         self._accept_paused = False
         self.compute: Compute[_Conn] = Compute(enrollment, threads, self)  # what complete requests are answered
 
@@ -148,7 +125,7 @@ class EstServer:
         try:
             while True:
                 now = time.monotonic()
-                if self._stopping and stop_by is None:
+                if self.stopping and stop_by is None:
                     stop_by = now + STOP_GRACE
                     if not self._accept_paused:
                         self.selector.unregister(self.listener)
@@ -170,7 +147,7 @@ class EstServer:
                 if now >= next_tick:
                     next_tick = now + TICK
                     self._expire(now)
-                    if self._accept_paused and not self._stopping:
+                    if self._accept_paused and not self.stopping:
                         self._accept_paused = False
                         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         finally:
@@ -183,14 +160,10 @@ class EstServer:
 
     def stop(self) -> None:
         """Safe from a signal handler or another thread."""
-        self._stopping = True
+        self.stopping = True
         self.wake()
 
     # -- what `compute` calls (`compute.Connections`) ----------------------------------------------------
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     def handles(self) -> Collection[_Conn]:
         return self.conns.values()
 
@@ -249,17 +222,7 @@ class EstServer:
                 self._accept_paused = True
                 return
             addr = address[0]
-            cap = self.limits.max_per_client
-            if cap and self.per_client[addr] >= cap:
-                if addr not in self.capped:
-                    self.capped.add(addr)
-                    log.warning("%s holds %d connections already (max_per_client); closing new ones", addr, cap)
-                raw.close()
-                continue
-            if not self._within_budget(addr):
-                raw.close()
-                continue
-            if not self._room():
+            if not self.admission.admit(addr, time.monotonic(), self.conns.values(), self._close):
                 raw.close()
                 continue
             raw.setblocking(False)
@@ -270,7 +233,7 @@ class EstServer:
                 raw.close()
                 continue
             conn = _Conn(tls, addr, time.monotonic() + self.limits.request_timeout, self.limits.max_body)
-            self.per_client[addr] += 1
+            self.admission.opened(addr)
             self.conns[tls.fileno()] = conn
             self._handshake(conn)
 
@@ -283,36 +246,6 @@ class EstServer:
             self._write(conn)
         elif conn.state == "linger":
             self._drain(conn)
-
-    def _within_budget(self, addr: str) -> bool:
-        key = peer_key(addr)
-        now = time.monotonic()
-        if self.budget.allows(key, now):
-            self.overdrawn.discard(key)
-            return True
-        if key not in self.overdrawn:
-            if len(self.overdrawn) > 4096:
-                self.overdrawn.clear()  # bounded; a peer then gets one more log line
-            self.overdrawn.add(key)
-            log.warning("%s spent its TLS handshake CPU budget (handshake_cpu %.3g s/s); closing its new "
-                        "connections for %.1f s", key, self.limits.handshake_cpu, self.budget.wait(key, now))
-        return False
-
-    def _room(self) -> bool:
-        """True if a new connection may be held, after closing the oldest waiting one if need be."""
-        cap = self.limits.max_connections
-        if not cap or len(self.conns) < cap:
-            return True
-        victim = oldest_waiting(self.conns.values())
-        if victim is not None:
-            self._close(victim)
-        self._full_since_log += 1
-        now = time.monotonic()
-        if now - self._full_logged_at >= FULL_LOG_EVERY:
-            log.warning("this worker holds %d connections (max_connections): %d oldest waiting ones closed or "
-                        "new ones refused since the last such line", cap, self._full_since_log)
-            self._full_since_log, self._full_logged_at = 0, now
-        return victim is not None
 
     def _handshake(self, conn: _Conn) -> None:
         start = time.thread_time()  # OpenSSL runs in this thread: its CPU is what the peer made us spend
@@ -329,7 +262,7 @@ class EstServer:
             self._close(conn)
             return
         finally:
-            self.budget.charge(conn.key, time.thread_time() - start, time.monotonic())
+            self.admission.budget.charge(conn.key, time.thread_time() - start, time.monotonic())
         conn.peer = conn.sock.getpeercert(binary_form=True)
         conn.state = "read"
         self._read(conn)  # the first request may have arrived with the handshake's last flight
@@ -461,10 +394,6 @@ class EstServer:
                 self.selector.unregister(fd)
             conn.mask = 0
         self.conns.pop(fd, None)
-        self.per_client[conn.addr] -= 1
-        if self.per_client[conn.addr] <= 0:
-            del self.per_client[conn.addr]
-        if self.per_client[conn.addr] < self.limits.max_per_client:
-            self.capped.discard(conn.addr)
+        self.admission.closed(conn.addr)
         with contextlib.suppress(OSError):
             conn.sock.close()
