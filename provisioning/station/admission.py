@@ -1,11 +1,10 @@
-"""Who gets a connection at the station before anyone has authenticated: clock given.
+"""Who gets a connection at the station before anyone has authenticated: the rules pure, clock given.
 
 Three limits, all per worker process, applied together at accept by `Admission` (the EST loop's
 gate, which also writes the log lines about refusals, each at most once per peer or per
 FULL_LOG_EVERY seconds):
 
 - `max_per_client`: the connections one address may hold at once; more are closed at accept.
-
 - `HandshakeBudget`: the CPU one peer may make us spend on TLS handshakes (issue 22 item 4). Each peer
   has a bucket of `burst` CPU seconds that refills at `rate` CPU seconds per second; every handshake
   step is charged what it really cost (the loop measures its thread's CPU time around it), and a peer

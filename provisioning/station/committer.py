@@ -6,9 +6,9 @@ but a request's ledger write ends in a COMMIT that waits for the fsync, and a lo
 would hold up every other connection. So the loop submits the write (`submit(work, done)`) and goes
 on; this thread takes every write pending at that moment, runs them in one transaction, each in its
 SAVEPOINT, commits once (`Database.write_batch`, the group commit of `groupcommit.py`), and then calls
-each `done(value, error)`, which hands the outcome back to the loop. The loop answers a request only
-from there: no answer before the COMMIT holding its rows returned; a failed COMMIT gives every write
-of its batch that error, so none of them is answered with success.
+each `done(value, error)`, which hands the outcome back to the loop (`compute.Compute`). The loop
+answers a request only from there: no answer before the COMMIT holding its rows returned; a failed
+COMMIT gives every write of its batch that error, so none of them is answered with success.
 
 The thread holds the GIL only to run the batch's statements; the fsync releases it.
 """

@@ -90,7 +90,7 @@ class Database:
         self._lock_fd: int | None = None
         self.group: GroupCommit[Query] = GroupCommit(self.transaction, self._savepoint)
         # how long a write COMMIT (its fsync) takes here, a moving average: the worker's loop commits
-        # its own writes only while it is short (loop.INLINE_COMMIT)
+        # its own writes only while it is short (compute.INLINE_COMMIT)
         self.commit_seconds = 0.0
         self._open(parts)
 

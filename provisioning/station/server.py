@@ -1,7 +1,8 @@
 """EST over HTTPS (RFC 7030): the listening socket, TLS settings and pre-forked worker processes.
 
-Each worker runs one `loop.EstServer` (a selector loop for connections that also computes the
-requests, with a commit thread for their ledger writes; or a thread pool for requests, `threads` > 0);
+Each worker runs one `loop.EstServer` (a selector loop for the connections' I/O), which hands each
+complete request to its `compute.Compute` (computed in the loop thread, with a commit thread for the
+ledger writes; or by a thread pool, `threads` > 0);
 the bytes of a request are read by `wire.RequestReader` and every answer is decided by
 `routes.respond_steps` (for enrollment, `enrollment.Enrollment.steps`).
 
