@@ -110,7 +110,7 @@ def oldest_waiting(held: Iterable[H]) -> H | None:
 
 class Admission:
     """One worker's gate at accept: the per-address cap, the handshake budget and the connection table's
-    room, in that order. The loop tells it of every connection it holds (`opened`) and closes (`closed`)."""
+    room, in that order. A connection admitted is counted until the loop says it is `closed`."""
 
     def __init__(self, max_per_client: int, max_connections: int, handshake_cpu: float) -> None:
         self.max_per_client = max_per_client
@@ -124,18 +124,25 @@ class Admission:
         self._full_logged_at = -FULL_LOG_EVERY
 
     def admit(self, addr: str, now: float, held: Collection[H], close: Callable[[H], None]) -> bool:
-        """True if a new connection from `addr` may be held, with `held` the worker's connections in the
-        order they were accepted; a full table makes room by `close`-ing the oldest waiting one."""
+        """True if a new connection from `addr` may be held (and it is counted from now on), with `held`
+        the worker's connections in the order they were accepted; a full table makes room by
+        `close`-ing the oldest waiting one. One call per accept: this is on every enrollment's path."""
         cap = self.max_per_client
         if cap and self.per_client[addr] >= cap:
             if addr not in self.capped:
                 self.capped.add(addr)
                 log.warning("%s holds %d connections already (max_per_client); closing new ones", addr, cap)
             return False
-        return self._within_budget(addr, now) and self._room(now, held, close)
-
-    def opened(self, addr: str) -> None:
-        self.per_client[addr] += 1
+        key = peer_key(addr)
+        if self.budget.allows(key, now):
+            self.overdrawn.discard(key)
+        else:
+            self._overdrawn(key, now)
+            return False
+        if self.max_connections and len(held) >= self.max_connections and not self._room(now, held, close):
+            return False
+        self.per_client[addr] += 1  # counted after `_room`, which may close one of this address's own
+        return True
 
     def closed(self, addr: str) -> None:
         self.per_client[addr] -= 1
@@ -144,23 +151,17 @@ class Admission:
         if self.per_client[addr] < self.max_per_client:
             self.capped.discard(addr)
 
-    def _within_budget(self, addr: str, now: float) -> bool:
-        key = peer_key(addr)
-        if self.budget.allows(key, now):
-            self.overdrawn.discard(key)
-            return True
+    def _overdrawn(self, key: str, now: float) -> None:
         if key not in self.overdrawn:
             if len(self.overdrawn) > 4096:
                 self.overdrawn.clear()  # bounded; a peer then gets one more log line
             self.overdrawn.add(key)
             log.warning("%s spent its TLS handshake CPU budget (handshake_cpu %.3g s/s); closing its new "
                         "connections for %.1f s", key, self.handshake_cpu, self.budget.wait(key, now))
-        return False
 
     def _room(self, now: float, held: Collection[H], close: Callable[[H], None]) -> bool:
+        """The table is full: close the oldest waiting connection (True), or refuse the newcomer."""
         cap = self.max_connections
-        if not cap or len(held) < cap:
-            return True
         victim = oldest_waiting(held)
         if victim is not None:
             close(victim)

@@ -230,10 +230,10 @@ class EstServer:
                 tls = self.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
             except (ssl.SSLError, OSError) as exc:
                 log.info("%s TLS setup failed: %s", addr, exc)
+                self.admission.closed(addr)
                 raw.close()
                 continue
             conn = _Conn(tls, addr, time.monotonic() + self.limits.request_timeout, self.limits.max_body)
-            self.admission.opened(addr)
             self.conns[tls.fileno()] = conn
             self._handshake(conn)
 
