@@ -1,5 +1,6 @@
 """The station's admission rules alone (provisioning/station/admission.py): the per-peer handshake CPU
-budget and the choice of which connection makes room when a worker is full. Clock given; no sockets."""
+budget, the choice of which connection makes room when a worker is full, and the gate that applies
+them with the per-address cap (`Admission`). Clock given; no sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from provisioning.station.admission import HandshakeBudget, oldest_waiting, peer_key
+from provisioning.station.admission import Admission, HandshakeBudget, oldest_waiting, peer_key
 
 
 def test_a_peer_is_refused_once_its_burst_is_spent_and_allowed_again_after_paying_it_back() -> None:
@@ -77,3 +78,30 @@ def test_the_oldest_connection_still_waiting_makes_room() -> None:
 
 def test_when_every_connection_is_being_served_none_is_closed() -> None:
     assert oldest_waiting([Held("busy", "busy"), Held("answering", "write"), Held("draining", "linger")]) is None
+
+
+@dataclass
+class Conn:
+    addr: str
+    state: str
+
+
+def test_the_gate_counts_each_address_and_a_full_table_closing_its_own_connection_keeps_the_count() -> None:
+    gate = Admission(max_per_client=2, max_connections=2, handshake_cpu=0)
+    held: list[Conn] = []
+
+    def close(conn: Conn) -> None:  # what the loop's `_close` does with the gate
+        held.remove(conn)
+        gate.closed(conn.addr)
+
+    assert gate.admit("10.0.0.1", 0.0, held, close)
+    held.append(Conn("10.0.0.1", "read"))
+    assert gate.admit("10.0.0.2", 0.0, held, close)
+    held.append(Conn("10.0.0.2", "busy"))
+    assert gate.admit("10.0.0.1", 0.0, held, close)  # the table is full: its own waiting connection makes room
+    held.append(Conn("10.0.0.1", "read"))
+    assert gate.per_client["10.0.0.1"] == 1
+    assert gate.admit("10.0.0.1", 0.0, [], close)  # so it may still open a second one
+    assert not gate.admit("10.0.0.1", 0.0, [], close)  # but not a third: max_per_client
+    gate.closed("10.0.0.1")
+    assert gate.admit("10.0.0.1", 0.0, [], close)  # below the cap again
