@@ -49,20 +49,28 @@ NOT_AT_START = ("sqlite3", "dataclasses", "inspect", "secrets", "subprocess", "a
 NOT_FROM_THE_PROJECT = ("pathlib",)
 
 
-def loaded_by_building_the_runtime(config: Path, names: tuple[str, ...]) -> list[str]:
-    """Which of `names` a child process has loaded once it built `tether run`'s runtime for `config`."""
+def after_building_the_runtime(config: Path, expression: str) -> object:
+    """The value of `expression` (a literal) in a child process that has built `tether run`'s runtime for
+    `config`, as the service does, with `sys` imported."""
     code = ("import sys\n"
             f"for m in {NOT_FROM_THE_PROJECT!r}:\n"
             "    sys.modules.pop(m, None)\n"
             "from agent import cli\n"
             "from agent.compose import build\n"
             f"args = cli.service_args(['--config', {str(config)!r}, 'run'])\n"
-            f"runtime = build(cli.configmod.load(args.config))\n"
-            f"print(sorted(m for m in {names!r} if m in sys.modules))\n"
+            "runtime = build(cli.configmod.load(args.config))\n"
+            f"print({expression})\n"
             "for c in runtime.components:\n"
             "    c.close()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     return ast.literal_eval(out.stdout.strip())
+
+
+def loaded_by_building_the_runtime(config: Path, names: tuple[str, ...]) -> list[str]:
+    """Which of `names` a child process has loaded once it built `tether run`'s runtime for `config`."""
+    loaded = after_building_the_runtime(config, f"sorted(m for m in {names!r} if m in sys.modules)")
+    assert isinstance(loaded, list)
+    return loaded
 
 
 def test_building_tether_runs_runtime_loads_nothing_it_does_not_run(tmp_path: Path) -> None:
@@ -91,15 +99,10 @@ START_MODULES = frozenset((
 
 def test_building_tether_runs_runtime_loads_no_module_beyond_its_budget(tmp_path: Path) -> None:
     config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
-    code = ("import sys\n"
-            "from agent import cli\n"
-            "from agent.compose import build\n"
-            f"runtime = build(cli.configmod.load({str(config)!r}))\n"
-            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('agent', 'hal', 'provisioning')))\n"
-            "for c in runtime.components:\n"
-            "    c.close()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert sorted(set(ast.literal_eval(out.stdout.strip())) - START_MODULES) == []
+    loaded = after_building_the_runtime(
+        config, "sorted(n for n in sys.modules if n.split('.')[0] in ('agent', 'hal', 'provisioning'))")
+    assert isinstance(loaded, list)
+    assert sorted(set(loaded) - START_MODULES) == []
 
 
 def test_building_tether_runs_runtime_builds_no_protocol_class(tmp_path: Path) -> None:
@@ -107,18 +110,12 @@ def test_building_tether_runs_runtime_builds_no_protocol_class(tmp_path: Path) -
     the interfaces on the start-up path (the component hooks, the key store) are a plain base class and
     a type-only Protocol, so none is built by `tether run`."""
     config = write_config(tmp_path / "dev", "dev-001", est={"url": "https://station.example:8443"})
-    code = ("import sys\n"
-            "from agent import cli\n"
-            "from agent.compose import build\n"
-            f"runtime = build(cli.configmod.load({str(config)!r}))\n"
-            "print(sorted(f'{name}.{k}' for name, m in list(sys.modules.items())\n"
-            "             if name.split('.')[0] in ('agent', 'hal', 'provisioning')\n"
-            "             for k, v in vars(m).items()\n"
-            "             if isinstance(v, type) and v.__module__ == name and v.__dict__.get('_is_protocol')))\n"
-            "for c in runtime.components:\n"
-            "    c.close()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert ast.literal_eval(out.stdout.strip()) == []
+    protocols = after_building_the_runtime(
+        config, "sorted(f'{name}.{k}' for name, m in list(sys.modules.items())"
+                " if name.split('.')[0] in ('agent', 'hal', 'provisioning')"
+                " for k, v in vars(m).items()"
+                " if isinstance(v, type) and v.__module__ == name and v.__dict__.get('_is_protocol'))")
+    assert protocols == []
 
 
 def test_a_device_without_tokens_never_loads_the_token_keeper(tmp_path: Path) -> None:
