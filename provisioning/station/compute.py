@@ -42,7 +42,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from provisioning.station.committer import Committer
 from provisioning.station.enrollment import Enrollment, Steps
-from provisioning.station.routes import Response, respond, respond_steps, text
+from provisioning.station.routes import Response, internal_error, respond, respond_steps
 from provisioning.station.wire import HttpRequest
 
 log = logging.getLogger("tether.station")
@@ -183,8 +183,7 @@ class Compute(Generic[C]):
                 break
             except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
                 log.exception("%s: unexpected error", conn.addr)
-                response = text(500, "internal error in the station; the operator's log has the details",
-                                close=True)
+                response = internal_error(close=True)
                 break
             committer: Committer = self.committer  # type: ignore[assignment]
             if self.enrollment.ledger.db.commit_seconds < INLINE_COMMIT or self._alone(conn):
@@ -228,7 +227,7 @@ class Compute(Generic[C]):
             response = respond(self.enrollment, request, conn.peer, conn.addr)
         except Exception:  # routes catch what enrollment raises; this is a bug in the plumbing
             log.exception("%s: unexpected error", conn.addr)
-            response = text(500, "internal error in the station; the operator's log has the details", close=True)
+            response = internal_error(close=True)
         keep_alive = request.head.keep_alive and not self.connections.stopping and not response.close
         if keep_alive:
             self.done.put((conn, response, True))

@@ -206,12 +206,10 @@ class Database:
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
+                started = time.monotonic()
+                conn.execute("COMMIT")
                 if write:
-                    started = time.monotonic()
-                    conn.execute("COMMIT")
                     self.commit_seconds += (time.monotonic() - started - self.commit_seconds) * COMMIT_AVERAGE
-                else:
-                    conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def _sqlite_writer(self, wait: bool = True) -> Iterator[None]:

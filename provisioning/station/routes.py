@@ -55,6 +55,11 @@ def text(status: int, reason: str, headers: dict[str, str] | None = None, close:
     return Response(status, (reason.rstrip() + "\n").encode(), TEXT_TYPE, headers or {}, close)
 
 
+def internal_error(close: bool = False) -> Response:
+    """The 500 a bug or a ledger outage costs one request (the operator's log has the traceback)."""
+    return text(500, "internal error in the station; the operator's log has the details", close=close)
+
+
 def respond(enrollment: Enrollment, request: HttpRequest, peer_der: bytes | None, client: str) -> Response:
     """The answer to one EST request from `client` (its address, for the log), its ledger writes made
     in this thread."""
@@ -108,7 +113,7 @@ def _enroll(enrollment: Enrollment, request: HttpRequest, operation: str, peer_d
         return text(refusal.status, refusal.reason, refusal.headers)
     except Exception:  # a bug or a ledger outage must cost one request, never the server
         log.exception("%s %s failed", client, operation)
-        return text(500, "internal error in the station; the operator's log has the details")
+        return internal_error()
     log.info("%s %s issued serial %s to %s%s", client, operation, answer.row.serial, answer.row.device_id,
              " (retry, same certificate)" if answer.reused else "")
     return Response(200, answer.body, PKCS7_TYPE)
@@ -132,7 +137,7 @@ def _attest(enrollment: Enrollment, request: HttpRequest, operation: str, client
         return text(refusal.status, refusal.reason, refusal.headers)
     except Exception:  # a bug or a ledger outage must cost one request, never the server
         log.exception("%s %s failed", client, operation)
-        return text(500, "internal error in the station; the operator's log has the details")
+        return internal_error()
     log.info("%s %s issued serial %s to %s (TPM-attested)%s", client, operation, row.serial, row.device_id,
              " (retry, same certificate)" if reused else "")
     return Response(200, pkcs7_certs_only([row.certificate]), PKCS7_TYPE)
